@@ -1,0 +1,115 @@
+//! The admin listener: `/metrics`, `/healthz`, `/readyz` and `/admin/*`.
+//!
+//! Health endpoints never touch Redis or origins: a Redis outage must not pull replicas
+//! out of the load balancer. When `BULWARK_ADMIN_TOKEN` is set, `/admin/*` needs it as a
+//! bearer token; metrics and health stay open for probes and scrapers.
+
+use std::convert::Infallible;
+use std::future::Future;
+use std::sync::Arc;
+
+use bytes::Bytes;
+use http::header::{AUTHORIZATION, CONTENT_TYPE};
+use http::{HeaderValue, Method, Request, Response, StatusCode};
+use http_body_util::Full;
+use hyper::body::Incoming;
+use hyper::service::service_fn;
+use hyper_util::rt::{TokioExecutor, TokioIo};
+use hyper_util::server::conn::auto;
+use hyper_util::server::graceful::GracefulShutdown;
+use tokio::net::TcpListener;
+
+use crate::proxy::Proxy;
+
+pub const ADMIN_TOKEN_ENV: &str = "BULWARK_ADMIN_TOKEN";
+
+type AdminResponse = Response<Full<Bytes>>;
+
+/// Serves the admin endpoints until `stop` completes.
+pub async fn serve(listener: TcpListener, proxy: Arc<Proxy>, stop: impl Future<Output = ()>) {
+    let token: Option<Arc<str>> = std::env::var(ADMIN_TOKEN_ENV).ok().filter(|t| !t.is_empty()).map(Into::into);
+    let builder = auto::Builder::new(TokioExecutor::new());
+    let graceful = GracefulShutdown::new();
+    tokio::pin!(stop);
+    loop {
+        tokio::select! {
+            accepted = listener.accept() => {
+                let Ok((stream, _)) = accepted else { continue };
+                let (proxy, token) = (proxy.clone(), token.clone());
+                let service = service_fn(move |req| {
+                    let (proxy, token) = (proxy.clone(), token.clone());
+                    async move { Ok::<_, Infallible>(handle(&proxy, token.as_deref(), req).await) }
+                });
+                let conn = graceful.watch(builder.serve_connection(TokioIo::new(stream), service).into_owned());
+                tokio::spawn(conn);
+            }
+            () = &mut stop => break,
+        }
+    }
+    drop(listener);
+    let _ = tokio::time::timeout(std::time::Duration::from_secs(1), graceful.shutdown()).await;
+}
+
+async fn handle(proxy: &Proxy, token: Option<&str>, req: Request<Incoming>) -> AdminResponse {
+    let path = req.uri().path();
+    if path.starts_with("/admin/")
+        && let Some(token) = token
+        && !bearer_matches(req.headers().get(AUTHORIZATION), token)
+    {
+        return text(StatusCode::UNAUTHORIZED, "missing or wrong bearer token\n");
+    }
+    match (req.method(), path) {
+        (&Method::GET, "/healthz") => text(StatusCode::OK, "ok\n"),
+        (&Method::GET, "/readyz") if proxy.is_draining() => text(StatusCode::SERVICE_UNAVAILABLE, "draining\n"),
+        (&Method::GET, "/readyz") => text(StatusCode::OK, "ready\n"),
+        (&Method::GET, "/metrics") => metrics(proxy).await,
+        (&Method::GET, "/admin/routes") => routes(proxy),
+        (_, "/healthz" | "/readyz" | "/metrics" | "/admin/routes") => text(StatusCode::METHOD_NOT_ALLOWED, "method not allowed\n"),
+        _ => text(StatusCode::NOT_FOUND, "not found\n"),
+    }
+}
+
+async fn metrics(proxy: &Proxy) -> AdminResponse {
+    for pool in &proxy.runtime().pools {
+        pool.update_gauges().await;
+    }
+    let mut res = Response::new(Full::new(Bytes::from(proxy.registry.render())));
+    res.headers_mut().insert(CONTENT_TYPE, HeaderValue::from_static("text/plain; version=0.0.4; charset=utf-8"));
+    res
+}
+
+fn routes(proxy: &Proxy) -> AdminResponse {
+    let runtime = proxy.runtime();
+    let routes: Vec<serde_json::Value> = runtime
+        .routes
+        .iter()
+        .map(|r| {
+            serde_json::json!({
+                "name": r.config.name,
+                "path_prefix": r.config.path_prefix,
+                "pool": r.pool.config.name,
+                "origin": r.origin.config.name,
+                "priority": r.config.priority.as_str(),
+                "mode": r.config.mode.as_str(),
+                "has_fallback": r.config.fallback.is_some(),
+            })
+        })
+        .collect();
+    let mut res = Response::new(Full::new(Bytes::from(serde_json::json!({ "routes": routes }).to_string())));
+    res.headers_mut().insert(CONTENT_TYPE, HeaderValue::from_static("application/json"));
+    res
+}
+
+/// Compares the bearer token in constant time (for tokens of the same length).
+fn bearer_matches(header: Option<&HeaderValue>, token: &str) -> bool {
+    let Some(given) = header.and_then(|h| h.as_bytes().strip_prefix(b"Bearer ")) else { return false };
+    let expected = token.as_bytes();
+    given.len() == expected.len() && given.iter().zip(expected).fold(0u8, |acc, (a, b)| acc | (a ^ b)) == 0
+}
+
+fn text(status: StatusCode, body: &'static str) -> AdminResponse {
+    let mut res = Response::new(Full::new(Bytes::from_static(body.as_bytes())));
+    *res.status_mut() = status;
+    res.headers_mut().insert(CONTENT_TYPE, HeaderValue::from_static("text/plain; charset=utf-8"));
+    res
+}

@@ -1,0 +1,264 @@
+//! A stored response and its versioned binary format.
+//!
+//! Layout of format version 1 (all integers big-endian):
+//!
+//! ```text
+//! "BWK" u8:version | u16:status | u64:request_time_ms | u64:response_time_ms
+//! | u64:initial_age_ms | u64:freshness_ms | u64:swr_ms | u64:sie_ms | u8:flags
+//! | u32:key_len key | u16:header_count (u16:name_len name u32:value_len value)*
+//! | u32:body_len body | u64:xxh3 checksum of everything before it
+//! ```
+//!
+//! The version is both in the Redis key and in the payload: replicas of another version
+//! never read these entries (rolling deploys), and a payload that fails any check is
+//! reported as corrupt so the caller can delete and count it, never serve it.
+
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+use bytes::{Buf, BufMut, Bytes, BytesMut};
+use http::{HeaderMap, HeaderName, HeaderValue, StatusCode};
+use xxhash_rust::xxh3::xxh3_64;
+
+pub const FORMAT_VERSION: u8 = 1;
+const MAGIC: &[u8; 3] = b"BWK";
+const FLAG_NO_STALE: u8 = 1;
+
+/// A stored response.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Entry {
+    /// Full key text: compared on every read so that a hash collision is a miss.
+    pub key: String,
+    pub status: StatusCode,
+    pub headers: HeaderMap,
+    pub body: Bytes,
+    pub request_time: SystemTime,
+    pub response_time: SystemTime,
+    /// `corrected_initial_age` of RFC 9111 section 4.2.3.
+    pub initial_age: Duration,
+    pub freshness_lifetime: Duration,
+    pub stale_while_revalidate: Duration,
+    pub stale_if_error: Duration,
+    /// `must-revalidate`, `proxy-revalidate` or `s-maxage`: never served stale.
+    pub no_stale: bool,
+}
+
+/// Why a payload could not be decoded.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum DecodeError {
+    /// Written by a replica using another format version: a miss, left alone.
+    #[error("entry has format version {0}, this build reads version {FORMAT_VERSION}")]
+    OtherVersion(u8),
+    /// Truncated, bad checksum, bad status or header: a miss, deleted and counted.
+    #[error("corrupt entry: {0}")]
+    Corrupt(&'static str),
+}
+
+impl Entry {
+    /// Age of the entry now (RFC 9111 section 4.2.3 `current_age`).
+    pub fn age(&self, now: SystemTime) -> Duration {
+        self.initial_age + now.duration_since(self.response_time).unwrap_or_default()
+    }
+
+    pub fn is_fresh(&self, now: SystemTime) -> bool {
+        self.age(now) < self.freshness_lifetime
+    }
+
+    /// How long past freshness the entry stays useful (stale windows).
+    pub fn stale_window(&self) -> Duration {
+        if self.no_stale { Duration::ZERO } else { self.stale_while_revalidate.max(self.stale_if_error) }
+    }
+
+    /// How long, from now, the entry is worth keeping: freshness left plus the stale windows.
+    pub fn keep_for(&self, now: SystemTime) -> Duration {
+        (self.freshness_lifetime + self.stale_window()).saturating_sub(self.age(now))
+    }
+
+    /// Bytes this entry occupies, for the L1 weigher.
+    pub fn weight(&self) -> u32 {
+        let headers: usize = self.headers.iter().map(|(n, v)| n.as_str().len() + v.len() + 32).sum();
+        let total = self.body.len() + headers + self.key.len() + std::mem::size_of::<Entry>();
+        u32::try_from(total).unwrap_or(u32::MAX)
+    }
+
+    pub fn encode(&self) -> Bytes {
+        let headers_len: usize = self.headers.iter().map(|(n, v)| 6 + n.as_str().len() + v.len()).sum();
+        let mut out = BytesMut::with_capacity(64 + self.key.len() + headers_len + self.body.len());
+        out.put_slice(MAGIC);
+        out.put_u8(FORMAT_VERSION);
+        out.put_u16(self.status.as_u16());
+        out.put_u64(millis_since_epoch(self.request_time));
+        out.put_u64(millis_since_epoch(self.response_time));
+        out.put_u64(duration_millis(self.initial_age));
+        out.put_u64(duration_millis(self.freshness_lifetime));
+        out.put_u64(duration_millis(self.stale_while_revalidate));
+        out.put_u64(duration_millis(self.stale_if_error));
+        out.put_u8(if self.no_stale { FLAG_NO_STALE } else { 0 });
+        put_bytes32(&mut out, self.key.as_bytes());
+        let count = u16::try_from(self.headers.len()).unwrap_or(u16::MAX);
+        out.put_u16(count);
+        for (name, value) in self.headers.iter().take(usize::from(count)) {
+            let name = name.as_str().as_bytes();
+            out.put_u16(u16::try_from(name.len()).unwrap_or(0));
+            out.put_slice(&name[..name.len().min(usize::from(u16::MAX))]);
+            put_bytes32(&mut out, value.as_bytes());
+        }
+        put_bytes32(&mut out, &self.body);
+        let checksum = xxh3_64(&out);
+        out.put_u64(checksum);
+        out.freeze()
+    }
+
+    pub fn decode(payload: &Bytes) -> Result<Entry, DecodeError> {
+        use DecodeError::Corrupt;
+        if payload.len() < MAGIC.len() + 1 || &payload[..3] != MAGIC {
+            return Err(Corrupt("bad magic"));
+        }
+        if payload[3] != FORMAT_VERSION {
+            return Err(DecodeError::OtherVersion(payload[3]));
+        }
+        if payload.len() < 8 + 4 {
+            return Err(Corrupt("truncated"));
+        }
+        let (content, checksum) = payload.split_at(payload.len() - 8);
+        if xxh3_64(content) != u64::from_be_bytes(checksum.try_into().map_err(|_| Corrupt("truncated"))?) {
+            return Err(Corrupt("checksum mismatch"));
+        }
+        let mut buf = payload.slice(4..payload.len() - 8);
+        let status = StatusCode::from_u16(get_u16(&mut buf)?).map_err(|_| Corrupt("bad status"))?;
+        let request_time = UNIX_EPOCH + Duration::from_millis(get_u64(&mut buf)?);
+        let response_time = UNIX_EPOCH + Duration::from_millis(get_u64(&mut buf)?);
+        let initial_age = Duration::from_millis(get_u64(&mut buf)?);
+        let freshness_lifetime = Duration::from_millis(get_u64(&mut buf)?);
+        let stale_while_revalidate = Duration::from_millis(get_u64(&mut buf)?);
+        let stale_if_error = Duration::from_millis(get_u64(&mut buf)?);
+        let flags = get_u8(&mut buf)?;
+        let key = String::from_utf8(get_bytes32(&mut buf)?.to_vec()).map_err(|_| Corrupt("key is not UTF-8"))?;
+        let count = get_u16(&mut buf)?;
+        let mut headers = HeaderMap::with_capacity(usize::from(count));
+        for _ in 0..count {
+            let name_len = usize::from(get_u16(&mut buf)?);
+            let name = take(&mut buf, name_len)?;
+            let name = HeaderName::from_bytes(&name).map_err(|_| Corrupt("bad header name"))?;
+            let value = get_bytes32(&mut buf)?;
+            let value = HeaderValue::from_maybe_shared(value).map_err(|_| Corrupt("bad header value"))?;
+            headers.append(name, value);
+        }
+        let body = get_bytes32(&mut buf)?;
+        if buf.has_remaining() {
+            return Err(Corrupt("trailing bytes"));
+        }
+        Ok(Entry {
+            key,
+            status,
+            headers,
+            body,
+            request_time,
+            response_time,
+            initial_age,
+            freshness_lifetime,
+            stale_while_revalidate,
+            stale_if_error,
+            no_stale: flags & FLAG_NO_STALE != 0,
+        })
+    }
+}
+
+fn millis_since_epoch(time: SystemTime) -> u64 {
+    duration_millis(time.duration_since(UNIX_EPOCH).unwrap_or_default())
+}
+
+fn duration_millis(d: Duration) -> u64 {
+    u64::try_from(d.as_millis()).unwrap_or(u64::MAX)
+}
+
+fn put_bytes32(out: &mut BytesMut, bytes: &[u8]) {
+    // Entries are bounded by max_object_bytes (< 4 GiB, checked at config load).
+    out.put_u32(u32::try_from(bytes.len()).unwrap_or(u32::MAX));
+    out.put_slice(bytes);
+}
+
+fn take(buf: &mut Bytes, len: usize) -> Result<Bytes, DecodeError> {
+    if buf.remaining() < len {
+        return Err(DecodeError::Corrupt("truncated"));
+    }
+    Ok(buf.split_to(len))
+}
+
+fn get_u8(buf: &mut Bytes) -> Result<u8, DecodeError> {
+    Ok(take(buf, 1)?[0])
+}
+
+fn get_u16(buf: &mut Bytes) -> Result<u16, DecodeError> {
+    Ok(take(buf, 2)?.get_u16())
+}
+
+fn get_u64(buf: &mut Bytes) -> Result<u64, DecodeError> {
+    Ok(take(buf, 8)?.get_u64())
+}
+
+fn get_bytes32(buf: &mut Bytes) -> Result<Bytes, DecodeError> {
+    let len = take(buf, 4)?.get_u32();
+    take(buf, usize::try_from(len).map_err(|_| DecodeError::Corrupt("length overflow"))?)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    pub(crate) fn sample() -> Entry {
+        let mut headers = HeaderMap::new();
+        headers.insert("content-type", HeaderValue::from_static("application/json"));
+        headers.append("x-multi", HeaderValue::from_static("a"));
+        headers.append("x-multi", HeaderValue::from_static("b"));
+        Entry {
+            key: "http://shop.example/products/1\nae=gzip".into(),
+            status: StatusCode::OK,
+            headers,
+            body: Bytes::from_static(b"{\"id\":1}"),
+            request_time: UNIX_EPOCH + Duration::from_millis(1_700_000_000_000),
+            response_time: UNIX_EPOCH + Duration::from_millis(1_700_000_000_200),
+            initial_age: Duration::from_secs(3),
+            freshness_lifetime: Duration::from_secs(60),
+            stale_while_revalidate: Duration::from_secs(30),
+            stale_if_error: Duration::from_secs(600),
+            no_stale: false,
+        }
+    }
+
+    #[test]
+    fn round_trip() {
+        let entry = sample();
+        assert_eq!(Entry::decode(&entry.encode()), Ok(entry));
+    }
+
+    #[test]
+    fn other_version_is_not_corrupt() {
+        let mut bytes = sample().encode().to_vec();
+        bytes[3] = 2;
+        assert_eq!(Entry::decode(&Bytes::from(bytes)), Err(DecodeError::OtherVersion(2)));
+    }
+
+    #[test]
+    fn every_damage_is_detected() {
+        let good = sample().encode();
+        for i in 4..good.len() {
+            let mut bad = good.to_vec();
+            bad[i] ^= 0x40;
+            assert!(matches!(Entry::decode(&Bytes::from(bad)), Err(DecodeError::Corrupt(_))), "flip at {i}");
+        }
+        for len in 0..good.len() {
+            assert!(Entry::decode(&good.slice(..len)).is_err(), "truncated to {len}");
+        }
+        assert!(matches!(Entry::decode(&Bytes::from_static(b"garbage")), Err(DecodeError::Corrupt(_))));
+    }
+
+    #[test]
+    fn freshness_and_age() {
+        let entry = sample();
+        let now = entry.response_time + Duration::from_secs(10);
+        assert_eq!(entry.age(now), Duration::from_secs(13));
+        assert!(entry.is_fresh(now));
+        assert!(!entry.is_fresh(entry.response_time + Duration::from_secs(57)));
+        assert_eq!(entry.keep_for(now), Duration::from_secs(60 + 600 - 13));
+    }
+}

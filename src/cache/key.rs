@@ -1,0 +1,171 @@
+//! The cache key: scheme, host, path, normalised query and the normalised
+//! `Accept-Encoding`, plus its 128-bit hash used for map and Redis keys.
+
+use std::fmt::Write as _;
+
+use http::HeaderValue;
+use http::header::ACCEPT_ENCODING;
+use xxhash_rust::xxh3::xxh3_128;
+
+/// The content codings a client accepts, reduced to the few the cache keeps apart, so
+/// that the many spellings of `Accept-Encoding` do not multiply the stored variants.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum Encodings {
+    Identity,
+    Gzip,
+    Br,
+    BrGzip,
+}
+
+impl Encodings {
+    /// Reduces an `Accept-Encoding` header; codings with `q=0` are not accepted.
+    pub fn from_header(value: Option<&HeaderValue>) -> Encodings {
+        let Some(text) = value.and_then(|v| v.to_str().ok()) else {
+            return Encodings::Identity;
+        };
+        let (mut gzip, mut br) = (false, false);
+        for item in text.split(',') {
+            let mut parts = item.split(';');
+            let coding = parts.next().unwrap_or("").trim();
+            let refused = parts.any(|p| {
+                p.trim()
+                    .strip_prefix("q=")
+                    .and_then(|q| q.trim().parse::<f32>().ok())
+                    .is_some_and(|q| q <= 0.0)
+            });
+            if refused {
+                continue;
+            }
+            if coding.eq_ignore_ascii_case("gzip") || coding.eq_ignore_ascii_case("x-gzip") {
+                gzip = true;
+            } else if coding.eq_ignore_ascii_case("br") {
+                br = true;
+            } else if coding == "*" {
+                gzip = true;
+                br = true;
+            }
+        }
+        match (br, gzip) {
+            (true, true) => Encodings::BrGzip,
+            (true, false) => Encodings::Br,
+            (false, true) => Encodings::Gzip,
+            (false, false) => Encodings::Identity,
+        }
+    }
+
+    /// The `Accept-Encoding` sent to the origin, so its answer fits every client in the group.
+    pub fn header_value(self) -> Option<HeaderValue> {
+        match self {
+            Encodings::Identity => None,
+            Encodings::Gzip => Some(HeaderValue::from_static("gzip")),
+            Encodings::Br => Some(HeaderValue::from_static("br")),
+            Encodings::BrGzip => Some(HeaderValue::from_static("br, gzip")),
+        }
+    }
+
+    fn as_str(self) -> &'static str {
+        match self {
+            Encodings::Identity => "identity",
+            Encodings::Gzip => "gzip",
+            Encodings::Br => "br",
+            Encodings::BrGzip => "br,gzip",
+        }
+    }
+
+    pub fn header_name() -> http::HeaderName {
+        ACCEPT_ENCODING
+    }
+}
+
+/// A cache key: its full text (kept in the entry to rule out hash collisions) and hash.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct CacheKey {
+    pub text: String,
+    pub hash: u128,
+}
+
+impl CacheKey {
+    /// Builds the key of a request. `host` must already be lowercase without default port.
+    pub fn new(scheme: &str, host: &str, path: &str, query: Option<&str>, encodings: Encodings) -> CacheKey {
+        let mut text = String::with_capacity(scheme.len() + host.len() + path.len() + query.map_or(0, str::len) + 24);
+        text.push_str(scheme);
+        text.push_str("://");
+        text.push_str(host);
+        text.push_str(path);
+        if let Some(query) = query {
+            push_normalised_query(&mut text, query);
+        }
+        // A newline cannot occur in a request target, so the parts cannot run together.
+        let _ = write!(text, "\nae={}", encodings.as_str());
+        let hash = xxh3_128(text.as_bytes());
+        CacheKey { text, hash }
+    }
+
+    /// The Redis key of this entry: `<key_prefix>v<format version>:<hash>`.
+    pub fn redis_key(&self, prefix: &str) -> String {
+        format!("{prefix}v{}:{:032x}", super::entry::FORMAT_VERSION, self.hash)
+    }
+}
+
+/// Appends `?` and the query's parameters ordered by name (parameters with the same name
+/// keep their relative order, which can matter to the origin); empty parameters are
+/// dropped, and an empty query adds nothing.
+fn push_normalised_query(out: &mut String, query: &str) {
+    let mut params: Vec<&str> = query.split('&').filter(|p| !p.is_empty()).collect();
+    if params.is_empty() {
+        return;
+    }
+    params.sort_by(|a, b| param_name(a).cmp(param_name(b)));
+    out.push('?');
+    for (i, param) in params.iter().enumerate() {
+        if i > 0 {
+            out.push('&');
+        }
+        out.push_str(param);
+    }
+}
+
+fn param_name(param: &str) -> &str {
+    param.split_once('=').map_or(param, |(name, _)| name)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn ae(v: &str) -> Encodings {
+        Encodings::from_header(Some(&HeaderValue::from_str(v).expect("header")))
+    }
+
+    #[test]
+    fn accept_encoding_groups() {
+        assert_eq!(Encodings::from_header(None), Encodings::Identity);
+        assert_eq!(ae("gzip, deflate, br"), Encodings::BrGzip);
+        assert_eq!(ae("gzip;q=1.0, br;q=0"), Encodings::Gzip);
+        assert_eq!(ae("BR"), Encodings::Br);
+        assert_eq!(ae("deflate"), Encodings::Identity);
+        assert_eq!(ae("*"), Encodings::BrGzip);
+    }
+
+    #[test]
+    fn query_order_does_not_split_the_cache() {
+        let a = CacheKey::new("http", "shop.example", "/p/1", Some("b=2&a=1"), Encodings::Gzip);
+        let b = CacheKey::new("http", "shop.example", "/p/1", Some("a=1&b=2&"), Encodings::Gzip);
+        assert_eq!(a, b);
+        assert!(a.text.starts_with("http://shop.example/p/1?a=1&b=2\n"));
+        let repeated = CacheKey::new("http", "h", "/", Some("a=2&b=1&a=1"), Encodings::Identity);
+        assert!(repeated.text.starts_with("http://h/?a=2&a=1&b=1\n"));
+    }
+
+    #[test]
+    fn every_part_is_in_the_key() {
+        let base = CacheKey::new("http", "h", "/p", Some("x=1"), Encodings::Identity);
+        assert_ne!(base, CacheKey::new("https", "h", "/p", Some("x=1"), Encodings::Identity));
+        assert_ne!(base, CacheKey::new("http", "g", "/p", Some("x=1"), Encodings::Identity));
+        assert_ne!(base, CacheKey::new("http", "h", "/q", Some("x=1"), Encodings::Identity));
+        assert_ne!(base, CacheKey::new("http", "h", "/p", Some("x=2"), Encodings::Identity));
+        assert_ne!(base, CacheKey::new("http", "h", "/p", Some("x=1"), Encodings::Gzip));
+        assert_eq!(CacheKey::new("http", "h", "/p", Some(""), Encodings::Identity), CacheKey::new("http", "h", "/p", None, Encodings::Identity));
+        assert!(base.redis_key("bulwark:pdp:").starts_with("bulwark:pdp:v1:"));
+    }
+}

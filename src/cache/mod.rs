@@ -1,0 +1,64 @@
+//! The cache: keys ([`key`]), the stored entry and its binary format ([`entry`]), the
+//! RFC 9111 storage policy ([`policy`]), the in-process tier ([`local`]), the Redis tier
+//! ([`shared`]), and the pool that puts both tiers together ([`Pool`]).
+
+pub mod entry;
+pub mod key;
+pub mod local;
+pub mod policy;
+pub mod shared;
+
+use std::sync::Arc;
+
+pub use entry::Entry;
+pub use key::{CacheKey, Encodings};
+
+use crate::config::PoolConfig;
+use crate::metrics::PoolMetrics;
+use crate::proxy::Tier;
+use local::LocalTier;
+use shared::{SharedTier, SharedTierError};
+
+/// One cache pool: its own L1, its own Redis connection, its own metrics.
+pub struct Pool {
+    pub config: PoolConfig,
+    pub l1: LocalTier,
+    pub l2: Option<SharedTier>,
+    pub metrics: Arc<PoolMetrics>,
+}
+
+impl Pool {
+    pub fn new(config: PoolConfig, metrics: PoolMetrics) -> Result<Pool, SharedTierError> {
+        let metrics = Arc::new(metrics);
+        let l2 = match &config.shared {
+            Some(shared) => Some(SharedTier::new(&config.name, shared, config.key_prefix.clone(), metrics.clone())?),
+            None => None,
+        };
+        Ok(Pool { l1: LocalTier::new(config.l1_max_bytes), l2, metrics, config })
+    }
+
+    /// L1, then L2 (bounded by `redis_timeout`); an L2 hit is promoted to L1.
+    pub async fn lookup(&self, key: &CacheKey) -> Option<(Arc<Entry>, Tier)> {
+        if let Some(entry) = self.l1.get(key).await {
+            return Some((entry, Tier::L1));
+        }
+        let entry = Arc::new(self.l2.as_ref()?.get(key).await?);
+        self.l1.insert(key, entry.clone()).await;
+        Some((entry, Tier::L2))
+    }
+
+    /// Stores in L1 now and in L2 in the background.
+    pub async fn store(&self, key: &CacheKey, entry: Arc<Entry>) {
+        if let Some(l2) = &self.l2 {
+            l2.put_in_background(key, &entry);
+        }
+        self.l1.insert(key, entry).await;
+    }
+
+    /// Refreshes the L1 size gauges (called before `/metrics` is rendered).
+    pub async fn update_gauges(&self) {
+        self.l1.sync().await;
+        self.metrics.l1_bytes.set(self.l1.weighted_size() as f64);
+        self.metrics.l1_entries.set(self.l1.entry_count() as f64);
+    }
+}

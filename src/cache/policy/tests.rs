@@ -1,0 +1,125 @@
+use std::time::{Duration, SystemTime};
+
+use http::{Request, Response};
+
+use super::*;
+use crate::config::PoolConfig;
+
+fn pool() -> PoolConfig {
+    PoolConfig {
+        name: "p".into(),
+        l1_max_bytes: 1 << 20,
+        shared: None,
+        key_prefix: "bulwark:p:".into(),
+        max_object_bytes: 1 << 20,
+        default_ttl: Duration::from_secs(60),
+        stale_while_revalidate: Duration::from_secs(30),
+        stale_if_error: Duration::from_secs(600),
+        lock_timeout: Duration::from_secs(5),
+    }
+}
+
+fn eval_with(pool: &PoolConfig, req_headers: &[(&str, &str)], status: u16, res_headers: &[(&str, &str)]) -> Result<Freshness, NotStorable> {
+    let mut req = Request::get("http://shop.example/p");
+    for (n, v) in req_headers {
+        req = req.header(*n, *v);
+    }
+    let mut res = Response::builder().status(status);
+    for (n, v) in res_headers {
+        res = res.header(*n, *v);
+    }
+    let (req, _) = req.body(()).expect("request").into_parts();
+    let (res, _) = res.body(()).expect("response").into_parts();
+    let now = SystemTime::now();
+    evaluate(&req, &res, pool, None, now, now)
+}
+
+fn eval(status: u16, res_headers: &[(&str, &str)]) -> Result<Freshness, NotStorable> {
+    eval_with(&pool(), &[], status, res_headers)
+}
+
+fn lifetime(status: u16, res_headers: &[(&str, &str)]) -> Duration {
+    eval(status, res_headers).expect("storable").lifetime
+}
+
+#[test]
+fn explicit_freshness_order() {
+    assert_eq!(lifetime(200, &[("cache-control", "max-age=10")]), Duration::from_secs(10));
+    assert_eq!(lifetime(200, &[("cache-control", "max-age=10, s-maxage=20")]), Duration::from_secs(20));
+    let date = httpdate::fmt_http_date(SystemTime::now());
+    let expires = httpdate::fmt_http_date(SystemTime::now() + Duration::from_secs(120));
+    let from_expires = lifetime(200, &[("date", &date), ("expires", &expires)]);
+    assert!(from_expires >= Duration::from_secs(119) && from_expires <= Duration::from_secs(121), "{from_expires:?}");
+    assert_eq!(eval(200, &[("expires", "0")]), Err(NotStorable::NoFreshness));
+    assert_eq!(lifetime(200, &[("cache-control", "max-age=5"), ("expires", &expires)]), Duration::from_secs(5));
+}
+
+#[test]
+fn default_ttl_applies_only_without_explicit_freshness() {
+    assert_eq!(lifetime(200, &[]), Duration::from_secs(60));
+    assert_eq!(eval(200, &[("cache-control", "max-age=0")]), Err(NotStorable::NoFreshness));
+    let mut heuristic_only = pool();
+    heuristic_only.default_ttl = Duration::ZERO;
+    assert_eq!(eval_with(&heuristic_only, &[], 200, &[]), Err(NotStorable::NoFreshness));
+    let date = httpdate::fmt_http_date(SystemTime::now());
+    let modified = httpdate::fmt_http_date(SystemTime::now() - Duration::from_secs(1000));
+    let heuristic = eval_with(&heuristic_only, &[], 200, &[("date", &date), ("last-modified", &modified)]).expect("storable");
+    assert!(heuristic.lifetime >= Duration::from_secs(99) && heuristic.lifetime <= Duration::from_secs(101));
+}
+
+#[test]
+fn forbidden_responses() {
+    assert_eq!(eval(200, &[("cache-control", "no-store")]), Err(NotStorable::Forbidden));
+    assert_eq!(eval(200, &[("cache-control", "private, max-age=60")]), Err(NotStorable::Forbidden));
+    assert_eq!(eval(200, &[("cache-control", "max-age=60"), ("set-cookie", "a=b")]), Err(NotStorable::SetCookie));
+    assert_eq!(eval(200, &[("cache-control", "no-cache")]), Err(NotStorable::NoCache));
+    assert_eq!(eval(200, &[("vary", "cookie")]), Err(NotStorable::Vary));
+    assert_eq!(eval(200, &[("vary", "*")]), Err(NotStorable::Vary));
+    assert!(eval(200, &[("vary", "Accept-Encoding")]).is_ok());
+    assert_eq!(eval(206, &[("cache-control", "max-age=60")]), Err(NotStorable::Partial));
+    assert_eq!(eval(500, &[]), Err(NotStorable::Forbidden));
+}
+
+#[test]
+fn authorization_needs_explicit_permission() {
+    assert_eq!(eval_with(&pool(), &[("authorization", "Bearer x")], 200, &[("cache-control", "max-age=60")]), Err(NotStorable::Forbidden));
+    assert!(eval_with(&pool(), &[("authorization", "Bearer x")], 200, &[("cache-control", "public, max-age=60")]).is_ok());
+    assert!(eval_with(&pool(), &[("authorization", "Bearer x")], 200, &[("cache-control", "s-maxage=60")]).is_ok());
+}
+
+#[test]
+fn errors_are_kept_only_when_asked() {
+    assert_eq!(eval(404, &[]), Err(NotStorable::NoFreshness));
+    assert_eq!(lifetime(404, &[("cache-control", "max-age=30")]), Duration::from_secs(30));
+    let mut req = Request::get("http://h/").body(()).expect("req").into_parts().0;
+    req.headers.clear();
+    let res = Response::builder().status(404).body(()).expect("res").into_parts().0;
+    let now = SystemTime::now();
+    let kept = evaluate(&req, &res, &pool(), Some(Duration::from_secs(10)), now, now).expect("kept");
+    assert_eq!(kept.lifetime, Duration::from_secs(10));
+}
+
+#[test]
+fn stale_windows_and_age() {
+    let f = eval(200, &[("cache-control", "max-age=60, stale-while-revalidate=5, stale-if-error=7"), ("age", "10")]).expect("storable");
+    assert_eq!((f.stale_while_revalidate, f.stale_if_error), (Duration::from_secs(5), Duration::from_secs(7)));
+    assert_eq!(f.initial_age, Duration::from_secs(10));
+    assert!(!f.no_stale);
+    assert!(eval(200, &[("cache-control", "max-age=60, must-revalidate")]).expect("storable").no_stale);
+    assert!(eval(200, &[("cache-control", "s-maxage=60")]).expect("storable").no_stale);
+    let defaults = eval(200, &[("cache-control", "max-age=60")]).expect("storable");
+    assert_eq!(defaults.stale_if_error, Duration::from_secs(600));
+    assert_eq!(eval(200, &[("cache-control", "max-age=60"), ("age", "61")]), Err(NotStorable::NoFreshness));
+}
+
+#[test]
+fn conflicting_duplicates_are_most_restrictive() {
+    let d = Directives::parse(&{
+        let mut h = HeaderMap::new();
+        h.append("cache-control", "max-age=60".parse().expect("hv"));
+        h.append("cache-control", "max-age=30, foo=\"a,b\", PUBLIC".parse().expect("hv"));
+        h
+    });
+    assert_eq!(d.max_age, Some(0));
+    assert!(d.public);
+}

@@ -1,0 +1,185 @@
+//! Configuration: the TOML file format ([`raw`]), units ([`units`]) and the validated,
+//! typed values ([`Config`]) that the rest of the crate uses.
+//!
+//! Loading happens in two stages: serde reads the file into raw structs that keep the
+//! spans of their values, then [`validate`] turns them into typed values (socket
+//! addresses, durations, parsed URIs, pool and origin indices). Nothing past this module
+//! sees a string that still has to be parsed, and every error names the file, the line
+//! and the column of the value at fault.
+
+mod raw;
+pub mod units;
+mod validate;
+
+use std::fmt;
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use bytes::Bytes;
+use http::{HeaderMap, HeaderValue, StatusCode, Uri};
+
+pub use raw::{AccessLog, Priority, RouteMode};
+pub use validate::Cidr;
+
+/// A validated configuration, ready to build a server from.
+#[derive(Debug, Clone)]
+pub struct Config {
+    pub server: ServerConfig,
+    pub origins: Vec<OriginConfig>,
+    pub pools: Vec<PoolConfig>,
+    pub routes: Vec<RouteConfig>,
+}
+
+#[derive(Debug, Clone)]
+pub struct ServerConfig {
+    pub listen: SocketAddr,
+    pub admin_listen: SocketAddr,
+    /// How long an idle client connection is kept open; longer than the load balancer's.
+    /// For HTTP/1.1 this is also the longest time to receive a request's headers: hyper
+    /// runs one timer from the moment it waits for the next request head.
+    pub keepalive_idle: Duration,
+    /// After SIGTERM: how long to keep serving (with `/readyz` at 503) before closing the listener.
+    pub drain_delay: Duration,
+    /// After the drain: how long in-flight requests get to finish before the process exits.
+    pub shutdown_timeout: Duration,
+    pub max_header_bytes: usize,
+    pub trusted_proxies: Vec<Cidr>,
+    pub access_log: AccessLog,
+    pub access_log_sample: f64,
+    pub control_redis_url: Option<String>,
+}
+
+#[derive(Debug, Clone)]
+pub struct OriginConfig {
+    pub name: String,
+    /// Scheme and authority of the origin, plus an optional base path.
+    pub url: Uri,
+    pub base_path: String,
+    pub timeout: Duration,
+    pub connect_timeout: Duration,
+    pub pool_idle_timeout: Duration,
+    pub max_concurrency: usize,
+    pub max_queue: usize,
+    pub queue_timeout: Duration,
+    /// Sent as `Host` instead of the client's.
+    pub host_header: Option<HeaderValue>,
+}
+
+#[derive(Debug, Clone)]
+pub struct PoolConfig {
+    pub name: String,
+    pub l1_max_bytes: u64,
+    pub shared: Option<SharedTierConfig>,
+    pub key_prefix: String,
+    pub max_object_bytes: usize,
+    pub default_ttl: Duration,
+    pub stale_while_revalidate: Duration,
+    pub stale_if_error: Duration,
+    pub lock_timeout: Duration,
+}
+
+/// The Redis endpoint of one pool.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct SharedTierConfig {
+    pub url: String,
+    /// Deadline of one Redis call.
+    pub timeout: Duration,
+}
+
+#[derive(Debug, Clone)]
+pub struct RouteConfig {
+    pub name: String,
+    pub path_prefix: String,
+    pub host: Option<HostMatch>,
+    /// Index into [`Config::pools`].
+    pub pool: usize,
+    /// Index into [`Config::origins`].
+    pub origin: usize,
+    pub priority: Priority,
+    pub mode: RouteMode,
+    pub fallback: Option<Fallback>,
+    pub negative_ttl: Option<Duration>,
+}
+
+/// A route's `host` key: an exact host or a `*.suffix` wildcard, lowercase, no port.
+#[derive(Debug, Clone, PartialEq, Eq, Hash)]
+pub enum HostMatch {
+    Exact(String),
+    /// `*.shop.example`, stored as `.shop.example`.
+    Suffix(String),
+}
+
+impl HostMatch {
+    pub fn matches(&self, host: &str) -> bool {
+        match self {
+            HostMatch::Exact(exact) => host == exact,
+            HostMatch::Suffix(suffix) => host.len() > suffix.len() && host.ends_with(suffix.as_str()),
+        }
+    }
+}
+
+/// A static response configured on a route.
+#[derive(Debug, Clone)]
+pub struct Fallback {
+    pub status: StatusCode,
+    pub headers: HeaderMap,
+    pub body: Bytes,
+}
+
+/// A configuration error, located in its file.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ConfigError {
+    pub path: PathBuf,
+    /// 1-based line and column; `None` when the error is not about a place in the file.
+    pub position: Option<(usize, usize)>,
+    pub message: String,
+}
+
+impl fmt::Display for ConfigError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self.position {
+            Some((line, col)) => write!(f, "{}:{}:{}: {}", self.path.display(), line, col, self.message),
+            None => write!(f, "{}: {}", self.path.display(), self.message),
+        }
+    }
+}
+
+impl std::error::Error for ConfigError {}
+
+impl Config {
+    /// Reads and validates a config file.
+    pub fn load(path: &Path) -> Result<Config, ConfigError> {
+        let text = std::fs::read_to_string(path).map_err(|err| ConfigError {
+            path: path.to_owned(),
+            position: None,
+            message: format!("cannot read config file: {err}"),
+        })?;
+        Config::parse(&text, path)
+    }
+
+    /// Parses and validates config text; `path` is used in error messages only.
+    pub fn parse(text: &str, path: &Path) -> Result<Config, ConfigError> {
+        let locate = |span: Option<std::ops::Range<usize>>, message: String| ConfigError {
+            path: path.to_owned(),
+            position: span.map(|span| line_col(text, span.start)),
+            message,
+        };
+        let raw: raw::RawConfig =
+            toml::from_str(text).map_err(|err| locate(err.span(), err.message().trim().to_owned()))?;
+        validate::validate(raw).map_err(|err| locate(Some(err.span), err.message))
+    }
+}
+
+/// 1-based line and column (in characters) of a byte offset.
+fn line_col(text: &str, offset: usize) -> (usize, usize) {
+    let offset = offset.min(text.len());
+    let before = text.get(..offset).unwrap_or(text);
+    let line = before.matches('\n').count() + 1;
+    let line_start = before.rfind('\n').map_or(0, |i| i + 1);
+    let col = before[line_start..].chars().count() + 1;
+    (line, col)
+}
+
+#[cfg(test)]
+mod tests;

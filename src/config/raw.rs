@@ -1,0 +1,146 @@
+//! The file format: what serde reads from TOML, before any validation.
+//!
+//! Every struct denies unknown keys, so a typo is reported with its line instead of being
+//! silently ignored. Values that a later check may reject carry their span.
+
+use std::collections::BTreeMap;
+
+use serde::Deserialize;
+use toml::Spanned;
+
+use super::units::{ByteSize, ConfigDuration};
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawConfig {
+    #[serde(default)]
+    pub server: RawServer,
+    #[serde(default)]
+    pub origins: Vec<RawOrigin>,
+    #[serde(default)]
+    pub pools: Vec<RawPool>,
+    #[serde(default)]
+    pub routes: Vec<RawRoute>,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawServer {
+    pub listen: Option<Spanned<String>>,
+    pub admin_listen: Option<Spanned<String>>,
+    pub keepalive_idle: Option<ConfigDuration>,
+    pub drain_delay: Option<ConfigDuration>,
+    pub shutdown_timeout: Option<ConfigDuration>,
+    pub max_header_bytes: Option<ByteSize>,
+    #[serde(default)]
+    pub trusted_proxies: Vec<Spanned<String>>,
+    pub access_log: Option<AccessLog>,
+    pub access_log_sample: Option<Spanned<f64>>,
+    pub control_redis_url: Option<Spanned<String>>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawOrigin {
+    pub name: Spanned<String>,
+    pub url: Spanned<String>,
+    pub timeout: Option<ConfigDuration>,
+    pub connect_timeout: Option<ConfigDuration>,
+    pub pool_idle_timeout: Option<ConfigDuration>,
+    pub max_concurrency: Option<Spanned<i64>>,
+    pub max_queue: Option<Spanned<i64>>,
+    pub queue_timeout: Option<ConfigDuration>,
+    pub host_header: Option<Spanned<String>>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawPool {
+    pub name: Spanned<String>,
+    pub l1_max_bytes: Option<Spanned<ByteSize>>,
+    pub redis_url: Option<Spanned<String>>,
+    pub redis_cluster_nodes: Option<Spanned<Vec<String>>>,
+    pub redis_timeout: Option<Spanned<ConfigDuration>>,
+    pub key_prefix: Option<Spanned<String>>,
+    pub max_object_bytes: Option<Spanned<ByteSize>>,
+    pub default_ttl: Option<ConfigDuration>,
+    pub stale_while_revalidate: Option<ConfigDuration>,
+    pub stale_if_error: Option<ConfigDuration>,
+    pub lock_timeout: Option<ConfigDuration>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawRoute {
+    pub name: Spanned<String>,
+    pub path_prefix: Spanned<String>,
+    pub host: Option<Spanned<String>>,
+    pub pool: Spanned<String>,
+    pub origin: Spanned<String>,
+    pub priority: Option<Priority>,
+    pub mode: Option<Spanned<RouteMode>>,
+    pub fallback: Option<Spanned<RawFallback>>,
+    pub negative_ttl: Option<ConfigDuration>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawFallback {
+    pub status: Option<Spanned<i64>>,
+    #[serde(default)]
+    pub headers: BTreeMap<String, String>,
+    #[serde(default)]
+    pub body: String,
+}
+
+/// Access log format.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum AccessLog {
+    #[default]
+    Off,
+    Json,
+    Text,
+}
+
+/// Which routes are shed first when their origin is saturated.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Default, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Priority {
+    Low,
+    #[default]
+    Normal,
+    Critical,
+}
+
+/// What a route does with a request, switchable at runtime.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Deserialize, serde::Serialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum RouteMode {
+    #[default]
+    Normal,
+    CacheOnly,
+    Fallback,
+    Off,
+}
+
+impl RouteMode {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            RouteMode::Normal => "normal",
+            RouteMode::CacheOnly => "cache-only",
+            RouteMode::Fallback => "fallback",
+            RouteMode::Off => "off",
+        }
+    }
+}
+
+impl Priority {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Priority::Low => "low",
+            Priority::Normal => "normal",
+            Priority::Critical => "critical",
+        }
+    }
+}

@@ -1,0 +1,111 @@
+use std::path::Path;
+
+use super::*;
+
+const MINIMAL: &str = r#"
+[[origins]]
+name = "catalog"
+url = "http://127.0.0.1:8081"
+
+[[pools]]
+name = "pdp"
+
+[[routes]]
+name = "product-detail"
+path_prefix = "/products/"
+pool = "pdp"
+origin = "catalog"
+"#;
+
+fn parse(text: &str) -> Result<Config, ConfigError> {
+    Config::parse(text, Path::new("bulwark.toml"))
+}
+
+fn error_of(text: &str) -> String {
+    parse(text).expect_err("config should be rejected").to_string()
+}
+
+#[test]
+fn minimal_config_gets_the_documented_defaults() {
+    let config = parse(MINIMAL).expect("minimal config is valid");
+    assert_eq!(config.server.listen.to_string(), "0.0.0.0:8080");
+    assert_eq!(config.server.admin_listen.to_string(), "127.0.0.1:9901");
+    assert_eq!(config.server.keepalive_idle, Duration::from_secs(75));
+    let pool = &config.pools[0];
+    assert_eq!(pool.key_prefix, "bulwark:pdp:");
+    assert_eq!(pool.l1_max_bytes, 256 << 20);
+    assert_eq!(pool.max_object_bytes, 8 << 20);
+    assert!(pool.shared.is_none());
+    assert_eq!(config.origins[0].max_concurrency, 256);
+    assert_eq!(config.routes[0].pool, 0);
+    assert_eq!(config.routes[0].mode, RouteMode::Normal);
+}
+
+#[test]
+fn unknown_key_names_key_and_line() {
+    let text = MINIMAL.replace("name = \"pdp\"", "name = \"pdp\"\nl1_max_byte = \"1MiB\"");
+    let message = error_of(&text);
+    assert!(message.starts_with("bulwark.toml:8:1: "), "{message}");
+    assert!(message.contains("l1_max_byte"), "{message}");
+}
+
+#[test]
+fn bad_duration_points_at_value() {
+    let text = MINIMAL.replace("url = \"http://127.0.0.1:8081\"", "url = \"http://127.0.0.1:8081\"\ntimeout = \"10 parsecs\"");
+    let message = error_of(&text);
+    assert!(message.starts_with("bulwark.toml:5:11: "), "{message}");
+    assert!(message.contains("parsecs"), "{message}");
+}
+
+#[test]
+fn route_naming_missing_pool_is_rejected_at_its_line() {
+    let text = MINIMAL.replace("pool = \"pdp\"", "pool = \"pdq\"");
+    let message = error_of(&text);
+    assert!(message.starts_with("bulwark.toml:13:8: "), "{message}");
+    assert!(message.contains("unknown pool \"pdq\""), "{message}");
+}
+
+#[test]
+fn other_cross_checks() {
+    assert!(error_of(&MINIMAL.replace("path_prefix = \"/products/\"", "path_prefix = \"products/\"")).contains("must start with '/'"));
+    assert!(error_of(&MINIMAL.replace("http://127", "ftp://127")).contains("http:// or https://"));
+    assert!(error_of(&MINIMAL.replace("name = \"pdp\"", "name = \"pdp\"\nredis_timeout = \"5ms\"")).contains("only allowed with redis_url"));
+    assert!(error_of(&format!("{MINIMAL}\nmode = \"fallback\"")).contains("needs a `fallback`"));
+    assert!(error_of(&format!("{MINIMAL}\nmode = \"sideways\"")).contains("sideways"));
+    assert!(error_of(&format!("{MINIMAL}\n[[pools]]\nname = \"pdp\"")).contains("duplicate pool name"));
+    assert!(error_of(&MINIMAL.replace("name = \"pdp\"", "name = \"pdp\"\nredis_url = \"nope://x\"")).contains("invalid Redis URL"));
+    assert!(error_of("[server]\ntrusted_proxies = [\"10.0.0.0/33\"]").contains("prefix length"));
+    assert!(error_of("[server]\nlisten = \"localhost\"").starts_with("bulwark.toml:2:10: "));
+}
+
+#[test]
+fn fallback_and_host_are_typed() {
+    let text = format!(
+        "{MINIMAL}host = \"*.Shop.example\"\nmode = \"fallback\"\nfallback = {{ status = 200, headers = {{ \"content-type\" = \"application/json\" }}, body = \"[]\" }}\n"
+    );
+    let config = parse(&text).expect("valid");
+    let route = &config.routes[0];
+    assert_eq!(route.host, Some(HostMatch::Suffix(".shop.example".into())));
+    assert!(route.host.as_ref().is_some_and(|h| h.matches("www.shop.example") && !h.matches("shop.example")));
+    let fallback = route.fallback.as_ref().expect("fallback");
+    assert_eq!(&fallback.body[..], b"[]");
+    assert_eq!(fallback.headers["content-type"], "application/json");
+}
+
+#[test]
+fn cidr_matching() {
+    let net = Cidr::parse("10.1.0.0/16").expect("valid");
+    assert!(net.contains("10.1.200.3".parse().expect("ip")));
+    assert!(!net.contains("10.2.0.1".parse().expect("ip")));
+    assert!(net.contains("::ffff:10.1.0.9".parse().expect("ip")));
+    assert!(Cidr::parse("0.0.0.0/0").expect("valid").contains("8.8.8.8".parse().expect("ip")));
+    assert!(Cidr::parse("::1").expect("valid").contains("::1".parse().expect("ip")));
+}
+
+#[test]
+fn shipped_example_configs_are_valid() {
+    for file in ["config/bulwark.example.toml", "config/local.toml"] {
+        let path = Path::new(env!("CARGO_MANIFEST_DIR")).join(file);
+        Config::load(&path).unwrap_or_else(|e| panic!("{e}"));
+    }
+}

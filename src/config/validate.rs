@@ -1,0 +1,345 @@
+//! Stage two of loading: raw values into typed, cross-checked ones.
+
+use std::collections::HashSet;
+use std::net::{IpAddr, SocketAddr};
+use std::ops::Range;
+use std::time::Duration;
+
+use bytes::Bytes;
+use http::{HeaderMap, HeaderName, HeaderValue, StatusCode, Uri};
+use toml::Spanned;
+
+use super::raw::{self, RawConfig};
+use super::units::ConfigDuration;
+use super::{
+    Config, Fallback, HostMatch, OriginConfig, PoolConfig, RouteConfig, RouteMode, ServerConfig,
+    SharedTierConfig,
+};
+
+/// A validation error with the span of the value at fault.
+pub struct SpannedError {
+    pub span: Range<usize>,
+    pub message: String,
+}
+
+type Result<T> = std::result::Result<T, SpannedError>;
+
+fn err<T>(span: Range<usize>, message: impl Into<String>) -> Result<T> {
+    Err(SpannedError { span, message: message.into() })
+}
+
+fn dur(value: Option<ConfigDuration>, default: Duration) -> Duration {
+    value.map_or(default, |d| d.0)
+}
+
+/// An IP network such as `10.0.0.0/8` or `::1/128`; a bare address is a /32 or /128.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Cidr {
+    network: IpAddr,
+    prefix: u8,
+}
+
+impl Cidr {
+    pub fn parse(text: &str) -> std::result::Result<Cidr, String> {
+        let (addr, prefix) = match text.split_once('/') {
+            Some((addr, prefix)) => (addr, Some(prefix)),
+            None => (text, None),
+        };
+        let network: IpAddr = addr.trim().parse().map_err(|_| format!("invalid IP address {addr:?}"))?;
+        let max = if network.is_ipv4() { 32 } else { 128 };
+        let prefix = match prefix {
+            Some(p) => p.trim().parse::<u8>().ok().filter(|p| *p <= max).ok_or_else(|| {
+                format!("invalid prefix length {p:?} (0..={max})")
+            })?,
+            None => max,
+        };
+        Ok(Cidr { network, prefix })
+    }
+
+    pub fn contains(&self, ip: IpAddr) -> bool {
+        let ip = match ip {
+            IpAddr::V6(v6) => v6.to_ipv4_mapped().map_or(IpAddr::V6(v6), IpAddr::V4),
+            v4 => v4,
+        };
+        match (self.network, ip) {
+            (IpAddr::V4(net), IpAddr::V4(ip)) => {
+                let mask = u32::MAX.checked_shl(32 - u32::from(self.prefix)).unwrap_or(0);
+                u32::from(net) & mask == u32::from(ip) & mask
+            }
+            (IpAddr::V6(net), IpAddr::V6(ip)) => {
+                let mask = u128::MAX.checked_shl(128 - u32::from(self.prefix)).unwrap_or(0);
+                u128::from(net) & mask == u128::from(ip) & mask
+            }
+            _ => false,
+        }
+    }
+}
+
+pub fn validate(raw: RawConfig) -> Result<Config> {
+    let server = server(raw.server)?;
+    let origins = unique_names(raw.origins, |o| &o.name, "origin")?
+        .into_iter()
+        .map(origin)
+        .collect::<Result<Vec<_>>>()?;
+    let pools = unique_names(raw.pools, |p| &p.name, "pool")?
+        .into_iter()
+        .map(pool)
+        .collect::<Result<Vec<_>>>()?;
+    let routes = unique_names(raw.routes, |r| &r.name, "route")?;
+    let mut seen_matches = HashSet::new();
+    let mut typed_routes = Vec::with_capacity(routes.len());
+    for route in routes {
+        let span = route.path_prefix.span();
+        let typed = self::route(route, &origins, &pools)?;
+        if !seen_matches.insert((typed.host.clone(), typed.path_prefix.clone())) {
+            return err(span, format!("another route already matches path_prefix {:?} on the same host", typed.path_prefix));
+        }
+        typed_routes.push(typed);
+    }
+    Ok(Config { server, origins, pools, routes: typed_routes })
+}
+
+fn unique_names<T>(items: Vec<T>, name: impl Fn(&T) -> &Spanned<String>, what: &str) -> Result<Vec<T>> {
+    let mut seen = HashSet::new();
+    for item in &items {
+        let name = name(item);
+        if name.get_ref().trim().is_empty() {
+            return err(name.span(), format!("{what} name must not be empty"));
+        }
+        if !seen.insert(name.get_ref().clone()) {
+            return err(name.span(), format!("duplicate {what} name {:?}", name.get_ref()));
+        }
+    }
+    Ok(items)
+}
+
+fn socket_addr(value: Option<Spanned<String>>, default: &str) -> Result<SocketAddr> {
+    match value {
+        None => Ok(default.parse().expect("default socket address is valid")),
+        Some(v) => v.get_ref().parse().or_else(|_| {
+            err(v.span(), format!("invalid listen address {:?}: expected IP:PORT such as \"0.0.0.0:8080\"", v.get_ref()))
+        }),
+    }
+}
+
+fn server(raw: raw::RawServer) -> Result<ServerConfig> {
+    let trusted_proxies = raw
+        .trusted_proxies
+        .iter()
+        .map(|cidr| Cidr::parse(cidr.get_ref()).or_else(|msg| err(cidr.span(), format!("trusted_proxies: {msg}"))))
+        .collect::<Result<Vec<_>>>()?;
+    let access_log_sample = match raw.access_log_sample {
+        None => 1.0,
+        Some(s) if (0.0..=1.0).contains(s.get_ref()) => *s.get_ref(),
+        Some(s) => return err(s.span(), "access_log_sample must be between 0.0 and 1.0"),
+    };
+    let control_redis_url = match raw.control_redis_url {
+        None => None,
+        Some(url) => Some(redis_url(&url)?),
+    };
+    let max_header_bytes = raw.max_header_bytes.map_or(64 * 1024, |s| s.0);
+    Ok(ServerConfig {
+        listen: socket_addr(raw.listen, "0.0.0.0:8080")?,
+        admin_listen: socket_addr(raw.admin_listen, "127.0.0.1:9901")?,
+        keepalive_idle: dur(raw.keepalive_idle, Duration::from_secs(75)),
+        drain_delay: dur(raw.drain_delay, Duration::from_secs(5)),
+        shutdown_timeout: dur(raw.shutdown_timeout, Duration::from_secs(30)),
+        max_header_bytes: usize::try_from(max_header_bytes).unwrap_or(usize::MAX).max(8192),
+        trusted_proxies,
+        access_log: raw.access_log.unwrap_or_default(),
+        access_log_sample,
+        control_redis_url,
+    })
+}
+
+fn redis_url(url: &Spanned<String>) -> Result<String> {
+    use redis::IntoConnectionInfo;
+    match url.get_ref().as_str().into_connection_info() {
+        Ok(_) => Ok(url.get_ref().clone()),
+        Err(e) => err(url.span(), format!("invalid Redis URL {:?}: {e}", url.get_ref())),
+    }
+}
+
+fn positive(value: Option<Spanned<i64>>, default: usize, key: &str) -> Result<usize> {
+    match value {
+        None => Ok(default),
+        Some(v) => match usize::try_from(*v.get_ref()) {
+            Ok(n) if n > 0 => Ok(n),
+            _ => err(v.span(), format!("{key} must be a positive integer")),
+        },
+    }
+}
+
+fn origin(raw: raw::RawOrigin) -> Result<OriginConfig> {
+    let url_span = raw.url.span();
+    let uri: Uri = raw.url.get_ref().parse().or_else(|e| err(url_span.clone(), format!("invalid origin url: {e}")))?;
+    match uri.scheme_str() {
+        Some("http") | Some("https") => {}
+        _ => return err(url_span, "origin url must start with http:// or https://"),
+    }
+    if uri.host().is_none_or(str::is_empty) {
+        return err(url_span, "origin url must name a host");
+    }
+    if uri.query().is_some() {
+        return err(url_span, "origin url must not have a query string");
+    }
+    let base_path = uri.path().trim_end_matches('/').to_owned();
+    let host_header = match raw.host_header {
+        None => None,
+        Some(h) => Some(HeaderValue::from_str(h.get_ref()).or_else(|_| err(h.span(), "host_header is not a valid header value"))?),
+    };
+    Ok(OriginConfig {
+        name: raw.name.into_inner(),
+        url: uri,
+        base_path,
+        timeout: dur(raw.timeout, Duration::from_secs(10)),
+        connect_timeout: dur(raw.connect_timeout, Duration::from_secs(2)),
+        pool_idle_timeout: dur(raw.pool_idle_timeout, Duration::from_secs(4)),
+        max_concurrency: positive(raw.max_concurrency, 256, "max_concurrency")?,
+        max_queue: match raw.max_queue {
+            None => 1024,
+            Some(q) => usize::try_from(*q.get_ref()).or_else(|_| err(q.span(), "max_queue must not be negative"))?,
+        },
+        queue_timeout: dur(raw.queue_timeout, Duration::from_secs(1)),
+        host_header,
+    })
+}
+
+fn pool(raw: raw::RawPool) -> Result<PoolConfig> {
+    let name = raw.name.get_ref().clone();
+    if let Some(nodes) = &raw.redis_cluster_nodes {
+        return err(nodes.span(), "redis_cluster_nodes is not supported by this version of bulwark; use redis_url");
+    }
+    let shared = match &raw.redis_url {
+        Some(url) => Some(SharedTierConfig {
+            url: redis_url(url)?,
+            timeout: raw.redis_timeout.as_ref().map_or(Duration::from_millis(50), |t| t.get_ref().0),
+        }),
+        None => {
+            if let Some(t) = &raw.redis_timeout {
+                return err(t.span(), "redis_timeout is only allowed with redis_url or redis_cluster_nodes");
+            }
+            None
+        }
+    };
+    if let Some(shared) = &shared
+        && shared.timeout.is_zero()
+    {
+        let span = raw.redis_timeout.as_ref().map_or_else(|| raw.name.span(), |t| t.span());
+        return err(span, "redis_timeout must be greater than zero");
+    }
+    let l1_max_bytes = match raw.l1_max_bytes {
+        None => 256 << 20,
+        Some(s) if s.get_ref().0 >= 1024 => s.get_ref().0,
+        Some(s) => return err(s.span(), "l1_max_bytes must be at least 1KiB"),
+    };
+    let max_object_bytes = match raw.max_object_bytes {
+        None => 8 << 20,
+        Some(s) => match usize::try_from(s.get_ref().0) {
+            Ok(n) if n > 0 && (n as u64) <= u64::from(u32::MAX) => n,
+            _ => return err(s.span(), "max_object_bytes must be between 1 byte and 4GiB"),
+        },
+    };
+    let key_prefix = match raw.key_prefix {
+        None => format!("bulwark:{name}:"),
+        Some(p) if !p.get_ref().is_empty() => p.into_inner(),
+        Some(p) => return err(p.span(), "key_prefix must not be empty"),
+    };
+    Ok(PoolConfig {
+        name,
+        l1_max_bytes,
+        shared,
+        key_prefix,
+        max_object_bytes,
+        default_ttl: dur(raw.default_ttl, Duration::from_secs(60)),
+        stale_while_revalidate: dur(raw.stale_while_revalidate, Duration::from_secs(30)),
+        stale_if_error: dur(raw.stale_if_error, Duration::from_secs(600)),
+        lock_timeout: dur(raw.lock_timeout, Duration::from_secs(5)),
+    })
+}
+
+fn find(name: &Spanned<String>, names: impl Iterator<Item = String>, what: &str) -> Result<usize> {
+    let known: Vec<String> = names.collect();
+    match known.iter().position(|n| n == name.get_ref()) {
+        Some(i) => Ok(i),
+        None => err(
+            name.span(),
+            format!("unknown {what} {:?} (defined: {})", name.get_ref(), if known.is_empty() { "none".into() } else { known.join(", ") }),
+        ),
+    }
+}
+
+fn route(raw: raw::RawRoute, origins: &[OriginConfig], pools: &[PoolConfig]) -> Result<RouteConfig> {
+    let pool = find(&raw.pool, pools.iter().map(|p| p.name.clone()), "pool")?;
+    let origin = find(&raw.origin, origins.iter().map(|o| o.name.clone()), "origin")?;
+    let prefix = raw.path_prefix.get_ref();
+    if !prefix.starts_with('/') {
+        return err(raw.path_prefix.span(), format!("path_prefix {prefix:?} must start with '/'"));
+    }
+    let host = match &raw.host {
+        None => None,
+        Some(h) => Some(host_match(h)?),
+    };
+    let fallback = match raw.fallback {
+        None => None,
+        Some(f) => Some(fallback(f)?),
+    };
+    let mode = match raw.mode {
+        None => RouteMode::Normal,
+        Some(m) if *m.get_ref() == RouteMode::Fallback && fallback.is_none() => {
+            return err(m.span(), "mode \"fallback\" needs a `fallback` response on this route");
+        }
+        Some(m) => m.into_inner(),
+    };
+    Ok(RouteConfig {
+        name: raw.name.into_inner(),
+        path_prefix: raw.path_prefix.into_inner(),
+        host,
+        pool,
+        origin,
+        priority: raw.priority.unwrap_or_default(),
+        mode,
+        fallback,
+        negative_ttl: raw.negative_ttl.map(|d| d.0),
+    })
+}
+
+fn host_match(h: &Spanned<String>) -> Result<HostMatch> {
+    let text = h.get_ref().trim().to_ascii_lowercase();
+    let (wildcard, name) = match text.strip_prefix("*.") {
+        Some(rest) => (true, rest.to_owned()),
+        None => (false, text.clone()),
+    };
+    let valid = !name.is_empty()
+        && name.chars().all(|c| c.is_ascii_alphanumeric() || c == '-' || c == '.')
+        && !name.starts_with('.')
+        && !name.ends_with('.');
+    if !valid {
+        return err(h.span(), format!("invalid host {:?}: expected \"shop.example\" or \"*.shop.example\" (no port)", h.get_ref()));
+    }
+    Ok(if wildcard { HostMatch::Suffix(format!(".{name}")) } else { HostMatch::Exact(name) })
+}
+
+fn fallback(raw: Spanned<raw::RawFallback>) -> Result<Fallback> {
+    let span = raw.span();
+    let raw = raw.into_inner();
+    let status = match raw.status {
+        None => StatusCode::OK,
+        Some(s) => u16::try_from(*s.get_ref())
+            .ok()
+            .and_then(|code| StatusCode::from_u16(code).ok())
+            .filter(|code| code.as_u16() >= 200)
+            .ok_or_else(|| SpannedError { span: s.span(), message: "fallback status must be an HTTP status 200..=999".into() })?,
+    };
+    let mut headers = HeaderMap::new();
+    for (name, value) in &raw.headers {
+        let parsed = HeaderName::from_bytes(name.as_bytes()).ok().zip(HeaderValue::from_str(value).ok());
+        match parsed {
+            Some((name, value)) => {
+                headers.append(name, value);
+            }
+            None => return err(span, format!("fallback header {name:?} is not a valid header")),
+        }
+    }
+    Ok(Fallback { status, headers, body: Bytes::from(raw.body) })
+}

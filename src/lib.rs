@@ -1,0 +1,38 @@
+//! bulwark: a cache-aside HTTP edge service.
+//!
+//! # Layout
+//!
+//! - [`config`]: the TOML file format, validation into typed values, `PATH:LINE:COL` errors.
+//! - [`server`]: listeners, the accept loop (HTTP/1.1 and h2c), graceful shutdown; [`run`].
+//! - [`admin`]: `/metrics`, `/healthz`, `/readyz`, `/admin/*` on the admin listener.
+//! - [`router`]: request to route (longest `path_prefix`, optional host).
+//! - [`proxy`]: the request path, one phase per function, and the [`proxy::Outcome`] type
+//!   behind both `Cache-Status` and the `cache` metric label.
+//! - [`cache`]: keys, the versioned entry format, the RFC 9111 policy, the moka tier
+//!   (L1), the Redis tier (L2), and the [`cache::Pool`] joining them.
+//! - [`origin`]: pooled clients per origin, the concurrency limit and queue.
+//! - [`metrics`]: metric names, the per-instance recorder, pre-registered handles.
+//! - [`error`]: request-path errors with their source, and the one error-to-status map.
+//!
+//! # Why it is built this way
+//!
+//! Each pool owns its L1, its Redis connection and its metrics, so the failure of one
+//! pool's Redis touches no other pool. Redis is always optional on the request path: every
+//! call has a hard deadline and any failure is a miss. The configuration is validated
+//! whole before anything is built, and the built [`proxy::Runtime`] sits behind an
+//! `ArcSwap`, so each request runs on one consistent snapshot. Metrics belong to a server
+//! instance, not the process, so tests can run many instances side by side.
+
+pub mod admin;
+pub mod cache;
+pub mod cli;
+pub mod config;
+pub mod error;
+pub mod metrics;
+pub mod origin;
+pub mod proxy;
+pub mod router;
+pub mod server;
+
+pub use config::Config;
+pub use server::{Listeners, RunError, run};

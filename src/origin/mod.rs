@@ -1,0 +1,144 @@
+//! Origins: a pooled keep-alive client per origin (http and https), the concurrency
+//! limit and queue in front of it ([`bulkhead`]), timeouts, and error classification.
+
+pub mod bulkhead;
+
+use std::pin::Pin;
+use std::task::{Context, Poll};
+use std::time::Instant;
+
+use bytes::Bytes;
+use http::{Request, Response};
+use http_body::{Body, Frame, SizeHint};
+use http_body_util::combinators::BoxBody;
+use hyper::body::Incoming;
+use hyper_rustls::HttpsConnector;
+use hyper_util::client::legacy::Client;
+use hyper_util::client::legacy::connect::HttpConnector;
+use hyper_util::rt::{TokioExecutor, TokioTimer};
+use tokio::sync::OwnedSemaphorePermit;
+
+pub use bulkhead::Shed;
+
+use crate::config::OriginConfig;
+use crate::metrics::{OriginMetrics, OriginStatus};
+
+/// Body of a request sent to an origin.
+pub type OutgoingBody = BoxBody<Bytes, hyper::Error>;
+
+/// Why an origin gave no response.
+#[derive(Debug, thiserror::Error)]
+pub enum OriginError {
+    #[error("shed before reaching the origin: {0}")]
+    Shed(#[from] Shed),
+    #[error("origin did not answer within {0:?}")]
+    Timeout(std::time::Duration),
+    #[error("cannot connect to origin")]
+    Connect(#[source] hyper_util::client::legacy::Error),
+    #[error("origin request failed")]
+    Request(#[source] hyper_util::client::legacy::Error),
+    #[error("origin response body failed")]
+    Body(#[source] hyper::Error),
+}
+
+impl OriginError {
+    /// The `status` label of `bulwark_origin_requests_total`, when the origin was tried.
+    pub fn metric_status(&self) -> Option<OriginStatus> {
+        match self {
+            OriginError::Shed(_) => None,
+            OriginError::Timeout(_) => Some(OriginStatus::Timeout),
+            OriginError::Connect(_) => Some(OriginStatus::ConnectError),
+            OriginError::Request(_) | OriginError::Body(_) => Some(OriginStatus::Class(502)),
+        }
+    }
+}
+
+pub struct Origin {
+    pub config: OriginConfig,
+    client: Client<HttpsConnector<HttpConnector>, OutgoingBody>,
+    bulkhead: bulkhead::Bulkhead,
+    pub metrics: OriginMetrics,
+}
+
+impl Origin {
+    pub fn new(config: OriginConfig, metrics: OriginMetrics) -> Result<Origin, rustls::Error> {
+        let mut http = HttpConnector::new();
+        http.set_nodelay(true);
+        http.enforce_http(false);
+        http.set_connect_timeout(Some(config.connect_timeout));
+        http.set_keepalive(Some(std::time::Duration::from_secs(30)));
+        let tls = rustls::ClientConfig::builder_with_provider(rustls::crypto::ring::default_provider().into())
+            .with_safe_default_protocol_versions()?
+            .with_root_certificates(rustls::RootCertStore { roots: webpki_roots::TLS_SERVER_ROOTS.to_vec() })
+            .with_no_client_auth();
+        let connector =
+            hyper_rustls::HttpsConnectorBuilder::new().with_tls_config(tls).https_or_http().enable_http1().wrap_connector(http);
+        let client = Client::builder(TokioExecutor::new())
+            .pool_idle_timeout(config.pool_idle_timeout)
+            .pool_timer(TokioTimer::new())
+            .pool_max_idle_per_host(config.max_concurrency)
+            .set_host(false)
+            .build(connector);
+        let bulkhead = bulkhead::Bulkhead::new(config.max_concurrency, config.max_queue, config.queue_timeout);
+        Ok(Origin { config, client, bulkhead, metrics })
+    }
+
+    /// Sends `req` (whose URI must already point at this origin) once a slot is free.
+    /// The slot is held until the response body is finished or dropped.
+    pub async fn send(&self, req: Request<OutgoingBody>) -> Result<Response<OriginBody>, OriginError> {
+        let (permit, waited) = self.bulkhead.acquire().await?;
+        self.metrics.queue_wait.record(waited.as_secs_f64());
+        let inflight = Inflight::new(&self.metrics, permit);
+        let start = Instant::now();
+        let result = tokio::time::timeout(self.config.timeout, self.client.request(req)).await;
+        self.metrics.duration.record(start.elapsed().as_secs_f64());
+        match result {
+            Err(_) => Err(OriginError::Timeout(self.config.timeout)),
+            Ok(Err(err)) if err.is_connect() => Err(OriginError::Connect(err)),
+            Ok(Err(err)) => Err(OriginError::Request(err)),
+            Ok(Ok(res)) => Ok(res.map(|body| OriginBody { inner: body, _inflight: inflight })),
+        }
+    }
+}
+
+/// Marks a request in flight: holds its bulkhead slot and the in-flight gauge.
+struct Inflight {
+    gauge: metrics::Gauge,
+    _permit: OwnedSemaphorePermit,
+}
+
+impl Inflight {
+    fn new(metrics: &OriginMetrics, permit: OwnedSemaphorePermit) -> Inflight {
+        metrics.inflight.increment(1.0);
+        Inflight { gauge: metrics.inflight.clone(), _permit: permit }
+    }
+}
+
+impl Drop for Inflight {
+    fn drop(&mut self) {
+        self.gauge.decrement(1.0);
+    }
+}
+
+/// An origin response body that keeps its request's slot until it ends.
+pub struct OriginBody {
+    inner: Incoming,
+    _inflight: Inflight,
+}
+
+impl Body for OriginBody {
+    type Data = Bytes;
+    type Error = hyper::Error;
+
+    fn poll_frame(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Option<Result<Frame<Bytes>, hyper::Error>>> {
+        Pin::new(&mut self.inner).poll_frame(cx)
+    }
+
+    fn is_end_stream(&self) -> bool {
+        self.inner.is_end_stream()
+    }
+
+    fn size_hint(&self) -> SizeHint {
+        self.inner.size_hint()
+    }
+}

@@ -1,0 +1,251 @@
+//! The request path, one phase per function: route, mode, key, lookup, fetch, store,
+//! respond, record (see the phases in DESIGN.md).
+//!
+//! [`Proxy`] holds the current [`Runtime`] (routing table, pools, origins, metric
+//! handles) behind an `ArcSwap`: each request takes one snapshot and finishes on it, so a
+//! configuration swap never changes a request half-way.
+
+mod body;
+mod fetch;
+mod outcome;
+mod forward;
+mod respond;
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::time::{Instant, SystemTime};
+
+use arc_swap::ArcSwap;
+use http::header::{ACCEPT_ENCODING, AUTHORIZATION, CACHE_CONTROL, CONNECTION};
+use http::{HeaderName, HeaderValue, Method, Request, Response, StatusCode, Version, request};
+use hyper::body::Incoming;
+
+pub use body::ProxyBody;
+pub use outcome::{BypassReason, Outcome, StaleReason, Tier};
+
+use crate::cache::shared::SharedTierError;
+use crate::cache::{CacheKey, Encodings, Entry, Pool};
+use crate::config::{Config, RouteConfig, RouteMode};
+use crate::error::{ProxyError, error_response, plain_response};
+use crate::metrics::{Registry, RouteMetrics};
+use crate::origin::Origin;
+use crate::router::Router;
+use fetch::Fetched;
+use forward::ClientInfo;
+
+pub static CACHE_STATUS: HeaderName = HeaderName::from_static("cache-status");
+
+/// Errors building a runtime from a configuration.
+#[derive(Debug, thiserror::Error)]
+pub enum BuildError {
+    #[error(transparent)]
+    SharedTier(#[from] SharedTierError),
+    #[error("cannot set up TLS for origins")]
+    Tls(#[from] rustls::Error),
+}
+
+/// One route with everything it needs on the request path.
+pub struct RouteRuntime {
+    pub config: RouteConfig,
+    pub pool: Arc<Pool>,
+    pub origin: Arc<Origin>,
+    pub metrics: RouteMetrics,
+}
+
+/// Everything built from one configuration.
+pub struct Runtime {
+    pub config: Config,
+    router: Router,
+    pub routes: Vec<RouteRuntime>,
+    pub pools: Vec<Arc<Pool>>,
+    pub origins: Vec<Arc<Origin>>,
+    unrouted: metrics::Counter,
+}
+
+impl Runtime {
+    /// Builds pools, origins and routes, registering every metric handle now.
+    pub fn build(config: Config, registry: &Registry) -> Result<Runtime, BuildError> {
+        let pools = config
+            .pools
+            .iter()
+            .map(|p| Pool::new(p.clone(), registry.pool(&p.name)).map(Arc::new))
+            .collect::<Result<Vec<_>, _>>()?;
+        let origins = config
+            .origins
+            .iter()
+            .map(|o| Origin::new(o.clone(), registry.origin(&o.name)).map(Arc::new))
+            .collect::<Result<Vec<_>, _>>()?;
+        let routes = config
+            .routes
+            .iter()
+            .map(|r| RouteRuntime {
+                config: r.clone(),
+                pool: pools[r.pool].clone(),
+                origin: origins[r.origin].clone(),
+                metrics: registry.route(&r.name, &config.pools[r.pool].name, &config.origins[r.origin].name),
+            })
+            .collect();
+        Ok(Runtime { router: Router::new(&config.routes), routes, pools, origins, unrouted: registry.unrouted(), config })
+    }
+}
+
+/// The proxy service shared by every connection of one server instance.
+pub struct Proxy {
+    runtime: ArcSwap<Runtime>,
+    pub registry: Arc<Registry>,
+    /// Set once on SIGTERM; read by every response (to add `Connection: close`) and by
+    /// `/readyz`. An atomic flag because it only ever goes from false to true.
+    draining: AtomicBool,
+}
+
+impl Proxy {
+    pub fn new(config: Config) -> Result<Proxy, BuildError> {
+        let registry = Arc::new(Registry::new());
+        let runtime = Runtime::build(config, &registry)?;
+        Ok(Proxy { runtime: ArcSwap::from_pointee(runtime), registry, draining: AtomicBool::new(false) })
+    }
+
+    pub fn runtime(&self) -> Arc<Runtime> {
+        self.runtime.load_full()
+    }
+
+    pub fn start_draining(&self) {
+        self.draining.store(true, Ordering::Release);
+    }
+
+    pub fn is_draining(&self) -> bool {
+        self.draining.load(Ordering::Acquire)
+    }
+
+    /// Handles one client request, start to finish.
+    pub async fn handle(&self, req: Request<Incoming>, peer: SocketAddr) -> Response<ProxyBody> {
+        let start = Instant::now();
+        let runtime = self.runtime.load_full();
+        let version = req.version();
+        let (parts, body) = req.into_parts();
+        let client = match ClientInfo::read(&parts, peer, &runtime.config.server.trusted_proxies) {
+            Ok(client) => client,
+            Err(err) => return self.finish(error_response(&err), version),
+        };
+        let Some(index) = runtime.router.route(&client.host, parts.uri.path()) else {
+            runtime.unrouted.increment(1);
+            let text = format!("no route matches {}{}\n", client.host, parts.uri.path());
+            return self.finish(plain_response(StatusCode::NOT_FOUND, text), version);
+        };
+        let route = &runtime.routes[index];
+        let (mut res, outcome) = serve(route, parts, body, &client).await;
+        res.headers_mut().insert(CACHE_STATUS.clone(), outcome.cache_status_header());
+        route.metrics.record(outcome, start.elapsed().as_secs_f64());
+        self.finish(res, version)
+    }
+
+    /// Last touch on every response: while draining, HTTP/1 clients are told to close.
+    fn finish(&self, mut res: Response<ProxyBody>, version: Version) -> Response<ProxyBody> {
+        if self.is_draining() && version <= Version::HTTP_11 {
+            res.headers_mut().insert(CONNECTION, HeaderValue::from_static("close"));
+        }
+        res
+    }
+}
+
+/// Mode, then bypass or cache-aside.
+async fn serve(route: &RouteRuntime, parts: request::Parts, body: Incoming, client: &ClientInfo) -> (Response<ProxyBody>, Outcome) {
+    let head = parts.method == Method::HEAD;
+    match route.config.mode {
+        RouteMode::Off => return (respond::off(), Outcome::Off),
+        RouteMode::Fallback => return fallback_or_off(route, head),
+        RouteMode::Normal | RouteMode::CacheOnly => {}
+    }
+    if let Some(reason) = bypass_reason(&parts) {
+        if route.config.mode == RouteMode::CacheOnly {
+            return cache_only_miss(route, head);
+        }
+        return match fetch::pass_through(route, parts, body, client).await {
+            Ok(res) => (res, Outcome::Bypass(reason)),
+            Err(err) => failed(&err),
+        };
+    }
+    cache_aside(route, &parts, client).await
+}
+
+/// Why a request skips the cache, if it does.
+fn bypass_reason(parts: &request::Parts) -> Option<BypassReason> {
+    if parts.method != Method::GET && parts.method != Method::HEAD {
+        return Some(BypassReason::Method);
+    }
+    let no_store = parts
+        .headers
+        .get_all(CACHE_CONTROL)
+        .iter()
+        .filter_map(|v| v.to_str().ok())
+        .any(|v| v.split(',').any(|d| d.trim().eq_ignore_ascii_case("no-store")));
+    no_store.then_some(BypassReason::RequestNoStore)
+}
+
+/// Key, lookup, and on a miss (or stale entry) fetch and store.
+async fn cache_aside(route: &RouteRuntime, parts: &request::Parts, client: &ClientInfo) -> (Response<ProxyBody>, Outcome) {
+    let head = parts.method == Method::HEAD;
+    let encodings = Encodings::from_header(parts.headers.get(ACCEPT_ENCODING));
+    let key = CacheKey::new(client.scheme, &client.host, parts.uri.path(), parts.uri.query(), encodings);
+    // RFC 9111 section 3.5: a stored response is not reused for an authenticated request;
+    // the origin decides, and its answer may be stored if it says so explicitly.
+    let stored = if parts.headers.contains_key(AUTHORIZATION) { None } else { route.pool.lookup(&key).await };
+    let now = SystemTime::now();
+    if let Some((entry, tier)) = &stored
+        && entry.is_fresh(now)
+    {
+        return (respond::from_entry(entry, head, true, now), Outcome::Hit(*tier));
+    }
+    let stale = stored.map(|(entry, _)| entry);
+    if route.config.mode == RouteMode::CacheOnly {
+        return match stale.filter(|e| usable_if_error(e, now)) {
+            Some(entry) => (respond::from_entry(&entry, head, true, now), Outcome::Stale(StaleReason::IfError)),
+            None => cache_only_miss(route, head),
+        };
+    }
+    match fetch::fetch(route, parts, client, &key, encodings).await {
+        Ok(Fetched::Stored(entry)) => (respond::from_entry(&entry, head, false, SystemTime::now()), Outcome::Miss { stored: true }),
+        Ok(Fetched::Streamed(res_parts, body)) => match stale_if_error(stale.as_deref(), fetch::is_error_status(res_parts.status), head) {
+            Some(served) => served,
+            None => (respond::streamed(res_parts, body, head), Outcome::Miss { stored: false }),
+        },
+        Err(err) => match stale_if_error(stale.as_deref(), err.allows_stale(), head) {
+            Some(served) => served,
+            None => failed(&err),
+        },
+    }
+}
+
+/// Whether a stored entry may stand in for a failed origin now.
+fn usable_if_error(entry: &Entry, now: SystemTime) -> bool {
+    !entry.no_stale && entry.age(now) < entry.freshness_lifetime + entry.stale_if_error
+}
+
+/// The stored copy, when the origin failed and the entry's stale-if-error window allows.
+fn stale_if_error(stale: Option<&Entry>, origin_failed: bool, head: bool) -> Option<(Response<ProxyBody>, Outcome)> {
+    let now = SystemTime::now();
+    let entry = stale.filter(|e| origin_failed && usable_if_error(e, now))?;
+    Some((respond::from_entry(entry, head, true, now), Outcome::Stale(StaleReason::IfError)))
+}
+
+fn failed(err: &ProxyError) -> (Response<ProxyBody>, Outcome) {
+    tracing::debug!(error = %err, cause = ?std::error::Error::source(err), "request failed");
+    (error_response(err), if err.is_shed() { Outcome::Shed } else { Outcome::Error })
+}
+
+fn fallback_or_off(route: &RouteRuntime, head: bool) -> (Response<ProxyBody>, Outcome) {
+    match &route.config.fallback {
+        Some(fallback) => (respond::fallback(fallback, head), Outcome::Fallback),
+        None => (respond::off(), Outcome::Off),
+    }
+}
+
+/// `cache-only` with nothing stored: the fallback if there is one, else 504 (as
+/// `only-if-cached` answers).
+fn cache_only_miss(route: &RouteRuntime, head: bool) -> (Response<ProxyBody>, Outcome) {
+    match &route.config.fallback {
+        Some(fallback) => (respond::fallback(fallback, head), Outcome::Fallback),
+        None => (error_response(&ProxyError::NotCached), Outcome::Error),
+    }
+}

@@ -1,0 +1,142 @@
+//! What happened to a request, as one type: the `Cache-Status` header value and the
+//! `cache` metric label are both derived from it, so they cannot disagree.
+
+use http::HeaderValue;
+
+/// Which cache tier served a hit.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Tier {
+    L1,
+    L2,
+}
+
+/// Why a stored copy was served past its freshness.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum StaleReason {
+    WhileRevalidate,
+    IfError,
+}
+
+/// Why a request was not eligible for the cache at all.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum BypassReason {
+    /// Not GET or HEAD.
+    Method,
+    /// The request said `Cache-Control: no-store`.
+    RequestNoStore,
+}
+
+/// The outcome of one request, one variant per `cache` label.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Outcome {
+    Hit(Tier),
+    /// Looked up, fetched from the origin; `stored` says whether the response was kept.
+    Miss { stored: bool },
+    /// Waited for another request's fill.
+    Collapsed,
+    /// A stale entry that the origin confirmed with 304.
+    Revalidated,
+    Stale(StaleReason),
+    Bypass(BypassReason),
+    Fallback,
+    Off,
+    Shed,
+    /// No response from the origin and nothing stored.
+    Error,
+}
+
+impl Outcome {
+    /// Every `cache` label value, in a fixed order; [`Outcome::index`] points into it.
+    pub const LABELS: [&'static str; 12] = [
+        "hit_l1",
+        "hit_l2",
+        "miss",
+        "collapsed",
+        "revalidated",
+        "stale_while_revalidate",
+        "stale_if_error",
+        "bypass",
+        "fallback",
+        "off",
+        "shed",
+        "error",
+    ];
+
+    /// Position of this outcome's label in [`Outcome::LABELS`].
+    pub fn index(self) -> usize {
+        match self {
+            Outcome::Hit(Tier::L1) => 0,
+            Outcome::Hit(Tier::L2) => 1,
+            Outcome::Miss { .. } => 2,
+            Outcome::Collapsed => 3,
+            Outcome::Revalidated => 4,
+            Outcome::Stale(StaleReason::WhileRevalidate) => 5,
+            Outcome::Stale(StaleReason::IfError) => 6,
+            Outcome::Bypass(_) => 7,
+            Outcome::Fallback => 8,
+            Outcome::Off => 9,
+            Outcome::Shed => 10,
+            Outcome::Error => 11,
+        }
+    }
+
+    /// The `cache` metric label.
+    pub fn as_str(self) -> &'static str {
+        Self::LABELS[self.index()]
+    }
+
+    /// The RFC 9211 `Cache-Status` value.
+    pub fn cache_status(self) -> &'static str {
+        match self {
+            Outcome::Hit(Tier::L1) => "bulwark; hit; detail=l1",
+            Outcome::Hit(Tier::L2) => "bulwark; hit; detail=l2",
+            Outcome::Miss { stored: true } => "bulwark; fwd=miss; stored",
+            Outcome::Miss { stored: false } => "bulwark; fwd=miss",
+            Outcome::Collapsed => "bulwark; fwd=miss; collapsed",
+            Outcome::Revalidated => "bulwark; fwd=stale; fwd-status=304; stored",
+            Outcome::Stale(StaleReason::WhileRevalidate) => "bulwark; hit; fwd=stale; detail=stale-while-revalidate",
+            Outcome::Stale(StaleReason::IfError) => "bulwark; hit; detail=stale-if-error",
+            Outcome::Bypass(_) => "bulwark; fwd=bypass",
+            Outcome::Fallback => "bulwark; detail=fallback",
+            Outcome::Off => "bulwark; detail=off",
+            Outcome::Shed => "bulwark; detail=shed",
+            Outcome::Error => "bulwark; fwd=miss; detail=error",
+        }
+    }
+
+    pub fn cache_status_header(self) -> HeaderValue {
+        HeaderValue::from_static(self.cache_status())
+    }
+
+    /// Whether the response was built from a stored entry (and so carries `Age`).
+    pub fn from_store(self) -> bool {
+        matches!(self, Outcome::Hit(_) | Outcome::Collapsed | Outcome::Revalidated | Outcome::Stale(_))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn labels_and_indices_agree() {
+        let all = [
+            Outcome::Hit(Tier::L1),
+            Outcome::Hit(Tier::L2),
+            Outcome::Miss { stored: true },
+            Outcome::Collapsed,
+            Outcome::Revalidated,
+            Outcome::Stale(StaleReason::WhileRevalidate),
+            Outcome::Stale(StaleReason::IfError),
+            Outcome::Bypass(BypassReason::Method),
+            Outcome::Fallback,
+            Outcome::Off,
+            Outcome::Shed,
+            Outcome::Error,
+        ];
+        for (i, outcome) in all.iter().enumerate() {
+            assert_eq!(outcome.index(), i);
+            assert!(outcome.cache_status().starts_with("bulwark;"));
+        }
+    }
+}

@@ -1,0 +1,133 @@
+//! Listeners, the accept loop, and graceful shutdown.
+//!
+//! Shutdown follows what a load balancer needs: on the signal `/readyz` turns 503 at
+//! once and responses carry `Connection: close`, the listener keeps accepting for
+//! `drain_delay` (while the load balancer deregisters the target), then stops; in-flight
+//! requests get up to `shutdown_timeout` to finish.
+
+use std::convert::Infallible;
+use std::future::Future;
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::Duration;
+
+use hyper::service::service_fn;
+use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
+use hyper_util::server::conn::auto;
+use hyper_util::server::graceful::GracefulShutdown;
+use tokio::net::TcpListener;
+
+use crate::admin;
+use crate::config::{Config, ServerConfig};
+use crate::proxy::{BuildError, Proxy};
+
+/// The two listening sockets of a server instance.
+pub struct Listeners {
+    pub proxy: TcpListener,
+    pub admin: TcpListener,
+}
+
+impl Listeners {
+    /// Binds `listen` and `admin_listen`.
+    pub async fn bind(config: &ServerConfig) -> Result<Listeners, RunError> {
+        let bind = |addr: SocketAddr| async move { TcpListener::bind(addr).await.map_err(|source| RunError::Bind { addr, source }) };
+        Ok(Listeners { proxy: bind(config.listen).await?, admin: bind(config.admin_listen).await? })
+    }
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum RunError {
+    #[error("cannot listen on {addr}")]
+    Bind {
+        addr: SocketAddr,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error(transparent)]
+    Build(#[from] BuildError),
+}
+
+/// Runs a server instance on `listeners` until `shutdown` completes, then drains and
+/// returns once in-flight requests have finished (or `shutdown_timeout` has passed).
+pub async fn run(listeners: Listeners, config: Config, shutdown: impl Future<Output = ()>) -> Result<(), RunError> {
+    let server_config = config.server.clone();
+    let proxy = Arc::new(Proxy::new(config)?);
+    let (admin_stop, admin_stopped) = tokio::sync::oneshot::channel::<()>();
+    let admin_task = tokio::spawn(admin::serve(listeners.admin, proxy.clone(), async {
+        let _ = admin_stopped.await;
+    }));
+
+    let mut builder = auto::Builder::new(TokioExecutor::new());
+    builder
+        .http1()
+        .timer(TokioTimer::new())
+        .keep_alive(true)
+        .header_read_timeout(server_config.keepalive_idle)
+        .max_buf_size(server_config.max_header_bytes);
+    builder
+        .http2()
+        .timer(TokioTimer::new())
+        .keep_alive_interval(Some(Duration::from_secs(20)))
+        .keep_alive_timeout(Duration::from_secs(20))
+        .max_header_list_size(u32::try_from(server_config.max_header_bytes).unwrap_or(u32::MAX));
+    let acceptor = Acceptor { listener: listeners.proxy, builder, proxy: proxy.clone(), graceful: GracefulShutdown::new() };
+    tracing::info!(addr = ?acceptor.listener.local_addr().ok(), "serving");
+
+    acceptor.accept_until(shutdown).await;
+    tracing::info!(drain_delay = ?server_config.drain_delay, "shutdown requested: draining");
+    proxy.start_draining();
+    acceptor.accept_until(tokio::time::sleep(server_config.drain_delay)).await;
+    let Acceptor { listener, graceful, .. } = acceptor;
+    drop(listener);
+    tracing::info!("listener closed; waiting for in-flight requests");
+    if tokio::time::timeout(server_config.shutdown_timeout, graceful.shutdown()).await.is_err() {
+        tracing::warn!(timeout = ?server_config.shutdown_timeout, "in-flight requests still running at shutdown timeout");
+    }
+    let _ = admin_stop.send(());
+    let _ = admin_task.await;
+    tracing::info!("stopped");
+    Ok(())
+}
+
+struct Acceptor {
+    listener: TcpListener,
+    builder: auto::Builder<TokioExecutor>,
+    proxy: Arc<Proxy>,
+    graceful: GracefulShutdown,
+}
+
+impl Acceptor {
+    /// Accepts connections until `stop` completes.
+    async fn accept_until(&self, stop: impl Future<Output = ()>) {
+        tokio::pin!(stop);
+        loop {
+            tokio::select! {
+                accepted = self.listener.accept() => match accepted {
+                    Ok((stream, peer)) => self.serve(stream, peer),
+                    Err(err) => {
+                        // Out of file descriptors and the like: back off instead of spinning.
+                        tracing::warn!(error = %err, "accept failed");
+                        tokio::time::sleep(Duration::from_millis(20)).await;
+                    }
+                },
+                () = &mut stop => return,
+            }
+        }
+    }
+
+    fn serve(&self, stream: tokio::net::TcpStream, peer: SocketAddr) {
+        let _ = stream.set_nodelay(true);
+        let proxy = self.proxy.clone();
+        let service = service_fn(move |req| {
+            let proxy = proxy.clone();
+            async move { Ok::<_, Infallible>(proxy.handle(req, peer).await) }
+        });
+        let conn = self.builder.serve_connection(TokioIo::new(stream), service).into_owned();
+        let conn = self.graceful.watch(conn);
+        tokio::spawn(async move {
+            if let Err(err) = conn.await {
+                tracing::debug!(error = %err, %peer, "client connection ended with an error");
+            }
+        });
+    }
+}
