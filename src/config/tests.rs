@@ -61,7 +61,7 @@ fn bad_duration_points_at_value() {
 fn route_naming_missing_pool_is_rejected_at_its_line() {
     let text = MINIMAL.replace("pool = \"pdp\"", "pool = \"pdq\"");
     let message = error_of(&text);
-    assert!(message.starts_with("bulwark.toml:13:8: "), "{message}");
+    assert!(message.starts_with("bulwark.toml:12:8: "), "{message}");
     assert!(message.contains("unknown pool \"pdq\""), "{message}");
 }
 

@@ -1,0 +1,430 @@
+//! Test support: a private `redis-server` per test on a free port, an in-process origin
+//! that counts what it receives, and a bulwark instance on free ports.
+#![allow(dead_code)]
+
+use std::collections::HashMap;
+use std::convert::Infallible;
+use std::net::SocketAddr;
+use std::path::Path;
+use std::process::{Child, Command, Stdio};
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use bytes::Bytes;
+use http::{HeaderMap, Request, Response, StatusCode};
+use http_body_util::{BodyExt, Full};
+use hyper::body::Incoming;
+use hyper::service::service_fn;
+use hyper_util::client::legacy::Client;
+use hyper_util::client::legacy::connect::HttpConnector;
+use hyper_util::rt::{TokioExecutor, TokioIo};
+use tokio::net::TcpListener;
+
+/// A free TCP port on 127.0.0.1 (bound and released; good enough for a child process).
+pub fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0").and_then(|l| l.local_addr()).map(|a| a.port()).expect("free port")
+}
+
+/// A private redis-server, killed on drop.
+pub struct RedisServer {
+    pub port: u16,
+    child: Option<Child>,
+}
+
+impl RedisServer {
+    pub fn start() -> RedisServer {
+        for _ in 0..5 {
+            let port = free_port();
+            let mut server = RedisServer { port, child: None };
+            if server.spawn() {
+                return server;
+            }
+        }
+        panic!("could not start redis-server (is it installed?)");
+    }
+
+    fn spawn(&mut self) -> bool {
+        let child = Command::new("redis-server")
+            .args(["--port", &self.port.to_string(), "--bind", "127.0.0.1", "--save", "", "--appendonly", "no"])
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .expect("spawn redis-server");
+        self.child = Some(child);
+        let deadline = Instant::now() + Duration::from_secs(5);
+        while Instant::now() < deadline {
+            if self.ping() {
+                return true;
+            }
+            if let Some(child) = self.child.as_mut()
+                && let Ok(Some(_)) = child.try_wait()
+            {
+                return false;
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        false
+    }
+
+    pub fn url(&self) -> String {
+        format!("redis://127.0.0.1:{}/0", self.port)
+    }
+
+    fn ping(&self) -> bool {
+        redis::Client::open(self.url())
+            .and_then(|c| c.get_connection_with_timeout(Duration::from_millis(200)))
+            .and_then(|mut c| redis::cmd("PING").query::<String>(&mut c))
+            .is_ok()
+    }
+
+    /// A synchronous connection for planting and inspecting keys.
+    pub fn conn(&self) -> redis::Connection {
+        redis::Client::open(self.url()).and_then(|c| c.get_connection()).expect("redis connection")
+    }
+
+    pub fn keys(&self, pattern: &str) -> Vec<String> {
+        redis::cmd("KEYS").arg(pattern).query(&mut self.conn()).expect("KEYS")
+    }
+
+    pub fn kill(&mut self) {
+        if let Some(mut child) = self.child.take() {
+            let _ = child.kill();
+            let _ = child.wait();
+        }
+    }
+
+    /// Starts again on the same port, empty.
+    pub fn restart(&mut self) {
+        self.kill();
+        assert!(self.spawn(), "redis-server did not restart on port {}", self.port);
+    }
+
+    fn signal(&self, signal: &str) {
+        if let Some(child) = &self.child {
+            let status = Command::new("kill").args([signal, &child.id().to_string()]).status().expect("kill");
+            assert!(status.success());
+        }
+    }
+
+    /// Freezes the server (SIGSTOP): connections stay open, nothing is answered.
+    pub fn stall(&self) {
+        self.signal("-STOP");
+    }
+
+    pub fn resume(&self) {
+        self.signal("-CONT");
+    }
+}
+
+impl Drop for RedisServer {
+    fn drop(&mut self) {
+        self.resume();
+        self.kill();
+    }
+}
+
+/// What the origin answers.
+#[derive(Clone)]
+pub struct Reply {
+    pub status: u16,
+    pub headers: Vec<(String, String)>,
+    pub body: Bytes,
+    pub delay: Duration,
+}
+
+impl Reply {
+    pub fn ok(body: impl Into<Bytes>) -> Reply {
+        Reply { status: 200, headers: vec![("cache-control".into(), "max-age=60".into())], body: body.into(), delay: Duration::ZERO }
+    }
+
+    pub fn status(mut self, status: u16) -> Reply {
+        self.status = status;
+        self
+    }
+
+    pub fn header(mut self, name: &str, value: &str) -> Reply {
+        self.headers.retain(|(n, _)| !n.eq_ignore_ascii_case(name));
+        self.headers.push((name.into(), value.into()));
+        self
+    }
+
+    pub fn without_header(mut self, name: &str) -> Reply {
+        self.headers.retain(|(n, _)| !n.eq_ignore_ascii_case(name));
+        self
+    }
+
+    pub fn delay(mut self, delay: Duration) -> Reply {
+        self.delay = delay;
+        self
+    }
+}
+
+type Behaviour = Arc<dyn Fn(&http::request::Parts) -> Reply + Send + Sync>;
+
+/// What the origin saw.
+#[derive(Default)]
+pub struct OriginLog {
+    pub total: AtomicUsize,
+    pub inflight: AtomicUsize,
+    pub max_inflight: AtomicUsize,
+    pub per_path: Mutex<HashMap<String, usize>>,
+    pub last_request: Mutex<Option<(http::request::Parts, Bytes)>>,
+}
+
+/// An in-process origin on a free port. By default it answers 200 with
+/// `Cache-Control: max-age=60` and the body `body of <path and query>`.
+pub struct Origin {
+    pub addr: SocketAddr,
+    pub log: Arc<OriginLog>,
+    behaviour: Arc<Mutex<Behaviour>>,
+    task: tokio::task::JoinHandle<()>,
+}
+
+impl Origin {
+    pub async fn start() -> Origin {
+        Origin::start_on(TcpListener::bind("127.0.0.1:0").await.expect("bind origin")).await
+    }
+
+    pub async fn start_on(listener: TcpListener) -> Origin {
+        let addr = listener.local_addr().expect("origin addr");
+        let log = Arc::new(OriginLog::default());
+        let behaviour: Arc<Mutex<Behaviour>> = Arc::new(Mutex::new(Arc::new(|parts: &http::request::Parts| {
+            let target = parts.uri.path_and_query().map_or("/", |p| p.as_str());
+            Reply::ok(format!("body of {target}"))
+        })));
+        let (log2, behaviour2) = (log.clone(), behaviour.clone());
+        let task = tokio::spawn(async move {
+            loop {
+                let Ok((stream, _)) = listener.accept().await else { continue };
+                let (log, behaviour) = (log2.clone(), behaviour2.clone());
+                tokio::spawn(async move {
+                    let service = service_fn(move |req: Request<Incoming>| {
+                        let (log, behaviour) = (log.clone(), behaviour.clone());
+                        async move { Ok::<_, Infallible>(answer(req, &log, &behaviour).await) }
+                    });
+                    let _ = hyper::server::conn::http1::Builder::new().serve_connection(TokioIo::new(stream), service).await;
+                });
+            }
+        });
+        Origin { addr, log, behaviour, task }
+    }
+
+    pub fn url(&self) -> String {
+        format!("http://{}", self.addr)
+    }
+
+    pub fn set(&self, behaviour: impl Fn(&http::request::Parts) -> Reply + Send + Sync + 'static) {
+        *self.behaviour.lock().expect("behaviour lock") = Arc::new(behaviour);
+    }
+
+    pub fn total(&self) -> usize {
+        self.log.total.load(Ordering::SeqCst)
+    }
+
+    pub fn count(&self, path_and_query: &str) -> usize {
+        self.log.per_path.lock().expect("log lock").get(path_and_query).copied().unwrap_or(0)
+    }
+
+    pub fn last_request(&self) -> (http::request::Parts, Bytes) {
+        self.log.last_request.lock().expect("log lock").clone().expect("origin saw a request")
+    }
+
+    /// Stops accepting new connections (existing ones are dropped with the task's children
+    /// only when they finish).
+    pub fn stop(&self) {
+        self.task.abort();
+    }
+}
+
+impl Drop for Origin {
+    fn drop(&mut self) {
+        self.task.abort();
+    }
+}
+
+async fn answer(req: Request<Incoming>, log: &OriginLog, behaviour: &Mutex<Behaviour>) -> Response<Full<Bytes>> {
+    let (parts, body) = req.into_parts();
+    let body = body.collect().await.map(|b| b.to_bytes()).unwrap_or_default();
+    let target = parts.uri.path_and_query().map_or("/", |p| p.as_str()).to_owned();
+    log.total.fetch_add(1, Ordering::SeqCst);
+    *log.per_path.lock().expect("log lock").entry(target).or_default() += 1;
+    let now = log.inflight.fetch_add(1, Ordering::SeqCst) + 1;
+    log.max_inflight.fetch_max(now, Ordering::SeqCst);
+    let behaviour = behaviour.lock().expect("behaviour lock").clone();
+    let reply = behaviour(&parts);
+    *log.last_request.lock().expect("log lock") = Some((parts, body));
+    if !reply.delay.is_zero() {
+        tokio::time::sleep(reply.delay).await;
+    }
+    log.inflight.fetch_sub(1, Ordering::SeqCst);
+    let mut res = Response::new(Full::new(reply.body));
+    *res.status_mut() = StatusCode::from_u16(reply.status).expect("status");
+    for (name, value) in reply.headers {
+        res.headers_mut().append(http::HeaderName::from_bytes(name.as_bytes()).expect("name"), value.parse().expect("value"));
+    }
+    res
+}
+
+/// A bulwark instance running in this process on free ports.
+pub struct Bulwark {
+    pub addr: SocketAddr,
+    pub admin_addr: SocketAddr,
+    shutdown: Option<tokio::sync::oneshot::Sender<()>>,
+    task: Option<tokio::task::JoinHandle<Result<(), bulwark::RunError>>>,
+    client: Client<HttpConnector, Full<Bytes>>,
+}
+
+/// A response as the tests look at it.
+#[derive(Debug)]
+pub struct Got {
+    pub status: StatusCode,
+    pub headers: HeaderMap,
+    pub body: Bytes,
+}
+
+impl Got {
+    pub fn cache_status(&self) -> &str {
+        self.headers.get("cache-status").and_then(|v| v.to_str().ok()).unwrap_or("")
+    }
+
+    pub fn text(&self) -> &str {
+        std::str::from_utf8(&self.body).unwrap_or("<binary>")
+    }
+
+    pub fn header(&self, name: &str) -> Option<&str> {
+        self.headers.get(name).and_then(|v| v.to_str().ok())
+    }
+}
+
+pub fn client() -> Client<HttpConnector, Full<Bytes>> {
+    Client::builder(TokioExecutor::new()).pool_max_idle_per_host(64).build_http()
+}
+
+impl Bulwark {
+    /// Starts an instance with `config` (TOML; `listen` and `admin_listen` are ignored).
+    pub async fn start(config: &str) -> Bulwark {
+        let config = bulwark::Config::parse(config, Path::new("test.toml")).unwrap_or_else(|e| panic!("{e}"));
+        let listeners = bulwark::Listeners {
+            proxy: TcpListener::bind("127.0.0.1:0").await.expect("bind proxy"),
+            admin: TcpListener::bind("127.0.0.1:0").await.expect("bind admin"),
+        };
+        let addr = listeners.proxy.local_addr().expect("addr");
+        let admin_addr = listeners.admin.local_addr().expect("admin addr");
+        let (tx, rx) = tokio::sync::oneshot::channel::<()>();
+        let task = tokio::spawn(bulwark::run(listeners, config, async {
+            let _ = rx.await;
+        }));
+        Bulwark { addr, admin_addr, shutdown: Some(tx), task: Some(task), client: client() }
+    }
+
+    pub async fn request(&self, req: Request<Full<Bytes>>) -> Got {
+        let res = self.client.request(req).await.expect("request to bulwark");
+        let (parts, body) = res.into_parts();
+        let body = body.collect().await.expect("response body").to_bytes();
+        Got { status: parts.status, headers: parts.headers, body }
+    }
+
+    pub fn url(&self, path: &str) -> String {
+        format!("http://{}{}", self.addr, path)
+    }
+
+    pub async fn get(&self, path: &str) -> Got {
+        self.request(Request::get(self.url(path)).body(Full::default()).expect("request")).await
+    }
+
+    pub async fn get_with(&self, path: &str, headers: &[(&str, &str)]) -> Got {
+        let mut req = Request::get(self.url(path));
+        for (n, v) in headers {
+            req = req.header(*n, *v);
+        }
+        self.request(req.body(Full::default()).expect("request")).await
+    }
+
+    pub async fn admin(&self, path: &str) -> Got {
+        let req = Request::get(format!("http://{}{}", self.admin_addr, path)).body(Full::default()).expect("request");
+        let res = self.client.request(req).await.expect("request to admin");
+        let (parts, body) = res.into_parts();
+        Got { status: parts.status, headers: parts.headers, body: body.collect().await.expect("body").to_bytes() }
+    }
+
+    pub async fn metrics(&self) -> String {
+        self.admin("/metrics").await.text().to_owned()
+    }
+
+    /// The value of one sample in `/metrics`, 0 when absent. `labels` must all match.
+    pub async fn metric(&self, name: &str, labels: &[(&str, &str)]) -> f64 {
+        metric_value(&self.metrics().await, name, labels)
+    }
+
+    /// Signals shutdown and waits for `run` to return.
+    pub async fn stop(mut self) -> Result<(), bulwark::RunError> {
+        if let Some(tx) = self.shutdown.take() {
+            let _ = tx.send(());
+        }
+        self.task.take().expect("task").await.expect("bulwark task panicked")
+    }
+
+    pub fn begin_shutdown(&mut self) {
+        if let Some(tx) = self.shutdown.take() {
+            let _ = tx.send(());
+        }
+    }
+
+    pub async fn wait(mut self) -> Result<(), bulwark::RunError> {
+        self.task.take().expect("task").await.expect("bulwark task panicked")
+    }
+}
+
+impl Drop for Bulwark {
+    fn drop(&mut self) {
+        if let Some(task) = &self.task {
+            task.abort();
+        }
+    }
+}
+
+/// Sums the samples of `name` whose labels include all of `labels`.
+pub fn metric_value(text: &str, name: &str, labels: &[(&str, &str)]) -> f64 {
+    text.lines()
+        .filter(|line| !line.starts_with('#'))
+        .filter_map(|line| {
+            let (series, value) = line.rsplit_once(' ')?;
+            let (metric, label_text) = match series.split_once('{') {
+                Some((m, rest)) => (m, rest.trim_end_matches('}')),
+                None => (series, ""),
+            };
+            if metric != name {
+                return None;
+            }
+            let all = labels.iter().all(|(k, v)| label_text.split(',').any(|kv| kv == format!("{k}=\"{v}\"")));
+            all.then(|| value.parse::<f64>().ok()).flatten()
+        })
+        .sum()
+}
+
+/// A config with one origin, one pool (optionally with Redis) and one catch-all route.
+pub fn simple_config(origin: &str, redis: Option<&str>, pool_extra: &str) -> String {
+    let redis = redis.map(|url| format!("redis_url = \"{url}\"\nredis_timeout = \"50ms\"\n")).unwrap_or_default();
+    format!(
+        r#"
+[server]
+drain_delay = "0s"
+
+[[origins]]
+name = "catalog"
+url = "{origin}"
+timeout = "5s"
+
+[[pools]]
+name = "pdp"
+{redis}{pool_extra}
+
+[[routes]]
+name = "all"
+path_prefix = "/"
+pool = "pdp"
+origin = "catalog"
+"#
+    )
+}
