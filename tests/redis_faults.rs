@@ -1,0 +1,177 @@
+//! The shared tier under faults: Redis killed, stalled, absent, or holding corrupt entries.
+//! The pool must keep serving from L1 and the origin, never wait past `redis_timeout`
+//! on Redis, count the errors, and recover by itself.
+
+mod support;
+
+use std::time::{Duration, Instant};
+
+use bulwark::cache::{CacheKey, Encodings, Entry};
+use bytes::Bytes;
+use support::{Bulwark, Origin, RedisServer, simple_config};
+
+const HOST: [(&str, &str); 1] = [("host", "shop.example")];
+
+fn redis_key(path: &str) -> String {
+    CacheKey::new("http", "shop.example", path, None, Encodings::Identity).redis_key("bulwark:pdp:")
+}
+
+async fn wait_until(what: &str, limit: Duration, mut condition: impl AsyncFnMut() -> bool) {
+    let deadline = Instant::now() + limit;
+    while Instant::now() < deadline {
+        if condition().await {
+            return;
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    panic!("{what}: not within {limit:?}");
+}
+
+#[tokio::test]
+async fn redis_killed_mid_test_then_restarted() {
+    let mut redis = RedisServer::start();
+    let origin = Origin::start().await;
+    let config = simple_config(&origin.url(), Some(&redis.url()), "");
+    let bulwark = Bulwark::start(&config).await;
+    for i in 0..10 {
+        assert_eq!(bulwark.get_with(&format!("/warm/{i}"), &HOST).await.cache_status(), "bulwark; fwd=miss; stored");
+    }
+    wait_until("warm entries in Redis", Duration::from_secs(2), async || redis.keys("bulwark:pdp:*").len() == 10).await;
+
+    redis.kill();
+    // Warm keys still come from L1; cold keys from the origin. Nobody sees an error.
+    for i in 0..10 {
+        let warm = bulwark.get_with(&format!("/warm/{i}"), &HOST).await;
+        assert_eq!((warm.status.as_u16(), warm.cache_status()), (200, "bulwark; hit; detail=l1"));
+        let start = Instant::now();
+        let cold = bulwark.get_with(&format!("/cold/{i}"), &HOST).await;
+        assert_eq!((cold.status.as_u16(), cold.text()), (200, format!("body of /cold/{i}").as_str()));
+        // redis_timeout is 50ms and the origin answers at once: 5x margin.
+        assert!(start.elapsed() < Duration::from_millis(250 + 250), "cold request took {:?}", start.elapsed());
+    }
+    let errors = bulwark.metric("bulwark_redis_errors_total", &[("pool", "pdp")]).await;
+    assert!(errors >= 10.0, "every failed L2 lookup is counted, got {errors}");
+
+    redis.restart();
+    // Writes recover: a new key reaches the restarted (empty) Redis.
+    let mut n = 0;
+    wait_until("writes to the restarted Redis", Duration::from_secs(10), async || {
+        n += 1;
+        bulwark.get_with(&format!("/after/{n}"), &HOST).await;
+        !redis.keys("bulwark:pdp:*").is_empty()
+    })
+    .await;
+    // Reads recover: a fresh instance (empty L1) gets L2 hits.
+    let stored: Vec<String> = redis.keys("bulwark:pdp:*");
+    assert!(!stored.is_empty());
+    let fresh = Bulwark::start(&config).await;
+    let path = format!("/after/{n}");
+    wait_until("L2 hits after restart", Duration::from_secs(5), async || {
+        redis.keys(&redis_key(&path)).len() == 1
+    })
+    .await;
+    let got = fresh.get_with(&path, &HOST).await;
+    assert_eq!((got.cache_status(), got.text()), ("bulwark; hit; detail=l2", format!("body of {path}").as_str()));
+}
+
+#[tokio::test]
+async fn stalled_redis_costs_at_most_one_deadline_per_request() {
+    let redis = RedisServer::start();
+    let origin = Origin::start().await;
+    let bulwark = Bulwark::start(&simple_config(&origin.url(), Some(&redis.url()), "")).await;
+    assert_eq!(bulwark.get_with("/before", &HOST).await.cache_status(), "bulwark; fwd=miss; stored");
+    redis.stall();
+    let mut slowest = Duration::ZERO;
+    for i in 0..20 {
+        let start = Instant::now();
+        let got = bulwark.get_with(&format!("/stalled/{i}"), &HOST).await;
+        slowest = slowest.max(start.elapsed());
+        assert_eq!((got.status.as_u16(), got.cache_status()), (200, "bulwark; fwd=miss; stored"));
+    }
+    // One redis_timeout (50ms) plus a local origin: 5x margin.
+    assert!(slowest < Duration::from_millis(250 + 250), "slowest request took {slowest:?}");
+    assert!(bulwark.metric("bulwark_redis_errors_total", &[("pool", "pdp"), ("op", "get")]).await >= 20.0);
+    redis.resume();
+}
+
+#[tokio::test]
+async fn pool_with_unreachable_redis_serves_from_l1_and_origin() {
+    let origin = Origin::start().await;
+    let bulwark = Bulwark::start(&simple_config(&origin.url(), Some("redis://127.0.0.1:1/0"), "")).await;
+    for _ in 0..3 {
+        assert_eq!(bulwark.get("/p").await.status, 200);
+    }
+    assert_eq!(origin.total(), 1);
+    assert!(bulwark.metric("bulwark_redis_errors_total", &[("pool", "pdp"), ("op", "get")]).await >= 1.0);
+}
+
+#[tokio::test]
+async fn corrupt_entries_are_misses_deleted_and_counted() {
+    let redis = RedisServer::start();
+    let origin = Origin::start().await;
+    let bulwark = Bulwark::start(&simple_config(&origin.url(), Some(&redis.url()), "")).await;
+    let mut conn = redis.conn();
+    let key = redis_key("/corrupt");
+    // Current format version, garbage after it.
+    let garbage: &[u8] = b"BWK\x01this is not an entry";
+    redis::cmd("SET").arg(&key).arg(garbage).query::<()>(&mut conn).expect("plant");
+    let got = bulwark.get_with("/corrupt", &HOST).await;
+    assert_eq!((got.cache_status(), got.text()), ("bulwark; fwd=miss; stored", "body of /corrupt"));
+    assert_eq!(bulwark.metric("bulwark_l2_corrupt_entries_total", &[("pool", "pdp")]).await, 1.0);
+    // The garbage is gone: deleted, then replaced by the fresh entry.
+    wait_until("corrupt entry replaced", Duration::from_secs(2), async || {
+        let value: Option<Vec<u8>> = redis::cmd("GET").arg(&key).query(&mut conn).expect("GET");
+        value.is_some_and(|v| Entry::decode(&Bytes::from(v)).is_ok())
+    })
+    .await;
+}
+
+#[tokio::test]
+async fn entries_of_another_format_version_are_left_alone() {
+    let redis = RedisServer::start();
+    let origin = Origin::start().await;
+    let bulwark = Bulwark::start(&simple_config(&origin.url(), Some(&redis.url()), "")).await;
+    let mut conn = redis.conn();
+    // A newer replica's entry under its own versioned key: never read, never touched.
+    let newer_key = redis_key("/versioned").replace(":v1:", ":v2:");
+    redis::cmd("SET").arg(&newer_key).arg(b"BWK\x02future format".as_slice()).query::<()>(&mut conn).expect("plant");
+    // A payload of another version under this version's key: a miss, not corruption.
+    let key = redis_key("/other-version");
+    redis::cmd("SET").arg(&key).arg(b"BWK\x02future format".as_slice()).query::<()>(&mut conn).expect("plant");
+    assert_eq!(bulwark.get_with("/versioned", &HOST).await.cache_status(), "bulwark; fwd=miss; stored");
+    assert_eq!(bulwark.get_with("/other-version", &HOST).await.cache_status(), "bulwark; fwd=miss; stored");
+    assert_eq!(bulwark.metric("bulwark_l2_corrupt_entries_total", &[("pool", "pdp")]).await, 0.0);
+    let newer: Vec<u8> = redis::cmd("GET").arg(&newer_key).query(&mut conn).expect("GET");
+    assert_eq!(newer, b"BWK\x02future format");
+}
+
+#[tokio::test]
+async fn an_entry_whose_key_differs_is_never_served() {
+    let redis = RedisServer::start();
+    let origin = Origin::start().await;
+    let bulwark = Bulwark::start(&simple_config(&origin.url(), Some(&redis.url()), "")).await;
+    // A valid entry for another URL, planted under this URL's hash (a collision).
+    let mut entry = Entry::decode(&Bytes::from(sample_entry_bytes())).expect("sample");
+    entry.key = "http://shop.example/someone-else\nae=identity".into();
+    let mut conn = redis.conn();
+    redis::cmd("SET").arg(redis_key("/mine")).arg(entry.encode().as_ref()).query::<()>(&mut conn).expect("plant");
+    let got = bulwark.get_with("/mine", &HOST).await;
+    assert_eq!((got.cache_status(), got.text()), ("bulwark; fwd=miss; stored", "body of /mine"));
+}
+
+fn sample_entry_bytes() -> Vec<u8> {
+    let entry = Entry {
+        key: "x".into(),
+        status: http::StatusCode::OK,
+        headers: http::HeaderMap::new(),
+        body: Bytes::from_static(b"not yours"),
+        request_time: std::time::SystemTime::now(),
+        response_time: std::time::SystemTime::now(),
+        initial_age: Duration::ZERO,
+        freshness_lifetime: Duration::from_secs(600),
+        stale_while_revalidate: Duration::ZERO,
+        stale_if_error: Duration::ZERO,
+        no_stale: false,
+    };
+    entry.encode().to_vec()
+}
