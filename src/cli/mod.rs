@@ -2,6 +2,7 @@
 
 mod check;
 mod demo;
+pub mod scrape;
 mod serve;
 
 use std::path::PathBuf;

@@ -9,7 +9,7 @@ mod body;
 mod fetch;
 mod outcome;
 mod forward;
-mod respond;
+pub mod respond;
 
 use std::net::SocketAddr;
 use std::sync::Arc;
