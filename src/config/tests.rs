@@ -109,3 +109,11 @@ fn shipped_example_configs_are_valid() {
         Config::load(&path).unwrap_or_else(|e| panic!("{e}"));
     }
 }
+
+#[test]
+fn config_embedded_in_the_kubernetes_configmap_is_valid() {
+    let manifest = std::fs::read_to_string(Path::new(env!("CARGO_MANIFEST_DIR")).join("k8s/configmap.yaml")).expect("configmap");
+    let (_, body) = manifest.split_once("bulwark.toml: |\n").expect("configmap embeds bulwark.toml");
+    let toml: String = body.lines().map(|l| format!("{}\n", l.strip_prefix("    ").unwrap_or(l))).collect();
+    Config::parse(&toml, Path::new("k8s/configmap.yaml")).unwrap_or_else(|e| panic!("{e}"));
+}
