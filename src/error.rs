@@ -51,14 +51,14 @@ impl ProxyError {
     }
 
     pub fn is_shed(&self) -> bool {
-        matches!(self, ProxyError::Origin { source: OriginError::Shed(_), .. })
+        matches!(self, ProxyError::Origin { source: OriginError::Shed(_) | OriginError::BreakerOpen, .. })
     }
 
     pub fn status(&self) -> StatusCode {
         match self {
             ProxyError::BadRequest(_) => StatusCode::BAD_REQUEST,
             ProxyError::Origin { source, .. } => match source {
-                OriginError::Shed(_) => StatusCode::SERVICE_UNAVAILABLE,
+                OriginError::Shed(_) | OriginError::BreakerOpen => StatusCode::SERVICE_UNAVAILABLE,
                 OriginError::Timeout(_) => StatusCode::GATEWAY_TIMEOUT,
                 OriginError::Connect(_) | OriginError::Request(_) | OriginError::Body(_) => StatusCode::BAD_GATEWAY,
             },

@@ -38,16 +38,19 @@ pub enum OriginStatus {
     Class(u16),
     Timeout,
     ConnectError,
+    /// The connection failed after it was made, with no response (reset, protocol error).
+    Error,
 }
 
 impl OriginStatus {
-    const LABELS: [&'static str; 7] = ["1xx", "2xx", "3xx", "4xx", "5xx", "timeout", "connect_error"];
+    const LABELS: [&'static str; 8] = ["1xx", "2xx", "3xx", "4xx", "5xx", "timeout", "connect_error", "error"];
 
     fn index(self) -> usize {
         match self {
             OriginStatus::Class(status) => usize::from((status / 100).clamp(1, 5)) - 1,
             OriginStatus::Timeout => 5,
             OriginStatus::ConnectError => 6,
+            OriginStatus::Error => 7,
         }
     }
 }

@@ -56,7 +56,7 @@ pub enum DecodeError {
 impl Entry {
     /// Age of the entry now (RFC 9111 section 4.2.3 `current_age`).
     pub fn age(&self, now: SystemTime) -> Duration {
-        self.initial_age + now.duration_since(self.response_time).unwrap_or_default()
+        self.initial_age.saturating_add(now.duration_since(self.response_time).unwrap_or_default())
     }
 
     pub fn is_fresh(&self, now: SystemTime) -> bool {
@@ -70,7 +70,7 @@ impl Entry {
 
     /// How long, from now, the entry is worth keeping: freshness left plus the stale windows.
     pub fn keep_for(&self, now: SystemTime) -> Duration {
-        (self.freshness_lifetime + self.stale_window()).saturating_sub(self.age(now))
+        self.freshness_lifetime.saturating_add(self.stale_window()).saturating_sub(self.age(now))
     }
 
     /// Bytes this entry occupies, for the L1 weigher.
@@ -250,6 +250,18 @@ mod tests {
             assert!(Entry::decode(&good.slice(..len)).is_err(), "truncated to {len}");
         }
         assert!(matches!(Entry::decode(&Bytes::from_static(b"garbage")), Err(DecodeError::Corrupt(_))));
+    }
+
+    #[test]
+    fn extreme_durations_saturate() {
+        let mut entry = sample();
+        entry.freshness_lifetime = Duration::MAX;
+        entry.stale_if_error = Duration::MAX;
+        entry.initial_age = Duration::MAX;
+        let later = entry.response_time + Duration::from_secs(1);
+        assert_eq!(entry.age(later), Duration::MAX);
+        assert_eq!(entry.keep_for(later), Duration::ZERO);
+        assert!(Entry::decode(&entry.encode()).is_ok());
     }
 
     #[test]

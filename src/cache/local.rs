@@ -10,12 +10,15 @@ use moka::future::Cache;
 use super::entry::Entry;
 use super::key::CacheKey;
 
-/// Per-entry expiry: keep an entry as long as it may still be served (fresh or stale).
+/// Per-entry expiry: keep an entry as long as it may still be served (fresh or stale),
+/// but never longer than a year, however long the origin asked for.
 struct KeepWhileUseful;
+
+const LONGEST_KEEP: Duration = Duration::from_secs(365 * 24 * 3600);
 
 impl Expiry<u128, Arc<Entry>> for KeepWhileUseful {
     fn expire_after_create(&self, _key: &u128, entry: &Arc<Entry>, _created_at: Instant) -> Option<Duration> {
-        Some(entry.keep_for(SystemTime::now()))
+        Some(entry.keep_for(SystemTime::now()).min(LONGEST_KEEP))
     }
 
     fn expire_after_update(
@@ -25,7 +28,7 @@ impl Expiry<u128, Arc<Entry>> for KeepWhileUseful {
         _updated_at: Instant,
         _duration_until_expiry: Option<Duration>,
     ) -> Option<Duration> {
-        Some(entry.keep_for(SystemTime::now()))
+        Some(entry.keep_for(SystemTime::now()).min(LONGEST_KEEP))
     }
 }
 

@@ -19,7 +19,8 @@ use std::time::Duration;
 use bytes::Bytes;
 use http::{HeaderMap, HeaderValue, StatusCode, Uri};
 
-pub use raw::{AccessLog, Priority, RouteMode};
+pub use raw::{AccessLog, Priority, RouteMode, StaleOnError};
+pub use crate::origin::breaker::BreakerConfig;
 pub use validate::Cidr;
 
 /// A validated configuration, ready to build a server from.
@@ -64,6 +65,7 @@ pub struct OriginConfig {
     pub queue_timeout: Duration,
     /// Sent as `Host` instead of the client's.
     pub host_header: Option<HeaderValue>,
+    pub breaker: BreakerConfig,
 }
 
 #[derive(Debug, Clone)]
@@ -100,6 +102,7 @@ pub struct RouteConfig {
     pub mode: RouteMode,
     pub fallback: Option<Fallback>,
     pub negative_ttl: Option<Duration>,
+    pub stale_on_error: StaleOnError,
 }
 
 /// A route's `host` key: an exact host or a `*.suffix` wildcard, lowercase, no port.

@@ -51,6 +51,11 @@ pub struct RawOrigin {
     pub max_queue: Option<Spanned<i64>>,
     pub queue_timeout: Option<ConfigDuration>,
     pub host_header: Option<Spanned<String>>,
+    pub breaker_consecutive_failures: Option<Spanned<i64>>,
+    pub breaker_failure_rate: Option<Spanned<f64>>,
+    pub breaker_min_requests: Option<Spanned<i64>>,
+    pub breaker_window: Option<ConfigDuration>,
+    pub breaker_open_for: Option<ConfigDuration>,
 }
 
 #[derive(Debug, Deserialize)]
@@ -81,6 +86,20 @@ pub struct RawRoute {
     pub mode: Option<Spanned<RouteMode>>,
     pub fallback: Option<Spanned<RawFallback>>,
     pub negative_ttl: Option<ConfigDuration>,
+    pub stale_on_error: Option<StaleOnError>,
+}
+
+/// Whether `must-revalidate`, `proxy-revalidate` and `s-maxage` forbid serving a stored
+/// copy when the origin fails.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum StaleOnError {
+    /// As RFC 9111 says: those directives forbid it.
+    #[default]
+    Rfc,
+    /// Serve stale copies on origin errors regardless: a deliberate deviation for origins
+    /// known to fail daily.
+    Always,
 }
 
 #[derive(Debug, Deserialize)]

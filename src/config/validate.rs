@@ -12,7 +12,7 @@ use toml::Spanned;
 use super::raw::{self, RawConfig};
 use super::units::ConfigDuration;
 use super::{
-    Config, Fallback, HostMatch, OriginConfig, PoolConfig, RouteConfig, RouteMode, ServerConfig,
+    BreakerConfig, Config, Fallback, HostMatch, OriginConfig, PoolConfig, RouteConfig, RouteMode, ServerConfig,
     SharedTierConfig,
 };
 
@@ -202,6 +202,17 @@ fn origin(raw: raw::RawOrigin) -> Result<OriginConfig> {
         },
         queue_timeout: dur(raw.queue_timeout, Duration::from_secs(1)),
         host_header,
+        breaker: BreakerConfig {
+            consecutive_failures: u32::try_from(positive(raw.breaker_consecutive_failures, 5, "breaker_consecutive_failures")?).unwrap_or(u32::MAX),
+            failure_rate: match raw.breaker_failure_rate {
+                None => 0.5,
+                Some(r) if *r.get_ref() > 0.0 && *r.get_ref() <= 1.0 => *r.get_ref(),
+                Some(r) => return err(r.span(), "breaker_failure_rate must be in (0.0, 1.0]"),
+            },
+            min_requests: u32::try_from(positive(raw.breaker_min_requests, 20, "breaker_min_requests")?).unwrap_or(u32::MAX),
+            window: dur(raw.breaker_window, Duration::from_secs(10)),
+            open_for: dur(raw.breaker_open_for, Duration::from_secs(5)),
+        },
     })
 }
 
@@ -301,6 +312,7 @@ fn route(raw: raw::RawRoute, origins: &[OriginConfig], pools: &[PoolConfig]) -> 
         mode,
         fallback,
         negative_ttl: raw.negative_ttl.map(|d| d.0),
+        stale_on_error: raw.stale_on_error.unwrap_or_default(),
     })
 }
 

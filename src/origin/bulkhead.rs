@@ -1,10 +1,18 @@
-//! Per-origin concurrency limit with a bounded, time-limited queue.
+//! Per-origin concurrency limit with a bounded, time-limited, priority-ordered queue.
+//!
+//! At most `max_concurrency` requests are in flight; up to `max_queue` more wait for a
+//! slot, and a freed slot goes to the oldest waiter of the highest priority. When the
+//! queue is full, a newcomer takes the place of the newest waiter of a lower priority
+//! (which is shed) or is shed itself; `low` requests may fill at most half the queue.
+//! So when an origin is saturated, `low` routes are shed first and `critical` last.
 
-use std::sync::Arc;
-use std::sync::atomic::{AtomicUsize, Ordering};
+use std::collections::VecDeque;
+use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::{Duration, Instant};
 
-use tokio::sync::{OwnedSemaphorePermit, Semaphore};
+use tokio::sync::oneshot;
+
+use crate::config::Priority;
 
 /// Why a request got no slot.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, thiserror::Error)]
@@ -13,39 +21,217 @@ pub enum Shed {
     QueueFull,
     #[error("no origin slot within the queue timeout")]
     QueueTimeout,
+    #[error("displaced from the origin queue by a higher-priority request")]
+    Displaced,
+}
+
+const PRIORITIES: usize = 3;
+
+fn rank(priority: Priority) -> usize {
+    match priority {
+        Priority::Low => 0,
+        Priority::Normal => 1,
+        Priority::Critical => 2,
+    }
+}
+
+struct Waiter {
+    id: u64,
+    tx: oneshot::Sender<Slot>,
+}
+
+struct State {
+    /// Free slots.
+    available: usize,
+    /// Waiters per priority rank, oldest first.
+    queues: [VecDeque<Waiter>; PRIORITIES],
+    waiting: usize,
+    next_id: u64,
+}
+
+struct Shared {
+    /// Behind one mutex because a release must atomically pick the best waiter across
+    /// queues; critical sections are a few pointer moves, never held across an await.
+    state: Mutex<State>,
+    max_queue: usize,
+}
+
+impl Shared {
+    fn lock(&self) -> MutexGuard<'_, State> {
+        // A panic while holding this lock cannot leave the state half-updated in a way
+        // that matters more than losing slots would; keep serving.
+        self.state.lock().unwrap_or_else(|poisoned| poisoned.into_inner())
+    }
+
+    /// Hands a freed slot to the best waiter still waiting, or returns it to the pool.
+    fn release(self: &Arc<Self>) {
+        let mut state = self.lock();
+        loop {
+            let Some(waiter) = (0..PRIORITIES).rev().find_map(|p| state.queues[p].pop_front()) else {
+                state.available += 1;
+                return;
+            };
+            state.waiting -= 1;
+            let slot = Slot { shared: Some(self.clone()) };
+            match waiter.tx.send(slot) {
+                Ok(()) => return,
+                // The waiter gave up; its slot came back to us: forget it without
+                // releasing (we are already inside release) and try the next one.
+                Err(mut slot) => slot.shared = None,
+            }
+        }
+    }
+}
+
+/// One request in flight; frees its slot when dropped.
+pub struct Slot {
+    shared: Option<Arc<Shared>>,
+}
+
+impl Drop for Slot {
+    fn drop(&mut self) {
+        if let Some(shared) = self.shared.take() {
+            shared.release();
+        }
+    }
+}
+
+/// A waiter's place in the queue; removes it on drop if it is still there.
+struct Queued<'a> {
+    shared: &'a Shared,
+    priority: usize,
+    id: u64,
+}
+
+impl Drop for Queued<'_> {
+    fn drop(&mut self) {
+        let mut state = self.shared.lock();
+        let queue = &mut state.queues[self.priority];
+        if let Some(pos) = queue.iter().position(|w| w.id == self.id) {
+            queue.remove(pos);
+            state.waiting -= 1;
+        }
+    }
 }
 
 pub struct Bulkhead {
-    /// One permit per request in flight to the origin.
-    slots: Arc<Semaphore>,
-    /// Requests waiting for a slot. An atomic because it is only a bound check: a few
-    /// requests racing past `max_queue` by one is harmless, a lock on this path is not.
-    waiting: AtomicUsize,
-    max_queue: usize,
+    shared: Arc<Shared>,
     queue_timeout: Duration,
 }
 
 impl Bulkhead {
     pub fn new(max_concurrency: usize, max_queue: usize, queue_timeout: Duration) -> Bulkhead {
-        Bulkhead { slots: Arc::new(Semaphore::new(max_concurrency)), waiting: AtomicUsize::new(0), max_queue, queue_timeout }
+        let state = State { available: max_concurrency, queues: Default::default(), waiting: 0, next_id: 0 };
+        Bulkhead { shared: Arc::new(Shared { state: Mutex::new(state), max_queue }), queue_timeout }
     }
 
     /// Waits for a slot; returns it with the time spent waiting.
-    pub async fn acquire(&self) -> Result<(OwnedSemaphorePermit, Duration), Shed> {
+    pub async fn acquire(&self, priority: Priority) -> Result<(Slot, Duration), Shed> {
         let start = Instant::now();
-        if let Ok(permit) = self.slots.clone().try_acquire_owned() {
-            return Ok((permit, Duration::ZERO));
+        let p = rank(priority);
+        let (id, rx) = {
+            let mut state = self.shared.lock();
+            if state.available > 0 {
+                state.available -= 1;
+                return Ok((Slot { shared: Some(self.shared.clone()) }, Duration::ZERO));
+            }
+            let low_limit = (self.shared.max_queue / 2).max(1);
+            if p == 0 && state.queues[0].len() >= low_limit {
+                return Err(Shed::QueueFull);
+            }
+            if state.waiting >= self.shared.max_queue {
+                // Displace the newest waiter of a lower priority, if any; dropping its
+                // sender tells it it was shed.
+                let victim = (0..p).find(|&lower| !state.queues[lower].is_empty());
+                match victim {
+                    Some(lower) => {
+                        state.queues[lower].pop_back();
+                        state.waiting -= 1;
+                    }
+                    None => return Err(Shed::QueueFull),
+                }
+            }
+            let (tx, rx) = oneshot::channel();
+            let id = state.next_id;
+            state.next_id += 1;
+            state.queues[p].push_back(Waiter { id, tx });
+            state.waiting += 1;
+            (id, rx)
+        };
+        // Leaves the queue however this wait ends: timeout, or the request being dropped
+        // (client gone) while it waits, so dead waiters never count against `max_queue`.
+        let _queued = Queued { shared: &self.shared, priority: p, id };
+        match tokio::time::timeout(self.queue_timeout, rx).await {
+            Ok(Ok(slot)) => Ok((slot, start.elapsed())),
+            Ok(Err(_)) => Err(Shed::Displaced),
+            // If a slot was sent just as the timer fired, it was dropped with the
+            // receiver, and its drop handed it on.
+            Err(_) => Err(Shed::QueueTimeout),
         }
-        if self.waiting.fetch_add(1, Ordering::AcqRel) >= self.max_queue {
-            self.waiting.fetch_sub(1, Ordering::AcqRel);
-            return Err(Shed::QueueFull);
-        }
-        let result = tokio::time::timeout(self.queue_timeout, self.slots.clone().acquire_owned()).await;
-        self.waiting.fetch_sub(1, Ordering::AcqRel);
-        match result {
-            Ok(Ok(permit)) => Ok((permit, start.elapsed())),
-            // The semaphore is never closed; treat it like a timeout all the same.
-            Ok(Err(_)) | Err(_) => Err(Shed::QueueTimeout),
-        }
+    }
+
+    /// Requests waiting for a slot now.
+    pub fn waiting(&self) -> usize {
+        self.shared.lock().waiting
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[tokio::test]
+    async fn slots_go_to_the_highest_priority_and_low_is_displaced() {
+        let bulkhead = Arc::new(Bulkhead::new(1, 2, Duration::from_secs(5)));
+        let (held, _) = bulkhead.acquire(Priority::Normal).await.expect("free slot");
+        let spawn = |p| {
+            let b = bulkhead.clone();
+            tokio::spawn(async move { b.acquire(p).await.map(|(slot, _)| slot) })
+        };
+        let low = spawn(Priority::Low);
+        tokio::task::yield_now().await;
+        let normal = spawn(Priority::Normal);
+        tokio::time::sleep(Duration::from_millis(20)).await;
+        assert_eq!(bulkhead.waiting(), 2);
+        // Queue full: a critical request displaces the low one.
+        let critical = spawn(Priority::Critical);
+        assert_eq!(low.await.expect("task").err(), Some(Shed::Displaced));
+        // And a further low one is refused at once.
+        assert_eq!(bulkhead.acquire(Priority::Low).await.err(), Some(Shed::QueueFull));
+        drop(held);
+        let critical_slot = critical.await.expect("task").expect("critical gets the slot first");
+        assert_eq!(bulkhead.waiting(), 1);
+        drop(critical_slot);
+        let normal_slot = normal.await.expect("task").expect("normal next");
+        drop(normal_slot);
+        assert_eq!(bulkhead.shared.lock().available, 1);
+    }
+
+    #[tokio::test]
+    async fn a_cancelled_waiter_leaves_the_queue() {
+        let bulkhead = Arc::new(Bulkhead::new(1, 1, Duration::from_secs(5)));
+        let (held, _) = bulkhead.acquire(Priority::Normal).await.expect("free slot");
+        let b = bulkhead.clone();
+        let waiter = tokio::spawn(async move { b.acquire(Priority::Normal).await.map(|_| ()) });
+        tokio::time::sleep(Duration::from_millis(20)).await;
+        assert_eq!(bulkhead.waiting(), 1);
+        waiter.abort();
+        let _ = waiter.await;
+        assert_eq!(bulkhead.waiting(), 0, "the aborted request must not keep its place");
+        let b = bulkhead.clone();
+        let next = tokio::spawn(async move { b.acquire(Priority::Normal).await.map(|_| ()) });
+        tokio::time::sleep(Duration::from_millis(20)).await;
+        drop(held);
+        assert!(next.await.expect("task").is_ok(), "the queue still admits a waiter");
+    }
+
+    #[tokio::test]
+    async fn queue_timeout_sheds_and_returns_nothing_to_the_pool() {
+        let bulkhead = Bulkhead::new(1, 4, Duration::from_millis(30));
+        let (held, _) = bulkhead.acquire(Priority::Critical).await.expect("free slot");
+        assert_eq!(bulkhead.acquire(Priority::Critical).await.err(), Some(Shed::QueueTimeout));
+        assert_eq!(bulkhead.waiting(), 0);
+        drop(held);
+        assert_eq!(bulkhead.shared.lock().available, 1);
     }
 }

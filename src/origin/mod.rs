@@ -1,11 +1,13 @@
 //! Origins: a pooled keep-alive client per origin (http and https), the concurrency
 //! limit and queue in front of it ([`bulkhead`]), timeouts, and error classification.
 
+pub mod breaker;
 pub mod bulkhead;
 
 use std::pin::Pin;
 use std::task::{Context, Poll};
-use std::time::Instant;
+use std::future::Future;
+use std::time::{Duration, Instant};
 
 use bytes::Bytes;
 use http::{Request, Response};
@@ -16,11 +18,11 @@ use hyper_rustls::HttpsConnector;
 use hyper_util::client::legacy::Client;
 use hyper_util::client::legacy::connect::HttpConnector;
 use hyper_util::rt::{TokioExecutor, TokioTimer};
-use tokio::sync::OwnedSemaphorePermit;
-
 pub use bulkhead::Shed;
 
-use crate::config::OriginConfig;
+use crate::config::{OriginConfig, Priority};
+use breaker::{Admit, Breaker};
+use bulkhead::Slot;
 use crate::metrics::{OriginMetrics, OriginStatus};
 
 /// Body of a request sent to an origin.
@@ -31,6 +33,8 @@ pub type OutgoingBody = BoxBody<Bytes, hyper::Error>;
 pub enum OriginError {
     #[error("shed before reaching the origin: {0}")]
     Shed(#[from] Shed),
+    #[error("origin circuit breaker is open")]
+    BreakerOpen,
     #[error("origin did not answer within {0:?}")]
     Timeout(std::time::Duration),
     #[error("cannot connect to origin")]
@@ -38,17 +42,17 @@ pub enum OriginError {
     #[error("origin request failed")]
     Request(#[source] hyper_util::client::legacy::Error),
     #[error("origin response body failed")]
-    Body(#[source] hyper::Error),
+    Body(#[source] OriginBodyError),
 }
 
 impl OriginError {
     /// The `status` label of `bulwark_origin_requests_total`, when the origin was tried.
     pub fn metric_status(&self) -> Option<OriginStatus> {
         match self {
-            OriginError::Shed(_) => None,
+            OriginError::Shed(_) | OriginError::BreakerOpen => None,
             OriginError::Timeout(_) => Some(OriginStatus::Timeout),
             OriginError::Connect(_) => Some(OriginStatus::ConnectError),
-            OriginError::Request(_) | OriginError::Body(_) => Some(OriginStatus::Class(502)),
+            OriginError::Request(_) | OriginError::Body(_) => Some(OriginStatus::Error),
         }
     }
 }
@@ -57,7 +61,13 @@ pub struct Origin {
     pub config: OriginConfig,
     client: Client<HttpsConnector<HttpConnector>, OutgoingBody>,
     bulkhead: bulkhead::Bulkhead,
+    breaker: Breaker,
     pub metrics: OriginMetrics,
+}
+
+/// Origin statuses that count as failures (for the breaker) and allow stale-if-error.
+pub fn is_failure_status(status: http::StatusCode) -> bool {
+    matches!(status.as_u16(), 500 | 502 | 503 | 504)
 }
 
 impl Origin {
@@ -80,23 +90,32 @@ impl Origin {
             .set_host(false)
             .build(connector);
         let bulkhead = bulkhead::Bulkhead::new(config.max_concurrency, config.max_queue, config.queue_timeout);
-        Ok(Origin { config, client, bulkhead, metrics })
+        let breaker = Breaker::new(config.breaker);
+        Ok(Origin { config, client, bulkhead, breaker, metrics })
     }
 
-    /// Sends `req` (whose URI must already point at this origin) once a slot is free.
-    /// The slot is held until the response body is finished or dropped.
-    pub async fn send(&self, req: Request<OutgoingBody>) -> Result<Response<OriginBody>, OriginError> {
-        let (permit, waited) = self.bulkhead.acquire().await?;
+    /// Sends `req` (whose URI must already point at this origin) once a slot is free and
+    /// the breaker lets it through. The slot is held until the response body is finished
+    /// or dropped.
+    pub async fn send(&self, req: Request<OutgoingBody>, priority: Priority) -> Result<Response<OriginBody>, OriginError> {
+        let (slot, waited) = self.bulkhead.acquire(priority).await?;
         self.metrics.queue_wait.record(waited.as_secs_f64());
-        let inflight = Inflight::new(&self.metrics, permit);
+        let admit = self.breaker.admit();
+        if admit == Admit::No {
+            return Err(OriginError::BreakerOpen);
+        }
+        let inflight = Inflight::new(&self.metrics, slot);
         let start = Instant::now();
         let result = tokio::time::timeout(self.config.timeout, self.client.request(req)).await;
         self.metrics.duration.record(start.elapsed().as_secs_f64());
+        let success = matches!(&result, Ok(Ok(res)) if !is_failure_status(res.status()));
+        let open = self.breaker.record(&admit, success);
+        self.metrics.breaker_open.set(if open { 1.0 } else { 0.0 });
         match result {
             Err(_) => Err(OriginError::Timeout(self.config.timeout)),
             Ok(Err(err)) if err.is_connect() => Err(OriginError::Connect(err)),
             Ok(Err(err)) => Err(OriginError::Request(err)),
-            Ok(Ok(res)) => Ok(res.map(|body| OriginBody { inner: body, _inflight: inflight })),
+            Ok(Ok(res)) => Ok(res.map(|body| OriginBody::new(body, inflight, self.config.timeout))),
         }
     }
 }
@@ -104,13 +123,13 @@ impl Origin {
 /// Marks a request in flight: holds its bulkhead slot and the in-flight gauge.
 struct Inflight {
     gauge: metrics::Gauge,
-    _permit: OwnedSemaphorePermit,
+    _slot: Slot,
 }
 
 impl Inflight {
-    fn new(metrics: &OriginMetrics, permit: OwnedSemaphorePermit) -> Inflight {
+    fn new(metrics: &OriginMetrics, slot: Slot) -> Inflight {
         metrics.inflight.increment(1.0);
-        Inflight { gauge: metrics.inflight.clone(), _permit: permit }
+        Inflight { gauge: metrics.inflight.clone(), _slot: slot }
     }
 }
 
@@ -120,18 +139,48 @@ impl Drop for Inflight {
     }
 }
 
-/// An origin response body that keeps its request's slot until it ends.
+/// An origin response body that keeps its request's slot until it ends, and fails when
+/// the origin sends nothing for `idle_timeout` (so a stalled origin cannot hold a client
+/// and a slot forever).
 pub struct OriginBody {
     inner: Incoming,
+    idle_timeout: Duration,
+    idle: Pin<Box<tokio::time::Sleep>>,
     _inflight: Inflight,
+}
+
+impl OriginBody {
+    fn new(inner: Incoming, inflight: Inflight, idle_timeout: Duration) -> OriginBody {
+        OriginBody { inner, idle_timeout, idle: Box::pin(tokio::time::sleep(idle_timeout)), _inflight: inflight }
+    }
+}
+
+/// The origin stopped sending in the middle of a body.
+#[derive(Debug, thiserror::Error)]
+pub enum OriginBodyError {
+    #[error("origin body stalled for {0:?}")]
+    Idle(Duration),
+    #[error("origin body failed")]
+    Hyper(#[from] hyper::Error),
 }
 
 impl Body for OriginBody {
     type Data = Bytes;
-    type Error = hyper::Error;
+    type Error = OriginBodyError;
 
-    fn poll_frame(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Option<Result<Frame<Bytes>, hyper::Error>>> {
-        Pin::new(&mut self.inner).poll_frame(cx)
+    fn poll_frame(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Option<Result<Frame<Bytes>, OriginBodyError>>> {
+        let this = &mut *self;
+        match Pin::new(&mut this.inner).poll_frame(cx) {
+            Poll::Ready(frame) => {
+                let deadline = tokio::time::Instant::now() + this.idle_timeout;
+                this.idle.as_mut().reset(deadline);
+                Poll::Ready(frame.map(|f| f.map_err(OriginBodyError::from)))
+            }
+            Poll::Pending => match this.idle.as_mut().poll(cx) {
+                Poll::Ready(()) => Poll::Ready(Some(Err(OriginBodyError::Idle(this.idle_timeout)))),
+                Poll::Pending => Poll::Pending,
+            },
+        }
     }
 
     fn is_end_stream(&self) -> bool {

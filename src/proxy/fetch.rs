@@ -28,7 +28,7 @@ pub enum Fetched {
 
 /// Sends a request to the route's origin, counting the outcome per route.
 pub async fn send(route: &RouteRuntime, req: Request<OutgoingBody>) -> Result<Response<OriginBody>, ProxyError> {
-    match route.origin.send(req).await {
+    match route.origin.send(req, route.config.priority).await {
         Ok(res) => {
             route.metrics.origin_response(OriginStatus::Class(res.status().as_u16()));
             Ok(res)
@@ -133,7 +133,7 @@ enum BodyRead {
 }
 
 /// Reads a body whole if it is at most `limit` bytes.
-async fn read_up_to(mut body: OriginBody, limit: usize) -> Result<BodyRead, hyper::Error> {
+async fn read_up_to(mut body: OriginBody, limit: usize) -> Result<BodyRead, crate::origin::OriginBodyError> {
     let mut chunks = VecDeque::new();
     let mut total = 0usize;
     while let Some(frame) = body.frame().await {

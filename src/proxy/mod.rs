@@ -219,7 +219,7 @@ async fn cache_aside(route: &RouteRuntime, parts: &request::Parts, client: &Clie
 
 /// Whether a stored entry may stand in for a failed origin now.
 fn usable_if_error(entry: &Entry, now: SystemTime) -> bool {
-    !entry.no_stale && entry.age(now) < entry.freshness_lifetime + entry.stale_if_error
+    !entry.no_stale && entry.age(now) < entry.freshness_lifetime.saturating_add(entry.stale_if_error)
 }
 
 /// The stored copy, when the origin failed and the entry's stale-if-error window allows.

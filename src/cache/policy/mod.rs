@@ -74,7 +74,7 @@ impl Directives {
                     None => (item.trim(), None),
                 };
                 let seconds = |slot: &mut Option<u64>| {
-                    let parsed = arg.and_then(|a| a.parse::<u64>().ok()).unwrap_or(0);
+                    let parsed = delta_seconds(arg);
                     *slot = Some(match *slot {
                         Some(previous) if previous != parsed => 0,
                         _ => parsed,
@@ -96,6 +96,20 @@ impl Directives {
             }
         }
         d
+    }
+}
+
+/// The largest delta-seconds value a cache needs to represent (RFC 9111 section 1.2.2):
+/// larger values, and values too large to parse, count as this.
+pub const MAX_DELTA_SECONDS: u64 = 1 << 31;
+
+/// Parses delta-seconds; anything that is not all digits is invalid and counts as 0.
+fn delta_seconds(arg: Option<&str>) -> u64 {
+    match arg {
+        Some(a) if !a.is_empty() && a.bytes().all(|b| b.is_ascii_digit()) => {
+            a.parse::<u64>().unwrap_or(MAX_DELTA_SECONDS).min(MAX_DELTA_SECONDS)
+        }
+        _ => 0,
     }
 }
 
@@ -166,7 +180,8 @@ fn explicit_lifetime(cc: &Directives, headers: &HeaderMap, date: SystemTime) -> 
     let expires = headers.get(EXPIRES)?;
     // An invalid Expires (such as "0") means already expired.
     let expires = expires.to_str().ok().and_then(|t| httpdate::parse_http_date(t).ok());
-    Some(expires.and_then(|e| e.duration_since(date).ok()).unwrap_or_default())
+    let lifetime = expires.and_then(|e| e.duration_since(date).ok()).unwrap_or_default();
+    Some(lifetime.min(Duration::from_secs(MAX_DELTA_SECONDS)))
 }
 
 /// No explicit freshness: the pool's `default_ttl`, else 10% of the time since
@@ -188,19 +203,15 @@ fn heuristic_lifetime(
         return Some(pool.default_ttl);
     }
     let last_modified = http_date(&res.headers, LAST_MODIFIED)?;
-    date.duration_since(last_modified).ok().map(|d| d / 10)
+    date.duration_since(last_modified).ok().map(|d| (d / 10).min(Duration::from_secs(MAX_DELTA_SECONDS)))
 }
 
 /// `corrected_initial_age` (RFC 9111 section 4.2.3).
 fn initial_age(headers: &HeaderMap, date: Option<SystemTime>, request_time: SystemTime, response_time: SystemTime) -> Duration {
     let apparent_age = date.and_then(|d| response_time.duration_since(d).ok()).unwrap_or_default();
-    let age_value = headers
-        .get(AGE)
-        .and_then(|v| v.to_str().ok())
-        .and_then(|v| v.trim().parse::<u64>().ok())
-        .map_or(Duration::ZERO, Duration::from_secs);
+    let age_value = Duration::from_secs(delta_seconds(headers.get(AGE).and_then(|v| v.to_str().ok()).map(str::trim)));
     let response_delay = response_time.duration_since(request_time).unwrap_or_default();
-    apparent_age.max(age_value + response_delay)
+    apparent_age.max(age_value.saturating_add(response_delay))
 }
 
 fn http_date(headers: &HeaderMap, name: http::HeaderName) -> Option<SystemTime> {

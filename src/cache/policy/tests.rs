@@ -123,3 +123,16 @@ fn conflicting_duplicates_are_most_restrictive() {
     assert_eq!(d.max_age, Some(0));
     assert!(d.public);
 }
+
+#[test]
+fn huge_delta_seconds_are_clamped_not_overflowed() {
+    let f = eval(200, &[("cache-control", "max-age=99999999999999999999999, stale-if-error=18446744073709551615"), ("age", "18446744073709551615")]);
+    // Age clamps to 2^31 as well, which equals the clamped max-age: no freshness left.
+    assert_eq!(f, Err(NotStorable::NoFreshness));
+    let f = eval(200, &[("cache-control", "max-age=99999999999999999999999, stale-if-error=18446744073709551615")]).expect("storable");
+    assert_eq!(f.lifetime, Duration::from_secs(MAX_DELTA_SECONDS));
+    assert_eq!(f.stale_if_error, Duration::from_secs(MAX_DELTA_SECONDS));
+    assert_eq!(eval(200, &[("cache-control", "max-age=-5")]), Err(NotStorable::NoFreshness));
+    let expires = eval(200, &[("date", "Sun, 22 Nov 2026 08:00:00 GMT"), ("expires", "Fri, 31 Dec 9999 23:59:59 GMT")]).expect("storable");
+    assert_eq!(expires.lifetime, Duration::from_secs(MAX_DELTA_SECONDS));
+}

@@ -1,0 +1,221 @@
+//! In-process request coalescing: one fetch per key at a time, however many requests
+//! miss on it together.
+//!
+//! The first request for a key becomes the leader of a *flight*; later ones wait on the
+//! flight's watch channel. A flight ends with a [`Fill`]. A waiter that waits too long
+//! may [`Coalescer::take_over`] the flight: exactly one of them becomes the new leader,
+//! the others wait on the new flight, so the herd never reaches the origin all at once.
+//! Keys whose answer was not storable are remembered for a while (hit-for-miss) so
+//! later requests skip the wait.
+
+use std::collections::HashMap;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex, MutexGuard};
+use std::time::Duration;
+
+use http::StatusCode;
+use moka::future::Cache;
+use tokio::sync::watch;
+
+use super::Entry;
+
+/// How long a key whose answer was not storable skips coalescing.
+pub const HIT_FOR_MISS: Duration = Duration::from_secs(5);
+
+/// How a flight ended, as seen by its waiters.
+#[derive(Debug, Clone)]
+pub enum Fill {
+    /// The response was stored: serve it.
+    Stored(Arc<Entry>),
+    /// The response may not be stored: each waiter asks the origin itself.
+    Uncacheable,
+    /// The origin failed with this status (`shed` when refused before reaching it).
+    Failed { status: StatusCode, shed: bool },
+    /// The leader went away without an answer: join again.
+    Abandoned,
+}
+
+struct Flight {
+    id: u64,
+    tx: watch::Sender<Option<Fill>>,
+}
+
+/// Which part a request plays in a key's flight.
+pub enum Join {
+    Leader(FlightGuard),
+    Waiter(Waiting),
+}
+
+/// A waiter's handle on a flight.
+pub struct Waiting {
+    pub flight_id: u64,
+    rx: watch::Receiver<Option<Fill>>,
+}
+
+impl Waiting {
+    /// Waits up to `limit` for the flight to end.
+    pub async fn wait(&mut self, limit: Duration) -> Option<Fill> {
+        match tokio::time::timeout(limit, self.rx.wait_for(Option::is_some)).await {
+            Ok(Ok(fill)) => fill.clone(),
+            // The sender went away without a fill (cannot happen: the guard always
+            // sends); join again.
+            Ok(Err(_)) => Some(Fill::Abandoned),
+            Err(_) => None,
+        }
+    }
+}
+
+/// The leader's obligation: end the flight with a fill (or `Abandoned` when dropped).
+pub struct FlightGuard {
+    coalescer: Arc<Coalescer>,
+    key: u128,
+    flight: Arc<Flight>,
+    done: bool,
+}
+
+impl FlightGuard {
+    pub fn complete(mut self, fill: Fill) {
+        self.finish(fill);
+    }
+
+    fn finish(&mut self, fill: Fill) {
+        self.done = true;
+        {
+            let mut flights = self.coalescer.lock();
+            if flights.get(&self.key).is_some_and(|f| f.id == self.flight.id) {
+                flights.remove(&self.key);
+            }
+        }
+        self.flight.tx.send_replace(Some(fill));
+    }
+}
+
+impl Drop for FlightGuard {
+    fn drop(&mut self) {
+        if !self.done {
+            self.finish(Fill::Abandoned);
+        }
+    }
+}
+
+pub struct Coalescer {
+    /// Flights in progress by key hash. A std mutex: held for a map operation only,
+    /// never across an await.
+    flights: Mutex<HashMap<u128, Arc<Flight>>>,
+    next_id: AtomicU64,
+    /// Keys recently answered with something not storable.
+    hit_for_miss: Cache<u128, ()>,
+}
+
+impl Coalescer {
+    pub fn new() -> Arc<Coalescer> {
+        Arc::new(Coalescer {
+            flights: Mutex::new(HashMap::new()),
+            next_id: AtomicU64::new(1),
+            hit_for_miss: Cache::builder().max_capacity(100_000).time_to_live(HIT_FOR_MISS).build(),
+        })
+    }
+
+    fn lock(&self) -> MutexGuard<'_, HashMap<u128, Arc<Flight>>> {
+        self.flights.lock().unwrap_or_else(|poisoned| poisoned.into_inner())
+    }
+
+    fn lead(self: &Arc<Self>, flights: &mut HashMap<u128, Arc<Flight>>, key: u128) -> Join {
+        let (tx, _) = watch::channel(None);
+        let flight = Arc::new(Flight { id: self.next_id.fetch_add(1, Ordering::Relaxed), tx });
+        flights.insert(key, flight.clone());
+        Join::Leader(FlightGuard { coalescer: self.clone(), key, flight, done: false })
+    }
+
+    fn wait_on(flight: &Flight) -> Join {
+        Join::Waiter(Waiting { flight_id: flight.id, rx: flight.tx.subscribe() })
+    }
+
+    /// Leads a new flight for `key`, or waits on the one in progress.
+    pub fn join(self: &Arc<Self>, key: u128) -> Join {
+        let mut flights = self.lock();
+        match flights.get(&key) {
+            Some(flight) => Self::wait_on(flight),
+            None => self.lead(&mut flights, key),
+        }
+    }
+
+    /// Leads a new flight only if none is in progress (a background refresh).
+    pub fn try_lead(self: &Arc<Self>, key: u128) -> Option<FlightGuard> {
+        let mut flights = self.lock();
+        if flights.contains_key(&key) {
+            return None;
+        }
+        match self.lead(&mut flights, key) {
+            Join::Leader(guard) => Some(guard),
+            Join::Waiter(_) => None,
+        }
+    }
+
+    /// After waiting too long on flight `stale_id`: the first caller replaces it and
+    /// leads; everyone else waits on whatever flight is current.
+    pub fn take_over(self: &Arc<Self>, key: u128, stale_id: u64) -> Join {
+        let mut flights = self.lock();
+        match flights.get(&key) {
+            Some(flight) if flight.id != stale_id => Self::wait_on(flight),
+            _ => self.lead(&mut flights, key),
+        }
+    }
+
+    pub async fn is_hit_for_miss(&self, key: u128) -> bool {
+        self.hit_for_miss.contains_key(&key)
+    }
+
+    pub async fn remember_uncacheable(&self, key: u128) {
+        self.hit_for_miss.insert(key, ()).await;
+    }
+
+    pub async fn forget_uncacheable(&self, key: u128) {
+        self.hit_for_miss.invalidate(&key).await;
+    }
+
+    /// Flights in progress (for tests and metrics).
+    pub fn in_flight(&self) -> usize {
+        self.lock().len()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[tokio::test]
+    async fn one_leader_many_waiters_and_single_takeover() {
+        let c = Coalescer::new();
+        let Join::Leader(guard) = c.join(1) else { panic!("first is leader") };
+        let mut waiters: Vec<Waiting> = (0..10)
+            .map(|_| match c.join(1) {
+                Join::Waiter(w) => w,
+                Join::Leader(_) => panic!("only one leader"),
+            })
+            .collect();
+        assert!(waiters[0].wait(Duration::from_millis(5)).await.is_none(), "times out while the leader works");
+        // Every waiter tries to take over; exactly one leads.
+        let stale_id = waiters[0].flight_id;
+        let joins: Vec<Join> = (0..10).map(|_| c.take_over(1, stale_id)).collect();
+        let leaders = joins.iter().filter(|j| matches!(j, Join::Leader(_))).count();
+        assert_eq!(leaders, 1);
+        guard.complete(Fill::Uncacheable);
+        assert!(matches!(waiters[3].wait(Duration::from_millis(5)).await, Some(Fill::Uncacheable)));
+        assert_eq!(c.in_flight(), 1, "the new leader's flight is still current");
+        drop(joins);
+        assert_eq!(c.in_flight(), 0, "a dropped guard ends its flight");
+        waiters.clear();
+    }
+
+    #[tokio::test]
+    async fn dropped_leader_abandons_and_try_lead_respects_flights() {
+        let c = Coalescer::new();
+        let guard = c.try_lead(7).expect("no flight yet");
+        assert!(c.try_lead(7).is_none());
+        let Join::Waiter(mut w) = c.join(7) else { panic!("waiter") };
+        drop(guard);
+        assert!(matches!(w.wait(Duration::from_millis(5)).await, Some(Fill::Abandoned)));
+        assert!(c.try_lead(7).is_some());
+    }
+}
