@@ -36,7 +36,7 @@ fn key_building(c: &mut Criterion) {
     let ae = HeaderValue::from_static("gzip, deflate, br, zstd");
     c.bench_function("key/build", |b| {
         b.iter(|| {
-            let encodings = Encodings::from_header(Some(black_box(&ae)));
+            let encodings = Encodings::from_headers([black_box(&ae)]);
             CacheKey::new("https", black_box("shop.example"), black_box("/products/12345"), Some(black_box("color=red&size=m&utm_source=x")), encodings)
         })
     });

@@ -34,7 +34,11 @@ pub async fn serve(listener: TcpListener, proxy: Arc<Proxy>, stop: impl Future<O
     loop {
         tokio::select! {
             accepted = listener.accept() => {
-                let Ok((stream, _)) = accepted else { continue };
+                let Ok((stream, _)) = accepted else {
+                    // Out of file descriptors and the like: back off instead of spinning.
+                    tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+                    continue;
+                };
                 let (proxy, token) = (proxy.clone(), token.clone());
                 let service = service_fn(move |req| {
                     let (proxy, token) = (proxy.clone(), token.clone());

@@ -116,7 +116,7 @@ async fn accept_encoding_is_normalised_into_the_key() {
     let gzip_again = bulwark.get_with("/p", &[("accept-encoding", "deflate, gzip;q=0.8")]).await;
     assert_eq!((gzip_again.cache_status(), gzip_again.text()), ("bulwark; hit; detail=l1", "encoded for gzip"));
     let identity = bulwark.get("/p").await;
-    assert_eq!((identity.cache_status(), identity.text()), ("bulwark; fwd=miss; stored", "encoded for none"));
+    assert_eq!((identity.cache_status(), identity.text()), ("bulwark; fwd=miss; stored", "encoded for identity"));
     let br = bulwark.get_with("/p", &[("accept-encoding", "br, gzip")]).await;
     assert_eq!(br.text(), "encoded for br, gzip");
     assert_eq!(origin.total(), 3);

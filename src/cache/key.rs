@@ -4,7 +4,6 @@
 use std::fmt::Write as _;
 
 use http::HeaderValue;
-use http::header::ACCEPT_ENCODING;
 use xxhash_rust::xxh3::xxh3_128;
 
 /// The content codings a client accepts, reduced to the few the cache keeps apart, so
@@ -18,13 +17,11 @@ pub enum Encodings {
 }
 
 impl Encodings {
-    /// Reduces an `Accept-Encoding` header; codings with `q=0` are not accepted.
-    pub fn from_header(value: Option<&HeaderValue>) -> Encodings {
-        let Some(text) = value.and_then(|v| v.to_str().ok()) else {
-            return Encodings::Identity;
-        };
+    /// Reduces the `Accept-Encoding` field lines; codings with `q=0` are not accepted.
+    pub fn from_headers<'a>(values: impl IntoIterator<Item = &'a HeaderValue>) -> Encodings {
         let (mut gzip, mut br) = (false, false);
-        for item in text.split(',') {
+        let items = values.into_iter().filter_map(|v| v.to_str().ok()).flat_map(|text| text.split(','));
+        for item in items {
             let mut parts = item.split(';');
             let coding = parts.next().unwrap_or("").trim();
             let refused = parts.any(|p| {
@@ -53,14 +50,15 @@ impl Encodings {
         }
     }
 
-    /// The `Accept-Encoding` sent to the origin, so its answer fits every client in the group.
-    pub fn header_value(self) -> Option<HeaderValue> {
-        match self {
-            Encodings::Identity => None,
-            Encodings::Gzip => Some(HeaderValue::from_static("gzip")),
-            Encodings::Br => Some(HeaderValue::from_static("br")),
-            Encodings::BrGzip => Some(HeaderValue::from_static("br, gzip")),
-        }
+    /// The `Accept-Encoding` sent to the origin, so its answer fits every client in the
+    /// group (`identity` explicitly: with no header the origin may pick any coding).
+    pub fn header_value(self) -> HeaderValue {
+        HeaderValue::from_static(match self {
+            Encodings::Identity => "identity",
+            Encodings::Gzip => "gzip",
+            Encodings::Br => "br",
+            Encodings::BrGzip => "br, gzip",
+        })
     }
 
     fn as_str(self) -> &'static str {
@@ -72,9 +70,6 @@ impl Encodings {
         }
     }
 
-    pub fn header_name() -> http::HeaderName {
-        ACCEPT_ENCODING
-    }
 }
 
 /// A cache key: its full text (kept in the entry to rule out hash collisions) and hash.
@@ -134,12 +129,14 @@ mod tests {
     use super::*;
 
     fn ae(v: &str) -> Encodings {
-        Encodings::from_header(Some(&HeaderValue::from_str(v).expect("header")))
+        Encodings::from_headers([&HeaderValue::from_str(v).expect("header")])
     }
 
     #[test]
     fn accept_encoding_groups() {
-        assert_eq!(Encodings::from_header(None), Encodings::Identity);
+        assert_eq!(Encodings::from_headers([]), Encodings::Identity);
+        let two_lines = [HeaderValue::from_static("gzip"), HeaderValue::from_static("br")];
+        assert_eq!(Encodings::from_headers(&two_lines), Encodings::BrGzip);
         assert_eq!(ae("gzip, deflate, br"), Encodings::BrGzip);
         assert_eq!(ae("gzip;q=1.0, br;q=0"), Encodings::Gzip);
         assert_eq!(ae("BR"), Encodings::Br);

@@ -37,20 +37,34 @@ impl Pool {
         Ok(Pool { l1: LocalTier::new(config.l1_max_bytes), l2, metrics, config })
     }
 
-    /// L1, then L2 (bounded by `redis_timeout`); an L2 hit is promoted to L1.
+    /// L1, then L2 (bounded by `redis_timeout`); an L2 hit is promoted to L1. A stale
+    /// L1 entry is checked against L2 too: another replica may have refreshed it.
     pub async fn lookup(&self, key: &CacheKey) -> Option<(Arc<Entry>, Tier)> {
-        if let Some(entry) = self.l1.get(key).await {
-            return Some((entry, Tier::L1));
+        let local = self.l1.get(key).await;
+        let now = std::time::SystemTime::now();
+        if let Some(entry) = &local
+            && (entry.is_fresh(now) || self.l2.is_none())
+        {
+            return Some((entry.clone(), Tier::L1));
         }
-        let entry = Arc::new(self.l2.as_ref()?.get(key).await?);
-        self.l1.insert(key, entry.clone()).await;
-        Some((entry, Tier::L2))
+        let shared = match &self.l2 {
+            Some(l2) => l2.get(key).await.map(Arc::new),
+            None => None,
+        };
+        match (local, shared) {
+            (Some(local), Some(shared)) if shared.response_time <= local.response_time => Some((local, Tier::L1)),
+            (_, Some(shared)) => {
+                self.l1.insert(key, shared.clone()).await;
+                Some((shared, Tier::L2))
+            }
+            (local, None) => local.map(|entry| (entry, Tier::L1)),
+        }
     }
 
     /// Stores in L1 now and in L2 in the background.
     pub async fn store(&self, key: &CacheKey, entry: Arc<Entry>) {
         if let Some(l2) = &self.l2 {
-            l2.put_in_background(key, &entry);
+            l2.put_in_background(key, entry.clone());
         }
         self.l1.insert(key, entry).await;
     }

@@ -23,8 +23,10 @@ pub fn run(path: &Path) -> ExitCode {
         }
     };
     let result = runtime.block_on(async {
+        // Handlers first, so a SIGTERM during start-up is a clean shutdown, not a kill.
+        let shutdown = shutdown_signal();
         let listeners = Listeners::bind(&config.server).await?;
-        run_server(listeners, config, shutdown_signal()).await
+        run_server(listeners, config, shutdown).await
     });
     match result {
         Ok(()) => ExitCode::SUCCESS,
@@ -35,19 +37,22 @@ pub fn run(path: &Path) -> ExitCode {
     }
 }
 
-/// Completes on SIGTERM or SIGINT.
-async fn shutdown_signal() {
+/// Installs SIGTERM and SIGINT handlers now; the returned future completes on either.
+fn shutdown_signal() -> impl std::future::Future<Output = ()> {
     use tokio::signal::unix::{SignalKind, signal};
-    match (signal(SignalKind::terminate()), signal(SignalKind::interrupt())) {
-        (Ok(mut term), Ok(mut int)) => {
-            tokio::select! {
-                _ = term.recv() => {}
-                _ = int.recv() => {}
+    let handlers = (signal(SignalKind::terminate()), signal(SignalKind::interrupt()));
+    async move {
+        match handlers {
+            (Ok(mut term), Ok(mut int)) => {
+                tokio::select! {
+                    _ = term.recv() => {}
+                    _ = int.recv() => {}
+                }
             }
-        }
-        _ => {
-            tracing::warn!("cannot install signal handlers; waiting for Ctrl-C only");
-            let _ = tokio::signal::ctrl_c().await;
+            _ => {
+                tracing::warn!("cannot install signal handlers; waiting for Ctrl-C only");
+                let _ = tokio::signal::ctrl_c().await;
+            }
         }
     }
 }

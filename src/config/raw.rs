@@ -28,7 +28,7 @@ pub struct RawConfig {
 pub struct RawServer {
     pub listen: Option<Spanned<String>>,
     pub admin_listen: Option<Spanned<String>>,
-    pub keepalive_idle: Option<ConfigDuration>,
+    pub keepalive_idle: Option<Spanned<ConfigDuration>>,
     pub drain_delay: Option<ConfigDuration>,
     pub shutdown_timeout: Option<ConfigDuration>,
     pub max_header_bytes: Option<ByteSize>,
@@ -44,8 +44,8 @@ pub struct RawServer {
 pub struct RawOrigin {
     pub name: Spanned<String>,
     pub url: Spanned<String>,
-    pub timeout: Option<ConfigDuration>,
-    pub connect_timeout: Option<ConfigDuration>,
+    pub timeout: Option<Spanned<ConfigDuration>>,
+    pub connect_timeout: Option<Spanned<ConfigDuration>>,
     pub pool_idle_timeout: Option<ConfigDuration>,
     pub max_concurrency: Option<Spanned<i64>>,
     pub max_queue: Option<Spanned<i64>>,

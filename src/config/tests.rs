@@ -76,6 +76,8 @@ fn other_cross_checks() {
     assert!(error_of(&MINIMAL.replace("name = \"pdp\"", "name = \"pdp\"\nredis_url = \"nope://x\"")).contains("invalid Redis URL"));
     assert!(error_of("[server]\ntrusted_proxies = [\"10.0.0.0/33\"]").contains("prefix length"));
     assert!(error_of("[server]\nlisten = \"localhost\"").starts_with("bulwark.toml:2:10: "));
+    assert!(error_of("[server]\nkeepalive_idle = \"0s\"").contains("keepalive_idle must be greater than zero"));
+    assert!(error_of(&MINIMAL.replace("url = \"http://127.0.0.1:8081\"", "url = \"http://127.0.0.1:8081\"\ntimeout = \"0ms\"")).starts_with("bulwark.toml:5:11: timeout must be greater than zero"));
 }
 
 #[test]

@@ -32,6 +32,15 @@ fn dur(value: Option<ConfigDuration>, default: Duration) -> Duration {
     value.map_or(default, |d| d.0)
 }
 
+/// A duration that must be greater than zero (a zero timeout would fail every request).
+fn nonzero_dur(value: Option<Spanned<ConfigDuration>>, default: Duration, key: &str) -> Result<Duration> {
+    match value {
+        None => Ok(default),
+        Some(d) if d.get_ref().0.is_zero() => err(d.span(), format!("{key} must be greater than zero")),
+        Some(d) => Ok(d.get_ref().0),
+    }
+}
+
 /// An IP network such as `10.0.0.0/8` or `::1/128`; a bare address is a /32 or /128.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct Cidr {
@@ -141,7 +150,7 @@ fn server(raw: raw::RawServer) -> Result<ServerConfig> {
     Ok(ServerConfig {
         listen: socket_addr(raw.listen, "0.0.0.0:8080")?,
         admin_listen: socket_addr(raw.admin_listen, "127.0.0.1:9901")?,
-        keepalive_idle: dur(raw.keepalive_idle, Duration::from_secs(75)),
+        keepalive_idle: nonzero_dur(raw.keepalive_idle, Duration::from_secs(75), "keepalive_idle")?,
         drain_delay: dur(raw.drain_delay, Duration::from_secs(5)),
         shutdown_timeout: dur(raw.shutdown_timeout, Duration::from_secs(30)),
         max_header_bytes: usize::try_from(max_header_bytes).unwrap_or(usize::MAX).max(8192),
@@ -192,8 +201,8 @@ fn origin(raw: raw::RawOrigin) -> Result<OriginConfig> {
         name: raw.name.into_inner(),
         url: uri,
         base_path,
-        timeout: dur(raw.timeout, Duration::from_secs(10)),
-        connect_timeout: dur(raw.connect_timeout, Duration::from_secs(2)),
+        timeout: nonzero_dur(raw.timeout, Duration::from_secs(10), "timeout")?,
+        connect_timeout: nonzero_dur(raw.connect_timeout, Duration::from_secs(2), "connect_timeout")?,
         pool_idle_timeout: dur(raw.pool_idle_timeout, Duration::from_secs(4)),
         max_concurrency: positive(raw.max_concurrency, 256, "max_concurrency")?,
         max_queue: match raw.max_queue {

@@ -60,9 +60,7 @@ pub async fn fetch(
     for name in [IF_MATCH, IF_NONE_MATCH, IF_MODIFIED_SINCE, IF_UNMODIFIED_SINCE, IF_RANGE, RANGE, ACCEPT_ENCODING] {
         headers.remove(name);
     }
-    if let Some(accept) = encodings.header_value() {
-        headers.insert(ACCEPT_ENCODING, accept);
-    }
+    headers.insert(ACCEPT_ENCODING, encodings.header_value());
     let mut policy_req = Request::new(());
     *policy_req.method_mut() = Method::GET;
     *policy_req.uri_mut() = parts.uri.clone();
@@ -108,8 +106,10 @@ pub async fn fetch(
     let entry = Arc::new(Entry {
         key: key.text.clone(),
         status: res_parts.status,
-        headers: res_parts.headers,
-        body,
+        headers: compact_headers(&res_parts.headers),
+        // hyper hands out slices of its read buffers; a stored entry must own exactly
+        // its bytes, or each small entry would pin a whole buffer beyond what L1 weighs.
+        body: Bytes::copy_from_slice(&body),
         request_time,
         response_time,
         initial_age: freshness.initial_age,
@@ -120,6 +120,18 @@ pub async fn fetch(
     });
     route.pool.store(key, entry.clone()).await;
     Ok(Fetched::Stored(entry))
+}
+
+/// Copies header values into their own allocations (see the body copy above).
+fn compact_headers(headers: &http::HeaderMap) -> http::HeaderMap {
+    let mut out = http::HeaderMap::with_capacity(headers.len());
+    for (name, value) in headers {
+        if let Ok(mut copy) = HeaderValue::from_bytes(value.as_bytes()) {
+            copy.set_sensitive(value.is_sensitive());
+            out.append(name.clone(), copy);
+        }
+    }
+    out
 }
 
 fn origin_error(route: &RouteRuntime, source: OriginError) -> ProxyError {

@@ -14,6 +14,16 @@ static X_FORWARDED_PROTO: HeaderName = HeaderName::from_static("x-forwarded-prot
 static KEEP_ALIVE: HeaderName = HeaderName::from_static("keep-alive");
 static PROXY_CONNECTION: HeaderName = HeaderName::from_static("proxy-connection");
 
+/// Headers that change what an origin serves but are not in the cache key: believed
+/// only from trusted proxies, so a client cannot poison an entry for everyone.
+static UNTRUSTED_ROUTING: [HeaderName; 3] = [
+    HeaderName::from_static("forwarded"),
+    HeaderName::from_static("x-forwarded-host"),
+    HeaderName::from_static("x-forwarded-port"),
+];
+/// Path overrides some frameworks honour; never forwarded.
+static PATH_OVERRIDES: [HeaderName; 2] = [HeaderName::from_static("x-original-url"), HeaderName::from_static("x-rewrite-url")];
+
 /// Hop-by-hop headers (RFC 9110 section 7.6.1), never forwarded in either direction.
 fn is_hop_by_hop(name: &HeaderName) -> bool {
     name == CONNECTION
@@ -53,6 +63,8 @@ pub struct ClientInfo {
     /// `http`, or the client's `X-Forwarded-Proto` when the peer is a trusted proxy.
     pub scheme: &'static str,
     pub peer: IpAddr,
+    /// Whether the peer is one of `trusted_proxies`.
+    pub trusted: bool,
 }
 
 impl ClientInfo {
@@ -67,8 +79,27 @@ impl ClientInfo {
             Some(h) => h.to_str().map_err(|_| ProxyError::BadRequest("Host header is not valid text"))?,
             None => parts.uri.authority().map(|a| a.as_str()).ok_or(ProxyError::BadRequest("request has no Host"))?,
         };
-        Ok(ClientInfo { host: normalise_host(raw_host, scheme)?, scheme, peer: peer_ip })
+        Ok(ClientInfo { host: normalise_host(raw_host, scheme)?, scheme, peer: peer_ip, trusted })
     }
+
+    /// The host without its port, for matching route `host` keys.
+    pub fn host_without_port(&self) -> &str {
+        match self.host.rsplit_once(':') {
+            Some((host, port)) if !port.contains(']') => host,
+            _ => &self.host,
+        }
+    }
+}
+
+/// All field lines of `name` joined with ", " (RFC 9110 section 5.3), if any.
+fn joined(headers: &HeaderMap, name: &HeaderName) -> Option<String> {
+    let mut values = headers.get_all(name).iter().filter_map(|v| v.to_str().ok()).map(str::trim).filter(|v| !v.is_empty());
+    let first = values.next()?.to_owned();
+    Some(values.fold(first, |mut acc, v| {
+        acc.push_str(", ");
+        acc.push_str(v);
+        acc
+    }))
 }
 
 /// Lowercases a host and removes the scheme's default port.
@@ -115,6 +146,14 @@ pub fn origin_uri(origin: &OriginConfig, uri: &Uri) -> Result<Uri, ProxyError> {
 pub fn forward_headers(parts: &request::Parts, client: &ClientInfo, origin: &OriginConfig) -> HeaderMap {
     let mut headers = parts.headers.clone();
     strip_hop_by_hop(&mut headers);
+    for name in &PATH_OVERRIDES {
+        headers.remove(name);
+    }
+    if !client.trusted {
+        for name in &UNTRUSTED_ROUTING {
+            headers.remove(name);
+        }
+    }
     match &origin.host_header {
         Some(host) => {
             headers.insert(HOST, host.clone());
@@ -127,9 +166,9 @@ pub fn forward_headers(parts: &request::Parts, client: &ClientInfo, origin: &Ori
         None => {}
     }
     let peer = client.peer.to_string();
-    let xff = match headers.get(&X_FORWARDED_FOR).and_then(|v| v.to_str().ok()) {
-        Some(previous) if !previous.trim().is_empty() => format!("{previous}, {peer}"),
-        _ => peer,
+    let xff = match joined(&headers, &X_FORWARDED_FOR) {
+        Some(previous) => format!("{previous}, {peer}"),
+        None => peer,
     };
     if let Ok(xff) = HeaderValue::from_str(&xff) {
         headers.insert(X_FORWARDED_FOR.clone(), xff);
@@ -140,7 +179,7 @@ pub fn forward_headers(parts: &request::Parts, client: &ClientInfo, origin: &Ori
         Version::HTTP_10 => "1.0 bulwark",
         _ => "1.1 bulwark",
     };
-    let via = match headers.get(VIA).and_then(|v| v.to_str().ok()) {
+    let via = match joined(&headers, &VIA) {
         Some(previous) => format!("{previous}, {hop}"),
         None => hop.to_owned(),
     };

@@ -128,14 +128,14 @@ impl Proxy {
             Ok(client) => client,
             Err(err) => return self.finish(error_response(&err), version),
         };
-        let Some(index) = runtime.router.route(&client.host, parts.uri.path()) else {
+        let Some(index) = runtime.router.route(client.host_without_port(), parts.uri.path()) else {
             runtime.unrouted.increment(1);
             let text = format!("no route matches {}{}\n", client.host, parts.uri.path());
             return self.finish(plain_response(StatusCode::NOT_FOUND, text), version);
         };
         let route = &runtime.routes[index];
         let (mut res, outcome) = serve(route, parts, body, &client).await;
-        res.headers_mut().insert(CACHE_STATUS.clone(), outcome.cache_status_header());
+        add_cache_status(&mut res, outcome);
         route.metrics.record(outcome, start.elapsed().as_secs_f64());
         self.finish(res, version)
     }
@@ -147,6 +147,15 @@ impl Proxy {
         }
         res
     }
+}
+
+/// Adds our `Cache-Status` member after any from caches closer to the origin (RFC 9211).
+fn add_cache_status(res: &mut Response<ProxyBody>, outcome: Outcome) {
+    let value = match res.headers().get(&CACHE_STATUS).and_then(|v| v.to_str().ok()) {
+        Some(upstream) => HeaderValue::from_str(&format!("{upstream}, {}", outcome.cache_status())).unwrap_or_else(|_| outcome.cache_status_header()),
+        None => outcome.cache_status_header(),
+    };
+    res.headers_mut().insert(CACHE_STATUS.clone(), value);
 }
 
 /// Mode, then bypass or cache-aside.
@@ -186,7 +195,7 @@ fn bypass_reason(parts: &request::Parts) -> Option<BypassReason> {
 /// Key, lookup, and on a miss (or stale entry) fetch and store.
 async fn cache_aside(route: &RouteRuntime, parts: &request::Parts, client: &ClientInfo) -> (Response<ProxyBody>, Outcome) {
     let head = parts.method == Method::HEAD;
-    let encodings = Encodings::from_header(parts.headers.get(ACCEPT_ENCODING));
+    let encodings = Encodings::from_headers(parts.headers.get_all(ACCEPT_ENCODING));
     let key = CacheKey::new(client.scheme, &client.host, parts.uri.path(), parts.uri.query(), encodings);
     // RFC 9111 section 3.5: a stored response is not reused for an authenticated request;
     // the origin decides, and its answer may be stored if it says so explicitly.
@@ -205,7 +214,12 @@ async fn cache_aside(route: &RouteRuntime, parts: &request::Parts, client: &Clie
         };
     }
     match fetch::fetch(route, parts, client, &key, encodings).await {
-        Ok(Fetched::Stored(entry)) => (respond::from_entry(&entry, head, false, SystemTime::now()), Outcome::Miss { stored: true }),
+        Ok(Fetched::Stored(entry)) => {
+            // Age only when the response arrived already aged (it carried `Age`, or its
+            // `Date` is in the past): a fresh fetch has age 0, which needs no header.
+            let aged = entry.initial_age >= std::time::Duration::from_secs(1);
+            (respond::from_entry(&entry, head, aged, SystemTime::now()), Outcome::Miss { stored: true })
+        }
         Ok(Fetched::Streamed(res_parts, body)) => match stale_if_error(stale.as_deref(), fetch::is_error_status(res_parts.status), head) {
             Some(served) => served,
             None => (respond::streamed(res_parts, body, head), Outcome::Miss { stored: false }),
