@@ -190,16 +190,6 @@ async fn large_responses_stream_through_and_are_not_stored() {
 }
 
 #[tokio::test]
-async fn requests_with_authorization_are_not_served_from_the_cache() {
-    let origin = Origin::start().await;
-    let bulwark = Bulwark::start(&simple_config(&origin.url(), None, "")).await;
-    assert_eq!(bulwark.get("/acct").await.cache_status(), "bulwark; fwd=miss; stored");
-    let authed = bulwark.get_with("/acct", &[("authorization", "Bearer t")]).await;
-    assert_eq!(authed.cache_status(), "bulwark; fwd=miss");
-    assert_eq!(origin.total(), 2);
-}
-
-#[tokio::test]
 async fn routing_by_prefix_and_host_with_404_for_no_route() {
     let origin = Origin::start().await;
     let other = Origin::start().await;
@@ -310,4 +300,99 @@ async fn wait_for(mut condition: impl FnMut() -> bool) {
         tokio::time::sleep(Duration::from_millis(10)).await;
     }
     panic!("condition not met within 2s");
+}
+
+#[tokio::test]
+async fn uncached_bodies_stream_through_as_the_origin_sends_them() {
+    use http_body_util::BodyExt;
+    let origin = Origin::start().await;
+    origin.set(|_| Reply::ok(vec![b'a'; 4000]).header("cache-control", "no-store").chunked(4, Duration::from_millis(400)));
+    let bulwark = Bulwark::start(&simple_config(&origin.url(), None, "")).await;
+    let start = std::time::Instant::now();
+    let res = support::client().get(bulwark.url("/stream").parse().expect("uri")).await.expect("request");
+    let mut body = res.into_body();
+    let first = body.frame().await.expect("a frame").expect("frame ok");
+    let first_at = start.elapsed();
+    assert!(first.data_ref().is_some_and(|d| !d.is_empty()));
+    let mut total = first.into_data().map_or(0, |d| d.len());
+    while let Some(frame) = body.frame().await {
+        total += frame.expect("frame ok").into_data().map_or(0, |d| d.len());
+    }
+    let done_at = start.elapsed();
+    assert_eq!(total, 4000);
+    // The origin takes 1.2 s in all; the first chunk must not wait for the last.
+    assert!(done_at >= Duration::from_millis(1100), "{done_at:?}");
+    assert!(first_at < Duration::from_millis(600), "first bytes after {first_at:?}: buffered, not streamed");
+}
+
+#[tokio::test]
+async fn a_stalled_origin_body_is_cut_and_frees_its_slot() {
+    use http_body_util::BodyExt;
+    let origin = Origin::start().await;
+    origin.set(|_| Reply::ok(vec![b'a'; 100]).header("cache-control", "no-store").chunked(2, Duration::from_secs(30)));
+    let config = simple_config(&origin.url(), None, "").replace("timeout = \"5s\"", "timeout = \"300ms\"");
+    let bulwark = Bulwark::start(&config).await;
+    let start = std::time::Instant::now();
+    let res = support::client().get(bulwark.url("/stall").parse().expect("uri")).await.expect("headers arrive");
+    assert_eq!(res.status(), 200);
+    let outcome = res.into_body().collect().await;
+    assert!(outcome.is_err(), "a body cut short must not look complete");
+    // Idle timeout 300 ms; 5x margin.
+    assert!(start.elapsed() < Duration::from_millis(1500), "{:?}", start.elapsed());
+    assert_eq!(bulwark.metric("bulwark_origin_inflight", &[("origin", "catalog")]).await, 0.0);
+}
+
+#[tokio::test]
+async fn an_authenticated_answer_is_stored_only_when_the_origin_allows_it() {
+    let origin = Origin::start().await;
+    origin.set(|parts| {
+        let authed = parts.headers.contains_key("authorization");
+        let body = if authed { "private account page" } else { "public page" };
+        let reply = Reply::ok(body);
+        match (parts.uri.path(), authed) {
+            ("/shared", true) => reply.header("cache-control", "public, max-age=60"),
+            _ => reply,
+        }
+    });
+    let bulwark = Bulwark::start(&simple_config(&origin.url(), None, "")).await;
+    // max-age alone does not allow storing an answer to an authenticated request.
+    let authed = bulwark.get_with("/acct", &[("authorization", "Bearer t")]).await;
+    assert_eq!((authed.cache_status(), authed.text()), ("bulwark; fwd=miss", "private account page"));
+    let anonymous = bulwark.get("/acct").await;
+    assert_eq!((anonymous.cache_status(), anonymous.text()), ("bulwark; fwd=miss; stored", "public page"));
+    // public does.
+    let shared = bulwark.get_with("/shared", &[("authorization", "Bearer t")]).await;
+    assert_eq!(shared.cache_status(), "bulwark; fwd=miss; stored");
+    assert_eq!(bulwark.get("/shared").await.cache_status(), "bulwark; hit; detail=l1");
+}
+
+#[tokio::test]
+async fn client_routing_headers_cannot_poison_the_cache() {
+    let origin = Origin::start().await;
+    let bulwark = Bulwark::start(&simple_config(&origin.url(), None, "")).await;
+    bulwark
+        .get_with("/p", &[("x-forwarded-host", "evil.example"), ("forwarded", "host=evil.example"), ("x-original-url", "/admin")])
+        .await;
+    let (parts, _) = origin.last_request();
+    for name in ["x-forwarded-host", "forwarded", "x-original-url"] {
+        assert!(!parts.headers.contains_key(name), "{name} reached the origin from an untrusted client");
+    }
+}
+
+#[tokio::test]
+async fn route_hosts_match_whatever_the_port() {
+    let origin = Origin::start().await;
+    let config = simple_config(&origin.url(), None, "").replace("path_prefix = \"/\"", "path_prefix = \"/\"\nhost = \"shop.example\"");
+    let bulwark = Bulwark::start(&config).await;
+    assert_eq!(bulwark.get_with("/x", &[("host", "shop.example:8080")]).await.status, 200);
+    assert_eq!(bulwark.get_with("/x", &[("host", "other.example:8080")]).await.status, 404);
+}
+
+#[tokio::test]
+async fn upstream_cache_status_is_kept() {
+    let origin = Origin::start().await;
+    origin.set(|_| Reply::ok("x").header("cache-status", "origin-cache; hit"));
+    let bulwark = Bulwark::start(&simple_config(&origin.url(), None, "")).await;
+    assert_eq!(bulwark.get("/cs").await.cache_status(), "origin-cache; hit, bulwark; fwd=miss; stored");
+    assert_eq!(bulwark.get("/cs").await.cache_status(), "origin-cache; hit, bulwark; hit; detail=l1");
 }

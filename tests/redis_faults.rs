@@ -46,8 +46,8 @@ async fn redis_killed_mid_test_then_restarted() {
         let start = Instant::now();
         let cold = bulwark.get_with(&format!("/cold/{i}"), &HOST).await;
         assert_eq!((cold.status.as_u16(), cold.text()), (200, format!("body of /cold/{i}").as_str()));
-        // redis_timeout is 50ms and the origin answers at once: 5x margin.
-        assert!(start.elapsed() < Duration::from_millis(250 + 250), "cold request took {:?}", start.elapsed());
+        // At most one redis_timeout (50 ms) plus a local origin; 3x margin.
+        assert!(start.elapsed() < Duration::from_millis(150 + 100), "cold request took {:?}", start.elapsed());
     }
     let errors = bulwark.metric("bulwark_redis_errors_total", &[("pool", "pdp")]).await;
     assert!(errors >= 10.0, "every failed L2 lookup is counted, got {errors}");
@@ -79,7 +79,13 @@ async fn stalled_redis_costs_at_most_one_deadline_per_request() {
     let redis = RedisServer::start();
     let origin = Origin::start().await;
     let bulwark = Bulwark::start(&simple_config(&origin.url(), Some(&redis.url()), "")).await;
-    assert_eq!(bulwark.get_with("/before", &HOST).await.cache_status(), "bulwark; fwd=miss; stored");
+    // Baseline: cold keys with a healthy Redis (one L2 miss, one origin fetch each).
+    let mut baseline = Duration::ZERO;
+    for i in 0..20 {
+        let start = Instant::now();
+        assert_eq!(bulwark.get_with(&format!("/before/{i}"), &HOST).await.cache_status(), "bulwark; fwd=miss; stored");
+        baseline = baseline.max(start.elapsed());
+    }
     redis.stall();
     let mut slowest = Duration::ZERO;
     for i in 0..20 {
@@ -88,8 +94,9 @@ async fn stalled_redis_costs_at_most_one_deadline_per_request() {
         slowest = slowest.max(start.elapsed());
         assert_eq!((got.status.as_u16(), got.cache_status()), (200, "bulwark; fwd=miss; stored"));
     }
-    // One redis_timeout (50ms) plus a local origin: 5x margin.
-    assert!(slowest < Duration::from_millis(250 + 250), "slowest request took {slowest:?}");
+    // At most one redis_timeout (50 ms) on top of the baseline; 3x margin. Two sequential
+    // Redis waits, or waiting on a reconnect, would exceed it.
+    assert!(slowest < baseline + Duration::from_millis(150), "slowest {slowest:?}, baseline {baseline:?}");
     assert!(bulwark.metric("bulwark_redis_errors_total", &[("pool", "pdp"), ("op", "get")]).await >= 20.0);
     redis.resume();
 }
@@ -174,4 +181,40 @@ fn sample_entry_bytes() -> Vec<u8> {
         no_stale: false,
     };
     entry.encode().to_vec()
+}
+
+#[tokio::test]
+async fn a_silently_dead_connection_is_replaced() {
+    let redis = RedisServer::start();
+    let relay = support::BlackholeRelay::start(redis.port).await;
+    let origin = Origin::start().await;
+    let bulwark = Bulwark::start(&simple_config(&origin.url(), Some(&relay.url()), "")).await;
+    assert_eq!(bulwark.get_with("/a", &HOST).await.cache_status(), "bulwark; fwd=miss; stored");
+    wait_until("entry in Redis", Duration::from_secs(2), async || redis.keys(&redis_key("/a")).len() == 1).await;
+
+    // The open connections stop answering; no RST, no error: only deadline misses.
+    relay.blackhole_existing();
+    let fresh = Bulwark::start(&simple_config(&origin.url(), Some(&relay.url()), "")).await;
+    let _ = fresh.get_with("/warm-up", &HOST).await;
+    relay.blackhole_existing();
+    // Requests keep working (origin), and after a few deadline misses the link
+    // reconnects: L2 hits come back without any help.
+    let mut n = 0;
+    wait_until("L2 hits through a new connection", Duration::from_secs(10), async || {
+        n += 1;
+        let got = fresh.get_with("/a", &HOST).await;
+        assert_eq!(got.status, 200);
+        if got.cache_status() == "bulwark; hit; detail=l2" {
+            return true;
+        }
+        // "/a" came from the origin and sits in L1 now: plant a new key each round.
+        let path = format!("/b/{n}");
+        let mut conn = redis.conn();
+        let mut entry = Entry::decode(&Bytes::from(sample_entry_bytes())).expect("sample");
+        entry.key = format!("http://shop.example{path}\nae=identity");
+        redis::cmd("SET").arg(redis_key(&path)).arg(entry.encode().as_ref()).query::<()>(&mut conn).expect("plant");
+        fresh.get_with(&path, &HOST).await.cache_status() == "bulwark; hit; detail=l2"
+    })
+    .await;
+    assert!(fresh.metric("bulwark_redis_errors_total", &[("pool", "pdp"), ("op", "get")]).await >= 3.0);
 }

@@ -131,11 +131,19 @@ pub struct Reply {
     pub headers: Vec<(String, String)>,
     pub body: Bytes,
     pub delay: Duration,
+    /// Send the body in this many chunks with this pause before each after the first.
+    pub chunks: Option<(usize, Duration)>,
 }
 
 impl Reply {
     pub fn ok(body: impl Into<Bytes>) -> Reply {
-        Reply { status: 200, headers: vec![("cache-control".into(), "max-age=60".into())], body: body.into(), delay: Duration::ZERO }
+        Reply { status: 200, headers: vec![("cache-control".into(), "max-age=60".into())], body: body.into(), delay: Duration::ZERO, chunks: None }
+    }
+
+    /// Streams the body (chunked, no Content-Length) in `n` chunks, `pause` apart.
+    pub fn chunked(mut self, n: usize, pause: Duration) -> Reply {
+        self.chunks = Some((n.max(1), pause));
+        self
     }
 
     pub fn status(mut self, status: u16) -> Reply {
@@ -243,7 +251,44 @@ impl Drop for Origin {
     }
 }
 
-async fn answer(req: Request<Incoming>, log: &OriginLog, behaviour: &Mutex<Behaviour>) -> Response<Full<Bytes>> {
+/// A body sent in chunks with pauses between them.
+struct SlowBody {
+    chunks: std::collections::VecDeque<Bytes>,
+    pause: Duration,
+    sleep: Option<std::pin::Pin<Box<tokio::time::Sleep>>>,
+}
+
+impl http_body::Body for SlowBody {
+    type Data = Bytes;
+    type Error = Infallible;
+
+    fn poll_frame(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<Option<Result<http_body::Frame<Bytes>, Infallible>>> {
+        use std::future::Future;
+        if let Some(sleep) = self.sleep.as_mut() {
+            if sleep.as_mut().poll(cx).is_pending() {
+                return std::task::Poll::Pending;
+            }
+            self.sleep = None;
+        }
+        let pause = self.pause;
+        match self.chunks.pop_front() {
+            Some(chunk) => {
+                if !self.chunks.is_empty() {
+                    self.sleep = Some(Box::pin(tokio::time::sleep(pause)));
+                }
+                std::task::Poll::Ready(Some(Ok(http_body::Frame::data(chunk))))
+            }
+            None => std::task::Poll::Ready(None),
+        }
+    }
+}
+
+type OriginResponseBody = http_body_util::combinators::BoxBody<Bytes, Infallible>;
+
+async fn answer(req: Request<Incoming>, log: &OriginLog, behaviour: &Mutex<Behaviour>) -> Response<OriginResponseBody> {
     let (parts, body) = req.into_parts();
     let body = body.collect().await.map(|b| b.to_bytes()).unwrap_or_default();
     let target = parts.uri.path_and_query().map_or("/", |p| p.as_str()).to_owned();
@@ -258,7 +303,15 @@ async fn answer(req: Request<Incoming>, log: &OriginLog, behaviour: &Mutex<Behav
         tokio::time::sleep(reply.delay).await;
     }
     log.inflight.fetch_sub(1, Ordering::SeqCst);
-    let mut res = Response::new(Full::new(reply.body));
+    let body = match reply.chunks {
+        None => Full::new(reply.body).boxed(),
+        Some((n, pause)) => {
+            let size = reply.body.len().div_ceil(n).max(1);
+            let chunks = reply.body.chunks(size).map(Bytes::copy_from_slice).collect();
+            SlowBody { chunks, pause, sleep: None }.boxed()
+        }
+    };
+    let mut res = Response::new(body);
     *res.status_mut() = StatusCode::from_u16(reply.status).expect("status");
     for (name, value) in reply.headers {
         res.headers_mut().append(http::HeaderName::from_bytes(name.as_bytes()).expect("name"), value.parse().expect("value"));
@@ -427,4 +480,67 @@ pool = "pdp"
 origin = "catalog"
 "#
     )
+}
+
+/// A TCP relay to `target` that can silently drop everything on the connections it has
+/// open so far (as a failover or a lost NAT entry does), while new connections work.
+pub struct BlackholeRelay {
+    pub port: u16,
+    generation: Arc<AtomicUsize>,
+    dead_below: Arc<AtomicUsize>,
+    task: tokio::task::JoinHandle<()>,
+}
+
+impl BlackholeRelay {
+    pub async fn start(target: u16) -> BlackholeRelay {
+        let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind relay");
+        let port = listener.local_addr().expect("addr").port();
+        let generation = Arc::new(AtomicUsize::new(0));
+        let dead_below = Arc::new(AtomicUsize::new(0));
+        let (g, d) = (generation.clone(), dead_below.clone());
+        let task = tokio::spawn(async move {
+            loop {
+                let Ok((client, _)) = listener.accept().await else { continue };
+                let Ok(server) = tokio::net::TcpStream::connect(("127.0.0.1", target)).await else { continue };
+                let id = g.fetch_add(1, Ordering::SeqCst);
+                let (cr, cw) = client.into_split();
+                let (sr, sw) = server.into_split();
+                tokio::spawn(pump(cr, sw, id, d.clone()));
+                tokio::spawn(pump(sr, cw, id, d.clone()));
+            }
+        });
+        BlackholeRelay { port, generation, dead_below, task }
+    }
+
+    /// Every connection open now goes silent for good; new ones work.
+    pub fn blackhole_existing(&self) {
+        self.dead_below.store(self.generation.load(Ordering::SeqCst), Ordering::SeqCst);
+    }
+
+    pub fn url(&self) -> String {
+        format!("redis://127.0.0.1:{}/0", self.port)
+    }
+}
+
+impl Drop for BlackholeRelay {
+    fn drop(&mut self) {
+        self.task.abort();
+    }
+}
+
+async fn pump(mut from: tokio::net::tcp::OwnedReadHalf, mut to: tokio::net::tcp::OwnedWriteHalf, id: usize, dead_below: Arc<AtomicUsize>) {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let mut buf = vec![0u8; 16 * 1024];
+    loop {
+        let n = match from.read(&mut buf).await {
+            Ok(0) | Err(_) => return,
+            Ok(n) => n,
+        };
+        if id < dead_below.load(Ordering::SeqCst) {
+            continue;
+        }
+        if to.write_all(&buf[..n]).await.is_err() {
+            return;
+        }
+    }
 }
