@@ -29,6 +29,7 @@ fn entry(key: &CacheKey, body_len: usize) -> Entry {
         stale_while_revalidate: Duration::from_secs(30),
         stale_if_error: Duration::from_secs(600),
         no_stale: false,
+        stale_on_error_always: false,
     }
 }
 

@@ -52,6 +52,9 @@ pub enum RunError {
 pub async fn run(listeners: Listeners, config: Config, shutdown: impl Future<Output = ()>) -> Result<(), RunError> {
     let server_config = config.server.clone();
     let proxy = Arc::new(Proxy::new(config)?);
+    for pool in &proxy.runtime().pools {
+        pool.start();
+    }
     let (admin_stop, admin_stopped) = tokio::sync::oneshot::channel::<()>();
     let admin_task = tokio::spawn(admin::serve(listeners.admin, proxy.clone(), async {
         let _ = admin_stopped.await;

@@ -22,6 +22,7 @@ use xxhash_rust::xxh3::xxh3_64;
 pub const FORMAT_VERSION: u8 = 1;
 const MAGIC: &[u8; 3] = b"BWK";
 const FLAG_NO_STALE: u8 = 1;
+const FLAG_STALE_ON_ERROR_ALWAYS: u8 = 2;
 
 /// A stored response.
 #[derive(Debug, Clone, PartialEq)]
@@ -40,6 +41,9 @@ pub struct Entry {
     pub stale_if_error: Duration,
     /// `must-revalidate`, `proxy-revalidate` or `s-maxage`: never served stale.
     pub no_stale: bool,
+    /// The route serves stale copies on origin errors even when `no_stale` (a deliberate
+    /// deviation, `stale_on_error = "always"`), so the entry is kept for that window.
+    pub stale_on_error_always: bool,
 }
 
 /// Why a payload could not be decoded.
@@ -65,7 +69,21 @@ impl Entry {
 
     /// How long past freshness the entry stays useful (stale windows).
     pub fn stale_window(&self) -> Duration {
-        if self.no_stale { Duration::ZERO } else { self.stale_while_revalidate.max(self.stale_if_error) }
+        match (self.no_stale, self.stale_on_error_always) {
+            (false, _) => self.stale_while_revalidate.max(self.stale_if_error),
+            (true, true) => self.stale_if_error,
+            (true, false) => Duration::ZERO,
+        }
+    }
+
+    /// Whether it may be served now, stale, while a refresh runs (RFC 5861).
+    pub fn within_stale_while_revalidate(&self, now: SystemTime) -> bool {
+        !self.no_stale && self.age(now) < self.freshness_lifetime.saturating_add(self.stale_while_revalidate)
+    }
+
+    /// Whether it may be served now in place of a failed origin response.
+    pub fn within_stale_if_error(&self, now: SystemTime) -> bool {
+        (!self.no_stale || self.stale_on_error_always) && self.age(now) < self.freshness_lifetime.saturating_add(self.stale_if_error)
     }
 
     /// How long, from now, the entry is worth keeping: freshness left plus the stale windows.
@@ -92,7 +110,8 @@ impl Entry {
         out.put_u64(duration_millis(self.freshness_lifetime));
         out.put_u64(duration_millis(self.stale_while_revalidate));
         out.put_u64(duration_millis(self.stale_if_error));
-        out.put_u8(if self.no_stale { FLAG_NO_STALE } else { 0 });
+        let flags = if self.no_stale { FLAG_NO_STALE } else { 0 } | if self.stale_on_error_always { FLAG_STALE_ON_ERROR_ALWAYS } else { 0 };
+        out.put_u8(flags);
         put_bytes32(&mut out, self.key.as_bytes());
         let count = u16::try_from(self.headers.len()).unwrap_or(u16::MAX);
         out.put_u16(count);
@@ -159,6 +178,7 @@ impl Entry {
             stale_while_revalidate,
             stale_if_error,
             no_stale: flags & FLAG_NO_STALE != 0,
+            stale_on_error_always: flags & FLAG_STALE_ON_ERROR_ALWAYS != 0,
         })
     }
 }
@@ -222,6 +242,7 @@ mod tests {
             stale_while_revalidate: Duration::from_secs(30),
             stale_if_error: Duration::from_secs(600),
             no_stale: false,
+            stale_on_error_always: false,
         }
     }
 

@@ -2,6 +2,7 @@
 //! RFC 9111 storage policy ([`policy`]), the in-process tier ([`local`]), the Redis tier
 //! ([`shared`]), and the pool that puts both tiers together ([`Pool`]).
 
+pub mod coalesce;
 pub mod entry;
 pub mod key;
 pub mod local;
@@ -25,6 +26,8 @@ pub struct Pool {
     pub l1: LocalTier,
     pub l2: Option<SharedTier>,
     pub metrics: Arc<PoolMetrics>,
+    /// Flights in progress for this pool's keys.
+    pub coalescer: Arc<coalesce::Coalescer>,
 }
 
 impl Pool {
@@ -34,7 +37,7 @@ impl Pool {
             Some(shared) => Some(SharedTier::new(&config.name, shared, config.key_prefix.clone(), metrics.clone())?),
             None => None,
         };
-        Ok(Pool { l1: LocalTier::new(config.l1_max_bytes), l2, metrics, config })
+        Ok(Pool { l1: LocalTier::new(config.l1_max_bytes), l2, metrics, coalescer: coalesce::Coalescer::new(), config })
     }
 
     /// L1, then L2 (bounded by `redis_timeout`); an L2 hit is promoted to L1. A stale
@@ -58,6 +61,13 @@ impl Pool {
                 Some((shared, Tier::L2))
             }
             (local, None) => local.map(|entry| (entry, Tier::L1)),
+        }
+    }
+
+    /// Starts the pool's background work (the Redis event subscription).
+    pub fn start(&self) {
+        if let Some(l2) = &self.l2 {
+            l2.start_events();
         }
     }
 

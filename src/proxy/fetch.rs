@@ -7,21 +7,22 @@ use std::time::SystemTime;
 
 use bytes::Bytes;
 use http::header::{ACCEPT_ENCODING, AGE, CONTENT_LENGTH, IF_MATCH, IF_MODIFIED_SINCE, IF_NONE_MATCH, IF_RANGE, IF_UNMODIFIED_SINCE, RANGE};
-use http::{HeaderValue, Method, Request, Response, StatusCode, Version, request, response};
+use http::{HeaderValue, Method, Request, Response, Version, request, response};
 use http_body_util::{BodyExt, Empty};
 
 use super::forward::{ClientInfo, forward_headers, origin_uri, strip_hop_by_hop};
 use super::{ProxyBody, RouteRuntime};
 use crate::cache::policy;
 use crate::cache::{CacheKey, Encodings, Entry};
+use crate::config::StaleOnError;
 use crate::error::ProxyError;
 use crate::metrics::OriginStatus;
 use crate::origin::{OriginBody, OriginError, OutgoingBody};
 
 /// What the origin's answer became.
 pub enum Fetched {
-    /// Read whole and stored.
-    Stored(Arc<Entry>),
+    /// Read whole and storable: the caller stores it.
+    Storable(Arc<Entry>),
     /// Not storable (or too large): passed through as it streams in.
     Streamed(response::Parts, ProxyBody),
 }
@@ -47,7 +48,7 @@ fn empty_body() -> OutgoingBody {
 }
 
 /// Fetches `key` from the origin with GET (also for HEAD, so the body can be stored),
-/// without the client's conditional or range headers, and stores what may be stored.
+/// without the client's conditional or range headers, and reads what may be stored.
 pub async fn fetch(
     route: &RouteRuntime,
     parts: &request::Parts,
@@ -103,6 +104,9 @@ pub async fn fetch(
     };
     res_parts.headers.remove(AGE);
     res_parts.headers.insert(CONTENT_LENGTH, HeaderValue::from(body.len()));
+    // A little jitter (up to 5% shorter) so entries stored together do not all expire
+    // together; never longer than the origin allows.
+    let jitter = freshness.lifetime.mul_f64(fastrand::f64() * 0.05);
     let entry = Arc::new(Entry {
         key: key.text.clone(),
         status: res_parts.status,
@@ -113,13 +117,13 @@ pub async fn fetch(
         request_time,
         response_time,
         initial_age: freshness.initial_age,
-        freshness_lifetime: freshness.lifetime,
+        freshness_lifetime: freshness.lifetime - jitter,
         stale_while_revalidate: freshness.stale_while_revalidate,
         stale_if_error: freshness.stale_if_error,
         no_stale: freshness.no_stale,
+        stale_on_error_always: route.config.stale_on_error == StaleOnError::Always,
     });
-    route.pool.store(key, entry.clone()).await;
-    Ok(Fetched::Stored(entry))
+    Ok(Fetched::Storable(entry))
 }
 
 /// Copies header values into their own allocations (see the body copy above).
@@ -186,9 +190,4 @@ pub async fn pass_through(
     strip_hop_by_hop(&mut res_parts.headers);
     let head = parts.method == Method::HEAD;
     Ok(super::respond::streamed(res_parts, ProxyBody::stream(VecDeque::new(), body), head))
-}
-
-/// Statuses for which a stored copy may stand in (stale-if-error).
-pub fn is_error_status(status: StatusCode) -> bool {
-    matches!(status.as_u16(), 500 | 502 | 503 | 504)
 }

@@ -7,6 +7,7 @@
 
 mod body;
 mod fetch;
+mod flight;
 mod outcome;
 mod forward;
 pub mod respond;
@@ -25,13 +26,12 @@ pub use body::ProxyBody;
 pub use outcome::{BypassReason, Outcome, StaleReason, Tier};
 
 use crate::cache::shared::SharedTierError;
-use crate::cache::{CacheKey, Encodings, Entry, Pool};
+use crate::cache::{CacheKey, Encodings, Pool};
 use crate::config::{Config, RouteConfig, RouteMode};
 use crate::error::{ProxyError, error_response, plain_response};
 use crate::metrics::{Registry, RouteMetrics};
 use crate::origin::Origin;
 use crate::router::Router;
-use fetch::Fetched;
 use forward::ClientInfo;
 
 pub static CACHE_STATUS: HeaderName = HeaderName::from_static("cache-status");
@@ -57,7 +57,7 @@ pub struct RouteRuntime {
 pub struct Runtime {
     pub config: Config,
     router: Router,
-    pub routes: Vec<RouteRuntime>,
+    pub routes: Vec<Arc<RouteRuntime>>,
     pub pools: Vec<Arc<Pool>>,
     pub origins: Vec<Arc<Origin>>,
     unrouted: metrics::Counter,
@@ -79,11 +79,13 @@ impl Runtime {
         let routes = config
             .routes
             .iter()
-            .map(|r| RouteRuntime {
-                config: r.clone(),
-                pool: pools[r.pool].clone(),
-                origin: origins[r.origin].clone(),
-                metrics: registry.route(&r.name, &config.pools[r.pool].name, &config.origins[r.origin].name),
+            .map(|r| {
+                Arc::new(RouteRuntime {
+                    config: r.clone(),
+                    pool: pools[r.pool].clone(),
+                    origin: origins[r.origin].clone(),
+                    metrics: registry.route(&r.name, &config.pools[r.pool].name, &config.origins[r.origin].name),
+                })
             })
             .collect();
         Ok(Runtime { router: Router::new(&config.routes), routes, pools, origins, unrouted: registry.unrouted(), config })
@@ -159,7 +161,7 @@ fn add_cache_status(res: &mut Response<ProxyBody>, outcome: Outcome) {
 }
 
 /// Mode, then bypass or cache-aside.
-async fn serve(route: &RouteRuntime, parts: request::Parts, body: Incoming, client: &ClientInfo) -> (Response<ProxyBody>, Outcome) {
+async fn serve(route: &Arc<RouteRuntime>, parts: request::Parts, body: Incoming, client: &ClientInfo) -> (Response<ProxyBody>, Outcome) {
     let head = parts.method == Method::HEAD;
     match route.config.mode {
         RouteMode::Off => return (respond::off(), Outcome::Off),
@@ -175,7 +177,7 @@ async fn serve(route: &RouteRuntime, parts: request::Parts, body: Incoming, clie
             Err(err) => failed(&err),
         };
     }
-    cache_aside(route, &parts, client).await
+    cache_aside(route, parts, client).await
 }
 
 /// Why a request skips the cache, if it does.
@@ -192,8 +194,9 @@ fn bypass_reason(parts: &request::Parts) -> Option<BypassReason> {
     no_store.then_some(BypassReason::RequestNoStore)
 }
 
-/// Key, lookup, and on a miss (or stale entry) fetch and store.
-async fn cache_aside(route: &RouteRuntime, parts: &request::Parts, client: &ClientInfo) -> (Response<ProxyBody>, Outcome) {
+/// Key, lookup, then: a fresh hit (maybe refreshed early), a stale copy within
+/// stale-while-revalidate (refreshed in the background), or a coalesced fetch.
+async fn cache_aside(route: &Arc<RouteRuntime>, parts: request::Parts, client: &ClientInfo) -> (Response<ProxyBody>, Outcome) {
     let head = parts.method == Method::HEAD;
     let encodings = Encodings::from_headers(parts.headers.get_all(ACCEPT_ENCODING));
     let key = CacheKey::new(client.scheme, &client.host, parts.uri.path(), parts.uri.query(), encodings);
@@ -201,49 +204,31 @@ async fn cache_aside(route: &RouteRuntime, parts: &request::Parts, client: &Clie
     // the origin decides, and its answer may be stored if it says so explicitly.
     let stored = if parts.headers.contains_key(AUTHORIZATION) { None } else { route.pool.lookup(&key).await };
     let now = SystemTime::now();
-    if let Some((entry, tier)) = &stored
-        && entry.is_fresh(now)
-    {
-        return (respond::from_entry(entry, head, true, now), Outcome::Hit(*tier));
+    let cache_only = route.config.mode == RouteMode::CacheOnly;
+    let job = |parts: request::Parts| flight::FetchJob { route: route.clone(), parts, client: client.clone(), key: key.clone(), encodings };
+    if let Some((entry, tier)) = &stored {
+        if entry.is_fresh(now) {
+            if !cache_only && flight::should_refresh_early(entry, now) {
+                flight::refresh_in_background(job(parts));
+            }
+            return (respond::from_entry(entry, head, true, now), Outcome::Hit(*tier));
+        }
+        if !cache_only && entry.within_stale_while_revalidate(now) {
+            flight::refresh_in_background(job(parts));
+            return (respond::from_entry(entry, head, true, now), Outcome::Stale(StaleReason::WhileRevalidate));
+        }
     }
     let stale = stored.map(|(entry, _)| entry);
-    if route.config.mode == RouteMode::CacheOnly {
-        return match stale.filter(|e| usable_if_error(e, now)) {
-            Some(entry) => (respond::from_entry(&entry, head, true, now), Outcome::Stale(StaleReason::IfError)),
+    if cache_only {
+        return match flight::stale_if_error(stale.as_deref(), head) {
+            Some(served) => served,
             None => cache_only_miss(route, head),
         };
     }
-    match fetch::fetch(route, parts, client, &key, encodings).await {
-        Ok(Fetched::Stored(entry)) => {
-            // Age only when the response arrived already aged (it carried `Age`, or its
-            // `Date` is in the past): a fresh fetch has age 0, which needs no header.
-            let aged = entry.initial_age >= std::time::Duration::from_secs(1);
-            (respond::from_entry(&entry, head, aged, SystemTime::now()), Outcome::Miss { stored: true })
-        }
-        Ok(Fetched::Streamed(res_parts, body)) => match stale_if_error(stale.as_deref(), fetch::is_error_status(res_parts.status), head) {
-            Some(served) => served,
-            None => (respond::streamed(res_parts, body, head), Outcome::Miss { stored: false }),
-        },
-        Err(err) => match stale_if_error(stale.as_deref(), err.allows_stale(), head) {
-            Some(served) => served,
-            None => failed(&err),
-        },
-    }
+    flight::miss(job(parts), stale, head).await
 }
 
-/// Whether a stored entry may stand in for a failed origin now.
-fn usable_if_error(entry: &Entry, now: SystemTime) -> bool {
-    !entry.no_stale && entry.age(now) < entry.freshness_lifetime.saturating_add(entry.stale_if_error)
-}
-
-/// The stored copy, when the origin failed and the entry's stale-if-error window allows.
-fn stale_if_error(stale: Option<&Entry>, origin_failed: bool, head: bool) -> Option<(Response<ProxyBody>, Outcome)> {
-    let now = SystemTime::now();
-    let entry = stale.filter(|e| origin_failed && usable_if_error(e, now))?;
-    Some((respond::from_entry(entry, head, true, now), Outcome::Stale(StaleReason::IfError)))
-}
-
-fn failed(err: &ProxyError) -> (Response<ProxyBody>, Outcome) {
+pub(crate) fn failed(err: &ProxyError) -> (Response<ProxyBody>, Outcome) {
     tracing::debug!(error = %err, cause = ?std::error::Error::source(err), "request failed");
     (error_response(err), if err.is_shed() { Outcome::Shed } else { Outcome::Error })
 }

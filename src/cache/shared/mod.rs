@@ -98,7 +98,18 @@ impl SharedTier {
     }
 
     /// Looks `key` up; any failure (deadline, connection, corrupt entry) is a miss.
+    /// A corrupt entry is deleted and counted.
     pub async fn get(&self, key: &CacheKey) -> Option<Entry> {
+        self.read(key, true).await
+    }
+
+    /// Looks `key` up again right after [`SharedTier::get`] (a lease holder's check): a
+    /// corrupt entry is a miss but is not reported a second time.
+    pub async fn recheck(&self, key: &CacheKey) -> Option<Entry> {
+        self.read(key, false).await
+    }
+
+    async fn read(&self, key: &CacheKey, report_corrupt: bool) -> Option<Entry> {
         let redis_key = key.redis_key(&self.prefix);
         let mut conn = self.reads.conn();
         let payload: Vec<u8> = match self.reads.call(self.timeout, conn.get::<_, Option<Vec<u8>>>(&redis_key)).await {
@@ -119,6 +130,7 @@ impl SharedTier {
             Ok(entry) if entry.key == key.text => Some(entry),
             // Same hash, another key: a miss; the entry belongs to that other key.
             Ok(_) | Err(DecodeError::OtherVersion(_)) => None,
+            Err(DecodeError::Corrupt(_)) if !report_corrupt => None,
             Err(DecodeError::Corrupt(why)) => {
                 tracing::warn!(key = %redis_key, why, "corrupt entry in Redis, deleting it");
                 self.metrics.l2_corrupt.increment(1);

@@ -1,0 +1,248 @@
+//! The fetch phase under coalescing: one fetch per key at a time in this process (a
+//! flight), and across replicas through the pool's Redis lease.
+//!
+//! The fetch runs in its own task, so a leader whose client goes away neither cancels
+//! it nor strands its waiters. Waiters get the stored entry (`collapsed`), are released
+//! together to ask the origin themselves when the answer was not storable, share the
+//! failure when the origin failed, and after `lock_timeout` take a stale copy or, one of
+//! them, take over the flight.
+
+use std::sync::Arc;
+use std::time::{Duration, SystemTime};
+
+use http::request;
+use http::Response;
+use tokio::sync::oneshot;
+
+use super::fetch::{self, Fetched};
+use super::forward::ClientInfo;
+use super::{Outcome, ProxyBody, RouteRuntime, StaleReason, failed, respond};
+use crate::cache::coalesce::{Fill, FlightGuard, Join};
+use crate::cache::shared::{Announcement, Lease};
+use crate::cache::{CacheKey, Encodings, Entry};
+use crate::error::{ProxyError, error_response};
+use crate::origin::is_failure_status;
+
+/// Everything a fetch needs, owned, so it can run in its own task.
+#[derive(Clone)]
+pub struct FetchJob {
+    pub route: Arc<RouteRuntime>,
+    pub parts: request::Parts,
+    pub client: ClientInfo,
+    pub key: CacheKey,
+    pub encodings: Encodings,
+}
+
+/// What the flight task hands its leader.
+enum LeaderResult {
+    Fetched(Result<Fetched, ProxyError>),
+    /// Another replica filled the key while we held back.
+    FromPeer(Arc<Entry>),
+}
+
+/// A miss (or a stale entry past its stale-while-revalidate window): fetch under
+/// coalescing and answer.
+pub async fn miss(job: FetchJob, stale: Option<Arc<Entry>>, head: bool) -> (Response<ProxyBody>, Outcome) {
+    let pool = &job.route.pool;
+    if pool.coalescer.is_hit_for_miss(job.key.hash).await {
+        return direct(&job, stale.as_deref(), head).await;
+    }
+    let lock_timeout = pool.config.lock_timeout;
+    let mut join = pool.coalescer.join(job.key.hash);
+    loop {
+        let mut waiting = match join {
+            Join::Leader(guard) => return lead(job, guard, stale, head).await,
+            Join::Waiter(waiting) => waiting,
+        };
+        match waiting.wait(lock_timeout).await {
+            Some(Fill::Stored(entry)) => return (respond::from_entry(&entry, head, true, SystemTime::now()), Outcome::Collapsed),
+            Some(Fill::Uncacheable) => return direct(&job, stale.as_deref(), head).await,
+            Some(Fill::Failed { status, shed }) => {
+                if let Some(served) = stale_if_error(stale.as_deref(), head) {
+                    return served;
+                }
+                let err = ProxyError::OriginStatus { origin: job.route.origin.config.name.clone(), status };
+                return (error_response(&err), if shed { Outcome::Shed } else { Outcome::Error });
+            }
+            Some(Fill::Abandoned) => join = pool.coalescer.join(job.key.hash),
+            None => {
+                let now = SystemTime::now();
+                if let Some(entry) = stale.as_ref().filter(|e| e.within_stale_while_revalidate(now) || e.within_stale_if_error(now)) {
+                    return (respond::from_entry(entry, head, true, now), Outcome::Stale(StaleReason::WhileRevalidate));
+                }
+                join = pool.coalescer.take_over(job.key.hash, waiting.flight_id);
+            }
+        }
+    }
+}
+
+/// Starts a background refresh of the key unless one is already running.
+pub fn refresh_in_background(job: FetchJob) {
+    if let Some(guard) = job.route.pool.coalescer.try_lead(job.key.hash) {
+        tokio::spawn(run_flight(job, guard, None));
+    }
+}
+
+/// Leads the flight: runs it in its own task and answers from its result.
+async fn lead(job: FetchJob, guard: FlightGuard, stale: Option<Arc<Entry>>, head: bool) -> (Response<ProxyBody>, Outcome) {
+    let (tx, rx) = oneshot::channel();
+    tokio::spawn(run_flight(job, guard, Some(tx)));
+    match rx.await {
+        Ok(LeaderResult::FromPeer(entry)) => (respond::from_entry(&entry, head, true, SystemTime::now()), Outcome::Collapsed),
+        Ok(LeaderResult::Fetched(result)) => answer(result, stale.as_deref(), head),
+        Err(_) => failed(&ProxyError::Internal("the fetch task ended without an answer")),
+    }
+}
+
+/// Fetches without coalescing (keys recently answered with something not storable) and
+/// stores the answer if it turned storable.
+async fn direct(job: &FetchJob, stale: Option<&Entry>, head: bool) -> (Response<ProxyBody>, Outcome) {
+    let result = fetch::fetch(&job.route, &job.parts, &job.client, &job.key, job.encodings).await;
+    if let Ok(Fetched::Storable(entry)) = &result {
+        job.route.pool.coalescer.forget_uncacheable(job.key.hash).await;
+        job.route.pool.store(&job.key, entry.clone()).await;
+    }
+    answer(result, stale, head)
+}
+
+/// The response for a fetch result, with a stale copy standing in for a failed origin.
+fn answer(result: Result<Fetched, ProxyError>, stale: Option<&Entry>, head: bool) -> (Response<ProxyBody>, Outcome) {
+    match result {
+        Ok(Fetched::Storable(entry)) => {
+            // Age only when the response arrived already aged (it carried `Age`, or its
+            // `Date` is in the past): a fresh fetch has age 0, which needs no header.
+            let aged = entry.initial_age >= Duration::from_secs(1);
+            (respond::from_entry(&entry, head, aged, SystemTime::now()), Outcome::Miss { stored: true })
+        }
+        Ok(Fetched::Streamed(parts, body)) => {
+            if is_failure_status(parts.status)
+                && let Some(served) = stale_if_error(stale, head)
+            {
+                return served;
+            }
+            (respond::streamed(parts, body, head), Outcome::Miss { stored: false })
+        }
+        Err(err) => match stale_if_error(stale.filter(|_| err.allows_stale()), head) {
+            Some(served) => served,
+            None => failed(&err),
+        },
+    }
+}
+
+/// The stored copy, when the origin failed and the entry's stale-if-error window allows.
+pub fn stale_if_error(stale: Option<&Entry>, head: bool) -> Option<(Response<ProxyBody>, Outcome)> {
+    let now = SystemTime::now();
+    let entry = stale.filter(|e| e.within_stale_if_error(now))?;
+    Some((respond::from_entry(entry, head, true, now), Outcome::Stale(StaleReason::IfError)))
+}
+
+/// The flight itself: cross-replica lease, fetch, store, tell the waiters and the leader,
+/// then (off every request's path) write to Redis and announce the fill.
+async fn run_flight(job: FetchJob, guard: FlightGuard, leader: Option<oneshot::Sender<LeaderResult>>) {
+    let pool = &job.route.pool;
+    let mut lease_token = None;
+    if let Some(l2) = &pool.l2 {
+        match hold_back_for_peers(&job, l2).await {
+            PeerOutcome::Filled(entry) => {
+                pool.l1.insert(&job.key, entry.clone()).await;
+                guard.complete(Fill::Stored(entry.clone()));
+                if let Some(tx) = leader {
+                    let _ = tx.send(LeaderResult::FromPeer(entry));
+                }
+                return;
+            }
+            PeerOutcome::Lease(token) => lease_token = Some(token),
+            PeerOutcome::FetchAnyway => {}
+        }
+    }
+    let result = fetch::fetch(&job.route, &job.parts, &job.client, &job.key, job.encodings).await;
+    let fill = match &result {
+        Ok(Fetched::Storable(entry)) => {
+            pool.l1.insert(&job.key, entry.clone()).await;
+            Fill::Stored(entry.clone())
+        }
+        Ok(Fetched::Streamed(parts, _)) if is_failure_status(parts.status) => Fill::Failed { status: parts.status, shed: false },
+        Ok(Fetched::Streamed(..)) => {
+            pool.coalescer.remember_uncacheable(job.key.hash).await;
+            Fill::Uncacheable
+        }
+        Err(err) => Fill::Failed { status: err.status(), shed: err.is_shed() },
+    };
+    guard.complete(fill.clone());
+    if let Some(tx) = leader {
+        let _ = tx.send(LeaderResult::Fetched(result));
+    }
+    if let Some(l2) = &pool.l2 {
+        let written = match &fill {
+            Fill::Stored(entry) => l2.put(&job.key, entry).await,
+            _ => false,
+        };
+        if let Some(token) = lease_token {
+            let announcement = if written { Announcement::Filled } else { Announcement::NotFilled };
+            l2.finish_lease(&job.key, &token, announcement).await;
+        }
+    }
+}
+
+enum PeerOutcome {
+    /// Another replica stored the entry: use it.
+    Filled(Arc<Entry>),
+    /// We hold the key's lease: fetch, then release it with an announcement.
+    Lease(String),
+    /// No lease to be had (Redis unavailable, or the holder took too long): fetch.
+    FetchAnyway,
+}
+
+/// Asks for the key's lease; while another replica holds it, waits for its announcement
+/// (at most `lock_timeout`, then one more try for the lease, which expires with its
+/// holder).
+async fn hold_back_for_peers(job: &FetchJob, l2: &crate::cache::shared::SharedTier) -> PeerOutcome {
+    let lock_timeout = job.route.pool.config.lock_timeout;
+    let now = SystemTime::now();
+    for attempt in 0..2 {
+        let announced = l2.watch_fill(&job.key);
+        match l2.acquire_lease(&job.key, lock_timeout).await {
+            Lease::Unavailable => {
+                l2.unwatch_fill(&job.key);
+                return PeerOutcome::FetchAnyway;
+            }
+            Lease::Acquired(token) => {
+                l2.unwatch_fill(&job.key);
+                // A peer may have filled the key just before we asked.
+                if let Some(entry) = l2.recheck(&job.key).await.filter(|e| e.is_fresh(now)) {
+                    l2.finish_lease(&job.key, &token, Announcement::Filled).await;
+                    return PeerOutcome::Filled(Arc::new(entry));
+                }
+                return PeerOutcome::Lease(token);
+            }
+            Lease::Held => match tokio::time::timeout(lock_timeout, announced).await {
+                Ok(Ok(Announcement::Filled)) => {
+                    if let Some(entry) = l2.get(&job.key).await {
+                        return PeerOutcome::Filled(Arc::new(entry));
+                    }
+                    return PeerOutcome::FetchAnyway;
+                }
+                Ok(Ok(Announcement::NotFilled)) => return PeerOutcome::FetchAnyway,
+                Ok(Err(_)) | Err(_) => {
+                    l2.unwatch_fill(&job.key);
+                    if attempt == 1 {
+                        return PeerOutcome::FetchAnyway;
+                    }
+                }
+            },
+        }
+    }
+    PeerOutcome::FetchAnyway
+}
+
+/// Probabilistic early expiration (XFetch): a fresh entry is refreshed before it
+/// expires with a probability that grows as expiry nears, so the more often a key is
+/// requested, the surer it is refreshed in time, and hot keys do not expire together.
+pub fn should_refresh_early(entry: &Entry, now: SystemTime) -> bool {
+    let remaining = entry.freshness_lifetime.saturating_sub(entry.age(now));
+    // How long a refresh takes, at least 1% of the lifetime.
+    let fetch_time = entry.response_time.duration_since(entry.request_time).unwrap_or_default();
+    let delta = fetch_time.max(entry.freshness_lifetime / 100).as_secs_f64();
+    let draw = fastrand::f64().max(f64::MIN_POSITIVE);
+    remaining.as_secs_f64() <= delta * -draw.ln()
+}
