@@ -1,0 +1,411 @@
+//! Origin protection during a spike: coalescing in-process and across replicas, stale
+//! serving, bulkheads with priorities, and the origin breaker.
+
+mod support;
+
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use bytes::Bytes;
+use http::Request;
+use http_body_util::Full;
+use support::{Bulwark, Origin, RedisServer, Reply, simple_config};
+
+const HOST: [(&str, &str); 1] = [("host", "shop.example")];
+
+/// Sends `clients` concurrent GETs, client i asking for key i % keys on instance i % n.
+async fn spike(instances: &[String], clients: usize, keys: usize) -> Vec<(usize, support::Got)> {
+    let client = support::client();
+    let tasks: Vec<_> = (0..clients)
+        .map(|i| {
+            let client = client.clone();
+            let url = format!("{}/products/{}", instances[i % instances.len()], i % keys);
+            tokio::spawn(async move {
+                let req = Request::get(url).header("host", "shop.example").body(Full::<Bytes>::default()).expect("req");
+                let res = client.request(req).await.expect("request");
+                let (parts, body) = res.into_parts();
+                let body = http_body_util::BodyExt::collect(body).await.expect("body").to_bytes();
+                (i % keys, support::Got { status: parts.status, headers: parts.headers, body })
+            })
+        })
+        .collect();
+    let mut out = Vec::with_capacity(clients);
+    for task in tasks {
+        out.push(task.await.expect("client task"));
+    }
+    out
+}
+
+fn slow_origin_reply(parts: &http::request::Parts) -> Reply {
+    Reply::ok(format!("body of {}", parts.uri.path())).delay(Duration::from_millis(200))
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn five_hundred_clients_fifty_cold_keys_fifty_origin_requests() {
+    let origin = Origin::start().await;
+    origin.set(slow_origin_reply);
+    let bulwark = Bulwark::start(&simple_config(&origin.url(), None, "")).await;
+    let results = spike(&[format!("http://{}", bulwark.addr)], 500, 50).await;
+    for (key, got) in &results {
+        assert_eq!(got.status, 200);
+        assert_eq!(got.text(), format!("body of /products/{key}"));
+    }
+    assert_eq!(origin.total(), 50);
+    let labels = |cache| [("pool", "pdp"), ("cache", cache)];
+    assert_eq!(bulwark.metric("bulwark_requests_total", &labels("miss")).await, 50.0);
+    // Everyone else either waited for a fill or came after it.
+    let collapsed = bulwark.metric("bulwark_requests_total", &labels("collapsed")).await;
+    let hits = bulwark.metric("bulwark_requests_total", &labels("hit_l1")).await;
+    assert_eq!(collapsed + hits, 450.0);
+    assert!(collapsed > 0.0);
+    let collapsed_headers = results.iter().filter(|(_, g)| g.cache_status() == "bulwark; fwd=miss; collapsed").count();
+    assert_eq!(collapsed_headers as f64, collapsed);
+}
+
+/// A config file on disk for a `bulwark serve` process, removed on drop.
+struct Process {
+    child: std::process::Child,
+    url: String,
+    config: std::path::PathBuf,
+}
+
+impl Process {
+    async fn start(origin: &str, redis: &str) -> Process {
+        let (port, admin) = (support::free_port(), support::free_port());
+        let text = simple_config(origin, Some(redis), "lock_timeout = \"3s\"").replace(
+            "[server]\n",
+            &format!("[server]\nlisten = \"127.0.0.1:{port}\"\nadmin_listen = \"127.0.0.1:{admin}\"\n"),
+        );
+        let config = std::env::temp_dir().join(format!("bulwark-spike-{}-{port}.toml", std::process::id()));
+        std::fs::write(&config, text).expect("write config");
+        let child = std::process::Command::new(env!("CARGO_BIN_EXE_bulwark"))
+            .args(["serve", "--config"])
+            .arg(&config)
+            .stdout(std::process::Stdio::null())
+            .stderr(std::process::Stdio::null())
+            .spawn()
+            .expect("spawn bulwark");
+        let client = support::client();
+        let deadline = Instant::now() + Duration::from_secs(10);
+        // Ready when it answers and its Redis event subscription is up (a metric-free
+        // probe: a request through it sees the pool working).
+        while client.get(format!("http://127.0.0.1:{admin}/healthz").parse().expect("uri")).await.is_err() {
+            assert!(Instant::now() < deadline, "bulwark serve did not start");
+            tokio::time::sleep(Duration::from_millis(30)).await;
+        }
+        Process { child, url: format!("http://127.0.0.1:{port}"), config }
+    }
+}
+
+impl Drop for Process {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+        let _ = std::fs::remove_file(&self.config);
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn three_processes_sharing_redis_coalesce_across_replicas() {
+    let redis = RedisServer::start();
+    let origin = Origin::start().await;
+    origin.set(slow_origin_reply);
+    let mut processes = Vec::new();
+    for _ in 0..3 {
+        processes.push(Process::start(&origin.url(), &redis.url()).await);
+    }
+    // Let the event subscriptions come up.
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let urls: Vec<String> = processes.iter().map(|p| p.url.clone()).collect();
+    let results = spike(&urls, 500, 50).await;
+    for (key, got) in &results {
+        assert_eq!((got.status.as_u16(), got.text()), (200, format!("body of /products/{key}").as_str()));
+    }
+    let total = origin.total();
+    assert!(total <= 55, "origin saw {total} requests for 50 keys across 3 replicas");
+    assert!(total >= 50);
+}
+
+#[tokio::test]
+async fn warm_cache_survives_an_origin_that_fails_or_dies() {
+    let origin = Origin::start().await;
+    origin.set(|parts| Reply::ok(format!("stored {}", parts.uri.path())).header("cache-control", "max-age=2"));
+    let bulwark = Bulwark::start(&simple_config(&origin.url(), None, "stale_while_revalidate = \"0s\"\nstale_if_error = \"1m\"")).await;
+    for i in 0..20 {
+        assert_eq!(bulwark.get_with(&format!("/p/{i}"), &HOST).await.status, 200);
+    }
+    tokio::time::sleep(Duration::from_millis(2100)).await;
+    origin.set(|_| Reply::ok("down").status(503));
+    for i in 0..20 {
+        let got = bulwark.get_with(&format!("/p/{i}"), &HOST).await;
+        assert_eq!((got.status.as_u16(), got.text()), (200, format!("stored /p/{i}").as_str()));
+        assert_eq!(got.cache_status(), "bulwark; hit; detail=stale-if-error");
+    }
+    origin.stop();
+    drop(origin);
+    for i in 0..20 {
+        let got = bulwark.get_with(&format!("/p/{i}"), &HOST).await;
+        assert_eq!((got.status.as_u16(), got.text()), (200, format!("stored /p/{i}").as_str()), "origin gone");
+    }
+    assert_eq!(bulwark.metric("bulwark_requests_total", &[("cache", "stale_if_error")]).await, 40.0);
+}
+
+#[tokio::test]
+async fn must_revalidate_forbids_stale_unless_the_route_says_always() {
+    let origin = Origin::start().await;
+    origin.set(|_| Reply::ok("strict").header("cache-control", "max-age=2, must-revalidate"));
+    let base = simple_config(&origin.url(), None, "stale_while_revalidate = \"0s\"");
+    let always = base.replace("origin = \"catalog\"\n", "origin = \"catalog\"\nstale_on_error = \"always\"\n");
+    let strict = Bulwark::start(&base).await;
+    let lenient = Bulwark::start(&always).await;
+    strict.get("/m").await;
+    lenient.get("/m").await;
+    tokio::time::sleep(Duration::from_millis(2100)).await;
+    origin.set(|_| Reply::ok("down").status(503));
+    assert_eq!(strict.get("/m").await.status, 503);
+    let got = lenient.get("/m").await;
+    assert_eq!((got.status.as_u16(), got.text(), got.cache_status()), (200, "strict", "bulwark; hit; detail=stale-if-error"));
+}
+
+#[tokio::test]
+async fn stale_while_revalidate_serves_at_once_and_refreshes_once() {
+    let origin = Origin::start().await;
+    let version = Arc::new(std::sync::atomic::AtomicUsize::new(1));
+    let v = version.clone();
+    origin.set(move |_| {
+        // Date has one-second resolution, so a fresh copy may look up to 1 s old: the
+        // refreshed version lives long enough to be seen fresh.
+        let n = v.load(std::sync::atomic::Ordering::SeqCst);
+        Reply::ok(format!("v{n}"))
+            .header("cache-control", if n == 1 { "max-age=2, stale-while-revalidate=30" } else { "max-age=10" })
+            .delay(Duration::from_millis(300))
+    });
+    let bulwark = Bulwark::start(&simple_config(&origin.url(), None, "")).await;
+    assert_eq!(bulwark.get("/s").await.text(), "v1");
+    tokio::time::sleep(Duration::from_millis(2100)).await;
+    version.store(2, std::sync::atomic::Ordering::SeqCst);
+    let start = Instant::now();
+    for _ in 0..10 {
+        let got = bulwark.get("/s").await;
+        assert_eq!((got.text(), got.cache_status()), ("v1", "bulwark; hit; fwd=stale; detail=stale-while-revalidate"));
+    }
+    // Served without waiting for the 300 ms origin.
+    assert!(start.elapsed() < Duration::from_millis(300), "{:?}", start.elapsed());
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    assert_eq!(origin.total(), 2, "ten stale hits, one background refresh");
+    let got = bulwark.get("/s").await;
+    assert_eq!((got.text(), got.cache_status()), ("v2", "bulwark; hit; detail=l1"));
+}
+
+#[tokio::test]
+async fn a_leader_whose_client_disconnects_still_fills_its_waiters() {
+    let origin = Origin::start().await;
+    origin.set(|_| Reply::ok("filled").delay(Duration::from_millis(500)));
+    let bulwark = Bulwark::start(&simple_config(&origin.url(), None, "")).await;
+    let url = bulwark.url("/leader");
+    let leader = tokio::spawn(async move { support::client().get(url.parse().expect("uri")).await });
+    tokio::time::sleep(Duration::from_millis(100)).await;
+    let url = bulwark.url("/leader");
+    let waiter = tokio::spawn(async move {
+        let res = support::client().get(url.parse().expect("uri")).await.expect("waiter");
+        let status = res.headers()["cache-status"].to_str().expect("ascii").to_owned();
+        let body = http_body_util::BodyExt::collect(res.into_body()).await.expect("body").to_bytes();
+        (status, body)
+    });
+    tokio::time::sleep(Duration::from_millis(100)).await;
+    leader.abort();
+    let (status, body) = waiter.await.expect("waiter task");
+    assert_eq!((status.as_str(), &body[..]), ("bulwark; fwd=miss; collapsed", &b"filled"[..]));
+    assert_eq!(origin.total(), 1);
+    // And the entry was stored for everyone after.
+    assert_eq!(bulwark.get("/leader").await.cache_status(), "bulwark; hit; detail=l1");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn uncacheable_answers_release_waiters_together_then_skip_the_wait() {
+    let origin = Origin::start().await;
+    origin.set(|_| Reply::ok("personal").header("cache-control", "private").delay(Duration::from_millis(300)));
+    let bulwark = Arc::new(Bulwark::start(&simple_config(&origin.url(), None, "")).await);
+    let start = Instant::now();
+    let tasks: Vec<_> = (0..10)
+        .map(|_| {
+            let b = bulwark.clone();
+            tokio::spawn(async move { b.get("/private").await })
+        })
+        .collect();
+    for task in tasks {
+        assert_eq!(task.await.expect("task").text(), "personal");
+    }
+    // One leader (300 ms), then the nine waiters together (300 ms): not ten in a row.
+    let elapsed = start.elapsed();
+    assert!(elapsed < Duration::from_millis(1500), "waiters were serialised: {elapsed:?}");
+    assert_eq!(origin.total(), 10);
+    // Hit-for-miss: concurrent requests now go straight to the origin, in parallel.
+    let start = Instant::now();
+    let tasks: Vec<_> = (0..5)
+        .map(|_| {
+            let b = bulwark.clone();
+            tokio::spawn(async move { b.get("/private").await })
+        })
+        .collect();
+    for task in tasks {
+        assert_eq!(task.await.expect("task").cache_status(), "bulwark; fwd=miss");
+    }
+    assert!(start.elapsed() < Duration::from_millis(550), "{:?}", start.elapsed());
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn past_lock_timeout_one_waiter_takes_over_not_the_herd() {
+    let origin = Origin::start().await;
+    let bulwark = Arc::new(Bulwark::start(&simple_config(&origin.url(), None, "lock_timeout = \"400ms\"")).await);
+    // The first fetches hang far beyond lock_timeout; nothing is stored.
+    origin.set(|_| Reply::ok("late").delay(Duration::from_secs(3)));
+    let start = Instant::now();
+    let waiters: Vec<_> = (0..20)
+        .map(|_| {
+            let b = bulwark.clone();
+            tokio::spawn(async move { b.get("/slow").await })
+        })
+        .collect();
+    // After one lock_timeout exactly one waiter has taken over: two origin requests.
+    tokio::time::sleep(Duration::from_millis(600).saturating_sub(start.elapsed())).await;
+    assert_eq!(origin.total(), 2, "one leader, then exactly one takeover");
+    origin.set(|_| Reply::ok("quick"));
+    for task in waiters {
+        assert_eq!(task.await.expect("task").status, 200);
+    }
+    // The third leader (after the second timeout) got the quick answer for everyone left.
+    assert!(origin.total() <= 4, "the herd was released: {} origin requests", origin.total());
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn past_lock_timeout_waiters_get_the_stale_copy() {
+    let origin = Origin::start().await;
+    origin.set(|_| Reply::ok("old").header("cache-control", "max-age=2"));
+    let config = simple_config(&origin.url(), None, "lock_timeout = \"300ms\"\nstale_while_revalidate = \"0s\"\nstale_if_error = \"1m\"");
+    let bulwark = Arc::new(Bulwark::start(&config).await);
+    assert_eq!(bulwark.get("/st").await.text(), "old");
+    tokio::time::sleep(Duration::from_millis(2100)).await;
+    origin.set(|_| Reply::ok("new").delay(Duration::from_secs(2)));
+    let start = Instant::now();
+    let tasks: Vec<_> = (0..6)
+        .map(|_| {
+            let b = bulwark.clone();
+            tokio::spawn(async move { (b.get("/st").await, start.elapsed()) })
+        })
+        .collect();
+    let mut stale = 0;
+    for task in tasks {
+        let (got, elapsed) = task.await.expect("task");
+        if got.text() == "old" {
+            stale += 1;
+            assert_eq!(got.cache_status(), "bulwark; hit; fwd=stale; detail=stale-while-revalidate");
+            // lock_timeout is 300 ms; 5x margin.
+            assert!(elapsed < Duration::from_millis(1500), "{elapsed:?}");
+        } else {
+            assert_eq!(got.text(), "new", "only the leader waits for the origin");
+        }
+    }
+    assert_eq!(stale, 5);
+    assert_eq!(origin.total(), 2);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn saturated_origin_bounded_in_flight_and_low_priority_shed_first() {
+    let origin = Origin::start().await;
+    origin.set(|parts| Reply::ok(format!("body of {}", parts.uri.path())).header("cache-control", "no-store").delay(Duration::from_millis(600)));
+    let config = format!(
+        r#"
+[server]
+drain_delay = "0s"
+[[origins]]
+name = "catalog"
+url = "{}"
+max_concurrency = 8
+max_queue = 8
+queue_timeout = "1s"
+[[pools]]
+name = "pdp"
+[[routes]]
+name = "critical"
+path_prefix = "/critical/"
+pool = "pdp"
+origin = "catalog"
+priority = "critical"
+[[routes]]
+name = "low"
+path_prefix = "/low/"
+pool = "pdp"
+origin = "catalog"
+priority = "low"
+"#,
+        origin.url()
+    );
+    let bulwark = Arc::new(Bulwark::start(&config).await);
+    let send = |path: String| {
+        let b = bulwark.clone();
+        tokio::spawn(async move {
+            let start = Instant::now();
+            let got = b.get(&path).await;
+            (got, start.elapsed())
+        })
+    };
+    // Eight requests fill the origin's slots for 600 ms.
+    let busy: Vec<_> = (0..8).map(|i| send(format!("/critical/busy/{i}"))).collect();
+    tokio::time::sleep(Duration::from_millis(150)).await;
+    // Then 12 low and 12 critical requests arrive together; the queue holds 8.
+    let mut wave = Vec::new();
+    for i in 0..12 {
+        wave.push(("low", send(format!("/low/{i}"))));
+        wave.push(("critical", send(format!("/critical/{i}"))));
+    }
+    let (mut served_critical, mut shed_critical, mut shed_low) = (0, 0, 0);
+    for (route, task) in wave {
+        let (got, elapsed) = task.await.expect("task");
+        match (route, got.status.as_u16()) {
+            ("critical", 200) => served_critical += 1,
+            (_, 503) => {
+                assert_eq!(got.cache_status(), "bulwark; detail=shed");
+                assert!(got.header("retry-after").is_some());
+                // Within queue_timeout (1 s); 5x margin.
+                assert!(elapsed < Duration::from_secs(5), "{elapsed:?}");
+                if route == "low" { shed_low += 1 } else { shed_critical += 1 }
+            }
+            other => panic!("unexpected {other:?}"),
+        }
+    }
+    for task in busy {
+        assert_eq!(task.await.expect("task").0.status, 200);
+    }
+    // Low requests go first: every one of them is shed, and the queue's eight places
+    // go to critical requests, which get the freed slots.
+    assert_eq!((shed_low, served_critical, shed_critical), (12, 8, 4));
+    assert_eq!(origin.log.max_inflight.load(std::sync::atomic::Ordering::SeqCst), 8);
+    assert_eq!(bulwark.metric("bulwark_requests_total", &[("route", "low"), ("cache", "shed")]).await, 12.0);
+    assert_eq!(bulwark.metric("bulwark_origin_queue_wait_seconds_count", &[("origin", "catalog")]).await, 16.0);
+}
+
+#[tokio::test]
+async fn breaker_opens_answers_fast_without_the_origin_and_closes_after_a_probe() {
+    let origin = Origin::start().await;
+    origin.set(|_| Reply::ok("broken").status(500).header("cache-control", "no-store"));
+    let config = simple_config(&origin.url(), None, "").replace(
+        "timeout = \"5s\"\n",
+        "timeout = \"5s\"\nbreaker_consecutive_failures = 3\nbreaker_open_for = \"300ms\"\n",
+    );
+    let bulwark = Bulwark::start(&config).await;
+    for i in 0..3 {
+        assert_eq!(bulwark.get(&format!("/b/{i}")).await.status, 500);
+    }
+    assert_eq!(bulwark.metric("bulwark_origin_breaker_open", &[("origin", "catalog")]).await, 1.0);
+    for i in 0..5 {
+        let got = bulwark.get(&format!("/c/{i}")).await;
+        assert_eq!((got.status.as_u16(), got.cache_status()), (503, "bulwark; detail=shed"));
+    }
+    assert_eq!(origin.total(), 3, "an open breaker keeps requests off the origin");
+    origin.set(|_| Reply::ok("healthy"));
+    tokio::time::sleep(Duration::from_millis(350)).await;
+    assert_eq!(bulwark.get("/probe").await.text(), "healthy");
+    assert_eq!(bulwark.metric("bulwark_origin_breaker_open", &[("origin", "catalog")]).await, 0.0);
+    assert_eq!(bulwark.get("/after").await.status, 200);
+}
