@@ -246,3 +246,44 @@ pub fn should_refresh_early(entry: &Entry, now: SystemTime) -> bool {
     let draw = fastrand::f64().max(f64::MIN_POSITIVE);
     remaining.as_secs_f64() <= delta * -draw.ln()
 }
+
+#[cfg(test)]
+mod tests {
+    use std::time::{Duration, SystemTime};
+
+    use super::*;
+
+    fn entry_aged(lifetime: Duration, age: Duration) -> (Entry, SystemTime) {
+        let now = SystemTime::now();
+        let entry = Entry {
+            key: "k".into(),
+            status: http::StatusCode::OK,
+            headers: http::HeaderMap::new(),
+            body: bytes::Bytes::new(),
+            request_time: now - age - Duration::from_millis(100),
+            response_time: now - age,
+            initial_age: Duration::ZERO,
+            freshness_lifetime: lifetime,
+            stale_while_revalidate: Duration::ZERO,
+            stale_if_error: Duration::ZERO,
+            no_stale: false,
+            stale_on_error_always: false,
+        };
+        (entry, now)
+    }
+
+    #[test]
+    fn early_refresh_grows_likelier_as_expiry_nears() {
+        let rate = |age_secs: f64| {
+            let (entry, now) = entry_aged(Duration::from_secs(60), Duration::from_secs_f64(age_secs));
+            (0..10_000).filter(|_| should_refresh_early(&entry, now)).count() as f64 / 10_000.0
+        };
+        // delta = max(fetch time 0.1 s, 1% of 60 s) = 0.6 s.
+        assert_eq!(rate(1.0), 0.0, "far from expiry: never");
+        let at_delta = rate(60.0 - 0.6);
+        assert!((0.30..0.44).contains(&at_delta), "one delta before expiry: about e^-1, got {at_delta}");
+        let closer = rate(60.0 - 0.1);
+        assert!(closer > at_delta, "closer to expiry: likelier ({closer} vs {at_delta})");
+        assert_eq!(rate(60.0), 1.0, "at expiry: always");
+    }
+}
