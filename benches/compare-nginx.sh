@@ -1,13 +1,24 @@
 #!/usr/bin/env bash
 # Compares bulwark with nginx proxy_cache in front of the same origin, on this machine,
-# in one run: each server pinned to one core (wrk on another), a 2 KiB cached response,
+# in one run.
+#
+# Throughput: each server pinned to one core (wrk on another), a 2 KiB cached response,
 # 64 connections. Prints requests/s, p99 latency and server CPU time per request for
 # both, and their ratios. Rounds alternate between the two servers; medians are reported.
 #
-#   benches/compare-nginx.sh            # defaults: 3 rounds of 10 s
+# Spike: SPIKE_CLIENTS concurrent clients over SPIKE_KEYS cold keys, origin latency
+# 200 ms, against one instance and against three (bulwark: three processes sharing one
+# Redis; nginx: three instances with proxy_cache_lock on, each with its own cache, as
+# nginx cannot share one). Prints origin requests per unique key.
+#
+#   benches/compare-nginx.sh                 # both; throughput: 3 rounds of 10 s
+#   MODE=spike benches/compare-nginx.sh      # or MODE=throughput
 #   ROUNDS=5 DURATION=20s benches/compare-nginx.sh
 set -euo pipefail
 
+MODE=${MODE:-all}
+SPIKE_CLIENTS=${SPIKE_CLIENTS:-500}
+SPIKE_KEYS=${SPIKE_KEYS:-50}
 ROUNDS=${ROUNDS:-3}
 DURATION=${DURATION:-10s}
 CONNECTIONS=${CONNECTIONS:-64}
@@ -19,11 +30,14 @@ PIDS=()
 cleanup() {
     for pid in "${PIDS[@]}"; do kill "$pid" 2>/dev/null || true; done
     wait 2>/dev/null || true
-    rm -rf "$WORK"
+    [ -n "${KEEP:-}" ] || rm -rf "$WORK"
 }
 trap cleanup EXIT
 
 need() { command -v "$1" >/dev/null 2>&1; }
+if ! need redis-server; then
+    apt-get install -y redis-server >/dev/null 2>&1 || { apt-get update >/dev/null && apt-get install -y redis-server >/dev/null; }
+fi
 if ! need nginx || ! need wrk; then
     echo "installing nginx and wrk..." >&2
     apt-get install -y nginx-light wrk >/dev/null 2>&1 || { apt-get update >/dev/null && apt-get install -y nginx-light wrk >/dev/null; }
@@ -40,13 +54,29 @@ BULWARK="$HERE/target/release/bulwark"
 
 ORIGIN_PORT=$(free_port); BULWARK_PORT=$(free_port); ADMIN_PORT=$(free_port); NGINX_PORT=$(free_port)
 
-# The origin: 2 KiB bodies, cacheable for an hour. Only the warm-up reaches it.
+# The origin: 2 KiB bodies, cacheable for an hour. Only the warm-up reaches it in the
+# throughput runs. Paths under /spike/ take 200 ms and are counted; /__count tells.
 cat > "$WORK/origin.py" <<'PY'
-import http.server, sys
+import http.server, sys, threading, time
 BODY = b"x" * 2048
+COUNT = 0
+LOCK = threading.Lock()
 class Handler(http.server.BaseHTTPRequestHandler):
     protocol_version = "HTTP/1.1"
     def do_GET(self):
+        global COUNT
+        if self.path == "/__count":
+            body = str(COUNT).encode()
+            self.send_response(200)
+            self.send_header("Content-Length", str(len(body)))
+            self.send_header("Cache-Control", "no-store")
+            self.end_headers()
+            self.wfile.write(body)
+            return
+        if self.path.startswith("/spike/"):
+            with LOCK:
+                COUNT += 1
+            time.sleep(0.2)
         self.send_response(200)
         self.send_header("Content-Type", "text/plain")
         self.send_header("Content-Length", str(len(BODY)))
@@ -55,7 +85,10 @@ class Handler(http.server.BaseHTTPRequestHandler):
         self.wfile.write(BODY)
     def log_message(self, *args):
         pass
-http.server.ThreadingHTTPServer(("127.0.0.1", int(sys.argv[1])), Handler).serve_forever()
+class Server(http.server.ThreadingHTTPServer):
+    request_queue_size = 1024
+    daemon_threads = True
+Server(("127.0.0.1", int(sys.argv[1])), Handler).serve_forever()
 PY
 python3 "$WORK/origin.py" "$ORIGIN_PORT" & PIDS+=($!)
 
@@ -116,6 +149,7 @@ for _ in 1 2 3; do curl -fsS -o /dev/null "http://127.0.0.1:$BULWARK_PORT$URL_PA
 curl -fsS -D - -o /dev/null "http://127.0.0.1:$BULWARK_PORT$URL_PATH" | grep -qi 'cache-status: bulwark; hit' || { echo "bulwark is not serving hits" >&2; exit 1; }
 curl -fsS -D - -o /dev/null "http://127.0.0.1:$NGINX_PORT$URL_PATH" | grep -qi 'cache-status: HIT' || { echo "nginx is not serving hits" >&2; exit 1; }
 
+if [ "$MODE" = all ] || [ "$MODE" = throughput ]; then
 # One wrk run against a server: prints "rps p99_ms cpu_us_per_request".
 measure() {
     local port=$1 pid=$2 before after out requests rps p99
@@ -150,3 +184,68 @@ printf '%-10s %14.0f %10.2f %16.2f\n' bulwark "$B_RPS" "$B_P99" "$B_CPU"
 printf '%-10s %14.0f %10.2f %16.2f\n' nginx "$N_RPS" "$N_P99" "$N_CPU"
 printf '%-10s %14.2f %10.2f %16.2f\n' "ratio b/n" "$(awk -v a="$B_RPS" -v b="$N_RPS" 'BEGIN{print a/b}')" \
     "$(awk -v a="$B_P99" -v b="$N_P99" 'BEGIN{print a/b}')" "$(awk -v a="$B_CPU" -v b="$N_CPU" 'BEGIN{print a/b}')"
+fi
+
+if [ "$MODE" = all ] || [ "$MODE" = spike ]; then
+# The spike client: all requests at once from SPIKE_CLIENTS threads, spread round-robin
+# over the instances; prints failures (non-200 or wrong body).
+cat > "$WORK/spike.py" <<'PY'
+import sys, threading, urllib.request
+run, clients, keys = sys.argv[1], int(sys.argv[2]), int(sys.argv[3])
+bases = sys.argv[4:]
+failures = []
+barrier = threading.Barrier(clients)
+def one(i):
+    url = f"{bases[i % len(bases)]}/spike/{run}/{i % keys}"
+    barrier.wait()
+    # Replicas behind a load balancer all see the public host; it is part of the key.
+    req = urllib.request.Request(url, headers={"Host": "shop.example"})
+    try:
+        with urllib.request.urlopen(req, timeout=30) as r:
+            if r.status != 200 or len(r.read()) != 2048:
+                failures.append(url)
+    except Exception as e:
+        failures.append(f"{url}: {e}")
+threads = [threading.Thread(target=one, args=(i,)) for i in range(clients)]
+for t in threads: t.start()
+for t in threads: t.join()
+print(len(failures))
+PY
+origin_count() { curl -fsS "http://127.0.0.1:$ORIGIN_PORT/__count"; }
+# Runs one spike against the given base URLs; prints "origin_requests_per_key failures".
+spike() {
+    local run=$1; shift
+    local before after failed
+    before=$(origin_count)
+    failed=$(python3 "$WORK/spike.py" "$run" "$SPIKE_CLIENTS" "$SPIKE_KEYS" "$@")
+    after=$(origin_count)
+    echo "$(awk -v a="$after" -v b="$before" -v k="$SPIKE_KEYS" 'BEGIN{printf "%.2f", (a-b)/k}') $failed"
+}
+
+REDIS_PORT=$(free_port)
+redis-server --port "$REDIS_PORT" --bind 127.0.0.1 --save "" --appendonly no >/dev/null 2>&1 & PIDS+=($!)
+for _ in $(seq 50); do redis-cli -p "$REDIS_PORT" ping >/dev/null 2>&1 && break; sleep 0.1; done
+B_URLS=(); N_URLS=()
+for i in 1 2 3; do
+    P=$(free_port); A=$(free_port); NP=$(free_port)
+    sed -e "s/^listen = .*/listen = \"127.0.0.1:$P\"/" -e "s/^admin_listen = .*/admin_listen = \"127.0.0.1:$A\"/" \
+        -e "s|^l1_max_bytes = .*|l1_max_bytes = \"64MiB\"\nredis_url = \"redis://127.0.0.1:$REDIS_PORT/0\"|" \
+        "$WORK/bulwark.toml" > "$WORK/bulwark$i.toml"
+    "$BULWARK" serve --config "$WORK/bulwark$i.toml" 2>>"$WORK/bulwark.log" & PIDS+=($!)
+    mkdir -p "$WORK/nginx$i/cache"
+    sed -e "s|$WORK/nginx/|$WORK/nginx$i/|g" -e "s|listen 127.0.0.1:$NGINX_PORT;|listen 127.0.0.1:$NP;|" -e "s|keys_zone=pdp|keys_zone=pdp$i|" -e "s|proxy_cache pdp;|proxy_cache pdp$i;|" \
+        "$WORK/nginx/nginx.conf" > "$WORK/nginx$i/nginx.conf"
+    "$NGINX" -p "$WORK/nginx$i" -c "$WORK/nginx$i/nginx.conf" & PIDS+=($!)
+    B_URLS+=("http://127.0.0.1:$P"); N_URLS+=("http://127.0.0.1:$NP")
+done
+for u in "${B_URLS[@]}" "${N_URLS[@]}"; do wait_http "$u/warm"; done
+sleep 0.5   # the replicas' Redis event subscriptions come up
+
+echo
+echo "spike: $SPIKE_CLIENTS concurrent clients over $SPIKE_KEYS cold keys, origin latency 200 ms"
+printf '%-32s %24s %10s\n' "setup" "origin requests per key" "failures"
+read -r per fail <<<"$(spike b1 "${B_URLS[0]}")"; printf '%-32s %24s %10s\n' "bulwark, 1 instance" "$per" "$fail"
+read -r per fail <<<"$(spike n1 "${N_URLS[0]}")"; printf '%-32s %24s %10s\n' "nginx proxy_cache_lock, 1" "$per" "$fail"
+read -r per fail <<<"$(spike b3 "${B_URLS[@]}")"; printf '%-32s %24s %10s\n' "bulwark, 3 instances + Redis" "$per" "$fail"
+read -r per fail <<<"$(spike n3 "${N_URLS[@]}")"; printf '%-32s %24s %10s\n' "nginx proxy_cache_lock, 3" "$per" "$fail"
+fi
