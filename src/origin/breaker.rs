@@ -34,13 +34,35 @@ struct State {
     window_failures: u32,
 }
 
-/// Permission to send one request; report its result with [`Breaker::record`].
-#[derive(Debug, PartialEq, Eq)]
-pub enum Admit {
-    Yes,
-    /// The half-open probe: its result decides the breaker's state.
-    Probe,
-    No,
+/// Permission to send one request; report its result with [`Permit::record`]. A probe
+/// dropped without a result (its request was cancelled) lets the next request probe.
+pub struct Permit<'a> {
+    breaker: &'a Breaker,
+    probe: bool,
+    recorded: bool,
+}
+
+impl Permit<'_> {
+    pub fn is_probe(&self) -> bool {
+        self.probe
+    }
+
+    /// Records the request's result; returns whether the breaker is open now.
+    pub fn record(mut self, success: bool) -> bool {
+        self.recorded = true;
+        self.breaker.record(self.probe, success)
+    }
+}
+
+impl Drop for Permit<'_> {
+    fn drop(&mut self) {
+        if self.probe && !self.recorded {
+            let mut state = self.breaker.lock();
+            if state.phase == (Phase::HalfOpen { probing: true }) {
+                state.phase = Phase::HalfOpen { probing: false };
+            }
+        }
+    }
 }
 
 pub struct Breaker {
@@ -59,24 +81,25 @@ impl Breaker {
         self.state.lock().unwrap_or_else(|poisoned| poisoned.into_inner())
     }
 
-    pub fn admit(&self) -> Admit {
+    /// Lets a request through, or not (`None`: open, or a probe is already out).
+    pub fn admit(&self) -> Option<Permit<'_>> {
         let mut state = self.lock();
-        match state.phase {
-            Phase::Closed => Admit::Yes,
-            Phase::Open { until } if Instant::now() < until => Admit::No,
+        let probe = match state.phase {
+            Phase::Closed => false,
+            Phase::Open { until } if Instant::now() < until => return None,
             Phase::Open { .. } | Phase::HalfOpen { probing: false } => {
                 state.phase = Phase::HalfOpen { probing: true };
-                Admit::Probe
+                true
             }
-            Phase::HalfOpen { probing: true } => Admit::No,
-        }
+            Phase::HalfOpen { probing: true } => return None,
+        };
+        Some(Permit { breaker: self, probe, recorded: false })
     }
 
-    /// Records the result of an admitted request; returns whether the breaker is open now.
-    pub fn record(&self, admitted: &Admit, success: bool) -> bool {
+    fn record(&self, probe: bool, success: bool) -> bool {
         let mut state = self.lock();
         let now = Instant::now();
-        if *admitted == Admit::Probe {
+        if probe {
             state.phase = if success { Phase::Closed } else { Phase::Open { until: now + self.config.open_for } };
             state.consecutive = 0;
             state.window_start = now;
@@ -123,33 +146,43 @@ mod tests {
         })
     }
 
+    fn send(b: &Breaker, success: bool) -> bool {
+        b.admit().expect("admitted").record(success)
+    }
+
     #[test]
     fn opens_on_consecutive_failures_and_probes_to_close() {
         let b = breaker(Duration::from_millis(30));
-        for _ in 0..2 {
-            let admit = b.admit();
-            assert!(!b.record(&admit, false));
+        assert!(!send(&b, false));
+        assert!(!send(&b, false));
+        assert!(send(&b, false), "third failure in a row opens");
+        assert!(b.admit().is_none());
+        std::thread::sleep(Duration::from_millis(40));
+        let probe = b.admit().expect("probe");
+        assert!(probe.is_probe());
+        assert!(b.admit().is_none(), "one probe at a time");
+        assert!(probe.record(false), "failed probe reopens");
+        std::thread::sleep(Duration::from_millis(40));
+        assert!(!send(&b, true), "successful probe closes");
+        assert!(b.admit().is_some_and(|p| !p.is_probe()));
+    }
+
+    #[test]
+    fn a_cancelled_probe_lets_the_next_request_probe() {
+        let b = breaker(Duration::from_millis(10));
+        for _ in 0..3 {
+            send(&b, false);
         }
-        let admit = b.admit();
-        assert!(b.record(&admit, false), "third failure in a row opens");
-        assert_eq!(b.admit(), Admit::No);
-        std::thread::sleep(Duration::from_millis(40));
-        let probe = b.admit();
-        assert_eq!(probe, Admit::Probe);
-        assert_eq!(b.admit(), Admit::No, "one probe at a time");
-        assert!(b.record(&probe, false), "failed probe reopens");
-        std::thread::sleep(Duration::from_millis(40));
-        let probe = b.admit();
-        assert!(!b.record(&probe, true), "successful probe closes");
-        assert_eq!(b.admit(), Admit::Yes);
+        std::thread::sleep(Duration::from_millis(20));
+        drop(b.admit().expect("probe"));
+        assert!(b.admit().is_some_and(|p| p.is_probe()), "not stuck half-open");
     }
 
     #[test]
     fn opens_on_failure_rate() {
         let b = breaker(Duration::from_secs(5));
         for i in 0..10 {
-            let admit = b.admit();
-            b.record(&admit, i % 2 == 0);
+            send(&b, i % 2 == 0);
         }
         assert!(b.is_open(), "5 of 10 failed, never 3 in a row");
     }

@@ -21,7 +21,7 @@ use hyper_util::rt::{TokioExecutor, TokioTimer};
 pub use bulkhead::Shed;
 
 use crate::config::{OriginConfig, Priority};
-use breaker::{Admit, Breaker};
+use breaker::Breaker;
 use bulkhead::Slot;
 use crate::metrics::{OriginMetrics, OriginStatus};
 
@@ -100,16 +100,15 @@ impl Origin {
     pub async fn send(&self, req: Request<OutgoingBody>, priority: Priority) -> Result<Response<OriginBody>, OriginError> {
         let (slot, waited) = self.bulkhead.acquire(priority).await?;
         self.metrics.queue_wait.record(waited.as_secs_f64());
-        let admit = self.breaker.admit();
-        if admit == Admit::No {
+        let Some(permit) = self.breaker.admit() else {
             return Err(OriginError::BreakerOpen);
-        }
+        };
         let inflight = Inflight::new(&self.metrics, slot);
         let start = Instant::now();
         let result = tokio::time::timeout(self.config.timeout, self.client.request(req)).await;
         self.metrics.duration.record(start.elapsed().as_secs_f64());
         let success = matches!(&result, Ok(Ok(res)) if !is_failure_status(res.status()));
-        let open = self.breaker.record(&admit, success);
+        let open = permit.record(success);
         self.metrics.breaker_open.set(if open { 1.0 } else { 0.0 });
         match result {
             Err(_) => Err(OriginError::Timeout(self.config.timeout)),
