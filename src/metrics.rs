@@ -26,6 +26,7 @@ pub const REDIS_BREAKER_OPEN: &str = "bulwark_redis_breaker_open";
 pub const L1_BYTES: &str = "bulwark_l1_bytes";
 pub const L1_ENTRIES: &str = "bulwark_l1_entries";
 pub const L2_CORRUPT_TOTAL: &str = "bulwark_l2_corrupt_entries_total";
+pub const REDIS_EVENTS_SUBSCRIBED: &str = "bulwark_redis_events_subscribed";
 
 /// Latency buckets, in seconds: from a fast L1 hit to a slow origin.
 const BUCKETS: &[f64] = &[
@@ -130,6 +131,7 @@ impl Registry {
             l1_bytes: self.gauge(L1_BYTES, &labels),
             l1_entries: self.gauge(L1_ENTRIES, &labels),
             l2_corrupt: self.counter(L2_CORRUPT_TOTAL, &labels),
+            events_subscribed: self.gauge(REDIS_EVENTS_SUBSCRIBED, &labels),
         }
     }
 
@@ -193,6 +195,8 @@ pub struct PoolMetrics {
     pub l1_bytes: Gauge,
     pub l1_entries: Gauge,
     pub l2_corrupt: Counter,
+    /// 1 while the pool's Redis event subscription (fills, leases) is up.
+    pub events_subscribed: Gauge,
 }
 
 impl PoolMetrics {

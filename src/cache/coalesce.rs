@@ -22,6 +22,19 @@ use super::Entry;
 /// How long a key whose answer was not storable skips coalescing.
 pub const HIT_FOR_MISS: Duration = Duration::from_secs(5);
 
+/// Takeovers allowed per key while flights keep timing out; after that waiters stay with
+/// the current flight (bounded by the origin's timeouts), so a tiny `lock_timeout` cannot
+/// turn into a stream of origin requests.
+pub const MAX_TAKEOVERS: u32 = 3;
+
+/// An origin answer shared with waiters as it is (a failure status with a small body).
+#[derive(Debug)]
+pub struct Answer {
+    pub status: StatusCode,
+    pub headers: http::HeaderMap,
+    pub body: bytes::Bytes,
+}
+
 /// How a flight ended, as seen by its waiters.
 #[derive(Debug, Clone)]
 pub enum Fill {
@@ -29,14 +42,17 @@ pub enum Fill {
     Stored(Arc<Entry>),
     /// The response may not be stored: each waiter asks the origin itself.
     Uncacheable,
-    /// The origin failed with this status (`shed` when refused before reaching it).
-    Failed { status: StatusCode, shed: bool },
+    /// The origin failed with this status (`shed` when refused before reaching it);
+    /// `answer` is its response when it sent one small enough to share.
+    Failed { status: StatusCode, shed: bool, answer: Option<Arc<Answer>> },
     /// The leader went away without an answer: join again.
     Abandoned,
 }
 
 struct Flight {
     id: u64,
+    /// Takeovers that led to this flight.
+    generation: u32,
     tx: watch::Sender<Option<Fill>>,
 }
 
@@ -53,6 +69,11 @@ pub struct Waiting {
 }
 
 impl Waiting {
+    /// The fill, if the flight has ended.
+    pub fn ended(&self) -> Option<Fill> {
+        self.rx.borrow().clone()
+    }
+
     /// Waits up to `limit` for the flight to end.
     pub async fn wait(&mut self, limit: Duration) -> Option<Fill> {
         match tokio::time::timeout(limit, self.rx.wait_for(Option::is_some)).await {
@@ -82,8 +103,16 @@ impl FlightGuard {
         self.done = true;
         {
             let mut flights = self.coalescer.lock();
-            if flights.get(&self.key).is_some_and(|f| f.id == self.flight.id) {
-                flights.remove(&self.key);
+            match flights.get(&self.key) {
+                Some(current) if current.id == self.flight.id => {
+                    flights.remove(&self.key);
+                }
+                // A takeover replaced this flight and its waiters moved there: a stored
+                // answer serves them too, without waiting for the second fetch.
+                Some(current) if matches!(fill, Fill::Stored(_)) => {
+                    current.tx.send_replace(Some(fill.clone()));
+                }
+                _ => {}
             }
         }
         self.flight.tx.send_replace(Some(fill));
@@ -120,9 +149,9 @@ impl Coalescer {
         self.flights.lock().unwrap_or_else(|poisoned| poisoned.into_inner())
     }
 
-    fn lead(self: &Arc<Self>, flights: &mut HashMap<u128, Arc<Flight>>, key: u128) -> Join {
+    fn lead(self: &Arc<Self>, flights: &mut HashMap<u128, Arc<Flight>>, key: u128, generation: u32) -> Join {
         let (tx, _) = watch::channel(None);
-        let flight = Arc::new(Flight { id: self.next_id.fetch_add(1, Ordering::Relaxed), tx });
+        let flight = Arc::new(Flight { id: self.next_id.fetch_add(1, Ordering::Relaxed), generation, tx });
         flights.insert(key, flight.clone());
         Join::Leader(FlightGuard { coalescer: self.clone(), key, flight, done: false })
     }
@@ -136,7 +165,7 @@ impl Coalescer {
         let mut flights = self.lock();
         match flights.get(&key) {
             Some(flight) => Self::wait_on(flight),
-            None => self.lead(&mut flights, key),
+            None => self.lead(&mut flights, key, 0),
         }
     }
 
@@ -146,19 +175,24 @@ impl Coalescer {
         if flights.contains_key(&key) {
             return None;
         }
-        match self.lead(&mut flights, key) {
+        match self.lead(&mut flights, key, 0) {
             Join::Leader(guard) => Some(guard),
             Join::Waiter(_) => None,
         }
     }
 
     /// After waiting too long on flight `stale_id`: the first caller replaces it and
-    /// leads; everyone else waits on whatever flight is current.
+    /// leads (at most [`MAX_TAKEOVERS`] times in a row); everyone else waits on whatever
+    /// flight is current.
     pub fn take_over(self: &Arc<Self>, key: u128, stale_id: u64) -> Join {
         let mut flights = self.lock();
         match flights.get(&key) {
-            Some(flight) if flight.id != stale_id => Self::wait_on(flight),
-            _ => self.lead(&mut flights, key),
+            Some(flight) if flight.id != stale_id || flight.generation >= MAX_TAKEOVERS => Self::wait_on(flight),
+            Some(flight) => {
+                let generation = flight.generation + 1;
+                self.lead(&mut flights, key, generation)
+            }
+            None => self.lead(&mut flights, key, 0),
         }
     }
 
@@ -206,6 +240,44 @@ mod tests {
         drop(joins);
         assert_eq!(c.in_flight(), 0, "a dropped guard ends its flight");
         waiters.clear();
+    }
+
+    #[tokio::test]
+    async fn takeovers_are_bounded_and_a_late_fill_reaches_the_new_flight() {
+        let c = Coalescer::new();
+        let Join::Leader(first) = c.join(9) else { panic!("leader") };
+        let mut id = match c.join(9) {
+            Join::Waiter(w) => w.flight_id,
+            Join::Leader(_) => panic!("waiter"),
+        };
+        let mut leaders = Vec::new();
+        for _ in 0..10 {
+            match c.take_over(9, id) {
+                Join::Leader(guard) => {
+                    id = guard.flight.id;
+                    leaders.push(guard);
+                }
+                Join::Waiter(w) => id = w.flight_id,
+            }
+        }
+        assert_eq!(leaders.len() as u32, MAX_TAKEOVERS);
+        let Join::Waiter(mut late) = c.join(9) else { panic!("waiter") };
+        let entry = Arc::new(crate::cache::Entry::decode(&crate::cache::Entry {
+            key: "k".into(),
+            status: StatusCode::OK,
+            headers: http::HeaderMap::new(),
+            body: bytes::Bytes::new(),
+            request_time: std::time::SystemTime::now(),
+            response_time: std::time::SystemTime::now(),
+            initial_age: Duration::ZERO,
+            freshness_lifetime: Duration::from_secs(1),
+            stale_while_revalidate: Duration::ZERO,
+            stale_if_error: Duration::ZERO,
+            no_stale: false,
+            stale_on_error_always: false,
+        }.encode()).expect("entry"));
+        first.complete(Fill::Stored(entry));
+        assert!(matches!(late.wait(Duration::from_millis(5)).await, Some(Fill::Stored(_))), "the first leader's fill serves the current flight");
     }
 
     #[tokio::test]

@@ -71,7 +71,7 @@ pub struct RawPool {
     pub default_ttl: Option<ConfigDuration>,
     pub stale_while_revalidate: Option<ConfigDuration>,
     pub stale_if_error: Option<ConfigDuration>,
-    pub lock_timeout: Option<ConfigDuration>,
+    pub lock_timeout: Option<Spanned<ConfigDuration>>,
 }
 
 #[derive(Debug, Deserialize)]

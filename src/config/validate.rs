@@ -274,7 +274,11 @@ fn pool(raw: raw::RawPool) -> Result<PoolConfig> {
         default_ttl: dur(raw.default_ttl, Duration::from_secs(60)),
         stale_while_revalidate: dur(raw.stale_while_revalidate, Duration::from_secs(30)),
         stale_if_error: dur(raw.stale_if_error, Duration::from_secs(600)),
-        lock_timeout: dur(raw.lock_timeout, Duration::from_secs(5)),
+        lock_timeout: match raw.lock_timeout {
+            None => Duration::from_secs(5),
+            Some(t) if t.get_ref().0 >= Duration::from_millis(50) => t.get_ref().0,
+            Some(t) => return err(t.span(), "lock_timeout must be at least 50ms (waiters would take over faster than an origin answers)"),
+        },
     })
 }
 

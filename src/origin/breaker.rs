@@ -127,6 +127,16 @@ impl Breaker {
         matches!(state.phase, Phase::Open { .. })
     }
 
+    /// Whether requests are being refused right now (open and not yet due for a probe,
+    /// or a probe is out).
+    pub fn is_open_now(&self) -> bool {
+        match self.lock().phase {
+            Phase::Closed | Phase::HalfOpen { probing: false } => false,
+            Phase::Open { until } => Instant::now() < until,
+            Phase::HalfOpen { probing: true } => true,
+        }
+    }
+
     pub fn is_open(&self) -> bool {
         !matches!(self.lock().phase, Phase::Closed)
     }

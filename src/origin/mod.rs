@@ -98,8 +98,14 @@ impl Origin {
     /// the breaker lets it through. The slot is held until the response body is finished
     /// or dropped.
     pub async fn send(&self, req: Request<OutgoingBody>, priority: Priority) -> Result<Response<OriginBody>, OriginError> {
-        let (slot, waited) = self.bulkhead.acquire(priority).await?;
-        self.metrics.queue_wait.record(waited.as_secs_f64());
+        // An open breaker answers at once, without queueing for a slot first.
+        if self.breaker.is_open_now() {
+            return Err(OriginError::BreakerOpen);
+        }
+        let queued_at = Instant::now();
+        let acquired = self.bulkhead.acquire(priority).await;
+        self.metrics.queue_wait.record(queued_at.elapsed().as_secs_f64());
+        let (slot, _) = acquired?;
         let Some(permit) = self.breaker.admit() else {
             return Err(OriginError::BreakerOpen);
         };

@@ -14,7 +14,7 @@ use super::forward::{ClientInfo, forward_headers, origin_uri, strip_hop_by_hop};
 use super::{ProxyBody, RouteRuntime};
 use crate::cache::policy;
 use crate::cache::{CacheKey, Encodings, Entry};
-use crate::config::StaleOnError;
+use crate::config::{Priority, StaleOnError};
 use crate::error::ProxyError;
 use crate::metrics::OriginStatus;
 use crate::origin::{OriginBody, OriginError, OutgoingBody};
@@ -28,8 +28,8 @@ pub enum Fetched {
 }
 
 /// Sends a request to the route's origin, counting the outcome per route.
-pub async fn send(route: &RouteRuntime, req: Request<OutgoingBody>) -> Result<Response<OriginBody>, ProxyError> {
-    match route.origin.send(req, route.config.priority).await {
+pub async fn send(route: &RouteRuntime, req: Request<OutgoingBody>, priority: Priority) -> Result<Response<OriginBody>, ProxyError> {
+    match route.origin.send(req, priority).await {
         Ok(res) => {
             route.metrics.origin_response(OriginStatus::Class(res.status().as_u16()));
             Ok(res)
@@ -55,6 +55,7 @@ pub async fn fetch(
     client: &ClientInfo,
     key: &CacheKey,
     encodings: Encodings,
+    priority: Priority,
 ) -> Result<Fetched, ProxyError> {
     let origin = &route.origin.config;
     let mut headers = forward_headers(parts, client, origin);
@@ -73,7 +74,7 @@ pub async fn fetch(
     *req.version_mut() = Version::HTTP_11;
     *req.headers_mut() = headers;
     let request_time = SystemTime::now();
-    let res = send(route, req).await?;
+    let res = send(route, req, priority).await?;
     let response_time = SystemTime::now();
     let (mut res_parts, body) = res.into_parts();
     strip_hop_by_hop(&mut res_parts.headers);
@@ -185,7 +186,7 @@ pub async fn pass_through(
     *req.uri_mut() = origin_uri(origin, &parts.uri)?;
     *req.version_mut() = Version::HTTP_11;
     *req.headers_mut() = forward_headers(&parts, client, origin);
-    let res = send(route, req).await?;
+    let res = send(route, req, route.config.priority).await?;
     let (mut res_parts, body) = res.into_parts();
     strip_hop_by_hop(&mut res_parts.headers);
     let head = parts.method == Method::HEAD;

@@ -3,25 +3,30 @@
 //!
 //! The fetch runs in its own task, so a leader whose client goes away neither cancels
 //! it nor strands its waiters. Waiters get the stored entry (`collapsed`), are released
-//! together to ask the origin themselves when the answer was not storable, share the
-//! failure when the origin failed, and after `lock_timeout` take a stale copy or, one of
+//! together to ask the origin themselves when the answer may not be stored, share the
+//! origin's answer when it failed, and after `lock_timeout` take a stale copy or, one of
 //! them, take over the flight.
 
 use std::sync::Arc;
-use std::time::{Duration, SystemTime};
+use std::time::{Duration, Instant, SystemTime};
 
-use http::request;
-use http::Response;
+use http::{Response, request};
+use http_body::Body;
+use http_body_util::BodyExt;
 use tokio::sync::oneshot;
 
 use super::fetch::{self, Fetched};
 use super::forward::ClientInfo;
 use super::{Outcome, ProxyBody, RouteRuntime, StaleReason, failed, respond};
-use crate::cache::coalesce::{Fill, FlightGuard, Join};
-use crate::cache::shared::{Announcement, Lease};
+use crate::cache::coalesce::{Answer, Fill, FlightGuard, Join};
+use crate::cache::shared::{Announcement, Lease, SharedTier};
 use crate::cache::{CacheKey, Encodings, Entry};
+use crate::config::Priority;
 use crate::error::{ProxyError, error_response};
 use crate::origin::is_failure_status;
+
+/// Failure answers up to this size are read whole and shared with waiters.
+const SHARED_ANSWER_BYTES: usize = 64 * 1024;
 
 /// Everything a fetch needs, owned, so it can run in its own task.
 #[derive(Clone)]
@@ -31,11 +36,23 @@ pub struct FetchJob {
     pub client: ClientInfo,
     pub key: CacheKey,
     pub encodings: Encodings,
+    /// A background refresh: it queues for the origin at `low` priority, so it never
+    /// takes a slot from a request that has nothing to serve.
+    pub background: bool,
+}
+
+impl FetchJob {
+    async fn fetch(&self) -> Result<Fetched, ProxyError> {
+        let priority = if self.background { Priority::Low } else { self.route.config.priority };
+        fetch::fetch(&self.route, &self.parts, &self.client, &self.key, self.encodings, priority).await
+    }
 }
 
 /// What the flight task hands its leader.
 enum LeaderResult {
     Fetched(Result<Fetched, ProxyError>),
+    /// The origin failed; its answer, read whole to share with the waiters.
+    Answer(Arc<Answer>),
     /// Another replica filled the key while we held back.
     FromPeer(Arc<Entry>),
 }
@@ -43,7 +60,7 @@ enum LeaderResult {
 /// A miss (or a stale entry past its stale-while-revalidate window): fetch under
 /// coalescing and answer.
 pub async fn miss(job: FetchJob, stale: Option<Arc<Entry>>, head: bool) -> (Response<ProxyBody>, Outcome) {
-    let pool = &job.route.pool;
+    let pool = job.route.pool.clone();
     if pool.coalescer.is_hit_for_miss(job.key.hash).await {
         return direct(&job, stale.as_deref(), head).await;
     }
@@ -54,50 +71,78 @@ pub async fn miss(job: FetchJob, stale: Option<Arc<Entry>>, head: bool) -> (Resp
             Join::Leader(guard) => return lead(job, guard, stale, head).await,
             Join::Waiter(waiting) => waiting,
         };
-        match waiting.wait(lock_timeout).await {
-            Some(Fill::Stored(entry)) => return (respond::from_entry(&entry, head, true, SystemTime::now()), Outcome::Collapsed),
-            Some(Fill::Uncacheable) => return direct(&job, stale.as_deref(), head).await,
-            Some(Fill::Failed { status, shed }) => {
+        let fill = match waiting.wait(lock_timeout).await {
+            Some(fill) => fill,
+            // The flight may have ended just as the wait timed out.
+            None => match waiting.ended() {
+                Some(fill) => fill,
+                None => {
+                    if let Some(served) = serve_stale(stale.as_deref(), head) {
+                        return served;
+                    }
+                    join = pool.coalescer.take_over(job.key.hash, waiting.flight_id);
+                    continue;
+                }
+            },
+        };
+        match fill {
+            Fill::Stored(entry) => return (respond::from_entry(&entry, head, true, SystemTime::now()), Outcome::Collapsed),
+            Fill::Uncacheable => return direct(&job, stale.as_deref(), head).await,
+            Fill::Failed { status, shed, answer } => {
                 if let Some(served) = stale_if_error(stale.as_deref(), head) {
                     return served;
                 }
-                let err = ProxyError::OriginStatus { origin: job.route.origin.config.name.clone(), status };
-                return (error_response(&err), if shed { Outcome::Shed } else { Outcome::Error });
+                return match answer {
+                    Some(answer) => (respond::from_answer(&answer, head), Outcome::Collapsed),
+                    None => {
+                        let err = ProxyError::OriginStatus { origin: job.route.origin.config.name.clone(), status };
+                        (error_response(&err), if shed { Outcome::Shed } else { Outcome::Error })
+                    }
+                };
             }
-            Some(Fill::Abandoned) => join = pool.coalescer.join(job.key.hash),
-            None => {
-                let now = SystemTime::now();
-                if let Some(entry) = stale.as_ref().filter(|e| e.within_stale_while_revalidate(now) || e.within_stale_if_error(now)) {
-                    return (respond::from_entry(entry, head, true, now), Outcome::Stale(StaleReason::WhileRevalidate));
-                }
-                join = pool.coalescer.take_over(job.key.hash, waiting.flight_id);
-            }
+            Fill::Abandoned => join = pool.coalescer.join(job.key.hash),
         }
     }
 }
 
 /// Starts a background refresh of the key unless one is already running.
-pub fn refresh_in_background(job: FetchJob) {
+pub fn refresh_in_background(mut job: FetchJob) {
+    job.background = true;
     if let Some(guard) = job.route.pool.coalescer.try_lead(job.key.hash) {
         tokio::spawn(run_flight(job, guard, None));
     }
 }
 
-/// Leads the flight: runs it in its own task and answers from its result.
+/// Leads the flight: runs it in its own task and answers from its result. With a stale
+/// copy at hand, waits no longer than `lock_timeout` for it, like the waiters.
 async fn lead(job: FetchJob, guard: FlightGuard, stale: Option<Arc<Entry>>, head: bool) -> (Response<ProxyBody>, Outcome) {
     let (tx, rx) = oneshot::channel();
+    let lock_timeout = job.route.pool.config.lock_timeout;
     tokio::spawn(run_flight(job, guard, Some(tx)));
-    match rx.await {
+    let now = SystemTime::now();
+    let result = if stale.as_ref().is_some_and(|e| e.within_stale_while_revalidate(now) || e.within_stale_if_error(now)) {
+        match tokio::time::timeout(lock_timeout, rx).await {
+            Ok(result) => result,
+            Err(_) => return serve_stale(stale.as_deref(), head).unwrap_or_else(|| failed(&ProxyError::Internal("stale copy vanished"))),
+        }
+    } else {
+        rx.await
+    };
+    match result {
         Ok(LeaderResult::FromPeer(entry)) => (respond::from_entry(&entry, head, true, SystemTime::now()), Outcome::Collapsed),
+        Ok(LeaderResult::Answer(answer)) => match stale_if_error(stale.as_deref(), head) {
+            Some(served) => served,
+            None => (respond::from_answer(&answer, head), Outcome::Miss { stored: false }),
+        },
         Ok(LeaderResult::Fetched(result)) => answer(result, stale.as_deref(), head),
         Err(_) => failed(&ProxyError::Internal("the fetch task ended without an answer")),
     }
 }
 
-/// Fetches without coalescing (keys recently answered with something not storable) and
-/// stores the answer if it turned storable.
-async fn direct(job: &FetchJob, stale: Option<&Entry>, head: bool) -> (Response<ProxyBody>, Outcome) {
-    let result = fetch::fetch(&job.route, &job.parts, &job.client, &job.key, job.encodings).await;
+/// Fetches without coalescing (keys recently answered with something not storable,
+/// authenticated requests) and stores the answer if it may be stored.
+pub async fn direct(job: &FetchJob, stale: Option<&Entry>, head: bool) -> (Response<ProxyBody>, Outcome) {
+    let result = job.fetch().await;
     if let Ok(Fetched::Storable(entry)) = &result {
         job.route.pool.coalescer.forget_uncacheable(job.key.hash).await;
         job.route.pool.store(&job.key, entry.clone()).await;
@@ -136,10 +181,25 @@ pub fn stale_if_error(stale: Option<&Entry>, head: bool) -> Option<(Response<Pro
     Some((respond::from_entry(entry, head, true, now), Outcome::Stale(StaleReason::IfError)))
 }
 
+/// A stale copy for a request that waited `lock_timeout`, labelled by the window that
+/// allows it.
+fn serve_stale(stale: Option<&Entry>, head: bool) -> Option<(Response<ProxyBody>, Outcome)> {
+    let now = SystemTime::now();
+    let entry = stale?;
+    let reason = if entry.within_stale_while_revalidate(now) {
+        StaleReason::WhileRevalidate
+    } else if entry.within_stale_if_error(now) {
+        StaleReason::IfError
+    } else {
+        return None;
+    };
+    Some((respond::from_entry(entry, head, true, now), Outcome::Stale(reason)))
+}
+
 /// The flight itself: cross-replica lease, fetch, store, tell the waiters and the leader,
 /// then (off every request's path) write to Redis and announce the fill.
 async fn run_flight(job: FetchJob, guard: FlightGuard, leader: Option<oneshot::Sender<LeaderResult>>) {
-    let pool = &job.route.pool;
+    let pool = job.route.pool.clone();
     let mut lease_token = None;
     if let Some(l2) = &pool.l2 {
         match hold_back_for_peers(&job, l2).await {
@@ -155,84 +215,113 @@ async fn run_flight(job: FetchJob, guard: FlightGuard, leader: Option<oneshot::S
             PeerOutcome::FetchAnyway => {}
         }
     }
-    let result = fetch::fetch(&job.route, &job.parts, &job.client, &job.key, job.encodings).await;
-    let fill = match &result {
+    let (fill, result) = match job.fetch().await {
         Ok(Fetched::Storable(entry)) => {
             pool.l1.insert(&job.key, entry.clone()).await;
-            Fill::Stored(entry.clone())
+            (Fill::Stored(entry.clone()), LeaderResult::Fetched(Ok(Fetched::Storable(entry))))
         }
-        Ok(Fetched::Streamed(parts, _)) if is_failure_status(parts.status) => Fill::Failed { status: parts.status, shed: false },
-        Ok(Fetched::Streamed(..)) => {
+        Ok(Fetched::Streamed(parts, body)) if is_failure_status(parts.status) => {
+            let status = parts.status;
+            match read_answer(parts, body, job.route.origin.config.timeout).await {
+                Ok(answer) => (Fill::Failed { status, shed: false, answer: Some(answer.clone()) }, LeaderResult::Answer(answer)),
+                Err(result) => (Fill::Failed { status, shed: false, answer: None }, LeaderResult::Fetched(Ok(result))),
+            }
+        }
+        Ok(streamed @ Fetched::Streamed(..)) => {
             pool.coalescer.remember_uncacheable(job.key.hash).await;
-            Fill::Uncacheable
+            (Fill::Uncacheable, LeaderResult::Fetched(Ok(streamed)))
         }
-        Err(err) => Fill::Failed { status: err.status(), shed: err.is_shed() },
+        Err(err) => (Fill::Failed { status: err.status(), shed: err.is_shed(), answer: None }, LeaderResult::Fetched(Err(err))),
     };
     guard.complete(fill.clone());
     if let Some(tx) = leader {
-        let _ = tx.send(LeaderResult::Fetched(result));
+        let _ = tx.send(result);
     }
     if let Some(l2) = &pool.l2 {
-        let written = match &fill {
-            Fill::Stored(entry) => l2.put(&job.key, entry).await,
-            _ => false,
+        let announcement = match &fill {
+            Fill::Stored(entry) if l2.put(&job.key, entry).await => Announcement::Filled,
+            Fill::Uncacheable => Announcement::Uncacheable,
+            _ => Announcement::Failed,
         };
         if let Some(token) = lease_token {
-            let announcement = if written { Announcement::Filled } else { Announcement::NotFilled };
             l2.finish_lease(&job.key, &token, announcement).await;
         }
+    }
+}
+
+/// Reads a failure answer whole if it is small, to share it; otherwise gives the
+/// response back to be streamed to the leader alone.
+async fn read_answer(parts: http::response::Parts, body: ProxyBody, timeout: Duration) -> Result<Arc<Answer>, Fetched> {
+    let small = body.size_hint().upper().is_some_and(|n| n <= SHARED_ANSWER_BYTES as u64);
+    if !small {
+        return Err(Fetched::Streamed(parts, body));
+    }
+    match tokio::time::timeout(timeout, body.collect()).await {
+        Ok(Ok(collected)) => Ok(Arc::new(Answer { status: parts.status, headers: parts.headers, body: collected.to_bytes() })),
+        _ => Ok(Arc::new(Answer { status: parts.status, headers: parts.headers, body: bytes::Bytes::new() })),
     }
 }
 
 enum PeerOutcome {
     /// Another replica stored the entry: use it.
     Filled(Arc<Entry>),
-    /// We hold the key's lease: fetch, then release it with an announcement.
+    /// We (may) hold the key's lease: fetch, then release it with an announcement.
     Lease(String),
-    /// No lease to be had (Redis unavailable, or the holder took too long): fetch.
+    /// No lease to be had (Redis unavailable, or waited as long as a lease can live).
     FetchAnyway,
 }
 
 /// Asks for the key's lease; while another replica holds it, waits for its announcement
-/// (at most `lock_timeout`, then one more try for the lease, which expires with its
-/// holder).
-async fn hold_back_for_peers(job: &FetchJob, l2: &crate::cache::shared::SharedTier) -> PeerOutcome {
+/// (`lock_timeout` at a time, then asks again: a lease expires with a dead holder). After
+/// a failure announcement the replicas compete again, so one of them tries next.
+async fn hold_back_for_peers(job: &FetchJob, l2: &SharedTier) -> PeerOutcome {
     let lock_timeout = job.route.pool.config.lock_timeout;
-    let now = SystemTime::now();
-    for attempt in 0..2 {
-        let announced = l2.watch_fill(&job.key);
-        match l2.acquire_lease(&job.key, lock_timeout).await {
+    // Long enough for the holder's whole fetch, so a live holder keeps it.
+    let lease_ttl = job.route.origin.config.timeout + lock_timeout;
+    let give_up = Instant::now() + lease_ttl + lock_timeout;
+    loop {
+        let watch = l2.watch_fill(&job.key);
+        match l2.acquire_lease(&job.key, lease_ttl).await {
             Lease::Unavailable => {
-                l2.unwatch_fill(&job.key);
+                l2.unwatch_fill(&watch);
                 return PeerOutcome::FetchAnyway;
             }
+            Lease::Uncertain(token) => {
+                l2.unwatch_fill(&watch);
+                return PeerOutcome::Lease(token);
+            }
             Lease::Acquired(token) => {
-                l2.unwatch_fill(&job.key);
+                l2.unwatch_fill(&watch);
                 // A peer may have filled the key just before we asked.
-                if let Some(entry) = l2.recheck(&job.key).await.filter(|e| e.is_fresh(now)) {
+                if let Some(entry) = l2.recheck(&job.key).await.filter(|e| e.is_fresh(SystemTime::now())) {
                     l2.finish_lease(&job.key, &token, Announcement::Filled).await;
                     return PeerOutcome::Filled(Arc::new(entry));
                 }
                 return PeerOutcome::Lease(token);
             }
-            Lease::Held => match tokio::time::timeout(lock_timeout, announced).await {
-                Ok(Ok(Announcement::Filled)) => {
-                    if let Some(entry) = l2.get(&job.key).await {
-                        return PeerOutcome::Filled(Arc::new(entry));
-                    }
+            Lease::Held => {
+                let left = give_up.saturating_duration_since(Instant::now());
+                if left.is_zero() {
+                    l2.unwatch_fill(&watch);
                     return PeerOutcome::FetchAnyway;
                 }
-                Ok(Ok(Announcement::NotFilled)) => return PeerOutcome::FetchAnyway,
-                Ok(Err(_)) | Err(_) => {
-                    l2.unwatch_fill(&job.key);
-                    if attempt == 1 {
-                        return PeerOutcome::FetchAnyway;
+                let id = watch.id();
+                let hash = watch.hash;
+                match tokio::time::timeout(lock_timeout.min(left), watch.rx).await {
+                    Ok(Ok(Announcement::Filled)) => {
+                        return match l2.get(&job.key).await {
+                            Some(entry) => PeerOutcome::Filled(Arc::new(entry)),
+                            None => PeerOutcome::FetchAnyway,
+                        };
                     }
+                    Ok(Ok(Announcement::Uncacheable)) => return PeerOutcome::FetchAnyway,
+                    // Failed, the subscription dropped, or no word in time: ask again.
+                    Ok(Ok(Announcement::Failed)) | Ok(Err(_)) => {}
+                    Err(_) => l2.unwatch_id(hash, id),
                 }
-            },
+            }
         }
     }
-    PeerOutcome::FetchAnyway
 }
 
 /// Probabilistic early expiration (XFetch): a fresh entry is refreshed before it
@@ -246,7 +335,6 @@ pub fn should_refresh_early(entry: &Entry, now: SystemTime) -> bool {
     let draw = fastrand::f64().max(f64::MIN_POSITIVE);
     remaining.as_secs_f64() <= delta * -draw.ln()
 }
-
 #[cfg(test)]
 mod tests {
     use std::time::{Duration, SystemTime};

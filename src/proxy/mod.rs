@@ -205,7 +205,18 @@ async fn cache_aside(route: &Arc<RouteRuntime>, parts: request::Parts, client: &
     let stored = if parts.headers.contains_key(AUTHORIZATION) { None } else { route.pool.lookup(&key).await };
     let now = SystemTime::now();
     let cache_only = route.config.mode == RouteMode::CacheOnly;
-    let job = |parts: request::Parts| flight::FetchJob { route: route.clone(), parts, client: client.clone(), key: key.clone(), encodings };
+    let job = |parts: request::Parts| flight::FetchJob {
+        route: route.clone(),
+        parts,
+        client: client.clone(),
+        key: key.clone(),
+        encodings,
+        background: false,
+    };
+    if parts.headers.contains_key(AUTHORIZATION) {
+        // Not coalesced either: another client's answer is not this one's.
+        return flight::direct(&job(parts), None, head).await;
+    }
     if let Some((entry, tier)) = &stored {
         if entry.is_fresh(now) {
             if !cache_only && flight::should_refresh_early(entry, now) {

@@ -23,6 +23,15 @@ pub fn from_entry(entry: &Entry, head: bool, with_age: bool, now: SystemTime) ->
     res
 }
 
+/// An origin answer shared between a flight's leader and waiters.
+pub fn from_answer(answer: &crate::cache::coalesce::Answer, head: bool) -> Response<ProxyBody> {
+    let mut res = Response::new(if head { ProxyBody::empty() } else { ProxyBody::full(answer.body.clone()) });
+    *res.status_mut() = answer.status;
+    *res.headers_mut() = answer.headers.clone();
+    res.headers_mut().insert(CONTENT_LENGTH, HeaderValue::from(answer.body.len()));
+    res
+}
+
 /// An origin response passed through; a HEAD request gets the headers only.
 pub fn streamed(parts: response::Parts, body: ProxyBody, head: bool) -> Response<ProxyBody> {
     Response::from_parts(parts, if head { ProxyBody::empty() } else { body })

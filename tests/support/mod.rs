@@ -187,6 +187,8 @@ pub struct Origin {
     pub log: Arc<OriginLog>,
     behaviour: Arc<Mutex<Behaviour>>,
     task: tokio::task::JoinHandle<()>,
+    /// Open connections, so that stopping the origin closes them too.
+    connections: Arc<Mutex<Vec<tokio::task::AbortHandle>>>,
 }
 
 impl Origin {
@@ -202,20 +204,23 @@ impl Origin {
             Reply::ok(format!("body of {target}"))
         })));
         let (log2, behaviour2) = (log.clone(), behaviour.clone());
+        let connections: Arc<Mutex<Vec<tokio::task::AbortHandle>>> = Arc::default();
+        let conns2 = connections.clone();
         let task = tokio::spawn(async move {
             loop {
                 let Ok((stream, _)) = listener.accept().await else { continue };
                 let (log, behaviour) = (log2.clone(), behaviour2.clone());
-                tokio::spawn(async move {
+                let conn = tokio::spawn(async move {
                     let service = service_fn(move |req: Request<Incoming>| {
                         let (log, behaviour) = (log.clone(), behaviour.clone());
                         async move { Ok::<_, Infallible>(answer(req, &log, &behaviour).await) }
                     });
                     let _ = hyper::server::conn::http1::Builder::new().serve_connection(TokioIo::new(stream), service).await;
                 });
+                conns2.lock().expect("connections lock").push(conn.abort_handle());
             }
         });
-        Origin { addr, log, behaviour, task }
+        Origin { addr, log, behaviour, task, connections }
     }
 
     pub fn url(&self) -> String {
@@ -238,16 +243,18 @@ impl Origin {
         self.log.last_request.lock().expect("log lock").clone().expect("origin saw a request")
     }
 
-    /// Stops accepting new connections (existing ones are dropped with the task's children
-    /// only when they finish).
+    /// Shuts the origin down: no listener, every open connection closed.
     pub fn stop(&self) {
         self.task.abort();
+        for conn in self.connections.lock().expect("connections lock").drain(..) {
+            conn.abort();
+        }
     }
 }
 
 impl Drop for Origin {
     fn drop(&mut self) {
-        self.task.abort();
+        self.stop();
     }
 }
 

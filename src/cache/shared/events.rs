@@ -23,17 +23,34 @@ use crate::metrics::{PoolMetrics, RedisOp};
 pub enum Announcement {
     /// The entry is in Redis now.
     Filled,
-    /// Nothing was stored (not storable, or the origin failed): fetch yourself.
-    NotFilled,
+    /// The answer may not be stored: each replica fetches for itself.
+    Uncacheable,
+    /// The origin failed (or the entry could not be written): compete for the lease
+    /// again, so one replica, not all, tries next.
+    Failed,
 }
 
 impl Announcement {
     pub fn message(self, hash: u128) -> String {
         let kind = match self {
             Announcement::Filled => "fill",
-            Announcement::NotFilled => "nofill",
+            Announcement::Uncacheable => "nofill",
+            Announcement::Failed => "failed",
         };
         format!("{kind}:{hash:032x}")
+    }
+}
+
+/// A registration for one key's announcement; pass it back to unwatch.
+pub struct Watch {
+    pub hash: u128,
+    id: u64,
+    pub rx: oneshot::Receiver<Announcement>,
+}
+
+impl Watch {
+    pub fn id(&self) -> u64 {
+        self.id
     }
 }
 
@@ -44,6 +61,9 @@ pub enum Lease {
     Acquired(String),
     /// Another replica holds it.
     Held,
+    /// The request timed out: the lease may or may not be ours. Fetch, then release it
+    /// with this token (a no-op if it is not ours), so peers are not left waiting.
+    Uncertain(String),
     /// Redis or its event channel is unavailable: coalesce in-process only.
     Unavailable,
 }
@@ -51,12 +71,16 @@ pub enum Lease {
 /// Deletes the lease only if it still holds our token.
 pub const RELEASE_LEASE: &str = "if redis.call('get', KEYS[1]) == ARGV[1] then return redis.call('del', KEYS[1]) else return 0 end";
 
+type Waiters = HashMap<u128, Vec<(u64, oneshot::Sender<Announcement>)>>;
+
 /// Local side of the event channel.
 #[derive(Default)]
 pub struct Events {
-    /// One waiter per key at most (only a key's in-process leader waits on a lease); a
-    /// std mutex held for one map operation.
-    waiters: Mutex<HashMap<u128, oneshot::Sender<Announcement>>>,
+    /// Who waits for which key's announcement (a key can have more than one flight in
+    /// this process after a takeover). A std mutex held for one map operation; entries
+    /// leave on announcement, on unwatch, and all at once when the subscription drops.
+    waiters: Mutex<Waiters>,
+    next_id: std::sync::atomic::AtomicU64,
     /// Whether the subscription is up. Written by the subscriber task only.
     subscribed: AtomicBool,
 }
@@ -66,17 +90,24 @@ impl Events {
         self.subscribed.load(Ordering::Acquire)
     }
 
-    pub fn watch(&self, hash: u128) -> oneshot::Receiver<Announcement> {
+    pub fn watch(&self, hash: u128) -> Watch {
         let (tx, rx) = oneshot::channel();
-        self.lock().insert(hash, tx);
-        rx
+        let id = self.next_id.fetch_add(1, Ordering::Relaxed);
+        self.lock().entry(hash).or_default().push((id, tx));
+        Watch { hash, id, rx }
     }
 
-    pub fn unwatch(&self, hash: u128) {
-        self.lock().remove(&hash);
+    pub fn unwatch(&self, hash: u128, id: u64) {
+        let mut waiters = self.lock();
+        if let Some(list) = waiters.get_mut(&hash) {
+            list.retain(|(i, _)| *i != id);
+            if list.is_empty() {
+                waiters.remove(&hash);
+            }
+        }
     }
 
-    fn lock(&self) -> std::sync::MutexGuard<'_, HashMap<u128, oneshot::Sender<Announcement>>> {
+    fn lock(&self) -> std::sync::MutexGuard<'_, Waiters> {
         self.waiters.lock().unwrap_or_else(|p| p.into_inner())
     }
 
@@ -85,13 +116,20 @@ impl Events {
         let Ok(hash) = u128::from_str_radix(hash, 16) else { return };
         let announcement = match kind {
             "fill" => Announcement::Filled,
-            "nofill" => Announcement::NotFilled,
+            "nofill" => Announcement::Uncacheable,
+            "failed" => Announcement::Failed,
             _ => return,
         };
-        let waiter = self.lock().remove(&hash);
-        if let Some(tx) = waiter {
+        let waiters = self.lock().remove(&hash);
+        for (_, tx) in waiters.into_iter().flatten() {
             let _ = tx.send(announcement);
         }
+    }
+
+    /// The subscription dropped: announcements sent meanwhile are lost, so every waiter
+    /// is woken (its channel closes) to check for itself.
+    fn wake_all(&self) {
+        self.lock().clear();
     }
 
     /// Subscribes to `channel` and dispatches its messages until `stop` fires,
@@ -109,6 +147,7 @@ impl Events {
                 let mut pubsub = client.get_async_pubsub().await?;
                 pubsub.subscribe(&channel).await?;
                 self.subscribed.store(true, Ordering::Release);
+                metrics.events_subscribed.set(1.0);
                 let mut messages = pubsub.into_on_message();
                 while let Some(msg) = messages.next().await {
                     if let Ok(payload) = msg.get_payload::<String>() {
@@ -128,6 +167,8 @@ impl Events {
                 _ = &mut stop => return,
             }
             self.subscribed.store(false, Ordering::Release);
+            metrics.events_subscribed.set(0.0);
+            self.wake_all();
             tokio::select! {
                 () = tokio::time::sleep(backoff) => {}
                 _ = &mut stop => return,

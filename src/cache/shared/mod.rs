@@ -17,7 +17,7 @@ use bytes::Bytes;
 use redis::AsyncCommands;
 use tokio::sync::{Semaphore, oneshot};
 
-pub use events::{Announcement, Lease};
+pub use events::{Announcement, Lease, Watch};
 
 use super::entry::{DecodeError, Entry};
 use super::key::CacheKey;
@@ -192,12 +192,17 @@ impl SharedTier {
 
     /// Registers for the announcement of `key`'s fill. Call before asking for the lease,
     /// so a fill that lands in between is not missed.
-    pub fn watch_fill(&self, key: &CacheKey) -> oneshot::Receiver<Announcement> {
+    pub fn watch_fill(&self, key: &CacheKey) -> Watch {
         self.events.watch(key.hash)
     }
 
-    pub fn unwatch_fill(&self, key: &CacheKey) {
-        self.events.unwatch(key.hash);
+    pub fn unwatch_fill(&self, watch: &Watch) {
+        self.events.unwatch(watch.hash, watch.id());
+    }
+
+    /// Unwatches by hash and id (when the watch itself was consumed by a wait).
+    pub fn unwatch_id(&self, hash: u128, id: u64) {
+        self.events.unwatch(hash, id);
     }
 
     /// Asks for `key`'s lease for `ttl`.
@@ -213,9 +218,13 @@ impl SharedTier {
         match self.reads.call(self.timeout, cmd.query_async::<Option<String>>(&mut conn)).await {
             Some(Ok(Some(_))) => Lease::Acquired(token),
             Some(Ok(None)) => Lease::Held,
-            _ => {
+            Some(Err(_)) => {
                 self.metrics.redis_error(RedisOp::Set);
                 Lease::Unavailable
+            }
+            None => {
+                self.metrics.redis_error(RedisOp::Set);
+                Lease::Uncertain(token)
             }
         }
     }
