@@ -20,5 +20,9 @@ fn demo_runs_self_contained_and_prints_the_pool_table() {
     let (pdp, general) = (row("pdp "), row("general "));
     let requests: f64 = pdp[1].parse::<f64>().expect("requests") + general[1].parse::<f64>().expect("requests");
     assert_eq!(requests, 400.0, "{stdout}");
-    assert!(pdp[4].ends_with('%') && general[4].ends_with('%'), "{stdout}");
+    assert!(pdp[5].ends_with('%') && general[5].ends_with('%'), "{stdout}");
+    // Coalescing: one origin request per distinct page however many clients asked.
+    let last = stdout.lines().last().unwrap_or_default();
+    let words: Vec<&str> = last.split_whitespace().collect();
+    assert_eq!(words.get(3), words.get(6), "origin requests must equal distinct pages requested: {last}");
 }

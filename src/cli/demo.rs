@@ -97,7 +97,7 @@ async fn demo(requests: usize, concurrency: usize) -> Result<(), Box<dyn std::er
         requests as f64 / elapsed.as_secs_f64(),
         failures.load(Ordering::Relaxed)
     );
-    println!("{:<10} {:>9} {:>9} {:>9} {:>10} {:>16}", "pool", "requests", "hit_l1", "miss", "hit ratio", "origin requests");
+    println!("{:<10} {:>9} {:>9} {:>10} {:>9} {:>10} {:>16}", "pool", "requests", "hit_l1", "collapsed", "miss", "hit ratio", "origin requests");
     for pool in ["pdp", "general"] {
         let labels = [("pool", pool)];
         let count = |cache: &str| scrape::sum(&samples, crate::metrics::REQUESTS_TOTAL, &[("pool", pool), ("cache", cache)]);
@@ -105,16 +105,18 @@ async fn demo(requests: usize, concurrency: usize) -> Result<(), Box<dyn std::er
         let origin_requests = scrape::sum(&samples, crate::metrics::ORIGIN_REQUESTS_TOTAL, &[("route", route)]);
         let ratio = scrape::hit_ratio(&samples, &labels).map_or("-".to_owned(), |r| format!("{:.1}%", r * 100.0));
         println!(
-            "{:<10} {:>9} {:>9} {:>9} {:>10} {:>16}",
+            "{:<10} {:>9} {:>9} {:>10} {:>9} {:>10} {:>16}",
             pool,
             scrape::sum(&samples, crate::metrics::REQUESTS_TOTAL, &labels),
             count("hit_l1"),
+            count("collapsed"),
             count("miss"),
             ratio,
             origin_requests
         );
     }
-    println!("\nthe origin saw {} requests for {} distinct pages", origin_hits.load(Ordering::Relaxed), PRODUCTS + PAGES);
+    let distinct: std::collections::HashSet<String> = (0..requests as u64).map(demo_path).collect();
+    println!("\nthe origin saw {} requests for {} distinct pages", origin_hits.load(Ordering::Relaxed), distinct.len());
 
     let _ = stop.send(());
     server.await??;
