@@ -87,6 +87,10 @@ pub struct SharedTierConfig {
     pub url: String,
     /// Deadline of one Redis call.
     pub timeout: Duration,
+    /// Failed calls in a row that open the pool's Redis breaker.
+    pub breaker_failures: u32,
+    /// How often an open breaker probes Redis.
+    pub breaker_probe_interval: Duration,
 }
 
 #[derive(Debug, Clone)]

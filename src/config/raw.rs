@@ -72,6 +72,8 @@ pub struct RawPool {
     pub stale_while_revalidate: Option<ConfigDuration>,
     pub stale_if_error: Option<ConfigDuration>,
     pub lock_timeout: Option<Spanned<ConfigDuration>>,
+    pub redis_breaker_failures: Option<Spanned<i64>>,
+    pub redis_breaker_probe_interval: Option<Spanned<ConfigDuration>>,
 }
 
 #[derive(Debug, Deserialize)]

@@ -234,10 +234,17 @@ fn pool(raw: raw::RawPool) -> Result<PoolConfig> {
         Some(url) => Some(SharedTierConfig {
             url: redis_url(url)?,
             timeout: raw.redis_timeout.as_ref().map_or(Duration::from_millis(50), |t| t.get_ref().0),
+            breaker_failures: u32::try_from(positive(raw.redis_breaker_failures.clone(), 5, "redis_breaker_failures")?).unwrap_or(u32::MAX),
+            breaker_probe_interval: nonzero_dur(raw.redis_breaker_probe_interval.clone(), Duration::from_millis(500), "redis_breaker_probe_interval")?,
         }),
         None => {
-            if let Some(t) = &raw.redis_timeout {
-                return err(t.span(), "redis_timeout is only allowed with redis_url or redis_cluster_nodes");
+            let redis_only = [
+                raw.redis_timeout.as_ref().map(|t| ("redis_timeout", t.span())),
+                raw.redis_breaker_failures.as_ref().map(|t| ("redis_breaker_failures", t.span())),
+                raw.redis_breaker_probe_interval.as_ref().map(|t| ("redis_breaker_probe_interval", t.span())),
+            ];
+            if let Some((key, span)) = redis_only.into_iter().flatten().next() {
+                return err(span, format!("{key} is only allowed with redis_url or redis_cluster_nodes"));
             }
             None
         }

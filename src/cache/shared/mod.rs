@@ -8,6 +8,7 @@
 //! that a stalled Redis cannot pile up tasks.
 
 mod events;
+mod health;
 mod link;
 
 use std::sync::{Arc, Mutex};
@@ -24,6 +25,7 @@ use super::key::CacheKey;
 use crate::config::SharedTierConfig;
 use crate::metrics::{PoolMetrics, RedisOp};
 use events::{Events, RELEASE_LEASE};
+use health::Health;
 use link::Link;
 
 /// Background writes allowed in flight per pool; beyond this a write is dropped (and
@@ -45,8 +47,10 @@ pub struct SharedTierError {
 
 pub struct SharedTier {
     client: redis::Client,
-    reads: Link,
+    reads: Arc<Link>,
     writes: Arc<Link>,
+    /// The pool's Redis breaker: while open, every call below returns at once.
+    health: Arc<Health>,
     timeout: Duration,
     prefix: String,
     metrics: Arc<PoolMetrics>,
@@ -66,13 +70,15 @@ impl SharedTier {
     pub fn new(pool: &str, config: &SharedTierConfig, prefix: String, metrics: Arc<PoolMetrics>) -> Result<SharedTier, SharedTierError> {
         let wrap = |source| SharedTierError { pool: pool.to_owned(), source };
         let client = redis::Client::open(config.url.as_str()).map_err(wrap)?;
-        let reads = Link::new(client.clone(), config.timeout).map_err(wrap)?;
+        let reads = Arc::new(Link::new(client.clone(), config.timeout).map_err(wrap)?);
         let writes = Arc::new(Link::new(client.clone(), config.timeout).map_err(wrap)?);
+        let health = Health::new(config.breaker_failures, config.breaker_probe_interval, config.timeout, metrics.redis_breaker_open.clone());
         let (stop_tx, stop_rx) = oneshot::channel();
         Ok(SharedTier {
             client,
             reads,
             writes,
+            health,
             timeout: config.timeout,
             channel: format!("{prefix}events"),
             prefix,
@@ -97,6 +103,17 @@ impl SharedTier {
         self.events.is_up()
     }
 
+    /// Whether the pool's Redis breaker is open (the shared tier is being skipped).
+    pub fn breaker_open(&self) -> bool {
+        self.health.is_open()
+    }
+
+    /// Runs one call on `link` unless the breaker is open, feeding the breaker; `None`
+    /// when skipped or past the deadline.
+    async fn guarded<T>(&self, link: &Arc<Link>, deadline: Duration, call: impl std::future::Future<Output = redis::RedisResult<T>>) -> Option<redis::RedisResult<T>> {
+        guarded(&self.health, link, deadline, call).await
+    }
+
     /// Looks `key` up; any failure (deadline, connection, corrupt entry) is a miss.
     /// A corrupt entry is deleted and counted.
     pub async fn get(&self, key: &CacheKey) -> Option<Entry> {
@@ -111,8 +128,11 @@ impl SharedTier {
 
     async fn read(&self, key: &CacheKey, report_corrupt: bool) -> Option<Entry> {
         let redis_key = key.redis_key(&self.prefix);
+        if self.health.is_open() {
+            return None;
+        }
         let mut conn = self.reads.conn();
-        let payload: Vec<u8> = match self.reads.call(self.timeout, conn.get::<_, Option<Vec<u8>>>(&redis_key)).await {
+        let payload: Vec<u8> = match self.guarded(&self.reads, self.timeout, conn.get::<_, Option<Vec<u8>>>(&redis_key)).await {
             Some(Ok(Some(payload))) => payload,
             Some(Ok(None)) => return None,
             Some(Err(err)) => {
@@ -148,16 +168,19 @@ impl SharedTier {
     /// Writes `entry` in the background (encoding included), to expire when it is no
     /// longer useful.
     pub fn put_in_background(&self, key: &CacheKey, entry: Arc<Entry>) {
+        if self.health.is_open() {
+            return;
+        }
         let Ok(permit) = self.pending_writes.clone().try_acquire_owned() else {
             self.metrics.redis_error(RedisOp::Set);
             return;
         };
         let redis_key = key.redis_key(&self.prefix);
-        let (writes, metrics) = (self.writes.clone(), self.metrics.clone());
+        let (writes, metrics, health) = (self.writes.clone(), self.metrics.clone(), self.health.clone());
         let deadline = self.write_deadline(entry.body.len());
         tokio::spawn(async move {
             let _permit = permit;
-            if !write(&writes, deadline, &redis_key, &entry).await {
+            if !write(&health, &writes, deadline, &redis_key, &entry).await {
                 metrics.redis_error(RedisOp::Set);
             }
         });
@@ -165,7 +188,10 @@ impl SharedTier {
 
     /// Writes `entry` now (lease holders, whose peers read it right after).
     pub async fn put(&self, key: &CacheKey, entry: &Entry) -> bool {
-        let ok = write(&self.writes, self.write_deadline(entry.body.len()), &key.redis_key(&self.prefix), entry).await;
+        if self.health.is_open() {
+            return false;
+        }
+        let ok = write(&self.health, &self.writes, self.write_deadline(entry.body.len()), &key.redis_key(&self.prefix), entry).await;
         if !ok {
             self.metrics.redis_error(RedisOp::Set);
         }
@@ -173,14 +199,14 @@ impl SharedTier {
     }
 
     fn delete_if_unchanged(&self, redis_key: String, payload: Bytes) {
-        let writes = self.writes.clone();
+        let (writes, health) = (self.writes.clone(), self.health.clone());
         let (timeout, metrics) = (self.timeout, self.metrics.clone());
         tokio::spawn(async move {
             let script = redis::Script::new(DELETE_IF_UNCHANGED);
             let mut invocation = script.key(&redis_key);
             invocation.arg(payload.as_ref());
             let mut conn = writes.conn();
-            if !matches!(writes.call(timeout, invocation.invoke_async::<i64>(&mut conn)).await, Some(Ok(_))) {
+            if !matches!(guarded(&health, &writes, timeout, invocation.invoke_async::<i64>(&mut conn)).await, Some(Ok(_))) {
                 metrics.redis_error(RedisOp::Del);
             }
         });
@@ -207,7 +233,7 @@ impl SharedTier {
 
     /// Asks for `key`'s lease for `ttl`.
     pub async fn acquire_lease(&self, key: &CacheKey, ttl: Duration) -> Lease {
-        if !self.events_up() {
+        if !self.events_up() || self.health.is_open() {
             return Lease::Unavailable;
         }
         let token = format!("{:016x}", fastrand::u64(..));
@@ -215,7 +241,7 @@ impl SharedTier {
         let mut cmd = redis::cmd("SET");
         cmd.arg(self.lease_key(key)).arg(&token).arg("NX").arg("PX").arg(ttl_ms);
         let mut conn = self.reads.conn();
-        match self.reads.call(self.timeout, cmd.query_async::<Option<String>>(&mut conn)).await {
+        match self.guarded(&self.reads, self.timeout, cmd.query_async::<Option<String>>(&mut conn)).await {
             Some(Ok(Some(_))) => Lease::Acquired(token),
             Some(Ok(None)) => Lease::Held,
             Some(Err(_)) => {
@@ -239,19 +265,39 @@ impl SharedTier {
             release.invoke_async::<i64>(&mut conn).await?;
             conn.publish::<_, _, i64>(&self.channel, announcement.message(key.hash)).await
         };
-        if !matches!(self.writes.call(self.timeout * 2, work).await, Some(Ok(_))) {
+        if !matches!(self.guarded(&self.writes, self.timeout * 2, work).await, Some(Ok(_))) {
             self.metrics.redis_error(RedisOp::Set);
         }
     }
 }
 
 /// `SET key payload PX ttl` on the write link; false when it failed or had nothing to keep.
-async fn write(link: &Link, deadline: Duration, redis_key: &str, entry: &Entry) -> bool {
+async fn write(health: &Arc<Health>, link: &Arc<Link>, deadline: Duration, redis_key: &str, entry: &Entry) -> bool {
     let ttl_ms = u64::try_from(entry.keep_for(SystemTime::now()).as_millis()).unwrap_or(u64::MAX);
     if ttl_ms == 0 {
         return true;
     }
     let payload = entry.encode();
     let mut conn = link.conn();
-    matches!(link.call(deadline, conn.pset_ex::<_, _, ()>(redis_key, payload.as_ref(), ttl_ms)).await, Some(Ok(())))
+    matches!(guarded(health, link, deadline, conn.pset_ex::<_, _, ()>(redis_key, payload.as_ref(), ttl_ms)).await, Some(Ok(())))
+}
+
+/// One call under the breaker: skipped while it is open, its result fed to it.
+async fn guarded<T>(
+    health: &Arc<Health>,
+    link: &Arc<Link>,
+    deadline: Duration,
+    call: impl std::future::Future<Output = redis::RedisResult<T>>,
+) -> Option<redis::RedisResult<T>> {
+    if health.is_open() {
+        return None;
+    }
+    let result = link.call(deadline, call).await;
+    match &result {
+        Some(Ok(_)) => health.succeeded(),
+        // A server-side error reply (wrong type, script error) is not a sick Redis.
+        Some(Err(e)) if !(e.is_io_error() || e.is_timeout() || e.is_connection_dropped() || e.is_connection_refusal()) => health.succeeded(),
+        _ => health.failed(link),
+    }
+    result
 }
