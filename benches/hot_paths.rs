@@ -30,6 +30,8 @@ fn entry(key: &CacheKey, body_len: usize) -> Entry {
         stale_if_error: Duration::from_secs(600),
         no_stale: false,
         stale_on_error_always: false,
+        tags: Vec::new(),
+        invalidated: false,
     }
 }
 

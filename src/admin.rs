@@ -19,6 +19,7 @@ use hyper_util::server::conn::auto;
 use hyper_util::server::graceful::GracefulShutdown;
 use tokio::net::TcpListener;
 
+use crate::cache::PurgeTarget;
 use crate::proxy::Proxy;
 
 pub const ADMIN_TOKEN_ENV: &str = "BULWARK_ADMIN_TOKEN";
@@ -68,7 +69,10 @@ async fn handle(proxy: &Proxy, token: Option<&str>, req: Request<Incoming>) -> A
         (&Method::GET, "/readyz") => text(StatusCode::OK, "ready\n"),
         (&Method::GET, "/metrics") => metrics(proxy).await,
         (&Method::GET, "/admin/routes") => routes(proxy),
-        (_, "/healthz" | "/readyz" | "/metrics" | "/admin/routes") => text(StatusCode::METHOD_NOT_ALLOWED, "method not allowed\n"),
+        (&Method::POST, "/admin/purge") => purge(proxy, req).await,
+        (_, "/healthz" | "/readyz" | "/metrics" | "/admin/routes" | "/admin/purge") => {
+            text(StatusCode::METHOD_NOT_ALLOWED, "method not allowed\n")
+        }
         _ => text(StatusCode::NOT_FOUND, "not found\n"),
     }
 }
@@ -100,6 +104,77 @@ fn routes(proxy: &Proxy) -> AdminResponse {
         })
         .collect();
     let mut res = Response::new(Full::new(Bytes::from(serde_json::json!({ "routes": routes }).to_string())));
+    res.headers_mut().insert(CONTENT_TYPE, HeaderValue::from_static("application/json"));
+    res
+}
+
+/// Largest purge request body accepted.
+const MAX_PURGE_BODY: usize = 1 << 20;
+/// Most URLs or tags in one purge request.
+const MAX_PURGE_ITEMS: usize = 10_000;
+
+#[derive(serde::Deserialize)]
+#[serde(deny_unknown_fields)]
+struct PurgeRequest {
+    #[serde(default)]
+    urls: Vec<String>,
+    #[serde(default)]
+    tags: Vec<String>,
+    #[serde(default)]
+    soft: bool,
+}
+
+/// `POST /admin/purge`: `{"urls": [...]}` or `{"tags": [...]}`, optional `"soft": true`,
+/// applied to every pool and, through Redis, to every replica.
+async fn purge(proxy: &Proxy, req: Request<Incoming>) -> AdminResponse {
+    use http_body_util::BodyExt;
+    let body = match http_body_util::Limited::new(req.into_body(), MAX_PURGE_BODY).collect().await {
+        Ok(body) => body.to_bytes(),
+        Err(_) => return json(StatusCode::PAYLOAD_TOO_LARGE, serde_json::json!({ "error": "purge request body over 1 MiB" })),
+    };
+    let request: PurgeRequest = match serde_json::from_slice(&body) {
+        Ok(r) => r,
+        Err(e) => return json(StatusCode::BAD_REQUEST, serde_json::json!({ "error": format!("invalid purge request: {e}") })),
+    };
+    let targets: Result<Vec<PurgeTarget>, String> = match (request.urls.is_empty(), request.tags.is_empty()) {
+        (false, true) => request.urls.iter().map(|u| PurgeTarget::from_url(u)).collect(),
+        (true, false) => Ok(request.tags.iter().map(|t| PurgeTarget::Tag(t.trim().to_owned())).collect()),
+        _ => Err("give either \"urls\" or \"tags\", not both and not neither".to_owned()),
+    };
+    let targets = match targets {
+        Ok(t) if t.len() <= MAX_PURGE_ITEMS => t,
+        Ok(_) => return json(StatusCode::BAD_REQUEST, serde_json::json!({ "error": format!("at most {MAX_PURGE_ITEMS} urls or tags per request") })),
+        Err(e) => return json(StatusCode::BAD_REQUEST, serde_json::json!({ "error": e })),
+    };
+    let runtime = proxy.runtime();
+    let (mut l1, mut l2) = (0, 0);
+    let mut local_only = Vec::new();
+    for pool in &runtime.pools {
+        let mut reached_all = true;
+        for target in &targets {
+            let count = pool.purge(target, request.soft).await;
+            l1 += count.l1;
+            l2 += count.l2;
+            reached_all &= count.all_replicas;
+        }
+        if !reached_all {
+            local_only.push(pool.config.name.clone());
+        }
+    }
+    let replicas = if local_only.is_empty() {
+        "all replicas".to_owned()
+    } else {
+        format!("this replica only for pools without a reachable Redis: {}", local_only.join(", "))
+    };
+    json(
+        StatusCode::OK,
+        serde_json::json!({ "purged": l1 + l2, "l1": l1, "l2": l2, "soft": request.soft, "replicas": replicas }),
+    )
+}
+
+fn json(status: StatusCode, value: serde_json::Value) -> AdminResponse {
+    let mut res = Response::new(Full::new(Bytes::from(value.to_string())));
+    *res.status_mut() = status;
     res.headers_mut().insert(CONTENT_TYPE, HeaderValue::from_static("application/json"));
     res
 }

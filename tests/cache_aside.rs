@@ -50,7 +50,7 @@ async fn l2_hits_are_shared_between_instances_and_promoted_to_l1() {
     let host = [("host", "shop.example")];
     assert_eq!(first.get_with("/products/7", &host).await.cache_status(), "bulwark; fwd=miss; stored");
     // The write to Redis happens off the request path: wait until it lands.
-    wait_for(|| redis.keys("bulwark:pdp:v1:*").len() == 1).await;
+    wait_for(|| redis.entries("bulwark:pdp:").len() == 1).await;
     let from_l2 = second.get_with("/products/7", &host).await;
     assert_eq!(from_l2.cache_status(), "bulwark; hit; detail=l2");
     assert_eq!(from_l2.text(), "body of /products/7");

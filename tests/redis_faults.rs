@@ -36,7 +36,7 @@ async fn redis_killed_mid_test_then_restarted() {
     for i in 0..10 {
         assert_eq!(bulwark.get_with(&format!("/warm/{i}"), &HOST).await.cache_status(), "bulwark; fwd=miss; stored");
     }
-    wait_until("warm entries in Redis", Duration::from_secs(2), async || redis.keys("bulwark:pdp:*").len() == 10).await;
+    wait_until("warm entries in Redis", Duration::from_secs(2), async || redis.entries("bulwark:pdp:").len() == 10).await;
 
     redis.kill();
     // Warm keys still come from L1; cold keys from the origin. Nobody sees an error.
@@ -65,11 +65,11 @@ async fn redis_killed_mid_test_then_restarted() {
     wait_until("writes to the restarted Redis", Duration::from_secs(10), async || {
         n += 1;
         bulwark.get_with(&format!("/after/{n}"), &HOST).await;
-        !redis.keys("bulwark:pdp:*").is_empty()
+        !redis.entries("bulwark:pdp:").is_empty()
     })
     .await;
     // Reads recover: a fresh instance (empty L1) gets L2 hits.
-    let stored: Vec<String> = redis.keys("bulwark:pdp:*");
+    let stored: Vec<String> = redis.entries("bulwark:pdp:");
     assert!(!stored.is_empty());
     let fresh = Bulwark::start(&config).await;
     let path = format!("/after/{n}");
@@ -201,6 +201,8 @@ fn sample_entry_bytes() -> Vec<u8> {
         stale_if_error: Duration::ZERO,
         no_stale: false,
         stale_on_error_always: false,
+        tags: Vec::new(),
+        invalidated: false,
     };
     entry.encode().to_vec()
 }

@@ -275,6 +275,8 @@ mod tests {
             stale_if_error: Duration::ZERO,
             no_stale: false,
             stale_on_error_always: false,
+        tags: Vec::new(),
+        invalidated: false,
         }.encode()).expect("entry"));
         first.complete(Fill::Stored(entry));
         assert!(matches!(late.wait(Duration::from_millis(5)).await, Some(Fill::Stored(_))), "the first leader's fill serves the current flight");

@@ -6,7 +6,8 @@
 //! "BWK" u8:version | u16:status | u64:request_time_ms | u64:response_time_ms
 //! | u64:initial_age_ms | u64:freshness_ms | u64:swr_ms | u64:sie_ms | u8:flags
 //! | u32:key_len key | u16:header_count (u16:name_len name u32:value_len value)*
-//! | u32:body_len body | u64:xxh3 checksum of everything before it
+//! | u16:tag_count (u16:tag_len tag)* | u32:body_len body
+//! | u64:xxh3 checksum of everything before it
 //! ```
 //!
 //! The version is both in the Redis key and in the payload: replicas of another version
@@ -23,6 +24,7 @@ pub const FORMAT_VERSION: u8 = 1;
 const MAGIC: &[u8; 3] = b"BWK";
 const FLAG_NO_STALE: u8 = 1;
 const FLAG_STALE_ON_ERROR_ALWAYS: u8 = 2;
+const FLAG_INVALIDATED: u8 = 4;
 
 /// A stored response.
 #[derive(Debug, Clone, PartialEq)]
@@ -44,6 +46,10 @@ pub struct Entry {
     /// The route serves stale copies on origin errors even when `no_stale` (a deliberate
     /// deviation, `stale_on_error = "always"`), so the entry is kept for that window.
     pub stale_on_error_always: bool,
+    /// Purge tags (from the pool's `tag_header`).
+    pub tags: Vec<String>,
+    /// Soft-purged: no longer fresh, but still usable within its stale windows.
+    pub invalidated: bool,
 }
 
 /// Why a payload could not be decoded.
@@ -64,7 +70,12 @@ impl Entry {
     }
 
     pub fn is_fresh(&self, now: SystemTime) -> bool {
-        self.age(now) < self.freshness_lifetime
+        !self.invalidated && self.age(now) < self.freshness_lifetime
+    }
+
+    /// A soft-purged copy: stale from now on, still within its stale windows.
+    pub fn soft_purged(&self) -> Entry {
+        Entry { invalidated: true, ..self.clone() }
     }
 
     /// How long past freshness the entry stays useful (stale windows).
@@ -110,7 +121,9 @@ impl Entry {
         out.put_u64(duration_millis(self.freshness_lifetime));
         out.put_u64(duration_millis(self.stale_while_revalidate));
         out.put_u64(duration_millis(self.stale_if_error));
-        let flags = if self.no_stale { FLAG_NO_STALE } else { 0 } | if self.stale_on_error_always { FLAG_STALE_ON_ERROR_ALWAYS } else { 0 };
+        let flags = if self.no_stale { FLAG_NO_STALE } else { 0 }
+            | if self.stale_on_error_always { FLAG_STALE_ON_ERROR_ALWAYS } else { 0 }
+            | if self.invalidated { FLAG_INVALIDATED } else { 0 };
         out.put_u8(flags);
         put_bytes32(&mut out, self.key.as_bytes());
         let count = u16::try_from(self.headers.len()).unwrap_or(u16::MAX);
@@ -120,6 +133,12 @@ impl Entry {
             out.put_u16(u16::try_from(name.len()).unwrap_or(0));
             out.put_slice(&name[..name.len().min(usize::from(u16::MAX))]);
             put_bytes32(&mut out, value.as_bytes());
+        }
+        let tags: Vec<&String> = self.tags.iter().filter(|t| t.len() <= usize::from(u16::MAX)).take(usize::from(u16::MAX)).collect();
+        out.put_u16(u16::try_from(tags.len()).unwrap_or(0));
+        for tag in tags {
+            out.put_u16(u16::try_from(tag.len()).unwrap_or(0));
+            out.put_slice(tag.as_bytes());
         }
         put_bytes32(&mut out, &self.body);
         let checksum = xxh3_64(&out);
@@ -162,6 +181,13 @@ impl Entry {
             let value = HeaderValue::from_maybe_shared(value).map_err(|_| Corrupt("bad header value"))?;
             headers.append(name, value);
         }
+        let tag_count = get_u16(&mut buf)?;
+        let mut tags = Vec::with_capacity(usize::from(tag_count));
+        for _ in 0..tag_count {
+            let len = usize::from(get_u16(&mut buf)?);
+            let tag = take(&mut buf, len)?;
+            tags.push(String::from_utf8(tag.to_vec()).map_err(|_| Corrupt("tag is not UTF-8"))?);
+        }
         let body = get_bytes32(&mut buf)?;
         if buf.has_remaining() {
             return Err(Corrupt("trailing bytes"));
@@ -179,6 +205,8 @@ impl Entry {
             stale_if_error,
             no_stale: flags & FLAG_NO_STALE != 0,
             stale_on_error_always: flags & FLAG_STALE_ON_ERROR_ALWAYS != 0,
+            tags,
+            invalidated: flags & FLAG_INVALIDATED != 0,
         })
     }
 }
@@ -243,6 +271,8 @@ mod tests {
             stale_if_error: Duration::from_secs(600),
             no_stale: false,
             stale_on_error_always: false,
+            tags: vec!["product-1".into(), "category-7".into()],
+            invalidated: false,
         }
     }
 

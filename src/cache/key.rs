@@ -166,3 +166,108 @@ mod tests {
         assert!(base.redis_key("bulwark:pdp:").starts_with("bulwark:pdp:v1:"));
     }
 }
+
+/// The URL part of a key text (scheme, host, path, normalised query; no variant).
+pub fn url_part(key_text: &str) -> &str {
+    key_text.split_once('\n').map_or(key_text, |(url, _)| url)
+}
+
+/// The path and normalised query of a key text (no scheme, no host).
+pub fn path_part(key_text: &str) -> &str {
+    let url = url_part(key_text);
+    let after_scheme = url.split_once("://").map_or(url, |(_, rest)| rest);
+    after_scheme.find('/').map_or("/", |i| &after_scheme[i..])
+}
+
+/// What a purge removes: every variant of one URL, every host's copy of one path, or
+/// every entry carrying a tag.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum PurgeTarget {
+    /// Hash of `scheme://host/path?query` (see [`url_part`]).
+    Url(u128),
+    /// Hash of `/path?query` (see [`path_part`]).
+    Path(u128),
+    Tag(String),
+}
+
+impl PurgeTarget {
+    /// Parses an absolute URL (`http://shop.example/products/1?color=red`: every variant
+    /// of it) or a bare path (`/products/1`: every host's), normalising like the key.
+    pub fn from_url(text: &str) -> Result<PurgeTarget, String> {
+        let text = text.trim();
+        if text.starts_with('/') {
+            let (path, query) = text.split_once('?').map_or((text, None), |(p, q)| (p, Some(q)));
+            let mut out = String::from(path);
+            if let Some(query) = query {
+                push_normalised_query(&mut out, query);
+            }
+            return Ok(PurgeTarget::Path(xxh3_128(out.as_bytes())));
+        }
+        let uri: http::Uri = text.parse().map_err(|_| format!("not a URL or a path: {text:?}"))?;
+        let scheme = match uri.scheme_str() {
+            Some(s) if s.eq_ignore_ascii_case("http") || s.eq_ignore_ascii_case("https") => s.to_ascii_lowercase(),
+            _ => return Err(format!("URL must be http:// or https://, or a path starting with '/': {text:?}")),
+        };
+        let host = uri.host().ok_or_else(|| format!("URL has no host: {text:?}"))?.to_ascii_lowercase();
+        let default_port = if scheme == "https" { 443 } else { 80 };
+        let mut out = format!("{scheme}://{host}");
+        if let Some(port) = uri.port_u16().filter(|p| *p != default_port) {
+            out.push_str(&format!(":{port}"));
+        }
+        out.push_str(uri.path());
+        if let Some(query) = uri.query() {
+            push_normalised_query(&mut out, query);
+        }
+        Ok(PurgeTarget::Url(xxh3_128(out.as_bytes())))
+    }
+
+    pub fn matches(&self, key_text: &str, tags: &[String]) -> bool {
+        match self {
+            PurgeTarget::Url(hash) => xxh3_128(url_part(key_text).as_bytes()) == *hash,
+            PurgeTarget::Path(hash) => xxh3_128(path_part(key_text).as_bytes()) == *hash,
+            PurgeTarget::Tag(tag) => tags.iter().any(|t| t == tag),
+        }
+    }
+
+    /// The name of the Redis index set listing the entries this target covers.
+    pub fn index_name(&self) -> String {
+        match self {
+            PurgeTarget::Url(hash) => format!("url:{hash:032x}"),
+            PurgeTarget::Path(hash) => format!("path:{hash:032x}"),
+            PurgeTarget::Tag(tag) => format!("tag:{tag}"),
+        }
+    }
+
+    /// The targets an entry is indexed under: its URL, its path, its tags.
+    pub fn of_entry(key_text: &str, tags: &[String]) -> Vec<PurgeTarget> {
+        let mut out = vec![
+            PurgeTarget::Url(xxh3_128(url_part(key_text).as_bytes())),
+            PurgeTarget::Path(xxh3_128(path_part(key_text).as_bytes())),
+        ];
+        out.extend(tags.iter().cloned().map(PurgeTarget::Tag));
+        out
+    }
+}
+
+#[cfg(test)]
+mod purge_tests {
+    use super::*;
+
+    #[test]
+    fn purge_targets_match_every_variant_and_every_host() {
+        let gzip = CacheKey::new("http", "shop.example", "/products/1", Some("size=m&color=red"), Encodings::Gzip);
+        let plain = CacheKey::new("http", "shop.example", "/products/1", Some("color=red&size=m"), Encodings::Identity);
+        let other_host = CacheKey::new("https", "eu.shop.example", "/products/1", Some("color=red&size=m"), Encodings::Br);
+        let url = PurgeTarget::from_url("http://Shop.Example:80/products/1?size=m&color=red").expect("url");
+        assert!(url.matches(&gzip.text, &[]) && url.matches(&plain.text, &[]));
+        assert!(!url.matches(&other_host.text, &[]));
+        let path = PurgeTarget::from_url("/products/1?color=red&size=m").expect("path");
+        assert!(path.matches(&gzip.text, &[]) && path.matches(&other_host.text, &[]));
+        assert!(!PurgeTarget::from_url("/products/1").expect("path").matches(&gzip.text, &[]));
+        assert!(PurgeTarget::Tag("p1".into()).matches(&gzip.text, &["x".into(), "p1".into()]));
+        assert!(PurgeTarget::from_url("ftp://x/").is_err());
+        assert!(PurgeTarget::from_url("products/1").is_err());
+        let indexed = PurgeTarget::of_entry(&gzip.text, &["t".into()]);
+        assert!(indexed.contains(&url) && indexed.contains(&path) && indexed.contains(&PurgeTarget::Tag("t".into())));
+    }
+}

@@ -8,7 +8,7 @@ use moka::Expiry;
 use moka::future::Cache;
 
 use super::entry::Entry;
-use super::key::CacheKey;
+use super::key::{CacheKey, PurgeTarget};
 
 /// Per-entry expiry: keep an entry as long as it may still be served (fresh or stale),
 /// but never longer than a year, however long the origin asked for.
@@ -68,6 +68,41 @@ impl LocalTier {
 
     pub fn entry_count(&self) -> u64 {
         self.cache.entry_count()
+    }
+
+    /// Purges the entries `target` covers that were stored before `before`: removed, or
+    /// for a soft purge replaced by a stale-marked copy. Returns how many it touched.
+    /// Scans the tier: purges are operator actions, rare next to lookups.
+    pub async fn purge(&self, target: &PurgeTarget, soft: bool, before: SystemTime) -> usize {
+        let matching: Vec<(u128, Arc<Entry>)> = self
+            .cache
+            .iter()
+            .filter(|(_, entry)| entry.response_time <= before && target.matches(&entry.key, &entry.tags))
+            .map(|(hash, entry)| (*hash, entry))
+            .collect();
+        for (hash, entry) in &matching {
+            if soft {
+                if !entry.invalidated {
+                    self.cache.insert(*hash, Arc::new(entry.soft_purged())).await;
+                }
+            } else {
+                self.cache.invalidate(hash).await;
+            }
+        }
+        matching.len()
+    }
+
+    /// Drops the copy of `hash` if it is older than `response_time` (another replica
+    /// stored a newer one).
+    pub async fn drop_if_older(&self, hash: u128, response_time: SystemTime) {
+        if self.cache.get(&hash).await.is_some_and(|e| e.response_time < response_time) {
+            self.cache.invalidate(&hash).await;
+        }
+    }
+
+    /// Drops everything (after missing invalidation messages).
+    pub fn clear(&self) {
+        self.cache.invalidate_all();
     }
 
     /// Runs moka's pending housekeeping, so that sizes and counts are current.

@@ -12,13 +12,22 @@ pub mod shared;
 use std::sync::Arc;
 
 pub use entry::Entry;
-pub use key::{CacheKey, Encodings};
+pub use key::{CacheKey, Encodings, PurgeTarget};
 
 use crate::config::PoolConfig;
 use crate::metrics::PoolMetrics;
 use crate::proxy::Tier;
 use local::LocalTier;
 use shared::{SharedTier, SharedTierError};
+
+/// What a purge touched in one pool.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub struct PurgeCount {
+    pub l1: usize,
+    pub l2: usize,
+    /// Whether it reached Redis and was broadcast to every replica.
+    pub all_replicas: bool,
+}
 
 /// One cache pool: its own L1, its own Redis connection, its own metrics.
 pub struct Pool {
@@ -64,10 +73,47 @@ impl Pool {
         }
     }
 
-    /// Starts the pool's background work (the Redis event subscription).
+    /// Starts the pool's background work: the Redis event subscription, whose purges
+    /// and replacements are applied to this pool's L1.
     pub fn start(&self) {
         if let Some(l2) = &self.l2 {
-            l2.start_events();
+            let l1 = self.l1.clone();
+            let handler: shared::NoticeHandler = Arc::new(move |notice| {
+                let l1 = l1.clone();
+                tokio::spawn(async move {
+                    match notice {
+                        shared::Notice::Purge { target, soft, before } => {
+                            l1.purge(&target, soft, before).await;
+                        }
+                        shared::Notice::Replaced { hash, response_time } => l1.drop_if_older(hash, response_time).await,
+                        shared::Notice::Resubscribed => {
+                            tracing::info!("event subscription restored: clearing L1, invalidations may have been missed");
+                            l1.clear();
+                        }
+                    }
+                });
+            });
+            l2.start_events(handler);
+        }
+    }
+
+    /// Purges `target` here, in Redis, and (through the event channel) on every replica
+    /// sharing this pool's Redis.
+    pub async fn purge(&self, target: &PurgeTarget, soft: bool) -> PurgeCount {
+        let before = std::time::SystemTime::now();
+        let local = self.l1.purge(target, soft, before).await;
+        let Some(l2) = &self.l2 else {
+            return PurgeCount { l1: local, l2: 0, all_replicas: false };
+        };
+        let shared = l2.purge(target, soft).await;
+        let broadcast = l2.publish(&shared::Notice::Purge { target: target.clone(), soft, before }).await;
+        PurgeCount { l1: local, l2: shared.unwrap_or(0), all_replicas: shared.is_ok() && broadcast }
+    }
+
+    /// Tells the other replicas a newer copy of `key` was stored.
+    pub async fn announce_replacement(&self, key: &CacheKey, entry: &Entry) {
+        if let Some(l2) = &self.l2 {
+            l2.publish(&shared::Notice::Replaced { hash: key.hash, response_time: entry.response_time }).await;
         }
     }
 

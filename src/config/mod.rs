@@ -79,6 +79,8 @@ pub struct PoolConfig {
     pub stale_while_revalidate: Duration,
     pub stale_if_error: Duration,
     pub lock_timeout: Duration,
+    /// Response header whose space-separated values tag an entry for purges.
+    pub tag_header: http::HeaderName,
 }
 
 /// The Redis endpoint of one pool.

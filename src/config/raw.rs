@@ -73,6 +73,7 @@ pub struct RawPool {
     pub stale_if_error: Option<ConfigDuration>,
     pub lock_timeout: Option<Spanned<ConfigDuration>>,
     pub redis_breaker_failures: Option<Spanned<i64>>,
+    pub tag_header: Option<Spanned<String>>,
     pub redis_breaker_probe_interval: Option<Spanned<ConfigDuration>>,
 }
 

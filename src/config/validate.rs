@@ -286,6 +286,10 @@ fn pool(raw: raw::RawPool) -> Result<PoolConfig> {
             Some(t) if t.get_ref().0 >= Duration::from_millis(50) => t.get_ref().0,
             Some(t) => return err(t.span(), "lock_timeout must be at least 50ms (waiters would take over faster than an origin answers)"),
         },
+        tag_header: match raw.tag_header {
+            None => http::HeaderName::from_static("surrogate-key"),
+            Some(h) => HeaderName::from_bytes(h.get_ref().as_bytes()).or_else(|_| err(h.span(), "tag_header is not a valid header name"))?,
+        },
     })
 }
 

@@ -105,6 +105,8 @@ pub async fn fetch(
     };
     res_parts.headers.remove(AGE);
     res_parts.headers.insert(CONTENT_LENGTH, HeaderValue::from(body.len()));
+    // Purge tags are for this cache only: taken out of the stored response.
+    let tags = take_tags(&mut res_parts.headers, &pool.tag_header);
     // A little jitter (up to 5% shorter) so entries stored together do not all expire
     // together; never longer than the origin allows.
     let jitter = freshness.lifetime.mul_f64(fastrand::f64() * 0.05);
@@ -123,8 +125,28 @@ pub async fn fetch(
         stale_if_error: freshness.stale_if_error,
         no_stale: freshness.no_stale,
         stale_on_error_always: route.config.stale_on_error == StaleOnError::Always,
+        tags,
+        invalidated: false,
     });
     Ok(Fetched::Storable(entry))
+}
+
+/// Tags an entry carries, at most this many, each at most `MAX_TAG_BYTES`.
+const MAX_TAGS: usize = 64;
+const MAX_TAG_BYTES: usize = 128;
+
+/// Removes the tag header and returns its space-separated tags.
+fn take_tags(headers: &mut http::HeaderMap, name: &http::HeaderName) -> Vec<String> {
+    let values: Vec<HeaderValue> = headers.get_all(name).iter().cloned().collect();
+    headers.remove(name);
+    values
+        .iter()
+        .filter_map(|v| v.to_str().ok())
+        .flat_map(str::split_whitespace)
+        .filter(|t| t.len() <= MAX_TAG_BYTES)
+        .take(MAX_TAGS)
+        .map(str::to_owned)
+        .collect()
 }
 
 /// Copies header values into their own allocations (see the body copy above).

@@ -39,6 +39,9 @@ pub struct FetchJob {
     /// A background refresh: it queues for the origin at `low` priority, so it never
     /// takes a slot from a request that has nothing to serve.
     pub background: bool,
+    /// A copy was stored before: other replicas are told to drop theirs once the new
+    /// one is written.
+    pub replaces: bool,
 }
 
 impl FetchJob {
@@ -239,7 +242,12 @@ async fn run_flight(job: FetchJob, guard: FlightGuard, leader: Option<oneshot::S
     }
     if let Some(l2) = &pool.l2 {
         let announcement = match &fill {
-            Fill::Stored(entry) if l2.put(&job.key, entry).await => Announcement::Filled,
+            Fill::Stored(entry) if l2.put(&job.key, entry).await => {
+                if job.replaces {
+                    pool.announce_replacement(&job.key, entry).await;
+                }
+                Announcement::Filled
+            }
             Fill::Uncacheable => Announcement::Uncacheable,
             _ => Announcement::Failed,
         };
@@ -356,6 +364,8 @@ mod tests {
             stale_if_error: Duration::ZERO,
             no_stale: false,
             stale_on_error_always: false,
+        tags: Vec::new(),
+        invalidated: false,
         };
         (entry, now)
     }

@@ -172,12 +172,26 @@ async fn serve(route: &Arc<RouteRuntime>, parts: request::Parts, body: Incoming,
         if route.config.mode == RouteMode::CacheOnly {
             return cache_only_miss(route, head);
         }
+        let unsafe_method = matches!(parts.method, Method::POST | Method::PUT | Method::PATCH | Method::DELETE);
+        let target = unsafe_method.then(|| target_url(client, &parts));
         return match fetch::pass_through(route, parts, body, client).await {
-            Ok(res) => (res, Outcome::Bypass(reason)),
+            Ok(res) => {
+                // RFC 9111 section 4.4: a successful unsafe request invalidates the target.
+                if let Some(target) = target.filter(|_| res.status().as_u16() < 400) {
+                    route.pool.purge(&target, false).await;
+                }
+                (res, Outcome::Bypass(reason))
+            }
             Err(err) => failed(&err),
         };
     }
     cache_aside(route, parts, client).await
+}
+
+/// The purge target of a request's URI: every variant stored for it.
+fn target_url(client: &ClientInfo, parts: &request::Parts) -> crate::cache::PurgeTarget {
+    let key = CacheKey::new(client.scheme, &client.host, parts.uri.path(), parts.uri.query(), Encodings::Identity);
+    crate::cache::PurgeTarget::Url(xxhash_rust::xxh3::xxh3_128(crate::cache::key::url_part(&key.text).as_bytes()))
 }
 
 /// Why a request skips the cache, if it does.
@@ -205,6 +219,7 @@ async fn cache_aside(route: &Arc<RouteRuntime>, parts: request::Parts, client: &
     let stored = if parts.headers.contains_key(AUTHORIZATION) { None } else { route.pool.lookup(&key).await };
     let now = SystemTime::now();
     let cache_only = route.config.mode == RouteMode::CacheOnly;
+    let replaces = stored.is_some();
     let job = |parts: request::Parts| flight::FetchJob {
         route: route.clone(),
         parts,
@@ -212,6 +227,7 @@ async fn cache_aside(route: &Arc<RouteRuntime>, parts: request::Parts, client: &
         key: key.clone(),
         encodings,
         background: false,
+        replaces,
     };
     if parts.headers.contains_key(AUTHORIZATION) {
         // Not coalesced either: another client's answer is not this one's.

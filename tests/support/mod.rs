@@ -87,6 +87,11 @@ impl RedisServer {
         redis::cmd("KEYS").arg(pattern).query(&mut self.conn()).expect("KEYS")
     }
 
+    /// Stored entries of a pool (not its purge indexes or leases).
+    pub fn entries(&self, prefix: &str) -> Vec<String> {
+        self.keys(&format!("{prefix}v1:*")).into_iter().filter(|k| !k.contains(":idx:") && !k.contains(":lease:")).collect()
+    }
+
     pub fn kill(&mut self) {
         if let Some(mut child) = self.child.take() {
             let _ = child.kill();

@@ -16,6 +16,7 @@ fn pool() -> PoolConfig {
         stale_while_revalidate: Duration::from_secs(30),
         stale_if_error: Duration::from_secs(600),
         lock_timeout: Duration::from_secs(5),
+        tag_header: http::HeaderName::from_static("surrogate-key"),
     }
 }
 

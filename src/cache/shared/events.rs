@@ -16,7 +16,61 @@ use std::time::Duration;
 use futures_util::StreamExt;
 use tokio::sync::oneshot;
 
+use crate::cache::key::PurgeTarget;
 use crate::metrics::{PoolMetrics, RedisOp};
+
+/// Messages for the pool's L1, from other replicas (or this one).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Notice {
+    /// Purge what `target` covers, stored before `before`.
+    Purge { target: PurgeTarget, soft: bool, before: std::time::SystemTime },
+    /// A replica stored a newer copy of this key: drop older ones.
+    Replaced { hash: u128, response_time: std::time::SystemTime },
+    /// The subscription came back after a gap: messages may have been lost.
+    Resubscribed,
+}
+
+impl Notice {
+    pub fn message(&self) -> Option<String> {
+        let ms = |t: &std::time::SystemTime| t.duration_since(std::time::UNIX_EPOCH).map_or(0, |d| d.as_millis());
+        match self {
+            Notice::Purge { target, soft, before } => {
+                let target = match target {
+                    PurgeTarget::Url(h) => format!("url:{h:032x}"),
+                    PurgeTarget::Path(h) => format!("path:{h:032x}"),
+                    PurgeTarget::Tag(t) => format!("tag:{t}"),
+                };
+                Some(format!("purge:{}:{}:{target}", u8::from(*soft), ms(before)))
+            }
+            Notice::Replaced { hash, response_time } => Some(format!("inv:{hash:032x}:{}", ms(response_time))),
+            Notice::Resubscribed => None,
+        }
+    }
+
+    fn parse(payload: &str) -> Option<Notice> {
+        let time = |ms: &str| ms.parse::<u64>().ok().map(|ms| std::time::UNIX_EPOCH + Duration::from_millis(ms));
+        let hash = |h: &str| u128::from_str_radix(h, 16).ok();
+        let mut parts = payload.splitn(5, ':');
+        match parts.next()? {
+            "purge" => {
+                let soft = parts.next()? == "1";
+                let before = time(parts.next()?)?;
+                let target = match (parts.next()?, parts.next()?) {
+                    ("url", h) => PurgeTarget::Url(hash(h)?),
+                    ("path", h) => PurgeTarget::Path(hash(h)?),
+                    ("tag", t) => PurgeTarget::Tag(t.to_owned()),
+                    _ => return None,
+                };
+                Some(Notice::Purge { target, soft, before })
+            }
+            "inv" => Some(Notice::Replaced { hash: hash(parts.next()?)?, response_time: time(parts.next()?)? }),
+            _ => None,
+        }
+    }
+}
+
+/// Receives the notices of a pool's event channel.
+pub type NoticeHandler = std::sync::Arc<dyn Fn(Notice) + Send + Sync>;
 
 /// What a lease holder announces when its fetch is over.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -111,7 +165,11 @@ impl Events {
         self.waiters.lock().unwrap_or_else(|p| p.into_inner())
     }
 
-    fn dispatch(&self, payload: &str) {
+    fn dispatch(&self, payload: &str, handler: &NoticeHandler) {
+        if let Some(notice) = Notice::parse(payload) {
+            handler(notice);
+            return;
+        }
         let Some((kind, hash)) = payload.split_once(':') else { return };
         let Ok(hash) = u128::from_str_radix(hash, 16) else { return };
         let announcement = match kind {
@@ -139,19 +197,25 @@ impl Events {
         client: redis::Client,
         channel: String,
         metrics: std::sync::Arc<PoolMetrics>,
+        handler: NoticeHandler,
         mut stop: oneshot::Receiver<()>,
     ) {
         let mut backoff = Duration::from_millis(50);
+        let mut subscribed_before = false;
         loop {
             let session = async {
                 let mut pubsub = client.get_async_pubsub().await?;
                 pubsub.subscribe(&channel).await?;
                 self.subscribed.store(true, Ordering::Release);
                 metrics.events_subscribed.set(1.0);
+                if subscribed_before {
+                    handler(Notice::Resubscribed);
+                }
+                subscribed_before = true;
                 let mut messages = pubsub.into_on_message();
                 while let Some(msg) = messages.next().await {
                     if let Ok(payload) = msg.get_payload::<String>() {
-                        self.dispatch(&payload);
+                        self.dispatch(&payload, &handler);
                     }
                 }
                 Ok::<(), redis::RedisError>(())

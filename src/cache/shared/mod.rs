@@ -18,10 +18,10 @@ use bytes::Bytes;
 use redis::AsyncCommands;
 use tokio::sync::{Semaphore, oneshot};
 
-pub use events::{Announcement, Lease, Watch};
+pub use events::{Announcement, Lease, Notice, NoticeHandler, Watch};
 
 use super::entry::{DecodeError, Entry};
-use super::key::CacheKey;
+use super::key::{CacheKey, PurgeTarget};
 use crate::config::SharedTierConfig;
 use crate::metrics::{PoolMetrics, RedisOp};
 use events::{Events, RELEASE_LEASE};
@@ -90,12 +90,70 @@ impl SharedTier {
         })
     }
 
-    /// Starts the subscriber of the pool's event channel (once; needs a tokio runtime).
-    /// It reconnects by itself and ends when the tier is dropped.
-    pub fn start_events(&self) {
+    /// Starts the subscriber of the pool's event channel (once; needs a tokio runtime),
+    /// handing purges and replacements to `handler`. It reconnects by itself and ends
+    /// when the tier is dropped.
+    pub fn start_events(&self, handler: NoticeHandler) {
         let Some(stop) = self.stop_events.lock().unwrap_or_else(|p| p.into_inner()).take() else { return };
-        let task = self.events.clone().run(self.client.clone(), self.channel.clone(), self.metrics.clone(), stop);
+        let task = self.events.clone().run(self.client.clone(), self.channel.clone(), self.metrics.clone(), handler, stop);
         tokio::spawn(task);
+    }
+
+    /// Publishes a notice to every replica of the pool (this one included).
+    pub async fn publish(&self, notice: &Notice) -> bool {
+        let Some(message) = notice.message() else { return false };
+        let mut conn = self.writes.conn();
+        let sent = matches!(self.guarded(&self.writes, self.timeout, conn.publish::<_, _, i64>(&self.channel, message)).await, Some(Ok(_)));
+        if !sent {
+            self.metrics.redis_error(RedisOp::Set);
+        }
+        sent
+    }
+
+    fn index_key(&self, target: &PurgeTarget) -> String {
+        format!("{}v{}:idx:{}", self.prefix, super::entry::FORMAT_VERSION, target.index_name())
+    }
+
+    /// Purges what `target` covers from Redis: deleted, or for a soft purge rewritten as
+    /// stale. Returns how many entries it touched.
+    pub async fn purge(&self, target: &PurgeTarget, soft: bool) -> Result<usize, PurgeError> {
+        if self.health.is_open() {
+            return Err(PurgeError::Unavailable);
+        }
+        let index = self.index_key(target);
+        let deadline = self.timeout * 4;
+        let mut conn = self.writes.conn();
+        let members: Vec<String> = match self.guarded(&self.writes, deadline, conn.smembers(&index)).await {
+            Some(Ok(members)) => members,
+            _ => return Err(PurgeError::Unavailable),
+        };
+        if members.is_empty() {
+            return Ok(0);
+        }
+        if !soft {
+            let mut pipe = redis::pipe();
+            for key in &members {
+                pipe.del(key);
+            }
+            pipe.del(&index);
+            return match self.guarded(&self.writes, deadline, pipe.query_async::<Vec<i64>>(&mut conn)).await {
+                Some(Ok(deleted)) => Ok(deleted.iter().take(members.len()).filter(|n| **n > 0).count()),
+                _ => Err(PurgeError::Unavailable),
+            };
+        }
+        let mut touched = 0;
+        for key in &members {
+            let Some(Ok(Some(payload))) = self.guarded(&self.writes, deadline, conn.get::<_, Option<Vec<u8>>>(key)).await else { continue };
+            let Ok(entry) = Entry::decode(&Bytes::from(payload)) else { continue };
+            touched += 1;
+            if entry.invalidated {
+                continue;
+            }
+            let mut set = redis::cmd("SET");
+            set.arg(key).arg(entry.soft_purged().encode().as_ref()).arg("KEEPTTL");
+            let _ = self.guarded(&self.writes, deadline, set.query_async::<()>(&mut conn)).await;
+        }
+        Ok(touched)
     }
 
     /// Whether the event subscription is up (leases are used only then).
@@ -176,11 +234,11 @@ impl SharedTier {
             return;
         };
         let redis_key = key.redis_key(&self.prefix);
-        let (writes, metrics, health) = (self.writes.clone(), self.metrics.clone(), self.health.clone());
+        let (writes, metrics, health, prefix) = (self.writes.clone(), self.metrics.clone(), self.health.clone(), self.prefix.clone());
         let deadline = self.write_deadline(entry.body.len());
         tokio::spawn(async move {
             let _permit = permit;
-            if !write(&health, &writes, deadline, &redis_key, &entry).await {
+            if !write(&health, &writes, deadline, &prefix, &redis_key, &entry).await {
                 metrics.redis_error(RedisOp::Set);
             }
         });
@@ -191,7 +249,7 @@ impl SharedTier {
         if self.health.is_open() {
             return false;
         }
-        let ok = write(&self.health, &self.writes, self.write_deadline(entry.body.len()), &key.redis_key(&self.prefix), entry).await;
+        let ok = write(&self.health, &self.writes, self.write_deadline(entry.body.len()), &self.prefix, &key.redis_key(&self.prefix), entry).await;
         if !ok {
             self.metrics.redis_error(RedisOp::Set);
         }
@@ -271,15 +329,33 @@ impl SharedTier {
     }
 }
 
-/// `SET key payload PX ttl` on the write link; false when it failed or had nothing to keep.
-async fn write(health: &Arc<Health>, link: &Arc<Link>, deadline: Duration, redis_key: &str, entry: &Entry) -> bool {
-    let ttl_ms = u64::try_from(entry.keep_for(SystemTime::now()).as_millis()).unwrap_or(u64::MAX);
+/// Why a purge could not reach Redis.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, thiserror::Error)]
+pub enum PurgeError {
+    #[error("the pool's Redis is unavailable")]
+    Unavailable,
+}
+
+/// `SET key payload PX ttl` on the write link, and the entry's purge index sets (its
+/// URL, path and tags), each kept as long as its longest-lived member; false when it
+/// failed or had nothing to keep.
+async fn write(health: &Arc<Health>, link: &Arc<Link>, deadline: Duration, prefix: &str, redis_key: &str, entry: &Entry) -> bool {
+    let keep = entry.keep_for(SystemTime::now());
+    let ttl_ms = u64::try_from(keep.as_millis()).unwrap_or(u64::MAX);
     if ttl_ms == 0 {
         return true;
     }
-    let payload = entry.encode();
+    let ttl_s = i64::try_from(keep.as_secs() + 1).unwrap_or(i64::MAX);
+    let mut pipe = redis::pipe();
+    pipe.pset_ex(redis_key, entry.encode().as_ref(), ttl_ms).ignore();
+    for target in PurgeTarget::of_entry(&entry.key, &entry.tags) {
+        let index = format!("{prefix}v{}:idx:{}", super::entry::FORMAT_VERSION, target.index_name());
+        pipe.sadd(&index, redis_key).ignore();
+        pipe.cmd("EXPIRE").arg(&index).arg(ttl_s).arg("NX").ignore();
+        pipe.cmd("EXPIRE").arg(&index).arg(ttl_s).arg("GT").ignore();
+    }
     let mut conn = link.conn();
-    matches!(guarded(health, link, deadline, conn.pset_ex::<_, _, ()>(redis_key, payload.as_ref(), ttl_ms)).await, Some(Ok(())))
+    matches!(guarded(health, link, deadline, pipe.query_async::<()>(&mut conn)).await, Some(Ok(())))
 }
 
 /// One call under the breaker: skipped while it is open, its result fed to it.
