@@ -1,0 +1,211 @@
+//! Purges and invalidation across replicas sharing a pool's Redis.
+
+mod support;
+
+use std::sync::Arc;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::time::{Duration, Instant};
+
+use bytes::Bytes;
+use http::Request;
+use http_body_util::Full;
+use support::{Bulwark, Got, Origin, RedisServer, Reply, simple_config};
+
+const HOST: [(&str, &str); 1] = [("host", "shop.example")];
+
+/// An origin whose bodies carry a version, bumped by the test, and purge tags.
+fn versioned_origin(origin: &Origin) -> Arc<AtomicUsize> {
+    let version = Arc::new(AtomicUsize::new(1));
+    let v = version.clone();
+    origin.set(move |parts| {
+        let path = parts.uri.path().to_owned();
+        let tags = if path.starts_with("/products/") { "product category-7" } else { "other" };
+        Reply::ok(format!("{path} v{}", v.load(Ordering::SeqCst))).header("surrogate-key", tags)
+    });
+    version
+}
+
+async fn purge(bulwark: &Bulwark, body: &str) -> Got {
+    let req = Request::post(format!("http://{}/admin/purge", bulwark.admin_addr))
+        .body(Full::new(Bytes::from(body.to_owned())))
+        .expect("request");
+    bulwark.request(req).await
+}
+
+/// Two replicas sharing one Redis, both holding `paths` in L1.
+async fn two_warm_replicas(origin: &Origin, redis: &RedisServer, paths: &[&str]) -> (Bulwark, Bulwark) {
+    let config = simple_config(&origin.url(), Some(&redis.url()), "");
+    let (one, two) = (Bulwark::start(&config).await, Bulwark::start(&config).await);
+    for bulwark in [&one, &two] {
+        wait_for_subscription(bulwark).await;
+    }
+    for path in paths {
+        one.get_with(path, &HOST).await;
+        // Let the background write land, then warm replica two from L2.
+        for _ in 0..100 {
+            if two.get_with(path, &HOST).await.cache_status() != "bulwark; fwd=miss; stored" {
+                break;
+            }
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+        assert_eq!(two.get_with(path, &HOST).await.cache_status(), "bulwark; hit; detail=l1");
+    }
+    (one, two)
+}
+
+async fn wait_for_subscription(bulwark: &Bulwark) {
+    for _ in 0..200 {
+        if bulwark.metric("bulwark_redis_events_subscribed", &[("pool", "pdp")]).await == 1.0 {
+            return;
+        }
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    panic!("event subscription never came up");
+}
+
+/// Asks `bulwark` for `path` until the answer is not an L1 hit; returns it and how long
+/// that took.
+async fn until_not_l1(bulwark: &Bulwark, path: &str, headers: &[(&str, &str)]) -> (Got, Duration) {
+    let start = Instant::now();
+    loop {
+        let got = bulwark.get_with(path, headers).await;
+        if got.cache_status() != "bulwark; hit; detail=l1" || start.elapsed() > Duration::from_secs(2) {
+            return (got, start.elapsed());
+        }
+        tokio::time::sleep(Duration::from_millis(2)).await;
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn purge_by_url_on_one_replica_is_seen_by_the_other_within_100ms() {
+    let redis = RedisServer::start();
+    let origin = Origin::start().await;
+    let version = versioned_origin(&origin);
+    let (one, two) = two_warm_replicas(&origin, &redis, &["/products/1", "/products/2"]).await;
+    version.store(2, Ordering::SeqCst);
+    let answer = purge(&one, r#"{"urls": ["http://shop.example/products/1"]}"#).await;
+    assert_eq!(answer.status, 200, "{}", answer.text());
+    let counts: serde_json::Value = serde_json::from_slice(&answer.body).expect("json");
+    assert_eq!(counts["l2"], 1, "{counts}");
+    assert_eq!(counts["replicas"], "all replicas");
+    let (got, took) = until_not_l1(&two, "/products/1", &HOST).await;
+    assert_eq!((got.cache_status(), got.text()), ("bulwark; fwd=miss; stored", "/products/1 v2"));
+    assert!(took < Duration::from_millis(100), "replica two saw the purge after {took:?}");
+    // Other URLs are untouched.
+    assert_eq!(two.get_with("/products/2", &HOST).await.text(), "/products/2 v1");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn purge_by_tag_reaches_every_tagged_entry_on_every_replica() {
+    let redis = RedisServer::start();
+    let origin = Origin::start().await;
+    let version = versioned_origin(&origin);
+    let (one, two) = two_warm_replicas(&origin, &redis, &["/products/1", "/products/2", "/about"]).await;
+    version.store(2, Ordering::SeqCst);
+    let answer = purge(&one, r#"{"tags": ["category-7"]}"#).await;
+    let counts: serde_json::Value = serde_json::from_slice(&answer.body).expect("json");
+    assert_eq!(counts["l2"], 2, "{counts}");
+    for path in ["/products/1", "/products/2"] {
+        let (got, took) = until_not_l1(&two, path, &HOST).await;
+        assert_eq!(got.text(), format!("{path} v2"));
+        assert!(took < Duration::from_millis(100), "{path}: {took:?}");
+        assert_eq!(one.get_with(path, &HOST).await.text(), format!("{path} v2"));
+    }
+    assert_eq!(two.get_with("/about", &HOST).await.text(), "/about v1");
+    // The tag header is for the cache, not for clients.
+    assert_eq!(two.get_with("/about", &HOST).await.header("surrogate-key"), None);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn soft_purge_serves_stale_while_refreshing() {
+    let redis = RedisServer::start();
+    let origin = Origin::start().await;
+    let version = versioned_origin(&origin);
+    let (one, two) = two_warm_replicas(&origin, &redis, &["/products/1"]).await;
+    let before = origin.total();
+    version.store(2, Ordering::SeqCst);
+    let answer = purge(&one, r#"{"urls": ["/products/1"], "soft": true}"#).await;
+    assert_eq!(answer.status, 200);
+    let (got, took) = until_not_l1(&two, "/products/1", &HOST).await;
+    assert_eq!((got.cache_status(), got.text()), ("bulwark; hit; fwd=stale; detail=stale-while-revalidate", "/products/1 v1"));
+    assert!(took < Duration::from_millis(100), "{took:?}");
+    // One background refresh brings the new version.
+    for _ in 0..100 {
+        if two.get_with("/products/1", &HOST).await.text() == "/products/1 v2" {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    assert_eq!(two.get_with("/products/1", &HOST).await.text(), "/products/1 v2");
+    assert!(origin.total() - before <= 2, "a soft purge shields the origin");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_bare_path_purges_every_host() {
+    let redis = RedisServer::start();
+    let origin = Origin::start().await;
+    let version = versioned_origin(&origin);
+    let bulwark = Bulwark::start(&simple_config(&origin.url(), Some(&redis.url()), "")).await;
+    wait_for_subscription(&bulwark).await;
+    for host in ["shop.example", "eu.shop.example"] {
+        bulwark.get_with("/products/9", &[("host", host)]).await;
+    }
+    version.store(2, Ordering::SeqCst);
+    purge(&bulwark, r#"{"urls": ["/products/9"]}"#).await;
+    for host in ["shop.example", "eu.shop.example"] {
+        assert_eq!(bulwark.get_with("/products/9", &[("host", host)]).await.text(), "/products/9 v2", "{host}");
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_successful_unsafe_request_invalidates_its_target_everywhere() {
+    let redis = RedisServer::start();
+    let origin = Origin::start().await;
+    let version = versioned_origin(&origin);
+    let (one, two) = two_warm_replicas(&origin, &redis, &["/products/1"]).await;
+    version.store(2, Ordering::SeqCst);
+    let req = Request::post(one.url("/products/1")).header("host", "shop.example").body(Full::new(Bytes::from_static(b"x"))).expect("req");
+    assert_eq!(one.request(req).await.status, 200);
+    assert_eq!(one.get_with("/products/1", &HOST).await.text(), "/products/1 v2");
+    let (got, _) = until_not_l1(&two, "/products/1", &HOST).await;
+    assert!(got.text() == "/products/1 v2", "replica two still serves {}", got.text());
+}
+
+#[tokio::test]
+async fn purge_requests_are_validated_and_local_pools_say_so() {
+    let origin = Origin::start().await;
+    let version = versioned_origin(&origin);
+    let bulwark = Bulwark::start(&simple_config(&origin.url(), None, "")).await;
+    bulwark.get_with("/products/1", &HOST).await;
+    version.store(2, Ordering::SeqCst);
+    let answer = purge(&bulwark, r#"{"urls": ["http://shop.example/products/1"]}"#).await;
+    let counts: serde_json::Value = serde_json::from_slice(&answer.body).expect("json");
+    assert_eq!((counts["l1"].as_u64(), counts["purged"].as_u64()), (Some(1), Some(1)));
+    assert!(counts["replicas"].as_str().is_some_and(|r| r.contains("this replica only") && r.contains("pdp")), "{counts}");
+    assert_eq!(bulwark.get_with("/products/1", &HOST).await.text(), "/products/1 v2");
+    for bad in [r#"{"urls": ["ftp://x/"]}"#, r#"{"urls": ["/a"], "tags": ["b"]}"#, r#"{}"#, "not json", r#"{"url": ["/a"]}"#] {
+        assert_eq!(purge(&bulwark, bad).await.status, 400, "{bad}");
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_replica_whose_subscription_dropped_clears_its_l1() {
+    let mut redis = RedisServer::start();
+    let origin = Origin::start().await;
+    versioned_origin(&origin);
+    let bulwark = Bulwark::start(&simple_config(&origin.url(), Some(&redis.url()), "")).await;
+    wait_for_subscription(&bulwark).await;
+    bulwark.get_with("/products/1", &HOST).await;
+    assert_eq!(bulwark.get_with("/products/1", &HOST).await.cache_status(), "bulwark; hit; detail=l1");
+    redis.restart();
+    // Purges sent while it was away are lost: once resubscribed, it starts from empty.
+    for _ in 0..500 {
+        if bulwark.metric("bulwark_redis_events_subscribed", &[("pool", "pdp")]).await == 1.0
+            && bulwark.metric("bulwark_l1_entries", &[("pool", "pdp")]).await == 0.0
+        {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    assert_ne!(bulwark.get_with("/products/1", &HOST).await.cache_status(), "bulwark; hit; detail=l1");
+}
