@@ -83,10 +83,18 @@ pub struct PoolConfig {
     pub tag_header: http::HeaderName,
 }
 
+/// Where a pool's Redis lives: one server (`redis_url`) or a cluster
+/// (`redis_cluster_nodes`, any of its nodes).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum RedisEndpoint {
+    Single(String),
+    Cluster(Vec<String>),
+}
+
 /// The Redis endpoint of one pool.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct SharedTierConfig {
-    pub url: String,
+    pub endpoint: RedisEndpoint,
     /// Deadline of one Redis call.
     pub timeout: Duration,
     /// Failed calls in a row that open the pool's Redis breaker.

@@ -12,7 +12,7 @@ use toml::Spanned;
 use super::raw::{self, RawConfig};
 use super::units::ConfigDuration;
 use super::{
-    BreakerConfig, Config, Fallback, HostMatch, OriginConfig, PoolConfig, RouteConfig, RouteMode, ServerConfig,
+    BreakerConfig, Config, RedisEndpoint, Fallback, HostMatch, OriginConfig, PoolConfig, RouteConfig, RouteMode, ServerConfig,
     SharedTierConfig,
 };
 
@@ -227,12 +227,25 @@ fn origin(raw: raw::RawOrigin) -> Result<OriginConfig> {
 
 fn pool(raw: raw::RawPool) -> Result<PoolConfig> {
     let name = raw.name.get_ref().clone();
-    if let Some(nodes) = &raw.redis_cluster_nodes {
-        return err(nodes.span(), "redis_cluster_nodes is not supported by this version of bulwark; use redis_url");
-    }
-    let shared = match &raw.redis_url {
-        Some(url) => Some(SharedTierConfig {
-            url: redis_url(url)?,
+    let endpoint = match (&raw.redis_url, &raw.redis_cluster_nodes) {
+        (Some(_), Some(nodes)) => return err(nodes.span(), "give redis_url or redis_cluster_nodes, not both"),
+        (Some(url), None) => Some(RedisEndpoint::Single(redis_url(url)?)),
+        (None, Some(nodes)) => {
+            if nodes.get_ref().is_empty() {
+                return err(nodes.span(), "redis_cluster_nodes must name at least one node");
+            }
+            let checked = nodes
+                .get_ref()
+                .iter()
+                .map(|n| redis_url(&Spanned::new(nodes.span(), n.clone())))
+                .collect::<Result<Vec<_>>>()?;
+            Some(RedisEndpoint::Cluster(checked))
+        }
+        (None, None) => None,
+    };
+    let shared = match endpoint {
+        Some(endpoint) => Some(SharedTierConfig {
+            endpoint,
             timeout: raw.redis_timeout.as_ref().map_or(Duration::from_millis(50), |t| t.get_ref().0),
             breaker_failures: u32::try_from(positive(raw.redis_breaker_failures.clone(), 5, "redis_breaker_failures")?).unwrap_or(u32::MAX),
             breaker_probe_interval: nonzero_dur(raw.redis_breaker_probe_interval.clone(), Duration::from_millis(500), "redis_breaker_probe_interval")?,

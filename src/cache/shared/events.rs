@@ -194,15 +194,22 @@ impl Events {
     /// reconnecting with backoff whenever the subscription drops.
     pub async fn run(
         self: std::sync::Arc<Self>,
-        client: redis::Client,
+        clients: Vec<redis::Client>,
         channel: String,
         metrics: std::sync::Arc<PoolMetrics>,
         handler: NoticeHandler,
         mut stop: oneshot::Receiver<()>,
     ) {
         let mut backoff = Duration::from_millis(50);
+        if clients.is_empty() {
+            return;
+        }
         let mut subscribed_before = false;
+        let mut attempt = 0usize;
         loop {
+            // In a cluster, try the next node after each failure.
+            let client = &clients[attempt % clients.len()];
+            attempt += 1;
             let session = async {
                 let mut pubsub = client.get_async_pubsub().await?;
                 pubsub.subscribe(&channel).await?;

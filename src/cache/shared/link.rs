@@ -1,45 +1,131 @@
-//! One multiplexed Redis connection that heals itself.
+//! One multiplexed Redis connection (to a server, or to a cluster) that heals itself.
 //!
 //! redis' `ConnectionManager` reconnects after I/O errors, but a connection that silently
 //! stops answering (a failover, a dropped NAT entry, a half-open socket) produces only
 //! timeouts, which it does not treat as fatal. So after a few deadline misses in a row the
-//! link replaces the manager with a fresh one.
+//! link replaces its connection with a fresh one. A cluster connection follows slot moves
+//! and failovers itself; it is (re)made in the background, never on a request's path.
 
-use std::sync::atomic::{AtomicU32, Ordering};
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, AtomicU32, Ordering};
 use std::time::Duration;
 
-use arc_swap::ArcSwap;
-use redis::aio::{ConnectionManager, ConnectionManagerConfig};
+use arc_swap::{ArcSwap, ArcSwapOption};
+use futures_util::FutureExt;
+use redis::aio::{ConnectionLike, ConnectionManager, ConnectionManagerConfig};
+use redis::cluster::ClusterClient;
+use redis::cluster_async::ClusterConnection;
+use redis::{Cmd, Pipeline, RedisFuture, Value};
 
 /// Deadline misses in a row after which the connection is replaced.
 const TIMEOUTS_BEFORE_RECONNECT: u32 = 3;
 
+pub use crate::config::RedisEndpoint as Endpoint;
+
+enum Backend {
+    Single {
+        client: redis::Client,
+        config: ConnectionManagerConfig,
+        /// Swapped (rarely) after a run of timeouts; read by every call.
+        current: ArcSwap<ConnectionManager>,
+    },
+    Cluster {
+        client: ClusterClient,
+        /// `None` until connected (or after a run of timeouts): calls fail fast while a
+        /// background task connects.
+        current: Arc<ArcSwapOption<ClusterConnection>>,
+        /// Whether that background task is running.
+        connecting: Arc<AtomicBool>,
+    },
+}
+
 pub struct Link {
-    client: redis::Client,
-    config: ConnectionManagerConfig,
-    /// Swapped (rarely) by whichever request sees the last timeout of a run; read by
-    /// every call. ArcSwap keeps reads lock-free.
-    current: ArcSwap<ConnectionManager>,
+    backend: Backend,
     /// Deadline misses since the last answer; reset by any answer.
     timeouts: AtomicU32,
 }
 
+/// A connection handle for one call.
+pub enum Conn {
+    Single(ConnectionManager),
+    Cluster(ClusterConnection),
+    /// The cluster connection is being made: the call fails at once.
+    Down,
+}
+
+fn not_connected() -> redis::RedisError {
+    redis::RedisError::from(std::io::Error::new(std::io::ErrorKind::NotConnected, "Redis cluster connection not ready"))
+}
+
+impl ConnectionLike for Conn {
+    fn req_packed_command<'a>(&'a mut self, cmd: &'a Cmd) -> RedisFuture<'a, Value> {
+        match self {
+            Conn::Single(c) => c.req_packed_command(cmd),
+            Conn::Cluster(c) => c.req_packed_command(cmd),
+            Conn::Down => async { Err(not_connected()) }.boxed(),
+        }
+    }
+
+    fn req_packed_commands<'a>(&'a mut self, cmd: &'a Pipeline, offset: usize, count: usize) -> RedisFuture<'a, Vec<Value>> {
+        match self {
+            Conn::Single(c) => c.req_packed_commands(cmd, offset, count),
+            Conn::Cluster(c) => c.req_packed_commands(cmd, offset, count),
+            Conn::Down => async { Err(not_connected()) }.boxed(),
+        }
+    }
+
+    fn get_db(&self) -> i64 {
+        match self {
+            Conn::Single(c) => c.get_db(),
+            Conn::Cluster(c) => c.get_db(),
+            Conn::Down => 0,
+        }
+    }
+}
+
 impl Link {
     /// Creates the link without connecting (the first call connects).
-    pub fn new(client: redis::Client, timeout: Duration) -> redis::RedisResult<Link> {
-        let config = ConnectionManagerConfig::new()
-            .set_response_timeout(Some(timeout))
-            .set_connection_timeout(Some(timeout.max(Duration::from_millis(250))))
-            .set_number_of_retries(1)
-            .set_min_delay(Duration::from_millis(50))
-            .set_max_delay(Duration::from_secs(1));
-        let manager = ConnectionManager::new_lazy_with_config(client.clone(), config.clone())?;
-        Ok(Link { client, config, current: ArcSwap::from_pointee(manager), timeouts: AtomicU32::new(0) })
+    pub fn new(endpoint: &Endpoint, timeout: Duration) -> redis::RedisResult<Link> {
+        let backend = match endpoint {
+            Endpoint::Single(url) => {
+                let client = redis::Client::open(url.as_str())?;
+                let config = ConnectionManagerConfig::new()
+                    .set_response_timeout(Some(timeout))
+                    .set_connection_timeout(Some(timeout.max(Duration::from_millis(250))))
+                    .set_number_of_retries(1)
+                    .set_min_delay(Duration::from_millis(50))
+                    .set_max_delay(Duration::from_secs(1));
+                let manager = ConnectionManager::new_lazy_with_config(client.clone(), config.clone())?;
+                Backend::Single { client, config, current: ArcSwap::from_pointee(manager) }
+            }
+            Endpoint::Cluster(nodes) => {
+                let client = ClusterClient::builder(nodes.iter().map(String::as_str))
+                    .connection_timeout(timeout.max(Duration::from_millis(250)))
+                    .response_timeout(timeout)
+                    .retries(1)
+                    .build()?;
+                Backend::Cluster { client, current: Arc::new(ArcSwapOption::empty()), connecting: Arc::new(AtomicBool::new(false)) }
+            }
+        };
+        Ok(Link { backend, timeouts: AtomicU32::new(0) })
+    }
+
+    pub fn is_cluster(&self) -> bool {
+        matches!(self.backend, Backend::Cluster { .. })
     }
 
     /// A handle on the current connection (cheap: clones share the socket).
-    pub fn conn(&self) -> ConnectionManager {
-        (**self.current.load()).clone()
+    pub fn conn(&self) -> Conn {
+        match &self.backend {
+            Backend::Single { current, .. } => Conn::Single((**current.load()).clone()),
+            Backend::Cluster { client, current, connecting } => match current.load_full() {
+                Some(conn) => Conn::Cluster((*conn).clone()),
+                None => {
+                    connect_cluster(client.clone(), current.clone(), connecting.clone());
+                    Conn::Down
+                }
+            },
+        }
     }
 
     /// Records that a call got an answer (an error reply counts: the socket works).
@@ -53,12 +139,13 @@ impl Link {
             return;
         }
         self.timeouts.store(0, Ordering::Relaxed);
-        match ConnectionManager::new_lazy_with_config(self.client.clone(), self.config.clone()) {
-            Ok(fresh) => {
-                tracing::info!("replacing an unresponsive Redis connection");
-                self.current.store(std::sync::Arc::new(fresh));
-            }
-            Err(err) => tracing::warn!(error = %err, "cannot create a Redis connection"),
+        tracing::info!("replacing an unresponsive Redis connection");
+        match &self.backend {
+            Backend::Single { client, config, current } => match ConnectionManager::new_lazy_with_config(client.clone(), config.clone()) {
+                Ok(fresh) => current.store(Arc::new(fresh)),
+                Err(err) => tracing::warn!(error = %err, "cannot create a Redis connection"),
+            },
+            Backend::Cluster { current, .. } => current.store(None),
         }
     }
 
@@ -69,7 +156,7 @@ impl Link {
             Ok(result) => {
                 match &result {
                     Err(e) if e.is_timeout() => self.timed_out(),
-                    // The manager reconnects by itself after I/O errors.
+                    // The connection reconnects by itself after I/O errors.
                     Err(e) if e.is_io_error() || e.is_connection_dropped() || e.is_connection_refusal() => {}
                     _ => self.answered(),
                 }
@@ -81,4 +168,23 @@ impl Link {
             }
         }
     }
+}
+
+/// Connects to the cluster in the background (one attempt at a time); calls fail fast
+/// meanwhile.
+fn connect_cluster(client: ClusterClient, current: Arc<ArcSwapOption<ClusterConnection>>, connecting: Arc<AtomicBool>) {
+    if connecting.swap(true, Ordering::AcqRel) {
+        return;
+    }
+    tokio::spawn(async move {
+        match client.get_async_connection().await {
+            Ok(conn) => current.store(Some(Arc::new(conn))),
+            Err(err) => {
+                tracing::debug!(error = %err, "cannot connect to the Redis cluster");
+                // Do not retry faster than this, however many calls ask.
+                tokio::time::sleep(Duration::from_millis(200)).await;
+            }
+        }
+        connecting.store(false, Ordering::Release);
+    });
 }

@@ -46,7 +46,12 @@ pub struct SharedTierError {
 }
 
 pub struct SharedTier {
-    client: redis::Client,
+    /// One client per node, for the event subscription (in a cluster, any node hears
+    /// every PUBLISH).
+    event_clients: Vec<redis::Client>,
+    /// Cluster mode: keys that belong together share a `{hash tag}`, and multi-key
+    /// batches are sent as single commands (a cluster pipeline must stay in one slot).
+    cluster: bool,
     reads: Arc<Link>,
     writes: Arc<Link>,
     /// The pool's Redis breaker: while open, every call below returns at once.
@@ -69,13 +74,18 @@ impl SharedTier {
     /// re-made after failures, so a Redis that is down at start-up delays nothing.
     pub fn new(pool: &str, config: &SharedTierConfig, prefix: String, metrics: Arc<PoolMetrics>) -> Result<SharedTier, SharedTierError> {
         let wrap = |source| SharedTierError { pool: pool.to_owned(), source };
-        let client = redis::Client::open(config.url.as_str()).map_err(wrap)?;
-        let reads = Arc::new(Link::new(client.clone(), config.timeout).map_err(wrap)?);
-        let writes = Arc::new(Link::new(client.clone(), config.timeout).map_err(wrap)?);
+        let urls = match &config.endpoint {
+            crate::config::RedisEndpoint::Single(url) => vec![url.clone()],
+            crate::config::RedisEndpoint::Cluster(nodes) => nodes.clone(),
+        };
+        let event_clients = urls.iter().map(|u| redis::Client::open(u.as_str())).collect::<Result<Vec<_>, _>>().map_err(wrap)?;
+        let reads = Arc::new(Link::new(&config.endpoint, config.timeout).map_err(wrap)?);
+        let writes = Arc::new(Link::new(&config.endpoint, config.timeout).map_err(wrap)?);
         let health = Health::new(config.breaker_failures, config.breaker_probe_interval, config.timeout, metrics.redis_breaker_open.clone());
         let (stop_tx, stop_rx) = oneshot::channel();
         Ok(SharedTier {
-            client,
+            event_clients,
+            cluster: matches!(config.endpoint, crate::config::RedisEndpoint::Cluster(_)),
             reads,
             writes,
             health,
@@ -95,7 +105,7 @@ impl SharedTier {
     /// when the tier is dropped.
     pub fn start_events(&self, handler: NoticeHandler) {
         let Some(stop) = self.stop_events.lock().unwrap_or_else(|p| p.into_inner()).take() else { return };
-        let task = self.events.clone().run(self.client.clone(), self.channel.clone(), self.metrics.clone(), handler, stop);
+        let task = self.events.clone().run(self.event_clients.clone(), self.channel.clone(), self.metrics.clone(), handler, stop);
         tokio::spawn(task);
     }
 
@@ -131,13 +141,10 @@ impl SharedTier {
             return Ok(0);
         }
         if !soft {
-            let mut pipe = redis::pipe();
-            for key in &members {
-                pipe.del(key);
-            }
-            pipe.del(&index);
-            return match self.guarded(&self.writes, deadline, pipe.query_async::<Vec<i64>>(&mut conn)).await {
-                Some(Ok(deleted)) => Ok(deleted.iter().take(members.len()).filter(|n| **n > 0).count()),
+            let mut commands: Vec<redis::Cmd> = members.iter().map(redis::Cmd::del).collect();
+            commands.push(redis::Cmd::del(&index));
+            return match self.guarded(&self.writes, deadline, exec(&self.writes, &commands)).await {
+                Some(Ok(deleted)) => Ok(deleted.iter().take(members.len()).filter(|n| matches!(n, redis::Value::Int(1..))).count()),
                 _ => Err(PurgeError::Unavailable),
             };
         }
@@ -185,7 +192,7 @@ impl SharedTier {
     }
 
     async fn read(&self, key: &CacheKey, report_corrupt: bool) -> Option<Entry> {
-        let redis_key = key.redis_key(&self.prefix);
+        let redis_key = self.entry_key(key);
         if self.health.is_open() {
             return None;
         }
@@ -233,7 +240,7 @@ impl SharedTier {
             self.metrics.redis_error(RedisOp::Set);
             return;
         };
-        let redis_key = key.redis_key(&self.prefix);
+        let redis_key = self.entry_key(key);
         let (writes, metrics, health, prefix) = (self.writes.clone(), self.metrics.clone(), self.health.clone(), self.prefix.clone());
         let deadline = self.write_deadline(entry.body.len());
         tokio::spawn(async move {
@@ -249,7 +256,7 @@ impl SharedTier {
         if self.health.is_open() {
             return false;
         }
-        let ok = write(&self.health, &self.writes, self.write_deadline(entry.body.len()), &self.prefix, &key.redis_key(&self.prefix), entry).await;
+        let ok = write(&self.health, &self.writes, self.write_deadline(entry.body.len()), &self.prefix, &self.entry_key(key), entry).await;
         if !ok {
             self.metrics.redis_error(RedisOp::Set);
         }
@@ -270,8 +277,22 @@ impl SharedTier {
         });
     }
 
+    /// `<prefix>v1:<hash>`; in a cluster `<prefix>v1:{<hash>}`, so the entry and its
+    /// lease share a slot.
+    pub fn entry_key(&self, key: &CacheKey) -> String {
+        if self.cluster {
+            format!("{}v{}:{{{:032x}}}", self.prefix, super::entry::FORMAT_VERSION, key.hash)
+        } else {
+            key.redis_key(&self.prefix)
+        }
+    }
+
     fn lease_key(&self, key: &CacheKey) -> String {
-        format!("{}v{}:lease:{:032x}", self.prefix, super::entry::FORMAT_VERSION, key.hash)
+        if self.cluster {
+            format!("{}v{}:lease:{{{:032x}}}", self.prefix, super::entry::FORMAT_VERSION, key.hash)
+        } else {
+            format!("{}v{}:lease:{:032x}", self.prefix, super::entry::FORMAT_VERSION, key.hash)
+        }
     }
 
     /// Registers for the announcement of `key`'s fill. Call before asking for the lease,
@@ -346,16 +367,28 @@ async fn write(health: &Arc<Health>, link: &Arc<Link>, deadline: Duration, prefi
         return true;
     }
     let ttl_s = i64::try_from(keep.as_secs() + 1).unwrap_or(i64::MAX);
-    let mut pipe = redis::pipe();
-    pipe.pset_ex(redis_key, entry.encode().as_ref(), ttl_ms).ignore();
+    let mut commands = vec![redis::Cmd::pset_ex(redis_key, entry.encode().as_ref(), ttl_ms)];
     for target in PurgeTarget::of_entry(&entry.key, &entry.tags) {
         let index = format!("{prefix}v{}:idx:{}", super::entry::FORMAT_VERSION, target.index_name());
-        pipe.sadd(&index, redis_key).ignore();
-        pipe.cmd("EXPIRE").arg(&index).arg(ttl_s).arg("NX").ignore();
-        pipe.cmd("EXPIRE").arg(&index).arg(ttl_s).arg("GT").ignore();
+        commands.push(redis::Cmd::sadd(&index, redis_key));
+        commands.push(redis::cmd("EXPIRE").arg(&index).arg(ttl_s).arg("NX").clone());
+        commands.push(redis::cmd("EXPIRE").arg(&index).arg(ttl_s).arg("GT").clone());
     }
-    let mut conn = link.conn();
-    matches!(guarded(health, link, deadline, pipe.query_async::<()>(&mut conn)).await, Some(Ok(())))
+    matches!(guarded(health, link, deadline, exec(link, &commands)).await, Some(Ok(_)))
+}
+
+/// Runs `commands` in one pipeline; in a cluster (where a pipeline must stay in one
+/// slot) as concurrent single commands. Fails if any fails.
+async fn exec(link: &Link, commands: &[redis::Cmd]) -> redis::RedisResult<Vec<redis::Value>> {
+    if !link.is_cluster() {
+        let mut pipe = redis::pipe();
+        for cmd in commands {
+            pipe.add_command(cmd.clone());
+        }
+        return pipe.query_async(&mut link.conn()).await;
+    }
+    let calls = commands.iter().map(|cmd| async move { cmd.query_async::<redis::Value>(&mut link.conn()).await });
+    futures_util::future::join_all(calls).await.into_iter().collect()
 }
 
 /// One call under the breaker: skipped while it is open, its result fed to it.
