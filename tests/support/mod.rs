@@ -556,3 +556,157 @@ async fn pump(mut from: tokio::net::tcp::OwnedReadHalf, mut to: tokio::net::tcp:
         }
     }
 }
+
+/// A six-node Redis Cluster (three primaries, three replicas) on free ports, in its own
+/// temporary directory; every node killed on drop.
+pub struct RedisCluster {
+    pub nodes: Vec<RedisClusterNode>,
+    dir: std::path::PathBuf,
+}
+
+pub struct RedisClusterNode {
+    pub port: u16,
+    child: Option<Child>,
+}
+
+impl RedisCluster {
+    pub fn start() -> RedisCluster {
+        let dir = std::env::temp_dir().join(format!("bulwark-cluster-{}-{}", std::process::id(), free_port()));
+        std::fs::create_dir_all(&dir).expect("cluster dir");
+        let mut nodes = Vec::new();
+        for _ in 0..6 {
+            let port = free_port();
+            let child = Command::new("redis-server")
+                .args(["--port", &port.to_string(), "--bind", "127.0.0.1", "--save", "", "--appendonly", "no"])
+                .args(["--cluster-enabled", "yes", "--cluster-node-timeout", "1000"])
+                .args(["--cluster-config-file", &format!("nodes-{port}.conf")])
+                .arg("--dir")
+                .arg(&dir)
+                .stdout(Stdio::null())
+                .stderr(Stdio::null())
+                .spawn()
+                .expect("spawn redis-server");
+            nodes.push(RedisClusterNode { port, child: Some(child) });
+        }
+        let cluster = RedisCluster { nodes, dir };
+        for node in &cluster.nodes {
+            let deadline = Instant::now() + Duration::from_secs(5);
+            while !node.ping() {
+                assert!(Instant::now() < deadline, "cluster node {} did not start", node.port);
+                std::thread::sleep(Duration::from_millis(20));
+            }
+        }
+        let addrs: Vec<String> = cluster.nodes.iter().map(|n| format!("127.0.0.1:{}", n.port)).collect();
+        let out = Command::new("redis-cli")
+            .args(["--cluster", "create"])
+            .args(&addrs)
+            .args(["--cluster-replicas", "1", "--cluster-yes"])
+            .output()
+            .expect("redis-cli --cluster create");
+        assert!(out.status.success(), "cluster create failed: {}", String::from_utf8_lossy(&out.stdout));
+        cluster.wait_until_ok();
+        // Replicas can take over only once their replication link is up.
+        let deadline = Instant::now() + Duration::from_secs(30);
+        loop {
+            let linked = cluster
+                .nodes
+                .iter()
+                .map(|n| n.replication())
+                .filter(|info| info.contains("role:slave"))
+                .filter(|info| info.contains("master_link_status:up"))
+                .count();
+            if linked == 3 {
+                break;
+            }
+            assert!(Instant::now() < deadline, "replicas did not attach in 30s");
+            std::thread::sleep(Duration::from_millis(100));
+        }
+        cluster
+    }
+
+    pub fn urls(&self) -> Vec<String> {
+        self.nodes.iter().map(|n| format!("redis://127.0.0.1:{}", n.port)).collect()
+    }
+
+    /// Waits until every live node reports `cluster_state:ok` and all of them agree.
+    pub fn wait_until_ok(&self) {
+        let deadline = Instant::now() + Duration::from_secs(30);
+        loop {
+            let live: Vec<&RedisClusterNode> = self.nodes.iter().filter(|n| n.child.is_some()).collect();
+            if live.iter().all(|n| n.info().contains("cluster_state:ok")) {
+                return;
+            }
+            if Instant::now() > deadline {
+                let nodes: String = live.first().map(|n| redis::cmd("CLUSTER").arg("NODES").query(&mut n.conn()).unwrap_or_default()).unwrap_or_default();
+                panic!("cluster not ok in 30s:\n{nodes}");
+            }
+            std::thread::sleep(Duration::from_millis(100));
+        }
+    }
+
+    /// Ports of the current primaries, from a live node's view.
+    pub fn primaries(&self) -> Vec<u16> {
+        let node = self.nodes.iter().find(|n| n.child.is_some()).expect("a live node");
+        let text: String = redis::cmd("CLUSTER").arg("NODES").query(&mut node.conn()).expect("CLUSTER NODES");
+        text.lines()
+            .filter(|l| l.contains("master") && !l.contains("fail"))
+            .filter_map(|l| l.split_whitespace().nth(1)?.split('@').next()?.rsplit(':').next()?.parse().ok())
+            .collect()
+    }
+
+    pub fn kill(&mut self, port: u16) {
+        if let Some(node) = self.nodes.iter_mut().find(|n| n.port == port)
+            && let Some(mut child) = node.child.take()
+        {
+            let _ = child.kill();
+            let _ = child.wait();
+        }
+    }
+}
+
+impl RedisClusterNode {
+    fn conn(&self) -> redis::Connection {
+        redis::Client::open(format!("redis://127.0.0.1:{}/", self.port))
+            .and_then(|c| c.get_connection_with_timeout(Duration::from_millis(500)))
+            .expect("node connection")
+    }
+
+    fn ping(&self) -> bool {
+        redis::Client::open(format!("redis://127.0.0.1:{}/", self.port))
+            .and_then(|c| c.get_connection_with_timeout(Duration::from_millis(200)))
+            .and_then(|mut c| redis::cmd("PING").query::<String>(&mut c))
+            .is_ok()
+    }
+
+    fn replication(&self) -> String {
+        redis::Client::open(format!("redis://127.0.0.1:{}/", self.port))
+            .and_then(|c| c.get_connection_with_timeout(Duration::from_millis(200)))
+            .and_then(|mut c| redis::cmd("INFO").arg("replication").query::<String>(&mut c))
+            .unwrap_or_default()
+    }
+
+    fn info(&self) -> String {
+        redis::Client::open(format!("redis://127.0.0.1:{}/", self.port))
+            .and_then(|c| c.get_connection_with_timeout(Duration::from_millis(200)))
+            .and_then(|mut c| redis::cmd("CLUSTER").arg("INFO").query::<String>(&mut c))
+            .unwrap_or_default()
+    }
+}
+
+impl Drop for RedisCluster {
+    fn drop(&mut self) {
+        for node in &mut self.nodes {
+            if let Some(mut child) = node.child.take() {
+                let _ = child.kill();
+                let _ = child.wait();
+            }
+        }
+        let _ = std::fs::remove_dir_all(&self.dir);
+    }
+}
+
+/// A config with one origin, one pool on a Redis Cluster and one catch-all route.
+pub fn cluster_config(origin: &str, nodes: &[String], pool_extra: &str) -> String {
+    let list = nodes.iter().map(|n| format!("\"{n}\"")).collect::<Vec<_>>().join(", ");
+    simple_config(origin, None, &format!("redis_cluster_nodes = [{list}]\nredis_timeout = \"100ms\"\n{pool_extra}"))
+}

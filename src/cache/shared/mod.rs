@@ -105,6 +105,9 @@ impl SharedTier {
     /// when the tier is dropped.
     pub fn start_events(&self, handler: NoticeHandler) {
         let Some(stop) = self.stop_events.lock().unwrap_or_else(|p| p.into_inner()).take() else { return };
+        // Start connecting now (a cluster connection is made in the background), so the
+        // first requests do not find it missing.
+        let _ = (self.reads.conn(), self.writes.conn());
         let task = self.events.clone().run(self.event_clients.clone(), self.channel.clone(), self.metrics.clone(), handler, stop);
         tokio::spawn(task);
     }

@@ -1,0 +1,89 @@
+//! The shared tier on a real six-node Redis Cluster (three primaries, three replicas),
+//! including a primary killed mid-test.
+
+mod support;
+
+use std::time::{Duration, Instant};
+
+use support::{Bulwark, Origin, RedisCluster, cluster_config};
+
+const HOST: [(&str, &str); 1] = [("host", "shop.example")];
+
+async fn wait_for_subscription(bulwark: &Bulwark) {
+    for _ in 0..500 {
+        if bulwark.metric("bulwark_redis_events_subscribed", &[("pool", "pdp")]).await == 1.0 {
+            return;
+        }
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    panic!("event subscription never came up");
+}
+
+/// Stores `paths` through `writer` and waits until `reader` (empty L1) gets each from L2.
+async fn shared_through_l2(writer: &Bulwark, reader: &Bulwark, paths: &[String]) {
+    for path in paths {
+        let got = writer.get_with(path, &HOST).await;
+        assert_eq!(got.status, 200);
+    }
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    for path in paths {
+        let deadline = Instant::now() + Duration::from_secs(5);
+        loop {
+            let got = reader.get_with(path, &HOST).await;
+            assert_eq!((got.status.as_u16(), got.text()), (200, format!("body of {path}").as_str()));
+            if got.cache_status() == "bulwark; hit; detail=l2" || got.cache_status() == "bulwark; hit; detail=l1" {
+                break;
+            }
+            assert!(Instant::now() < deadline, "{path} never reached the reader through the cluster");
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn cache_aside_on_a_cluster_survives_a_primary_failover() {
+    let mut cluster = RedisCluster::start();
+    let origin = Origin::start().await;
+    let config = cluster_config(&origin.url(), &cluster.urls(), "");
+    let writer = Bulwark::start(&config).await;
+    let reader = Bulwark::start(&config).await;
+    wait_for_subscription(&writer).await;
+    wait_for_subscription(&reader).await;
+
+    // Keys spread over all three primaries' slots.
+    let before: Vec<String> = (0..30).map(|i| format!("/before/{i}")).collect();
+    shared_through_l2(&writer, &reader, &before).await;
+    let l2_hits = reader.metric("bulwark_requests_total", &[("cache", "hit_l2")]).await;
+    assert!(l2_hits >= 30.0, "reader got {l2_hits} L2 hits");
+
+    // Cross-replica coalescing and purges work on the cluster too.
+    let purge = http::Request::post(format!("http://{}/admin/purge", writer.admin_addr))
+        .body(http_body_util::Full::new(bytes::Bytes::from_static(br#"{"urls": ["/before/0"]}"#)))
+        .expect("request");
+    let answer = writer.request(purge).await;
+    assert!(answer.text().contains("\"l2\":1"), "{}", answer.text());
+
+    // Kill a primary; keep serving through the failover.
+    let primaries = cluster.primaries();
+    assert_eq!(primaries.len(), 3);
+    cluster.kill(primaries[0]);
+    let failover_started = Instant::now();
+    let mut during = 0;
+    while failover_started.elapsed() < Duration::from_secs(4) {
+        during += 1;
+        let path = format!("/during/{during}");
+        let got = writer.get_with(&path, &HOST).await;
+        assert_eq!((got.status.as_u16(), got.text()), (200, format!("body of {path}").as_str()), "client error during failover");
+        let again = reader.get_with(&before[during % before.len()], &HOST).await;
+        assert_eq!(again.status, 200, "client error during failover");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    cluster.wait_until_ok();
+
+    // After the failover, L2 hits resume, with a fresh reader (empty L1).
+    let fresh = Bulwark::start(&config).await;
+    wait_for_subscription(&fresh).await;
+    let after: Vec<String> = (0..30).map(|i| format!("/after/{i}")).collect();
+    shared_through_l2(&writer, &fresh, &after).await;
+    assert!(fresh.metric("bulwark_requests_total", &[("cache", "hit_l2")]).await >= 30.0);
+}
