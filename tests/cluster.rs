@@ -87,3 +87,43 @@ async fn cache_aside_on_a_cluster_survives_a_primary_failover() {
     shared_through_l2(&writer, &fresh, &after).await;
     assert!(fresh.metric("bulwark_requests_total", &[("cache", "hit_l2")]).await >= 30.0);
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn coalescing_and_corrupt_entries_on_a_cluster() {
+    use std::sync::Arc;
+    let cluster = RedisCluster::start();
+    let origin = Origin::start().await;
+    origin.set(|parts| support::Reply::ok(format!("body of {}", parts.uri.path())).delay(Duration::from_millis(200)));
+    let config = cluster_config(&origin.url(), &cluster.urls(), "");
+    let replicas = [Arc::new(Bulwark::start(&config).await), Arc::new(Bulwark::start(&config).await)];
+    for replica in &replicas {
+        wait_for_subscription(replica).await;
+    }
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    // 200 concurrent clients over 20 cold keys, spread over two replicas.
+    let tasks: Vec<_> = (0..200)
+        .map(|i| {
+            let replica = replicas[i % 2].clone();
+            tokio::spawn(async move {
+                let path = format!("/spike/{}", i % 20);
+                let got = replica.get_with(&path, &HOST).await;
+                (path, got)
+            })
+        })
+        .collect();
+    for task in tasks {
+        let (path, got) = task.await.expect("task");
+        assert_eq!((got.status.as_u16(), got.text()), (200, format!("body of {path}").as_str()));
+    }
+    assert!(origin.total() <= 22, "origin saw {} requests for 20 keys", origin.total());
+
+    // A corrupt entry of this format version: a miss, deleted, counted, never served.
+    let key = bulwark::cache::CacheKey::new("http", "shop.example", "/corrupt", None, bulwark::cache::Encodings::Identity);
+    let name = format!("bulwark:pdp:v1:{{{:032x}}}", key.hash);
+    let client = redis::cluster::ClusterClient::new(cluster.urls()).expect("cluster client");
+    let mut conn = client.get_async_connection().await.expect("cluster connection");
+    let _: () = redis::AsyncCommands::set(&mut conn, &name, b"BWK\x01garbage".as_slice()).await.expect("plant");
+    let got = replicas[0].get_with("/corrupt", &HOST).await;
+    assert_eq!((got.cache_status(), got.text()), ("bulwark; fwd=miss; stored", "body of /corrupt"));
+    assert_eq!(replicas[0].metric("bulwark_l2_corrupt_entries_total", &[("pool", "pdp")]).await, 1.0);
+}
