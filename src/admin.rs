@@ -28,7 +28,7 @@ type AdminResponse = Response<Full<Bytes>>;
 
 /// Serves the admin endpoints until `stop` completes.
 pub async fn serve(listener: TcpListener, proxy: Arc<Proxy>, stop: impl Future<Output = ()>) {
-    let token: Option<Arc<str>> = std::env::var(ADMIN_TOKEN_ENV).ok().filter(|t| !t.is_empty()).map(Into::into);
+    let token: Option<Arc<str>> = std::env::var(ADMIN_TOKEN_ENV).ok().map(|t| t.trim().to_owned()).filter(|t| !t.is_empty()).map(Into::into);
     let builder = auto::Builder::new(TokioExecutor::new());
     let graceful = GracefulShutdown::new();
     tokio::pin!(stop);
@@ -138,7 +138,7 @@ async fn purge(proxy: &Proxy, req: Request<Incoming>) -> AdminResponse {
     };
     let targets: Result<Vec<PurgeTarget>, String> = match (request.urls.is_empty(), request.tags.is_empty()) {
         (false, true) => request.urls.iter().map(|u| PurgeTarget::from_url(u)).collect(),
-        (true, false) => Ok(request.tags.iter().map(|t| PurgeTarget::Tag(t.trim().to_owned())).collect()),
+        (true, false) => request.tags.iter().map(|t| PurgeTarget::tag(t)).collect(),
         _ => Err("give either \"urls\" or \"tags\", not both and not neither".to_owned()),
     };
     let targets = match targets {
@@ -147,18 +147,36 @@ async fn purge(proxy: &Proxy, req: Request<Incoming>) -> AdminResponse {
         Err(e) => return json(StatusCode::BAD_REQUEST, serde_json::json!({ "error": e })),
     };
     let runtime = proxy.runtime();
-    let (mut l1, mut l2) = (0, 0);
+    // One task per pool, awaited: a client that hangs up does not leave a purge half done.
+    let tasks: Vec<_> = runtime
+        .pools
+        .iter()
+        .map(|pool| {
+            let (pool, targets, soft) = (pool.clone(), targets.clone(), request.soft);
+            tokio::spawn(async move {
+                let mut total = crate::cache::PurgeCount { all_replicas: true, ..Default::default() };
+                for target in &targets {
+                    let count = pool.purge(target, soft).await;
+                    total.l1 += count.l1;
+                    total.l2 += count.l2;
+                    total.all_replicas &= count.all_replicas;
+                }
+                (pool.config.name.clone(), pool.l2.is_some(), total)
+            })
+        })
+        .collect();
+    let (mut l1, mut l2, mut purged) = (0, 0, 0);
     let mut local_only = Vec::new();
-    for pool in &runtime.pools {
-        let mut reached_all = true;
-        for target in &targets {
-            let count = pool.purge(target, request.soft).await;
-            l1 += count.l1;
-            l2 += count.l2;
-            reached_all &= count.all_replicas;
-        }
-        if !reached_all {
-            local_only.push(pool.config.name.clone());
+    for task in tasks {
+        let Ok((name, shared, count)) = task.await else {
+            return json(StatusCode::INTERNAL_SERVER_ERROR, serde_json::json!({ "error": "a purge task failed" }));
+        };
+        l1 += count.l1;
+        l2 += count.l2;
+        // An entry counts once: from Redis where the pool has it, else from this L1.
+        purged += if shared { count.l2 } else { count.l1 };
+        if !count.all_replicas {
+            local_only.push(name);
         }
     }
     let replicas = if local_only.is_empty() {
@@ -168,7 +186,7 @@ async fn purge(proxy: &Proxy, req: Request<Incoming>) -> AdminResponse {
     };
     json(
         StatusCode::OK,
-        serde_json::json!({ "purged": l1 + l2, "l1": l1, "l2": l2, "soft": request.soft, "replicas": replicas }),
+        serde_json::json!({ "purged": purged, "l1": l1, "l2": l2, "soft": request.soft, "replicas": replicas }),
     )
 }
 
@@ -181,7 +199,10 @@ fn json(status: StatusCode, value: serde_json::Value) -> AdminResponse {
 
 /// Compares the bearer token in constant time (for tokens of the same length).
 fn bearer_matches(header: Option<&HeaderValue>, token: &str) -> bool {
-    let Some(given) = header.and_then(|h| h.as_bytes().strip_prefix(b"Bearer ")) else { return false };
+    let Some(value) = header.map(HeaderValue::as_bytes) else { return false };
+    let Some(given) = value.get(..7).filter(|scheme| scheme.eq_ignore_ascii_case(b"bearer ")).map(|_| value[7..].trim_ascii()) else {
+        return false;
+    };
     let expected = token.as_bytes();
     given.len() == expected.len() && given.iter().zip(expected).fold(0u8, |acc, (a, b)| acc | (a ^ b)) == 0
 }

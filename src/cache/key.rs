@@ -183,8 +183,8 @@ pub fn path_part(key_text: &str) -> &str {
 /// every entry carrying a tag.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum PurgeTarget {
-    /// Hash of `scheme://host/path?query` (see [`url_part`]).
-    Url(u128),
+    /// `scheme://host/path?query`, normalised like a key's [`url_part`].
+    Url(String),
     /// Hash of `/path?query` (see [`path_part`]).
     Path(u128),
     Tag(String),
@@ -218,12 +218,37 @@ impl PurgeTarget {
         if let Some(query) = uri.query() {
             push_normalised_query(&mut out, query);
         }
-        Ok(PurgeTarget::Url(xxh3_128(out.as_bytes())))
+        if text.contains(['#', ' ', '\t', '\n']) {
+            return Err(format!("URL must not contain a fragment or whitespace: {text:?}"));
+        }
+        Ok(PurgeTarget::Url(out))
+    }
+
+    /// A tag target; tags are single words of at most 128 bytes (as stored).
+    pub fn tag(tag: &str) -> Result<PurgeTarget, String> {
+        let tag = tag.trim();
+        if tag.is_empty() || tag.len() > 128 || tag.contains(char::is_whitespace) {
+            return Err(format!("a tag is one word of 1 to 128 bytes: {tag:?}"));
+        }
+        Ok(PurgeTarget::Tag(tag.to_owned()))
+    }
+
+    /// The URL target of a request: every variant stored for it.
+    pub fn for_request(scheme: &str, host: &str, path: &str, query: Option<&str>) -> PurgeTarget {
+        let key = CacheKey::new(scheme, host, path, query, Encodings::Identity);
+        PurgeTarget::Url(url_part(&key.text).to_owned())
+    }
+
+    /// For a URL target, the hashes of all its variants' keys (a URL has at most one
+    /// entry per `Accept-Encoding` group).
+    pub fn variant_hashes(&self) -> Option<[u128; 4]> {
+        let PurgeTarget::Url(url) = self else { return None };
+        Some([Encodings::Identity, Encodings::Gzip, Encodings::Br, Encodings::BrGzip].map(|e| xxh3_128(format!("{url}\nae={}", e.as_str()).as_bytes())))
     }
 
     pub fn matches(&self, key_text: &str, tags: &[String]) -> bool {
         match self {
-            PurgeTarget::Url(hash) => xxh3_128(url_part(key_text).as_bytes()) == *hash,
+            PurgeTarget::Url(url) => url_part(key_text) == url,
             PurgeTarget::Path(hash) => xxh3_128(path_part(key_text).as_bytes()) == *hash,
             PurgeTarget::Tag(tag) => tags.iter().any(|t| t == tag),
         }
@@ -232,7 +257,7 @@ impl PurgeTarget {
     /// The name of the Redis index set listing the entries this target covers.
     pub fn index_name(&self) -> String {
         match self {
-            PurgeTarget::Url(hash) => format!("url:{hash:032x}"),
+            PurgeTarget::Url(url) => format!("url:{:032x}", xxh3_128(url.as_bytes())),
             PurgeTarget::Path(hash) => format!("path:{hash:032x}"),
             PurgeTarget::Tag(tag) => format!("tag:{tag}"),
         }
@@ -241,7 +266,7 @@ impl PurgeTarget {
     /// The targets an entry is indexed under: its URL, its path, its tags.
     pub fn of_entry(key_text: &str, tags: &[String]) -> Vec<PurgeTarget> {
         let mut out = vec![
-            PurgeTarget::Url(xxh3_128(url_part(key_text).as_bytes())),
+            PurgeTarget::Url(url_part(key_text).to_owned()),
             PurgeTarget::Path(xxh3_128(path_part(key_text).as_bytes())),
         ];
         out.extend(tags.iter().cloned().map(PurgeTarget::Tag));
@@ -266,6 +291,10 @@ mod purge_tests {
         assert!(!PurgeTarget::from_url("/products/1").expect("path").matches(&gzip.text, &[]));
         assert!(PurgeTarget::Tag("p1".into()).matches(&gzip.text, &["x".into(), "p1".into()]));
         assert!(PurgeTarget::from_url("ftp://x/").is_err());
+        assert!(PurgeTarget::from_url("http://x/a#frag").is_err());
+        assert!(PurgeTarget::tag("two words").is_err() && PurgeTarget::tag("").is_err() && PurgeTarget::tag("ok:tag-1").is_ok());
+        let variants = url.variant_hashes().expect("url target");
+        assert!(variants.contains(&gzip.hash) && variants.contains(&plain.hash));
         assert!(PurgeTarget::from_url("products/1").is_err());
         let indexed = PurgeTarget::of_entry(&gzip.text, &["t".into()]);
         assert!(indexed.contains(&url) && indexed.contains(&path) && indexed.contains(&PurgeTarget::Tag("t".into())));

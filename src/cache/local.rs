@@ -44,6 +44,7 @@ impl LocalTier {
             .max_capacity(max_bytes)
             .weigher(|_key: &u128, entry: &Arc<Entry>| entry.weight())
             .expire_after(KeepWhileUseful)
+            .support_invalidation_closures()
             .build();
         LocalTier { cache }
     }
@@ -71,9 +72,28 @@ impl LocalTier {
     }
 
     /// Purges the entries `target` covers that were stored before `before`: removed, or
-    /// for a soft purge replaced by a stale-marked copy. Returns how many it touched.
-    /// Scans the tier: purges are operator actions, rare next to lookups.
+    /// for a soft purge replaced by a stale-marked copy. A URL's variants are looked up
+    /// directly; path and tag purges of whole entries are registered with moka, which
+    /// applies them lazily (no scan on this task); soft path and tag purges scan.
+    /// Returns how many entries it touched (registered purges count as 0 here).
     pub async fn purge(&self, target: &PurgeTarget, soft: bool, before: SystemTime) -> usize {
+        if let Some(hashes) = target.variant_hashes() {
+            let mut touched = 0;
+            for hash in hashes {
+                let Some(entry) = self.cache.get(&hash).await.filter(|e| e.response_time <= before && target.matches(&e.key, &e.tags)) else { continue };
+                touched += 1;
+                self.purge_one(hash, &entry, soft).await;
+            }
+            return touched;
+        }
+        if !soft {
+            let target = target.clone();
+            let registered = self.cache.invalidate_entries_if(move |_, entry| entry.response_time <= before && target.matches(&entry.key, &entry.tags));
+            if registered.is_err() {
+                tracing::warn!("cannot register an L1 purge");
+            }
+            return 0;
+        }
         let matching: Vec<(u128, Arc<Entry>)> = self
             .cache
             .iter()
@@ -81,15 +101,32 @@ impl LocalTier {
             .map(|(hash, entry)| (*hash, entry))
             .collect();
         for (hash, entry) in &matching {
-            if soft {
-                if !entry.invalidated {
-                    self.cache.insert(*hash, Arc::new(entry.soft_purged())).await;
-                }
-            } else {
-                self.cache.invalidate(hash).await;
-            }
+            self.purge_one(*hash, entry, true).await;
         }
         matching.len()
+    }
+
+    async fn purge_one(&self, hash: u128, entry: &Arc<Entry>, soft: bool) {
+        if !soft {
+            self.cache.invalidate(&hash).await;
+            return;
+        }
+        if entry.invalidated {
+            return;
+        }
+        // Mark only the copy we saw: a newer one stored meanwhile stays fresh.
+        let marked = Arc::new(entry.soft_purged());
+        let seen = entry.clone();
+        self.cache
+            .entry(hash)
+            .and_compute_with(|current| {
+                let op = match current {
+                    Some(current) if Arc::ptr_eq(current.value(), &seen) => moka::ops::compute::Op::Put(marked),
+                    _ => moka::ops::compute::Op::Nop,
+                };
+                std::future::ready(op)
+            })
+            .await;
     }
 
     /// Drops the copy of `hash` if it is older than `response_time` (another replica

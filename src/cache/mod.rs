@@ -82,8 +82,10 @@ impl Pool {
                 let l1 = l1.clone();
                 tokio::spawn(async move {
                     match notice {
-                        shared::Notice::Purge { target, soft, before } => {
-                            l1.purge(&target, soft, before).await;
+                        // Entries stored here before the notice arrived, by this clock:
+                        // the purging replica's clock may differ from ours.
+                        shared::Notice::Purge { target, soft, before: _ } => {
+                            l1.purge(&target, soft, std::time::SystemTime::now()).await;
                         }
                         shared::Notice::Replaced { hash, response_time } => l1.drop_if_older(hash, response_time).await,
                         shared::Notice::Resubscribed => {
@@ -117,10 +119,11 @@ impl Pool {
         }
     }
 
-    /// Stores in L1 now and in L2 in the background.
-    pub async fn store(&self, key: &CacheKey, entry: Arc<Entry>) {
+    /// Stores in L1 now and in L2 in the background; with `replaces`, other replicas
+    /// are told to drop their older copies once it is written.
+    pub async fn store(&self, key: &CacheKey, entry: Arc<Entry>, replaces: bool) {
         if let Some(l2) = &self.l2 {
-            l2.put_in_background(key, entry.clone());
+            l2.put_in_background(key, entry.clone(), replaces);
         }
         self.l1.insert(key, entry).await;
     }

@@ -148,7 +148,7 @@ pub async fn direct(job: &FetchJob, stale: Option<&Entry>, head: bool) -> (Respo
     let result = job.fetch().await;
     if let Ok(Fetched::Storable(entry)) = &result {
         job.route.pool.coalescer.forget_uncacheable(job.key.hash).await;
-        job.route.pool.store(&job.key, entry.clone()).await;
+        job.route.pool.store(&job.key, entry.clone(), stale.is_some()).await;
     }
     answer(result, stale, head)
 }

@@ -176,9 +176,13 @@ async fn serve(route: &Arc<RouteRuntime>, parts: request::Parts, body: Incoming,
         let target = unsafe_method.then(|| target_url(client, &parts));
         return match fetch::pass_through(route, parts, body, client).await {
             Ok(res) => {
-                // RFC 9111 section 4.4: a successful unsafe request invalidates the target.
+                // RFC 9111 section 4.4: a successful unsafe request invalidates the target:
+                // here at once (its few variant keys), in Redis and on every replica in
+                // the background, so neither the response nor a disconnect waits on it.
                 if let Some(target) = target.filter(|_| res.status().as_u16() < 400) {
-                    route.pool.purge(&target, false).await;
+                    route.pool.l1.purge(&target, false, SystemTime::now()).await;
+                    let pool = route.pool.clone();
+                    tokio::spawn(async move { pool.purge(&target, false).await });
                 }
                 (res, Outcome::Bypass(reason))
             }
@@ -190,8 +194,7 @@ async fn serve(route: &Arc<RouteRuntime>, parts: request::Parts, body: Incoming,
 
 /// The purge target of a request's URI: every variant stored for it.
 fn target_url(client: &ClientInfo, parts: &request::Parts) -> crate::cache::PurgeTarget {
-    let key = CacheKey::new(client.scheme, &client.host, parts.uri.path(), parts.uri.query(), Encodings::Identity);
-    crate::cache::PurgeTarget::Url(xxhash_rust::xxh3::xxh3_128(crate::cache::key::url_part(&key.text).as_bytes()))
+    crate::cache::PurgeTarget::for_request(client.scheme, &client.host, parts.uri.path(), parts.uri.query())
 }
 
 /// Why a request skips the cache, if it does.

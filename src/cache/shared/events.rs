@@ -36,7 +36,7 @@ impl Notice {
         match self {
             Notice::Purge { target, soft, before } => {
                 let target = match target {
-                    PurgeTarget::Url(h) => format!("url:{h:032x}"),
+                    PurgeTarget::Url(u) => format!("url:{u}"),
                     PurgeTarget::Path(h) => format!("path:{h:032x}"),
                     PurgeTarget::Tag(t) => format!("tag:{t}"),
                 };
@@ -56,7 +56,7 @@ impl Notice {
                 let soft = parts.next()? == "1";
                 let before = time(parts.next()?)?;
                 let target = match (parts.next()?, parts.next()?) {
-                    ("url", h) => PurgeTarget::Url(hash(h)?),
+                    ("url", u) => PurgeTarget::Url(u.to_owned()),
                     ("path", h) => PurgeTarget::Path(hash(h)?),
                     ("tag", t) => PurgeTarget::Tag(t.to_owned()),
                     _ => return None,
@@ -68,6 +68,9 @@ impl Notice {
         }
     }
 }
+
+/// How often the subscription is checked with a PING (and how long the PING may take).
+const HEARTBEAT: Duration = Duration::from_secs(2);
 
 /// Receives the notices of a pool's event channel.
 pub type NoticeHandler = std::sync::Arc<dyn Fn(Notice) + Send + Sync>;
@@ -204,7 +207,6 @@ impl Events {
         if clients.is_empty() {
             return;
         }
-        let mut subscribed_before = false;
         let mut attempt = 0usize;
         loop {
             // In a cluster, try the next node after each failure.
@@ -215,14 +217,29 @@ impl Events {
                 pubsub.subscribe(&channel).await?;
                 self.subscribed.store(true, Ordering::Release);
                 metrics.events_subscribed.set(1.0);
-                if subscribed_before {
-                    handler(Notice::Resubscribed);
-                }
-                subscribed_before = true;
-                let mut messages = pubsub.into_on_message();
-                while let Some(msg) = messages.next().await {
-                    if let Ok(payload) = msg.get_payload::<String>() {
-                        self.dispatch(&payload, &handler);
+                // Also on the first subscription: notices sent before it were missed.
+                handler(Notice::Resubscribed);
+                let (mut sink, mut messages) = pubsub.split();
+                // A subscription on a half-open socket hears nothing and reports no
+                // error: PING it, and start over when a PING goes unanswered.
+                let mut heartbeat = tokio::time::interval(HEARTBEAT);
+                heartbeat.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+                loop {
+                    tokio::select! {
+                        msg = messages.next() => match msg {
+                            Some(msg) => {
+                                if let Ok(payload) = msg.get_payload::<String>() {
+                                    self.dispatch(&payload, &handler);
+                                }
+                            }
+                            None => break,
+                        },
+                        _ = heartbeat.tick() => {
+                            if !matches!(tokio::time::timeout(HEARTBEAT, sink.ping::<redis::Value>()).await, Ok(Ok(_))) {
+                                tracing::warn!(channel, "event subscription stopped answering; reconnecting");
+                                break;
+                            }
+                        }
                     }
                 }
                 Ok::<(), redis::RedisError>(())

@@ -23,11 +23,14 @@ pub struct Health {
     threshold: u32,
     probe_interval: Duration,
     timeout: Duration,
+    /// Probed with `EXISTS <key>`: a keyed command goes to one node (in a cluster, a
+    /// PING would need every primary to answer).
+    probe_key: String,
     gauge: Gauge,
 }
 
 impl Health {
-    pub fn new(threshold: u32, probe_interval: Duration, timeout: Duration, gauge: Gauge) -> Arc<Health> {
+    pub fn new(threshold: u32, probe_interval: Duration, timeout: Duration, probe_key: String, gauge: Gauge) -> Arc<Health> {
         gauge.set(0.0);
         Arc::new(Health {
             open: AtomicBool::new(false),
@@ -35,6 +38,7 @@ impl Health {
             threshold: threshold.max(1),
             probe_interval,
             timeout,
+            probe_key,
             gauge,
         })
     }
@@ -68,18 +72,22 @@ impl Health {
     }
 }
 
-/// Pings every `probe_interval` until Redis answers, then closes the breaker. Ends early
-/// when the pool is dropped.
+/// Probes every `probe_interval` until Redis answers, then closes the breaker; a failed
+/// probe makes the next one use a fresh connection. Ends early when the pool is dropped.
 async fn probe(health: Weak<Health>, link: Weak<Link>) {
     loop {
         let Some(interval) = health.upgrade().map(|h| h.probe_interval) else { return };
         tokio::time::sleep(interval).await;
         let (Some(health), Some(link)) = (health.upgrade(), link.upgrade()) else { return };
         let mut conn = link.conn();
-        let ping = redis::cmd("PING");
-        if matches!(link.call(health.timeout, ping.query_async::<String>(&mut conn)).await, Some(Ok(_))) {
-            health.close();
-            return;
+        let probe = redis::cmd("EXISTS").arg(&health.probe_key).clone();
+        match link.call(health.timeout, probe.query_async::<i64>(&mut conn)).await {
+            Some(Ok(_)) => {
+                health.close();
+                return;
+            }
+            Some(Err(e)) if super::link::is_not_ready(&e) => {}
+            _ => link.reset(),
         }
     }
 }

@@ -54,7 +54,22 @@ pub enum Conn {
 }
 
 fn not_connected() -> redis::RedisError {
-    redis::RedisError::from(std::io::Error::new(std::io::ErrorKind::NotConnected, "Redis cluster connection not ready"))
+    redis::RedisError::from((redis::ErrorKind::ClusterConnectionNotFound, "Redis cluster connection not ready"))
+}
+
+/// The connection is still being made (not a sign of a sick Redis).
+pub fn is_not_ready(err: &redis::RedisError) -> bool {
+    err.kind() == redis::ErrorKind::ClusterConnectionNotFound
+}
+
+/// Error replies of a server that cannot serve now: read-only (a demoted primary),
+/// master down, loading, cluster down.
+pub fn is_sick_server(err: &redis::RedisError) -> bool {
+    use redis::ServerErrorKind as S;
+    matches!(
+        err.kind(),
+        redis::ErrorKind::Server(S::ReadOnly | S::MasterDown | S::BusyLoading | S::ClusterDown)
+    )
 }
 
 impl ConnectionLike for Conn {
@@ -138,6 +153,11 @@ impl Link {
         if self.timeouts.fetch_add(1, Ordering::Relaxed) + 1 < TIMEOUTS_BEFORE_RECONNECT {
             return;
         }
+        self.reset();
+    }
+
+    /// Replaces the connection now.
+    pub fn reset(&self) {
         self.timeouts.store(0, Ordering::Relaxed);
         tracing::info!("replacing an unresponsive Redis connection");
         match &self.backend {

@@ -32,6 +32,17 @@ use link::Link;
 /// counted), since a cache write is worth less than the memory of an unbounded backlog.
 const MAX_PENDING_WRITES: usize = 1024;
 
+/// Rewrites a key (keeping its expiry) only if it still holds the value read: a soft
+/// purge never overwrites a newer entry, nor recreates an expired one.
+const SET_IF_UNCHANGED: &str = "if redis.call('get', KEYS[1]) == ARGV[1] then return redis.call('set', KEYS[1], ARGV[2], 'KEEPTTL', 'XX') and 1 or 0 else return 0 end";
+
+/// Adds an entry to a purge index (a sorted set scored by the entry's expiry), drops
+/// members that expired, and keeps the set as long as its longest-lived member.
+const INDEX_ADD: &str = "redis.call('zadd', KEYS[1], ARGV[2], ARGV[1]) \
+redis.call('zremrangebyscore', KEYS[1], '-inf', ARGV[3]) \
+if redis.call('pttl', KEYS[1]) < tonumber(ARGV[4]) then redis.call('pexpire', KEYS[1], ARGV[4]) end \
+return 1";
+
 /// Deletes a key only if it still holds the given (corrupt) value, so a fresh entry
 /// written meanwhile, here or by another replica, survives.
 const DELETE_IF_UNCHANGED: &str = "if redis.call('get', KEYS[1]) == ARGV[1] then return redis.call('del', KEYS[1]) else return 0 end";
@@ -81,7 +92,8 @@ impl SharedTier {
         let event_clients = urls.iter().map(|u| redis::Client::open(u.as_str())).collect::<Result<Vec<_>, _>>().map_err(wrap)?;
         let reads = Arc::new(Link::new(&config.endpoint, config.timeout).map_err(wrap)?);
         let writes = Arc::new(Link::new(&config.endpoint, config.timeout).map_err(wrap)?);
-        let health = Health::new(config.breaker_failures, config.breaker_probe_interval, config.timeout, metrics.redis_breaker_open.clone());
+        let probe_key = format!("{prefix}probe");
+        let health = Health::new(config.breaker_failures, config.breaker_probe_interval, config.timeout, probe_key, metrics.redis_breaker_open.clone());
         let (stop_tx, stop_rx) = oneshot::channel();
         Ok(SharedTier {
             event_clients,
@@ -128,41 +140,52 @@ impl SharedTier {
     }
 
     /// Purges what `target` covers from Redis: deleted, or for a soft purge rewritten as
-    /// stale. Returns how many entries it touched.
+    /// stale (only if unchanged meanwhile). Returns how many entries it touched.
     pub async fn purge(&self, target: &PurgeTarget, soft: bool) -> Result<usize, PurgeError> {
         if self.health.is_open() {
             return Err(PurgeError::Unavailable);
         }
         let index = self.index_key(target);
         let deadline = self.timeout * 4;
+        let now_ms = unix_millis(SystemTime::now());
         let mut conn = self.writes.conn();
-        let members: Vec<String> = match self.guarded(&self.writes, deadline, conn.smembers(&index)).await {
+        let range = redis::cmd("ZRANGEBYSCORE").arg(&index).arg(now_ms).arg("+inf").clone();
+        let members: Vec<String> = match self.guarded(&self.writes, deadline, range.query_async(&mut conn)).await {
             Some(Ok(members)) => members,
             _ => return Err(PurgeError::Unavailable),
         };
         if members.is_empty() {
             return Ok(0);
         }
-        if !soft {
-            let mut commands: Vec<redis::Cmd> = members.iter().map(redis::Cmd::del).collect();
-            commands.push(redis::Cmd::del(&index));
-            return match self.guarded(&self.writes, deadline, exec(&self.writes, &commands)).await {
-                Some(Ok(deleted)) => Ok(deleted.iter().take(members.len()).filter(|n| matches!(n, redis::Value::Int(1..))).count()),
-                _ => Err(PurgeError::Unavailable),
-            };
-        }
-        let mut touched = 0;
-        for key in &members {
-            let Some(Ok(Some(payload))) = self.guarded(&self.writes, deadline, conn.get::<_, Option<Vec<u8>>>(key)).await else { continue };
-            let Ok(entry) = Entry::decode(&Bytes::from(payload)) else { continue };
-            touched += 1;
-            if entry.invalidated {
-                continue;
+        let touched = if soft {
+            let mut touched = 0;
+            for key in &members {
+                let Some(Ok(Some(payload))) = self.guarded(&self.writes, deadline, conn.get::<_, Option<Vec<u8>>>(key)).await else { continue };
+                let Ok(entry) = Entry::decode(&Bytes::from(payload.clone())) else { continue };
+                touched += 1;
+                if entry.invalidated {
+                    continue;
+                }
+                let script = redis::Script::new(SET_IF_UNCHANGED);
+                let mut invocation = script.key(key);
+                invocation.arg(payload).arg(entry.soft_purged().encode().as_ref());
+                if !matches!(self.guarded(&self.writes, deadline, invocation.invoke_async::<i64>(&mut conn)).await, Some(Ok(_))) {
+                    return Err(PurgeError::Unavailable);
+                }
             }
-            let mut set = redis::cmd("SET");
-            set.arg(key).arg(entry.soft_purged().encode().as_ref()).arg("KEEPTTL");
-            let _ = self.guarded(&self.writes, deadline, set.query_async::<()>(&mut conn)).await;
-        }
+            touched
+        } else {
+            let deletes: Vec<redis::Cmd> = members.iter().map(redis::Cmd::del).collect();
+            let deleted = match self.guarded(&self.writes, deadline, exec(&self.writes, &deletes)).await {
+                Some(Ok(deleted)) => deleted.iter().filter(|n| matches!(n, redis::Value::Int(1..))).count(),
+                _ => return Err(PurgeError::Unavailable),
+            };
+            // Remove exactly the members purged: one indexed meanwhile stays findable.
+            let mut zrem = redis::cmd("ZREM");
+            zrem.arg(&index).arg(&members);
+            let _ = self.guarded(&self.writes, deadline, zrem.query_async::<i64>(&mut conn)).await;
+            deleted
+        };
         Ok(touched)
     }
 
@@ -235,7 +258,7 @@ impl SharedTier {
 
     /// Writes `entry` in the background (encoding included), to expire when it is no
     /// longer useful.
-    pub fn put_in_background(&self, key: &CacheKey, entry: Arc<Entry>) {
+    pub fn put_in_background(&self, key: &CacheKey, entry: Arc<Entry>, announce: bool) {
         if self.health.is_open() {
             return;
         }
@@ -246,10 +269,16 @@ impl SharedTier {
         let redis_key = self.entry_key(key);
         let (writes, metrics, health, prefix) = (self.writes.clone(), self.metrics.clone(), self.health.clone(), self.prefix.clone());
         let deadline = self.write_deadline(entry.body.len());
+        let (channel, hash) = (self.channel.clone(), key.hash);
         tokio::spawn(async move {
             let _permit = permit;
-            if !write(&health, &writes, deadline, &prefix, &redis_key, &entry).await {
+            if !write(&health, &writes, deadline, &prefix, &redis_key, &entry, &metrics).await {
                 metrics.redis_error(RedisOp::Set);
+                return;
+            }
+            if let Some(message) = announce.then(|| Notice::Replaced { hash, response_time: entry.response_time }.message()).flatten() {
+                let mut conn = writes.conn();
+                let _ = guarded(&health, &writes, deadline, conn.publish::<_, _, i64>(&channel, message)).await;
             }
         });
     }
@@ -259,7 +288,7 @@ impl SharedTier {
         if self.health.is_open() {
             return false;
         }
-        let ok = write(&self.health, &self.writes, self.write_deadline(entry.body.len()), &self.prefix, &self.entry_key(key), entry).await;
+        let ok = write(&self.health, &self.writes, self.write_deadline(entry.body.len()), &self.prefix, &self.entry_key(key), entry, &self.metrics).await;
         if !ok {
             self.metrics.redis_error(RedisOp::Set);
         }
@@ -360,24 +389,59 @@ pub enum PurgeError {
     Unavailable,
 }
 
-/// `SET key payload PX ttl` on the write link, and the entry's purge index sets (its
-/// URL, path and tags), each kept as long as its longest-lived member; false when it
-/// failed or had nothing to keep.
-async fn write(health: &Arc<Health>, link: &Arc<Link>, deadline: Duration, prefix: &str, redis_key: &str, entry: &Entry) -> bool {
-    let keep = entry.keep_for(SystemTime::now());
+/// `SET key payload PX ttl` on the write link, then the entry's purge indexes (its URL,
+/// path and tags). False when the entry itself was not written; index failures are
+/// counted but do not undo a stored entry.
+async fn write(health: &Arc<Health>, link: &Arc<Link>, deadline: Duration, prefix: &str, redis_key: &str, entry: &Entry, metrics: &PoolMetrics) -> bool {
+    let now = SystemTime::now();
+    let keep = entry.keep_for(now);
     let ttl_ms = u64::try_from(keep.as_millis()).unwrap_or(u64::MAX);
     if ttl_ms == 0 {
         return true;
     }
-    let ttl_s = i64::try_from(keep.as_secs() + 1).unwrap_or(i64::MAX);
-    let mut commands = vec![redis::Cmd::pset_ex(redis_key, entry.encode().as_ref(), ttl_ms)];
-    for target in PurgeTarget::of_entry(&entry.key, &entry.tags) {
-        let index = format!("{prefix}v{}:idx:{}", super::entry::FORMAT_VERSION, target.index_name());
-        commands.push(redis::Cmd::sadd(&index, redis_key));
-        commands.push(redis::cmd("EXPIRE").arg(&index).arg(ttl_s).arg("NX").clone());
-        commands.push(redis::cmd("EXPIRE").arg(&index).arg(ttl_s).arg("GT").clone());
+    let expires_ms = unix_millis(now).saturating_add(ttl_ms);
+    let set = redis::Cmd::pset_ex(redis_key, entry.encode().as_ref(), ttl_ms);
+    let indexes: Vec<redis::Cmd> = PurgeTarget::of_entry(&entry.key, &entry.tags)
+        .iter()
+        .map(|target| {
+            let index = format!("{prefix}v{}:idx:{}", super::entry::FORMAT_VERSION, target.index_name());
+            redis::cmd("EVAL")
+                .arg(INDEX_ADD)
+                .arg(1)
+                .arg(index)
+                .arg(redis_key)
+                .arg(expires_ms)
+                .arg(unix_millis(now))
+                .arg(ttl_ms + 1000)
+                .clone()
+        })
+        .collect();
+    if !link.is_cluster() {
+        // One round trip: the entry first, its indexes after it.
+        let mut all = vec![set];
+        all.extend(indexes);
+        return match guarded(health, link, deadline, exec(link, &all)).await {
+            Some(Ok(_)) => true,
+            // The pipeline's first reply tells whether the entry landed; an index error
+            // alone fails the whole exec, so check the entry.
+            _ => {
+                metrics.redis_error(RedisOp::Set);
+                let mut conn = link.conn();
+                matches!(link.call(deadline, redis::cmd("EXISTS").arg(redis_key).query_async::<i64>(&mut conn)).await, Some(Ok(1)))
+            }
+        };
     }
-    matches!(guarded(health, link, deadline, exec(link, &commands)).await, Some(Ok(_)))
+    if !matches!(guarded(health, link, deadline, set.query_async::<()>(&mut link.conn())).await, Some(Ok(()))) {
+        return false;
+    }
+    if !matches!(guarded(health, link, deadline, exec(link, &indexes)).await, Some(Ok(_))) {
+        metrics.redis_error(RedisOp::Set);
+    }
+    true
+}
+
+fn unix_millis(time: SystemTime) -> u64 {
+    u64::try_from(time.duration_since(std::time::UNIX_EPOCH).unwrap_or_default().as_millis()).unwrap_or(u64::MAX)
 }
 
 /// Runs `commands` in one pipeline; in a cluster (where a pipeline must stay in one
@@ -407,7 +471,15 @@ async fn guarded<T>(
     let result = link.call(deadline, call).await;
     match &result {
         Some(Ok(_)) => health.succeeded(),
-        // A server-side error reply (wrong type, script error) is not a sick Redis.
+        // Not connected yet (a cluster connection being made): neither sick nor well.
+        Some(Err(e)) if link::is_not_ready(e) => {}
+        // A server that cannot serve (read-only after a failover, loading, cluster down)
+        // is sick, and the connection may be stuck on the wrong node: start afresh.
+        Some(Err(e)) if link::is_sick_server(e) => {
+            link.reset();
+            health.failed(link);
+        }
+        // Any other error reply (wrong type, script error) is not a sick Redis.
         Some(Err(e)) if !(e.is_io_error() || e.is_timeout() || e.is_connection_dropped() || e.is_connection_refusal()) => health.succeeded(),
         _ => health.failed(link),
     }
