@@ -63,24 +63,47 @@ async fn cache_aside_on_a_cluster_survives_a_primary_failover() {
     let answer = writer.request(purge).await;
     assert!(answer.text().contains("\"l2\":1"), "{}", answer.text());
 
-    // Kill a primary; keep serving through the failover.
+    // The purge reached the reader's L1 through the cluster's pub/sub.
+    let deadline = Instant::now() + Duration::from_secs(1);
+    while reader.get_with("/before/0", &HOST).await.cache_status() == "bulwark; hit; detail=l1" {
+        assert!(Instant::now() < deadline, "the purge never reached the other replica");
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+
+    // Kill a primary; keep serving through the failover. The writer stores new keys (L2
+    // writes to every shard); the reader asks for keys it has never seen, so each of its
+    // requests consults the cluster before the origin.
     let primaries = cluster.primaries();
     assert_eq!(primaries.len(), 3);
     cluster.kill(primaries[0]);
     let failover_started = Instant::now();
-    let mut during = 0;
+    let mut during: usize = 0;
     while failover_started.elapsed() < Duration::from_secs(4) {
         during += 1;
         let path = format!("/during/{during}");
         let got = writer.get_with(&path, &HOST).await;
         assert_eq!((got.status.as_u16(), got.text()), (200, format!("body of {path}").as_str()), "client error during failover");
-        let again = reader.get_with(&before[during % before.len()], &HOST).await;
-        assert_eq!(again.status, 200, "client error during failover");
+        let unseen = format!("/during/{}", during.saturating_sub(1));
+        let again = reader.get_with(&unseen, &HOST).await;
+        assert_eq!((again.status.as_u16(), again.text()), (200, format!("body of {unseen}").as_str()), "client error during failover");
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
     cluster.wait_until_ok();
 
-    // After the failover, L2 hits resume, with a fresh reader (empty L1).
+    // After the failover, L2 hits resume on the replicas that lived through it...
+    let deadline = Instant::now() + Duration::from_secs(10);
+    let mut n = 0;
+    loop {
+        n += 1;
+        let path = format!("/recovered/{n}");
+        writer.get_with(&path, &HOST).await;
+        tokio::time::sleep(Duration::from_millis(50)).await;
+        if reader.get_with(&path, &HOST).await.cache_status() == "bulwark; hit; detail=l2" {
+            break;
+        }
+        assert!(Instant::now() < deadline, "the existing reader never got an L2 hit after the failover");
+    }
+    // ...and with a fresh reader (empty L1).
     let fresh = Bulwark::start(&config).await;
     wait_for_subscription(&fresh).await;
     let after: Vec<String> = (0..30).map(|i| format!("/after/{i}")).collect();

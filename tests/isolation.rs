@@ -140,10 +140,19 @@ async fn a_stalled_redis_costs_a_deadline_per_probe_not_per_request() {
     let bulwark = Arc::new(Bulwark::start(&two_pools(&origin.url(), &redis_a.url(), &redis_b.url())).await);
     let _ = run_phase(&bulwark, Duration::from_millis(500)).await;
 
+    let (_, mut b_before) = run_phase(&bulwark, Duration::from_secs(1)).await;
+    let b_hits_before = bulwark.metric("bulwark_requests_total", &[("pool", "b"), ("cache", "hit_l1")]).await;
     redis_a.stall();
-    let (mut a, b) = run_phase(&bulwark, Duration::from_secs(3)).await;
+    let (mut a, mut b) = run_phase(&bulwark, Duration::from_secs(3)).await;
     redis_a.resume();
     assert_eq!((a.failures, b.failures), (0, 0));
+    // Pool b: same hit ratio, same latency range, no Redis errors, breaker closed.
+    let b_hits = bulwark.metric("bulwark_requests_total", &[("pool", "b"), ("cache", "hit_l1")]).await - b_hits_before;
+    assert!(b_hits / b.latencies.len() as f64 > 0.85, "pool b hit ratio {}", b_hits / b.latencies.len() as f64);
+    let (b_p99_before, b_p99) = (b_before.p99(), b.p99());
+    assert!(b_p99 < b_p99_before * 5 + Duration::from_millis(20), "pool b p99 {b_p99_before:?} -> {b_p99:?}");
+    assert_eq!(bulwark.metric("bulwark_redis_errors_total", &[("pool", "b")]).await, 0.0);
+    assert_eq!(bulwark.metric("bulwark_redis_breaker_open", &[("pool", "b")]).await, 0.0);
     let p99 = a.p99();
     eprintln!("pool a p99 with its Redis stalled: {p99:?} over {} requests", a.latencies.len());
     // redis_timeout (50 ms) + origin latency; the p99 must stay under it.
@@ -152,4 +161,10 @@ async fn a_stalled_redis_costs_a_deadline_per_probe_not_per_request() {
     // none after (probes run in the background).
     let waited = a.latencies.iter().filter(|l| **l >= Duration::from_millis(45)).count();
     assert!(waited <= 6, "{waited} requests waited for the stalled Redis");
+    // After SIGCONT the probe closes pool a's breaker.
+    let deadline = Instant::now() + Duration::from_secs(5);
+    while bulwark.metric("bulwark_redis_breaker_open", &[("pool", "a")]).await != 0.0 {
+        assert!(Instant::now() < deadline, "pool a's breaker did not close after SIGCONT");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
 }

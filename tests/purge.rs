@@ -209,3 +209,33 @@ async fn a_replica_whose_subscription_dropped_clears_its_l1() {
     }
     assert_ne!(bulwark.get_with("/products/1", &HOST).await.cache_status(), "bulwark; hit; detail=l1");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_subscription_that_goes_silent_is_noticed_and_replaced() {
+    let redis = RedisServer::start();
+    let relay = support::BlackholeRelay::start(redis.port).await;
+    let origin = Origin::start().await;
+    let version = versioned_origin(&origin);
+    // This replica reaches Redis through the relay; the other one directly.
+    let through_relay = Bulwark::start(&simple_config(&origin.url(), Some(&relay.url()), "")).await;
+    let direct = Bulwark::start(&simple_config(&origin.url(), Some(&redis.url()), "")).await;
+    wait_for_subscription(&through_relay).await;
+    through_relay.get_with("/products/1", &HOST).await;
+    // Every open connection through the relay goes silent: no error, no close.
+    relay.blackhole_existing();
+    version.store(2, Ordering::SeqCst);
+    // The heartbeat notices within a few seconds, resubscribes on a new connection and
+    // clears L1 (purges sent meanwhile were lost); after that, purges arrive again.
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while through_relay.get_with("/products/1", &HOST).await.cache_status() == "bulwark; hit; detail=l1" {
+        assert!(Instant::now() < deadline, "a silent subscription was never replaced");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    wait_for_subscription(&through_relay).await;
+    through_relay.get_with("/products/3", &HOST).await;
+    assert_eq!(through_relay.get_with("/products/3", &HOST).await.cache_status(), "bulwark; hit; detail=l1");
+    version.store(3, Ordering::SeqCst);
+    purge(&direct, r#"{"urls": ["http://shop.example/products/3"]}"#).await;
+    let (got, _) = until_not_l1(&through_relay, "/products/3", &HOST).await;
+    assert_eq!(got.text(), "/products/3 v3");
+}
