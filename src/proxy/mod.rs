@@ -176,13 +176,14 @@ async fn serve(route: &Arc<RouteRuntime>, parts: request::Parts, body: Incoming,
         let target = unsafe_method.then(|| target_url(client, &parts));
         return match fetch::pass_through(route, parts, body, client).await {
             Ok(res) => {
-                // RFC 9111 section 4.4: a successful unsafe request invalidates the target:
-                // here at once (its few variant keys), in Redis and on every replica in
-                // the background, so neither the response nor a disconnect waits on it.
+                // RFC 9111 section 4.4: a successful unsafe request invalidates the target,
+                // here, in Redis and on every replica, before the response goes out (so
+                // the client's next GET cannot find the old copy). It runs in its own
+                // task: a client that hangs up does not leave it half done. Its cost is
+                // bounded by the Redis deadlines, and nil while the Redis breaker is open.
                 if let Some(target) = target.filter(|_| res.status().as_u16() < 400) {
-                    route.pool.l1.purge(&target, false, SystemTime::now()).await;
                     let pool = route.pool.clone();
-                    tokio::spawn(async move { pool.purge(&target, false).await });
+                    let _ = tokio::spawn(async move { pool.purge(&target, false).await }).await;
                 }
                 (res, Outcome::Bypass(reason))
             }
