@@ -20,6 +20,7 @@ use hyper_util::server::graceful::GracefulShutdown;
 use tokio::net::TcpListener;
 
 use crate::cache::PurgeTarget;
+use crate::config::RouteMode;
 use crate::proxy::Proxy;
 
 pub const ADMIN_TOKEN_ENV: &str = "BULWARK_ADMIN_TOKEN";
@@ -63,14 +64,22 @@ async fn handle(proxy: &Proxy, token: Option<&str>, req: Request<Incoming>) -> A
     {
         return text(StatusCode::UNAUTHORIZED, "missing or wrong bearer token\n");
     }
+    if let Some(route) = path.strip_prefix("/admin/routes/").and_then(|rest| rest.strip_suffix("/mode")) {
+        let route = route.to_owned();
+        return match req.method() {
+            &Method::PUT => set_mode(proxy, &route, req).await,
+            _ => text(StatusCode::METHOD_NOT_ALLOWED, "method not allowed\n"),
+        };
+    }
     match (req.method(), path) {
         (&Method::GET, "/healthz") => text(StatusCode::OK, "ok\n"),
+        (&Method::POST, "/admin/reload") => reload(proxy).await,
         (&Method::GET, "/readyz") if proxy.is_draining() => text(StatusCode::SERVICE_UNAVAILABLE, "draining\n"),
         (&Method::GET, "/readyz") => text(StatusCode::OK, "ready\n"),
         (&Method::GET, "/metrics") => metrics(proxy).await,
         (&Method::GET, "/admin/routes") => routes(proxy),
         (&Method::POST, "/admin/purge") => purge(proxy, req).await,
-        (_, "/healthz" | "/readyz" | "/metrics" | "/admin/routes" | "/admin/purge") => {
+        (_, "/healthz" | "/readyz" | "/metrics" | "/admin/routes" | "/admin/purge" | "/admin/reload") => {
             text(StatusCode::METHOD_NOT_ALLOWED, "method not allowed\n")
         }
         _ => text(StatusCode::NOT_FOUND, "not found\n"),
@@ -98,7 +107,7 @@ fn routes(proxy: &Proxy) -> AdminResponse {
                 "pool": r.pool.config.name,
                 "origin": r.origin.config.name,
                 "priority": r.config.priority.as_str(),
-                "mode": r.config.mode.as_str(),
+                "mode": r.mode().as_str(),
                 "has_fallback": r.config.fallback.is_some(),
             })
         })
@@ -106,6 +115,57 @@ fn routes(proxy: &Proxy) -> AdminResponse {
     let mut res = Response::new(Full::new(Bytes::from(serde_json::json!({ "routes": routes }).to_string())));
     res.headers_mut().insert(CONTENT_TYPE, HeaderValue::from_static("application/json"));
     res
+}
+
+#[derive(serde::Deserialize)]
+#[serde(deny_unknown_fields)]
+struct ModeRequest {
+    mode: String,
+}
+
+/// `PUT /admin/routes/{name}/mode` with `{"mode": "normal" | "cache-only" | "fallback" | "off"}`.
+async fn set_mode(proxy: &Proxy, route: &str, req: Request<Incoming>) -> AdminResponse {
+    use http_body_util::BodyExt;
+    let body = match http_body_util::Limited::new(req.into_body(), 4096).collect().await {
+        Ok(body) => body.to_bytes(),
+        Err(_) => return json(StatusCode::PAYLOAD_TOO_LARGE, serde_json::json!({ "error": "request body over 4 KiB" })),
+    };
+    let mode = match serde_json::from_slice::<ModeRequest>(&body).ok().and_then(|r| RouteMode::parse(&r.mode)) {
+        Some(mode) => mode,
+        None => {
+            return json(
+                StatusCode::BAD_REQUEST,
+                serde_json::json!({ "error": "expected {\"mode\": \"normal\" | \"cache-only\" | \"fallback\" | \"off\"}" }),
+            );
+        }
+    };
+    let runtime = proxy.runtime();
+    let Some(target) = runtime.routes.iter().find(|r| r.config.name == route) else {
+        return json(StatusCode::NOT_FOUND, serde_json::json!({ "error": format!("no route named {route:?}") }));
+    };
+    if let Err(err) = target.set_mode(mode) {
+        return json(StatusCode::CONFLICT, serde_json::json!({ "error": err.to_string(), "route": route }));
+    }
+    tracing::info!(route, mode = mode.as_str(), "route mode switched through the admin API");
+    let applied_to = match proxy.control.get() {
+        None => "this replica only: no control_redis_url is configured".to_owned(),
+        Some(control) => match control.set_mode(route, mode).await {
+            Ok(()) => "all replicas".to_owned(),
+            Err(err) => format!("this replica only: the control Redis failed ({err})"),
+        },
+    };
+    json(StatusCode::OK, serde_json::json!({ "route": route, "mode": mode.as_str(), "applied_to": applied_to }))
+}
+
+/// `POST /admin/reload`: the same as SIGHUP.
+async fn reload(proxy: &Proxy) -> AdminResponse {
+    match proxy.reload().await {
+        Ok(()) => json(StatusCode::OK, serde_json::json!({ "reloaded": true })),
+        Err(crate::proxy::ReloadError::NoFile) => {
+            json(StatusCode::CONFLICT, serde_json::json!({ "reloaded": false, "error": "this server was not started from a config file" }))
+        }
+        Err(err) => json(StatusCode::BAD_REQUEST, serde_json::json!({ "reloaded": false, "error": err.to_string() })),
+    }
 }
 
 /// Largest purge request body accepted.

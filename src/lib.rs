@@ -5,6 +5,7 @@
 //! - [`config`]: the TOML file format, validation into typed values, `PATH:LINE:COL` errors.
 //! - [`server`]: listeners, the accept loop (HTTP/1.1 and h2c), graceful shutdown; [`run`].
 //! - [`admin`]: `/metrics`, `/healthz`, `/readyz`, `/admin/*` on the admin listener.
+//! - [`control`]: route modes shared by every replica through `control_redis_url`.
 //! - [`router`]: request to route (longest `path_prefix`, optional host).
 //! - [`proxy`]: the request path, one phase per function, and the [`proxy::Outcome`] type
 //!   behind both `Cache-Status` and the `cache` metric label.
@@ -27,6 +28,7 @@ pub mod admin;
 pub mod cache;
 pub mod cli;
 pub mod config;
+pub mod control;
 pub mod error;
 pub mod metrics;
 pub mod origin;
@@ -35,4 +37,4 @@ pub mod router;
 pub mod server;
 
 pub use config::Config;
-pub use server::{Listeners, RunError, run};
+pub use server::{Listeners, RunError, run, run_with_file};

@@ -27,6 +27,7 @@ pub const L1_BYTES: &str = "bulwark_l1_bytes";
 pub const L1_ENTRIES: &str = "bulwark_l1_entries";
 pub const L2_CORRUPT_TOTAL: &str = "bulwark_l2_corrupt_entries_total";
 pub const REDIS_EVENTS_SUBSCRIBED: &str = "bulwark_redis_events_subscribed";
+pub const CONFIG_RELOADS_TOTAL: &str = "bulwark_config_reloads_total";
 
 /// Latency buckets, in seconds: from a fast L1 hit to a slow origin.
 const BUCKETS: &[f64] = &[
@@ -133,6 +134,11 @@ impl Registry {
             l2_corrupt: self.counter(L2_CORRUPT_TOTAL, &labels),
             events_subscribed: self.gauge(REDIS_EVENTS_SUBSCRIBED, &labels),
         }
+    }
+
+    /// `bulwark_config_reloads_total{result="ok"}` and `{result="error"}`.
+    pub fn reloads(&self) -> [Counter; 2] {
+        ["ok", "error"].map(|result| self.counter(CONFIG_RELOADS_TOTAL, &[("result", result)]))
     }
 
     pub fn unrouted(&self) -> Counter {

@@ -50,10 +50,63 @@ pub enum RunError {
 /// Runs a server instance on `listeners` until `shutdown` completes, then drains and
 /// returns once in-flight requests have finished (or `shutdown_timeout` has passed).
 pub async fn run(listeners: Listeners, config: Config, shutdown: impl Future<Output = ()>) -> Result<(), RunError> {
-    let server_config = config.server.clone();
     let proxy = Arc::new(Proxy::new(config)?);
+    serve(listeners, proxy, shutdown).await
+}
+
+/// Like [`run`], for a configuration read from `path`: SIGHUP, `POST /admin/reload` and
+/// any change to the file (checked every second, so editors' renames and Kubernetes'
+/// symlink swaps are seen too) reload it.
+pub async fn run_with_file(listeners: Listeners, config: Config, path: std::path::PathBuf, shutdown: impl Future<Output = ()>) -> Result<(), RunError> {
+    let proxy = Arc::new(Proxy::with_file(config, Some(path.clone()))?);
+    let watcher = tokio::spawn(watch_file(proxy.clone(), path));
+    let hangups = tokio::spawn(reload_on_sighup(proxy.clone()));
+    let result = serve(listeners, proxy, shutdown).await;
+    watcher.abort();
+    hangups.abort();
+    result
+}
+
+/// Reloads when the file's content changes (whatever way it was replaced).
+async fn watch_file(proxy: Arc<Proxy>, path: std::path::PathBuf) {
+    let fingerprint = |bytes: &[u8]| xxhash_rust::xxh3::xxh3_64(bytes);
+    let mut seen = tokio::fs::read(&path).await.map(|b| fingerprint(&b)).ok();
+    let mut tick = tokio::time::interval(Duration::from_secs(1));
+    loop {
+        tick.tick().await;
+        let Ok(bytes) = tokio::fs::read(&path).await else { continue };
+        let now = Some(fingerprint(&bytes));
+        if now != seen {
+            seen = now;
+            let _ = proxy.reload().await;
+        }
+    }
+}
+
+async fn reload_on_sighup(proxy: Arc<Proxy>) {
+    use tokio::signal::unix::{SignalKind, signal};
+    let Ok(mut hangups) = signal(SignalKind::hangup()) else {
+        tracing::warn!("cannot install the SIGHUP handler; reload through the admin API");
+        return;
+    };
+    while hangups.recv().await.is_some() {
+        let _ = proxy.reload().await;
+    }
+}
+
+async fn serve(listeners: Listeners, proxy: Arc<Proxy>, shutdown: impl Future<Output = ()>) -> Result<(), RunError> {
+    let server_config = proxy.runtime().config.server.clone();
     for pool in &proxy.runtime().pools {
         pool.start();
+    }
+    if let Some(url) = &server_config.control_redis_url {
+        match crate::control::Control::new(url) {
+            Ok(control) => {
+                let _ = proxy.control.set(control.clone());
+                control.start(proxy.clone()).await;
+            }
+            Err(err) => tracing::error!(error = %err, "cannot use control_redis_url; route modes stay local"),
+        }
     }
     let (admin_stop, admin_stopped) = tokio::sync::oneshot::channel::<()>();
     let admin_task = tokio::spawn(admin::serve(listeners.admin, proxy.clone(), async {

@@ -4,7 +4,7 @@ use std::path::Path;
 use std::process::ExitCode;
 
 use crate::config::Config;
-use crate::server::{Listeners, run as run_server};
+use crate::server::{Listeners, run_with_file};
 
 pub fn run(path: &Path) -> ExitCode {
     super::init_logging();
@@ -26,7 +26,7 @@ pub fn run(path: &Path) -> ExitCode {
         // Handlers first, so a SIGTERM during start-up is a clean shutdown, not a kill.
         let shutdown = shutdown_signal();
         let listeners = Listeners::bind(&config.server).await?;
-        run_server(listeners, config, shutdown).await
+        run_with_file(listeners, config, path.to_owned(), shutdown).await
     });
     match result {
         Ok(()) => ExitCode::SUCCESS,

@@ -51,7 +51,7 @@ pub struct ServerConfig {
     pub control_redis_url: Option<String>,
 }
 
-#[derive(Debug, Clone)]
+#[derive(Debug, Clone, PartialEq)]
 pub struct OriginConfig {
     pub name: String,
     /// Scheme and authority of the origin, plus an optional base path.
@@ -68,7 +68,7 @@ pub struct OriginConfig {
     pub breaker: BreakerConfig,
 }
 
-#[derive(Debug, Clone)]
+#[derive(Debug, Clone, PartialEq)]
 pub struct PoolConfig {
     pub name: String,
     pub l1_max_bytes: u64,
@@ -114,6 +114,9 @@ pub struct RouteConfig {
     pub origin: usize,
     pub priority: Priority,
     pub mode: RouteMode,
+    /// Whether the file set `mode` (a reload then applies it; otherwise the route keeps
+    /// the mode it was switched to at runtime).
+    pub mode_from_file: bool,
     pub fallback: Option<Fallback>,
     pub negative_ttl: Option<Duration>,
     pub stale_on_error: StaleOnError,

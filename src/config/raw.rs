@@ -147,6 +147,20 @@ pub enum RouteMode {
 }
 
 impl RouteMode {
+    pub const ALL: [RouteMode; 4] = [RouteMode::Normal, RouteMode::CacheOnly, RouteMode::Fallback, RouteMode::Off];
+
+    pub fn parse(text: &str) -> Option<RouteMode> {
+        RouteMode::ALL.into_iter().find(|m| m.as_str() == text)
+    }
+
+    pub fn as_u8(self) -> u8 {
+        self as u8
+    }
+
+    pub fn from_u8(n: u8) -> RouteMode {
+        RouteMode::ALL.get(usize::from(n)).copied().unwrap_or_default()
+    }
+
     pub fn as_str(self) -> &'static str {
         match self {
             RouteMode::Normal => "normal",

@@ -332,6 +332,7 @@ fn route(raw: raw::RawRoute, origins: &[OriginConfig], pools: &[PoolConfig]) -> 
         None => None,
         Some(f) => Some(fallback(f)?),
     };
+    let mode_from_file = raw.mode.is_some();
     let mode = match raw.mode {
         None => RouteMode::Normal,
         Some(m) if *m.get_ref() == RouteMode::Fallback && fallback.is_none() => {
@@ -347,6 +348,7 @@ fn route(raw: raw::RawRoute, origins: &[OriginConfig], pools: &[PoolConfig]) -> 
         origin,
         priority: raw.priority.unwrap_or_default(),
         mode,
+        mode_from_file,
         fallback,
         negative_ttl: raw.negative_ttl.map(|d| d.0),
         stale_on_error: raw.stale_on_error.unwrap_or_default(),

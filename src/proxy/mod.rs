@@ -51,6 +51,31 @@ pub struct RouteRuntime {
     pub pool: Arc<Pool>,
     pub origin: Arc<Origin>,
     pub metrics: RouteMetrics,
+    /// The route's current mode: read by every request, written by the admin API and
+    /// the control channel. An atomic because it is one small value that changes rarely.
+    mode: std::sync::atomic::AtomicU8,
+}
+
+impl RouteRuntime {
+    pub fn mode(&self) -> RouteMode {
+        RouteMode::from_u8(self.mode.load(Ordering::Relaxed))
+    }
+
+    /// Switches the mode; `fallback` needs a configured fallback response.
+    pub fn set_mode(&self, mode: RouteMode) -> Result<(), ModeError> {
+        if mode == RouteMode::Fallback && self.config.fallback.is_none() {
+            return Err(ModeError::NoFallback);
+        }
+        self.mode.store(mode.as_u8(), Ordering::Relaxed);
+        Ok(())
+    }
+}
+
+/// Why a route mode could not be set.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, thiserror::Error)]
+pub enum ModeError {
+    #[error("the route has no fallback response configured")]
+    NoFallback,
 }
 
 /// Everything built from one configuration.
@@ -66,16 +91,34 @@ pub struct Runtime {
 impl Runtime {
     /// Builds pools, origins and routes, registering every metric handle now.
     pub fn build(config: Config, registry: &Registry) -> Result<Runtime, BuildError> {
+        Runtime::build_from(config, registry, None)
+    }
+
+    /// Builds a runtime for `config`, reusing from `previous` every pool and origin whose
+    /// settings did not change (so they keep their L1 contents, Redis connections,
+    /// bulkheads and breakers), and keeping each route's runtime mode unless the file
+    /// sets one.
+    pub fn build_from(config: Config, registry: &Registry, previous: Option<&Runtime>) -> Result<Runtime, BuildError> {
         let pools = config
             .pools
             .iter()
-            .map(|p| Pool::new(p.clone(), registry.pool(&p.name)).map(Arc::new))
+            .map(|p| match previous.and_then(|old| old.pools.iter().find(|op| op.config == *p)) {
+                Some(same) => Ok(same.clone()),
+                None => Pool::new(p.clone(), registry.pool(&p.name)).map(Arc::new),
+            })
             .collect::<Result<Vec<_>, _>>()?;
         let origins = config
             .origins
             .iter()
-            .map(|o| Origin::new(o.clone(), registry.origin(&o.name)).map(Arc::new))
+            .map(|o| match previous.and_then(|old| old.origins.iter().find(|oo| oo.config == *o)) {
+                Some(same) => Ok(same.clone()),
+                None => Origin::new(o.clone(), registry.origin(&o.name)).map(Arc::new),
+            })
             .collect::<Result<Vec<_>, _>>()?;
+        let kept_mode = |r: &RouteConfig| {
+            let old = previous.and_then(|old| old.routes.iter().find(|or| or.config.name == r.name))?;
+            (!r.mode_from_file && (old.mode() != RouteMode::Fallback || r.fallback.is_some())).then(|| old.mode())
+        };
         let routes = config
             .routes
             .iter()
@@ -85,6 +128,7 @@ impl Runtime {
                     pool: pools[r.pool].clone(),
                     origin: origins[r.origin].clone(),
                     metrics: registry.route(&r.name, &config.pools[r.pool].name, &config.origins[r.origin].name),
+                    mode: std::sync::atomic::AtomicU8::new(kept_mode(r).unwrap_or(r.mode).as_u8()),
                 })
             })
             .collect();
@@ -99,13 +143,84 @@ pub struct Proxy {
     /// Set once on SIGTERM; read by every response (to add `Connection: close`) and by
     /// `/readyz`. An atomic flag because it only ever goes from false to true.
     draining: AtomicBool,
+    /// The file reloads read, when the configuration came from one.
+    config_path: Option<std::path::PathBuf>,
+    /// One reload at a time (SIGHUP, the admin API and the file watcher may race).
+    reload_lock: tokio::sync::Mutex<()>,
+    reloads: [metrics::Counter; 2],
+    /// The control channel, when `control_redis_url` is set (set once at start).
+    pub control: std::sync::OnceLock<Arc<crate::control::Control>>,
+}
+
+/// Why a reload was refused (the running configuration stays).
+#[derive(Debug, thiserror::Error)]
+pub enum ReloadError {
+    #[error("this server was not started from a config file")]
+    NoFile,
+    #[error(transparent)]
+    Config(#[from] crate::config::ConfigError),
+    #[error(transparent)]
+    Build(#[from] BuildError),
 }
 
 impl Proxy {
     pub fn new(config: Config) -> Result<Proxy, BuildError> {
+        Proxy::with_file(config, None)
+    }
+
+    /// A proxy whose configuration came from `path` (which reloads read again).
+    pub fn with_file(config: Config, config_path: Option<std::path::PathBuf>) -> Result<Proxy, BuildError> {
         let registry = Arc::new(Registry::new());
         let runtime = Runtime::build(config, &registry)?;
-        Ok(Proxy { runtime: ArcSwap::from_pointee(runtime), registry, draining: AtomicBool::new(false) })
+        let reloads = registry.reloads();
+        Ok(Proxy {
+            runtime: ArcSwap::from_pointee(runtime),
+            registry,
+            draining: AtomicBool::new(false),
+            config_path,
+            reload_lock: tokio::sync::Mutex::new(()),
+            reloads,
+            control: std::sync::OnceLock::new(),
+        })
+    }
+
+    pub fn config_path(&self) -> Option<&std::path::Path> {
+        self.config_path.as_deref()
+    }
+
+    /// Reads the config file again, validates it and swaps it in. A bad file changes
+    /// nothing. Requests in flight finish on the configuration they started with.
+    pub async fn reload(&self) -> Result<(), ReloadError> {
+        let _one_at_a_time = self.reload_lock.lock().await;
+        let result = self.reload_locked();
+        match &result {
+            Ok(()) => {
+                self.reloads[0].increment(1);
+                tracing::info!(path = ?self.config_path, "configuration reloaded");
+            }
+            Err(err) => {
+                self.reloads[1].increment(1);
+                tracing::error!(error = %err, "configuration reload rejected; the running configuration stays");
+            }
+        }
+        result
+    }
+
+    fn reload_locked(&self) -> Result<(), ReloadError> {
+        let path = self.config_path.as_deref().ok_or(ReloadError::NoFile)?;
+        let config = Config::load(path)?;
+        let old = self.runtime.load_full();
+        if config.server.listen != old.config.server.listen || config.server.admin_listen != old.config.server.admin_listen {
+            tracing::warn!("listen addresses changed in the file; they take effect on restart only");
+        }
+        let runtime = Runtime::build_from(config, &self.registry, Some(&old))?;
+        for pool in &runtime.pools {
+            if !old.pools.iter().any(|p| Arc::ptr_eq(p, pool)) {
+                pool.start();
+            }
+        }
+        self.runtime.store(Arc::new(runtime));
+        Ok(())
     }
 
     pub fn runtime(&self) -> Arc<Runtime> {
@@ -163,13 +278,14 @@ fn add_cache_status(res: &mut Response<ProxyBody>, outcome: Outcome) {
 /// Mode, then bypass or cache-aside.
 async fn serve(route: &Arc<RouteRuntime>, parts: request::Parts, body: Incoming, client: &ClientInfo) -> (Response<ProxyBody>, Outcome) {
     let head = parts.method == Method::HEAD;
-    match route.config.mode {
+    let mode = route.mode();
+    match mode {
         RouteMode::Off => return (respond::off(), Outcome::Off),
         RouteMode::Fallback => return fallback_or_off(route, head),
         RouteMode::Normal | RouteMode::CacheOnly => {}
     }
     if let Some(reason) = bypass_reason(&parts) {
-        if route.config.mode == RouteMode::CacheOnly {
+        if mode == RouteMode::CacheOnly {
             return cache_only_miss(route, head);
         }
         let unsafe_method = matches!(parts.method, Method::POST | Method::PUT | Method::PATCH | Method::DELETE);
@@ -222,7 +338,7 @@ async fn cache_aside(route: &Arc<RouteRuntime>, parts: request::Parts, client: &
     // the origin decides, and its answer may be stored if it says so explicitly.
     let stored = if parts.headers.contains_key(AUTHORIZATION) { None } else { route.pool.lookup(&key).await };
     let now = SystemTime::now();
-    let cache_only = route.config.mode == RouteMode::CacheOnly;
+    let cache_only = route.mode() == RouteMode::CacheOnly;
     let replaces = stored.is_some();
     let job = |parts: request::Parts| flight::FetchJob {
         route: route.clone(),

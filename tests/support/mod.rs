@@ -383,6 +383,32 @@ impl Bulwark {
         Bulwark { addr, admin_addr, shutdown: Some(tx), task: Some(task), client: client() }
     }
 
+    /// Starts an instance from a config file, with reloads (file watch, admin API).
+    pub async fn start_with_file(path: &Path) -> Bulwark {
+        let config = bulwark::Config::load(path).unwrap_or_else(|e| panic!("{e}"));
+        let listeners = bulwark::Listeners {
+            proxy: TcpListener::bind("127.0.0.1:0").await.expect("bind proxy"),
+            admin: TcpListener::bind("127.0.0.1:0").await.expect("bind admin"),
+        };
+        let addr = listeners.proxy.local_addr().expect("addr");
+        let admin_addr = listeners.admin.local_addr().expect("admin addr");
+        let (tx, rx) = tokio::sync::oneshot::channel::<()>();
+        let task = tokio::spawn(bulwark::run_with_file(listeners, config, path.to_owned(), async {
+            let _ = rx.await;
+        }));
+        Bulwark { addr, admin_addr, shutdown: Some(tx), task: Some(task), client: client() }
+    }
+
+    /// Sends an admin request with a JSON body.
+    pub async fn admin_send(&self, method: http::Method, path: &str, body: &str) -> Got {
+        let req = Request::builder()
+            .method(method)
+            .uri(format!("http://{}{}", self.admin_addr, path))
+            .body(Full::new(Bytes::from(body.to_owned())))
+            .expect("request");
+        self.request(req).await
+    }
+
     pub async fn request(&self, req: Request<Full<Bytes>>) -> Got {
         let res = self.client.request(req).await.expect("request to bulwark");
         let (parts, body) = res.into_parts();

@@ -1,0 +1,176 @@
+//! Running an event: route modes switched at runtime (here and across replicas) and
+//! configuration reloads under load.
+
+mod support;
+
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+use std::time::{Duration, Instant};
+
+use http::Method;
+use support::{Bulwark, Origin, RedisServer, Reply};
+
+fn config(origin: &str, control: Option<&str>, extra_routes: &str) -> String {
+    let control = control.map(|url| format!("control_redis_url = \"{url}\"\n")).unwrap_or_default();
+    format!(
+        r#"
+[server]
+drain_delay = "0s"
+{control}
+[[origins]]
+name = "catalog"
+url = "{origin}"
+
+[[pools]]
+name = "pdp"
+
+[[routes]]
+name = "search"
+path_prefix = "/search"
+pool = "pdp"
+origin = "catalog"
+fallback = {{ status = 200, headers = {{ "content-type" = "application/json" }}, body = "[]" }}
+
+[[routes]]
+name = "products"
+path_prefix = "/products/"
+pool = "pdp"
+origin = "catalog"
+{extra_routes}"#
+    )
+}
+
+async fn set_mode(bulwark: &Bulwark, route: &str, mode: &str) -> support::Got {
+    bulwark.admin_send(Method::PUT, &format!("/admin/routes/{route}/mode"), &format!(r#"{{"mode": "{mode}"}}"#)).await
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn each_route_mode_takes_effect_on_the_next_request_under_load() {
+    let origin = Origin::start().await;
+    origin.set(|parts| Reply::ok(format!("results for {}", parts.uri)));
+    let bulwark = Arc::new(Bulwark::start(&config(&origin.url(), None, "")).await);
+    // Load on another route all along: it never fails.
+    let stop = Arc::new(AtomicBool::new(false));
+    let failures = Arc::new(AtomicUsize::new(0));
+    let load = {
+        let (b, stop, failures) = (bulwark.clone(), stop.clone(), failures.clone());
+        tokio::spawn(async move {
+            let mut i = 0;
+            while !stop.load(Ordering::Relaxed) {
+                i += 1;
+                if b.get(&format!("/products/{}", i % 50)).await.status != 200 {
+                    failures.fetch_add(1, Ordering::Relaxed);
+                }
+            }
+        })
+    };
+    assert_eq!(bulwark.get("/search?q=shoes").await.text(), "results for /search?q=shoes");
+
+    let answer = set_mode(&bulwark, "search", "off").await;
+    assert_eq!(answer.status, 200);
+    assert!(answer.text().contains("this replica only"), "{}", answer.text());
+    let off = bulwark.get("/search?q=shoes").await;
+    assert_eq!((off.status.as_u16(), off.cache_status()), (503, "bulwark; detail=off"));
+    assert!(off.header("retry-after").is_some());
+
+    assert_eq!(set_mode(&bulwark, "search", "fallback").await.status, 200);
+    let fallback = bulwark.get("/search?q=shoes").await;
+    assert_eq!((fallback.status.as_u16(), fallback.text(), fallback.cache_status()), (200, "[]", "bulwark; detail=fallback"));
+    assert_eq!(fallback.header("content-type"), Some("application/json"));
+
+    let before = origin.total();
+    assert_eq!(set_mode(&bulwark, "search", "cache-only").await.status, 200);
+    let cached = bulwark.get("/search?q=shoes").await;
+    assert_eq!((cached.text(), cached.cache_status()), ("results for /search?q=shoes", "bulwark; hit; detail=l1"));
+    let not_cached = bulwark.get("/search?q=boots").await;
+    assert_eq!((not_cached.text(), not_cached.cache_status()), ("[]", "bulwark; detail=fallback"));
+    assert_eq!(origin.total() - before, 0, "cache-only never calls the origin for that route");
+
+    assert_eq!(set_mode(&bulwark, "search", "normal").await.status, 200);
+    assert_eq!(bulwark.get("/search?q=boots").await.text(), "results for /search?q=boots");
+
+    let routes: serde_json::Value = serde_json::from_slice(&bulwark.admin("/admin/routes").await.body).expect("json");
+    assert_eq!(routes["routes"][0]["mode"], "normal");
+    // Errors: unknown route, fallback without a fallback response, bad body.
+    assert_eq!(set_mode(&bulwark, "nope", "off").await.status, 404);
+    assert_eq!(set_mode(&bulwark, "products", "fallback").await.status, 409);
+    assert_eq!(set_mode(&bulwark, "search", "sideways").await.status, 400);
+
+    stop.store(true, Ordering::Relaxed);
+    load.await.expect("load");
+    assert_eq!(failures.load(Ordering::Relaxed), 0);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn with_a_control_redis_modes_reach_every_replica_and_new_ones_start_in_them() {
+    let redis = RedisServer::start();
+    let origin = Origin::start().await;
+    let text = config(&origin.url(), Some(&redis.url()), "");
+    let one = Bulwark::start(&text).await;
+    let two = Bulwark::start(&text).await;
+    // Give the control subscriptions a moment to come up.
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let answer = set_mode(&one, "search", "off").await;
+    assert!(answer.text().contains("all replicas"), "{}", answer.text());
+    let start = Instant::now();
+    while two.get("/search?q=x").await.status != 503 {
+        assert!(start.elapsed() < Duration::from_secs(1), "replica two did not switch within a second");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    let three = Bulwark::start(&text).await;
+    let deadline = Instant::now() + Duration::from_secs(2);
+    while three.get("/search?q=x").await.status != 503 {
+        assert!(Instant::now() < deadline, "a new replica did not start in the current mode");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_config_file_changed_under_load_swaps_without_failures_and_a_broken_one_changes_nothing() {
+    let origin = Origin::start().await;
+    let path = std::env::temp_dir().join(format!("bulwark-reload-{}-{}.toml", std::process::id(), support::free_port()));
+    std::fs::write(&path, config(&origin.url(), None, "")).expect("write config");
+    let bulwark = Arc::new(Bulwark::start_with_file(&path).await);
+    assert_eq!(bulwark.get("/products/1").await.cache_status(), "bulwark; fwd=miss; stored");
+    assert_eq!(set_mode(&bulwark, "search", "off").await.status, 200);
+
+    let stop = Arc::new(AtomicBool::new(false));
+    let failures = Arc::new(AtomicUsize::new(0));
+    let load = {
+        let (b, stop, failures) = (bulwark.clone(), stop.clone(), failures.clone());
+        tokio::spawn(async move {
+            while !stop.load(Ordering::Relaxed) {
+                if b.get("/products/1").await.status != 200 {
+                    failures.fetch_add(1, Ordering::Relaxed);
+                }
+            }
+        })
+    };
+    // A new route, written the way editors do: a new file renamed over the old one.
+    let new_route = "\n[[routes]]\nname = \"cart\"\npath_prefix = \"/cart\"\npool = \"pdp\"\norigin = \"catalog\"\n";
+    let tmp = path.with_extension("new");
+    std::fs::write(&tmp, config(&origin.url(), None, new_route)).expect("write");
+    std::fs::rename(&tmp, &path).expect("rename");
+    let deadline = Instant::now() + Duration::from_secs(5);
+    while bulwark.get("/cart").await.status != 200 {
+        assert!(Instant::now() < deadline, "the new route never went live");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    // The unchanged pool kept its L1; the route kept its runtime mode (the file does not set one).
+    assert_eq!(bulwark.get("/products/1").await.cache_status(), "bulwark; hit; detail=l1");
+    assert_eq!(bulwark.get("/search").await.status, 503);
+    assert_eq!(bulwark.metric("bulwark_config_reloads_total", &[("result", "ok")]).await, 1.0);
+
+    // A broken file: rejected with the same message as `bulwark check`, nothing changes.
+    std::fs::write(&path, "[[routes]]\nname = 1\n").expect("write broken");
+    let answer = bulwark.admin_send(Method::POST, "/admin/reload", "").await;
+    assert_eq!(answer.status, 400);
+    assert!(answer.text().contains(&format!("{}:2:8", path.display())), "{}", answer.text());
+    assert_eq!(bulwark.get("/cart").await.status, 200);
+    assert!(bulwark.metric("bulwark_config_reloads_total", &[("result", "error")]).await >= 1.0);
+
+    stop.store(true, Ordering::Relaxed);
+    load.await.expect("load");
+    assert_eq!(failures.load(Ordering::Relaxed), 0, "no request failed during the reloads");
+    let _ = std::fs::remove_file(&path);
+}
