@@ -174,3 +174,47 @@ async fn a_config_file_changed_under_load_swaps_without_failures_and_a_broken_on
     assert_eq!(failures.load(Ordering::Relaxed), 0, "no request failed during the reloads");
     let _ = std::fs::remove_file(&path);
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn top_once_json_sums_the_replicas_metrics() {
+    let origin = Origin::start().await;
+    let text = config(&origin.url(), None, "");
+    let (one, two) = (Bulwark::start(&text).await, Bulwark::start(&text).await);
+    for i in 0..30 {
+        one.get(&format!("/products/{}", i % 7)).await;
+    }
+    for i in 0..12 {
+        two.get(&format!("/products/{}", i % 5)).await;
+        two.get("/search?q=x").await;
+    }
+    let out = std::process::Command::new(env!("CARGO_BIN_EXE_bulwark"))
+        .args(["top", "--once", "--json"])
+        .args(["--admin", &format!("http://{}", one.admin_addr)])
+        .args(["--admin", &format!("http://{}", two.admin_addr)])
+        .output()
+        .expect("run bulwark top");
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let snapshot: serde_json::Value = serde_json::from_slice(&out.stdout).expect("json");
+    assert_eq!(snapshot["replicas"], 2);
+    let (m1, m2) = (one.metrics().await, two.metrics().await);
+    let summed = |name: &str, labels: &[(&str, &str)]| support::metric_value(&m1, name, labels) + support::metric_value(&m2, name, labels);
+    for route in ["products", "search"] {
+        let requests = snapshot["routes"][route]["requests"].as_f64().expect("requests");
+        assert_eq!(requests, summed("bulwark_requests_total", &[("route", route)]), "{route}");
+        for outcome in ["miss", "hit_l1"] {
+            let value = snapshot["routes"][route]["outcomes"][outcome].as_f64().unwrap_or(0.0);
+            assert_eq!(value, summed("bulwark_requests_total", &[("route", route), ("cache", outcome)]), "{route} {outcome}");
+        }
+        let origin_requests = snapshot["routes"][route]["origin_requests"].as_f64().expect("origin");
+        assert_eq!(origin_requests, summed("bulwark_origin_requests_total", &[("route", route)]));
+    }
+    assert_eq!(snapshot["routes"]["products"]["requests"], 42.0);
+    assert_eq!(snapshot["pools"]["pdp"]["requests"], 54.0);
+    // The live view renders too (one frame, as text).
+    let text_out = std::process::Command::new(env!("CARGO_BIN_EXE_bulwark"))
+        .args(["top", "--once", "--admin", &format!("http://{}", one.admin_addr)])
+        .output()
+        .expect("run bulwark top");
+    let text = String::from_utf8_lossy(&text_out.stdout);
+    assert!(text.contains("products") && text.contains("hit ratio"), "{text}");
+}

@@ -3,6 +3,7 @@
 mod check;
 mod demo;
 pub mod scrape;
+pub mod top;
 mod serve;
 
 use std::path::PathBuf;
@@ -29,6 +30,21 @@ enum Command {
         #[arg(long)]
         config: PathBuf,
     },
+    /// Live per-route and per-pool view of one or more replicas, summed.
+    Top {
+        /// Admin URL of a replica (`http://10.0.0.5:9901`); repeat for several.
+        #[arg(long = "admin", required = true)]
+        admins: Vec<String>,
+        /// Print one snapshot and exit.
+        #[arg(long)]
+        once: bool,
+        /// With --once: print the snapshot as JSON.
+        #[arg(long)]
+        json: bool,
+        /// Refresh interval of the live view.
+        #[arg(long, default_value = "1s", value_parser = parse_duration_arg)]
+        interval: std::time::Duration,
+    },
     /// Self-contained demonstration: a sample origin, the proxy, a short spike, a table.
     Demo {
         /// Requests to send in the spike.
@@ -45,7 +61,12 @@ pub fn main(cli: Cli) -> ExitCode {
         Command::Serve { config } => serve::run(&config),
         Command::Check { config } => check::run(&config),
         Command::Demo { requests, concurrency } => demo::run(requests, concurrency),
+        Command::Top { admins, once, json, interval } => top::run(admins, once, json, interval),
     }
+}
+
+fn parse_duration_arg(text: &str) -> Result<std::time::Duration, String> {
+    crate::config::units::parse_duration(text)
 }
 
 /// Logs to stderr; `RUST_LOG` overrides the default level (`info`).

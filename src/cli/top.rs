@@ -1,0 +1,270 @@
+//! `bulwark top --admin URL [--admin URL ...] [--once] [--json]`: a live per-route and
+//! per-pool view of one or more replicas, summed, read from their `/metrics` over HTTP.
+
+use std::collections::BTreeMap;
+use std::process::ExitCode;
+use std::time::{Duration, Instant};
+
+use bytes::Bytes;
+use http_body_util::{BodyExt, Empty};
+use hyper_util::client::legacy::Client;
+use hyper_util::rt::TokioExecutor;
+use serde::Serialize;
+
+use super::scrape::{self, Sample};
+use crate::metrics::{ORIGIN_REQUESTS_TOTAL, REDIS_BREAKER_OPEN, REQUESTS_TOTAL, REQUEST_DURATION};
+
+/// Totals of one route (counters since each replica started, summed).
+#[derive(Debug, Default, Clone, Serialize, PartialEq)]
+pub struct RouteTotals {
+    pub pool: String,
+    pub requests: f64,
+    /// Requests by `cache` outcome.
+    pub outcomes: BTreeMap<String, f64>,
+    pub origin_requests: f64,
+    /// Origin answers 5xx, timeouts, connection errors.
+    pub origin_errors: f64,
+    /// Cumulative latency histogram: upper bound (seconds) to count.
+    #[serde(skip)]
+    pub buckets: Vec<(f64, f64)>,
+}
+
+/// Totals of one pool.
+#[derive(Debug, Default, Clone, Serialize, PartialEq)]
+pub struct PoolTotals {
+    pub requests: f64,
+    pub hit_l1: f64,
+    pub hit_l2: f64,
+    pub stale: f64,
+    pub collapsed: f64,
+    pub hit_ratio: Option<f64>,
+    /// Replicas whose Redis breaker for this pool is open.
+    pub redis_breakers_open: f64,
+}
+
+#[derive(Debug, Default, Clone, Serialize, PartialEq)]
+pub struct Snapshot {
+    pub replicas: usize,
+    pub routes: BTreeMap<String, RouteTotals>,
+    pub pools: BTreeMap<String, PoolTotals>,
+    /// Origins whose breaker is open, and on how many replicas.
+    pub origin_breakers_open: BTreeMap<String, f64>,
+}
+
+impl Snapshot {
+    /// Builds a snapshot from the samples of every replica.
+    pub fn from_samples(per_replica: &[Vec<Sample>]) -> Snapshot {
+        let samples: Vec<&Sample> = per_replica.iter().flatten().collect();
+        let mut snap = Snapshot { replicas: per_replica.len(), ..Snapshot::default() };
+        let label = |s: &Sample, k: &str| s.labels.get(k).cloned().unwrap_or_default();
+        for s in &samples {
+            match s.name.as_str() {
+                REQUESTS_TOTAL => {
+                    let route = snap.routes.entry(label(s, "route")).or_default();
+                    route.pool = label(s, "pool");
+                    route.requests += s.value;
+                    *route.outcomes.entry(label(s, "cache")).or_default() += s.value;
+                }
+                ORIGIN_REQUESTS_TOTAL => {
+                    let route = snap.routes.entry(label(s, "route")).or_default();
+                    route.origin_requests += s.value;
+                    if matches!(label(s, "status").as_str(), "5xx" | "timeout" | "connect_error" | "error") {
+                        route.origin_errors += s.value;
+                    }
+                }
+                name if name == format!("{REQUEST_DURATION}_bucket") => {
+                    let route = snap.routes.entry(label(s, "route")).or_default();
+                    let le = match label(s, "le").as_str() {
+                        "+Inf" => f64::INFINITY,
+                        v => v.parse().unwrap_or(f64::INFINITY),
+                    };
+                    match route.buckets.iter_mut().find(|(b, _)| *b == le) {
+                        Some((_, count)) => *count += s.value,
+                        None => route.buckets.push((le, s.value)),
+                    }
+                }
+                REDIS_BREAKER_OPEN => snap.pools.entry(label(s, "pool")).or_default().redis_breakers_open += s.value,
+                crate::metrics::ORIGIN_BREAKER_OPEN => *snap.origin_breakers_open.entry(label(s, "origin")).or_default() += s.value,
+                _ => {}
+            }
+        }
+        for route in snap.routes.values_mut() {
+            route.buckets.sort_by(|a, b| a.0.total_cmp(&b.0));
+        }
+        let owned: Vec<Sample> = samples.into_iter().cloned().collect();
+        for route in snap.routes.values() {
+            let pool = snap.pools.entry(route.pool.clone()).or_default();
+            let get = |o: &str| route.outcomes.get(o).copied().unwrap_or(0.0);
+            pool.requests += route.requests;
+            pool.hit_l1 += get("hit_l1");
+            pool.hit_l2 += get("hit_l2");
+            pool.stale += get("stale_while_revalidate") + get("stale_if_error");
+            pool.collapsed += get("collapsed");
+        }
+        for (name, pool) in snap.pools.iter_mut() {
+            pool.hit_ratio = scrape::hit_ratio(&owned, &[("pool", name.as_str())]);
+        }
+        snap
+    }
+}
+
+/// A quantile from cumulative histogram buckets (linear within a bucket).
+pub fn quantile(buckets: &[(f64, f64)], q: f64) -> Option<f64> {
+    let total = buckets.last()?.1;
+    if total <= 0.0 {
+        return None;
+    }
+    let rank = q * total;
+    let mut previous = (0.0, 0.0);
+    for &(le, count) in buckets {
+        if count >= rank {
+            if le.is_infinite() {
+                return Some(previous.0);
+            }
+            let within = if count > previous.1 { (rank - previous.1) / (count - previous.1) } else { 1.0 };
+            return Some(previous.0 + (le - previous.0) * within);
+        }
+        previous = (le, count);
+    }
+    Some(previous.0)
+}
+
+async fn scrape_all(client: &Client<hyper_util::client::legacy::connect::HttpConnector, Empty<Bytes>>, admins: &[String]) -> Result<Vec<Vec<Sample>>, String> {
+    let mut out = Vec::with_capacity(admins.len());
+    for admin in admins {
+        let url = format!("{}/metrics", admin.trim_end_matches('/'));
+        let uri: http::Uri = url.parse().map_err(|e| format!("{url}: {e}"))?;
+        let res = tokio::time::timeout(Duration::from_secs(3), client.get(uri))
+            .await
+            .map_err(|_| format!("{url}: no answer within 3s"))?
+            .map_err(|e| format!("{url}: {e}"))?;
+        if !res.status().is_success() {
+            return Err(format!("{url}: HTTP {}", res.status()));
+        }
+        let body = res.into_body().collect().await.map_err(|e| format!("{url}: {e}"))?.to_bytes();
+        out.push(scrape::parse(&String::from_utf8_lossy(&body)));
+    }
+    Ok(out)
+}
+
+pub fn run(admins: Vec<String>, once: bool, json: bool, interval: Duration) -> ExitCode {
+    let runtime = match super::runtime() {
+        Ok(rt) => rt,
+        Err(err) => {
+            super::report(&err);
+            return ExitCode::FAILURE;
+        }
+    };
+    runtime.block_on(async move {
+        let client = Client::builder(TokioExecutor::new()).build_http();
+        let mut previous: Option<(Snapshot, Instant)> = None;
+        loop {
+            let snapshot = match scrape_all(&client, &admins).await {
+                Ok(samples) => Snapshot::from_samples(&samples),
+                Err(err) => {
+                    eprintln!("bulwark top: {err}");
+                    if once {
+                        return ExitCode::FAILURE;
+                    }
+                    tokio::time::sleep(interval).await;
+                    continue;
+                }
+            };
+            let now = Instant::now();
+            if once {
+                if json {
+                    match serde_json::to_string_pretty(&snapshot) {
+                        Ok(text) => println!("{text}"),
+                        Err(err) => {
+                            eprintln!("bulwark top: {err}");
+                            return ExitCode::FAILURE;
+                        }
+                    }
+                } else {
+                    print!("{}", render(&snapshot, None));
+                }
+                return ExitCode::SUCCESS;
+            }
+            let rates = previous.as_ref().map(|(before, at)| (before, now.duration_since(*at).as_secs_f64()));
+            print!("\x1b[2J\x1b[H{}", render(&snapshot, rates));
+            previous = Some((snapshot, now));
+            tokio::time::sleep(interval).await;
+        }
+    })
+}
+
+/// The terminal table: rates between two snapshots when `rates` is given, else totals.
+pub fn render(now: &Snapshot, rates: Option<(&Snapshot, f64)>) -> String {
+    use std::fmt::Write as _;
+    let mut out = String::new();
+    let per = |value: f64, before: f64| match rates {
+        Some((_, secs)) if secs > 0.0 => format!("{:.1}/s", (value - before) / secs),
+        _ => format!("{value:.0}"),
+    };
+    let _ = writeln!(out, "bulwark top: {} replica(s){}", now.replicas, if rates.is_some() { ", rates over the last interval" } else { ", totals" });
+    let _ = writeln!(out, "\n{:<20} {:<10} {:>10} {:>8} {:>8} {:>8} {:>9} {:>12} {:>10} {:>8} {:>8}", "route", "pool", "requests", "hit", "l1", "l2", "stale", "origin req", "origin err", "p50 ms", "p99 ms");
+    for (name, route) in &now.routes {
+        let before = rates.and_then(|(b, _)| b.routes.get(name));
+        let delta = |f: fn(&RouteTotals) -> f64| f(route) - before.map_or(0.0, f);
+        let outcome = |o: &str| route.outcomes.get(o).copied().unwrap_or(0.0) - before.and_then(|b| b.outcomes.get(o).copied()).unwrap_or(0.0);
+        let served = delta(|r| r.requests) - outcome("bypass") - outcome("fallback") - outcome("off");
+        let hits = outcome("hit_l1") + outcome("hit_l2") + outcome("collapsed") + outcome("revalidated") + outcome("stale_while_revalidate") + outcome("stale_if_error");
+        let pct = |n: f64| if served > 0.0 { format!("{:.1}%", 100.0 * n / served) } else { "-".into() };
+        let buckets: Vec<(f64, f64)> = route
+            .buckets
+            .iter()
+            .map(|(le, c)| (*le, c - before.and_then(|b| b.buckets.iter().find(|(l, _)| l == le).map(|(_, c)| *c)).unwrap_or(0.0)))
+            .collect();
+        let ms = |q| quantile(&buckets, q).map_or("-".into(), |s| format!("{:.1}", s * 1000.0));
+        let _ = writeln!(
+            out,
+            "{:<20} {:<10} {:>10} {:>8} {:>8} {:>8} {:>9} {:>12} {:>10} {:>8} {:>8}",
+            name,
+            route.pool,
+            per(route.requests, before.map_or(0.0, |b| b.requests)),
+            pct(hits),
+            pct(outcome("hit_l1")),
+            pct(outcome("hit_l2")),
+            pct(outcome("stale_while_revalidate") + outcome("stale_if_error")),
+            per(route.origin_requests, before.map_or(0.0, |b| b.origin_requests)),
+            per(route.origin_errors, before.map_or(0.0, |b| b.origin_errors)),
+            ms(0.5),
+            ms(0.99),
+        );
+        let shed = outcome("shed");
+        if shed > 0.0 {
+            let _ = writeln!(out, "{:<20} shed: {}", "", per(route.outcomes.get("shed").copied().unwrap_or(0.0), before.and_then(|b| b.outcomes.get("shed").copied()).unwrap_or(0.0)));
+        }
+    }
+    let _ = writeln!(out, "\n{:<20} {:>10} {:>10} {:>10} {:>10} {:>10} {:>14}", "pool", "requests", "hit ratio", "l1", "l2", "collapsed", "redis breaker");
+    for (name, pool) in &now.pools {
+        let _ = writeln!(
+            out,
+            "{:<20} {:>10.0} {:>10} {:>10.0} {:>10.0} {:>10.0} {:>14}",
+            name,
+            pool.requests,
+            pool.hit_ratio.map_or("-".into(), |r| format!("{:.1}%", r * 100.0)),
+            pool.hit_l1,
+            pool.hit_l2,
+            pool.collapsed,
+            if pool.redis_breakers_open > 0.0 { format!("OPEN on {}", pool.redis_breakers_open) } else { "closed".into() }
+        );
+    }
+    let open: Vec<String> = now.origin_breakers_open.iter().filter(|(_, n)| **n > 0.0).map(|(o, n)| format!("{o} (on {n})")).collect();
+    let _ = writeln!(out, "\norigin breakers open: {}", if open.is_empty() { "none".into() } else { open.join(", ") });
+    out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn quantiles_from_buckets() {
+        let buckets = [(0.001, 50.0), (0.01, 90.0), (0.1, 100.0), (f64::INFINITY, 100.0)];
+        assert!((quantile(&buckets, 0.5).expect("p50") - 0.001).abs() < 1e-9);
+        let p99 = quantile(&buckets, 0.99).expect("p99");
+        assert!(p99 > 0.01 && p99 <= 0.1, "{p99}");
+        assert_eq!(quantile(&[(0.1, 0.0), (f64::INFINITY, 0.0)], 0.5), None);
+    }
+}
