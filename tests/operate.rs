@@ -218,3 +218,38 @@ async fn top_once_json_sums_the_replicas_metrics() {
     let text = String::from_utf8_lossy(&text_out.stdout);
     assert!(text.contains("products") && text.contains("hit ratio"), "{text}");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn warm_a_thousand_urls_within_its_concurrency_limit() {
+    let origin = Origin::start().await;
+    origin.set(|parts| Reply::ok(format!("page {}", parts.uri.path())).delay(Duration::from_millis(5)));
+    let bulwark = Bulwark::start(&config(&origin.url(), None, "")).await;
+    let list: String = (0..1000).map(|i| format!("http://shop.example/products/{i}\n")).collect();
+    let path = std::env::temp_dir().join(format!("bulwark-warm-{}-{}.txt", std::process::id(), support::free_port()));
+    std::fs::write(&path, format!("# warm list\n\n{list}")).expect("write list");
+    let run = |path: &std::path::Path| {
+        std::process::Command::new(env!("CARGO_BIN_EXE_bulwark"))
+            .args(["warm", "--target", &format!("http://{}", bulwark.addr), "--concurrency", "8", "--rate", "0", "--urls"])
+            .arg(path)
+            .output()
+            .expect("run bulwark warm")
+    };
+    let first = run(&path);
+    let summary = String::from_utf8_lossy(&first.stdout).to_string();
+    assert!(first.status.success(), "{summary}\n{}", String::from_utf8_lossy(&first.stderr));
+    assert!(summary.contains("1000 URLs: 1000 stored, 0 already fresh, 0 answered but not stored, 0 failed"), "{summary}");
+    assert_eq!(origin.total(), 1000);
+    let max = origin.log.max_inflight.load(Ordering::SeqCst);
+    assert!(max <= 8, "the origin saw {max} requests at once with --concurrency 8");
+    assert!(max >= 2, "requests did run concurrently ({max})");
+    // Entries are stored under the listed host: a client asking for it gets hits.
+    assert_eq!(bulwark.get_with("/products/7", &[("host", "shop.example")]).await.cache_status(), "bulwark; hit; detail=l1");
+    let second = run(&path);
+    assert!(String::from_utf8_lossy(&second.stdout).contains("1000 URLs: 0 stored, 1000 already fresh"));
+    // A bad URL is reported with its reason and a non-zero exit.
+    std::fs::write(&path, "http://shop.example/ok\nnot a url\n").expect("write");
+    let bad = run(&path);
+    assert!(!bad.status.success());
+    assert!(String::from_utf8_lossy(&bad.stdout).contains("failed (1): not a URL"), "{}", String::from_utf8_lossy(&bad.stdout));
+    let _ = std::fs::remove_file(&path);
+}

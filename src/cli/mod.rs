@@ -4,6 +4,7 @@ mod check;
 mod demo;
 pub mod scrape;
 pub mod top;
+mod warm;
 mod serve;
 
 use std::path::PathBuf;
@@ -45,6 +46,21 @@ enum Command {
         #[arg(long, default_value = "1s", value_parser = parse_duration_arg)]
         interval: std::time::Duration,
     },
+    /// Pre-fill pools by requesting each URL through a running bulwark.
+    Warm {
+        /// The bulwark to send the requests to (`http://127.0.0.1:8080`).
+        #[arg(long)]
+        target: String,
+        /// File of URLs, one per line (`-` for stdin); each URL's host is sent as `Host`.
+        #[arg(long)]
+        urls: PathBuf,
+        /// Requests in flight at most.
+        #[arg(long, default_value_t = 8)]
+        concurrency: usize,
+        /// Requests started per second at most (0: no limit).
+        #[arg(long, default_value_t = 50.0)]
+        rate: f64,
+    },
     /// Self-contained demonstration: a sample origin, the proxy, a short spike, a table.
     Demo {
         /// Requests to send in the spike.
@@ -62,6 +78,7 @@ pub fn main(cli: Cli) -> ExitCode {
         Command::Check { config } => check::run(&config),
         Command::Demo { requests, concurrency } => demo::run(requests, concurrency),
         Command::Top { admins, once, json, interval } => top::run(admins, once, json, interval),
+        Command::Warm { target, urls, concurrency, rate } => warm::run(target, &urls, concurrency, rate),
     }
 }
 
