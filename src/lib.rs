@@ -4,6 +4,7 @@
 //!
 //! - [`config`]: the TOML file format, validation into typed values, `PATH:LINE:COL` errors.
 //! - [`server`]: listeners, the accept loop (HTTP/1.1 and h2c), graceful shutdown; [`run`].
+//! - [`access_log`]: one sampled line per request, written off the request path.
 //! - [`admin`]: `/metrics`, `/healthz`, `/readyz`, `/admin/*` on the admin listener.
 //! - [`control`]: route modes shared by every replica through `control_redis_url`.
 //! - [`router`]: request to route (longest `path_prefix`, optional host).
@@ -24,6 +25,7 @@
 //! `ArcSwap`, so each request runs on one consistent snapshot. Metrics belong to a server
 //! instance, not the process, so tests can run many instances side by side.
 
+pub mod access_log;
 pub mod admin;
 pub mod cache;
 pub mod cli;

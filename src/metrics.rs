@@ -28,6 +28,7 @@ pub const L1_ENTRIES: &str = "bulwark_l1_entries";
 pub const L2_CORRUPT_TOTAL: &str = "bulwark_l2_corrupt_entries_total";
 pub const REDIS_EVENTS_SUBSCRIBED: &str = "bulwark_redis_events_subscribed";
 pub const CONFIG_RELOADS_TOTAL: &str = "bulwark_config_reloads_total";
+pub const ACCESS_LOG_DROPPED_TOTAL: &str = "bulwark_access_log_dropped_total";
 
 /// Latency buckets, in seconds: from a fast L1 hit to a slow origin.
 const BUCKETS: &[f64] = &[
@@ -139,6 +140,10 @@ impl Registry {
     /// `bulwark_config_reloads_total{result="ok"}` and `{result="error"}`.
     pub fn reloads(&self) -> [Counter; 2] {
         ["ok", "error"].map(|result| self.counter(CONFIG_RELOADS_TOTAL, &[("result", result)]))
+    }
+
+    pub fn access_log_dropped(&self) -> Counter {
+        self.counter(ACCESS_LOG_DROPPED_TOTAL, &[])
     }
 
     pub fn unrouted(&self) -> Counter {

@@ -253,3 +253,57 @@ async fn warm_a_thousand_urls_within_its_concurrency_limit() {
     assert!(String::from_utf8_lossy(&bad.stdout).contains("failed (1): not a URL"), "{}", String::from_utf8_lossy(&bad.stdout));
     let _ = std::fs::remove_file(&path);
 }
+
+/// Runs `bulwark serve` with `server_extra` in [server], sends `n` GETs over `keys`
+/// keys, stops it, and returns its stdout lines.
+async fn access_log_lines(origin: &Origin, server_extra: &str, n: usize, keys: usize) -> Vec<String> {
+    use std::io::Read;
+    let (port, admin) = (support::free_port(), support::free_port());
+    let text = config(&origin.url(), None, "")
+        .replace("[server]\n", &format!("[server]\nlisten = \"127.0.0.1:{port}\"\nadmin_listen = \"127.0.0.1:{admin}\"\n{server_extra}\n"));
+    let path = std::env::temp_dir().join(format!("bulwark-log-{}-{port}.toml", std::process::id()));
+    std::fs::write(&path, text).expect("config");
+    let mut child = std::process::Command::new(env!("CARGO_BIN_EXE_bulwark"))
+        .args(["serve", "--config"])
+        .arg(&path)
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::null())
+        .spawn()
+        .expect("spawn");
+    let client = support::client();
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while client.get(format!("http://127.0.0.1:{admin}/healthz").parse().expect("uri")).await.is_err() {
+        assert!(Instant::now() < deadline);
+        tokio::time::sleep(Duration::from_millis(30)).await;
+    }
+    for i in 0..n {
+        let res = client.get(format!("http://127.0.0.1:{port}/products/{}", i % keys).parse().expect("uri")).await.expect("request");
+        let _ = http_body_util::BodyExt::collect(res.into_body()).await;
+    }
+    let _ = std::process::Command::new("kill").args(["-TERM", &child.id().to_string()]).status();
+    let mut out = String::new();
+    child.stdout.take().expect("stdout").read_to_string(&mut out).expect("read");
+    let _ = child.wait();
+    let _ = std::fs::remove_file(&path);
+    out.lines().map(str::to_owned).collect()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn access_log_json_text_and_sampling() {
+    let origin = Origin::start().await;
+    origin.set(|parts| Reply::ok(format!("page {}", parts.uri.path())).delay(Duration::from_millis(3)));
+    let lines = access_log_lines(&origin, "access_log = \"json\"", 100, 10).await;
+    assert_eq!(lines.len(), 100);
+    let first: serde_json::Value = serde_json::from_str(&lines[0]).expect("json line");
+    assert_eq!((first["method"].as_str(), first["target"].as_str(), first["status"].as_u64()), (Some("GET"), Some("/products/0"), Some(200)));
+    assert_eq!((first["route"].as_str(), first["pool"].as_str(), first["cache"].as_str()), (Some("products"), Some("pdp"), Some("miss")));
+    assert!(first["origin_ms"].as_f64().is_some_and(|ms| ms >= 3.0), "{first}");
+    assert!(first["total_ms"].as_f64().is_some_and(|t| t >= first["origin_ms"].as_f64().unwrap_or(0.0)));
+    let hits = lines.iter().filter(|l| l.contains("\"cache\":\"hit_l1\"")).count();
+    assert_eq!(hits, 90);
+
+    let text = access_log_lines(&origin, "access_log = \"text\"\naccess_log_sample = 0.25", 400, 10).await;
+    assert!((40..=180).contains(&text.len()), "sampled {} of 400 at 0.25", text.len());
+    assert!(text.iter().all(|l| l.contains(" GET ") && l.contains("route=products") && l.contains("cache=")), "{:?}", text.first());
+    assert!(access_log_lines(&origin, "", 20, 10).await.is_empty(), "off by default");
+}

@@ -97,14 +97,20 @@ impl Origin {
     /// Sends `req` (whose URI must already point at this origin) once a slot is free and
     /// the breaker lets it through. The slot is held until the response body is finished
     /// or dropped.
-    pub async fn send(&self, req: Request<OutgoingBody>, priority: Priority) -> Result<Response<OriginBody>, OriginError> {
+    pub async fn send(
+        &self,
+        req: Request<OutgoingBody>,
+        priority: Priority,
+        timings: Option<&crate::access_log::Timings>,
+    ) -> Result<Response<OriginBody>, OriginError> {
         // An open breaker answers at once, without queueing for a slot first.
         if self.breaker.is_open_now() {
             return Err(OriginError::BreakerOpen);
         }
         let queued_at = Instant::now();
         let acquired = self.bulkhead.acquire(priority).await;
-        self.metrics.queue_wait.record(queued_at.elapsed().as_secs_f64());
+        let waited = queued_at.elapsed();
+        self.metrics.queue_wait.record(waited.as_secs_f64());
         let (slot, _) = acquired?;
         let Some(permit) = self.breaker.admit() else {
             return Err(OriginError::BreakerOpen);
@@ -113,6 +119,9 @@ impl Origin {
         let start = Instant::now();
         let result = tokio::time::timeout(self.config.timeout, self.client.request(req)).await;
         self.metrics.duration.record(start.elapsed().as_secs_f64());
+        if let Some(timings) = timings {
+            timings.record(waited, start.elapsed());
+        }
         let success = matches!(&result, Ok(Ok(res)) if !is_failure_status(res.status()));
         let open = permit.record(success);
         self.metrics.breaker_open.set(if open { 1.0 } else { 0.0 });

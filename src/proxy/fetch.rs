@@ -28,8 +28,8 @@ pub enum Fetched {
 }
 
 /// Sends a request to the route's origin, counting the outcome per route.
-pub async fn send(route: &RouteRuntime, req: Request<OutgoingBody>, priority: Priority) -> Result<Response<OriginBody>, ProxyError> {
-    match route.origin.send(req, priority).await {
+pub async fn send(route: &RouteRuntime, req: Request<OutgoingBody>, priority: Priority, client: &ClientInfo) -> Result<Response<OriginBody>, ProxyError> {
+    match route.origin.send(req, priority, client.timings.as_deref()).await {
         Ok(res) => {
             route.metrics.origin_response(OriginStatus::Class(res.status().as_u16()));
             Ok(res)
@@ -74,7 +74,7 @@ pub async fn fetch(
     *req.version_mut() = Version::HTTP_11;
     *req.headers_mut() = headers;
     let request_time = SystemTime::now();
-    let res = send(route, req, priority).await?;
+    let res = send(route, req, priority, client).await?;
     let response_time = SystemTime::now();
     let (mut res_parts, body) = res.into_parts();
     strip_hop_by_hop(&mut res_parts.headers);
@@ -208,7 +208,7 @@ pub async fn pass_through(
     *req.uri_mut() = origin_uri(origin, &parts.uri)?;
     *req.version_mut() = Version::HTTP_11;
     *req.headers_mut() = forward_headers(&parts, client, origin);
-    let res = send(route, req, route.config.priority).await?;
+    let res = send(route, req, route.config.priority, client).await?;
     let (mut res_parts, body) = res.into_parts();
     strip_hop_by_hop(&mut res_parts.headers);
     let head = parts.method == Method::HEAD;

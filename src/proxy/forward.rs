@@ -65,6 +65,8 @@ pub struct ClientInfo {
     pub peer: IpAddr,
     /// Whether the peer is one of `trusted_proxies`.
     pub trusted: bool,
+    /// Origin timings for the access log, when this request is logged.
+    pub timings: Option<std::sync::Arc<crate::access_log::Timings>>,
 }
 
 impl ClientInfo {
@@ -79,7 +81,7 @@ impl ClientInfo {
             Some(h) => h.to_str().map_err(|_| ProxyError::BadRequest("Host header is not valid text"))?,
             None => parts.uri.authority().map(|a| a.as_str()).ok_or(ProxyError::BadRequest("request has no Host"))?,
         };
-        Ok(ClientInfo { host: normalise_host(raw_host, scheme)?, scheme, peer: peer_ip, trusted })
+        Ok(ClientInfo { host: normalise_host(raw_host, scheme)?, scheme, peer: peer_ip, trusted, timings: None })
     }
 
     /// The host without its port, for matching route `host` keys.

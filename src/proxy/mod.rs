@@ -148,6 +148,8 @@ pub struct Proxy {
     /// One reload at a time (SIGHUP, the admin API and the file watcher may race).
     reload_lock: tokio::sync::Mutex<()>,
     reloads: [metrics::Counter; 2],
+    /// The access log, when on (its format and sampling are read at start).
+    access_log: Option<crate::access_log::AccessLog>,
     /// The control channel, when `control_redis_url` is set (set once at start).
     pub control: std::sync::OnceLock<Arc<crate::control::Control>>,
 }
@@ -173,6 +175,8 @@ impl Proxy {
         let registry = Arc::new(Registry::new());
         let runtime = Runtime::build(config, &registry)?;
         let reloads = registry.reloads();
+        let server = &runtime.config.server;
+        let access_log = crate::access_log::AccessLog::start(server.access_log, server.access_log_sample, registry.access_log_dropped());
         Ok(Proxy {
             runtime: ArcSwap::from_pointee(runtime),
             registry,
@@ -180,6 +184,7 @@ impl Proxy {
             config_path,
             reload_lock: tokio::sync::Mutex::new(()),
             reloads,
+            access_log,
             control: std::sync::OnceLock::new(),
         })
     }
@@ -241,10 +246,15 @@ impl Proxy {
         let runtime = self.runtime.load_full();
         let version = req.version();
         let (parts, body) = req.into_parts();
-        let client = match ClientInfo::read(&parts, peer, &runtime.config.server.trusted_proxies) {
+        let mut client = match ClientInfo::read(&parts, peer, &runtime.config.server.trusted_proxies) {
             Ok(client) => client,
             Err(err) => return self.finish(error_response(&err), version),
         };
+        let log = self.access_log.as_ref().filter(|log| log.sampled());
+        if log.is_some() {
+            client.timings = Some(Arc::default());
+        }
+        let logged = log.map(|_| (parts.method.clone(), parts.uri.path_and_query().map_or_else(|| "/".to_owned(), |p| p.as_str().to_owned())));
         let Some(index) = runtime.router.route(client.host_without_port(), parts.uri.path()) else {
             runtime.unrouted.increment(1);
             let text = format!("no route matches {}{}\n", client.host, parts.uri.path());
@@ -253,7 +263,21 @@ impl Proxy {
         let route = &runtime.routes[index];
         let (mut res, outcome) = serve(route, parts, body, &client).await;
         add_cache_status(&mut res, outcome);
-        route.metrics.record(outcome, start.elapsed().as_secs_f64());
+        let total = start.elapsed();
+        route.metrics.record(outcome, total.as_secs_f64());
+        if let (Some(log), Some((method, target))) = (log, &logged) {
+            log.log(&crate::access_log::Line {
+                method: method.as_str(),
+                host: &client.host,
+                target,
+                status: res.status().as_u16(),
+                route: &route.config.name,
+                pool: &route.pool.config.name,
+                cache: outcome.as_str(),
+                total,
+                timings: client.timings.as_deref(),
+            });
+        }
         self.finish(res, version)
     }
 
