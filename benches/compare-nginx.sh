@@ -110,6 +110,11 @@ pool = "pdp"
 origin = "origin"
 TOML
 taskset -c "$SERVER_CPU" "$BULWARK" serve --config "$WORK/bulwark.toml" 2>"$WORK/bulwark.log" & BULWARK_PID=$!; PIDS+=($BULWARK_PID)
+# The same with the JSON access log on (every request logged), to measure its cost.
+LOGGED_PORT=$(free_port); LOGGED_ADMIN=$(free_port)
+sed -e "s/^listen = .*/listen = \"127.0.0.1:$LOGGED_PORT\"/" -e "s/^admin_listen = .*/admin_listen = \"127.0.0.1:$LOGGED_ADMIN\"/" \
+    -e 's/^drain_delay = "0s"/drain_delay = "0s"\naccess_log = "json"/' "$WORK/bulwark.toml" > "$WORK/bulwark-logged.toml"
+taskset -c "$SERVER_CPU" "$BULWARK" serve --config "$WORK/bulwark-logged.toml" >/dev/null 2>>"$WORK/bulwark.log" & LOGGED_PID=$!; PIDS+=($LOGGED_PID)
 
 mkdir -p "$WORK/nginx/cache"
 cat > "$WORK/nginx/nginx.conf" <<CONF
@@ -143,9 +148,10 @@ taskset -c "$SERVER_CPU" "$NGINX" -p "$WORK/nginx" -c "$WORK/nginx/nginx.conf" &
 
 URL_PATH=/products/1
 wait_http "http://127.0.0.1:$BULWARK_PORT$URL_PATH"
+wait_http "http://127.0.0.1:$LOGGED_PORT$URL_PATH"
 wait_http "http://127.0.0.1:$NGINX_PORT$URL_PATH"
 # Warm: both now hold the entry.
-for _ in 1 2 3; do curl -fsS -o /dev/null "http://127.0.0.1:$BULWARK_PORT$URL_PATH"; curl -fsS -o /dev/null "http://127.0.0.1:$NGINX_PORT$URL_PATH"; done
+for _ in 1 2 3; do for p in "$BULWARK_PORT" "$LOGGED_PORT" "$NGINX_PORT"; do curl -fsS -o /dev/null "http://127.0.0.1:$p$URL_PATH"; done; done
 curl -fsS -D - -o /dev/null "http://127.0.0.1:$BULWARK_PORT$URL_PATH" | grep -qi 'cache-status: bulwark; hit' || { echo "bulwark is not serving hits" >&2; exit 1; }
 curl -fsS -D - -o /dev/null "http://127.0.0.1:$NGINX_PORT$URL_PATH" | grep -qi 'cache-status: HIT' || { echo "nginx is not serving hits" >&2; exit 1; }
 
@@ -167,11 +173,12 @@ median() { sort -g | awk '{a[NR]=$1} END {print (NR % 2) ? a[(NR+1)/2] : (a[NR/2
 
 echo "bulwark vs nginx proxy_cache: 2 KiB cached response, $CONNECTIONS connections, server on CPU $SERVER_CPU, wrk on CPU $LOAD_CPU"
 echo "$ROUNDS alternating rounds of $DURATION each"
-: > "$WORK/bulwark.results"; : > "$WORK/nginx.results"
+: > "$WORK/bulwark.results"; : > "$WORK/nginx.results"; : > "$WORK/logged.results"
 for round in $(seq "$ROUNDS"); do
     measure "$BULWARK_PORT" "$BULWARK_PID" >> "$WORK/bulwark.results"
     measure "$NGINX_PORT" "$NGINX_PID" >> "$WORK/nginx.results"
-    echo "round $round: bulwark $(tail -1 "$WORK/bulwark.results")   nginx $(tail -1 "$WORK/nginx.results")   (rps p99_ms cpu_us/req)"
+    measure "$LOGGED_PORT" "$LOGGED_PID" >> "$WORK/logged.results"
+    echo "round $round: bulwark $(tail -1 "$WORK/bulwark.results")   nginx $(tail -1 "$WORK/nginx.results")   bulwark+log $(tail -1 "$WORK/logged.results")   (rps p99_ms cpu_us/req)"
 done
 
 col() { awk -v c="$1" '{print $c}' "$2" | median; }
@@ -184,6 +191,10 @@ printf '%-10s %14.0f %10.2f %16.2f\n' bulwark "$B_RPS" "$B_P99" "$B_CPU"
 printf '%-10s %14.0f %10.2f %16.2f\n' nginx "$N_RPS" "$N_P99" "$N_CPU"
 printf '%-10s %14.2f %10.2f %16.2f\n' "ratio b/n" "$(awk -v a="$B_RPS" -v b="$N_RPS" 'BEGIN{print a/b}')" \
     "$(awk -v a="$B_P99" -v b="$N_P99" 'BEGIN{print a/b}')" "$(awk -v a="$B_CPU" -v b="$N_CPU" 'BEGIN{print a/b}')"
+L_RPS=$(col 1 "$WORK/logged.results"); L_P99=$(col 2 "$WORK/logged.results"); L_CPU=$(col 3 "$WORK/logged.results")
+printf '%-10s %14.0f %10.2f %16.2f   (bulwark with access_log = "json", every request)\n' "b+log" "$L_RPS" "$L_P99" "$L_CPU"
+printf '%-10s %14.2f %10.2f %16.2f\n' "ratio l/b" "$(awk -v a="$L_RPS" -v b="$B_RPS" 'BEGIN{print a/b}')" \
+    "$(awk -v a="$L_P99" -v b="$B_P99" 'BEGIN{print a/b}')" "$(awk -v a="$L_CPU" -v b="$B_CPU" 'BEGIN{print a/b}')"
 fi
 
 if [ "$MODE" = all ] || [ "$MODE" = spike ]; then

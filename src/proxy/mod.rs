@@ -189,6 +189,13 @@ impl Proxy {
         })
     }
 
+    /// Writes out buffered access log lines (at shutdown).
+    pub fn flush_access_log(&self) {
+        if let Some(log) = &self.access_log {
+            log.flush();
+        }
+    }
+
     pub fn config_path(&self) -> Option<&std::path::Path> {
         self.config_path.as_deref()
     }
