@@ -53,8 +53,9 @@ pub struct AccessLog {
     dropped: metrics::Counter,
 }
 
-fn take(buffer: &std::sync::Mutex<Vec<u8>>) -> Vec<u8> {
-    std::mem::take(&mut *buffer.lock().unwrap_or_else(|p| p.into_inner()))
+/// Swaps the buffer for `spare` (emptied, capacity kept), returning the lines.
+fn swap(buffer: &std::sync::Mutex<Vec<u8>>, spare: Vec<u8>) -> Vec<u8> {
+    std::mem::replace(&mut *buffer.lock().unwrap_or_else(|p| p.into_inner()), spare)
 }
 
 impl AccessLog {
@@ -66,16 +67,19 @@ impl AccessLog {
         let buffer = std::sync::Arc::new(std::sync::Mutex::new(Vec::with_capacity(1 << 20)));
         let shared = std::sync::Arc::downgrade(&buffer);
         let spawned = std::thread::Builder::new().name("bulwark-access-log".into()).spawn(move || {
+            let mut spare = Vec::with_capacity(1 << 20);
             loop {
                 std::thread::sleep(FLUSH_EVERY);
                 let Some(buffer) = shared.upgrade() else { return };
-                let lines = take(&buffer);
+                let mut lines = swap(&buffer, spare);
                 drop(buffer);
                 if !lines.is_empty() {
                     let mut out = std::io::stdout().lock();
                     let _ = out.write_all(&lines);
                     let _ = out.flush();
                 }
+                lines.clear();
+                spare = lines;
             }
         });
         if spawned.is_err() {
@@ -107,19 +111,19 @@ impl AccessLog {
 
     /// Writes out what is buffered (at shutdown).
     pub fn flush(&self) {
-        let lines = take(&self.buffer);
+        let lines = swap(&self.buffer, Vec::new());
         let mut out = std::io::stdout().lock();
         let _ = out.write_all(&lines);
         let _ = out.flush();
     }
 }
 
-fn ms(d: Duration) -> f64 {
-    d.as_secs_f64() * 1000.0
+fn us(d: Duration) -> u64 {
+    u64::try_from(d.as_micros()).unwrap_or(u64::MAX)
 }
 
-fn timing_ms(t: Option<&Timings>, pick: fn(&Timings) -> &AtomicU64) -> f64 {
-    t.map_or(0.0, |t| pick(t).load(Ordering::Relaxed) as f64 / 1000.0)
+fn timing_us(t: Option<&Timings>, pick: fn(&Timings) -> &AtomicU64) -> u64 {
+    t.map_or(0, |t| pick(t).load(Ordering::Relaxed))
 }
 
 /// Appends `text` as a JSON string (quotes, backslashes and control characters escaped).
@@ -155,11 +159,11 @@ fn json(out: &mut Vec<u8>, l: &Line<'_>) {
     json_str(out, l.pool);
     let _ = write!(
         out,
-        ",\"cache\":\"{}\",\"total_ms\":{:.3},\"queue_ms\":{:.3},\"origin_ms\":{:.3}}}\n",
+        ",\"cache\":\"{}\",\"total_us\":{},\"queue_us\":{},\"origin_us\":{}}}\n",
         l.cache,
-        ms(l.total),
-        timing_ms(l.timings, |t| &t.queue_us),
-        timing_ms(l.timings, |t| &t.origin_us)
+        us(l.total),
+        timing_us(l.timings, |t| &t.queue_us),
+        timing_us(l.timings, |t| &t.origin_us)
     );
 }
 
@@ -167,7 +171,7 @@ fn text(out: &mut Vec<u8>, l: &Line<'_>) {
     let ts = SystemTime::now().duration_since(UNIX_EPOCH).unwrap_or_default().as_millis();
     let _ = writeln!(
         out,
-        "{ts} {} {}{} {} route={} pool={} cache={} total_ms={:.3} queue_ms={:.3} origin_ms={:.3}",
+        "{ts} {} {}{} {} route={} pool={} cache={} total_us={} queue_us={} origin_us={}",
         l.method,
         l.host,
         l.target.escape_debug(),
@@ -175,9 +179,9 @@ fn text(out: &mut Vec<u8>, l: &Line<'_>) {
         l.route,
         l.pool,
         l.cache,
-        ms(l.total),
-        timing_ms(l.timings, |t| &t.queue_us),
-        timing_ms(l.timings, |t| &t.origin_us),
+        us(l.total),
+        timing_us(l.timings, |t| &t.queue_us),
+        timing_us(l.timings, |t| &t.origin_us),
     );
 }
 
@@ -202,6 +206,6 @@ mod tests {
         json(&mut out, &line);
         let value: serde_json::Value = serde_json::from_slice(&out).expect("valid JSON");
         assert_eq!(value["target"], "/p?q=\"quoted\"&b=\\x\u{1}");
-        assert_eq!(value["total_ms"], 1.5);
+        assert_eq!(value["total_us"], 1500);
     }
 }

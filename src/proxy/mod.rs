@@ -261,7 +261,8 @@ impl Proxy {
         if log.is_some() {
             client.timings = Some(Arc::default());
         }
-        let logged = log.map(|_| (parts.method.clone(), parts.uri.path_and_query().map_or_else(|| "/".to_owned(), |p| p.as_str().to_owned())));
+        // Cheap clones: a standard method is inline, a path and query shares its bytes.
+        let logged = log.map(|_| (parts.method.clone(), parts.uri.path_and_query().cloned()));
         let Some(index) = runtime.router.route(client.host_without_port(), parts.uri.path()) else {
             runtime.unrouted.increment(1);
             let text = format!("no route matches {}{}\n", client.host, parts.uri.path());
@@ -276,7 +277,7 @@ impl Proxy {
             log.log(&crate::access_log::Line {
                 method: method.as_str(),
                 host: &client.host,
-                target,
+                target: target.as_ref().map_or("/", |p| p.as_str()),
                 status: res.status().as_u16(),
                 route: &route.config.name,
                 pool: &route.pool.config.name,
