@@ -132,3 +132,44 @@ fn check_and_serve_reject_a_bad_config_with_its_location() {
         .expect("run");
     assert!(good.status.success(), "{}", String::from_utf8_lossy(&good.stderr));
 }
+
+#[tokio::test]
+async fn sighup_reloads_the_config_file() {
+    let origin = Origin::start().await;
+    let (port, admin_port) = (free_port(), free_port());
+    let config = simple_config(&origin.url(), None, "").replace(
+        "[server]\n",
+        &format!("[server]\nlisten = \"127.0.0.1:{port}\"\nadmin_listen = \"127.0.0.1:{admin_port}\"\n"),
+    );
+    let file = write_config(&config);
+    let mut child = Command::new(env!("CARGO_BIN_EXE_bulwark"))
+        .args(["serve", "--config"])
+        .arg(&file.0)
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .expect("spawn bulwark serve");
+    let client = support::client();
+    let metrics = format!("http://127.0.0.1:{admin_port}/metrics");
+    let reloads = async || -> Option<f64> {
+        let res = client.get(metrics.parse().expect("uri")).await.ok()?;
+        let body = http_body_util::BodyExt::collect(res.into_body()).await.ok()?.to_bytes();
+        Some(support::metric_value(&String::from_utf8_lossy(&body), "bulwark_config_reloads_total", &[("result", "ok")]))
+    };
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while reloads().await.is_none() {
+        assert!(Instant::now() < deadline, "bulwark serve did not come up");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    assert_eq!(reloads().await, Some(0.0));
+    // The file is unchanged, so only the signal can cause this reload.
+    let status = Command::new("kill").args(["-HUP", &child.id().to_string()]).status().expect("kill");
+    assert!(status.success());
+    let deadline = Instant::now() + Duration::from_secs(5);
+    while reloads().await != Some(1.0) {
+        assert!(Instant::now() < deadline, "SIGHUP did not reload");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    let _ = child.kill();
+    let _ = child.wait();
+}

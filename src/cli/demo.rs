@@ -27,20 +27,15 @@ const PRODUCTS: u64 = 200;
 const PAGES: u64 = 40;
 
 pub fn run(requests: usize, concurrency: usize) -> ExitCode {
-    let runtime = match super::runtime() {
-        Ok(rt) => rt,
-        Err(err) => {
-            super::report(&err);
-            return ExitCode::FAILURE;
+    super::block_on(async move {
+        match demo(requests, concurrency.max(1)).await {
+            Ok(()) => ExitCode::SUCCESS,
+            Err(err) => {
+                eprintln!("demo failed: {err}");
+                ExitCode::FAILURE
+            }
         }
-    };
-    match runtime.block_on(demo(requests, concurrency.max(1))) {
-        Ok(()) => ExitCode::SUCCESS,
-        Err(err) => {
-            eprintln!("demo failed: {err}");
-            ExitCode::FAILURE
-        }
-    }
+    })
 }
 
 async fn demo(requests: usize, concurrency: usize) -> Result<(), Box<dyn std::error::Error>> {

@@ -15,26 +15,21 @@ pub fn run(path: &Path) -> ExitCode {
             return ExitCode::FAILURE;
         }
     };
-    let runtime = match super::runtime() {
-        Ok(rt) => rt,
-        Err(err) => {
-            super::report(&err);
-            return ExitCode::FAILURE;
-        }
-    };
-    let result = runtime.block_on(async {
+    super::block_on(async {
         // Handlers first, so a SIGTERM during start-up is a clean shutdown, not a kill.
         let shutdown = shutdown_signal();
-        let listeners = Listeners::bind(&config.server).await?;
-        run_with_file(listeners, config, path.to_owned(), shutdown).await
-    });
-    match result {
-        Ok(()) => ExitCode::SUCCESS,
-        Err(err) => {
-            super::report(&err);
-            ExitCode::FAILURE
+        let served = async {
+            let listeners = Listeners::bind(&config.server).await?;
+            run_with_file(listeners, config, path.to_owned(), shutdown).await
+        };
+        match served.await {
+            Ok(()) => ExitCode::SUCCESS,
+            Err(err) => {
+                super::report(&err);
+                ExitCode::FAILURE
+            }
         }
-    }
+    })
 }
 
 /// Installs SIGTERM and SIGINT handlers now; the returned future completes on either.

@@ -148,14 +148,7 @@ async fn scrape_all(client: &Client<hyper_util::client::legacy::connect::HttpCon
 }
 
 pub fn run(admins: Vec<String>, once: bool, json: bool, interval: Duration) -> ExitCode {
-    let runtime = match super::runtime() {
-        Ok(rt) => rt,
-        Err(err) => {
-            super::report(&err);
-            return ExitCode::FAILURE;
-        }
-    };
-    runtime.block_on(async move {
+    super::block_on(async move {
         let client = Client::builder(TokioExecutor::new()).build_http();
         let mut previous: Option<(Snapshot, Instant)> = None;
         loop {

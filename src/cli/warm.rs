@@ -70,15 +70,7 @@ pub fn run(target: String, urls: &Path, concurrency: usize, rate: f64) -> ExitCo
             return ExitCode::FAILURE;
         }
     };
-    let runtime = match super::runtime() {
-        Ok(rt) => rt,
-        Err(err) => {
-            super::report(&err);
-            return ExitCode::FAILURE;
-        }
-    };
-    let results = runtime.block_on(warm(target, urls, concurrency.max(1), rate));
-    summarise(&results)
+    super::block_on(async move { summarise(&warm(target, urls, concurrency.max(1), rate).await) })
 }
 
 async fn warm(target: http::Uri, urls: Vec<String>, concurrency: usize, rate: f64) -> Vec<Result> {
