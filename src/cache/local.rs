@@ -58,10 +58,6 @@ impl LocalTier {
         self.cache.insert(key.hash, entry).await;
     }
 
-    pub async fn remove(&self, key: &CacheKey) {
-        self.cache.invalidate(&key.hash).await;
-    }
-
     /// Bytes held, by the weigher's count (updated by moka's housekeeping).
     pub fn weighted_size(&self) -> u64 {
         self.cache.weighted_size()

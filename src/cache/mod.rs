@@ -84,7 +84,7 @@ impl Pool {
                     match notice {
                         // Entries stored here before the notice arrived, by this clock:
                         // the purging replica's clock may differ from ours.
-                        shared::Notice::Purge { target, soft, before: _ } => {
+                        shared::Notice::Purge { target, soft } => {
                             l1.purge(&target, soft, std::time::SystemTime::now()).await;
                         }
                         shared::Notice::Replaced { hash, response_time } => l1.drop_if_older(hash, response_time).await,
@@ -108,7 +108,7 @@ impl Pool {
             return PurgeCount { l1: local, l2: 0, all_replicas: false };
         };
         let shared = l2.purge(target, soft).await;
-        let broadcast = l2.publish(&shared::Notice::Purge { target: target.clone(), soft, before }).await;
+        let broadcast = l2.publish(&shared::Notice::Purge { target: target.clone(), soft }).await;
         PurgeCount { l1: local, l2: shared.unwrap_or(0), all_replicas: shared.is_ok() && broadcast }
     }
 

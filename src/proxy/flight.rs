@@ -288,7 +288,7 @@ async fn hold_back_for_peers(job: &FetchJob, l2: &SharedTier) -> PeerOutcome {
     let lease_ttl = job.route.origin.config.timeout + lock_timeout;
     let give_up = Instant::now() + lease_ttl + lock_timeout;
     loop {
-        let watch = l2.watch_fill(&job.key);
+        let mut watch = l2.watch_fill(&job.key);
         match l2.acquire_lease(&job.key, lease_ttl).await {
             Lease::Unavailable => {
                 l2.unwatch_fill(&watch);
@@ -313,9 +313,7 @@ async fn hold_back_for_peers(job: &FetchJob, l2: &SharedTier) -> PeerOutcome {
                     l2.unwatch_fill(&watch);
                     return PeerOutcome::FetchAnyway;
                 }
-                let id = watch.id();
-                let hash = watch.hash;
-                match tokio::time::timeout(lock_timeout.min(left), watch.rx).await {
+                match tokio::time::timeout(lock_timeout.min(left), &mut watch.rx).await {
                     Ok(Ok(Announcement::Filled)) => {
                         return match l2.get(&job.key).await {
                             Some(entry) => PeerOutcome::Filled(Arc::new(entry)),
@@ -325,7 +323,7 @@ async fn hold_back_for_peers(job: &FetchJob, l2: &SharedTier) -> PeerOutcome {
                     Ok(Ok(Announcement::Uncacheable)) => return PeerOutcome::FetchAnyway,
                     // Failed, the subscription dropped, or no word in time: ask again.
                     Ok(Ok(Announcement::Failed)) | Ok(Err(_)) => {}
-                    Err(_) => l2.unwatch_id(hash, id),
+                    Err(_) => l2.unwatch_fill(&watch),
                 }
             }
         }

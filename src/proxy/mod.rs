@@ -321,7 +321,8 @@ async fn serve(route: &Arc<RouteRuntime>, parts: request::Parts, body: Incoming,
             return cache_only_miss(route, head);
         }
         let unsafe_method = matches!(parts.method, Method::POST | Method::PUT | Method::PATCH | Method::DELETE);
-        let target = unsafe_method.then(|| target_url(client, &parts));
+        let target = unsafe_method
+            .then(|| crate::cache::PurgeTarget::for_request(client.scheme, &client.host, parts.uri.path(), parts.uri.query()));
         return match fetch::pass_through(route, parts, body, client).await {
             Ok(res) => {
                 // RFC 9111 section 4.4: a successful unsafe request invalidates the target,
@@ -339,11 +340,6 @@ async fn serve(route: &Arc<RouteRuntime>, parts: request::Parts, body: Incoming,
         };
     }
     cache_aside(route, parts, client).await
-}
-
-/// The purge target of a request's URI: every variant stored for it.
-fn target_url(client: &ClientInfo, parts: &request::Parts) -> crate::cache::PurgeTarget {
-    crate::cache::PurgeTarget::for_request(client.scheme, &client.host, parts.uri.path(), parts.uri.query())
 }
 
 /// Why a request skips the cache, if it does.

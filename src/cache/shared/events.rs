@@ -19,11 +19,13 @@ use tokio::sync::oneshot;
 use crate::cache::key::PurgeTarget;
 use crate::metrics::{PoolMetrics, RedisOp};
 
-/// Messages for the pool's L1, from other replicas (or this one).
+/// Messages for the pool's L1 from other replicas. Each carries its sender's instance
+/// id: a replica has already applied its own notices and skips them.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Notice {
-    /// Purge what `target` covers, stored before `before`.
-    Purge { target: PurgeTarget, soft: bool, before: std::time::SystemTime },
+    /// Purge what `target` covers (stored before the notice arrives, by the receiver's
+    /// clock: the sender's may differ).
+    Purge { target: PurgeTarget, soft: bool },
     /// A replica stored a newer copy of this key: drop older ones.
     Replaced { hash: u128, response_time: std::time::SystemTime },
     /// The subscription came back after a gap: messages may have been lost.
@@ -31,41 +33,49 @@ pub enum Notice {
 }
 
 impl Notice {
-    pub fn message(&self) -> Option<String> {
-        let ms = |t: &std::time::SystemTime| t.duration_since(std::time::UNIX_EPOCH).map_or(0, |d| d.as_millis());
+    /// The message `sender` publishes for this notice.
+    pub fn message(&self, sender: u64) -> Option<String> {
         match self {
-            Notice::Purge { target, soft, before } => {
+            Notice::Purge { target, soft } => {
                 let target = match target {
                     PurgeTarget::Url(u) => format!("url:{u}"),
                     PurgeTarget::Path(h) => format!("path:{h:032x}"),
                     PurgeTarget::Tag(t) => format!("tag:{t}"),
                 };
-                Some(format!("purge:{}:{}:{target}", u8::from(*soft), ms(before)))
+                Some(format!("purge:{sender:016x}:{}:{target}", u8::from(*soft)))
             }
-            Notice::Replaced { hash, response_time } => Some(format!("inv:{hash:032x}:{}", ms(response_time))),
+            Notice::Replaced { hash, response_time } => {
+                let ms = response_time.duration_since(std::time::UNIX_EPOCH).map_or(0, |d| d.as_millis());
+                Some(format!("inv:{sender:016x}:{hash:032x}:{ms}"))
+            }
             Notice::Resubscribed => None,
         }
     }
 
-    fn parse(payload: &str) -> Option<Notice> {
-        let time = |ms: &str| ms.parse::<u64>().ok().map(|ms| std::time::UNIX_EPOCH + Duration::from_millis(ms));
+    /// A notice and its sender, if `payload` is one.
+    fn parse(payload: &str) -> Option<(u64, Notice)> {
         let hash = |h: &str| u128::from_str_radix(h, 16).ok();
         let mut parts = payload.splitn(5, ':');
-        match parts.next()? {
-            "purge" => {
-                let soft = parts.next()? == "1";
-                let before = time(parts.next()?)?;
-                let target = match (parts.next()?, parts.next()?) {
-                    ("url", u) => PurgeTarget::Url(u.to_owned()),
-                    ("path", h) => PurgeTarget::Path(hash(h)?),
-                    ("tag", t) => PurgeTarget::Tag(t.to_owned()),
-                    _ => return None,
-                };
-                Some(Notice::Purge { target, soft, before })
-            }
-            "inv" => Some(Notice::Replaced { hash: hash(parts.next()?)?, response_time: time(parts.next()?)? }),
-            _ => None,
+        let kind = parts.next()?;
+        if kind != "purge" && kind != "inv" {
+            return None;
         }
+        let sender = u64::from_str_radix(parts.next()?, 16).ok()?;
+        let notice = if kind == "purge" {
+            let soft = parts.next()? == "1";
+            let target = match (parts.next()?, parts.next()?) {
+                ("url", u) => PurgeTarget::Url(u.to_owned()),
+                ("path", h) => PurgeTarget::Path(hash(h)?),
+                ("tag", t) => PurgeTarget::Tag(t.to_owned()),
+                _ => return None,
+            };
+            Notice::Purge { target, soft }
+        } else {
+            let hash = hash(parts.next()?)?;
+            let ms = parts.next()?.parse::<u64>().ok()?;
+            Notice::Replaced { hash, response_time: std::time::UNIX_EPOCH + Duration::from_millis(ms) }
+        };
+        Some((sender, notice))
     }
 }
 
@@ -131,8 +141,9 @@ pub const RELEASE_LEASE: &str = "if redis.call('get', KEYS[1]) == ARGV[1] then r
 type Waiters = HashMap<u128, Vec<(u64, oneshot::Sender<Announcement>)>>;
 
 /// Local side of the event channel.
-#[derive(Default)]
 pub struct Events {
+    /// This pool tier's id in the notices it sends (random per process and pool).
+    pub instance: u64,
     /// Who waits for which key's announcement (a key can have more than one flight in
     /// this process after a takeover). A std mutex held for one map operation; entries
     /// leave on announcement, on unwatch, and all at once when the subscription drops.
@@ -143,6 +154,10 @@ pub struct Events {
 }
 
 impl Events {
+    pub fn new() -> Events {
+        Events { instance: fastrand::u64(..), waiters: Mutex::default(), next_id: Default::default(), subscribed: AtomicBool::new(false) }
+    }
+
     pub fn is_up(&self) -> bool {
         self.subscribed.load(Ordering::Acquire)
     }
@@ -169,8 +184,10 @@ impl Events {
     }
 
     fn dispatch(&self, payload: &str, handler: &NoticeHandler) {
-        if let Some(notice) = Notice::parse(payload) {
-            handler(notice);
+        if let Some((sender, notice)) = Notice::parse(payload) {
+            if sender != self.instance {
+                handler(notice);
+            }
             return;
         }
         let Some((kind, hash)) = payload.split_once(':') else { return };
@@ -263,5 +280,31 @@ impl Events {
             }
             backoff = (backoff * 2).min(Duration::from_secs(2));
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn notices_round_trip_and_a_replica_skips_its_own() {
+        let url = Notice::Purge { target: PurgeTarget::Url("http://shop.example/a?b=1".into()), soft: true };
+        let tag = Notice::Purge { target: PurgeTarget::Tag("cat:7".into()), soft: false };
+        let inv = Notice::Replaced { hash: 42, response_time: std::time::UNIX_EPOCH + Duration::from_millis(1234) };
+        for notice in [url, tag, inv] {
+            let message = notice.message(7).expect("a message");
+            assert_eq!(Notice::parse(&message), Some((7, notice)));
+        }
+        assert_eq!(Notice::parse("fill:00000000000000000000000000000001"), None);
+
+        let events = Events::new();
+        let seen = std::sync::Arc::new(std::sync::Mutex::new(Vec::new()));
+        let sink = seen.clone();
+        let handler: NoticeHandler = std::sync::Arc::new(move |n| sink.lock().expect("lock").push(n));
+        let own = Notice::Purge { target: PurgeTarget::Tag("t".into()), soft: false };
+        events.dispatch(&own.message(events.instance).expect("message"), &handler);
+        events.dispatch(&own.message(events.instance.wrapping_add(1)).expect("message"), &handler);
+        assert_eq!(*seen.lock().expect("lock"), vec![own]);
     }
 }

@@ -106,7 +106,7 @@ impl SharedTier {
             prefix,
             metrics,
             pending_writes: Arc::new(Semaphore::new(MAX_PENDING_WRITES)),
-            events: Arc::new(Events::default()),
+            events: Arc::new(Events::new()),
             _stop_events: stop_tx,
             stop_events: Mutex::new(Some(stop_rx)),
         })
@@ -126,7 +126,7 @@ impl SharedTier {
 
     /// Publishes a notice to every replica of the pool (this one included).
     pub async fn publish(&self, notice: &Notice) -> bool {
-        let Some(message) = notice.message() else { return false };
+        let Some(message) = notice.message(self.events.instance) else { return false };
         let mut conn = self.writes.conn();
         let sent = matches!(self.guarded(&self.writes, self.timeout, conn.publish::<_, _, i64>(&self.channel, message)).await, Some(Ok(_)));
         if !sent {
@@ -192,11 +192,6 @@ impl SharedTier {
     /// Whether the event subscription is up (leases are used only then).
     pub fn events_up(&self) -> bool {
         self.events.is_up()
-    }
-
-    /// Whether the pool's Redis breaker is open (the shared tier is being skipped).
-    pub fn breaker_open(&self) -> bool {
-        self.health.is_open()
     }
 
     /// Runs one call on `link` unless the breaker is open, feeding the breaker; `None`
@@ -269,14 +264,14 @@ impl SharedTier {
         let redis_key = self.entry_key(key);
         let (writes, metrics, health, prefix) = (self.writes.clone(), self.metrics.clone(), self.health.clone(), self.prefix.clone());
         let deadline = self.write_deadline(entry.body.len());
-        let (channel, hash) = (self.channel.clone(), key.hash);
+        let (channel, hash, sender) = (self.channel.clone(), key.hash, self.events.instance);
         tokio::spawn(async move {
             let _permit = permit;
             if !write(&health, &writes, deadline, &prefix, &redis_key, &entry, &metrics).await {
                 metrics.redis_error(RedisOp::Set);
                 return;
             }
-            if let Some(message) = announce.then(|| Notice::Replaced { hash, response_time: entry.response_time }.message()).flatten() {
+            if let Some(message) = announce.then(|| Notice::Replaced { hash, response_time: entry.response_time }.message(sender)).flatten() {
                 let mut conn = writes.conn();
                 let _ = guarded(&health, &writes, deadline, conn.publish::<_, _, i64>(&channel, message)).await;
             }
@@ -337,10 +332,6 @@ impl SharedTier {
         self.events.unwatch(watch.hash, watch.id());
     }
 
-    /// Unwatches by hash and id (when the watch itself was consumed by a wait).
-    pub fn unwatch_id(&self, hash: u128, id: u64) {
-        self.events.unwatch(hash, id);
-    }
 
     /// Asks for `key`'s lease for `ttl`.
     pub async fn acquire_lease(&self, key: &CacheKey, ttl: Duration) -> Lease {
