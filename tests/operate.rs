@@ -259,33 +259,17 @@ async fn warm_a_thousand_urls_within_its_concurrency_limit() {
 /// keys, stops it, and returns its stdout lines.
 async fn access_log_lines(origin: &Origin, server_extra: &str, n: usize, keys: usize) -> Vec<String> {
     use std::io::Read;
-    let (port, admin) = (support::free_port(), support::free_port());
-    let text = config(&origin.url(), None, "")
-        .replace("[server]\n", &format!("[server]\nlisten = \"127.0.0.1:{port}\"\nadmin_listen = \"127.0.0.1:{admin}\"\n{server_extra}\n"));
-    let path = std::env::temp_dir().join(format!("bulwark-log-{}-{port}.toml", std::process::id()));
-    std::fs::write(&path, text).expect("config");
-    let mut child = std::process::Command::new(env!("CARGO_BIN_EXE_bulwark"))
-        .args(["serve", "--config"])
-        .arg(&path)
-        .stdout(std::process::Stdio::piped())
-        .stderr(std::process::Stdio::null())
-        .spawn()
-        .expect("spawn");
+    let text = config(&origin.url(), None, "").replace("[server]\n", &format!("[server]\n{server_extra}\n"));
+    let mut serve = support::ServeProcess::start(&text, std::process::Stdio::piped(), std::process::Stdio::null()).await;
     let client = support::client();
-    let deadline = Instant::now() + Duration::from_secs(10);
-    while client.get(format!("http://127.0.0.1:{admin}/healthz").parse().expect("uri")).await.is_err() {
-        assert!(Instant::now() < deadline);
-        tokio::time::sleep(Duration::from_millis(30)).await;
-    }
     for i in 0..n {
-        let res = client.get(format!("http://127.0.0.1:{port}/products/{}", i % keys).parse().expect("uri")).await.expect("request");
+        let res = client.get(serve.url(&format!("/products/{}", i % keys)).parse().expect("uri")).await.expect("request");
         let _ = http_body_util::BodyExt::collect(res.into_body()).await;
     }
-    let _ = std::process::Command::new("kill").args(["-TERM", &child.id().to_string()]).status();
+    serve.signal("-TERM");
     let mut out = String::new();
-    child.stdout.take().expect("stdout").read_to_string(&mut out).expect("read");
-    let _ = child.wait();
-    let _ = std::fs::remove_file(&path);
+    serve.child.stdout.take().expect("stdout").read_to_string(&mut out).expect("read");
+    let _ = serve.child.wait();
     out.lines().map(str::to_owned).collect()
 }
 

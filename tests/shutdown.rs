@@ -6,7 +6,7 @@ use std::io::Read;
 use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
-use support::{Bulwark, Origin, Reply, free_port, simple_config};
+use support::{Bulwark, Origin, Reply, ServeProcess, free_port, simple_config};
 
 #[tokio::test]
 async fn drain_then_stop_accepting_and_finish_in_flight_requests() {
@@ -72,43 +72,21 @@ mod tempfile_path {
 #[tokio::test]
 async fn serve_process_exits_zero_after_sigterm() {
     let origin = Origin::start().await;
-    let (port, admin_port) = (free_port(), free_port());
-    let config = simple_config(&origin.url(), None, "").replace(
-        "[server]\n",
-        &format!("[server]\nlisten = \"127.0.0.1:{port}\"\nadmin_listen = \"127.0.0.1:{admin_port}\"\n"),
-    );
-    let file = write_config(&config);
-    let mut child = Command::new(env!("CARGO_BIN_EXE_bulwark"))
-        .args(["serve", "--config"])
-        .arg(&file.0)
-        .stdout(Stdio::null())
-        .stderr(Stdio::piped())
-        .spawn()
-        .expect("spawn bulwark serve");
+    let mut serve = ServeProcess::start(&simple_config(&origin.url(), None, ""), Stdio::null(), Stdio::piped()).await;
     let client = support::client();
-    let health = format!("http://127.0.0.1:{admin_port}/healthz");
-    let deadline = Instant::now() + Duration::from_secs(10);
-    loop {
-        if client.get(health.parse().expect("uri")).await.is_ok_and(|r| r.status() == 200) {
-            break;
-        }
-        assert!(Instant::now() < deadline, "bulwark serve did not come up");
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
-    let res = client.get(format!("http://127.0.0.1:{port}/x").parse().expect("uri")).await.expect("proxy request");
+    let res = client.get(serve.url("/x").parse().expect("uri")).await.expect("proxy request");
     assert_eq!(res.status(), 200);
-    let status = Command::new("kill").args(["-TERM", &child.id().to_string()]).status().expect("kill");
-    assert!(status.success());
+    serve.signal("-TERM");
     let deadline = Instant::now() + Duration::from_secs(10);
     let exit = loop {
-        if let Some(exit) = child.try_wait().expect("try_wait") {
+        if let Some(exit) = serve.child.try_wait().expect("try_wait") {
             break exit;
         }
         assert!(Instant::now() < deadline, "bulwark serve did not exit after SIGTERM");
         tokio::time::sleep(Duration::from_millis(50)).await;
     };
     let mut stderr = String::new();
-    let _ = child.stderr.take().expect("stderr").read_to_string(&mut stderr);
+    let _ = serve.child.stderr.take().expect("stderr").read_to_string(&mut stderr);
     assert!(exit.success(), "exit status {exit:?}; stderr: {stderr}");
 }
 
@@ -136,40 +114,16 @@ fn check_and_serve_reject_a_bad_config_with_its_location() {
 #[tokio::test]
 async fn sighup_reloads_the_config_file() {
     let origin = Origin::start().await;
-    let (port, admin_port) = (free_port(), free_port());
-    let config = simple_config(&origin.url(), None, "").replace(
-        "[server]\n",
-        &format!("[server]\nlisten = \"127.0.0.1:{port}\"\nadmin_listen = \"127.0.0.1:{admin_port}\"\n"),
-    );
-    let file = write_config(&config);
-    let mut child = Command::new(env!("CARGO_BIN_EXE_bulwark"))
-        .args(["serve", "--config"])
-        .arg(&file.0)
-        .stdout(Stdio::null())
-        .stderr(Stdio::null())
-        .spawn()
-        .expect("spawn bulwark serve");
-    let client = support::client();
-    let metrics = format!("http://127.0.0.1:{admin_port}/metrics");
+    let serve = ServeProcess::start(&simple_config(&origin.url(), None, ""), Stdio::null(), Stdio::null()).await;
     let reloads = async || -> Option<f64> {
-        let res = client.get(metrics.parse().expect("uri")).await.ok()?;
-        let body = http_body_util::BodyExt::collect(res.into_body()).await.ok()?.to_bytes();
-        Some(support::metric_value(&String::from_utf8_lossy(&body), "bulwark_config_reloads_total", &[("result", "ok")]))
+        Some(support::metric_value(&serve.metrics().await?, "bulwark_config_reloads_total", &[("result", "ok")]))
     };
-    let deadline = Instant::now() + Duration::from_secs(10);
-    while reloads().await.is_none() {
-        assert!(Instant::now() < deadline, "bulwark serve did not come up");
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
     assert_eq!(reloads().await, Some(0.0));
     // The file is unchanged, so only the signal can cause this reload.
-    let status = Command::new("kill").args(["-HUP", &child.id().to_string()]).status().expect("kill");
-    assert!(status.success());
+    serve.signal("-HUP");
     let deadline = Instant::now() + Duration::from_secs(5);
     while reloads().await != Some(1.0) {
         assert!(Instant::now() < deadline, "SIGHUP did not reload");
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
-    let _ = child.kill();
-    let _ = child.wait();
 }

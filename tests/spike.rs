@@ -62,58 +62,33 @@ async fn five_hundred_clients_fifty_cold_keys_fifty_origin_requests() {
     assert_eq!(collapsed_headers as f64, collapsed);
 }
 
-/// A config file on disk for a `bulwark serve` process, removed on drop.
+/// A `bulwark serve` process on the shared Redis, ready to take part in leases.
 struct Process {
-    child: std::process::Child,
+    serve: support::ServeProcess,
     url: String,
-    config: std::path::PathBuf,
 }
 
 impl Process {
     async fn start(origin: &str, redis: &str, extra: &str, origin_timeout: &str) -> Process {
-        let (port, admin) = (support::free_port(), support::free_port());
-        let text = simple_config(origin, Some(redis), extra)
-            .replace("[server]\n", &format!("[server]\nlisten = \"127.0.0.1:{port}\"\nadmin_listen = \"127.0.0.1:{admin}\"\n"))
-            .replace("timeout = \"5s\"", &format!("timeout = \"{origin_timeout}\""));
-        let config = std::env::temp_dir().join(format!("bulwark-spike-{}-{port}.toml", std::process::id()));
-        std::fs::write(&config, text).expect("write config");
-        let child = std::process::Command::new(env!("CARGO_BIN_EXE_bulwark"))
-            .args(["serve", "--config"])
-            .arg(&config)
-            .stdout(std::process::Stdio::null())
-            .stderr(std::process::Stdio::null())
-            .spawn()
-            .expect("spawn bulwark");
-        let client = support::client();
-        let deadline = Instant::now() + Duration::from_secs(10);
+        let config = simple_config(origin, Some(redis), extra).replace("timeout = \"5s\"", &format!("timeout = \"{origin_timeout}\""));
+        let serve = support::ServeProcess::start(&config, std::process::Stdio::null(), std::process::Stdio::null()).await;
         // Ready when its Redis event subscription is up: before that it cannot take part
         // in leases.
-        let metrics = format!("http://127.0.0.1:{admin}/metrics");
+        let deadline = Instant::now() + Duration::from_secs(10);
         loop {
-            if let Ok(res) = client.get(metrics.parse().expect("uri")).await {
-                let text = http_body_util::BodyExt::collect(res.into_body()).await.expect("body").to_bytes();
-                let text = String::from_utf8_lossy(&text);
-                if support::metric_value(&text, "bulwark_redis_events_subscribed", &[("pool", "pdp")]) == 1.0 {
-                    break;
-                }
+            if let Some(text) = serve.metrics().await
+                && support::metric_value(&text, "bulwark_redis_events_subscribed", &[("pool", "pdp")]) == 1.0
+            {
+                break;
             }
             assert!(Instant::now() < deadline, "bulwark serve did not become ready");
             tokio::time::sleep(Duration::from_millis(30)).await;
         }
-        Process { child, url: format!("http://127.0.0.1:{port}"), config }
+        Process { url: serve.url(""), serve }
     }
 
     fn kill(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
-}
-
-impl Drop for Process {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-        let _ = std::fs::remove_file(&self.config);
+        self.serve.kill();
     }
 }
 

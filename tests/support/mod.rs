@@ -370,22 +370,16 @@ impl Bulwark {
     /// Starts an instance with `config` (TOML; `listen` and `admin_listen` are ignored).
     pub async fn start(config: &str) -> Bulwark {
         let config = bulwark::Config::parse(config, Path::new("test.toml")).unwrap_or_else(|e| panic!("{e}"));
-        let listeners = bulwark::Listeners {
-            proxy: TcpListener::bind("127.0.0.1:0").await.expect("bind proxy"),
-            admin: TcpListener::bind("127.0.0.1:0").await.expect("bind admin"),
-        };
-        let addr = listeners.proxy.local_addr().expect("addr");
-        let admin_addr = listeners.admin.local_addr().expect("admin addr");
-        let (tx, rx) = tokio::sync::oneshot::channel::<()>();
-        let task = tokio::spawn(bulwark::run(listeners, config, async {
-            let _ = rx.await;
-        }));
-        Bulwark { addr, admin_addr, shutdown: Some(tx), task: Some(task), client: client() }
+        Bulwark::launch(config, None).await
     }
 
     /// Starts an instance from a config file, with reloads (file watch, admin API).
     pub async fn start_with_file(path: &Path) -> Bulwark {
         let config = bulwark::Config::load(path).unwrap_or_else(|e| panic!("{e}"));
+        Bulwark::launch(config, Some(path.to_owned())).await
+    }
+
+    async fn launch(config: bulwark::Config, path: Option<std::path::PathBuf>) -> Bulwark {
         let listeners = bulwark::Listeners {
             proxy: TcpListener::bind("127.0.0.1:0").await.expect("bind proxy"),
             admin: TcpListener::bind("127.0.0.1:0").await.expect("bind admin"),
@@ -393,9 +387,13 @@ impl Bulwark {
         let addr = listeners.proxy.local_addr().expect("addr");
         let admin_addr = listeners.admin.local_addr().expect("admin addr");
         let (tx, rx) = tokio::sync::oneshot::channel::<()>();
-        let task = tokio::spawn(bulwark::run_with_file(listeners, config, path.to_owned(), async {
+        let shutdown = async {
             let _ = rx.await;
-        }));
+        };
+        let task = match path {
+            Some(path) => tokio::spawn(bulwark::run_with_file(listeners, config, path, shutdown)),
+            None => tokio::spawn(bulwark::run(listeners, config, shutdown)),
+        };
         Bulwark { addr, admin_addr, shutdown: Some(tx), task: Some(task), client: client() }
     }
 
@@ -735,4 +733,71 @@ impl Drop for RedisCluster {
 pub fn cluster_config(origin: &str, nodes: &[String], pool_extra: &str) -> String {
     let list = nodes.iter().map(|n| format!("\"{n}\"")).collect::<Vec<_>>().join(", ");
     simple_config(origin, None, &format!("redis_cluster_nodes = [{list}]\nredis_timeout = \"100ms\"\n{pool_extra}"))
+}
+
+/// A `bulwark serve` process on free ports, from a config written to a temporary file;
+/// killed (and its file removed) on drop.
+pub struct ServeProcess {
+    pub child: Child,
+    pub port: u16,
+    pub admin_port: u16,
+    pub config: std::path::PathBuf,
+}
+
+impl ServeProcess {
+    /// Starts `bulwark serve` on `config` (its `[server]` section gets the listen
+    /// addresses) and waits until `/healthz` answers.
+    pub async fn start(config: &str, stdout: Stdio, stderr: Stdio) -> ServeProcess {
+        let (port, admin_port) = (free_port(), free_port());
+        let text = config.replace(
+            "[server]\n",
+            &format!("[server]\nlisten = \"127.0.0.1:{port}\"\nadmin_listen = \"127.0.0.1:{admin_port}\"\n"),
+        );
+        let path = std::env::temp_dir().join(format!("bulwark-serve-{}-{port}.toml", std::process::id()));
+        std::fs::write(&path, text).expect("write config");
+        let child = Command::new(env!("CARGO_BIN_EXE_bulwark"))
+            .args(["serve", "--config"])
+            .arg(&path)
+            .stdout(stdout)
+            .stderr(stderr)
+            .spawn()
+            .expect("spawn bulwark serve");
+        let process = ServeProcess { child, port, admin_port, config: path };
+        let client = client();
+        let health = format!("http://127.0.0.1:{admin_port}/healthz");
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while !client.get(health.parse().expect("uri")).await.is_ok_and(|r| r.status() == 200) {
+            assert!(Instant::now() < deadline, "bulwark serve did not come up");
+            tokio::time::sleep(Duration::from_millis(30)).await;
+        }
+        process
+    }
+
+    pub fn url(&self, path: &str) -> String {
+        format!("http://127.0.0.1:{}{path}", self.port)
+    }
+
+    /// `/metrics` of the process, or `None` if it does not answer.
+    pub async fn metrics(&self) -> Option<String> {
+        let res = client().get(format!("http://127.0.0.1:{}/metrics", self.admin_port).parse().ok()?).await.ok()?;
+        let body = res.into_body().collect().await.ok()?.to_bytes();
+        Some(String::from_utf8_lossy(&body).into_owned())
+    }
+
+    pub fn signal(&self, signal: &str) {
+        let status = Command::new("kill").args([signal, &self.child.id().to_string()]).status().expect("kill");
+        assert!(status.success(), "kill {signal}");
+    }
+
+    pub fn kill(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+impl Drop for ServeProcess {
+    fn drop(&mut self) {
+        self.kill();
+        let _ = std::fs::remove_file(&self.config);
+    }
 }
