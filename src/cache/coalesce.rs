@@ -262,22 +262,7 @@ mod tests {
         }
         assert_eq!(leaders.len() as u32, MAX_TAKEOVERS);
         let Join::Waiter(mut late) = c.join(9) else { panic!("waiter") };
-        let entry = Arc::new(crate::cache::Entry::decode(&crate::cache::Entry {
-            key: "k".into(),
-            status: StatusCode::OK,
-            headers: http::HeaderMap::new(),
-            body: bytes::Bytes::new(),
-            request_time: std::time::SystemTime::now(),
-            response_time: std::time::SystemTime::now(),
-            initial_age: Duration::ZERO,
-            freshness_lifetime: Duration::from_secs(1),
-            stale_while_revalidate: Duration::ZERO,
-            stale_if_error: Duration::ZERO,
-            no_stale: false,
-            stale_on_error_always: false,
-        tags: Vec::new(),
-        invalidated: false,
-        }.encode()).expect("entry"));
+        let entry = Arc::new(crate::cache::entry::tests::sample());
         first.complete(Fill::Stored(entry));
         assert!(matches!(late.wait(Duration::from_millis(5)).await, Some(Fill::Stored(_))), "the first leader's fill serves the current flight");
     }

@@ -250,7 +250,7 @@ fn get_bytes32(buf: &mut Bytes) -> Result<Bytes, DecodeError> {
 }
 
 #[cfg(test)]
-mod tests {
+pub(crate) mod tests {
     use super::*;
 
     pub(crate) fn sample() -> Entry {

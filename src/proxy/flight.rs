@@ -350,20 +350,11 @@ mod tests {
     fn entry_aged(lifetime: Duration, age: Duration) -> (Entry, SystemTime) {
         let now = SystemTime::now();
         let entry = Entry {
-            key: "k".into(),
-            status: http::StatusCode::OK,
-            headers: http::HeaderMap::new(),
-            body: bytes::Bytes::new(),
             request_time: now - age - Duration::from_millis(100),
             response_time: now - age,
             initial_age: Duration::ZERO,
             freshness_lifetime: lifetime,
-            stale_while_revalidate: Duration::ZERO,
-            stale_if_error: Duration::ZERO,
-            no_stale: false,
-            stale_on_error_always: false,
-        tags: Vec::new(),
-        invalidated: false,
+            ..crate::cache::entry::tests::sample()
         };
         (entry, now)
     }
