@@ -32,6 +32,8 @@ fn entry(key: &CacheKey, body_len: usize) -> Entry {
         stale_on_error_always: false,
         tags: Vec::new(),
         invalidated: false,
+        keep_for_revalidation: Duration::ZERO,
+        variants: false,
     }
 }
 

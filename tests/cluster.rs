@@ -142,7 +142,7 @@ async fn coalescing_and_corrupt_entries_on_a_cluster() {
 
     // A corrupt entry of this format version: a miss, deleted, counted, never served.
     let key = bulwark::cache::CacheKey::new("http", "shop.example", "/corrupt", None, bulwark::cache::Encodings::Identity);
-    let name = format!("bulwark:pdp:v1:{{{:032x}}}", key.hash);
+    let name = format!("bulwark:pdp:v2:{{{:032x}}}", key.hash);
     let client = redis::cluster::ClusterClient::new(cluster.urls()).expect("cluster client");
     let mut conn = client.get_async_connection().await.expect("cluster connection");
     let _: () = redis::AsyncCommands::set(&mut conn, &name, b"BWK\x01garbage".as_slice()).await.expect("plant");

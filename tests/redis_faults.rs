@@ -161,16 +161,16 @@ async fn entries_of_another_format_version_are_left_alone() {
     let bulwark = Bulwark::start(&simple_config(&origin.url(), Some(&redis.url()), "")).await;
     let mut conn = redis.conn();
     // A newer replica's entry under its own versioned key: never read, never touched.
-    let newer_key = redis_key("/versioned").replace(":v1:", ":v2:");
-    redis::cmd("SET").arg(&newer_key).arg(b"BWK\x02future format".as_slice()).query::<()>(&mut conn).expect("plant");
+    let newer_key = redis_key("/versioned").replace(":v2:", ":v3:");
+    redis::cmd("SET").arg(&newer_key).arg(b"BWK\x03future format".as_slice()).query::<()>(&mut conn).expect("plant");
     // A payload of another version under this version's key: a miss, not corruption.
     let key = redis_key("/other-version");
-    redis::cmd("SET").arg(&key).arg(b"BWK\x02future format".as_slice()).query::<()>(&mut conn).expect("plant");
+    redis::cmd("SET").arg(&key).arg(b"BWK\x03future format".as_slice()).query::<()>(&mut conn).expect("plant");
     assert_eq!(bulwark.get_with("/versioned", &HOST).await.cache_status(), "bulwark; fwd=miss; stored");
     assert_eq!(bulwark.get_with("/other-version", &HOST).await.cache_status(), "bulwark; fwd=miss; stored");
     assert_eq!(bulwark.metric("bulwark_l2_corrupt_entries_total", &[("pool", "pdp")]).await, 0.0);
     let newer: Vec<u8> = redis::cmd("GET").arg(&newer_key).query(&mut conn).expect("GET");
-    assert_eq!(newer, b"BWK\x02future format");
+    assert_eq!(newer, b"BWK\x03future format");
 }
 
 #[tokio::test]
@@ -203,6 +203,8 @@ fn sample_entry_bytes() -> Vec<u8> {
         stale_on_error_always: false,
         tags: Vec::new(),
         invalidated: false,
+        keep_for_revalidation: Duration::ZERO,
+        variants: false,
     };
     entry.encode().to_vec()
 }

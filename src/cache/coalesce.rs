@@ -17,7 +17,6 @@ use http::StatusCode;
 use moka::future::Cache;
 use tokio::sync::watch;
 
-use super::Entry;
 
 /// How long a key whose answer was not storable skips coalescing.
 pub const HIT_FOR_MISS: Duration = Duration::from_secs(5);
@@ -38,8 +37,8 @@ pub struct Answer {
 /// How a flight ended, as seen by its waiters.
 #[derive(Debug, Clone)]
 pub enum Fill {
-    /// The response was stored: serve it.
-    Stored(Arc<Entry>),
+    /// The response was stored: serve it (to waiters for the same variant).
+    Stored(super::Stored),
     /// The response may not be stored: each waiter asks the origin itself.
     Uncacheable,
     /// The origin failed with this status (`shed` when refused before reaching it);
@@ -263,7 +262,8 @@ mod tests {
         assert_eq!(leaders.len() as u32, MAX_TAKEOVERS);
         let Join::Waiter(mut late) = c.join(9) else { panic!("waiter") };
         let entry = Arc::new(crate::cache::entry::tests::sample());
-        first.complete(Fill::Stored(entry));
+        let key = crate::cache::CacheKey::new("http", "h", "/", None, crate::cache::Encodings::Identity);
+        first.complete(Fill::Stored(crate::cache::Stored { key, entry, marker: None }));
         assert!(matches!(late.wait(Duration::from_millis(5)).await, Some(Fill::Stored(_))), "the first leader's fill serves the current flight");
     }
 

@@ -1,10 +1,11 @@
 //! A stored response and its versioned binary format.
 //!
-//! Layout of format version 1 (all integers big-endian):
+//! Layout of format version 2 (all integers big-endian):
 //!
 //! ```text
 //! "BWK" u8:version | u16:status | u64:request_time_ms | u64:response_time_ms
-//! | u64:initial_age_ms | u64:freshness_ms | u64:swr_ms | u64:sie_ms | u8:flags
+//! | u64:initial_age_ms | u64:freshness_ms | u64:swr_ms | u64:sie_ms
+//! | u64:keep_for_revalidation_ms | u8:flags
 //! | u32:key_len key | u16:header_count (u16:name_len name u32:value_len value)*
 //! | u16:tag_count (u16:tag_len tag)* | u32:body_len body
 //! | u64:xxh3 checksum of everything before it
@@ -20,11 +21,12 @@ use bytes::{Buf, BufMut, Bytes, BytesMut};
 use http::{HeaderMap, HeaderName, HeaderValue, StatusCode};
 use xxhash_rust::xxh3::xxh3_64;
 
-pub const FORMAT_VERSION: u8 = 1;
+pub const FORMAT_VERSION: u8 = 2;
 const MAGIC: &[u8; 3] = b"BWK";
 const FLAG_NO_STALE: u8 = 1;
 const FLAG_STALE_ON_ERROR_ALWAYS: u8 = 2;
 const FLAG_INVALIDATED: u8 = 4;
+const FLAG_VARIANTS: u8 = 8;
 
 /// A stored response.
 #[derive(Debug, Clone, PartialEq)]
@@ -50,6 +52,12 @@ pub struct Entry {
     pub tags: Vec<String>,
     /// Soft-purged: no longer fresh, but still usable within its stale windows.
     pub invalidated: bool,
+    /// How long past its stale windows the entry is kept, if it has a validator, only
+    /// to be revalidated with a conditional request.
+    pub keep_for_revalidation: Duration,
+    /// Not a response: the marker stored under a primary key whose responses vary,
+    /// naming (in its `Vary` header) the request headers that select a variant.
+    pub variants: bool,
 }
 
 /// Why a payload could not be decoded.
@@ -78,12 +86,60 @@ impl Entry {
         Entry { invalidated: true, ..self.clone() }
     }
 
-    /// How long past freshness the entry stays useful (stale windows).
+    /// How long past freshness the entry stays useful: its stale windows, and for an
+    /// entry with a validator the time it is kept for revalidation.
     pub fn stale_window(&self) -> Duration {
-        match (self.no_stale, self.stale_on_error_always) {
+        let serve = match (self.no_stale, self.stale_on_error_always) {
             (false, _) => self.stale_while_revalidate.max(self.stale_if_error),
             (true, true) => self.stale_if_error,
             (true, false) => Duration::ZERO,
+        };
+        if self.has_validator() { serve.saturating_add(self.keep_for_revalidation) } else { serve }
+    }
+
+    /// Whether a conditional request can revalidate it (`ETag` or `Last-Modified`).
+    pub fn has_validator(&self) -> bool {
+        self.headers.contains_key(http::header::ETAG) || self.headers.contains_key(http::header::LAST_MODIFIED)
+    }
+
+    /// The marker for a primary key whose responses vary on `names`, living as long as
+    /// `variant` (each stored variant renews it).
+    pub fn variants_marker(primary_key: String, names: &[HeaderName], variant: &Entry) -> Entry {
+        let mut headers = HeaderMap::with_capacity(1);
+        let list = names.iter().map(HeaderName::as_str).collect::<Vec<_>>().join(", ");
+        if let Ok(value) = HeaderValue::from_str(&list) {
+            headers.insert(http::header::VARY, value);
+        }
+        Entry {
+            key: primary_key,
+            status: StatusCode::OK,
+            headers,
+            body: Bytes::new(),
+            tags: variant.tags.clone(),
+            variants: true,
+            ..variant.clone_meta()
+        }
+    }
+
+    /// A copy of the metadata, with no headers, body or tags.
+    fn clone_meta(&self) -> Entry {
+        Entry {
+            key: String::new(),
+            status: self.status,
+            headers: HeaderMap::new(),
+            body: Bytes::new(),
+            request_time: self.request_time,
+            response_time: self.response_time,
+            initial_age: self.initial_age,
+            freshness_lifetime: self.freshness_lifetime,
+            stale_while_revalidate: self.stale_while_revalidate,
+            stale_if_error: self.stale_if_error,
+            no_stale: self.no_stale,
+            stale_on_error_always: self.stale_on_error_always,
+            tags: Vec::new(),
+            invalidated: self.invalidated,
+            keep_for_revalidation: self.keep_for_revalidation,
+            variants: self.variants,
         }
     }
 
@@ -97,8 +153,15 @@ impl Entry {
         (!self.no_stale || self.stale_on_error_always) && self.age(now) < self.freshness_lifetime.saturating_add(self.stale_if_error)
     }
 
-    /// How long, from now, the entry is worth keeping: freshness left plus the stale windows.
+    /// How long, from now, the entry is worth keeping: freshness left plus the stale
+    /// windows (and the revalidation window). A variants marker is kept as long as the
+    /// variant that last renewed it, whose validators it does not carry.
     pub fn keep_for(&self, now: SystemTime) -> Duration {
+        if self.variants {
+            let serve = if self.no_stale && !self.stale_on_error_always { Duration::ZERO } else { self.stale_while_revalidate.max(self.stale_if_error) };
+            let window = serve.saturating_add(self.keep_for_revalidation);
+            return self.freshness_lifetime.saturating_add(window).saturating_sub(self.age(now));
+        }
         self.freshness_lifetime.saturating_add(self.stale_window()).saturating_sub(self.age(now))
     }
 
@@ -121,9 +184,11 @@ impl Entry {
         out.put_u64(duration_millis(self.freshness_lifetime));
         out.put_u64(duration_millis(self.stale_while_revalidate));
         out.put_u64(duration_millis(self.stale_if_error));
+        out.put_u64(duration_millis(self.keep_for_revalidation));
         let flags = if self.no_stale { FLAG_NO_STALE } else { 0 }
             | if self.stale_on_error_always { FLAG_STALE_ON_ERROR_ALWAYS } else { 0 }
-            | if self.invalidated { FLAG_INVALIDATED } else { 0 };
+            | if self.invalidated { FLAG_INVALIDATED } else { 0 }
+            | if self.variants { FLAG_VARIANTS } else { 0 };
         out.put_u8(flags);
         put_bytes32(&mut out, self.key.as_bytes());
         let count = u16::try_from(self.headers.len()).unwrap_or(u16::MAX);
@@ -169,6 +234,7 @@ impl Entry {
         let freshness_lifetime = Duration::from_millis(get_u64(&mut buf)?);
         let stale_while_revalidate = Duration::from_millis(get_u64(&mut buf)?);
         let stale_if_error = Duration::from_millis(get_u64(&mut buf)?);
+        let keep_for_revalidation = Duration::from_millis(get_u64(&mut buf)?);
         let flags = get_u8(&mut buf)?;
         let key = String::from_utf8(get_bytes32(&mut buf)?.to_vec()).map_err(|_| Corrupt("key is not UTF-8"))?;
         let count = get_u16(&mut buf)?;
@@ -207,6 +273,8 @@ impl Entry {
             stale_on_error_always: flags & FLAG_STALE_ON_ERROR_ALWAYS != 0,
             tags,
             invalidated: flags & FLAG_INVALIDATED != 0,
+            keep_for_revalidation,
+            variants: flags & FLAG_VARIANTS != 0,
         })
     }
 }
@@ -273,6 +341,8 @@ pub(crate) mod tests {
             stale_on_error_always: false,
             tags: vec!["product-1".into(), "category-7".into()],
             invalidated: false,
+            keep_for_revalidation: Duration::from_secs(600),
+            variants: false,
         }
     }
 
@@ -285,8 +355,8 @@ pub(crate) mod tests {
     #[test]
     fn other_version_is_not_corrupt() {
         let mut bytes = sample().encode().to_vec();
-        bytes[3] = 2;
-        assert_eq!(Entry::decode(&Bytes::from(bytes)), Err(DecodeError::OtherVersion(2)));
+        bytes[3] = 1;
+        assert_eq!(Entry::decode(&Bytes::from(bytes)), Err(DecodeError::OtherVersion(1)));
     }
 
     #[test]

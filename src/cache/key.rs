@@ -1,10 +1,140 @@
 //! The cache key: scheme, host, path, normalised query and the normalised
-//! `Accept-Encoding`, plus its 128-bit hash used for map and Redis keys.
+//! `Accept-Encoding` (the *primary* key), plus its 128-bit hash used for map and Redis
+//! keys. A response that varies (its `Vary`, or a route's `key_headers`) is stored under a
+//! *variant* key: the primary key plus the normalised request headers it varies on.
+//!
+//! Paths and queries are normalised the same way for the key, for routing and for the
+//! request sent to the origin (percent-encodings of unreserved characters decoded, other
+//! hex digits uppercased, dot segments removed, parameters ordered by name), so that what
+//! the key says and what the origin was asked never disagree.
 
+use std::borrow::Cow;
 use std::fmt::Write as _;
 
-use http::HeaderValue;
+use http::{HeaderMap, HeaderName, HeaderValue};
 use xxhash_rust::xxh3::xxh3_128;
+
+use crate::config::ParamPattern;
+
+/// Why a request target cannot be normalised: answered with 400.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, thiserror::Error)]
+#[error("malformed percent-encoding in the request target")]
+pub struct BadTarget;
+
+/// RFC 3986 section 2.3 unreserved characters: their percent-encoding means the same
+/// as the character itself.
+fn is_unreserved(b: u8) -> bool {
+    b.is_ascii_alphanumeric() || matches!(b, b'-' | b'.' | b'_' | b'~')
+}
+
+fn hex_value(b: u8) -> Option<u8> {
+    match b {
+        b'0'..=b'9' => Some(b - b'0'),
+        b'a'..=b'f' => Some(b - b'a' + 10),
+        b'A'..=b'F' => Some(b - b'A' + 10),
+        _ => None,
+    }
+}
+
+/// Decodes percent-encoded unreserved characters and uppercases the hex digits of the
+/// others (RFC 3986 section 6.2.2). A `%` not followed by two hex digits is an error.
+fn normalise_percent(text: &str) -> Result<Cow<'_, str>, BadTarget> {
+    let bytes = text.as_bytes();
+    let Some(first) = bytes.iter().position(|&b| b == b'%') else { return Ok(Cow::Borrowed(text)) };
+    let mut out = String::with_capacity(text.len());
+    out.push_str(&text[..first]);
+    let mut i = first;
+    while i < bytes.len() {
+        let b = bytes[i];
+        if b != b'%' {
+            // Copy up to the next '%' in one go (keeps multi-byte characters whole).
+            let next = bytes[i..].iter().position(|&c| c == b'%').map_or(bytes.len(), |n| i + n);
+            out.push_str(&text[i..next]);
+            i = next;
+            continue;
+        }
+        let (hi, lo) = match (bytes.get(i + 1).copied().and_then(hex_value), bytes.get(i + 2).copied().and_then(hex_value)) {
+            (Some(hi), Some(lo)) => (hi, lo),
+            _ => return Err(BadTarget),
+        };
+        let decoded = hi * 16 + lo;
+        if is_unreserved(decoded) {
+            out.push(char::from(decoded));
+        } else {
+            out.push('%');
+            out.push(char::from(b"0123456789ABCDEF"[usize::from(hi)]));
+            out.push(char::from(b"0123456789ABCDEF"[usize::from(lo)]));
+        }
+        i += 3;
+    }
+    Ok(Cow::Owned(out))
+}
+
+/// Normalises a request path: percent-encoding as in [`normalise_percent`], then dot
+/// segments removed (RFC 3986 section 5.2.4), so `/a/./b/../c` and `/a/%63` are `/a/c`.
+/// Empty segments (`//`) are kept: some origins give them meaning.
+pub fn normalise_path(path: &str) -> Result<Cow<'_, str>, BadTarget> {
+    let decoded = normalise_percent(path)?;
+    let has_dots = decoded.split('/').any(|seg| seg == "." || seg == "..");
+    if !has_dots {
+        return Ok(decoded);
+    }
+    let mut segments: Vec<&str> = Vec::new();
+    let mut parts = decoded.split('/').peekable();
+    // A path from a request target starts with '/', so the first part is empty.
+    if decoded.starts_with('/') {
+        parts.next();
+    }
+    let mut trailing_slash = false;
+    while let Some(seg) = parts.next() {
+        let last = parts.peek().is_none();
+        match seg {
+            "." => trailing_slash = last,
+            ".." => {
+                segments.pop();
+                trailing_slash = last;
+            }
+            other => {
+                segments.push(other);
+                trailing_slash = false;
+            }
+        }
+    }
+    let mut out = String::with_capacity(decoded.len());
+    for seg in &segments {
+        out.push('/');
+        out.push_str(seg);
+    }
+    if trailing_slash || out.is_empty() {
+        out.push('/');
+    }
+    Ok(Cow::Owned(out))
+}
+
+/// Normalises a query: empty parameters dropped, percent-encoding as in
+/// [`normalise_percent`], parameters matching `ignored` left out, the rest ordered by
+/// name (parameters with the same name keep their relative order, which can matter to
+/// the origin). Returns the query without `?`; empty when nothing is left.
+pub fn normalise_query<'a>(query: &'a str, ignored: &[ParamPattern]) -> Result<Cow<'a, str>, BadTarget> {
+    let normalised = normalise_percent(query)?;
+    let mut params: Vec<&str> = normalised
+        .split('&')
+        .filter(|p| !p.is_empty())
+        .filter(|p| !ignored.iter().any(|pattern| pattern.matches(param_name(p))))
+        .collect();
+    params.sort_by(|a, b| param_name(a).cmp(param_name(b)));
+    let mut out = String::with_capacity(normalised.len());
+    for (i, param) in params.iter().enumerate() {
+        if i > 0 {
+            out.push('&');
+        }
+        out.push_str(param);
+    }
+    if out == query {
+        return Ok(Cow::Borrowed(query));
+    }
+    Ok(Cow::Owned(out))
+}
 
 /// The content codings a client accepts, reduced to the few the cache keeps apart, so
 /// that the many spellings of `Accept-Encoding` do not multiply the stored variants.
@@ -79,21 +209,68 @@ pub struct CacheKey {
     pub hash: u128,
 }
 
+/// Marks the variant part of a key text.
+const VARIANT_MARK: &str = "\nv:";
+
 impl CacheKey {
-    /// Builds the key of a request. `host` must already be lowercase without default port.
+    /// Builds the key of a request, normalising path and query. `host` must already be
+    /// lowercase without default port.
     pub fn new(scheme: &str, host: &str, path: &str, query: Option<&str>, encodings: Encodings) -> CacheKey {
-        let mut text = String::with_capacity(scheme.len() + host.len() + path.len() + query.map_or(0, str::len) + 24);
+        let path = normalise_path(path).unwrap_or(Cow::Borrowed(path));
+        let query = query.map(|q| normalise_query(q, &[]).unwrap_or(Cow::Borrowed(q)));
+        CacheKey::from_normalised(scheme, host, &path, query.as_deref().unwrap_or(""), encodings)
+    }
+
+    /// Builds a key from a path and query already normalised ([`normalise_path`],
+    /// [`normalise_query`]), as the request path does.
+    pub fn from_normalised(scheme: &str, host: &str, path: &str, query: &str, encodings: Encodings) -> CacheKey {
+        let mut text = String::with_capacity(scheme.len() + host.len() + path.len() + query.len() + 24);
         text.push_str(scheme);
         text.push_str("://");
         text.push_str(host);
         text.push_str(path);
-        if let Some(query) = query {
-            push_normalised_query(&mut text, query);
+        if !query.is_empty() {
+            text.push('?');
+            text.push_str(query);
         }
         // A newline cannot occur in a request target, so the parts cannot run together.
         let _ = write!(text, "\nae={}", encodings.as_str());
         let hash = xxh3_128(text.as_bytes());
         CacheKey { text, hash }
+    }
+
+    /// The key of the variant that `headers` select among responses varying on `names`
+    /// (sorted, lowercase, without `Accept-Encoding`, as [`Vary::parse`] gives them). A
+    /// header absent from the request is keyed apart from one present but empty
+    /// (RFC 9111 section 4.1).
+    pub fn variant(&self, names: &[HeaderName], headers: &HeaderMap) -> CacheKey {
+        let mut text = String::with_capacity(self.text.len() + names.len() * 24);
+        text.push_str(self.primary_text());
+        for name in names {
+            text.push_str(VARIANT_MARK);
+            text.push_str(name.as_str());
+            if let Some(value) = normalised_field(headers, name) {
+                text.push('=');
+                text.push_str(&value);
+            }
+        }
+        let hash = xxh3_128(text.as_bytes());
+        CacheKey { text, hash }
+    }
+
+    /// The primary key text (without any variant part).
+    pub fn primary_text(&self) -> &str {
+        self.text.find(VARIANT_MARK).map_or(self.text.as_str(), |i| &self.text[..i])
+    }
+
+    /// The primary key of this key (itself when it is not a variant).
+    pub fn primary(&self) -> CacheKey {
+        let text = self.primary_text().to_owned();
+        CacheKey { hash: xxh3_128(text.as_bytes()), text }
+    }
+
+    pub fn is_variant(&self) -> bool {
+        self.text.contains(VARIANT_MARK)
     }
 
     /// The Redis key of this entry: `<key_prefix>v<format version>:<hash>`.
@@ -102,26 +279,109 @@ impl CacheKey {
     }
 }
 
-/// Appends `?` and the query's parameters ordered by name (parameters with the same name
-/// keep their relative order, which can matter to the origin); empty parameters are
-/// dropped, and an empty query adds nothing.
+/// Appends `?` and the normalised query (see [`normalise_query`]); an empty query adds
+/// nothing.
 fn push_normalised_query(out: &mut String, query: &str) {
-    let mut params: Vec<&str> = query.split('&').filter(|p| !p.is_empty()).collect();
-    if params.is_empty() {
-        return;
-    }
-    params.sort_by(|a, b| param_name(a).cmp(param_name(b)));
-    out.push('?');
-    for (i, param) in params.iter().enumerate() {
-        if i > 0 {
-            out.push('&');
-        }
-        out.push_str(param);
+    let query = normalise_query(query, &[]).unwrap_or(Cow::Borrowed(query));
+    if !query.is_empty() {
+        out.push('?');
+        out.push_str(&query);
     }
 }
 
 fn param_name(param: &str) -> &str {
     param.split_once('=').map_or(param, |(name, _)| name)
+}
+
+/// Request fields whose values are case-insensitive (media types, language tags and
+/// charsets), lowercased in variant keys.
+const CASE_INSENSITIVE_FIELDS: [&str; 3] = ["accept", "accept-language", "accept-charset"];
+
+/// All field lines of `name`, as one value: list elements trimmed, inner runs of
+/// whitespace made one space, empty elements dropped, joined with `,` (RFC 9111
+/// section 4.1 allows such normalisation). `None` when the request has no such field.
+fn normalised_field(headers: &HeaderMap, name: &HeaderName) -> Option<String> {
+    let mut values = headers.get_all(name).iter().peekable();
+    values.peek()?;
+    let lowercase = CASE_INSENSITIVE_FIELDS.contains(&name.as_str());
+    let mut out = String::new();
+    for value in values {
+        let text = String::from_utf8_lossy(value.as_bytes());
+        for element in text.split(',') {
+            let mut words = element.split_ascii_whitespace().peekable();
+            if words.peek().is_none() {
+                continue;
+            }
+            if !out.is_empty() {
+                out.push(',');
+            }
+            for (i, word) in words.enumerate() {
+                if i > 0 {
+                    out.push(' ');
+                }
+                if lowercase {
+                    out.extend(word.chars().map(|c| c.to_ascii_lowercase()));
+                } else {
+                    out.push_str(word);
+                }
+            }
+        }
+    }
+    Some(out)
+}
+
+/// What a response's `Vary` says about the requests it may serve.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Vary {
+    /// No `Vary`, or only `Accept-Encoding` (always part of the primary key).
+    None,
+    /// The request headers it varies on: lowercase, sorted, no duplicates, no
+    /// `Accept-Encoding`.
+    Names(Vec<HeaderName>),
+    /// `Vary: *`: it never matches another request (RFC 9111 section 4.1).
+    Star,
+    /// Not a list of field names, or more than [`MAX_VARY_NAMES`] of them.
+    Invalid,
+}
+
+/// Field names one response may vary on; more make the response not storable.
+pub const MAX_VARY_NAMES: usize = 16;
+
+impl Vary {
+    /// Parses every `Vary` field line of `headers`.
+    pub fn parse(headers: &HeaderMap) -> Vary {
+        let mut names: Vec<HeaderName> = Vec::new();
+        for value in headers.get_all(http::header::VARY) {
+            let Ok(text) = value.to_str() else { return Vary::Invalid };
+            for element in text.split(',').map(str::trim).filter(|e| !e.is_empty()) {
+                if element == "*" {
+                    return Vary::Star;
+                }
+                let Ok(name) = HeaderName::from_bytes(element.as_bytes()) else { return Vary::Invalid };
+                if name == http::header::ACCEPT_ENCODING || names.contains(&name) {
+                    continue;
+                }
+                if names.len() == MAX_VARY_NAMES {
+                    return Vary::Invalid;
+                }
+                names.push(name);
+            }
+        }
+        if names.is_empty() {
+            return Vary::None;
+        }
+        names.sort_by(|a, b| a.as_str().cmp(b.as_str()));
+        Vary::Names(names)
+    }
+}
+
+/// `names` and `extra` together, sorted, without duplicates (a route's `key_headers`
+/// added to what a response varies on).
+pub fn merge_names(names: &[HeaderName], extra: &[HeaderName]) -> Vec<HeaderName> {
+    let mut all: Vec<HeaderName> = names.iter().chain(extra).cloned().collect();
+    all.sort_by(|a, b| a.as_str().cmp(b.as_str()));
+    all.dedup();
+    all
 }
 
 #[cfg(test)]
@@ -163,7 +423,7 @@ mod tests {
         assert_ne!(base, CacheKey::new("http", "h", "/p", Some("x=2"), Encodings::Identity));
         assert_ne!(base, CacheKey::new("http", "h", "/p", Some("x=1"), Encodings::Gzip));
         assert_eq!(CacheKey::new("http", "h", "/p", Some(""), Encodings::Identity), CacheKey::new("http", "h", "/p", None, Encodings::Identity));
-        assert!(base.redis_key("bulwark:pdp:").starts_with("bulwark:pdp:v1:"));
+        assert!(base.redis_key("bulwark:pdp:").starts_with("bulwark:pdp:v2:"));
     }
 }
 
@@ -197,6 +457,7 @@ impl PurgeTarget {
         let text = text.trim();
         if text.starts_with('/') {
             let (path, query) = text.split_once('?').map_or((text, None), |(p, q)| (p, Some(q)));
+            let path = normalise_path(path).map_err(|_| format!("malformed percent-encoding: {text:?}"))?;
             let mut out = String::from(path);
             if let Some(query) = query {
                 push_normalised_query(&mut out, query);
@@ -214,7 +475,7 @@ impl PurgeTarget {
         if let Some(port) = uri.port_u16().filter(|p| *p != default_port) {
             out.push_str(&format!(":{port}"));
         }
-        out.push_str(uri.path());
+        out.push_str(&normalise_path(uri.path()).map_err(|_| format!("malformed percent-encoding: {text:?}"))?);
         if let Some(query) = uri.query() {
             push_normalised_query(&mut out, query);
         }

@@ -10,54 +10,141 @@ use moka::future::Cache;
 use super::entry::Entry;
 use super::key::{CacheKey, PurgeTarget};
 
-/// Per-entry expiry: keep an entry as long as it may still be served (fresh or stale),
-/// but never longer than a year, however long the origin asked for.
+/// What L1 holds under a primary key: one response, or the variants of a URL whose
+/// responses vary. Keeping a URL's variants together means a purge of the URL drops
+/// them all with one removal, and their number is bounded where they are held.
+#[derive(Debug, Clone)]
+pub enum Slot {
+    Entry(Arc<Entry>),
+    Variants(Arc<Variants>),
+}
+
+/// A URL's variants held here.
+#[derive(Debug)]
+pub struct Variants {
+    /// Names the request headers that select a variant (in its `Vary` header).
+    pub marker: Arc<Entry>,
+    /// By variant key hash; at most the pool's `max_variants`.
+    pub entries: Vec<(u128, Arc<Entry>)>,
+}
+
+impl Variants {
+    /// The variant stored under `key`, if held here.
+    pub fn find(&self, key: &CacheKey) -> Option<Arc<Entry>> {
+        self.entries.iter().find(|(hash, entry)| *hash == key.hash && entry.key == key.text).map(|(_, e)| e.clone())
+    }
+}
+
+impl Slot {
+    fn weight(&self) -> u32 {
+        match self {
+            Slot::Entry(entry) => entry.weight(),
+            Slot::Variants(v) => v.entries.iter().fold(v.marker.weight(), |sum, (_, e)| sum.saturating_add(e.weight())),
+        }
+    }
+
+    fn keep_for(&self, now: SystemTime) -> Duration {
+        match self {
+            Slot::Entry(entry) => entry.keep_for(now),
+            Slot::Variants(v) => v.entries.iter().map(|(_, e)| e.keep_for(now)).max().unwrap_or_default(),
+        }
+    }
+
+    fn entries(&self) -> impl Iterator<Item = &Arc<Entry>> {
+        let (one, many) = match self {
+            Slot::Entry(entry) => (Some(entry), None),
+            Slot::Variants(v) => (None, Some(v.entries.iter().map(|(_, e)| e))),
+        };
+        one.into_iter().chain(many.into_iter().flatten())
+    }
+
+    /// Whether `target` covers anything stored here before `before` (a tag on one
+    /// variant drops the URL's variants together: more misses, never a stale copy).
+    fn purged_by(&self, target: &PurgeTarget, before: SystemTime) -> bool {
+        self.entries().any(|e| e.response_time <= before && target.matches(&e.key, &e.tags))
+    }
+}
+
+/// Per-entry expiry: keep an entry as long as it may still be served (fresh or stale)
+/// or revalidated, but never longer than a year, however long the origin asked for.
 struct KeepWhileUseful;
 
 const LONGEST_KEEP: Duration = Duration::from_secs(365 * 24 * 3600);
 
-impl Expiry<u128, Arc<Entry>> for KeepWhileUseful {
-    fn expire_after_create(&self, _key: &u128, entry: &Arc<Entry>, _created_at: Instant) -> Option<Duration> {
-        Some(entry.keep_for(SystemTime::now()).min(LONGEST_KEEP))
+impl Expiry<u128, Slot> for KeepWhileUseful {
+    fn expire_after_create(&self, _key: &u128, slot: &Slot, _created_at: Instant) -> Option<Duration> {
+        Some(slot.keep_for(SystemTime::now()).min(LONGEST_KEEP))
     }
 
-    fn expire_after_update(
-        &self,
-        _key: &u128,
-        entry: &Arc<Entry>,
-        _updated_at: Instant,
-        _duration_until_expiry: Option<Duration>,
-    ) -> Option<Duration> {
-        Some(entry.keep_for(SystemTime::now()).min(LONGEST_KEEP))
+    fn expire_after_update(&self, _key: &u128, slot: &Slot, _updated_at: Instant, _until_expiry: Option<Duration>) -> Option<Duration> {
+        Some(slot.keep_for(SystemTime::now()).min(LONGEST_KEEP))
     }
 }
 
-/// The L1 tier of one pool. Cloning shares the same cache.
+/// The L1 tier of one pool, keyed by primary key hash. Cloning shares the same cache.
 #[derive(Clone)]
 pub struct LocalTier {
-    cache: Cache<u128, Arc<Entry>>,
+    cache: Cache<u128, Slot>,
 }
 
 impl LocalTier {
     pub fn new(max_bytes: u64) -> LocalTier {
         let cache = Cache::builder()
             .max_capacity(max_bytes)
-            .weigher(|_key: &u128, entry: &Arc<Entry>| entry.weight())
+            .weigher(|_key: &u128, slot: &Slot| slot.weight())
             .expire_after(KeepWhileUseful)
             .support_invalidation_closures()
             .build();
         LocalTier { cache }
     }
 
-    /// The entry stored under `key`, if any (a hash collision is a miss).
+    /// What is held under a primary key.
+    pub async fn get_slot(&self, primary_hash: u128) -> Option<Slot> {
+        self.cache.get(&primary_hash).await
+    }
+
+    /// The (non-varying) entry stored under a primary `key`, if any (a hash collision is
+    /// a miss).
     pub async fn get(&self, key: &CacheKey) -> Option<Arc<Entry>> {
-        self.cache.get(&key.hash).await.filter(|entry| entry.key == key.text)
+        match self.cache.get(&key.hash).await? {
+            Slot::Entry(entry) if entry.key == key.text => Some(entry),
+            _ => None,
+        }
     }
 
+    /// Stores a response that does not vary under its primary key.
     pub async fn insert(&self, key: &CacheKey, entry: Arc<Entry>) {
-        self.cache.insert(key.hash, entry).await;
+        self.cache.insert(key.hash, Slot::Entry(entry)).await;
     }
 
+    /// Stores a variant with its marker. A URL holds at most `max` variants at once:
+    /// a new one beyond that is not stored (false) until others expire or are purged.
+    /// A marker naming other headers (the origin changed its `Vary`) starts afresh.
+    pub async fn insert_variant(&self, primary: &CacheKey, marker: Arc<Entry>, key: &CacheKey, entry: Arc<Entry>, max: usize) -> bool {
+        let now = SystemTime::now();
+        let mut stored = true;
+        self.cache
+            .entry(primary.hash)
+            .and_compute_with(|current| {
+                let same_names = |v: &Variants| v.marker.key == marker.key && v.marker.headers.get(http::header::VARY) == marker.headers.get(http::header::VARY);
+                let mut entries: Vec<(u128, Arc<Entry>)> = match current.as_ref().map(|c| c.value()) {
+                    Some(Slot::Variants(v)) if same_names(v) => {
+                        v.entries.iter().filter(|(h, e)| *h != key.hash && !e.keep_for(now).is_zero()).cloned().collect()
+                    }
+                    _ => Vec::new(),
+                };
+                let op = if entries.len() >= max {
+                    stored = false;
+                    moka::ops::compute::Op::Nop
+                } else {
+                    entries.push((key.hash, entry.clone()));
+                    moka::ops::compute::Op::Put(Slot::Variants(Arc::new(Variants { marker: marker.clone(), entries })))
+                };
+                std::future::ready(op)
+            })
+            .await;
+        stored
+    }
     /// Bytes held, by the weigher's count (updated by moka's housekeeping).
     pub fn weighted_size(&self) -> u64 {
         self.cache.weighted_size()
@@ -68,67 +155,71 @@ impl LocalTier {
     }
 
     /// Purges the entries `target` covers that were stored before `before`: removed, or
-    /// for a soft purge replaced by a stale-marked copy. A URL's variants are looked up
-    /// directly; path and tag purges of whole entries are registered with moka, which
-    /// applies them lazily (no scan on this task); soft path and tag purges scan.
-    /// Returns how many entries it touched (registered purges count as 0 here).
+    /// for a soft purge replaced by a stale-marked copy. A URL's slots (one per
+    /// `Accept-Encoding` group, each holding all its variants) are looked up directly;
+    /// path and tag purges of whole entries are registered with moka, which applies them
+    /// lazily (no scan on this task); soft path and tag purges scan.
+    /// Returns how many slots it touched (registered purges count as 0 here).
     pub async fn purge(&self, target: &PurgeTarget, soft: bool, before: SystemTime) -> usize {
         if let Some(hashes) = target.variant_hashes() {
             let mut touched = 0;
             for hash in hashes {
-                let Some(entry) = self.cache.get(&hash).await.filter(|e| e.response_time <= before && target.matches(&e.key, &e.tags)) else { continue };
+                let Some(slot) = self.cache.get(&hash).await.filter(|slot| slot.purged_by(target, before)) else { continue };
                 touched += 1;
-                self.purge_one(hash, &entry, soft).await;
+                self.purge_one(hash, &slot, soft, target, before).await;
             }
             return touched;
         }
         if !soft {
             let target = target.clone();
-            let registered = self.cache.invalidate_entries_if(move |_, entry| entry.response_time <= before && target.matches(&entry.key, &entry.tags));
+            let registered = self.cache.invalidate_entries_if(move |_, slot| slot.purged_by(&target, before));
             if registered.is_err() {
                 tracing::warn!("cannot register an L1 purge");
             }
             return 0;
         }
-        let matching: Vec<(u128, Arc<Entry>)> = self
-            .cache
-            .iter()
-            .filter(|(_, entry)| entry.response_time <= before && target.matches(&entry.key, &entry.tags))
-            .map(|(hash, entry)| (*hash, entry))
-            .collect();
-        for (hash, entry) in &matching {
-            self.purge_one(*hash, entry, true).await;
+        let matching: Vec<(u128, Slot)> =
+            self.cache.iter().filter(|(_, slot)| slot.purged_by(target, before)).map(|(hash, slot)| (*hash, slot)).collect();
+        for (hash, slot) in &matching {
+            self.purge_one(*hash, slot, true, target, before).await;
         }
         matching.len()
     }
 
-    async fn purge_one(&self, hash: u128, entry: &Arc<Entry>, soft: bool) {
+    async fn purge_one(&self, hash: u128, seen: &Slot, soft: bool, target: &PurgeTarget, before: SystemTime) {
         if !soft {
             self.cache.invalidate(&hash).await;
             return;
         }
-        if entry.invalidated {
-            return;
-        }
+        let mark = |e: &Arc<Entry>| {
+            if !e.invalidated && e.response_time <= before && target.matches(&e.key, &e.tags) { Arc::new(e.soft_purged()) } else { e.clone() }
+        };
+        let marked = match seen {
+            Slot::Entry(entry) => Slot::Entry(mark(entry)),
+            Slot::Variants(v) => Slot::Variants(Arc::new(Variants {
+                marker: v.marker.clone(),
+                entries: v.entries.iter().map(|(h, e)| (*h, mark(e))).collect(),
+            })),
+        };
         // Mark only the copy we saw: a newer one stored meanwhile stays fresh.
-        let marked = Arc::new(entry.soft_purged());
-        let seen = entry.clone();
         self.cache
             .entry(hash)
             .and_compute_with(|current| {
-                let op = match current {
-                    Some(current) if Arc::ptr_eq(current.value(), &seen) => moka::ops::compute::Op::Put(marked),
-                    _ => moka::ops::compute::Op::Nop,
+                let unchanged = match (current.as_ref().map(|c| c.value()), seen) {
+                    (Some(Slot::Entry(a)), Slot::Entry(b)) => Arc::ptr_eq(a, b),
+                    (Some(Slot::Variants(a)), Slot::Variants(b)) => Arc::ptr_eq(a, b),
+                    _ => false,
                 };
-                std::future::ready(op)
+                std::future::ready(if unchanged { moka::ops::compute::Op::Put(marked) } else { moka::ops::compute::Op::Nop })
             })
             .await;
     }
 
-    /// Drops the copy of `hash` if it is older than `response_time` (another replica
-    /// stored a newer one).
+    /// Drops what is held under `hash` if it is older than `response_time` (another
+    /// replica stored a newer copy; for a URL with variants, all of them go and are
+    /// read again from Redis).
     pub async fn drop_if_older(&self, hash: u128, response_time: SystemTime) {
-        if self.cache.get(&hash).await.is_some_and(|e| e.response_time < response_time) {
+        if self.cache.get(&hash).await.is_some_and(|slot| slot.entries().any(|e| e.response_time < response_time)) {
             self.cache.invalidate(&hash).await;
         }
     }

@@ -7,12 +7,16 @@ pub mod entry;
 pub mod key;
 pub mod local;
 pub mod policy;
+pub mod revalidate;
 pub mod shared;
 
 use std::sync::Arc;
 
 pub use entry::Entry;
 pub use key::{CacheKey, Encodings, PurgeTarget};
+pub use local::Slot;
+
+use http::{HeaderMap, HeaderName};
 
 use crate::config::PoolConfig;
 use crate::metrics::PoolMetrics;
@@ -27,6 +31,45 @@ pub struct PurgeCount {
     pub l2: usize,
     /// Whether it reached Redis and was broadcast to every replica.
     pub all_replicas: bool,
+}
+
+/// A stored entry found by a lookup, and the tier it came from.
+#[derive(Debug, Clone)]
+pub struct Found {
+    pub entry: Arc<Entry>,
+    pub tier: Tier,
+}
+
+/// What a lookup found, and the most specific key known for the request (its variant
+/// key when the URL's responses vary): the key a fetch coalesces and stores under.
+#[derive(Debug)]
+pub struct Lookup {
+    pub found: Option<Found>,
+    pub key: CacheKey,
+}
+
+/// An entry read from L2, the key it is stored under, and its variants marker.
+pub struct SharedFound {
+    pub entry: Entry,
+    pub key: CacheKey,
+    pub marker: Option<Arc<Entry>>,
+}
+
+/// A response to store: under `key`, with the variants marker for its primary key when
+/// it varies.
+#[derive(Debug, Clone)]
+pub struct Stored {
+    pub key: CacheKey,
+    pub entry: Arc<Entry>,
+    pub marker: Option<Arc<Entry>>,
+}
+
+/// The header names a variants marker lists.
+pub fn marker_names(marker: &Entry) -> Vec<HeaderName> {
+    match key::Vary::parse(&marker.headers) {
+        key::Vary::Names(names) => names,
+        _ => Vec::new(),
+    }
 }
 
 /// One cache pool: its own L1, its own Redis connection, its own metrics.
@@ -49,30 +92,75 @@ impl Pool {
         Ok(Pool { l1: LocalTier::new(config.l1_max_bytes), l2, metrics, coalescer: coalesce::Coalescer::new(), config })
     }
 
-    /// L1, then L2 (bounded by `redis_timeout`); an L2 hit is promoted to L1. A stale
-    /// L1 entry is checked against L2 too: another replica may have refreshed it.
-    pub async fn lookup(&self, key: &CacheKey) -> Option<(Arc<Entry>, Tier)> {
-        let local = self.l1.get(key).await;
+    /// L1, then L2 (all of it within one `redis_timeout`); an L2 hit is promoted to L1.
+    /// A stale L1 entry is checked against L2 too: another replica may have refreshed it.
+    ///
+    /// When the URL's responses vary (a variants marker under the primary key, or the
+    /// route's `key_headers`), the request's variant is looked up: its key is returned
+    /// even on a miss, so a fetch coalesces with requests for the same variant only.
+    pub async fn lookup(&self, primary: &CacheKey, headers: &HeaderMap, key_headers: &[HeaderName]) -> Lookup {
+        let mut names = (!key_headers.is_empty()).then(|| key::merge_names(&[], key_headers));
+        let mut marker = None;
+        let local = match self.l1.get_slot(primary.hash).await {
+            Some(Slot::Entry(entry)) if entry.key == primary.text && key_headers.is_empty() => Some(entry),
+            Some(Slot::Variants(v)) if v.marker.key == primary.text => {
+                let all = key::merge_names(&marker_names(&v.marker), key_headers);
+                let found = v.find(&primary.variant(&all, headers));
+                names = Some(all);
+                marker = Some(v.marker.clone());
+                found
+            }
+            _ => None,
+        };
+        let key = match &names {
+            Some(names) => primary.variant(names, headers),
+            None => primary.clone(),
+        };
         let now = std::time::SystemTime::now();
         if let Some(entry) = &local
             && (entry.is_fresh(now) || self.l2.is_none())
         {
-            return Some((entry.clone(), Tier::L1));
+            return Lookup { found: Some(Found { entry: entry.clone(), tier: Tier::L1 }), key };
         }
-        let shared = match &self.l2 {
-            Some(l2) => l2.get(key).await.map(Arc::new),
-            None => None,
-        };
+        let known = marker.map(|m| (key.clone(), m));
+        let shared = self.lookup_shared(primary, headers, key_headers, known).await;
         match (local, shared) {
-            (Some(local), Some(shared)) if shared.response_time <= local.response_time => Some((local, Tier::L1)),
-            (_, Some(shared)) => {
-                self.l1.insert(key, shared.clone()).await;
-                Some((shared, Tier::L2))
+            (Some(local), Some(shared)) if shared.entry.response_time <= local.response_time => {
+                Lookup { found: Some(Found { entry: local, tier: Tier::L1 }), key: shared.key }
             }
-            (local, None) => local.map(|entry| (entry, Tier::L1)),
+            (_, Some(shared)) => {
+                let entry = Arc::new(shared.entry);
+                let stored = Stored { key: shared.key.clone(), entry: entry.clone(), marker: shared.marker };
+                self.store_local(primary, &stored).await;
+                Lookup { found: Some(Found { entry, tier: Tier::L2 }), key: shared.key }
+            }
+            (local, None) => Lookup { found: local.map(|entry| Found { entry, tier: Tier::L1 }), key },
         }
     }
 
+    /// The request's entry in L2 (variant-aware), all of it within one `redis_timeout`.
+    /// `known` is the variant key and marker when L1 already knows the URL varies.
+    pub async fn lookup_shared(&self, primary: &CacheKey, headers: &HeaderMap, key_headers: &[HeaderName], known: Option<(CacheKey, Arc<Entry>)>) -> Option<SharedFound> {
+        let l2 = self.l2.as_ref()?;
+        if let Some((key, marker)) = known {
+            let entry = l2.get(&key).await.filter(|e| !e.variants)?;
+            return Some(SharedFound { entry, key, marker: Some(marker) });
+        }
+        let start = std::time::Instant::now();
+        let first = l2.get(primary).await?;
+        if !first.variants {
+            // A response stored before the route gained key_headers is not this request's.
+            return key_headers.is_empty().then(|| SharedFound { entry: first, key: primary.clone(), marker: None });
+        }
+        let names = key::merge_names(&marker_names(&first), key_headers);
+        let key = primary.variant(&names, headers);
+        let left = l2.timeout().saturating_sub(start.elapsed());
+        if left.is_zero() {
+            return None;
+        }
+        let entry = l2.get_within(&key, left).await.filter(|e| !e.variants)?;
+        Some(SharedFound { entry, key, marker: Some(Arc::new(first)) })
+    }
     /// Starts the pool's background work: the Redis event subscription, whose purges
     /// and replacements are applied to this pool's L1.
     pub fn start(&self) {
@@ -112,20 +200,51 @@ impl Pool {
         PurgeCount { l1: local, l2: shared.unwrap_or(0), all_replicas: shared.is_ok() && broadcast }
     }
 
-    /// Tells the other replicas a newer copy of `key` was stored.
-    pub async fn announce_replacement(&self, key: &CacheKey, entry: &Entry) {
-        if let Some(l2) = &self.l2 {
-            l2.publish(&shared::Notice::Replaced { hash: key.hash, response_time: entry.response_time }).await;
+    /// Stores in L1 only (a copy read from L2, or a fill while the lease holder writes
+    /// L2 itself). False when the URL already holds `max_variants` variants here.
+    pub async fn store_local(&self, primary: &CacheKey, stored: &Stored) -> bool {
+        match &stored.marker {
+            None => {
+                self.l1.insert(&stored.key, stored.entry.clone()).await;
+                true
+            }
+            Some(marker) => self.l1.insert_variant(primary, marker.clone(), &stored.key, stored.entry.clone(), self.config.max_variants).await,
         }
     }
 
     /// Stores in L1 now and in L2 in the background; with `replaces`, other replicas
-    /// are told to drop their older copies once it is written.
-    pub async fn store(&self, key: &CacheKey, entry: Arc<Entry>, replaces: bool) {
-        if let Some(l2) = &self.l2 {
-            l2.put_in_background(key, entry.clone(), replaces);
+    /// are told to drop their older copies once it is written. False when not stored
+    /// (too many variants of the URL).
+    pub async fn store(&self, primary: &CacheKey, stored: &Stored, replaces: bool) -> bool {
+        if !self.store_local(primary, stored).await {
+            return false;
         }
-        self.l1.insert(key, entry).await;
+        if let Some(l2) = &self.l2 {
+            if let Some(marker) = &stored.marker {
+                l2.put_in_background(primary, marker.clone(), None);
+            }
+            l2.put_in_background(&stored.key, stored.entry.clone(), replaces.then_some(primary.hash));
+        }
+        true
+    }
+
+    /// Writes to L2 now (a lease holder, whose peers read it right after). False when
+    /// the entry (or its marker) was not written.
+    pub async fn store_shared_now(&self, primary: &CacheKey, stored: &Stored) -> bool {
+        let Some(l2) = &self.l2 else { return false };
+        if let Some(marker) = &stored.marker
+            && !l2.put(primary, marker).await
+        {
+            return false;
+        }
+        l2.put(&stored.key, &stored.entry).await
+    }
+
+    /// Tells the other replicas a newer copy of what is held under `primary` was stored.
+    pub async fn announce_replacement(&self, primary: &CacheKey, entry: &Entry) {
+        if let Some(l2) = &self.l2 {
+            l2.publish(&shared::Notice::Replaced { hash: primary.hash, response_time: entry.response_time }).await;
+        }
     }
 
     /// Refreshes the L1 size gauges (called before `/metrics` is rendered).

@@ -81,6 +81,11 @@ pub struct PoolConfig {
     pub lock_timeout: Duration,
     /// Response header whose space-separated values tag an entry for purges.
     pub tag_header: http::HeaderName,
+    /// Variants (by `Vary` or a route's `key_headers`) kept per URL and encoding.
+    pub max_variants: usize,
+    /// How long an entry with a validator is kept past its stale windows, only to be
+    /// revalidated with a conditional request.
+    pub keep_for_revalidation: Duration,
 }
 
 /// Where a pool's Redis lives: one server (`redis_url`) or a cluster
@@ -120,6 +125,45 @@ pub struct RouteConfig {
     pub fallback: Option<Fallback>,
     pub negative_ttl: Option<Duration>,
     pub stale_on_error: StaleOnError,
+    /// The route's overrides of the cache policy.
+    pub cache: CacheRules,
+}
+
+/// A route's explicit overrides of the cache policy (all off by default).
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct CacheRules {
+    /// Freshness lifetime of every storable response below 400, whatever the origin says.
+    pub force_ttl: Option<Duration>,
+    /// Response `no-cache` is treated as absent (stored copies are reused while fresh).
+    pub ignore_no_cache: bool,
+    /// Request `Cache-Control` (`no-cache`, `max-age`, `max-stale`, `min-fresh`,
+    /// `only-if-cached`) is ignored; `no-store` still bypasses.
+    pub ignore_request_cache_control: bool,
+    /// Query parameters left out of the key and of the origin request.
+    pub ignore_query_params: Vec<ParamPattern>,
+    /// Request headers added to the key (the route varies on them, whatever `Vary` says).
+    pub key_headers: Vec<http::HeaderName>,
+    /// `Cookie` removed from cacheable requests and `Set-Cookie` from their responses.
+    pub strip_cookies: bool,
+    /// Targeted cache-control fields (RFC 9213), first present and valid one wins over
+    /// `Cache-Control` and `Expires`; all are removed before the response goes out.
+    pub targeted_cache_control: Vec<http::HeaderName>,
+}
+
+/// A query parameter name, or a prefix of names (`utm_*`).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum ParamPattern {
+    Exact(String),
+    Prefix(String),
+}
+
+impl ParamPattern {
+    pub fn matches(&self, name: &str) -> bool {
+        match self {
+            ParamPattern::Exact(exact) => name == exact,
+            ParamPattern::Prefix(prefix) => name.starts_with(prefix.as_str()),
+        }
+    }
 }
 
 /// A route's `host` key: an exact host or a `*.suffix` wildcard, lowercase, no port.

@@ -75,6 +75,8 @@ pub struct RawPool {
     pub redis_breaker_failures: Option<Spanned<i64>>,
     pub tag_header: Option<Spanned<String>>,
     pub redis_breaker_probe_interval: Option<Spanned<ConfigDuration>>,
+    pub max_variants: Option<Spanned<i64>>,
+    pub keep_for_revalidation: Option<ConfigDuration>,
 }
 
 #[derive(Debug, Deserialize)]
@@ -90,6 +92,15 @@ pub struct RawRoute {
     pub fallback: Option<Spanned<RawFallback>>,
     pub negative_ttl: Option<ConfigDuration>,
     pub stale_on_error: Option<StaleOnError>,
+    pub force_ttl: Option<Spanned<ConfigDuration>>,
+    pub ignore_no_cache: Option<bool>,
+    pub ignore_request_cache_control: Option<bool>,
+    #[serde(default)]
+    pub ignore_query_params: Vec<Spanned<String>>,
+    #[serde(default)]
+    pub key_headers: Vec<Spanned<String>>,
+    pub strip_cookies: Option<bool>,
+    pub targeted_cache_control: Option<Vec<Spanned<String>>>,
 }
 
 /// Whether `must-revalidate`, `proxy-revalidate` and `s-maxage` forbid serving a stored

@@ -12,7 +12,7 @@ use toml::Spanned;
 use super::raw::{self, RawConfig};
 use super::units::ConfigDuration;
 use super::{
-    BreakerConfig, Config, RedisEndpoint, Fallback, HostMatch, OriginConfig, PoolConfig, RouteConfig, RouteMode, ServerConfig,
+    BreakerConfig, CacheRules, Config, ParamPattern, RedisEndpoint, Fallback, HostMatch, OriginConfig, PoolConfig, RouteConfig, RouteMode, ServerConfig,
     SharedTierConfig,
 };
 
@@ -299,6 +299,14 @@ fn pool(raw: raw::RawPool) -> Result<PoolConfig> {
             Some(t) if t.get_ref().0 >= Duration::from_millis(50) => t.get_ref().0,
             Some(t) => return err(t.span(), "lock_timeout must be at least 50ms (waiters would take over faster than an origin answers)"),
         },
+        max_variants: match raw.max_variants {
+            None => 32,
+            Some(n) => match usize::try_from(*n.get_ref()) {
+                Ok(n) if (1..=1024).contains(&n) => n,
+                _ => return err(n.span(), "max_variants must be between 1 and 1024"),
+            },
+        },
+        keep_for_revalidation: dur(raw.keep_for_revalidation, Duration::from_secs(600)),
         tag_header: match raw.tag_header {
             None => http::HeaderName::from_static("surrogate-key"),
             Some(h) => HeaderName::from_bytes(h.get_ref().as_bytes()).or_else(|_| err(h.span(), "tag_header is not a valid header name"))?,
@@ -352,7 +360,58 @@ fn route(raw: raw::RawRoute, origins: &[OriginConfig], pools: &[PoolConfig]) -> 
         fallback,
         negative_ttl: raw.negative_ttl.map(|d| d.0),
         stale_on_error: raw.stale_on_error.unwrap_or_default(),
+        cache: CacheRules {
+            force_ttl: match raw.force_ttl {
+                None => None,
+                Some(t) if t.get_ref().0.is_zero() => return err(t.span(), "force_ttl must be greater than zero"),
+                Some(t) => Some(t.get_ref().0),
+            },
+            ignore_no_cache: raw.ignore_no_cache.unwrap_or(false),
+            ignore_request_cache_control: raw.ignore_request_cache_control.unwrap_or(false),
+            ignore_query_params: raw.ignore_query_params.iter().map(param_pattern).collect::<Result<Vec<_>>>()?,
+            key_headers: header_names(&raw.key_headers, "key_headers")?,
+            strip_cookies: raw.strip_cookies.unwrap_or(false),
+            targeted_cache_control: match &raw.targeted_cache_control {
+                None => vec![HeaderName::from_static("cdn-cache-control")],
+                Some(names) => header_names(names, "targeted_cache_control")?,
+            },
+        },
     })
+}
+
+/// `name` or `prefix*`: a query parameter left out of the key.
+fn param_pattern(raw: &Spanned<String>) -> Result<ParamPattern> {
+    let text = raw.get_ref();
+    let invalid = |c: char| matches!(c, '&' | '=' | '#' | '?') || c.is_whitespace() || c.is_control();
+    let (name, prefix) = match text.strip_suffix('*') {
+        Some(prefix) => (prefix, true),
+        None => (text.as_str(), false),
+    };
+    if name.is_empty() || name.contains(invalid) || name.contains('*') {
+        return err(raw.span(), format!("ignore_query_params: {text:?} is not a parameter name or a prefix ending in '*'"));
+    }
+    Ok(if prefix { ParamPattern::Prefix(name.to_owned()) } else { ParamPattern::Exact(name.to_owned()) })
+}
+
+/// Header names, lowercased and without duplicates; hop-by-hop and key-managed headers
+/// are refused where they could never work.
+fn header_names(raw: &[Spanned<String>], key: &str) -> Result<Vec<HeaderName>> {
+    let mut out: Vec<HeaderName> = Vec::with_capacity(raw.len());
+    for name in raw {
+        let parsed = HeaderName::from_bytes(name.get_ref().trim().as_bytes())
+            .or_else(|_| err(name.span(), format!("{key}: {:?} is not a valid header name", name.get_ref())))?;
+        let reserved = ["host", "accept-encoding", "connection", "te", "upgrade", "transfer-encoding", "keep-alive"];
+        if key == "key_headers" && reserved.contains(&parsed.as_str()) {
+            return err(name.span(), format!("{key}: {parsed} cannot be added to the key (host and Accept-Encoding are always in it; hop-by-hop headers never reach the origin)"));
+        }
+        if !out.contains(&parsed) {
+            out.push(parsed);
+        }
+    }
+    if out.len() > 16 {
+        return err(raw[16].span(), format!("{key}: at most 16 header names"));
+    }
+    Ok(out)
 }
 
 fn host_match(h: &Spanned<String>) -> Result<HostMatch> {

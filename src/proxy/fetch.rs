@@ -1,19 +1,25 @@
-//! The fetch and store phases: ask the origin, decide whether the answer may be stored,
-//! read it (up to `max_object_bytes`) and store it, or stream it through.
+//! The fetch and store phases: ask the origin (conditionally, when a stored copy has a
+//! validator), decide whether the answer may be stored, read it (up to
+//! `max_object_bytes`) and store it, or stream it through. A 304 refreshes the stored
+//! copy without its body being sent again (RFC 9111 section 4.3.4).
 
 use std::collections::VecDeque;
 use std::sync::Arc;
 use std::time::SystemTime;
 
 use bytes::Bytes;
-use http::header::{ACCEPT_ENCODING, AGE, CONTENT_LENGTH, IF_MATCH, IF_MODIFIED_SINCE, IF_NONE_MATCH, IF_RANGE, IF_UNMODIFIED_SINCE, RANGE};
-use http::{HeaderValue, Method, Request, Response, Version, request, response};
+use http::header::{
+    ACCEPT_ENCODING, AGE, CONTENT_LENGTH, IF_MATCH, IF_MODIFIED_SINCE, IF_NONE_MATCH, IF_RANGE, IF_UNMODIFIED_SINCE, RANGE, SET_COOKIE,
+};
+use http::{HeaderMap, HeaderValue, Method, Request, Response, StatusCode, Version, request, response};
 use http_body_util::{BodyExt, Empty};
 
+use super::flight::FetchJob;
 use super::forward::{ClientInfo, forward_headers, origin_uri, strip_hop_by_hop};
 use super::{ProxyBody, RouteRuntime};
-use crate::cache::policy;
-use crate::cache::{CacheKey, Encodings, Entry};
+use crate::cache::policy::{self, Freshness, RouteRules};
+use crate::cache::revalidate::{self, HeadUpdate};
+use crate::cache::{Entry, Stored, key};
 use crate::config::{Priority, StaleOnError};
 use crate::error::ProxyError;
 use crate::metrics::OriginStatus;
@@ -21,8 +27,9 @@ use crate::origin::{OriginBody, OriginError, OutgoingBody};
 
 /// What the origin's answer became.
 pub enum Fetched {
-    /// Read whole and storable: the caller stores it.
-    Storable(Arc<Entry>),
+    /// Read whole and storable: the caller stores it. `revalidated` when the origin
+    /// confirmed the stored copy with 304 and this is that copy, refreshed.
+    Storable { stored: Stored, revalidated: bool },
     /// Not storable (or too large): passed through as it streams in.
     Streamed(response::Parts, ProxyBody),
 }
@@ -47,52 +54,115 @@ fn empty_body() -> OutgoingBody {
     Empty::<Bytes>::new().map_err(|never| match never {}).boxed()
 }
 
-/// Fetches `key` from the origin with GET (also for HEAD, so the body can be stored),
-/// without the client's conditional or range headers, and reads what may be stored.
-pub async fn fetch(
-    route: &RouteRuntime,
-    parts: &request::Parts,
-    client: &ClientInfo,
-    key: &CacheKey,
-    encodings: Encodings,
-    priority: Priority,
-) -> Result<Fetched, ProxyError> {
-    let origin = &route.origin.config;
-    let mut headers = forward_headers(parts, client, origin);
+/// The headers sent to the origin for a cacheable request: the client's conditional
+/// and range headers removed (the cache makes its own), `Accept-Encoding` reduced.
+fn origin_headers(job: &FetchJob) -> HeaderMap {
+    let mut headers = forward_headers(&job.parts, &job.client, &job.route.origin.config);
     for name in [IF_MATCH, IF_NONE_MATCH, IF_MODIFIED_SINCE, IF_UNMODIFIED_SINCE, IF_RANGE, RANGE, ACCEPT_ENCODING] {
         headers.remove(name);
     }
-    headers.insert(ACCEPT_ENCODING, encodings.header_value());
-    let mut policy_req = Request::new(());
-    *policy_req.method_mut() = Method::GET;
-    *policy_req.uri_mut() = parts.uri.clone();
-    *policy_req.headers_mut() = headers.clone();
-    let (policy_req, ()) = policy_req.into_parts();
+    headers.insert(ACCEPT_ENCODING, job.encodings.header_value());
+    headers
+}
 
+/// The request as the storage policy sees it: a GET with the origin's headers.
+fn policy_request(job: &FetchJob, headers: &HeaderMap) -> request::Parts {
+    let mut req = Request::new(());
+    *req.method_mut() = Method::GET;
+    *req.uri_mut() = job.parts.uri.clone();
+    *req.headers_mut() = headers.clone();
+    req.into_parts().0
+}
+
+/// A request to the origin with an empty body.
+fn origin_request(job: &FetchJob, method: Method, headers: HeaderMap) -> Result<Request<OutgoingBody>, ProxyError> {
     let mut req = Request::new(empty_body());
-    *req.uri_mut() = origin_uri(origin, &parts.uri)?;
+    *req.method_mut() = method;
+    *req.uri_mut() = origin_uri(&job.route.origin.config, &job.parts.uri)?;
     *req.version_mut() = Version::HTTP_11;
     *req.headers_mut() = headers;
-    let request_time = SystemTime::now();
-    let res = send(route, req, priority, client).await?;
-    let response_time = SystemTime::now();
-    let (mut res_parts, body) = res.into_parts();
-    strip_hop_by_hop(&mut res_parts.headers);
+    Ok(req)
+}
 
-    let pool = &route.pool.config;
-    let freshness =
-        match policy::evaluate(&policy_req, &res_parts, pool, route.config.negative_ttl, request_time, response_time) {
-            Ok(freshness) => freshness,
-            Err(reason) => {
-                tracing::trace!(?reason, key = %key.text, "response not stored");
-                return Ok(Fetched::Streamed(res_parts, ProxyBody::stream(VecDeque::new(), body)));
+fn rules(route: &RouteRuntime) -> RouteRules<'_> {
+    RouteRules { rules: &route.config.cache, negative_ttl: route.config.negative_ttl }
+}
+
+/// Fetches the job's key from the origin with GET (also for HEAD, so the body can be
+/// stored), conditionally when the stored copy has a validator, and reads what may be
+/// stored. A 304 that describes another representation than the stored one is not
+/// applied: the request is made again without conditions.
+pub async fn fetch(job: &FetchJob, priority: Priority) -> Result<Fetched, ProxyError> {
+    let route = &job.route;
+    let headers = origin_headers(job);
+    let policy_req = policy_request(job, &headers);
+    let mut conditional = job.stored.as_deref().filter(|e| e.has_validator());
+    loop {
+        let mut sent = headers.clone();
+        if let Some(stored) = conditional {
+            revalidate::add_conditionals(&mut sent, stored);
+        }
+        let req = origin_request(job, Method::GET, sent)?;
+        let request_time = SystemTime::now();
+        let res = send(route, req, priority, &job.client).await?;
+        let response_time = SystemTime::now();
+        let (mut res_parts, body) = res.into_parts();
+        strip_hop_by_hop(&mut res_parts.headers);
+        if route.config.cache.strip_cookies {
+            res_parts.headers.remove(SET_COOKIE);
+        }
+        if let Some(stored) = conditional.filter(|_| res_parts.status == StatusCode::NOT_MODIFIED) {
+            if revalidate::describes(&res_parts.headers, stored) {
+                return Ok(refreshed(job, &policy_req, stored, res_parts, request_time, response_time));
             }
-        };
-    let declared_len = res_parts
-        .headers
-        .get(CONTENT_LENGTH)
-        .and_then(|v| v.to_str().ok())
-        .and_then(|v| v.parse::<u64>().ok());
+            tracing::debug!(key = %job.key.text, "304 for another representation; fetching in full");
+            conditional = None;
+            continue;
+        }
+        return store_or_stream(job, &policy_req, res_parts, body, request_time, response_time).await;
+    }
+}
+
+/// The stored copy updated from a 304 (RFC 9111 sections 3.2 and 4.3.4): header fields
+/// replaced, freshness computed anew, the body kept.
+fn refreshed(job: &FetchJob, policy_req: &request::Parts, stored: &Entry, update: response::Parts, request_time: SystemTime, response_time: SystemTime) -> Fetched {
+    let mut merged = update;
+    merged.headers = revalidate::merge_headers(&stored.headers, &merged.headers);
+    merged.status = stored.status;
+    match policy::evaluate(policy_req, &merged, &job.route.pool.config, rules(&job.route), request_time, response_time) {
+        Ok(freshness) => {
+            let tags = stored.tags.clone();
+            let stored = build_stored(job, merged, stored.body.clone(), freshness, tags, request_time, response_time);
+            Fetched::Storable { stored, revalidated: true }
+        }
+        Err(reason) => {
+            tracing::trace!(?reason, key = %job.key.text, "revalidated response no longer storable");
+            merged.headers.remove(AGE);
+            Fetched::Streamed(merged, ProxyBody::full(stored.body.clone()))
+        }
+    }
+}
+
+/// Evaluates a full response: stored when it may be and fits, else streamed through.
+async fn store_or_stream(
+    job: &FetchJob,
+    policy_req: &request::Parts,
+    mut res_parts: response::Parts,
+    body: OriginBody,
+    request_time: SystemTime,
+    response_time: SystemTime,
+) -> Result<Fetched, ProxyError> {
+    let route = &job.route;
+    let origin = &route.origin.config;
+    let pool = &route.pool.config;
+    let freshness = match policy::evaluate(policy_req, &res_parts, pool, rules(route), request_time, response_time) {
+        Ok(freshness) => freshness,
+        Err(reason) => {
+            tracing::trace!(?reason, key = %job.key.text, "response not stored");
+            return Ok(Fetched::Streamed(res_parts, ProxyBody::stream(VecDeque::new(), body)));
+        }
+    };
+    let declared_len = res_parts.headers.get(CONTENT_LENGTH).and_then(|v| v.to_str().ok()).and_then(|v| v.parse::<u64>().ok());
     if declared_len.is_some_and(|len| len > pool.max_object_bytes as u64) {
         return Ok(Fetched::Streamed(res_parts, ProxyBody::stream(VecDeque::new(), body)));
     }
@@ -103,10 +173,34 @@ pub async fn fetch(
         Ok(Ok(BodyRead::TooLarge(prefix, rest))) => return Ok(Fetched::Streamed(res_parts, ProxyBody::stream(prefix, rest))),
         Ok(Ok(BodyRead::Complete(body))) => body,
     };
-    res_parts.headers.remove(AGE);
-    res_parts.headers.insert(CONTENT_LENGTH, HeaderValue::from(body.len()));
     // Purge tags are for this cache only: taken out of the stored response.
     let tags = take_tags(&mut res_parts.headers, &pool.tag_header);
+    // hyper hands out slices of its read buffers; a stored entry must own exactly its
+    // bytes, or each small entry would pin a whole buffer beyond what L1 weighs.
+    let body = Bytes::copy_from_slice(&body);
+    let stored = build_stored(job, res_parts, body, freshness, tags, request_time, response_time);
+    Ok(Fetched::Storable { stored, revalidated: false })
+}
+
+/// The entry for a storable response, under its variant key (and with its variants
+/// marker) when it varies by `Vary` or by the route's `key_headers`.
+fn build_stored(
+    job: &FetchJob,
+    mut res_parts: response::Parts,
+    body: Bytes,
+    freshness: Freshness,
+    tags: Vec<String>,
+    request_time: SystemTime,
+    response_time: SystemTime,
+) -> Stored {
+    let route = &job.route;
+    res_parts.headers.remove(AGE);
+    res_parts.headers.insert(CONTENT_LENGTH, HeaderValue::from(body.len()));
+    for name in &freshness.strip {
+        res_parts.headers.remove(name);
+    }
+    let names = key::merge_names(&freshness.vary, &route.config.cache.key_headers);
+    let key = if names.is_empty() { job.primary.clone() } else { job.primary.variant(&names, &job.parts.headers) };
     // A little jitter (up to 5% shorter) so entries stored together do not all expire
     // together; never longer than the origin allows.
     let jitter = freshness.lifetime.mul_f64(fastrand::f64() * 0.05);
@@ -114,9 +208,7 @@ pub async fn fetch(
         key: key.text.clone(),
         status: res_parts.status,
         headers: compact_headers(&res_parts.headers),
-        // hyper hands out slices of its read buffers; a stored entry must own exactly
-        // its bytes, or each small entry would pin a whole buffer beyond what L1 weighs.
-        body: Bytes::copy_from_slice(&body),
+        body,
         request_time,
         response_time,
         initial_age: freshness.initial_age,
@@ -127,8 +219,48 @@ pub async fn fetch(
         stale_on_error_always: route.config.stale_on_error == StaleOnError::Always,
         tags,
         invalidated: false,
+        keep_for_revalidation: route.pool.config.keep_for_revalidation,
+        variants: false,
     });
-    Ok(Fetched::Storable(entry))
+    let marker = (!names.is_empty()).then(|| Arc::new(Entry::variants_marker(job.primary.text.clone(), &names, &entry)));
+    Stored { key, entry, marker }
+}
+
+/// What a HEAD sent to the origin for a stored GET response became (RFC 9111 section
+/// 4.3.5).
+pub enum HeadAnswer {
+    /// A 200 for the same representation: the stored copy with updated header fields.
+    Updated(Stored),
+    /// A 200 for another representation: the stored copy must go.
+    Invalidated(response::Parts),
+    /// Anything else, passed to the client as it is.
+    Other(response::Parts),
+}
+
+/// Validates the stored copy of a HEAD request with a HEAD to the origin: no body is
+/// sent either way.
+pub async fn head(job: &FetchJob, stored: &Entry) -> Result<HeadAnswer, ProxyError> {
+    let headers = origin_headers(job);
+    let policy_req = policy_request(job, &headers);
+    let req = origin_request(job, Method::HEAD, headers)?;
+    let request_time = SystemTime::now();
+    let res = send(&job.route, req, job.route.config.priority, &job.client).await?;
+    let response_time = SystemTime::now();
+    let (mut parts, _) = res.into_parts();
+    strip_hop_by_hop(&mut parts.headers);
+    if parts.status != StatusCode::OK || stored.status != StatusCode::OK {
+        return Ok(HeadAnswer::Other(parts));
+    }
+    if revalidate::head_update(&parts.headers, stored) == HeadUpdate::Invalidate {
+        return Ok(HeadAnswer::Invalidated(parts));
+    }
+    let mut merged = Response::new(()).into_parts().0;
+    merged.status = stored.status;
+    merged.headers = revalidate::merge_headers(&stored.headers, &parts.headers);
+    Ok(match policy::evaluate(&policy_req, &merged, &job.route.pool.config, rules(&job.route), request_time, response_time) {
+        Ok(freshness) => HeadAnswer::Updated(build_stored(job, merged, stored.body.clone(), freshness, stored.tags.clone(), request_time, response_time)),
+        Err(_) => HeadAnswer::Invalidated(parts),
+    })
 }
 
 /// Tags an entry carries, at most this many, each at most `MAX_TAG_BYTES`.

@@ -20,7 +20,7 @@ use super::forward::ClientInfo;
 use super::{Outcome, ProxyBody, RouteRuntime, StaleReason, failed, respond};
 use crate::cache::coalesce::{Answer, Fill, FlightGuard, Join};
 use crate::cache::shared::{Announcement, Lease, SharedTier};
-use crate::cache::{CacheKey, Encodings, Entry};
+use crate::cache::{CacheKey, Encodings, Entry, Stored};
 use crate::config::Priority;
 use crate::error::{ProxyError, error_response};
 use crate::origin::is_failure_status;
@@ -34,7 +34,13 @@ pub struct FetchJob {
     pub route: Arc<RouteRuntime>,
     pub parts: request::Parts,
     pub client: ClientInfo,
+    /// The request's primary key (URL and `Accept-Encoding` group).
+    pub primary: CacheKey,
+    /// The most specific key known (the variant key when the URL's responses vary):
+    /// the flight and the cross-replica lease are keyed by it.
     pub key: CacheKey,
+    /// The stored copy, if any: its validators make the fetch conditional.
+    pub stored: Option<Arc<Entry>>,
     pub encodings: Encodings,
     /// A background refresh: it queues for the origin at `low` priority, so it never
     /// takes a slot from a request that has nothing to serve.
@@ -47,17 +53,30 @@ pub struct FetchJob {
 impl FetchJob {
     async fn fetch(&self) -> Result<Fetched, ProxyError> {
         let priority = if self.background { Priority::Low } else { self.route.config.priority };
-        fetch::fetch(&self.route, &self.parts, &self.client, &self.key, self.encodings, priority).await
+        fetch::fetch(self, priority).await
+    }
+
+    /// This request's key for a stored response: its variant key when the response
+    /// varies, else the primary key.
+    fn key_for(&self, stored: &Stored) -> CacheKey {
+        match &stored.marker {
+            None => self.primary.clone(),
+            Some(marker) => {
+                let names = crate::cache::key::merge_names(&crate::cache::marker_names(marker), &self.route.config.cache.key_headers);
+                self.primary.variant(&names, &self.parts.headers)
+            }
+        }
     }
 }
 
 /// What the flight task hands its leader.
 enum LeaderResult {
-    Fetched(Result<Fetched, ProxyError>),
+    /// The fetch's result, and whether a storable answer was kept.
+    Fetched(Result<Fetched, ProxyError>, bool),
     /// The origin failed; its answer, read whole to share with the waiters.
     Answer(Arc<Answer>),
     /// Another replica filled the key while we held back.
-    FromPeer(Arc<Entry>),
+    FromPeer(Stored),
 }
 
 /// A miss (or a stale entry past its stale-while-revalidate window): fetch under
@@ -68,7 +87,10 @@ pub async fn miss(job: FetchJob, stale: Option<Arc<Entry>>, head: bool) -> (Resp
         return direct(&job, stale.as_deref(), head).await;
     }
     let lock_timeout = pool.config.lock_timeout;
+    let mut job = job;
     let mut join = pool.coalescer.join(job.key.hash);
+    // A fill for another variant sends a waiter to its own variant's flight, once.
+    let mut rejoined = false;
     loop {
         let mut waiting = match join {
             Join::Leader(guard) => return lead(job, guard, stale, head).await,
@@ -89,7 +111,18 @@ pub async fn miss(job: FetchJob, stale: Option<Arc<Entry>>, head: bool) -> (Resp
             },
         };
         match fill {
-            Fill::Stored(entry) => return (respond::from_entry(&entry, head, true, SystemTime::now()), Outcome::Collapsed),
+            Fill::Stored(stored) => {
+                let mine = job.key_for(&stored);
+                if mine.hash == stored.key.hash {
+                    return (respond::from_entry(&stored.entry, head, true, SystemTime::now()), Outcome::Collapsed);
+                }
+                if rejoined {
+                    return direct(&job, stale.as_deref(), head).await;
+                }
+                rejoined = true;
+                job.key = mine;
+                join = pool.coalescer.join(job.key.hash);
+            }
             Fill::Uncacheable => return direct(&job, stale.as_deref(), head).await,
             Fill::Failed { status, shed, answer } => {
                 if let Some(served) = stale_if_error(stale.as_deref(), head) {
@@ -132,12 +165,12 @@ async fn lead(job: FetchJob, guard: FlightGuard, stale: Option<Arc<Entry>>, head
         rx.await
     };
     match result {
-        Ok(LeaderResult::FromPeer(entry)) => (respond::from_entry(&entry, head, true, SystemTime::now()), Outcome::Collapsed),
+        Ok(LeaderResult::FromPeer(stored)) => (respond::from_entry(&stored.entry, head, true, SystemTime::now()), Outcome::Collapsed),
         Ok(LeaderResult::Answer(answer)) => match stale_if_error(stale.as_deref(), head) {
             Some(served) => served,
             None => (respond::from_answer(&answer, head), Outcome::Miss { stored: false }),
         },
-        Ok(LeaderResult::Fetched(result)) => answer(result, stale.as_deref(), head),
+        Ok(LeaderResult::Fetched(result, stored)) => answer(result, stale.as_deref(), head, stored),
         Err(_) => failed(&ProxyError::Internal("the fetch task ended without an answer")),
     }
 }
@@ -146,21 +179,27 @@ async fn lead(job: FetchJob, guard: FlightGuard, stale: Option<Arc<Entry>>, head
 /// authenticated requests) and stores the answer if it may be stored.
 pub async fn direct(job: &FetchJob, stale: Option<&Entry>, head: bool) -> (Response<ProxyBody>, Outcome) {
     let result = job.fetch().await;
-    if let Ok(Fetched::Storable(entry)) = &result {
+    let mut stored = true;
+    if let Ok(Fetched::Storable { stored: entry, .. }) = &result {
         job.route.pool.coalescer.forget_uncacheable(job.key.hash).await;
-        job.route.pool.store(&job.key, entry.clone(), stale.is_some()).await;
+        stored = job.route.pool.store(&job.primary, entry, stale.is_some()).await;
     }
-    answer(result, stale, head)
+    answer(result, stale, head, stored)
 }
 
-/// The response for a fetch result, with a stale copy standing in for a failed origin.
-fn answer(result: Result<Fetched, ProxyError>, stale: Option<&Entry>, head: bool) -> (Response<ProxyBody>, Outcome) {
+/// The response for a fetch result, with a stale copy standing in for a failed origin;
+/// `stored` says whether a storable answer was kept.
+fn answer(result: Result<Fetched, ProxyError>, stale: Option<&Entry>, head: bool, stored: bool) -> (Response<ProxyBody>, Outcome) {
     match result {
-        Ok(Fetched::Storable(entry)) => {
+        Ok(Fetched::Storable { stored: fetched, revalidated }) => {
+            let entry = &fetched.entry;
+            if revalidated {
+                return (respond::from_entry(entry, head, true, SystemTime::now()), Outcome::Revalidated);
+            }
             // Age only when the response arrived already aged (it carried `Age`, or its
             // `Date` is in the past): a fresh fetch has age 0, which needs no header.
             let aged = entry.initial_age >= Duration::from_secs(1);
-            (respond::from_entry(&entry, head, aged, SystemTime::now()), Outcome::Miss { stored: true })
+            (respond::from_entry(entry, head, aged, SystemTime::now()), Outcome::Miss { stored })
         }
         Ok(Fetched::Streamed(parts, body)) => {
             if is_failure_status(parts.status)
@@ -206,11 +245,11 @@ async fn run_flight(job: FetchJob, guard: FlightGuard, leader: Option<oneshot::S
     let mut lease_token = None;
     if let Some(l2) = &pool.l2 {
         match hold_back_for_peers(&job, l2).await {
-            PeerOutcome::Filled(entry) => {
-                pool.l1.insert(&job.key, entry.clone()).await;
-                guard.complete(Fill::Stored(entry.clone()));
+            PeerOutcome::Filled(stored) => {
+                pool.store_local(&job.primary, &stored).await;
+                guard.complete(Fill::Stored(stored.clone()));
                 if let Some(tx) = leader {
-                    let _ = tx.send(LeaderResult::FromPeer(entry));
+                    let _ = tx.send(LeaderResult::FromPeer(stored));
                 }
                 return;
             }
@@ -218,23 +257,24 @@ async fn run_flight(job: FetchJob, guard: FlightGuard, leader: Option<oneshot::S
             PeerOutcome::FetchAnyway => {}
         }
     }
+    let mut kept = false;
     let (fill, result) = match job.fetch().await {
-        Ok(Fetched::Storable(entry)) => {
-            pool.l1.insert(&job.key, entry.clone()).await;
-            (Fill::Stored(entry.clone()), LeaderResult::Fetched(Ok(Fetched::Storable(entry))))
+        Ok(Fetched::Storable { stored, revalidated }) => {
+            kept = pool.store_local(&job.primary, &stored).await;
+            (Fill::Stored(stored.clone()), LeaderResult::Fetched(Ok(Fetched::Storable { stored, revalidated }), kept))
         }
         Ok(Fetched::Streamed(parts, body)) if is_failure_status(parts.status) => {
             let status = parts.status;
             match read_answer(parts, body, job.route.origin.config.timeout).await {
                 Ok(answer) => (Fill::Failed { status, shed: false, answer: Some(answer.clone()) }, LeaderResult::Answer(answer)),
-                Err(result) => (Fill::Failed { status, shed: false, answer: None }, LeaderResult::Fetched(Ok(result))),
+                Err(result) => (Fill::Failed { status, shed: false, answer: None }, LeaderResult::Fetched(Ok(result), false)),
             }
         }
         Ok(streamed @ Fetched::Streamed(..)) => {
             pool.coalescer.remember_uncacheable(job.key.hash).await;
-            (Fill::Uncacheable, LeaderResult::Fetched(Ok(streamed)))
+            (Fill::Uncacheable, LeaderResult::Fetched(Ok(streamed), false))
         }
-        Err(err) => (Fill::Failed { status: err.status(), shed: err.is_shed(), answer: None }, LeaderResult::Fetched(Err(err))),
+        Err(err) => (Fill::Failed { status: err.status(), shed: err.is_shed(), answer: None }, LeaderResult::Fetched(Err(err), false)),
     };
     guard.complete(fill.clone());
     if let Some(tx) = leader {
@@ -242,9 +282,13 @@ async fn run_flight(job: FetchJob, guard: FlightGuard, leader: Option<oneshot::S
     }
     if let Some(l2) = &pool.l2 {
         let announcement = match &fill {
-            Fill::Stored(entry) if l2.put(&job.key, entry).await => {
+            Fill::Stored(stored) if !kept => {
+                tracing::debug!(key = %stored.key.text, "too many variants of this URL: not stored");
+                Announcement::Uncacheable
+            }
+            Fill::Stored(stored) if pool.store_shared_now(&job.primary, stored).await => {
                 if job.replaces {
-                    pool.announce_replacement(&job.key, entry).await;
+                    pool.announce_replacement(&job.primary, &stored.entry).await;
                 }
                 Announcement::Filled
             }
@@ -272,7 +316,7 @@ async fn read_answer(parts: http::response::Parts, body: ProxyBody, timeout: Dur
 
 enum PeerOutcome {
     /// Another replica stored the entry: use it.
-    Filled(Arc<Entry>),
+    Filled(Stored),
     /// We (may) hold the key's lease: fetch, then release it with an announcement.
     Lease(String),
     /// No lease to be had (Redis unavailable, or waited as long as a lease can live).
@@ -301,9 +345,9 @@ async fn hold_back_for_peers(job: &FetchJob, l2: &SharedTier) -> PeerOutcome {
             Lease::Acquired(token) => {
                 l2.unwatch_fill(&watch);
                 // A peer may have filled the key just before we asked.
-                if let Some(entry) = l2.recheck(&job.key).await.filter(|e| e.is_fresh(SystemTime::now())) {
+                if let Some(stored) = peer_fill(job).await.filter(|s| s.entry.is_fresh(SystemTime::now())) {
                     l2.finish_lease(&job.key, &token, Announcement::Filled).await;
-                    return PeerOutcome::Filled(Arc::new(entry));
+                    return PeerOutcome::Filled(stored);
                 }
                 return PeerOutcome::Lease(token);
             }
@@ -315,8 +359,8 @@ async fn hold_back_for_peers(job: &FetchJob, l2: &SharedTier) -> PeerOutcome {
                 }
                 match tokio::time::timeout(lock_timeout.min(left), &mut watch.rx).await {
                     Ok(Ok(Announcement::Filled)) => {
-                        return match l2.get(&job.key).await {
-                            Some(entry) => PeerOutcome::Filled(Arc::new(entry)),
+                        return match peer_fill(job).await {
+                            Some(stored) => PeerOutcome::Filled(stored),
                             None => PeerOutcome::FetchAnyway,
                         };
                     }
@@ -328,6 +372,13 @@ async fn hold_back_for_peers(job: &FetchJob, l2: &SharedTier) -> PeerOutcome {
             }
         }
     }
+}
+
+/// This request's entry as a peer stored it in Redis (its variant, if the URL varies).
+async fn peer_fill(job: &FetchJob) -> Option<Stored> {
+    let pool = &job.route.pool;
+    let found = pool.lookup_shared(&job.primary, &job.parts.headers, &job.route.config.cache.key_headers, None).await?;
+    Some(Stored { key: found.key, entry: Arc::new(found.entry), marker: found.marker })
 }
 
 /// Probabilistic early expiration (XFetch): a fresh entry is refreshed before it

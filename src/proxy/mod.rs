@@ -6,6 +6,7 @@
 //! configuration swap never changes a request half-way.
 
 mod body;
+mod cache_aside;
 mod fetch;
 mod flight;
 mod outcome;
@@ -15,10 +16,10 @@ pub mod respond;
 use std::net::SocketAddr;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
-use std::time::{Instant, SystemTime};
+use std::time::Instant;
 
 use arc_swap::ArcSwap;
-use http::header::{ACCEPT_ENCODING, AUTHORIZATION, CACHE_CONTROL, CONNECTION};
+use http::header::{CACHE_CONTROL, CONNECTION};
 use http::{HeaderName, HeaderValue, Method, Request, Response, StatusCode, Version, request};
 use hyper::body::Incoming;
 
@@ -26,7 +27,7 @@ pub use body::ProxyBody;
 pub use outcome::{BypassReason, Outcome, StaleReason, Tier};
 
 use crate::cache::shared::SharedTierError;
-use crate::cache::{CacheKey, Encodings, Pool};
+use crate::cache::Pool;
 use crate::config::{Config, RouteConfig, RouteMode};
 use crate::error::{ProxyError, error_response, plain_response};
 use crate::metrics::{Registry, RouteMetrics};
@@ -252,7 +253,13 @@ impl Proxy {
         let start = Instant::now();
         let runtime = self.runtime.load_full();
         let version = req.version();
-        let (parts, body) = req.into_parts();
+        let (mut parts, body) = req.into_parts();
+        // Routing, the key and the origin all see the normalised path (no dot segments,
+        // no needless percent-encoding), so a path cannot mean one thing to the router or
+        // the key and another to the origin.
+        if let Err(err) = normalise_target(&mut parts) {
+            return self.finish(error_response(&err), version);
+        }
         let mut client = match ClientInfo::read(&parts, peer, &runtime.config.server.trusted_proxies) {
             Ok(client) => client,
             Err(err) => return self.finish(error_response(&err), version),
@@ -270,6 +277,10 @@ impl Proxy {
         };
         let route = &runtime.routes[index];
         let (mut res, outcome) = serve(route, parts, body, &client).await;
+        // Targeted cache-control fields are for this cache (RFC 9213): not passed on.
+        for name in &route.config.cache.targeted_cache_control {
+            res.headers_mut().remove(name);
+        }
         add_cache_status(&mut res, outcome);
         let total = start.elapsed();
         route.metrics.record(outcome, total.as_secs_f64());
@@ -296,6 +307,34 @@ impl Proxy {
         }
         res
     }
+}
+
+/// Normalises the request path in place (see [`crate::cache::key::normalise_path`]).
+fn normalise_target(parts: &mut request::Parts) -> Result<(), ProxyError> {
+    let bad = |_| ProxyError::BadRequest("malformed percent-encoding in the request target");
+    let path = crate::cache::key::normalise_path(parts.uri.path()).map_err(bad)?;
+    if let std::borrow::Cow::Owned(path) = path {
+        let query = parts.uri.query().map(str::to_owned);
+        replace_path_and_query(parts, &path, query.as_deref())?;
+    }
+    Ok(())
+}
+
+/// Rebuilds the request URI with another path and query, keeping scheme and authority.
+pub(crate) fn replace_path_and_query(parts: &mut request::Parts, path: &str, query: Option<&str>) -> Result<(), ProxyError> {
+    let target = match query {
+        Some(q) if !q.is_empty() => format!("{path}?{q}"),
+        _ => path.to_owned(),
+    };
+    let mut builder = http::Uri::builder().path_and_query(target);
+    if let Some(scheme) = parts.uri.scheme() {
+        builder = builder.scheme(scheme.clone());
+    }
+    if let Some(authority) = parts.uri.authority() {
+        builder = builder.authority(authority.clone());
+    }
+    parts.uri = builder.build().map_err(|_| ProxyError::BadRequest("request target cannot be normalised"))?;
+    Ok(())
 }
 
 /// Adds our `Cache-Status` member after any from caches closer to the origin (RFC 9211).
@@ -339,7 +378,14 @@ async fn serve(route: &Arc<RouteRuntime>, parts: request::Parts, body: Incoming,
             Err(err) => failed(&err),
         };
     }
-    cache_aside(route, parts, client).await
+    let conditional = crate::cache::revalidate::Conditional::from_request(&parts.method, &parts.headers);
+    let (res, outcome) = cache_aside::cache_aside(route, parts, client).await;
+    match conditional {
+        Some(conditional) if outcome.from_store() || outcome == (Outcome::Miss { stored: true }) => {
+            (respond::not_modified_if(res, &conditional), outcome)
+        }
+        _ => (res, outcome),
+    }
 }
 
 /// Why a request skips the cache, if it does.
@@ -354,53 +400,6 @@ fn bypass_reason(parts: &request::Parts) -> Option<BypassReason> {
         .filter_map(|v| v.to_str().ok())
         .any(|v| v.split(',').any(|d| d.trim().eq_ignore_ascii_case("no-store")));
     no_store.then_some(BypassReason::RequestNoStore)
-}
-
-/// Key, lookup, then: a fresh hit (maybe refreshed early), a stale copy within
-/// stale-while-revalidate (refreshed in the background), or a coalesced fetch.
-async fn cache_aside(route: &Arc<RouteRuntime>, parts: request::Parts, client: &ClientInfo) -> (Response<ProxyBody>, Outcome) {
-    let head = parts.method == Method::HEAD;
-    let encodings = Encodings::from_headers(parts.headers.get_all(ACCEPT_ENCODING));
-    let key = CacheKey::new(client.scheme, &client.host, parts.uri.path(), parts.uri.query(), encodings);
-    // RFC 9111 section 3.5: a stored response is not reused for an authenticated request;
-    // the origin decides, and its answer may be stored if it says so explicitly.
-    let stored = if parts.headers.contains_key(AUTHORIZATION) { None } else { route.pool.lookup(&key).await };
-    let now = SystemTime::now();
-    let cache_only = route.mode() == RouteMode::CacheOnly;
-    let replaces = stored.is_some();
-    let job = |parts: request::Parts| flight::FetchJob {
-        route: route.clone(),
-        parts,
-        client: client.clone(),
-        key: key.clone(),
-        encodings,
-        background: false,
-        replaces,
-    };
-    if parts.headers.contains_key(AUTHORIZATION) {
-        // Not coalesced either: another client's answer is not this one's.
-        return flight::direct(&job(parts), None, head).await;
-    }
-    if let Some((entry, tier)) = &stored {
-        if entry.is_fresh(now) {
-            if !cache_only && flight::should_refresh_early(entry, now) {
-                flight::refresh_in_background(job(parts));
-            }
-            return (respond::from_entry(entry, head, true, now), Outcome::Hit(*tier));
-        }
-        if !cache_only && entry.within_stale_while_revalidate(now) {
-            flight::refresh_in_background(job(parts));
-            return (respond::from_entry(entry, head, true, now), Outcome::Stale(StaleReason::WhileRevalidate));
-        }
-    }
-    let stale = stored.map(|(entry, _)| entry);
-    if cache_only {
-        return match flight::stale_if_error(stale.as_deref(), head) {
-            Some(served) => served,
-            None => cache_only_miss(route, head),
-        };
-    }
-    flight::miss(job(parts), stale, head).await
 }
 
 pub(crate) fn failed(err: &ProxyError) -> (Response<ProxyBody>, Outcome) {

@@ -3,10 +3,11 @@
 
 use std::time::SystemTime;
 
-use http::header::{AGE, CONTENT_LENGTH, RETRY_AFTER};
+use http::header::{AGE, CONTENT_LENGTH, ETAG, LAST_MODIFIED, RETRY_AFTER};
 use http::{HeaderValue, Response, StatusCode, response};
 
 use crate::cache::Entry;
+use crate::cache::revalidate::{Conditional, NOT_MODIFIED_FIELDS};
 use crate::config::Fallback;
 use crate::error::plain_response;
 use crate::proxy::ProxyBody;
@@ -51,4 +52,24 @@ pub fn fallback(fallback: &Fallback, head: bool) -> Response<ProxyBody> {
     *res.headers_mut() = fallback.headers.clone();
     res.headers_mut().insert(CONTENT_LENGTH, HeaderValue::from(fallback.body.len()));
     res
+}
+
+/// A 304 in place of `res` when the client's conditional says it already has this
+/// representation (RFC 9110 section 13.1): the fields a 304 carries (section 15.4.5),
+/// `Last-Modified` when there is no `ETag`, and `Age`.
+pub fn not_modified_if(res: Response<ProxyBody>, conditional: &Conditional) -> Response<ProxyBody> {
+    if !conditional.not_modified(res.status(), res.headers()) {
+        return res;
+    }
+    let (parts, _) = res.into_parts();
+    let mut out = Response::new(ProxyBody::empty());
+    *out.status_mut() = StatusCode::NOT_MODIFIED;
+    let headers = out.headers_mut();
+    let last_modified = (!parts.headers.contains_key(ETAG)).then_some(&LAST_MODIFIED);
+    for name in NOT_MODIFIED_FIELDS.iter().chain([&AGE]).chain(last_modified) {
+        for value in parts.headers.get_all(name) {
+            headers.append(name.clone(), value.clone());
+        }
+    }
+    out
 }

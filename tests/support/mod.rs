@@ -89,7 +89,7 @@ impl RedisServer {
 
     /// Stored entries of a pool (not its purge indexes or leases).
     pub fn entries(&self, prefix: &str) -> Vec<String> {
-        self.keys(&format!("{prefix}v1:*")).into_iter().filter(|k| !k.contains(":idx:") && !k.contains(":lease:")).collect()
+        self.keys(&format!("{prefix}v2:*")).into_iter().filter(|k| !k.contains(":idx:") && !k.contains(":lease:")).collect()
     }
 
     pub fn kill(&mut self) {

@@ -8,11 +8,14 @@
 
 use std::time::{Duration, SystemTime};
 
-use http::header::{AGE, CACHE_CONTROL, DATE, EXPIRES, LAST_MODIFIED, SET_COOKIE, VARY};
-use http::{HeaderMap, StatusCode, request, response};
+mod targeted;
+
+use http::header::{AGE, CACHE_CONTROL, DATE, ETAG, EXPIRES, LAST_MODIFIED, SET_COOKIE};
+use http::{HeaderMap, HeaderName, StatusCode, request, response};
 use http_cache_semantics::{CacheOptions, CachePolicy};
 
-use crate::config::PoolConfig;
+use crate::cache::key::Vary;
+use crate::config::{CacheRules, PoolConfig};
 
 /// Why a response was not stored.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -20,24 +23,30 @@ pub enum NotStorable {
     /// `no-store`, `private`, `Authorization`, or a status a shared cache may not keep.
     Forbidden,
     SetCookie,
-    /// `Vary` names something other than `Accept-Encoding`, or is `*`.
+    /// `Vary: *`, or a `Vary` that is not a list of at most 16 field names.
     Vary,
-    /// `no-cache`: must be revalidated before every reuse.
+    /// `no-cache` with no validator: it would have to be fetched whole every time.
     NoCache,
     /// Partial content is never stored as a whole object.
     Partial,
-    /// No freshness at all: nothing to reuse.
+    /// No freshness at all, and no validator to revalidate it with.
     NoFreshness,
 }
 
 /// Freshness data of a storable response.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Freshness {
     pub initial_age: Duration,
     pub lifetime: Duration,
     pub stale_while_revalidate: Duration,
     pub stale_if_error: Duration,
     pub no_stale: bool,
+    /// Header fields that may not be stored (`no-cache="..."` names them): removed from
+    /// the stored copy.
+    pub strip: Vec<HeaderName>,
+    /// The request headers the response varies on (its `Vary`, without
+    /// `Accept-Encoding`), sorted.
+    pub vary: Vec<HeaderName>,
 }
 
 /// Statuses that a cache may store without explicit freshness (RFC 9110 section 15.1).
@@ -45,11 +54,21 @@ const HEURISTICALLY_CACHEABLE: [u16; 11] = [200, 203, 204, 300, 301, 308, 404, 4
 /// Of those, the ones that are errors: kept only for a route's `negative_ttl`.
 const NEGATIVE: [u16; 5] = [404, 405, 410, 414, 501];
 
+/// What the route says about a response, besides the pool's defaults.
+#[derive(Debug, Clone, Copy)]
+pub struct RouteRules<'a> {
+    pub rules: &'a CacheRules,
+    pub negative_ttl: Option<Duration>,
+}
+
 /// The parsed `Cache-Control` directives this cache acts on.
 #[derive(Debug, Default, Clone, PartialEq, Eq)]
 pub struct Directives {
     pub no_store: bool,
+    /// Unqualified `no-cache`: stored, but revalidated before every reuse.
     pub no_cache: bool,
+    /// `no-cache="field, ..."`: the named fields are not stored (RFC 9111 section 5.2.2.4).
+    pub no_cache_fields: Vec<String>,
     pub private: bool,
     pub public: bool,
     pub must_revalidate: bool,
@@ -82,7 +101,12 @@ impl Directives {
                 };
                 match name.to_ascii_lowercase().as_str() {
                     "no-store" => d.no_store = true,
-                    "no-cache" => d.no_cache = true,
+                    "no-cache" => match arg {
+                        Some(fields) if !fields.is_empty() => {
+                            d.no_cache_fields.extend(fields.split(',').map(|f| f.trim().to_ascii_lowercase()).filter(|f| !f.is_empty()));
+                        }
+                        _ => d.no_cache = true,
+                    },
                     "private" => d.private = true,
                     "public" => d.public = true,
                     "must-revalidate" => d.must_revalidate = true,
@@ -126,50 +150,96 @@ fn split_directives(text: &str) -> impl Iterator<Item = &str> {
     .filter(|s| !s.is_empty())
 }
 
+/// The headers whose cache directives apply to this cache: the response's own, or, when
+/// one of the route's targeted fields (RFC 9213) is present and valid, those with
+/// `Cache-Control` replaced by it and `Expires` removed.
+pub fn effective_headers<'a>(headers: &'a HeaderMap, rules: &CacheRules) -> std::borrow::Cow<'a, HeaderMap> {
+    match targeted::select(headers, &rules.targeted_cache_control) {
+        None => std::borrow::Cow::Borrowed(headers),
+        Some(cache_control) => {
+            let mut replaced = headers.clone();
+            replaced.remove(EXPIRES);
+            replaced.insert(CACHE_CONTROL, cache_control);
+            std::borrow::Cow::Owned(replaced)
+        }
+    }
+}
+
 /// Decides whether `res`, the answer to `req`, may be stored, and its freshness.
 ///
 /// `req` is the request as sent to the origin; times are when it was sent and when the
-/// response headers arrived.
+/// response headers arrived. A response that is stale on arrival, or `no-cache`, is
+/// stored only when it has a validator, to be revalidated before any reuse.
 pub fn evaluate(
     req: &request::Parts,
     res: &response::Parts,
     pool: &PoolConfig,
-    negative_ttl: Option<Duration>,
+    route: RouteRules<'_>,
     request_time: SystemTime,
     response_time: SystemTime,
 ) -> Result<Freshness, NotStorable> {
     if res.status == StatusCode::PARTIAL_CONTENT {
         return Err(NotStorable::Partial);
     }
-    let policy = CachePolicy::new_options(req, res, response_time, CacheOptions { shared: true, ..CacheOptions::default() });
+    let headers = effective_headers(&res.headers, route.rules);
+    let policy = match &headers {
+        std::borrow::Cow::Borrowed(_) => CachePolicy::new_options(req, res, response_time, shared()),
+        std::borrow::Cow::Owned(replaced) => {
+            let mut targeted = http::Response::new(());
+            *targeted.status_mut() = res.status;
+            *targeted.headers_mut() = replaced.clone();
+            CachePolicy::new_options(req, &targeted.into_parts().0, response_time, shared())
+        }
+    };
     if !policy.is_storable() {
         return Err(NotStorable::Forbidden);
     }
     if res.headers.contains_key(SET_COOKIE) {
         return Err(NotStorable::SetCookie);
     }
-    if !vary_is_supported(&res.headers) {
-        return Err(NotStorable::Vary);
+    let vary = match Vary::parse(&res.headers) {
+        Vary::None => Vec::new(),
+        Vary::Names(names) => names,
+        Vary::Star | Vary::Invalid => return Err(NotStorable::Vary),
+    };
+    let mut cc = Directives::parse(&headers);
+    if route.rules.ignore_no_cache {
+        cc.no_cache = false;
+        cc.no_cache_fields.clear();
     }
-    let cc = Directives::parse(&res.headers);
-    if cc.no_cache {
+    let has_validator = res.headers.contains_key(ETAG) || res.headers.contains_key(LAST_MODIFIED);
+    if cc.no_cache && !has_validator {
         return Err(NotStorable::NoCache);
     }
     let date = http_date(&res.headers, DATE);
-    let lifetime = explicit_lifetime(&cc, &res.headers, date.unwrap_or(response_time))
-        .or_else(|| heuristic_lifetime(res, pool, negative_ttl, date.unwrap_or(response_time)))
-        .ok_or(NotStorable::NoFreshness)?;
+    let forced = route.rules.force_ttl.filter(|_| res.status.as_u16() < 400);
+    let lifetime = match forced {
+        Some(ttl) => ttl,
+        None if cc.no_cache => Duration::ZERO,
+        None => explicit_lifetime(&cc, &headers, date.unwrap_or(response_time))
+            .or_else(|| heuristic_lifetime(res, &cc, pool, route.negative_ttl, date.unwrap_or(response_time)))
+            .ok_or(NotStorable::NoFreshness)?,
+    };
     let initial_age = initial_age(&res.headers, date, request_time, response_time);
-    if lifetime.is_zero() || lifetime <= initial_age {
+    // A forced TTL counts from when the response arrived here.
+    let initial_age = if forced.is_some() { Duration::ZERO } else { initial_age };
+    if lifetime <= initial_age && !has_validator {
         return Err(NotStorable::NoFreshness);
     }
+    let strip = cc.no_cache_fields.iter().filter_map(|f| HeaderName::from_bytes(f.as_bytes()).ok()).collect();
     Ok(Freshness {
         initial_age,
         lifetime,
         stale_while_revalidate: cc.stale_while_revalidate.map_or(pool.stale_while_revalidate, Duration::from_secs),
         stale_if_error: cc.stale_if_error.map_or(pool.stale_if_error, Duration::from_secs),
-        no_stale: cc.must_revalidate || cc.proxy_revalidate || cc.s_maxage.is_some(),
+        no_stale: cc.no_cache || cc.must_revalidate || cc.proxy_revalidate || cc.s_maxage.is_some(),
+        strip,
+        vary,
     })
+}
+
+fn shared() -> CacheOptions {
+    CacheOptions { shared: true, ..CacheOptions::default() }
 }
 
 /// `s-maxage` over `max-age` over `Expires` - `Date` (RFC 9111 section 4.2.1).
@@ -184,10 +254,12 @@ fn explicit_lifetime(cc: &Directives, headers: &HeaderMap, date: SystemTime) -> 
     Some(lifetime.min(Duration::from_secs(MAX_DELTA_SECONDS)))
 }
 
-/// No explicit freshness: the pool's `default_ttl`, else 10% of the time since
+/// No explicit freshness (RFC 9111 section 4.2.2), for heuristically cacheable statuses
+/// and responses marked `public`: the pool's `default_ttl`, else 10% of the time since
 /// `Last-Modified`; error statuses only for a route's `negative_ttl`.
 fn heuristic_lifetime(
     res: &response::Parts,
+    cc: &Directives,
     pool: &PoolConfig,
     negative_ttl: Option<Duration>,
     date: SystemTime,
@@ -196,7 +268,7 @@ fn heuristic_lifetime(
     if NEGATIVE.contains(&status) {
         return negative_ttl;
     }
-    if !HEURISTICALLY_CACHEABLE.contains(&status) {
+    if !HEURISTICALLY_CACHEABLE.contains(&status) && !cc.public {
         return None;
     }
     if !pool.default_ttl.is_zero() {
@@ -206,25 +278,62 @@ fn heuristic_lifetime(
     date.duration_since(last_modified).ok().map(|d| (d / 10).min(Duration::from_secs(MAX_DELTA_SECONDS)))
 }
 
-/// `corrected_initial_age` (RFC 9111 section 4.2.3).
-fn initial_age(headers: &HeaderMap, date: Option<SystemTime>, request_time: SystemTime, response_time: SystemTime) -> Duration {
+/// `corrected_initial_age` (RFC 9111 section 4.2.3). A list-valued `Age` counts by its
+/// first member; an invalid one is ignored (section 5.1).
+pub fn initial_age(headers: &HeaderMap, date: Option<SystemTime>, request_time: SystemTime, response_time: SystemTime) -> Duration {
     let apparent_age = date.and_then(|d| response_time.duration_since(d).ok()).unwrap_or_default();
-    let age_value = Duration::from_secs(delta_seconds(headers.get(AGE).and_then(|v| v.to_str().ok()).map(str::trim)));
+    let first = headers.get(AGE).and_then(|v| v.to_str().ok()).and_then(|v| v.split(',').next()).map(str::trim);
+    let age_value = Duration::from_secs(delta_seconds(first));
     let response_delay = response_time.duration_since(request_time).unwrap_or_default();
     apparent_age.max(age_value.saturating_add(response_delay))
 }
 
-fn http_date(headers: &HeaderMap, name: http::HeaderName) -> Option<SystemTime> {
+pub fn http_date(headers: &HeaderMap, name: http::HeaderName) -> Option<SystemTime> {
     headers.get(name)?.to_str().ok().and_then(|t| httpdate::parse_http_date(t).ok())
 }
 
-/// No `Vary`, or `Vary` naming only `Accept-Encoding` (which is part of every key).
-fn vary_is_supported(headers: &HeaderMap) -> bool {
-    headers.get_all(VARY).iter().all(|value| {
-        value.to_str().is_ok_and(|text| {
-            text.split(',').map(str::trim).filter(|f| !f.is_empty()).all(|f| f.eq_ignore_ascii_case("accept-encoding"))
-        })
-    })
+/// The request's cache directives (RFC 9111 section 5.2.1).
+#[derive(Debug, Default, Clone, PartialEq, Eq)]
+pub struct RequestDirectives {
+    pub no_cache: bool,
+    pub no_store: bool,
+    pub only_if_cached: bool,
+    pub max_age: Option<u64>,
+    /// `max-stale` with its limit; `Some(None)` without one (any staleness).
+    pub max_stale: Option<Option<u64>>,
+    pub min_fresh: Option<u64>,
+}
+
+impl RequestDirectives {
+    /// Parses every `Cache-Control` field line of a request. Invalid arguments count as 0
+    /// (the most cautious reading for `max-age`; `max-stale=invalid` allows nothing).
+    pub fn parse(headers: &HeaderMap) -> RequestDirectives {
+        let mut d = RequestDirectives::default();
+        for value in headers.get_all(CACHE_CONTROL) {
+            let Ok(text) = value.to_str() else { continue };
+            for item in split_directives(text) {
+                let (name, arg) = match item.split_once('=') {
+                    Some((n, a)) => (n.trim(), Some(a.trim().trim_matches('"'))),
+                    None => (item.trim(), None),
+                };
+                match name.to_ascii_lowercase().as_str() {
+                    "no-cache" => d.no_cache = true,
+                    "no-store" => d.no_store = true,
+                    "only-if-cached" => d.only_if_cached = true,
+                    "max-age" => d.max_age = Some(d.max_age.map_or(delta_seconds(arg), |m| m.min(delta_seconds(arg)))),
+                    "max-stale" => d.max_stale = Some(arg.map(|a| delta_seconds(Some(a)))),
+                    "min-fresh" => d.min_fresh = Some(d.min_fresh.unwrap_or(0).max(delta_seconds(arg))),
+                    _ => {}
+                }
+            }
+        }
+        d
+    }
+
+    /// Whether the request says anything that changes how a stored response is chosen.
+    pub fn constrains(&self) -> bool {
+        self.no_cache || self.only_if_cached || self.max_age.is_some() || self.max_stale.is_some() || self.min_fresh.is_some()
+    }
 }
 
 #[cfg(test)]

@@ -3,6 +3,8 @@ use std::time::{Duration, SystemTime};
 use http::{Request, Response};
 
 use super::*;
+use crate::config::CacheRules;
+use http::HeaderName;
 use crate::config::PoolConfig;
 
 fn pool() -> PoolConfig {
@@ -17,7 +19,13 @@ fn pool() -> PoolConfig {
         stale_if_error: Duration::from_secs(600),
         lock_timeout: Duration::from_secs(5),
         tag_header: http::HeaderName::from_static("surrogate-key"),
+        max_variants: 32,
+        keep_for_revalidation: Duration::from_secs(600),
     }
+}
+
+fn no_rules() -> CacheRules {
+    CacheRules { targeted_cache_control: vec![HeaderName::from_static("cdn-cache-control")], ..CacheRules::default() }
 }
 
 fn eval_with(pool: &PoolConfig, req_headers: &[(&str, &str)], status: u16, res_headers: &[(&str, &str)]) -> Result<Freshness, NotStorable> {
@@ -32,7 +40,7 @@ fn eval_with(pool: &PoolConfig, req_headers: &[(&str, &str)], status: u16, res_h
     let (req, _) = req.body(()).expect("request").into_parts();
     let (res, _) = res.body(()).expect("response").into_parts();
     let now = SystemTime::now();
-    evaluate(&req, &res, pool, None, now, now)
+    evaluate(&req, &res, pool, RouteRules { rules: &no_rules(), negative_ttl: None }, now, now)
 }
 
 fn eval(status: u16, res_headers: &[(&str, &str)]) -> Result<Freshness, NotStorable> {
@@ -74,8 +82,13 @@ fn forbidden_responses() {
     assert_eq!(eval(200, &[("cache-control", "private, max-age=60")]), Err(NotStorable::Forbidden));
     assert_eq!(eval(200, &[("cache-control", "max-age=60"), ("set-cookie", "a=b")]), Err(NotStorable::SetCookie));
     assert_eq!(eval(200, &[("cache-control", "no-cache")]), Err(NotStorable::NoCache));
-    assert_eq!(eval(200, &[("vary", "cookie")]), Err(NotStorable::Vary));
+    let no_cache = eval(200, &[("cache-control", "no-cache, max-age=60"), ("etag", "\"v1\"")]).expect("stored to revalidate");
+    assert_eq!((no_cache.lifetime, no_cache.no_stale), (Duration::ZERO, true));
+    let qualified = eval(200, &[("cache-control", "no-cache=\"x-user, X-Trace\", max-age=60")]).expect("storable");
+    assert_eq!(qualified.strip, vec![HeaderName::from_static("x-user"), HeaderName::from_static("x-trace")]);
+    assert_eq!(eval(200, &[("vary", "Cookie, accept-language, cookie")]).expect("varies").vary, vec![HeaderName::from_static("accept-language"), HeaderName::from_static("cookie")]);
     assert_eq!(eval(200, &[("vary", "*")]), Err(NotStorable::Vary));
+    assert_eq!(eval(200, &[("vary", "a b")]), Err(NotStorable::Vary));
     assert!(eval(200, &[("vary", "Accept-Encoding")]).is_ok());
     assert_eq!(eval(206, &[("cache-control", "max-age=60")]), Err(NotStorable::Partial));
     assert_eq!(eval(500, &[]), Err(NotStorable::Forbidden));
@@ -96,7 +109,7 @@ fn errors_are_kept_only_when_asked() {
     req.headers.clear();
     let res = Response::builder().status(404).body(()).expect("res").into_parts().0;
     let now = SystemTime::now();
-    let kept = evaluate(&req, &res, &pool(), Some(Duration::from_secs(10)), now, now).expect("kept");
+    let kept = evaluate(&req, &res, &pool(), RouteRules { rules: &no_rules(), negative_ttl: Some(Duration::from_secs(10)) }, now, now).expect("kept");
     assert_eq!(kept.lifetime, Duration::from_secs(10));
 }
 
@@ -111,6 +124,11 @@ fn stale_windows_and_age() {
     let defaults = eval(200, &[("cache-control", "max-age=60")]).expect("storable");
     assert_eq!(defaults.stale_if_error, Duration::from_secs(600));
     assert_eq!(eval(200, &[("cache-control", "max-age=60"), ("age", "61")]), Err(NotStorable::NoFreshness));
+    // Stale on arrival but revalidatable: kept for conditional requests.
+    assert!(eval(200, &[("cache-control", "max-age=60"), ("age", "61"), ("etag", "\"a\"")]).is_ok());
+    // A list-valued Age counts by its first member; an invalid one is ignored.
+    assert_eq!(eval(200, &[("cache-control", "max-age=60"), ("age", "5, 70")]).expect("storable").initial_age, Duration::from_secs(5));
+    assert_eq!(eval(200, &[("cache-control", "max-age=60"), ("age", "soon")]).expect("storable").initial_age, Duration::ZERO);
 }
 
 #[test]
@@ -136,4 +154,51 @@ fn huge_delta_seconds_are_clamped_not_overflowed() {
     assert_eq!(eval(200, &[("cache-control", "max-age=-5")]), Err(NotStorable::NoFreshness));
     let expires = eval(200, &[("date", "Sun, 22 Nov 2026 08:00:00 GMT"), ("expires", "Fri, 31 Dec 9999 23:59:59 GMT")]).expect("storable");
     assert_eq!(expires.lifetime, Duration::from_secs(MAX_DELTA_SECONDS));
+}
+
+#[test]
+fn targeted_fields_take_precedence() {
+    let f = eval(200, &[("cache-control", "no-store"), ("cdn-cache-control", "max-age=120")]).expect("CDN-Cache-Control wins");
+    assert_eq!(f.lifetime, Duration::from_secs(120));
+    assert_eq!(eval(200, &[("cache-control", "max-age=60"), ("cdn-cache-control", "no-store")]), Err(NotStorable::Forbidden));
+    // An invalid targeted field is ignored: Cache-Control decides.
+    assert_eq!(lifetime(200, &[("cache-control", "max-age=60"), ("cdn-cache-control", "max-age=")]), Duration::from_secs(60));
+    // Expires is ignored when a targeted field applies.
+    let expires = httpdate::fmt_http_date(SystemTime::now() + Duration::from_secs(3000));
+    assert_eq!(lifetime(200, &[("expires", &expires), ("cdn-cache-control", "max-age=7")]), Duration::from_secs(7));
+}
+
+#[test]
+fn route_overrides() {
+    let now = SystemTime::now();
+    let run = |rules: &CacheRules, status: u16, headers: &[(&str, &str)]| {
+        let (req, _) = Request::get("http://h/").body(()).expect("req").into_parts();
+        let mut res = Response::builder().status(status);
+        for (n, v) in headers {
+            res = res.header(*n, *v);
+        }
+        let (res, _) = res.body(()).expect("res").into_parts();
+        evaluate(&req, &res, &pool(), RouteRules { rules, negative_ttl: None }, now, now)
+    };
+    let forced = CacheRules { force_ttl: Some(Duration::from_secs(300)), ..no_rules() };
+    assert_eq!(run(&forced, 200, &[("cache-control", "max-age=0")]).expect("forced").lifetime, Duration::from_secs(300));
+    assert_eq!(run(&forced, 200, &[("cache-control", "no-store")]), Err(NotStorable::Forbidden), "force_ttl never overrides no-store");
+    assert_eq!(run(&forced, 404, &[]), Err(NotStorable::NoFreshness), "force_ttl is for statuses below 400");
+    let ignore = CacheRules { ignore_no_cache: true, ..no_rules() };
+    assert_eq!(run(&ignore, 200, &[("cache-control", "no-cache, max-age=30")]).expect("stored").lifetime, Duration::from_secs(30));
+}
+
+#[test]
+fn request_directives() {
+    let parse = |v: &str| {
+        let mut h = HeaderMap::new();
+        h.insert("cache-control", v.parse().expect("hv"));
+        RequestDirectives::parse(&h)
+    };
+    let d = parse("max-age=5, MIN-FRESH=3, max-stale, only-if-cached");
+    assert_eq!((d.max_age, d.min_fresh, d.max_stale, d.only_if_cached), (Some(5), Some(3), Some(None), true));
+    assert_eq!(parse("max-stale=10").max_stale, Some(Some(10)));
+    assert_eq!(parse("max-age=x").max_age, Some(0));
+    assert!(parse("no-cache").no_cache && parse("no-cache").constrains());
+    assert!(!parse("no-transform").constrains());
 }

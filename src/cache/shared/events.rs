@@ -1,7 +1,7 @@
 //! The pool's event channel (Redis pub/sub) and per-key leases for coalescing misses
 //! across replicas.
 //!
-//! A lease is `SET <prefix>v1:lease:<hash> <token> NX PX <ttl>`: its holder fetches,
+//! A lease is `SET <prefix>v2:lease:<hash> <token> NX PX <ttl>`: its holder fetches,
 //! writes the entry, then releases the lease (only if it still holds its token) and
 //! publishes `fill:<hash>` or `nofill:<hash>`. Other replicas register for the key's
 //! announcement before asking for the lease, so they are notified rather than polling.

@@ -203,22 +203,32 @@ impl SharedTier {
     /// Looks `key` up; any failure (deadline, connection, corrupt entry) is a miss.
     /// A corrupt entry is deleted and counted.
     pub async fn get(&self, key: &CacheKey) -> Option<Entry> {
-        self.read(key, true).await
+        self.read(key, true, self.timeout).await
+    }
+
+    /// [`SharedTier::get`] with a shorter deadline (the rest of a lookup's budget).
+    pub async fn get_within(&self, key: &CacheKey, deadline: Duration) -> Option<Entry> {
+        self.read(key, true, deadline.min(self.timeout)).await
+    }
+
+    /// The deadline of one call.
+    pub fn timeout(&self) -> Duration {
+        self.timeout
     }
 
     /// Looks `key` up again right after [`SharedTier::get`] (a lease holder's check): a
     /// corrupt entry is a miss but is not reported a second time.
     pub async fn recheck(&self, key: &CacheKey) -> Option<Entry> {
-        self.read(key, false).await
+        self.read(key, false, self.timeout).await
     }
 
-    async fn read(&self, key: &CacheKey, report_corrupt: bool) -> Option<Entry> {
+    async fn read(&self, key: &CacheKey, report_corrupt: bool, deadline: Duration) -> Option<Entry> {
         let redis_key = self.entry_key(key);
         if self.health.is_open() {
             return None;
         }
         let mut conn = self.reads.conn();
-        let payload: Vec<u8> = match self.guarded(&self.reads, self.timeout, conn.get::<_, Option<Vec<u8>>>(&redis_key)).await {
+        let payload: Vec<u8> = match self.guarded(&self.reads, deadline, conn.get::<_, Option<Vec<u8>>>(&redis_key)).await {
             Some(Ok(Some(payload))) => payload,
             Some(Ok(None)) => return None,
             Some(Err(err)) => {
@@ -252,8 +262,9 @@ impl SharedTier {
     }
 
     /// Writes `entry` in the background (encoding included), to expire when it is no
-    /// longer useful.
-    pub fn put_in_background(&self, key: &CacheKey, entry: Arc<Entry>, announce: bool) {
+    /// longer useful; then, with `announce`, tells the other replicas to drop their
+    /// older copies held under that (primary) hash.
+    pub fn put_in_background(&self, key: &CacheKey, entry: Arc<Entry>, announce: Option<u128>) {
         if self.health.is_open() {
             return;
         }
@@ -264,14 +275,14 @@ impl SharedTier {
         let redis_key = self.entry_key(key);
         let (writes, metrics, health, prefix) = (self.writes.clone(), self.metrics.clone(), self.health.clone(), self.prefix.clone());
         let deadline = self.write_deadline(entry.body.len());
-        let (channel, hash, sender) = (self.channel.clone(), key.hash, self.events.instance);
+        let (channel, sender) = (self.channel.clone(), self.events.instance);
         tokio::spawn(async move {
             let _permit = permit;
             if !write(&health, &writes, deadline, &prefix, &redis_key, &entry, &metrics).await {
                 metrics.redis_error(RedisOp::Set);
                 return;
             }
-            if let Some(message) = announce.then(|| Notice::Replaced { hash, response_time: entry.response_time }.message(sender)).flatten() {
+            if let Some(message) = announce.and_then(|hash| Notice::Replaced { hash, response_time: entry.response_time }.message(sender)) {
                 let mut conn = writes.conn();
                 let _ = guarded(&health, &writes, deadline, conn.publish::<_, _, i64>(&channel, message)).await;
             }
@@ -304,7 +315,7 @@ impl SharedTier {
         });
     }
 
-    /// `<prefix>v1:<hash>`; in a cluster `<prefix>v1:{<hash>}`, so the entry and its
+    /// `<prefix>v2:<hash>`; in a cluster `<prefix>v2:{<hash>}`, so the entry and its
     /// lease share a slot.
     pub fn entry_key(&self, key: &CacheKey) -> String {
         if self.cluster {

@@ -1,0 +1,280 @@
+//! The cache-aside phases of a cacheable (GET or HEAD) request: prepare (the route's
+//! rules applied to the request), key, lookup, choose (freshness against the request's
+//! directives), then serve the stored copy, refresh it, validate it, or fetch under
+//! coalescing.
+
+use std::sync::Arc;
+use std::time::{Duration, SystemTime};
+
+use http::header::{ACCEPT_ENCODING, AUTHORIZATION, CACHE_CONTROL, COOKIE};
+use http::{HeaderName, Method, Response, request};
+
+use super::fetch::{self, HeadAnswer};
+use super::forward::ClientInfo;
+use super::{Outcome, ProxyBody, RouteRuntime, StaleReason, cache_only_miss, failed, flight, respond};
+use crate::cache::key::{normalise_query, url_part};
+use crate::cache::policy::RequestDirectives;
+use crate::cache::{CacheKey, Encodings, Entry, Found, PurgeTarget};
+use crate::config::{CacheRules, RouteMode};
+use crate::error::{ProxyError, error_response};
+use crate::origin::is_failure_status;
+
+/// Request headers that make origins answer differently but are not part of the key
+/// (host, path and method overrides): a client could store its own page under
+/// everyone's key with them, so they never reach the origin on a cacheable request
+/// unless the route puts them into the key (`key_headers`).
+static UNKEYED: [HeaderName; 12] = [
+    HeaderName::from_static("forwarded"),
+    HeaderName::from_static("x-forwarded-host"),
+    HeaderName::from_static("x-forwarded-server"),
+    HeaderName::from_static("x-forwarded-port"),
+    HeaderName::from_static("x-forwarded-scheme"),
+    HeaderName::from_static("x-forwarded-prefix"),
+    HeaderName::from_static("x-host"),
+    HeaderName::from_static("x-original-url"),
+    HeaderName::from_static("x-rewrite-url"),
+    HeaderName::from_static("x-http-method-override"),
+    HeaderName::from_static("x-http-method"),
+    HeaderName::from_static("x-method-override"),
+];
+
+/// Applies the route's rules to a cacheable request: cookies stripped if asked, unkeyed
+/// headers removed, the query normalised without the ignored parameters (the origin is
+/// asked exactly what the key says). Returns the normalised query.
+fn prepare(rules: &CacheRules, parts: &mut request::Parts) -> Result<String, ProxyError> {
+    if rules.strip_cookies {
+        parts.headers.remove(COOKIE);
+    }
+    for name in &UNKEYED {
+        if !rules.key_headers.contains(name) {
+            parts.headers.remove(name);
+        }
+    }
+    let raw = parts.uri.query().unwrap_or("");
+    let query = normalise_query(raw, &rules.ignore_query_params)
+        .map_err(|_| ProxyError::BadRequest("malformed percent-encoding in the query"))?
+        .into_owned();
+    if query != raw {
+        let path = parts.uri.path().to_owned();
+        super::replace_path_and_query(parts, &path, Some(&query))?;
+    }
+    Ok(query)
+}
+
+/// What to do with a stored entry for this request.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Choice {
+    Fresh,
+    /// Stale, but the request's `max-stale` accepts it.
+    MaxStale,
+    /// Stale within stale-while-revalidate.
+    WhileRevalidate,
+    /// Must be validated with the origin (or replaced) before use.
+    Validate,
+}
+
+/// Freshness of `entry` against the request's directives (RFC 9111 sections 4.2 and
+/// 5.2.1, RFC 5861): `no-cache`, `max-age` and `min-fresh` demand validation;
+/// `max-stale` accepts a stale copy unless the response forbids serving it stale.
+fn choose(entry: &Entry, now: SystemTime, directives: &RequestDirectives) -> Choice {
+    if directives.no_cache {
+        return Choice::Validate;
+    }
+    let age = entry.age(now);
+    if directives.max_age.is_some_and(|max| age > Duration::from_secs(max)) {
+        return Choice::Validate;
+    }
+    let remaining = entry.freshness_lifetime.saturating_sub(age);
+    if directives.min_fresh.is_some_and(|min| remaining < Duration::from_secs(min)) {
+        return Choice::Validate;
+    }
+    if entry.is_fresh(now) {
+        return Choice::Fresh;
+    }
+    if let Some(limit) = directives.max_stale
+        && !entry.no_stale
+    {
+        let staleness = age.saturating_sub(entry.freshness_lifetime);
+        if limit.is_none_or(|l| staleness <= Duration::from_secs(l)) {
+            return Choice::MaxStale;
+        }
+    }
+    if entry.within_stale_while_revalidate(now) {
+        return Choice::WhileRevalidate;
+    }
+    Choice::Validate
+}
+
+/// Prepare, key, lookup, choose; then a stored copy, a background refresh, a
+/// validation, or a coalesced fetch.
+pub(super) async fn cache_aside(route: &Arc<RouteRuntime>, mut parts: request::Parts, client: &ClientInfo) -> (Response<ProxyBody>, Outcome) {
+    let head = parts.method == Method::HEAD;
+    let rules = &route.config.cache;
+    let query = match prepare(rules, &mut parts) {
+        Ok(query) => query,
+        Err(err) => return failed(&err),
+    };
+    let directives = if rules.ignore_request_cache_control || !parts.headers.contains_key(CACHE_CONTROL) {
+        RequestDirectives::default()
+    } else {
+        RequestDirectives::parse(&parts.headers)
+    };
+    let encodings = Encodings::from_headers(parts.headers.get_all(ACCEPT_ENCODING));
+    let primary = CacheKey::from_normalised(client.scheme, &client.host, parts.uri.path(), &query, encodings);
+    let job = |parts: request::Parts, key: CacheKey, stored: Option<Arc<Entry>>| flight::FetchJob {
+        route: route.clone(),
+        parts,
+        client: client.clone(),
+        primary: primary.clone(),
+        key,
+        replaces: stored.is_some(),
+        stored,
+        encodings,
+        background: false,
+    };
+    // RFC 9111 section 3.5: a stored response is not reused for an authenticated request;
+    // the origin decides, and its answer may be stored if it says so explicitly. Not
+    // coalesced either: another client's answer is not this one's.
+    if parts.headers.contains_key(AUTHORIZATION) {
+        return flight::direct(&job(parts, primary.clone(), None), None, head).await;
+    }
+    let lookup = route.pool.lookup(&primary, &parts.headers, &rules.key_headers).await;
+    let now = SystemTime::now();
+    let cache_only = route.mode() == RouteMode::CacheOnly;
+    let stale = lookup.found.as_ref().map(|found| found.entry.clone());
+    if let Some(Found { entry, tier }) = &lookup.found {
+        match choose(entry, now, &directives) {
+            Choice::Fresh => {
+                if !cache_only && flight::should_refresh_early(entry, now) {
+                    flight::refresh_in_background(job(parts, lookup.key, stale.clone()));
+                }
+                return (respond::from_entry(entry, head, true, now), Outcome::Hit(*tier));
+            }
+            Choice::MaxStale => {
+                if !cache_only {
+                    flight::refresh_in_background(job(parts, lookup.key, stale.clone()));
+                }
+                return (respond::from_entry(entry, head, true, now), Outcome::Hit(*tier));
+            }
+            Choice::WhileRevalidate if !cache_only && !directives.only_if_cached => {
+                flight::refresh_in_background(job(parts, lookup.key, stale.clone()));
+                return (respond::from_entry(entry, head, true, now), Outcome::Stale(StaleReason::WhileRevalidate));
+            }
+            Choice::WhileRevalidate if directives.only_if_cached => {
+                return (respond::from_entry(entry, head, true, now), Outcome::Stale(StaleReason::WhileRevalidate));
+            }
+            Choice::WhileRevalidate | Choice::Validate => {}
+        }
+    }
+    if directives.only_if_cached {
+        // RFC 9111 section 5.2.1.7: a stored response or 504, never the origin.
+        return (error_response(&ProxyError::NotCached), Outcome::Error);
+    }
+    if cache_only {
+        return match flight::stale_if_error(stale.as_deref(), head) {
+            Some(served) => served,
+            None => cache_only_miss(route, head),
+        };
+    }
+    if let Some(entry) = stale.as_ref().filter(|_| head && directives.constrains()) {
+        let entry = entry.clone();
+        return validate_with_head(job(parts, lookup.key, Some(entry.clone())), &entry).await;
+    }
+    flight::miss(job(parts, lookup.key, stale.clone()), stale, head).await
+}
+
+/// A HEAD whose stored copy must be validated asks the origin with HEAD: nothing but
+/// headers moves either way. A 200 for the same representation updates the stored
+/// copy; one for another representation invalidates every stored variant of the URL,
+/// here and on every replica (RFC 9111 section 4.3.5).
+async fn validate_with_head(job: flight::FetchJob, stored: &Entry) -> (Response<ProxyBody>, Outcome) {
+    let pool = job.route.pool.clone();
+    match fetch::head(&job, stored).await {
+        Ok(HeadAnswer::Updated(updated)) => {
+            let kept = pool.store(&job.primary, &updated, true).await;
+            (respond::from_entry(&updated.entry, true, true, SystemTime::now()), Outcome::Miss { stored: kept })
+        }
+        Ok(HeadAnswer::Invalidated(parts)) => {
+            let target = PurgeTarget::Url(url_part(&job.primary.text).to_owned());
+            // In its own task, like unsafe-method invalidation: a client that hangs up
+            // does not leave it half done.
+            let _ = tokio::spawn(async move { pool.purge(&target, false).await }).await;
+            (respond::streamed(parts, ProxyBody::empty(), true), Outcome::Miss { stored: false })
+        }
+        Ok(HeadAnswer::Other(parts)) => {
+            if is_failure_status(parts.status)
+                && let Some(served) = flight::stale_if_error(Some(stored), true)
+            {
+                return served;
+            }
+            (respond::streamed(parts, ProxyBody::empty(), true), Outcome::Miss { stored: false })
+        }
+        Err(err) => match flight::stale_if_error(Some(stored).filter(|_| err.allows_stale()), true) {
+            Some(served) => served,
+            None => failed(&err),
+        },
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn aged(lifetime: u64, age: u64) -> (Entry, SystemTime) {
+        let entry = Entry { freshness_lifetime: Duration::from_secs(lifetime), initial_age: Duration::ZERO, stale_while_revalidate: Duration::from_secs(5), ..crate::cache::entry::tests::sample() };
+        let now = entry.response_time + Duration::from_secs(age);
+        (entry, now)
+    }
+
+    fn directives(text: &'static str) -> RequestDirectives {
+        let mut headers = http::HeaderMap::new();
+        headers.insert(CACHE_CONTROL, http::HeaderValue::from_static(text));
+        RequestDirectives::parse(&headers)
+    }
+
+    #[test]
+    fn request_directives_choose() {
+        let (fresh, at) = aged(60, 10);
+        assert_eq!(choose(&fresh, at, &RequestDirectives::default()), Choice::Fresh);
+        assert_eq!(choose(&fresh, at, &directives("no-cache")), Choice::Validate);
+        assert_eq!(choose(&fresh, at, &directives("max-age=5")), Choice::Validate);
+        assert_eq!(choose(&fresh, at, &directives("max-age=10")), Choice::Fresh);
+        assert_eq!(choose(&fresh, at, &directives("min-fresh=55")), Choice::Validate);
+        assert_eq!(choose(&fresh, at, &directives("min-fresh=50")), Choice::Fresh);
+        let (stale, at) = aged(60, 70);
+        assert_eq!(choose(&stale, at, &RequestDirectives::default()), Choice::Validate);
+        assert_eq!(choose(&stale, at, &directives("max-stale=20")), Choice::MaxStale);
+        assert_eq!(choose(&stale, at, &directives("max-stale=5")), Choice::Validate);
+        assert_eq!(choose(&stale, at, &directives("max-stale")), Choice::MaxStale);
+        let must_revalidate = Entry { no_stale: true, ..stale.clone() };
+        assert_eq!(choose(&must_revalidate, at, &directives("max-stale")), Choice::Validate);
+        let (swr, at) = aged(60, 63);
+        assert_eq!(choose(&swr, at, &RequestDirectives::default()), Choice::WhileRevalidate);
+    }
+
+    #[test]
+    fn unkeyed_headers_and_ignored_parameters_are_removed() {
+        let rules = CacheRules {
+            ignore_query_params: vec![crate::config::ParamPattern::Prefix("utm_".into())],
+            key_headers: vec![HeaderName::from_static("x-forwarded-host")],
+            strip_cookies: true,
+            ..CacheRules::default()
+        };
+        let (mut parts, ()) = http::Request::get("/p?utm_source=x&b=2&a=%7e")
+            .header("x-forwarded-host", "kept.example")
+            .header("x-original-url", "/admin")
+            .header("x-http-method-override", "DELETE")
+            .header("cookie", "s=1")
+            .body(())
+            .expect("request")
+            .into_parts();
+        assert_eq!(prepare(&rules, &mut parts).expect("prepared"), "a=~&b=2");
+        assert_eq!(parts.uri.to_string(), "/p?a=~&b=2");
+        assert!(parts.headers.contains_key("x-forwarded-host"), "keyed: passed on");
+        for gone in ["x-original-url", "x-http-method-override", "cookie"] {
+            assert!(!parts.headers.contains_key(gone), "{gone}");
+        }
+        let (mut bad, ()) = http::Request::get("/p?a=%zz").body(()).expect("request").into_parts();
+        assert!(prepare(&rules, &mut bad).is_err());
+    }
+}
