@@ -415,6 +415,54 @@ mod tests {
     }
 
     #[test]
+    fn paths_and_queries_are_normalised() {
+        assert_eq!(normalise_path("/a/./b/../c").as_deref(), Ok("/a/c"));
+        assert_eq!(normalise_path("/products/%2e%2e/admin").as_deref(), Ok("/admin"));
+        assert_eq!(normalise_path("/../../x").as_deref(), Ok("/x"));
+        assert_eq!(normalise_path("/a/b/..").as_deref(), Ok("/a/"));
+        assert_eq!(normalise_path("/%7euser/%2f%41").as_deref(), Ok("/~user/%2FA"));
+        assert_eq!(normalise_path("/a//b").as_deref(), Ok("/a//b"));
+        assert_eq!(normalise_path("/caf\u{e9}").as_deref(), Ok("/caf\u{e9}"));
+        assert_eq!(normalise_path("/bad%zz"), Err(BadTarget));
+        assert_eq!(normalise_path("/bad%4"), Err(BadTarget));
+        let ignored = [ParamPattern::Prefix("utm_".into()), ParamPattern::Exact("fbclid".into())];
+        assert_eq!(normalise_query("utm_source=x&b=2&fbclid=1&a=%7e", &ignored).as_deref(), Ok("a=~&b=2"));
+        assert_eq!(normalise_query("fbclidx=1", &ignored).as_deref(), Ok("fbclidx=1"));
+    }
+
+    #[test]
+    fn variants_key_on_normalised_request_headers() {
+        let primary = CacheKey::new("http", "h", "/p", None, Encodings::Gzip);
+        let names = [HeaderName::from_static("accept-language"), HeaderName::from_static("x-country")];
+        let headers = |pairs: &[(&'static str, &'static str)]| -> HeaderMap {
+            pairs.iter().map(|(n, v)| (HeaderName::from_static(n), HeaderValue::from_static(v))).collect()
+        };
+        let a = primary.variant(&names, &headers(&[("accept-language", "en-US,  de ;q=0.5"), ("x-country", "DE")]));
+        let b = primary.variant(&names, &headers(&[("accept-language", "EN-us, de ;q=0.5"), ("x-country", "DE")]));
+        assert_eq!(a, b, "case-insensitive field, whitespace");
+        assert_ne!(a, primary.variant(&names, &headers(&[("accept-language", "en-US, de ;q=0.5"), ("x-country", "de")])));
+        let absent = primary.variant(&names, &headers(&[]));
+        let empty = primary.variant(&names, &headers(&[("accept-language", ""), ("x-country", "")]));
+        assert_ne!(absent, empty, "absent is not empty");
+        assert!(a.is_variant() && !primary.is_variant());
+        assert_eq!(a.primary(), primary);
+        assert_eq!(url_part(&a.text), url_part(&primary.text));
+    }
+
+    #[test]
+    fn vary_parsing() {
+        let vary = |v: &'static str| Vary::parse(&[(http::header::VARY, HeaderValue::from_static(v))].into_iter().collect());
+        assert_eq!(vary("Accept-Encoding"), Vary::None);
+        assert_eq!(vary("*"), Vary::Star);
+        assert_eq!(vary("accept-encoding, *"), Vary::Star);
+        assert_eq!(vary("X-B, x-a, X-A"), Vary::Names(vec![HeaderName::from_static("x-a"), HeaderName::from_static("x-b")]));
+        assert_eq!(vary("bad name"), Vary::Invalid);
+        let many = (0..17).map(|i| format!("x-{i}")).collect::<Vec<_>>().join(",");
+        let many: HeaderMap = [(http::header::VARY, HeaderValue::from_str(&many).expect("hv"))].into_iter().collect();
+        assert_eq!(Vary::parse(&many), Vary::Invalid);
+    }
+
+    #[test]
     fn every_part_is_in_the_key() {
         let base = CacheKey::new("http", "h", "/p", Some("x=1"), Encodings::Identity);
         assert_ne!(base, CacheKey::new("https", "h", "/p", Some("x=1"), Encodings::Identity));
