@@ -145,7 +145,7 @@ async fn coalescing_and_corrupt_entries_on_a_cluster() {
     let name = format!("bulwark:pdp:v2:{{{:032x}}}", key.hash);
     let client = redis::cluster::ClusterClient::new(cluster.urls()).expect("cluster client");
     let mut conn = client.get_async_connection().await.expect("cluster connection");
-    let _: () = redis::AsyncCommands::set(&mut conn, &name, b"BWK\x01garbage".as_slice()).await.expect("plant");
+    let _: () = redis::AsyncCommands::set(&mut conn, &name, b"BWK\x02garbage".as_slice()).await.expect("plant");
     let got = replicas[0].get_with("/corrupt", &HOST).await;
     assert_eq!((got.cache_status(), got.text()), ("bulwark; fwd=miss; stored", "body of /corrupt"));
     assert_eq!(replicas[0].metric("bulwark_l2_corrupt_entries_total", &[("pool", "pdp")]).await, 1.0);

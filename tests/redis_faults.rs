@@ -141,7 +141,7 @@ async fn corrupt_entries_are_misses_deleted_and_counted() {
     let mut conn = redis.conn();
     let key = redis_key("/corrupt");
     // Current format version, garbage after it.
-    let garbage: &[u8] = b"BWK\x01this is not an entry";
+    let garbage: &[u8] = b"BWK\x02this is not an entry";
     redis::cmd("SET").arg(&key).arg(garbage).query::<()>(&mut conn).expect("plant");
     let got = bulwark.get_with("/corrupt", &HOST).await;
     assert_eq!((got.cache_status(), got.text()), ("bulwark; fwd=miss; stored", "body of /corrupt"));
