@@ -635,7 +635,7 @@ async fn rfc9110_9_3_2_head_is_answered_from_a_stored_get() {
     let bulwark = start(&origin, "", "").await;
     bulwark.get("/h").await;
     let head = bulwark.request(Request::head(bulwark.url("/h")).body(Full::default()).expect("req")).await;
-    assert_eq!((head.cache_status(), head.body.len(), head.header("content-length")), (HIT, 0, Some("9")));
+    assert_eq!((head.cache_status(), head.body.len(), head.header("content-length")), (HIT, 0, Some("10")));
     assert_eq!(origin.total(), 1);
 }
 
@@ -653,15 +653,13 @@ async fn rfc9111_4_3_5_head_responses_update_or_invalidate_the_stored_get() {
     });
     let bulwark = start(&origin, "", "").await;
     assert_eq!(bulwark.get("/hd").await.header("x-seen"), Some("1"));
-    let head = |bulwark: &Bulwark| {
-        bulwark.request(Request::head(bulwark.url("/hd")).header("cache-control", "no-cache").body(Full::default()).expect("req"))
-    };
-    let updated = head(&bulwark).await;
+    let head = || Request::head(bulwark.url("/hd")).header("cache-control", "no-cache").body(Full::default()).expect("req");
+    let updated = bulwark.request(head()).await;
     assert_eq!((updated.status.as_u16(), updated.cache_status()), (200, STORED));
     assert_eq!(origin.last_request().0.method, http::Method::HEAD);
     assert_eq!(bulwark.get("/hd").await.cache_status(), HIT, "updated, still stored");
     version.store(2, Ordering::SeqCst);
-    let changed = head(&bulwark).await;
+    let changed = bulwark.request(head()).await;
     assert_eq!(changed.header("etag"), Some("\"v2\""));
     let refetched = bulwark.get("/hd").await;
     assert_eq!((refetched.cache_status(), refetched.header("x-seen")), (STORED, Some("2")), "the stored v1 was invalidated");
@@ -813,8 +811,10 @@ async fn paths_are_normalised_consistently() {
     assert_eq!(bulwark.get("/a/c~").await.cache_status(), HIT);
     // Routing sees the normalised path: a traversal cannot reach another route's origin
     // under this route's name, nor this route's origin under another's.
-    assert_eq!(bulwark.get("/products/..%2f../admin/x").await.status, 200);
-    assert_eq!(bulwark.get("/x/../admin/panel").await.text(), "admin");
+    assert_eq!(bulwark.get("/x/%2E%2E/admin/panel").await.text(), "admin");
+    assert_eq!(bulwark.get("/admin/../products/1").await.text(), "body of /products/1");
+    // An encoded slash is not a separator: no traversal through it.
+    assert_eq!(bulwark.get("/x/..%2Fadmin/panel").await.text(), "body of /x/..%2Fadmin/panel");
     assert_eq!(bulwark.get("/bad%zzpath").await.status, 400);
     assert_eq!(bulwark.get("/ok?bad=%g1").await.status, 400);
 }
