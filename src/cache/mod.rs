@@ -123,7 +123,7 @@ impl Pool {
             return Lookup { found: Some(Found { entry: entry.clone(), tier: Tier::L1 }), key };
         }
         let known = marker.map(|m| (key.clone(), m));
-        let shared = self.lookup_shared(primary, headers, key_headers, known).await;
+        let shared = self.lookup_shared(primary, headers, key_headers, known, false).await;
         match (local, shared) {
             (Some(local), Some(shared)) if shared.entry.response_time <= local.response_time => {
                 Lookup { found: Some(Found { entry: local, tier: Tier::L1 }), key: shared.key }
@@ -139,15 +139,24 @@ impl Pool {
     }
 
     /// The request's entry in L2 (variant-aware), all of it within one `redis_timeout`.
-    /// `known` is the variant key and marker when L1 already knows the URL varies.
-    pub async fn lookup_shared(&self, primary: &CacheKey, headers: &HeaderMap, key_headers: &[HeaderName], known: Option<(CacheKey, Arc<Entry>)>) -> Option<SharedFound> {
+    /// `known` is the variant key and marker when L1 already knows the URL varies. A
+    /// `recheck` right after a lookup does not report a corrupt entry a second time.
+    pub async fn lookup_shared(
+        &self,
+        primary: &CacheKey,
+        headers: &HeaderMap,
+        key_headers: &[HeaderName],
+        known: Option<(CacheKey, Arc<Entry>)>,
+        recheck: bool,
+    ) -> Option<SharedFound> {
         let l2 = self.l2.as_ref()?;
+        let budget = l2.timeout();
         if let Some((key, marker)) = known {
-            let entry = l2.get(&key).await.filter(|e| !e.variants)?;
+            let entry = l2.get_within(&key, budget, !recheck).await.filter(|e| !e.variants)?;
             return Some(SharedFound { entry, key, marker: Some(marker) });
         }
         let start = std::time::Instant::now();
-        let first = l2.get(primary).await?;
+        let first = l2.get_within(primary, budget, !recheck).await?;
         if !first.variants {
             // A response stored before the route gained key_headers is not this request's.
             return key_headers.is_empty().then(|| SharedFound { entry: first, key: primary.clone(), marker: None });
@@ -158,7 +167,7 @@ impl Pool {
         if left.is_zero() {
             return None;
         }
-        let entry = l2.get_within(&key, left).await.filter(|e| !e.variants)?;
+        let entry = l2.get_within(&key, left, !recheck).await.filter(|e| !e.variants)?;
         Some(SharedFound { entry, key, marker: Some(Arc::new(first)) })
     }
     /// Starts the pool's background work: the Redis event subscription, whose purges

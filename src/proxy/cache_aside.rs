@@ -45,10 +45,12 @@ fn prepare(rules: &CacheRules, parts: &mut request::Parts) -> Result<String, Pro
     if rules.strip_cookies {
         parts.headers.remove(COOKIE);
     }
-    for name in &UNKEYED {
-        if !rules.key_headers.contains(name) {
-            parts.headers.remove(name);
-        }
+    // One pass over the request's few headers (most are standard names, never in the
+    // list) rather than a removal per listed name.
+    let unkeyed: Vec<HeaderName> =
+        parts.headers.keys().filter(|name| UNKEYED.contains(name) && !rules.key_headers.contains(name)).cloned().collect();
+    for name in unkeyed {
+        parts.headers.remove(name);
     }
     let raw = parts.uri.query().unwrap_or("");
     let query = normalise_query(raw, &rules.ignore_query_params)

@@ -345,7 +345,7 @@ async fn hold_back_for_peers(job: &FetchJob, l2: &SharedTier) -> PeerOutcome {
             Lease::Acquired(token) => {
                 l2.unwatch_fill(&watch);
                 // A peer may have filled the key just before we asked.
-                if let Some(stored) = peer_fill(job).await.filter(|s| s.entry.is_fresh(SystemTime::now())) {
+                if let Some(stored) = peer_fill(job, true).await.filter(|s| s.entry.is_fresh(SystemTime::now())) {
                     l2.finish_lease(&job.key, &token, Announcement::Filled).await;
                     return PeerOutcome::Filled(stored);
                 }
@@ -359,7 +359,7 @@ async fn hold_back_for_peers(job: &FetchJob, l2: &SharedTier) -> PeerOutcome {
                 }
                 match tokio::time::timeout(lock_timeout.min(left), &mut watch.rx).await {
                     Ok(Ok(Announcement::Filled)) => {
-                        return match peer_fill(job).await {
+                        return match peer_fill(job, false).await {
                             Some(stored) => PeerOutcome::Filled(stored),
                             None => PeerOutcome::FetchAnyway,
                         };
@@ -374,10 +374,11 @@ async fn hold_back_for_peers(job: &FetchJob, l2: &SharedTier) -> PeerOutcome {
     }
 }
 
-/// This request's entry as a peer stored it in Redis (its variant, if the URL varies).
-async fn peer_fill(job: &FetchJob) -> Option<Stored> {
+/// This request's entry as a peer stored it in Redis (its variant, if the URL varies);
+/// a `recheck` follows this request's own lookup closely.
+async fn peer_fill(job: &FetchJob, recheck: bool) -> Option<Stored> {
     let pool = &job.route.pool;
-    let found = pool.lookup_shared(&job.primary, &job.parts.headers, &job.route.config.cache.key_headers, None).await?;
+    let found = pool.lookup_shared(&job.primary, &job.parts.headers, &job.route.config.cache.key_headers, None, recheck).await?;
     Some(Stored { key: found.key, entry: Arc::new(found.entry), marker: found.marker })
 }
 

@@ -206,20 +206,15 @@ impl SharedTier {
         self.read(key, true, self.timeout).await
     }
 
-    /// [`SharedTier::get`] with a shorter deadline (the rest of a lookup's budget).
-    pub async fn get_within(&self, key: &CacheKey, deadline: Duration) -> Option<Entry> {
-        self.read(key, true, deadline.min(self.timeout)).await
+    /// [`SharedTier::get`] with a shorter deadline (the rest of a lookup's budget);
+    /// without `report_corrupt`, a corrupt entry is a miss but not reported again.
+    pub async fn get_within(&self, key: &CacheKey, deadline: Duration, report_corrupt: bool) -> Option<Entry> {
+        self.read(key, report_corrupt, deadline.min(self.timeout)).await
     }
 
     /// The deadline of one call.
     pub fn timeout(&self) -> Duration {
         self.timeout
-    }
-
-    /// Looks `key` up again right after [`SharedTier::get`] (a lease holder's check): a
-    /// corrupt entry is a miss but is not reported a second time.
-    pub async fn recheck(&self, key: &CacheKey) -> Option<Entry> {
-        self.read(key, false, self.timeout).await
     }
 
     async fn read(&self, key: &CacheKey, report_corrupt: bool, deadline: Duration) -> Option<Entry> {
