@@ -1,5 +1,6 @@
-//! Criterion benches for the functions on the hit path: key building, entry encoding and
-//! decoding, and an L1 hit (lookup plus building the response).
+//! Criterion benches for the functions on the hit path: key building (with path and
+//! query normalisation), entry encoding and decoding, an L1 hit (lookup plus building
+//! the response), and an L1 hit on a URL whose responses vary.
 
 use std::hint::black_box;
 use std::time::{Duration, SystemTime};
@@ -79,5 +80,35 @@ fn l1_hit(c: &mut Criterion) {
     });
 }
 
-criterion_group!(benches, key_building, entry_codec, l1_hit);
+fn l1_variant_hit(c: &mut Criterion) {
+    let runtime = tokio::runtime::Builder::new_current_thread().enable_all().build().expect("runtime");
+    let tier = LocalTier::new(64 << 20);
+    let names = [http::header::ACCEPT_LANGUAGE];
+    let mut request = HeaderMap::new();
+    request.insert(http::header::ACCEPT_LANGUAGE, HeaderValue::from_static("de-DE,de;q=0.9,en;q=0.5"));
+    let primaries: Vec<CacheKey> =
+        (0..1000).map(|i| CacheKey::new("https", "shop.example", &format!("/products/{i}"), None, Encodings::Gzip)).collect();
+    runtime.block_on(async {
+        for primary in &primaries {
+            let key = primary.variant(&names, &request);
+            let variant = std::sync::Arc::new(entry(&key, 2048));
+            let marker = std::sync::Arc::new(Entry::variants_marker(primary.text.clone(), &names, &variant));
+            tier.insert_variant(primary, marker, &key, variant, 32).await;
+        }
+    });
+    let mut i = 0usize;
+    c.bench_function("l1/variant_hit_and_respond_2KiB", |b| {
+        b.to_async(&runtime).iter(|| {
+            i = (i + 1) % primaries.len();
+            let (primary, tier, request, names) = (&primaries[i], &tier, &request, &names);
+            async move {
+                let Some(bulwark::cache::Slot::Variants(variants)) = tier.get_slot(primary.hash).await else { panic!("warm variants") };
+                let entry = variants.find(&primary.variant(names, request)).expect("warm variant");
+                bulwark::proxy::respond::from_entry(&entry, false, true, SystemTime::now())
+            }
+        })
+    });
+}
+
+criterion_group!(benches, key_building, entry_codec, l1_hit, l1_variant_hit);
 criterion_main!(benches);

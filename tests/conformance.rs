@@ -307,6 +307,22 @@ async fn rfc9111_4_2_3_age_calculation() {
     assert!(age(&bulwark.get("/aged").await) >= 31, "resident time is added");
 }
 
+/// RFC 9110 section 6.6.1: a cached response without a valid `Date` gets the time it was
+/// received; an invalid `Date` does not make the response look old (RFC 9111 4.2.3).
+#[tokio::test]
+async fn rfc9110_6_6_1_stored_responses_get_a_date() {
+    let origin = Origin::start().await;
+    origin.set(|_| Reply::ok("x").header("date", "not a date"));
+    let bulwark = start(&origin, "", "").await;
+    bulwark.get("/d").await;
+    let hit = bulwark.get("/d").await;
+    assert_eq!(hit.cache_status(), HIT);
+    let date = hit.header("date").and_then(|d| httpdate::parse_http_date(d).ok()).expect("a valid Date");
+    let skew = SystemTime::now().duration_since(date).unwrap_or_default();
+    assert!(skew < Duration::from_secs(3), "{skew:?}");
+    assert!(hit.header("age").and_then(|a| a.parse::<u64>().ok()).is_some_and(|a| a <= 1));
+}
+
 // --- Request directives (RFC 9111 section 5.2.1) ------------------------------------
 
 fn etag_origin(origin: &Origin, cache_control: &'static str, age: &'static str) {

@@ -9,7 +9,7 @@ use std::time::SystemTime;
 
 use bytes::Bytes;
 use http::header::{
-    ACCEPT_ENCODING, AGE, CONTENT_LENGTH, IF_MATCH, IF_MODIFIED_SINCE, IF_NONE_MATCH, IF_RANGE, IF_UNMODIFIED_SINCE, RANGE, SET_COOKIE,
+    ACCEPT_ENCODING, AGE, CONTENT_LENGTH, DATE, IF_MATCH, IF_MODIFIED_SINCE, IF_NONE_MATCH, IF_RANGE, IF_UNMODIFIED_SINCE, RANGE, SET_COOKIE,
 };
 use http::{HeaderMap, HeaderValue, Method, Request, Response, StatusCode, Version, request, response};
 use http_body_util::{BodyExt, Empty};
@@ -196,6 +196,13 @@ fn build_stored(
     let route = &job.route;
     res_parts.headers.remove(AGE);
     res_parts.headers.insert(CONTENT_LENGTH, HeaderValue::from(body.len()));
+    // RFC 9110 section 6.6.1: a cached response without a (valid) Date gets the time it
+    // was received.
+    if policy::http_date(&res_parts.headers, DATE).is_none()
+        && let Ok(date) = HeaderValue::from_str(&httpdate::fmt_http_date(response_time))
+    {
+        res_parts.headers.insert(DATE, date);
+    }
     for name in &freshness.strip {
         res_parts.headers.remove(name);
     }
