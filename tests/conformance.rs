@@ -346,6 +346,19 @@ async fn rfc9111_5_2_1_4_request_no_cache_validates() {
     assert_eq!((got.cache_status(), got.text()), (REVALIDATED, "body v1"));
     assert_eq!(origin.count("/r"), 2);
     assert_eq!(bulwark.get("/r").await.cache_status(), HIT);
+    // The same with Redis: the copy in Redis is the one being validated, not an answer.
+    let redis = RedisServer::start();
+    let shared = Bulwark::start(&simple_config(&origin.url(), Some(&redis.url()), "")).await;
+    let host = ("host", "shop.example");
+    assert_eq!(shared.get_with("/rr", &[host]).await.cache_status(), STORED);
+    for _ in 0..200 {
+        if !redis.entries("bulwark:pdp:").is_empty() {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    assert_eq!(shared.get_with("/rr", &[host, ("cache-control", "no-cache")]).await.cache_status(), REVALIDATED);
+    assert_eq!(origin.count("/rr"), 2);
     // The route may be told to ignore the client's directives.
     let ignoring = start(&origin, "", "ignore_request_cache_control = true").await;
     ignoring.get("/i").await;
@@ -389,6 +402,25 @@ async fn rfc9111_5_2_1_2_request_max_stale() {
     assert_ne!(too_stale.cache_status(), HIT, "stale by 20 s, the client accepts 5 s");
     let must = bulwark.get_with("/must", &[("cache-control", "max-stale=60")]).await;
     assert_ne!(must.cache_status(), HIT, "must-revalidate wins over max-stale");
+}
+
+/// RFC 9111 section 5.2.1.4 under coalescing: a request that demanded validation is not
+/// answered with the stored copy when the origin is slow (as other waiters may be after
+/// `lock_timeout`); it waits for the origin's answer.
+#[tokio::test]
+async fn rfc9111_5_2_1_4_a_slow_origin_does_not_turn_no_cache_into_a_stale_hit() {
+    let origin = Origin::start().await;
+    let calls = Arc::new(AtomicUsize::new(0));
+    let seen = calls.clone();
+    origin.set(move |_| {
+        let n = seen.fetch_add(1, Ordering::SeqCst);
+        let reply = Reply::ok(format!("version {n}")).header("cache-control", "max-age=60");
+        if n == 0 { reply } else { reply.delay(Duration::from_millis(400)) }
+    });
+    let bulwark = start(&origin, "lock_timeout = \"100ms\"", "").await;
+    bulwark.get("/slow").await;
+    let validated = bulwark.get_with("/slow", &[("cache-control", "no-cache")]).await;
+    assert_eq!((validated.cache_status(), validated.text()), (STORED, "version 1"));
 }
 
 /// RFC 9111 section 5.2.1.7: `only-if-cached` gets a stored response or 504, and never
@@ -461,22 +493,70 @@ async fn rfc9111_4_1_vary_star_never_matches() {
 }
 
 /// RFC 9111 section 4.1 with the pool's `max_variants`: the set of variants per URL is
-/// bounded, so a header with many values cannot flood the cache.
+/// bounded; a new variant takes the place of the one stored longest ago, so a flood of
+/// rare values cannot keep the common ones out.
 #[tokio::test]
 async fn rfc9111_4_1_variants_per_url_are_bounded() {
     let origin = Origin::start().await;
     language_origin(&origin, Duration::ZERO);
     let bulwark = start(&origin, "max_variants = 2", "").await;
-    for lang in ["en", "de"] {
-        assert_eq!(bulwark.get_with("/b", &[("accept-language", lang)]).await.cache_status(), STORED);
+    let lang = |l: &'static str| [("accept-language", l)];
+    for l in ["en", "de"] {
+        assert_eq!(bulwark.get_with("/b", &lang(l)).await.cache_status(), STORED);
+        tokio::time::sleep(Duration::from_millis(5)).await;
     }
-    for _ in 0..2 {
-        let third = bulwark.get_with("/b", &[("accept-language", "fr")]).await;
-        assert_eq!((third.cache_status(), third.text()), (NOT_STORED, "page in fr"));
-    }
-    assert_eq!(bulwark.get_with("/b", &[("accept-language", "en")]).await.cache_status(), HIT);
+    let third = bulwark.get_with("/b", &lang("fr")).await;
+    assert_eq!((third.cache_status(), third.text()), (STORED, "page in fr"));
+    assert_eq!(bulwark.get_with("/b", &lang("fr")).await.cache_status(), HIT);
+    assert_eq!(bulwark.get_with("/b", &lang("de")).await.cache_status(), HIT, "the newer of the first two stays");
+    assert_eq!(bulwark.get_with("/b", &lang("en")).await.cache_status(), STORED, "the oldest made room");
+    assert_eq!(bulwark.get_with("/b", &lang("de")).await.cache_status(), STORED, "and now de, the oldest, did");
+    assert_eq!(origin.total(), 5);
 }
 
+/// RFC 9110 section 7.6.1 with RFC 9111 section 4.1: a header the client names in
+/// `Connection` does not reach the origin, so it must not select a variant either; and
+/// `Connection: host` cannot take `Host` away from the origin request.
+#[tokio::test]
+async fn connection_named_headers_cannot_poison_a_variant() {
+    let origin = Origin::start().await;
+    language_origin(&origin, Duration::ZERO);
+    let bulwark = start(&origin, "", "").await;
+    let poisoned = bulwark.get_with("/cn", &[("accept-language", "de"), ("connection", "accept-language, host")]).await;
+    assert_eq!(poisoned.text(), "page in none");
+    assert_eq!(header(&origin.last_request().0, "host").map(|h| h.starts_with("127.0.0.1")), Some(true), "Host was kept");
+    let german = bulwark.get_with("/cn", &[("accept-language", "de")]).await;
+    assert_eq!((german.cache_status(), german.text()), (STORED, "page in de"), "not served the page stored without the header");
+}
+
+/// A variants marker in Redis lives as long as its longest-lived variant, whichever was
+/// stored last.
+#[tokio::test]
+async fn a_variants_marker_outlives_every_variant() {
+    let redis = RedisServer::start();
+    let origin = Origin::start().await;
+    origin.set(|parts| {
+        let lang = header(parts, "accept-language").unwrap_or("none").to_owned();
+        let cc = if lang == "en" { "max-age=3600" } else { "max-age=5" };
+        Reply::ok(lang).header("vary", "Accept-Language").header("cache-control", cc)
+    });
+    let bulwark = Bulwark::start(&simple_config(&origin.url(), Some(&redis.url()), "stale_while_revalidate = \"0s\"\nstale_if_error = \"0s\"\nkeep_for_revalidation = \"0s\"")).await;
+    let host = ("host", "shop.example");
+    bulwark.get_with("/long", &[host, ("accept-language", "en")]).await;
+    bulwark.get_with("/long", &[host, ("accept-language", "de")]).await;
+    let primary = bulwark::cache::CacheKey::new("http", "shop.example", "/long", None, bulwark::cache::Encodings::Identity);
+    let marker_key = primary.redis_key("bulwark:pdp:");
+    let mut conn = redis.conn();
+    let mut ttl: i64 = 0;
+    for _ in 0..200 {
+        ttl = redis::cmd("PTTL").arg(&marker_key).query(&mut conn).expect("PTTL");
+        if redis.entries("bulwark:pdp:").len() >= 3 && ttl > 0 {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    assert!(ttl > 3_000_000, "marker expires in {ttl} ms, before the 3600 s variant");
+}
 /// RFC 9111 section 4.1 across replicas: variants are shared through the pool's Redis,
 /// found from another replica in one lookup budget.
 #[tokio::test]
@@ -677,8 +757,19 @@ async fn rfc9111_4_3_5_head_responses_update_or_invalidate_the_stored_get() {
     version.store(2, Ordering::SeqCst);
     let changed = bulwark.request(head()).await;
     assert_eq!(changed.header("etag"), Some("\"v2\""));
-    let refetched = bulwark.get("/hd").await;
-    assert_eq!((refetched.cache_status(), refetched.header("x-seen")), (STORED, Some("2")), "the stored v1 was invalidated");
+    // The stored v1 is now stale (not deleted): served once more while it is refreshed.
+    let stale = bulwark.get("/hd").await;
+    assert_eq!((stale.cache_status(), stale.header("x-seen")), ("bulwark; hit; fwd=stale; detail=stale-while-revalidate", Some("1")));
+    let mut refreshed = None;
+    for _ in 0..100 {
+        let got = bulwark.get("/hd").await;
+        if got.header("x-seen") == Some("2") {
+            refreshed = Some(got);
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    assert_eq!(refreshed.map(|g| g.cache_status().to_owned()).as_deref(), Some(HIT), "refreshed to v2 in the background");
 }
 
 // --- Targeted cache control (RFC 9213) -----------------------------------------------

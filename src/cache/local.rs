@@ -117,12 +117,12 @@ impl LocalTier {
         self.cache.insert(key.hash, Slot::Entry(entry)).await;
     }
 
-    /// Stores a variant with its marker. A URL holds at most `max` variants at once:
-    /// a new one beyond that is not stored (false) until others expire or are purged.
-    /// A marker naming other headers (the origin changed its `Vary`) starts afresh.
-    pub async fn insert_variant(&self, primary: &CacheKey, marker: Arc<Entry>, key: &CacheKey, entry: Arc<Entry>, max: usize) -> bool {
+    /// Stores a variant with its marker. A URL holds at most `max` variants at once: a
+    /// new one beyond that takes the place of the one stored longest ago (so a flood of
+    /// rare variants cannot keep the common ones out for long). A marker naming other
+    /// headers (the origin changed its `Vary`) starts afresh.
+    pub async fn insert_variant(&self, primary: &CacheKey, marker: Arc<Entry>, key: &CacheKey, entry: Arc<Entry>, max: usize) {
         let now = SystemTime::now();
-        let mut stored = true;
         self.cache
             .entry(primary.hash)
             .and_compute_with(|current| {
@@ -133,18 +133,16 @@ impl LocalTier {
                     }
                     _ => Vec::new(),
                 };
-                let op = if entries.len() >= max {
-                    stored = false;
-                    moka::ops::compute::Op::Nop
-                } else {
-                    entries.push((key.hash, entry.clone()));
-                    moka::ops::compute::Op::Put(Slot::Variants(Arc::new(Variants { marker: marker.clone(), entries })))
-                };
-                std::future::ready(op)
+                while entries.len() >= max.max(1) {
+                    let oldest = entries.iter().enumerate().min_by_key(|(_, (_, e))| e.response_time).map_or(0, |(i, _)| i);
+                    entries.swap_remove(oldest);
+                }
+                entries.push((key.hash, entry.clone()));
+                std::future::ready(moka::ops::compute::Op::Put(Slot::Variants(Arc::new(Variants { marker: marker.clone(), entries }))))
             })
             .await;
-        stored
     }
+
     /// Bytes held, by the weigher's count (updated by moka's housekeeping).
     pub fn weighted_size(&self) -> u64 {
         self.cache.weighted_size()
@@ -215,12 +213,39 @@ impl LocalTier {
             .await;
     }
 
-    /// Drops what is held under `hash` if it is older than `response_time` (another
-    /// replica stored a newer copy; for a URL with variants, all of them go and are
-    /// read again from Redis).
-    pub async fn drop_if_older(&self, hash: u128, response_time: SystemTime) {
-        if self.cache.get(&hash).await.is_some_and(|slot| slot.entries().any(|e| e.response_time < response_time)) {
-            self.cache.invalidate(&hash).await;
+    /// Drops the copy another replica replaced with a newer one: under `hash`, or for a
+    /// URL whose responses vary only its `variant`, if older than `response_time`.
+    pub async fn drop_if_older(&self, hash: u128, variant: Option<u128>, response_time: SystemTime) {
+        let Some(slot) = self.cache.get(&hash).await else { return };
+        match (&slot, variant) {
+            (Slot::Variants(v), Some(variant)) => {
+                if !v.entries.iter().any(|(h, e)| *h == variant && e.response_time < response_time) {
+                    return;
+                }
+                let seen = v.clone();
+                self.cache
+                    .entry(hash)
+                    .and_compute_with(|current| {
+                        let op = match current.as_ref().map(|c| c.value()) {
+                            Some(Slot::Variants(now)) if Arc::ptr_eq(now, &seen) => {
+                                let entries: Vec<(u128, Arc<Entry>)> = now.entries.iter().filter(|(h, _)| *h != variant).cloned().collect();
+                                if entries.is_empty() {
+                                    moka::ops::compute::Op::Remove
+                                } else {
+                                    moka::ops::compute::Op::Put(Slot::Variants(Arc::new(Variants { marker: now.marker.clone(), entries })))
+                                }
+                            }
+                            _ => moka::ops::compute::Op::Nop,
+                        };
+                        std::future::ready(op)
+                    })
+                    .await;
+            }
+            _ => {
+                if slot.entries().any(|e| e.response_time < response_time) {
+                    self.cache.invalidate(&hash).await;
+                }
+            }
         }
     }
 

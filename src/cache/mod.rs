@@ -99,22 +99,15 @@ impl Pool {
     /// route's `key_headers`), the request's variant is looked up: its key is returned
     /// even on a miss, so a fetch coalesces with requests for the same variant only.
     pub async fn lookup(&self, primary: &CacheKey, headers: &HeaderMap, key_headers: &[HeaderName]) -> Lookup {
-        let mut names = (!key_headers.is_empty()).then(|| key::merge_names(&[], key_headers));
-        let mut marker = None;
-        let local = match self.l1.get_slot(primary.hash).await {
-            Some(Slot::Entry(entry)) if entry.key == primary.text && key_headers.is_empty() => Some(entry),
+        let (local, marker, key) = match self.l1.get_slot(primary.hash).await {
+            Some(Slot::Entry(entry)) if entry.key == primary.text && key_headers.is_empty() => (Some(entry), None, primary.clone()),
             Some(Slot::Variants(v)) if v.marker.key == primary.text => {
-                let all = key::merge_names(&marker_names(&v.marker), key_headers);
-                let found = v.find(&primary.variant(&all, headers));
-                names = Some(all);
-                marker = Some(v.marker.clone());
-                found
+                let key = primary.variant(&key::merge_names(&marker_names(&v.marker), key_headers), headers);
+                (v.find(&key), Some(v.marker.clone()), key)
             }
-            _ => None,
-        };
-        let key = match &names {
-            Some(names) => primary.variant(names, headers),
-            None => primary.clone(),
+            // Nothing here yet: the route's key headers are the best guess of the variant.
+            _ if !key_headers.is_empty() => (None, None, primary.variant(&key::merge_names(&[], key_headers), headers)),
+            _ => (None, None, primary.clone()),
         };
         let now = std::time::SystemTime::now();
         if let Some(entry) = &local
@@ -122,7 +115,7 @@ impl Pool {
         {
             return Lookup { found: Some(Found { entry: entry.clone(), tier: Tier::L1 }), key };
         }
-        let known = marker.map(|m| (key.clone(), m));
+        let known = marker.clone().map(|m| (key.clone(), m));
         let shared = self.lookup_shared(primary, headers, key_headers, known, false).await;
         match (local, shared) {
             (Some(local), Some(shared)) if shared.entry.response_time <= local.response_time => {
@@ -184,7 +177,7 @@ impl Pool {
                         shared::Notice::Purge { target, soft } => {
                             l1.purge(&target, soft, std::time::SystemTime::now()).await;
                         }
-                        shared::Notice::Replaced { hash, response_time } => l1.drop_if_older(hash, response_time).await,
+                        shared::Notice::Replaced { hash, variant, response_time } => l1.drop_if_older(hash, variant, response_time).await,
                         shared::Notice::Resubscribed => {
                             tracing::info!("event subscription restored: clearing L1, invalidations may have been missed");
                             l1.clear();
@@ -210,31 +203,25 @@ impl Pool {
     }
 
     /// Stores in L1 only (a copy read from L2, or a fill while the lease holder writes
-    /// L2 itself). False when the URL already holds `max_variants` variants here.
-    pub async fn store_local(&self, primary: &CacheKey, stored: &Stored) -> bool {
+    /// L2 itself). A URL keeps at most `max_variants` variants here.
+    pub async fn store_local(&self, primary: &CacheKey, stored: &Stored) {
         match &stored.marker {
-            None => {
-                self.l1.insert(&stored.key, stored.entry.clone()).await;
-                true
-            }
+            None => self.l1.insert(&stored.key, stored.entry.clone()).await,
             Some(marker) => self.l1.insert_variant(primary, marker.clone(), &stored.key, stored.entry.clone(), self.config.max_variants).await,
         }
     }
 
     /// Stores in L1 now and in L2 in the background; with `replaces`, other replicas
-    /// are told to drop their older copies once it is written. False when not stored
-    /// (too many variants of the URL).
-    pub async fn store(&self, primary: &CacheKey, stored: &Stored, replaces: bool) -> bool {
-        if !self.store_local(primary, stored).await {
-            return false;
-        }
+    /// are told to drop their older copies once it is written.
+    pub async fn store(&self, primary: &CacheKey, stored: &Stored, replaces: bool) {
+        self.store_local(primary, stored).await;
         if let Some(l2) = &self.l2 {
             if let Some(marker) = &stored.marker {
                 l2.put_in_background(primary, marker.clone(), None);
             }
-            l2.put_in_background(&stored.key, stored.entry.clone(), replaces.then_some(primary.hash));
+            let announce = replaces.then(|| (primary.hash, stored.marker.as_ref().map(|_| stored.key.hash)));
+            l2.put_in_background(&stored.key, stored.entry.clone(), announce);
         }
-        true
     }
 
     /// Writes to L2 now (a lease holder, whose peers read it right after). False when
@@ -249,10 +236,12 @@ impl Pool {
         l2.put(&stored.key, &stored.entry).await
     }
 
-    /// Tells the other replicas a newer copy of what is held under `primary` was stored.
-    pub async fn announce_replacement(&self, primary: &CacheKey, entry: &Entry) {
+    /// Tells the other replicas a newer copy of `stored` was stored (of its variant only,
+    /// when the URL varies).
+    pub async fn announce_replacement(&self, primary: &CacheKey, stored: &Stored) {
         if let Some(l2) = &self.l2 {
-            l2.publish(&shared::Notice::Replaced { hash: primary.hash, response_time: entry.response_time }).await;
+            let variant = stored.marker.as_ref().map(|_| stored.key.hash);
+            l2.publish(&shared::Notice::Replaced { hash: primary.hash, variant, response_time: stored.entry.response_time }).await;
         }
     }
 

@@ -23,7 +23,7 @@ use crate::origin::is_failure_status;
 /// (host, path and method overrides): a client could store its own page under
 /// everyone's key with them, so they never reach the origin on a cacheable request
 /// unless the route puts them into the key (`key_headers`).
-static UNKEYED: [HeaderName; 12] = [
+static UNKEYED: [HeaderName; 15] = [
     HeaderName::from_static("forwarded"),
     HeaderName::from_static("x-forwarded-host"),
     HeaderName::from_static("x-forwarded-server"),
@@ -36,12 +36,20 @@ static UNKEYED: [HeaderName; 12] = [
     HeaderName::from_static("x-http-method-override"),
     HeaderName::from_static("x-http-method"),
     HeaderName::from_static("x-method-override"),
+    HeaderName::from_static("x-forwarded-ssl"),
+    HeaderName::from_static("front-end-https"),
+    HeaderName::from_static("x-url-scheme"),
 ];
 
-/// Applies the route's rules to a cacheable request: cookies stripped if asked, unkeyed
-/// headers removed, the query normalised without the ignored parameters (the origin is
-/// asked exactly what the key says). Returns the normalised query.
-fn prepare(rules: &CacheRules, parts: &mut request::Parts) -> Result<String, ProxyError> {
+/// Applies the route's rules to a cacheable request: hop-by-hop headers (and those
+/// `Connection` names) removed before anything is keyed on them, cookies stripped if
+/// asked, unkeyed headers removed, the query normalised without the ignored parameters
+/// (the origin is asked exactly what the key says). Returns the normalised query.
+pub(super) fn prepare(rules: &CacheRules, parts: &mut request::Parts) -> Result<String, ProxyError> {
+    // A header the client names in `Connection` never reaches the origin: it must not
+    // select a variant either, or the origin's answer without it would be stored as the
+    // answer with it.
+    super::forward::strip_hop_by_hop(&mut parts.headers);
     if rules.strip_cookies {
         parts.headers.remove(COOKIE);
     }
@@ -133,6 +141,7 @@ pub(super) async fn cache_aside(route: &Arc<RouteRuntime>, mut parts: request::P
         stored,
         encodings,
         background: false,
+        stale_on_wait: !directives.constrains(),
     };
     // RFC 9111 section 3.5: a stored response is not reused for an authenticated request;
     // the origin decides, and its answer may be stored if it says so explicitly. Not
@@ -144,7 +153,7 @@ pub(super) async fn cache_aside(route: &Arc<RouteRuntime>, mut parts: request::P
     let now = SystemTime::now();
     let cache_only = route.mode() == RouteMode::CacheOnly;
     let stale = lookup.found.as_ref().map(|found| found.entry.clone());
-    if let Some(Found { entry, tier }) = &lookup.found {
+    if let Some(Found { entry, tier, .. }) = &lookup.found {
         match choose(entry, now, &directives) {
             Choice::Fresh => {
                 if !cache_only && flight::should_refresh_early(entry, now) {
@@ -179,28 +188,31 @@ pub(super) async fn cache_aside(route: &Arc<RouteRuntime>, mut parts: request::P
         };
     }
     if let Some(entry) = stale.as_ref().filter(|_| head && directives.constrains()) {
-        let entry = entry.clone();
-        return validate_with_head(job(parts, lookup.key, Some(entry.clone())), &entry).await;
+        return validate_with_head(job(parts, lookup.key, stale.clone()), entry).await;
     }
     flight::miss(job(parts, lookup.key, stale.clone()), stale, head).await
 }
 
 /// A HEAD whose stored copy must be validated asks the origin with HEAD: nothing but
 /// headers moves either way. A 200 for the same representation updates the stored
-/// copy; one for another representation invalidates every stored variant of the URL,
-/// here and on every replica (RFC 9111 section 4.3.5).
+/// copy; one for another representation marks the URL's stored copies stale (a soft
+/// purge: here, in Redis and on every replica), so the next GET refreshes each once,
+/// shielded by coalescing and stale-while-revalidate, and nothing is deleted
+/// (RFC 9111 section 4.3.5).
 async fn validate_with_head(job: flight::FetchJob, stored: &Entry) -> (Response<ProxyBody>, Outcome) {
     let pool = job.route.pool.clone();
     match fetch::head(&job, stored).await {
         Ok(HeadAnswer::Updated(updated)) => {
-            let kept = pool.store(&job.primary, &updated, true).await;
-            (respond::from_entry(&updated.entry, true, true, SystemTime::now()), Outcome::Miss { stored: kept })
+            pool.store(&job.primary, &updated, true).await;
+            (respond::from_entry(&updated.entry, true, true, SystemTime::now()), Outcome::Miss { stored: true })
         }
         Ok(HeadAnswer::Invalidated(parts)) => {
-            let target = PurgeTarget::Url(url_part(&job.primary.text).to_owned());
-            // In its own task, like unsafe-method invalidation: a client that hangs up
-            // does not leave it half done.
-            let _ = tokio::spawn(async move { pool.purge(&target, false).await }).await;
+            if !stored.invalidated {
+                let target = PurgeTarget::Url(url_part(&job.primary.text).to_owned());
+                // In its own task, like unsafe-method invalidation: a client that hangs
+                // up does not leave it half done.
+                let _ = tokio::spawn(async move { pool.purge(&target, true).await }).await;
+            }
             (respond::streamed(parts, ProxyBody::empty(), true), Outcome::Miss { stored: false })
         }
         Ok(HeadAnswer::Other(parts)) => {

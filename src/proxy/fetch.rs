@@ -127,11 +127,9 @@ pub async fn fetch(job: &FetchJob, priority: Priority) -> Result<Fetched, ProxyE
 /// replaced, freshness computed anew, the body kept.
 fn refreshed(job: &FetchJob, policy_req: &request::Parts, stored: &Entry, update: response::Parts, request_time: SystemTime, response_time: SystemTime) -> Fetched {
     let mut merged = update;
-    merged.headers = revalidate::merge_headers(&stored.headers, &merged.headers);
-    merged.status = stored.status;
+    let tags = merge_update(job, stored, &mut merged);
     match policy::evaluate(policy_req, &merged, &job.route.pool.config, rules(&job.route), request_time, response_time) {
         Ok(freshness) => {
-            let tags = stored.tags.clone();
             let stored = build_stored(job, merged, stored.body.clone(), freshness, tags, request_time, response_time);
             Fetched::Storable { stored, revalidated: true }
         }
@@ -141,6 +139,20 @@ fn refreshed(job: &FetchJob, policy_req: &request::Parts, stored: &Entry, update
             Fetched::Streamed(merged, ProxyBody::full(stored.body.clone()))
         }
     }
+}
+
+/// Turns a 304 or HEAD answer into the stored response updated by it (RFC 9111 section
+/// 3.2): its purge tags taken out (they replace the stored ones when it has any), its
+/// `Set-Cookie` dropped when the route strips cookies, its fields merged into the
+/// stored ones, the stored status kept. Returns the tags.
+fn merge_update(job: &FetchJob, stored: &Entry, update: &mut response::Parts) -> Vec<String> {
+    let tags = take_tags(&mut update.headers, &job.route.pool.config.tag_header);
+    if job.route.config.cache.strip_cookies {
+        update.headers.remove(SET_COOKIE);
+    }
+    update.headers = revalidate::merge_headers(&stored.headers, &update.headers);
+    update.status = stored.status;
+    if tags.is_empty() { stored.tags.clone() } else { tags }
 }
 
 /// Evaluates a full response: stored when it may be and fits, else streamed through.
@@ -262,11 +274,13 @@ pub async fn head(job: &FetchJob, stored: &Entry) -> Result<HeadAnswer, ProxyErr
         return Ok(HeadAnswer::Invalidated(parts));
     }
     let mut merged = Response::new(()).into_parts().0;
-    merged.status = stored.status;
-    merged.headers = revalidate::merge_headers(&stored.headers, &parts.headers);
+    merged.headers = parts.headers.clone();
+    let tags = merge_update(job, stored, &mut merged);
+    // Not storable as updated (say, it now carries `Set-Cookie`): the stored copy is
+    // left as it was, neither updated nor invalidated.
     Ok(match policy::evaluate(&policy_req, &merged, &job.route.pool.config, rules(&job.route), request_time, response_time) {
-        Ok(freshness) => HeadAnswer::Updated(build_stored(job, merged, stored.body.clone(), freshness, stored.tags.clone(), request_time, response_time)),
-        Err(_) => HeadAnswer::Invalidated(parts),
+        Ok(freshness) => HeadAnswer::Updated(build_stored(job, merged, stored.body.clone(), freshness, tags, request_time, response_time)),
+        Err(_) => HeadAnswer::Other(parts),
     })
 }
 

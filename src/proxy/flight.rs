@@ -48,6 +48,9 @@ pub struct FetchJob {
     /// A copy was stored before: other replicas are told to drop theirs once the new
     /// one is written.
     pub replaces: bool,
+    /// Whether a stale copy may answer a request that waited `lock_timeout` (not when the
+    /// request itself demanded validation: `no-cache`, `max-age`, `min-fresh`).
+    pub stale_on_wait: bool,
 }
 
 impl FetchJob {
@@ -71,8 +74,7 @@ impl FetchJob {
 
 /// What the flight task hands its leader.
 enum LeaderResult {
-    /// The fetch's result, and whether a storable answer was kept.
-    Fetched(Result<Fetched, ProxyError>, bool),
+    Fetched(Result<Fetched, ProxyError>),
     /// The origin failed; its answer, read whole to share with the waiters.
     Answer(Arc<Answer>),
     /// Another replica filled the key while we held back.
@@ -102,7 +104,9 @@ pub async fn miss(job: FetchJob, stale: Option<Arc<Entry>>, head: bool) -> (Resp
             None => match waiting.ended() {
                 Some(fill) => fill,
                 None => {
-                    if let Some(served) = serve_stale(stale.as_deref(), head) {
+                    if job.stale_on_wait
+                        && let Some(served) = serve_stale(stale.as_deref(), head)
+                    {
                         return served;
                     }
                     join = pool.coalescer.take_over(job.key.hash, waiting.flight_id);
@@ -154,9 +158,10 @@ pub fn refresh_in_background(mut job: FetchJob) {
 async fn lead(job: FetchJob, guard: FlightGuard, stale: Option<Arc<Entry>>, head: bool) -> (Response<ProxyBody>, Outcome) {
     let (tx, rx) = oneshot::channel();
     let lock_timeout = job.route.pool.config.lock_timeout;
+    let stale_on_wait = job.stale_on_wait;
     tokio::spawn(run_flight(job, guard, Some(tx)));
     let now = SystemTime::now();
-    let result = if stale.as_ref().is_some_and(|e| e.within_stale_while_revalidate(now) || e.within_stale_if_error(now)) {
+    let result = if stale_on_wait && stale.as_ref().is_some_and(|e| e.within_stale_while_revalidate(now) || e.within_stale_if_error(now)) {
         match tokio::time::timeout(lock_timeout, rx).await {
             Ok(result) => result,
             Err(_) => return serve_stale(stale.as_deref(), head).unwrap_or_else(|| failed(&ProxyError::Internal("stale copy vanished"))),
@@ -170,7 +175,7 @@ async fn lead(job: FetchJob, guard: FlightGuard, stale: Option<Arc<Entry>>, head
             Some(served) => served,
             None => (respond::from_answer(&answer, head), Outcome::Miss { stored: false }),
         },
-        Ok(LeaderResult::Fetched(result, stored)) => answer(result, stale.as_deref(), head, stored),
+        Ok(LeaderResult::Fetched(result)) => answer(result, stale.as_deref(), head),
         Err(_) => failed(&ProxyError::Internal("the fetch task ended without an answer")),
     }
 }
@@ -179,17 +184,15 @@ async fn lead(job: FetchJob, guard: FlightGuard, stale: Option<Arc<Entry>>, head
 /// authenticated requests) and stores the answer if it may be stored.
 pub async fn direct(job: &FetchJob, stale: Option<&Entry>, head: bool) -> (Response<ProxyBody>, Outcome) {
     let result = job.fetch().await;
-    let mut stored = true;
-    if let Ok(Fetched::Storable { stored: entry, .. }) = &result {
+    if let Ok(Fetched::Storable { stored, .. }) = &result {
         job.route.pool.coalescer.forget_uncacheable(job.key.hash).await;
-        stored = job.route.pool.store(&job.primary, entry, stale.is_some()).await;
+        job.route.pool.store(&job.primary, stored, stale.is_some()).await;
     }
-    answer(result, stale, head, stored)
+    answer(result, stale, head)
 }
 
-/// The response for a fetch result, with a stale copy standing in for a failed origin;
-/// `stored` says whether a storable answer was kept.
-fn answer(result: Result<Fetched, ProxyError>, stale: Option<&Entry>, head: bool, stored: bool) -> (Response<ProxyBody>, Outcome) {
+/// The response for a fetch result, with a stale copy standing in for a failed origin.
+fn answer(result: Result<Fetched, ProxyError>, stale: Option<&Entry>, head: bool) -> (Response<ProxyBody>, Outcome) {
     match result {
         Ok(Fetched::Storable { stored: fetched, revalidated }) => {
             let entry = &fetched.entry;
@@ -199,7 +202,7 @@ fn answer(result: Result<Fetched, ProxyError>, stale: Option<&Entry>, head: bool
             // Age only when the response arrived already aged (it carried `Age`, or its
             // `Date` is in the past): a fresh fetch has age 0, which needs no header.
             let aged = entry.initial_age >= Duration::from_secs(1);
-            (respond::from_entry(entry, head, aged, SystemTime::now()), Outcome::Miss { stored })
+            (respond::from_entry(entry, head, aged, SystemTime::now()), Outcome::Miss { stored: true })
         }
         Ok(Fetched::Streamed(parts, body)) => {
             if is_failure_status(parts.status)
@@ -257,24 +260,23 @@ async fn run_flight(job: FetchJob, guard: FlightGuard, leader: Option<oneshot::S
             PeerOutcome::FetchAnyway => {}
         }
     }
-    let mut kept = false;
     let (fill, result) = match job.fetch().await {
         Ok(Fetched::Storable { stored, revalidated }) => {
-            kept = pool.store_local(&job.primary, &stored).await;
-            (Fill::Stored(stored.clone()), LeaderResult::Fetched(Ok(Fetched::Storable { stored, revalidated }), kept))
+            pool.store_local(&job.primary, &stored).await;
+            (Fill::Stored(stored.clone()), LeaderResult::Fetched(Ok(Fetched::Storable { stored, revalidated })))
         }
         Ok(Fetched::Streamed(parts, body)) if is_failure_status(parts.status) => {
             let status = parts.status;
             match read_answer(parts, body, job.route.origin.config.timeout).await {
                 Ok(answer) => (Fill::Failed { status, shed: false, answer: Some(answer.clone()) }, LeaderResult::Answer(answer)),
-                Err(result) => (Fill::Failed { status, shed: false, answer: None }, LeaderResult::Fetched(Ok(result), false)),
+                Err(result) => (Fill::Failed { status, shed: false, answer: None }, LeaderResult::Fetched(Ok(result))),
             }
         }
         Ok(streamed @ Fetched::Streamed(..)) => {
             pool.coalescer.remember_uncacheable(job.key.hash).await;
-            (Fill::Uncacheable, LeaderResult::Fetched(Ok(streamed), false))
+            (Fill::Uncacheable, LeaderResult::Fetched(Ok(streamed)))
         }
-        Err(err) => (Fill::Failed { status: err.status(), shed: err.is_shed(), answer: None }, LeaderResult::Fetched(Err(err), false)),
+        Err(err) => (Fill::Failed { status: err.status(), shed: err.is_shed(), answer: None }, LeaderResult::Fetched(Err(err))),
     };
     guard.complete(fill.clone());
     if let Some(tx) = leader {
@@ -282,13 +284,9 @@ async fn run_flight(job: FetchJob, guard: FlightGuard, leader: Option<oneshot::S
     }
     if let Some(l2) = &pool.l2 {
         let announcement = match &fill {
-            Fill::Stored(stored) if !kept => {
-                tracing::debug!(key = %stored.key.text, "too many variants of this URL: not stored");
-                Announcement::Uncacheable
-            }
             Fill::Stored(stored) if pool.store_shared_now(&job.primary, stored).await => {
                 if job.replaces {
-                    pool.announce_replacement(&job.primary, &stored.entry).await;
+                    pool.announce_replacement(&job.primary, stored).await;
                 }
                 Announcement::Filled
             }
@@ -346,6 +344,9 @@ async fn hold_back_for_peers(job: &FetchJob, l2: &SharedTier) -> PeerOutcome {
                 l2.unwatch_fill(&watch);
                 // A peer may have filled the key just before we asked.
                 if let Some(stored) = peer_fill(job, true).await.filter(|s| s.entry.is_fresh(SystemTime::now())) {
+                    // `peer_fill` returns only copies newer than the one this fetch
+                    // revalidates: the same copy would defeat a client's `no-cache` or an
+                    // early refresh.
                     l2.finish_lease(&job.key, &token, Announcement::Filled).await;
                     return PeerOutcome::Filled(stored);
                 }
@@ -374,11 +375,15 @@ async fn hold_back_for_peers(job: &FetchJob, l2: &SharedTier) -> PeerOutcome {
     }
 }
 
-/// This request's entry as a peer stored it in Redis (its variant, if the URL varies);
-/// a `recheck` follows this request's own lookup closely.
+/// This request's entry as a peer stored it in Redis (its variant, if the URL varies),
+/// if it is newer than the copy this fetch replaces; a `recheck` follows this request's
+/// own lookup closely.
 async fn peer_fill(job: &FetchJob, recheck: bool) -> Option<Stored> {
     let pool = &job.route.pool;
     let found = pool.lookup_shared(&job.primary, &job.parts.headers, &job.route.config.cache.key_headers, None, recheck).await?;
+    if job.stored.as_ref().is_some_and(|old| found.entry.response_time <= old.response_time) {
+        return None;
+    }
     Some(Stored { key: found.key, entry: Arc::new(found.entry), marker: found.marker })
 }
 

@@ -37,7 +37,9 @@ fn is_hop_by_hop(name: &HeaderName) -> bool {
         || name == http::header::PROXY_AUTHORIZATION
 }
 
-/// Removes hop-by-hop headers, including those that `Connection` names.
+/// Removes hop-by-hop headers, including those that `Connection` names (but never
+/// `Host`: a client naming it would have the origin answer for another host under this
+/// host's key).
 pub fn strip_hop_by_hop(headers: &mut HeaderMap) {
     let named: Vec<HeaderName> = headers
         .get_all(CONNECTION)
@@ -45,6 +47,7 @@ pub fn strip_hop_by_hop(headers: &mut HeaderMap) {
         .filter_map(|v| v.to_str().ok())
         .flat_map(|v| v.split(','))
         .filter_map(|name| HeaderName::from_bytes(name.trim().as_bytes()).ok())
+        .filter(|name| name != HOST)
         .collect();
     for name in named {
         headers.remove(name);

@@ -361,7 +361,12 @@ async fn serve(route: &Arc<RouteRuntime>, parts: request::Parts, body: Incoming,
         }
         let unsafe_method = matches!(parts.method, Method::POST | Method::PUT | Method::PATCH | Method::DELETE);
         let target = unsafe_method
-            .then(|| crate::cache::PurgeTarget::for_request(client.scheme, &client.host, parts.uri.path(), parts.uri.query()));
+            .then(|| {
+                // The URL as the key has it: without the route's ignored parameters.
+                let ignored = &route.config.cache.ignore_query_params;
+                let query = parts.uri.query().map(|q| crate::cache::key::normalise_query(q, ignored).map_or_else(|_| q.to_owned(), |n| n.into_owned()));
+                crate::cache::PurgeTarget::for_request(client.scheme, &client.host, parts.uri.path(), query.as_deref())
+            });
         return match fetch::pass_through(route, parts, body, client).await {
             Ok(res) => {
                 // RFC 9111 section 4.4: a successful unsafe request invalidates the target,

@@ -26,8 +26,9 @@ pub enum Notice {
     /// Purge what `target` covers (stored before the notice arrives, by the receiver's
     /// clock: the sender's may differ).
     Purge { target: PurgeTarget, soft: bool },
-    /// A replica stored a newer copy of this key: drop older ones.
-    Replaced { hash: u128, response_time: std::time::SystemTime },
+    /// A replica stored a newer copy of what is held under this (primary) key, or of
+    /// one of its variants: drop older ones.
+    Replaced { hash: u128, variant: Option<u128>, response_time: std::time::SystemTime },
     /// The subscription came back after a gap: messages may have been lost.
     Resubscribed,
 }
@@ -44,9 +45,12 @@ impl Notice {
                 };
                 Some(format!("purge:{sender:016x}:{}:{target}", u8::from(*soft)))
             }
-            Notice::Replaced { hash, response_time } => {
+            Notice::Replaced { hash, variant, response_time } => {
                 let ms = response_time.duration_since(std::time::UNIX_EPOCH).map_or(0, |d| d.as_millis());
-                Some(format!("inv:{sender:016x}:{hash:032x}:{ms}"))
+                Some(match variant {
+                    Some(variant) => format!("inv:{sender:016x}:{hash:032x}:{ms}:{variant:032x}"),
+                    None => format!("inv:{sender:016x}:{hash:032x}:{ms}"),
+                })
             }
             Notice::Resubscribed => None,
         }
@@ -71,9 +75,13 @@ impl Notice {
             };
             Notice::Purge { target, soft }
         } else {
-            let hash = hash(parts.next()?)?;
+            let primary = hash(parts.next()?)?;
             let ms = parts.next()?.parse::<u64>().ok()?;
-            Notice::Replaced { hash, response_time: std::time::UNIX_EPOCH + Duration::from_millis(ms) }
+            let variant = match parts.next() {
+                Some(v) => Some(hash(v)?),
+                None => None,
+            };
+            Notice::Replaced { hash: primary, variant, response_time: std::time::UNIX_EPOCH + Duration::from_millis(ms) }
         };
         Some((sender, notice))
     }
@@ -291,8 +299,9 @@ mod tests {
     fn notices_round_trip_and_a_replica_skips_its_own() {
         let url = Notice::Purge { target: PurgeTarget::Url("http://shop.example/a?b=1".into()), soft: true };
         let tag = Notice::Purge { target: PurgeTarget::Tag("cat:7".into()), soft: false };
-        let inv = Notice::Replaced { hash: 42, response_time: std::time::UNIX_EPOCH + Duration::from_millis(1234) };
-        for notice in [url, tag, inv] {
+        let inv = Notice::Replaced { hash: 42, variant: None, response_time: std::time::UNIX_EPOCH + Duration::from_millis(1234) };
+        let inv_variant = Notice::Replaced { hash: 42, variant: Some(u128::MAX - 3), response_time: std::time::UNIX_EPOCH + Duration::from_millis(1234) };
+        for notice in [url, tag, inv, inv_variant] {
             let message = notice.message(7).expect("a message");
             assert_eq!(Notice::parse(&message), Some((7, notice)));
         }

@@ -43,6 +43,13 @@ redis.call('zremrangebyscore', KEYS[1], '-inf', ARGV[3]) \
 if redis.call('pttl', KEYS[1]) < tonumber(ARGV[4]) then redis.call('pexpire', KEYS[1], ARGV[4]) end \
 return 1";
 
+/// Writes a variants marker, keeping the longer of its current and its new expiry: a
+/// short-lived variant stored last must not make the marker expire before a long-lived
+/// one, which would then be unreachable.
+const SET_MARKER: &str = "local ttl = tonumber(ARGV[2]) \
+if redis.call('pttl', KEYS[1]) > ttl then ttl = redis.call('pttl', KEYS[1]) end \
+redis.call('set', KEYS[1], ARGV[1], 'PX', ttl) return 1";
+
 /// Deletes a key only if it still holds the given (corrupt) value, so a fresh entry
 /// written meanwhile, here or by another replica, survives.
 const DELETE_IF_UNCHANGED: &str = "if redis.call('get', KEYS[1]) == ARGV[1] then return redis.call('del', KEYS[1]) else return 0 end";
@@ -257,9 +264,9 @@ impl SharedTier {
     }
 
     /// Writes `entry` in the background (encoding included), to expire when it is no
-    /// longer useful; then, with `announce`, tells the other replicas to drop their
-    /// older copies held under that (primary) hash.
-    pub fn put_in_background(&self, key: &CacheKey, entry: Arc<Entry>, announce: Option<u128>) {
+    /// longer useful; then, with `announce` (a primary hash and the variant hash, if
+    /// any), tells the other replicas to drop their older copies.
+    pub fn put_in_background(&self, key: &CacheKey, entry: Arc<Entry>, announce: Option<(u128, Option<u128>)>) {
         if self.health.is_open() {
             return;
         }
@@ -277,7 +284,7 @@ impl SharedTier {
                 metrics.redis_error(RedisOp::Set);
                 return;
             }
-            if let Some(message) = announce.and_then(|hash| Notice::Replaced { hash, response_time: entry.response_time }.message(sender)) {
+            if let Some(message) = announce.and_then(|(hash, variant)| Notice::Replaced { hash, variant, response_time: entry.response_time }.message(sender)) {
                 let mut conn = writes.conn();
                 let _ = guarded(&health, &writes, deadline, conn.publish::<_, _, i64>(&channel, message)).await;
             }
@@ -397,7 +404,11 @@ async fn write(health: &Arc<Health>, link: &Arc<Link>, deadline: Duration, prefi
         return true;
     }
     let expires_ms = unix_millis(now).saturating_add(ttl_ms);
-    let set = redis::Cmd::pset_ex(redis_key, entry.encode().as_ref(), ttl_ms);
+    let set = if entry.variants {
+        redis::cmd("EVAL").arg(SET_MARKER).arg(1).arg(redis_key).arg(entry.encode().as_ref()).arg(ttl_ms).clone()
+    } else {
+        redis::Cmd::pset_ex(redis_key, entry.encode().as_ref(), ttl_ms)
+    };
     let indexes: Vec<redis::Cmd> = PurgeTarget::of_entry(&entry.key, &entry.tags)
         .iter()
         .map(|target| {
