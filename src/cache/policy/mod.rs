@@ -85,38 +85,31 @@ impl Directives {
     /// 4.2.1: the most restrictive reading).
     pub fn parse(headers: &HeaderMap) -> Directives {
         let mut d = Directives::default();
-        for value in headers.get_all(CACHE_CONTROL) {
-            let Ok(text) = value.to_str() else { continue };
-            for item in split_directives(text) {
-                let (name, arg) = match item.split_once('=') {
-                    Some((n, a)) => (n.trim(), Some(a.trim().trim_matches('"'))),
-                    None => (item.trim(), None),
-                };
-                let seconds = |slot: &mut Option<u64>| {
-                    let parsed = delta_seconds(arg);
-                    *slot = Some(match *slot {
-                        Some(previous) if previous != parsed => 0,
-                        _ => parsed,
-                    });
-                };
-                match name.to_ascii_lowercase().as_str() {
-                    "no-store" => d.no_store = true,
-                    "no-cache" => match arg {
-                        Some(fields) if !fields.is_empty() => {
-                            d.no_cache_fields.extend(fields.split(',').map(|f| f.trim().to_ascii_lowercase()).filter(|f| !f.is_empty()));
-                        }
-                        _ => d.no_cache = true,
-                    },
-                    "private" => d.private = true,
-                    "public" => d.public = true,
-                    "must-revalidate" => d.must_revalidate = true,
-                    "proxy-revalidate" => d.proxy_revalidate = true,
-                    "max-age" => seconds(&mut d.max_age),
-                    "s-maxage" => seconds(&mut d.s_maxage),
-                    "stale-while-revalidate" => seconds(&mut d.stale_while_revalidate),
-                    "stale-if-error" => seconds(&mut d.stale_if_error),
-                    _ => {}
-                }
+        for (name, arg) in each_directive(headers) {
+            let seconds = |slot: &mut Option<u64>| {
+                let parsed = delta_seconds(arg);
+                *slot = Some(match *slot {
+                    Some(previous) if previous != parsed => 0,
+                    _ => parsed,
+                });
+            };
+            match name.as_str() {
+                "no-store" => d.no_store = true,
+                "no-cache" => match arg {
+                    Some(fields) if !fields.is_empty() => {
+                        d.no_cache_fields.extend(fields.split(',').map(|f| f.trim().to_ascii_lowercase()).filter(|f| !f.is_empty()));
+                    }
+                    _ => d.no_cache = true,
+                },
+                "private" => d.private = true,
+                "public" => d.public = true,
+                "must-revalidate" => d.must_revalidate = true,
+                "proxy-revalidate" => d.proxy_revalidate = true,
+                "max-age" => seconds(&mut d.max_age),
+                "s-maxage" => seconds(&mut d.s_maxage),
+                "stale-while-revalidate" => seconds(&mut d.stale_while_revalidate),
+                "stale-if-error" => seconds(&mut d.stale_if_error),
+                _ => {}
             }
         }
         d
@@ -135,6 +128,15 @@ fn delta_seconds(arg: Option<&str>) -> u64 {
         }
         _ => 0,
     }
+}
+
+/// Every directive of every `Cache-Control` field line: its name, lowercase, and its
+/// argument, unquoted. Field lines that are not text are skipped.
+fn each_directive(headers: &HeaderMap) -> impl Iterator<Item = (String, Option<&str>)> {
+    headers.get_all(CACHE_CONTROL).iter().filter_map(|v| v.to_str().ok()).flat_map(split_directives).map(|item| match item.split_once('=') {
+        Some((n, a)) => (n.trim().to_ascii_lowercase(), Some(a.trim().trim_matches('"'))),
+        None => (item.trim().to_ascii_lowercase(), None),
+    })
 }
 
 /// Splits on commas that are not inside a quoted string.
@@ -309,22 +311,15 @@ impl RequestDirectives {
     /// (the most cautious reading for `max-age`; `max-stale=invalid` allows nothing).
     pub fn parse(headers: &HeaderMap) -> RequestDirectives {
         let mut d = RequestDirectives::default();
-        for value in headers.get_all(CACHE_CONTROL) {
-            let Ok(text) = value.to_str() else { continue };
-            for item in split_directives(text) {
-                let (name, arg) = match item.split_once('=') {
-                    Some((n, a)) => (n.trim(), Some(a.trim().trim_matches('"'))),
-                    None => (item.trim(), None),
-                };
-                match name.to_ascii_lowercase().as_str() {
-                    "no-cache" => d.no_cache = true,
-                    "no-store" => d.no_store = true,
-                    "only-if-cached" => d.only_if_cached = true,
-                    "max-age" => d.max_age = Some(d.max_age.map_or(delta_seconds(arg), |m| m.min(delta_seconds(arg)))),
-                    "max-stale" => d.max_stale = Some(arg.map(|a| delta_seconds(Some(a)))),
-                    "min-fresh" => d.min_fresh = Some(d.min_fresh.unwrap_or(0).max(delta_seconds(arg))),
-                    _ => {}
-                }
+        for (name, arg) in each_directive(headers) {
+            match name.as_str() {
+                "no-cache" => d.no_cache = true,
+                "no-store" => d.no_store = true,
+                "only-if-cached" => d.only_if_cached = true,
+                "max-age" => d.max_age = Some(d.max_age.map_or(delta_seconds(arg), |m| m.min(delta_seconds(arg)))),
+                "max-stale" => d.max_stale = Some(arg.map(|a| delta_seconds(Some(a)))),
+                "min-fresh" => d.min_fresh = Some(d.min_fresh.unwrap_or(0).max(delta_seconds(arg))),
+                _ => {}
             }
         }
         d
