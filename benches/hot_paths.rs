@@ -49,7 +49,7 @@ fn key_building(c: &mut Criterion) {
 }
 
 fn entry_codec(c: &mut Criterion) {
-    let key = CacheKey::new("https", "shop.example", "/products/1", None, Encodings::Gzip);
+    let key = CacheKey::new("https", "shop.example", "/products/1", None, Encodings::GZIP);
     let entry = entry(&key, 2048);
     let encoded = entry.encode();
     c.bench_function("entry/encode_2KiB", |b| b.iter(|| black_box(&entry).encode()));
@@ -60,7 +60,7 @@ fn l1_hit(c: &mut Criterion) {
     let runtime = tokio::runtime::Builder::new_current_thread().enable_all().build().expect("runtime");
     let tier = LocalTier::new(64 << 20);
     let keys: Vec<CacheKey> =
-        (0..1000).map(|i| CacheKey::new("https", "shop.example", &format!("/products/{i}"), None, Encodings::Gzip)).collect();
+        (0..1000).map(|i| CacheKey::new("https", "shop.example", &format!("/products/{i}"), None, Encodings::GZIP)).collect();
     runtime.block_on(async {
         for key in &keys {
             tier.insert(key, std::sync::Arc::new(entry(key, 2048))).await;
@@ -87,7 +87,7 @@ fn l1_variant_hit(c: &mut Criterion) {
     let mut request = HeaderMap::new();
     request.insert(http::header::ACCEPT_LANGUAGE, HeaderValue::from_static("de-DE,de;q=0.9,en;q=0.5"));
     let primaries: Vec<CacheKey> =
-        (0..1000).map(|i| CacheKey::new("https", "shop.example", &format!("/products/{i}"), None, Encodings::Gzip)).collect();
+        (0..1000).map(|i| CacheKey::new("https", "shop.example", &format!("/products/{i}"), None, Encodings::GZIP)).collect();
     runtime.block_on(async {
         for primary in &primaries {
             let key = primary.variant(&names, &request);

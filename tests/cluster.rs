@@ -141,7 +141,7 @@ async fn coalescing_and_corrupt_entries_on_a_cluster() {
     assert!(origin.total() <= 22, "origin saw {} requests for 20 keys", origin.total());
 
     // A corrupt entry of this format version: a miss, deleted, counted, never served.
-    let key = bulwark::cache::CacheKey::new("http", "shop.example", "/corrupt", None, bulwark::cache::Encodings::Identity);
+    let key = bulwark::cache::CacheKey::new("http", "shop.example", "/corrupt", None, bulwark::cache::Encodings::IDENTITY);
     let name = format!("bulwark:pdp:v2:{{{:032x}}}", key.hash);
     let client = redis::cluster::ClusterClient::new(cluster.urls()).expect("cluster client");
     let mut conn = client.get_async_connection().await.expect("cluster connection");

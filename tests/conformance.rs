@@ -483,6 +483,37 @@ async fn rfc9111_4_1_variants_are_stored_and_selected_by_vary() {
     assert_eq!(origin.total(), 3);
 }
 
+/// RFC 9111 section 4.1 with `Accept-Encoding`: the client's codings are reduced to those
+/// the origin can produce (`content_codings`), so clients differing only in codings the
+/// origin never uses share one variant; the origin is asked for exactly that set.
+#[tokio::test]
+async fn rfc9111_4_1_accept_encoding_is_reduced_to_what_the_origin_produces() {
+    let origin = Origin::start().await;
+    origin.set(|parts| Reply::ok(format!("coded for {}", header(parts, "accept-encoding").unwrap_or("-"))).header("vary", "Accept-Encoding"));
+    let gzip_only = Bulwark::start(&config(&origin, "", "").replace("timeout = \"5s\"", "timeout = \"5s\"\ncontent_codings = [\"gzip\"]")).await;
+    let first = gzip_only.get_with("/ae", &[("accept-encoding", "br, gzip, zstd")]).await;
+    assert_eq!((first.cache_status(), first.text()), (STORED, "coded for gzip"));
+    assert_eq!(gzip_only.get_with("/ae", &[("accept-encoding", "gzip;q=0.5")]).await.cache_status(), HIT);
+    assert_eq!(gzip_only.get_with("/ae", &[("accept-encoding", "br")]).await.text(), "coded for identity");
+    let zstd = Bulwark::start(&config(&origin, "", "").replace("timeout = \"5s\"", "timeout = \"5s\"\ncontent_codings = [\"zstd\", \"br\"]")).await;
+    assert_eq!(zstd.get_with("/ae", &[("accept-encoding", "gzip, zstd, br")]).await.text(), "coded for br, zstd");
+    assert_eq!(zstd.get_with("/ae", &[("accept-encoding", "zstd;q=0, br")]).await.text(), "coded for br");
+}
+
+/// Purge tags are for this cache only: the tag header never reaches clients, stored or not.
+#[tokio::test]
+async fn purge_tags_never_reach_clients() {
+    let origin = Origin::start().await;
+    origin.set(|parts| {
+        let reply = Reply::ok("x").header("surrogate-key", "product-1 category-2");
+        if parts.uri.path() == "/uncached" { reply.header("cache-control", "no-store") } else { reply }
+    });
+    let bulwark = start(&origin, "", "").await;
+    for path in ["/cached", "/cached", "/uncached"] {
+        assert_eq!(bulwark.get(path).await.header("surrogate-key"), None, "{path}");
+    }
+}
+
 /// RFC 9111 section 4.1: `Vary: *` never matches, so such a response is not stored.
 #[tokio::test]
 async fn rfc9111_4_1_vary_star_never_matches() {
@@ -544,7 +575,7 @@ async fn a_variants_marker_outlives_every_variant() {
     let host = ("host", "shop.example");
     bulwark.get_with("/long", &[host, ("accept-language", "en")]).await;
     bulwark.get_with("/long", &[host, ("accept-language", "de")]).await;
-    let primary = bulwark::cache::CacheKey::new("http", "shop.example", "/long", None, bulwark::cache::Encodings::Identity);
+    let primary = bulwark::cache::CacheKey::new("http", "shop.example", "/long", None, bulwark::cache::Encodings::IDENTITY);
     let marker_key = primary.redis_key("bulwark:pdp:");
     let mut conn = redis.conn();
     let mut ttl: i64 = 0;

@@ -142,8 +142,8 @@ proptest! {
         for _ in 0..dots {
             spelled = spelled.replacen('/', "/./detour/../", 1);
         }
-        let a = CacheKey::new("http", "h", &plain, None, Encodings::Gzip);
-        let b = CacheKey::new("http", "h", &spelled, None, Encodings::Gzip);
+        let a = CacheKey::new("http", "h", &plain, None, Encodings::GZIP);
+        let b = CacheKey::new("http", "h", &spelled, None, Encodings::GZIP);
         prop_assert_eq!(a, b, "{} vs {}", plain, spelled);
     }
 
@@ -155,8 +155,8 @@ proptest! {
         for i in 0..n {
             shuffled.swap(i, (seed as usize).wrapping_add(i * 13) % n.max(1));
         }
-        let a = CacheKey::new("http", "h", "/p", Some(&pairs.join("&")), Encodings::Identity);
-        let b = CacheKey::new("http", "h", "/p", Some(&format!("&{}&", shuffled.join("&"))), Encodings::Identity);
+        let a = CacheKey::new("http", "h", "/p", Some(&pairs.join("&")), Encodings::IDENTITY);
+        let b = CacheKey::new("http", "h", "/p", Some(&format!("&{}&", shuffled.join("&"))), Encodings::IDENTITY);
         prop_assert_eq!(a, b);
     }
 
@@ -181,7 +181,7 @@ proptest! {
 
     #[test]
     fn variant_keys_ignore_whitespace_and_case_of_case_insensitive_fields(langs in proptest::collection::vec("[a-z]{2}(-[A-Z]{2})?", 1..4), spaces in proptest::collection::vec(0usize..3, 4)) {
-        let primary = CacheKey::new("http", "h", "/p", None, Encodings::Gzip);
+        let primary = CacheKey::new("http", "h", "/p", None, Encodings::GZIP);
         let names = [http::header::ACCEPT_LANGUAGE];
         let tidy = langs.join(",");
         let loose: String = langs
@@ -199,7 +199,7 @@ proptest! {
 
     #[test]
     fn arbitrary_header_values_make_variant_keys_without_panicking(value in proptest::collection::vec(any::<u8>(), 0..200)) {
-        let primary = CacheKey::new("http", "h", "/p", None, Encodings::Identity);
+        let primary = CacheKey::new("http", "h", "/p", None, Encodings::IDENTITY);
         let mut headers = HeaderMap::new();
         if let Ok(v) = HeaderValue::from_bytes(&value) {
             headers.insert("x-any", v);

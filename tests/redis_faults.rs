@@ -13,7 +13,7 @@ use support::{Bulwark, Origin, RedisServer, simple_config};
 const HOST: [(&str, &str); 1] = [("host", "shop.example")];
 
 fn redis_key(path: &str) -> String {
-    CacheKey::new("http", "shop.example", path, None, Encodings::Identity).redis_key("bulwark:pdp:")
+    CacheKey::new("http", "shop.example", path, None, Encodings::IDENTITY).redis_key("bulwark:pdp:")
 }
 
 async fn wait_until(what: &str, limit: Duration, mut condition: impl AsyncFnMut() -> bool) {

@@ -262,7 +262,7 @@ mod tests {
         assert_eq!(leaders.len() as u32, MAX_TAKEOVERS);
         let Join::Waiter(mut late) = c.join(9) else { panic!("waiter") };
         let entry = Arc::new(crate::cache::entry::tests::sample());
-        let key = crate::cache::CacheKey::new("http", "h", "/", None, crate::cache::Encodings::Identity);
+        let key = crate::cache::CacheKey::new("http", "h", "/", None, crate::cache::Encodings::IDENTITY);
         first.complete(Fill::Stored(crate::cache::Stored { key, entry, marker: None }));
         assert!(matches!(late.wait(Duration::from_millis(5)).await, Some(Fill::Stored(_))), "the first leader's fill serves the current flight");
     }

@@ -136,20 +136,51 @@ pub fn normalise_query<'a>(query: &'a str, ignored: &[ParamPattern]) -> Result<C
     Ok(Cow::Owned(out))
 }
 
-/// The content codings a client accepts, reduced to the few the cache keeps apart, so
-/// that the many spellings of `Accept-Encoding` do not multiply the stored variants.
+/// A set of content codings among the few the cache keeps apart (gzip, br, zstd): what a
+/// client accepts, reduced to what its origin produces, so that the many spellings of
+/// `Accept-Encoding`, and codings the origin would never use, do not multiply the
+/// stored variants.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
-pub enum Encodings {
-    Identity,
-    Gzip,
-    Br,
-    BrGzip,
-}
+pub struct Encodings(u8);
 
 impl Encodings {
+    pub const IDENTITY: Encodings = Encodings(0);
+    pub const GZIP: Encodings = Encodings(1);
+    pub const BR: Encodings = Encodings(2);
+    pub const BR_GZIP: Encodings = Encodings(3);
+    pub const ZSTD: Encodings = Encodings(4);
+    /// What an origin is taken to produce unless its `content_codings` say otherwise.
+    pub const ORIGIN_DEFAULT: Encodings = Encodings::BR_GZIP;
+    const KEY: [&'static str; 8] = ["identity", "gzip", "br", "br,gzip", "zstd", "gzip,zstd", "br,zstd", "br,gzip,zstd"];
+    const HEADER: [&'static str; 8] = ["identity", "gzip", "br", "br, gzip", "zstd", "gzip, zstd", "br, zstd", "br, gzip, zstd"];
+
+    /// Every set of codings, for finding all of a URL's primary keys.
+    pub fn all_sets() -> impl Iterator<Item = Encodings> {
+        (0..8).map(Encodings)
+    }
+
+    /// One coding by name (`gzip`, `br`, `zstd`), for configuration.
+    pub fn named(name: &str) -> Option<Encodings> {
+        match name.to_ascii_lowercase().as_str() {
+            "gzip" => Some(Encodings::GZIP),
+            "br" => Some(Encodings::BR),
+            "zstd" => Some(Encodings::ZSTD),
+            _ => None,
+        }
+    }
+
+    pub fn union(self, other: Encodings) -> Encodings {
+        Encodings(self.0 | other.0)
+    }
+
+    /// The codings of this set that `produced` also holds.
+    pub fn within(self, produced: Encodings) -> Encodings {
+        Encodings(self.0 & produced.0)
+    }
+
     /// Reduces the `Accept-Encoding` field lines; codings with `q=0` are not accepted.
     pub fn from_headers<'a>(values: impl IntoIterator<Item = &'a HeaderValue>) -> Encodings {
-        let (mut gzip, mut br) = (false, false);
+        let mut set = 0u8;
         let items = values.into_iter().filter_map(|v| v.to_str().ok()).flat_map(|text| text.split(','));
         for item in items {
             let mut parts = item.split(';');
@@ -164,42 +195,27 @@ impl Encodings {
                 continue;
             }
             if coding.eq_ignore_ascii_case("gzip") || coding.eq_ignore_ascii_case("x-gzip") {
-                gzip = true;
+                set |= Encodings::GZIP.0;
             } else if coding.eq_ignore_ascii_case("br") {
-                br = true;
+                set |= Encodings::BR.0;
+            } else if coding.eq_ignore_ascii_case("zstd") {
+                set |= Encodings::ZSTD.0;
             } else if coding == "*" {
-                gzip = true;
-                br = true;
+                set |= 7;
             }
         }
-        match (br, gzip) {
-            (true, true) => Encodings::BrGzip,
-            (true, false) => Encodings::Br,
-            (false, true) => Encodings::Gzip,
-            (false, false) => Encodings::Identity,
-        }
+        Encodings(set)
     }
 
     /// The `Accept-Encoding` sent to the origin, so its answer fits every client in the
     /// group (`identity` explicitly: with no header the origin may pick any coding).
     pub fn header_value(self) -> HeaderValue {
-        HeaderValue::from_static(match self {
-            Encodings::Identity => "identity",
-            Encodings::Gzip => "gzip",
-            Encodings::Br => "br",
-            Encodings::BrGzip => "br, gzip",
-        })
+        HeaderValue::from_static(Encodings::HEADER[usize::from(self.0 & 7)])
     }
 
     fn as_str(self) -> &'static str {
-        match self {
-            Encodings::Identity => "identity",
-            Encodings::Gzip => "gzip",
-            Encodings::Br => "br",
-            Encodings::BrGzip => "br,gzip",
-        }
+        Encodings::KEY[usize::from(self.0 & 7)]
     }
-
 }
 
 /// A cache key: its full text (kept in the entry to rule out hash collisions) and hash.
@@ -394,23 +410,26 @@ mod tests {
 
     #[test]
     fn accept_encoding_groups() {
-        assert_eq!(Encodings::from_headers([]), Encodings::Identity);
+        assert_eq!(Encodings::from_headers([]), Encodings::IDENTITY);
         let two_lines = [HeaderValue::from_static("gzip"), HeaderValue::from_static("br")];
-        assert_eq!(Encodings::from_headers(&two_lines), Encodings::BrGzip);
-        assert_eq!(ae("gzip, deflate, br"), Encodings::BrGzip);
-        assert_eq!(ae("gzip;q=1.0, br;q=0"), Encodings::Gzip);
-        assert_eq!(ae("BR"), Encodings::Br);
-        assert_eq!(ae("deflate"), Encodings::Identity);
-        assert_eq!(ae("*"), Encodings::BrGzip);
+        assert_eq!(Encodings::from_headers(&two_lines), Encodings::BR_GZIP);
+        assert_eq!(ae("gzip, deflate, br"), Encodings::BR_GZIP);
+        assert_eq!(ae("gzip;q=1.0, br;q=0"), Encodings::GZIP);
+        assert_eq!(ae("BR"), Encodings::BR);
+        assert_eq!(ae("deflate"), Encodings::IDENTITY);
+        assert_eq!(ae("*"), Encodings::BR_GZIP.union(Encodings::ZSTD));
+        assert_eq!(ae("zstd, br, gzip").within(Encodings::ORIGIN_DEFAULT), Encodings::BR_GZIP, "reduced to what the origin produces");
+        assert_eq!(ae("br").within(Encodings::GZIP), Encodings::IDENTITY);
+        assert_eq!(ae("zstd, gzip").within(Encodings::ZSTD).header_value(), "zstd");
     }
 
     #[test]
     fn query_order_does_not_split_the_cache() {
-        let a = CacheKey::new("http", "shop.example", "/p/1", Some("b=2&a=1"), Encodings::Gzip);
-        let b = CacheKey::new("http", "shop.example", "/p/1", Some("a=1&b=2&"), Encodings::Gzip);
+        let a = CacheKey::new("http", "shop.example", "/p/1", Some("b=2&a=1"), Encodings::GZIP);
+        let b = CacheKey::new("http", "shop.example", "/p/1", Some("a=1&b=2&"), Encodings::GZIP);
         assert_eq!(a, b);
         assert!(a.text.starts_with("http://shop.example/p/1?a=1&b=2\n"));
-        let repeated = CacheKey::new("http", "h", "/", Some("a=2&b=1&a=1"), Encodings::Identity);
+        let repeated = CacheKey::new("http", "h", "/", Some("a=2&b=1&a=1"), Encodings::IDENTITY);
         assert!(repeated.text.starts_with("http://h/?a=2&a=1&b=1\n"));
     }
 
@@ -432,7 +451,7 @@ mod tests {
 
     #[test]
     fn variants_key_on_normalised_request_headers() {
-        let primary = CacheKey::new("http", "h", "/p", None, Encodings::Gzip);
+        let primary = CacheKey::new("http", "h", "/p", None, Encodings::GZIP);
         let names = [HeaderName::from_static("accept-language"), HeaderName::from_static("x-country")];
         let headers = |pairs: &[(&'static str, &'static str)]| -> HeaderMap {
             pairs.iter().map(|(n, v)| (HeaderName::from_static(n), HeaderValue::from_static(v))).collect()
@@ -464,13 +483,13 @@ mod tests {
 
     #[test]
     fn every_part_is_in_the_key() {
-        let base = CacheKey::new("http", "h", "/p", Some("x=1"), Encodings::Identity);
-        assert_ne!(base, CacheKey::new("https", "h", "/p", Some("x=1"), Encodings::Identity));
-        assert_ne!(base, CacheKey::new("http", "g", "/p", Some("x=1"), Encodings::Identity));
-        assert_ne!(base, CacheKey::new("http", "h", "/q", Some("x=1"), Encodings::Identity));
-        assert_ne!(base, CacheKey::new("http", "h", "/p", Some("x=2"), Encodings::Identity));
-        assert_ne!(base, CacheKey::new("http", "h", "/p", Some("x=1"), Encodings::Gzip));
-        assert_eq!(CacheKey::new("http", "h", "/p", Some(""), Encodings::Identity), CacheKey::new("http", "h", "/p", None, Encodings::Identity));
+        let base = CacheKey::new("http", "h", "/p", Some("x=1"), Encodings::IDENTITY);
+        assert_ne!(base, CacheKey::new("https", "h", "/p", Some("x=1"), Encodings::IDENTITY));
+        assert_ne!(base, CacheKey::new("http", "g", "/p", Some("x=1"), Encodings::IDENTITY));
+        assert_ne!(base, CacheKey::new("http", "h", "/q", Some("x=1"), Encodings::IDENTITY));
+        assert_ne!(base, CacheKey::new("http", "h", "/p", Some("x=2"), Encodings::IDENTITY));
+        assert_ne!(base, CacheKey::new("http", "h", "/p", Some("x=1"), Encodings::GZIP));
+        assert_eq!(CacheKey::new("http", "h", "/p", Some(""), Encodings::IDENTITY), CacheKey::new("http", "h", "/p", None, Encodings::IDENTITY));
         assert!(base.redis_key("bulwark:pdp:").starts_with("bulwark:pdp:v2:"));
     }
 }
@@ -544,15 +563,15 @@ impl PurgeTarget {
 
     /// The URL target of a request: every variant stored for it.
     pub fn for_request(scheme: &str, host: &str, path: &str, query: Option<&str>) -> PurgeTarget {
-        let key = CacheKey::new(scheme, host, path, query, Encodings::Identity);
+        let key = CacheKey::new(scheme, host, path, query, Encodings::IDENTITY);
         PurgeTarget::Url(url_part(&key.text).to_owned())
     }
 
-    /// For a URL target, the hashes of all its variants' keys (a URL has at most one
-    /// entry per `Accept-Encoding` group).
-    pub fn variant_hashes(&self) -> Option<[u128; 4]> {
+    /// For a URL target, the hashes of all its primary keys (one per `Accept-Encoding`
+    /// group; each holds all of its variants).
+    pub fn variant_hashes(&self) -> Option<Vec<u128>> {
         let PurgeTarget::Url(url) = self else { return None };
-        Some([Encodings::Identity, Encodings::Gzip, Encodings::Br, Encodings::BrGzip].map(|e| xxh3_128(format!("{url}\nae={}", e.as_str()).as_bytes())))
+        Some(Encodings::all_sets().map(|e| xxh3_128(format!("{url}\nae={}", e.as_str()).as_bytes())).collect())
     }
 
     pub fn matches(&self, key_text: &str, tags: &[String]) -> bool {
@@ -589,9 +608,9 @@ mod purge_tests {
 
     #[test]
     fn purge_targets_match_every_variant_and_every_host() {
-        let gzip = CacheKey::new("http", "shop.example", "/products/1", Some("size=m&color=red"), Encodings::Gzip);
-        let plain = CacheKey::new("http", "shop.example", "/products/1", Some("color=red&size=m"), Encodings::Identity);
-        let other_host = CacheKey::new("https", "eu.shop.example", "/products/1", Some("color=red&size=m"), Encodings::Br);
+        let gzip = CacheKey::new("http", "shop.example", "/products/1", Some("size=m&color=red"), Encodings::GZIP);
+        let plain = CacheKey::new("http", "shop.example", "/products/1", Some("color=red&size=m"), Encodings::IDENTITY);
+        let other_host = CacheKey::new("https", "eu.shop.example", "/products/1", Some("color=red&size=m"), Encodings::BR);
         let url = PurgeTarget::from_url("http://Shop.Example:80/products/1?size=m&color=red").expect("url");
         assert!(url.matches(&gzip.text, &[]) && url.matches(&plain.text, &[]));
         assert!(!url.matches(&other_host.text, &[]));

@@ -65,6 +65,9 @@ pub struct OriginConfig {
     pub queue_timeout: Duration,
     /// Sent as `Host` instead of the client's.
     pub host_header: Option<HeaderValue>,
+    /// The content codings the origin can produce: clients' `Accept-Encoding` is reduced
+    /// to these in the key and in the request to the origin.
+    pub content_codings: crate::cache::Encodings,
     pub breaker: BreakerConfig,
 }
 

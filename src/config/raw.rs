@@ -51,6 +51,7 @@ pub struct RawOrigin {
     pub max_queue: Option<Spanned<i64>>,
     pub queue_timeout: Option<ConfigDuration>,
     pub host_header: Option<Spanned<String>>,
+    pub content_codings: Option<Vec<Spanned<String>>>,
     pub breaker_consecutive_failures: Option<Spanned<i64>>,
     pub breaker_failure_rate: Option<Spanned<f64>>,
     pub breaker_min_requests: Option<Spanned<i64>>,

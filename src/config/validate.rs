@@ -10,6 +10,7 @@ use http::{HeaderMap, HeaderName, HeaderValue, StatusCode, Uri};
 use toml::Spanned;
 
 use super::raw::{self, RawConfig};
+use crate::cache::Encodings;
 use super::units::ConfigDuration;
 use super::{
     BreakerConfig, CacheRules, Config, ParamPattern, RedisEndpoint, Fallback, HostMatch, OriginConfig, PoolConfig, RouteConfig, RouteMode, ServerConfig,
@@ -211,6 +212,13 @@ fn origin(raw: raw::RawOrigin) -> Result<OriginConfig> {
         },
         queue_timeout: dur(raw.queue_timeout, Duration::from_secs(1)),
         host_header,
+        content_codings: match &raw.content_codings {
+            None => Encodings::ORIGIN_DEFAULT,
+            Some(names) => names.iter().try_fold(Encodings::IDENTITY, |set, name| match Encodings::named(name.get_ref().trim()) {
+                Some(coding) => Ok(set.union(coding)),
+                None => err(name.span(), format!("content_codings: unknown coding {:?} (gzip, br or zstd)", name.get_ref())),
+            })?,
+        },
         breaker: BreakerConfig {
             consecutive_failures: u32::try_from(positive(raw.breaker_consecutive_failures, 5, "breaker_consecutive_failures")?).unwrap_or(u32::MAX),
             failure_rate: match raw.breaker_failure_rate {

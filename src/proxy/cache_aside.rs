@@ -129,7 +129,7 @@ pub(super) async fn cache_aside(route: &Arc<RouteRuntime>, mut parts: request::P
     } else {
         RequestDirectives::parse(&parts.headers)
     };
-    let encodings = Encodings::from_headers(parts.headers.get_all(ACCEPT_ENCODING));
+    let encodings = Encodings::from_headers(parts.headers.get_all(ACCEPT_ENCODING)).within(route.origin.config.content_codings);
     let primary = CacheKey::from_normalised(client.scheme, &client.host, parts.uri.path(), &query, encodings);
     let job = |parts: request::Parts, key: CacheKey, stored: Option<Arc<Entry>>| flight::FetchJob {
         route: route.clone(),

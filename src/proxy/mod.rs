@@ -277,10 +277,12 @@ impl Proxy {
         };
         let route = &runtime.routes[index];
         let (mut res, outcome) = serve(route, parts, body, &client).await;
-        // Targeted cache-control fields are for this cache (RFC 9213): not passed on.
+        // Targeted cache-control fields (RFC 9213) and purge tags are for this cache:
+        // not passed on, whether the response was stored or not.
         for name in &route.config.cache.targeted_cache_control {
             res.headers_mut().remove(name);
         }
+        res.headers_mut().remove(&route.pool.config.tag_header);
         add_cache_status(&mut res, outcome);
         let total = start.elapsed();
         route.metrics.record(outcome, total.as_secs_f64());
