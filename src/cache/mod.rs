@@ -40,12 +40,12 @@ pub struct Found {
     pub tier: Tier,
 }
 
-/// What a lookup found, and the most specific key known for the request (its variant
-/// key when the URL's responses vary): the key a fetch coalesces and stores under.
+/// What a lookup found, and the request's variant key when the URL's responses vary
+/// (`None`: the primary key): the key a fetch coalesces under.
 #[derive(Debug)]
 pub struct Lookup {
     pub found: Option<Found>,
-    pub key: CacheKey,
+    pub key: Option<CacheKey>,
 }
 
 /// An entry read from L2, the key it is stored under, and its variants marker.
@@ -100,14 +100,14 @@ impl Pool {
     /// even on a miss, so a fetch coalesces with requests for the same variant only.
     pub async fn lookup(&self, primary: &CacheKey, headers: &HeaderMap, key_headers: &[HeaderName]) -> Lookup {
         let (local, marker, key) = match self.l1.get_slot(primary.hash).await {
-            Some(Slot::Entry(entry)) if entry.key == primary.text && key_headers.is_empty() => (Some(entry), None, primary.clone()),
+            Some(Slot::Entry(entry)) if entry.key == primary.text && key_headers.is_empty() => (Some(entry), None, None),
             Some(Slot::Variants(v)) if v.marker.key == primary.text => {
                 let key = primary.variant(&key::merge_names(&marker_names(&v.marker), key_headers), headers);
-                (v.find(&key), Some(v.marker.clone()), key)
+                (v.find(&key), Some(v.marker.clone()), Some(key))
             }
             // Nothing here yet: the route's key headers are the best guess of the variant.
-            _ if !key_headers.is_empty() => (None, None, primary.variant(&key::merge_names(&[], key_headers), headers)),
-            _ => (None, None, primary.clone()),
+            _ if !key_headers.is_empty() => (None, None, Some(primary.variant(&key::merge_names(&[], key_headers), headers))),
+            _ => (None, None, None),
         };
         let now = std::time::SystemTime::now();
         if let Some(entry) = &local
@@ -115,17 +115,18 @@ impl Pool {
         {
             return Lookup { found: Some(Found { entry: entry.clone(), tier: Tier::L1 }), key };
         }
-        let known = marker.clone().map(|m| (key.clone(), m));
-        let shared = self.lookup_shared(primary, headers, key_headers, known, false).await;
+        let known = marker.zip(key.clone());
+        let shared = self.lookup_shared(primary, headers, key_headers, known.map(|(m, k)| (k, m)), false).await;
         match (local, shared) {
             (Some(local), Some(shared)) if shared.entry.response_time <= local.response_time => {
-                Lookup { found: Some(Found { entry: local, tier: Tier::L1 }), key: shared.key }
+                Lookup { found: Some(Found { entry: local, tier: Tier::L1 }), key: shared.marker.map(|_| shared.key) }
             }
             (_, Some(shared)) => {
                 let entry = Arc::new(shared.entry);
-                let stored = Stored { key: shared.key.clone(), entry: entry.clone(), marker: shared.marker };
+                let variant = shared.marker.as_ref().map(|_| shared.key.clone());
+                let stored = Stored { key: shared.key, entry: entry.clone(), marker: shared.marker };
                 self.store_local(primary, &stored).await;
-                Lookup { found: Some(Found { entry, tier: Tier::L2 }), key: shared.key }
+                Lookup { found: Some(Found { entry, tier: Tier::L2 }), key: variant }
             }
             (local, None) => Lookup { found: local.map(|entry| Found { entry, tier: Tier::L1 }), key },
         }

@@ -6,7 +6,7 @@
 use std::sync::Arc;
 use std::time::{Duration, SystemTime};
 
-use http::header::{ACCEPT_ENCODING, AUTHORIZATION, CACHE_CONTROL, COOKIE};
+use http::header::{ACCEPT_ENCODING, AUTHORIZATION, CACHE_CONTROL, CONNECTION, COOKIE};
 use http::{HeaderName, Method, Response, request};
 
 use super::fetch::{self, HeadAnswer};
@@ -41,34 +41,45 @@ static UNKEYED: [HeaderName; 15] = [
     HeaderName::from_static("x-url-scheme"),
 ];
 
-/// Applies the route's rules to a cacheable request: hop-by-hop headers (and those
-/// `Connection` names) removed before anything is keyed on them, cookies stripped if
-/// asked, unkeyed headers removed, the query normalised without the ignored parameters
-/// (the origin is asked exactly what the key says). Returns the normalised query.
+/// Applies the route's rules to a cacheable request: headers that `Connection` names
+/// removed before anything is keyed on them, cookies stripped if asked, unkeyed headers
+/// removed, the query normalised without the ignored parameters. Returns the normalised
+/// query; [`origin_target`] puts it into the request when one goes to the origin (the
+/// origin is asked exactly what the key says), so a hit rebuilds no URI.
 pub(super) fn prepare(rules: &CacheRules, parts: &mut request::Parts) -> Result<String, ProxyError> {
     // A header the client names in `Connection` never reaches the origin: it must not
     // select a variant either, or the origin's answer without it would be stored as the
     // answer with it.
-    super::forward::strip_hop_by_hop(&mut parts.headers);
+    if parts.headers.contains_key(CONNECTION) {
+        super::forward::strip_hop_by_hop(&mut parts.headers);
+    }
     if rules.strip_cookies {
         parts.headers.remove(COOKIE);
     }
-    // One pass over the request's few headers (most are standard names, never in the
-    // list) rather than a removal per listed name.
-    let unkeyed: Vec<HeaderName> =
-        parts.headers.keys().filter(|name| UNKEYED.contains(name) && !rules.key_headers.contains(name)).cloned().collect();
+    // One pass over the request's few headers; all listed names but two start "x-".
+    let listed = |name: &HeaderName| {
+        let text = name.as_str();
+        (text.starts_with("x-") || text == "forwarded" || text == "front-end-https") && UNKEYED.contains(name)
+    };
+    let unkeyed: Vec<HeaderName> = parts.headers.keys().filter(|name| listed(name) && !rules.key_headers.contains(name)).cloned().collect();
     for name in unkeyed {
         parts.headers.remove(name);
     }
     let raw = parts.uri.query().unwrap_or("");
-    let query = normalise_query(raw, &rules.ignore_query_params)
-        .map_err(|_| ProxyError::BadRequest("malformed percent-encoding in the query"))?
-        .into_owned();
-    if query != raw {
+    let query = normalise_query(raw, &rules.ignore_query_params).map_err(|_| ProxyError::BadRequest("malformed percent-encoding in the query"))?;
+    Ok(query.into_owned())
+}
+
+/// The request as it goes to the origin: its query replaced by the normalised one.
+fn origin_target(mut parts: request::Parts, query: &str) -> request::Parts {
+    if parts.uri.query().unwrap_or("") != query {
         let path = parts.uri.path().to_owned();
-        super::replace_path_and_query(parts, &path, Some(&query))?;
+        // Cannot fail: both parts come from a valid URI and were only normalised.
+        if let Err(err) = super::replace_path_and_query(&mut parts, &path, Some(query)) {
+            tracing::warn!(error = %err, "normalised request target rejected; the origin gets the client's");
+        }
     }
-    Ok(query)
+    parts
 }
 
 /// What to do with a stored entry for this request.
@@ -131,12 +142,12 @@ pub(super) async fn cache_aside(route: &Arc<RouteRuntime>, mut parts: request::P
     };
     let encodings = Encodings::from_headers(parts.headers.get_all(ACCEPT_ENCODING)).within(route.origin.config.content_codings);
     let primary = CacheKey::from_normalised(client.scheme, &client.host, parts.uri.path(), &query, encodings);
-    let job = |parts: request::Parts, key: CacheKey, stored: Option<Arc<Entry>>| flight::FetchJob {
+    let job = |parts: request::Parts, key: Option<CacheKey>, stored: Option<Arc<Entry>>| flight::FetchJob {
         route: route.clone(),
-        parts,
+        parts: origin_target(parts, &query),
+        key: key.unwrap_or_else(|| primary.clone()),
         client: client.clone(),
         primary: primary.clone(),
-        key,
         replaces: stored.is_some(),
         stored,
         encodings,
@@ -147,7 +158,7 @@ pub(super) async fn cache_aside(route: &Arc<RouteRuntime>, mut parts: request::P
     // the origin decides, and its answer may be stored if it says so explicitly. Not
     // coalesced either: another client's answer is not this one's.
     if parts.headers.contains_key(AUTHORIZATION) {
-        return flight::direct(&job(parts, primary.clone(), None), None, head).await;
+        return flight::direct(&job(parts, None, None), None, head).await;
     }
     let lookup = route.pool.lookup(&primary, &parts.headers, &rules.key_headers).await;
     let now = SystemTime::now();
@@ -282,8 +293,9 @@ mod tests {
             .body(())
             .expect("request")
             .into_parts();
-        assert_eq!(prepare(&rules, &mut parts).expect("prepared"), "a=~&b=2");
-        assert_eq!(parts.uri.to_string(), "/p?a=~&b=2");
+        let query = prepare(&rules, &mut parts).expect("prepared");
+        assert_eq!(query, "a=~&b=2");
+        assert_eq!(origin_target(parts.clone(), &query).uri.to_string(), "/p?a=~&b=2");
         assert!(parts.headers.contains_key("x-forwarded-host"), "keyed: passed on");
         for gone in ["x-original-url", "x-http-method-override", "cookie"] {
             assert!(!parts.headers.contains_key(gone), "{gone}");
