@@ -137,7 +137,8 @@ async fn fetch(client: &Client<hyper_util::client::legacy::connect::HttpConnecto
     if !status.is_success() {
         return Result::Failed(format!("HTTP {}", status.as_u16()));
     }
-    if cache_status.contains("fwd=miss; stored") || cache_status.contains("collapsed") {
+    // `; stored`: a miss that was stored, or a stale copy revalidated (and stored) anew.
+    if cache_status.contains("; stored") || cache_status.contains("collapsed") {
         Result::Stored
     } else if cache_status.contains("; hit") {
         Result::AlreadyFresh
