@@ -359,6 +359,16 @@ async fn rfc9111_5_2_1_4_request_no_cache_validates() {
     }
     assert_eq!(shared.get_with("/rr", &[host, ("cache-control", "no-cache")]).await.cache_status(), REVALIDATED);
     assert_eq!(origin.count("/rr"), 2);
+    // Nor is a newer copy another replica put in Redis before this request came.
+    let peer = Bulwark::start(&simple_config(&origin.url(), Some(&redis.url()), "")).await;
+    tokio::time::sleep(Duration::from_millis(50)).await;
+    assert_eq!(peer.get_with("/rr", &[host]).await.cache_status(), "bulwark; hit; detail=l2");
+    tokio::time::sleep(Duration::from_millis(20)).await;
+    assert_eq!(shared.get_with("/rr", &[host, ("cache-control", "no-cache")]).await.cache_status(), REVALIDATED);
+    tokio::time::sleep(Duration::from_millis(50)).await;
+    let validated = peer.get_with("/rr", &[host, ("cache-control", "no-cache")]).await;
+    assert_eq!(validated.cache_status(), REVALIDATED, "the peer's newer copy in Redis is not a validation");
+    assert_eq!(origin.count("/rr"), 4);
     // The route may be told to ignore the client's directives.
     let ignoring = start(&origin, "", "ignore_request_cache_control = true").await;
     ignoring.get("/i").await;

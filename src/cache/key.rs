@@ -178,33 +178,36 @@ impl Encodings {
         Encodings(self.0 & produced.0)
     }
 
-    /// Reduces the `Accept-Encoding` field lines; codings with `q=0` are not accepted.
+    /// Reduces the `Accept-Encoding` field lines (RFC 9110 section 12.5.3): codings with
+    /// `q=0` are refused, and `*` stands for every coding not listed otherwise.
     pub fn from_headers<'a>(values: impl IntoIterator<Item = &'a HeaderValue>) -> Encodings {
-        let mut set = 0u8;
+        let (mut accepted, mut listed, mut star) = (0u8, 0u8, false);
         let items = values.into_iter().filter_map(|v| v.to_str().ok()).flat_map(|text| text.split(','));
         for item in items {
             let mut parts = item.split(';');
             let coding = parts.next().unwrap_or("").trim();
             let refused = parts.any(|p| {
-                p.trim()
-                    .strip_prefix("q=")
-                    .and_then(|q| q.trim().parse::<f32>().ok())
-                    .is_some_and(|q| q <= 0.0)
+                let p = p.trim();
+                p.get(..2).is_some_and(|q| q.eq_ignore_ascii_case("q=")) && p[2..].trim().parse::<f32>().is_ok_and(|q| q <= 0.0)
             });
-            if refused {
-                continue;
-            }
-            if coding.eq_ignore_ascii_case("gzip") || coding.eq_ignore_ascii_case("x-gzip") {
-                set |= Encodings::GZIP.0;
+            let bit = if coding.eq_ignore_ascii_case("gzip") || coding.eq_ignore_ascii_case("x-gzip") {
+                Encodings::GZIP.0
             } else if coding.eq_ignore_ascii_case("br") {
-                set |= Encodings::BR.0;
+                Encodings::BR.0
             } else if coding.eq_ignore_ascii_case("zstd") {
-                set |= Encodings::ZSTD.0;
-            } else if coding == "*" {
-                set |= 7;
+                Encodings::ZSTD.0
+            } else {
+                if coding == "*" {
+                    star = !refused;
+                }
+                continue;
+            };
+            listed |= bit;
+            if !refused {
+                accepted |= bit;
             }
         }
-        Encodings(set)
+        Encodings(if star { accepted | (7 & !listed) } else { accepted })
     }
 
     /// The `Accept-Encoding` sent to the origin, so its answer fits every client in the
@@ -322,7 +325,19 @@ fn normalised_field(headers: &HeaderMap, name: &HeaderName) -> Option<String> {
     let lowercase = CASE_INSENSITIVE_FIELDS.contains(&name.as_str());
     let mut out = String::new();
     for value in values {
-        let text = String::from_utf8_lossy(value.as_bytes());
+        // A value that is not text is keyed by its exact bytes, in hex after a control
+        // character no header value can hold: two different ones never meet in one
+        // replacement character, nor a text value that looks like their hex.
+        let Ok(text) = value.to_str() else {
+            if !out.is_empty() {
+                out.push(',');
+            }
+            out.push('\u{1}');
+            for b in value.as_bytes() {
+                let _ = write!(out, "{b:02x}");
+            }
+            continue;
+        };
         for element in text.split(',') {
             let mut words = element.split_ascii_whitespace().peekable();
             if words.peek().is_none() {
@@ -418,6 +433,9 @@ mod tests {
         assert_eq!(ae("BR"), Encodings::BR);
         assert_eq!(ae("deflate"), Encodings::IDENTITY);
         assert_eq!(ae("*"), Encodings::BR_GZIP.union(Encodings::ZSTD));
+        assert_eq!(ae("*, gzip;q=0"), Encodings::BR.union(Encodings::ZSTD), "* does not bring back a refused coding");
+        assert_eq!(ae("gzip;Q=0, br"), Encodings::BR, "parameter names are case-insensitive");
+        assert_eq!(ae("*;q=0"), Encodings::IDENTITY);
         assert_eq!(ae("zstd, br, gzip").within(Encodings::ORIGIN_DEFAULT), Encodings::BR_GZIP, "reduced to what the origin produces");
         assert_eq!(ae("br").within(Encodings::GZIP), Encodings::IDENTITY);
         assert_eq!(ae("zstd, gzip").within(Encodings::ZSTD).header_value(), "zstd");

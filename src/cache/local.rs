@@ -24,6 +24,8 @@ pub enum Slot {
 pub struct Variants {
     /// Names the request headers that select a variant (in its `Vary` header).
     pub marker: Arc<Entry>,
+    /// Those names, parsed once here rather than on every hit.
+    pub names: Arc<[http::HeaderName]>,
     /// By variant key hash; at most the pool's `max_variants`.
     pub entries: Vec<(u128, Arc<Entry>)>,
 }
@@ -138,7 +140,11 @@ impl LocalTier {
                     entries.swap_remove(oldest);
                 }
                 entries.push((key.hash, entry.clone()));
-                std::future::ready(moka::ops::compute::Op::Put(Slot::Variants(Arc::new(Variants { marker: marker.clone(), entries }))))
+                let names = match current.as_ref().map(|c| c.value()) {
+                    Some(Slot::Variants(v)) if same_names(v) => v.names.clone(),
+                    _ => super::marker_names(&marker).into(),
+                };
+                std::future::ready(moka::ops::compute::Op::Put(Slot::Variants(Arc::new(Variants { marker: marker.clone(), names, entries }))))
             })
             .await;
     }
@@ -196,6 +202,7 @@ impl LocalTier {
             Slot::Entry(entry) => Slot::Entry(mark(entry)),
             Slot::Variants(v) => Slot::Variants(Arc::new(Variants {
                 marker: v.marker.clone(),
+                names: v.names.clone(),
                 entries: v.entries.iter().map(|(h, e)| (*h, mark(e))).collect(),
             })),
         };
@@ -232,7 +239,7 @@ impl LocalTier {
                                 if entries.is_empty() {
                                     moka::ops::compute::Op::Remove
                                 } else {
-                                    moka::ops::compute::Op::Put(Slot::Variants(Arc::new(Variants { marker: now.marker.clone(), entries })))
+                                    moka::ops::compute::Op::Put(Slot::Variants(Arc::new(Variants { marker: now.marker.clone(), names: now.names.clone(), entries })))
                                 }
                             }
                             _ => moka::ops::compute::Op::Nop,

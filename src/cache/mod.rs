@@ -102,7 +102,11 @@ impl Pool {
         let (local, marker, key) = match self.l1.get_slot(primary.hash).await {
             Some(Slot::Entry(entry)) if entry.key == primary.text && key_headers.is_empty() => (Some(entry), None, None),
             Some(Slot::Variants(v)) if v.marker.key == primary.text => {
-                let key = primary.variant(&key::merge_names(&marker_names(&v.marker), key_headers), headers);
+                let key = if key_headers.is_empty() {
+                    primary.variant(&v.names, headers)
+                } else {
+                    primary.variant(&key::merge_names(&v.names, key_headers), headers)
+                };
                 (v.find(&key), Some(v.marker.clone()), Some(key))
             }
             // Nothing here yet: the route's key headers are the best guess of the variant.

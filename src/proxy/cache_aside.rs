@@ -46,7 +46,7 @@ static UNKEYED: [HeaderName; 15] = [
 /// removed, the query normalised without the ignored parameters. Returns the normalised
 /// query; [`origin_target`] puts it into the request when one goes to the origin (the
 /// origin is asked exactly what the key says), so a hit rebuilds no URI.
-pub(super) fn prepare(rules: &CacheRules, parts: &mut request::Parts) -> Result<String, ProxyError> {
+pub(super) fn prepare(rules: &CacheRules, parts: &mut request::Parts, trusted: bool) -> Result<String, ProxyError> {
     // A header the client names in `Connection` never reaches the origin: it must not
     // select a variant either, or the origin's answer without it would be stored as the
     // answer with it.
@@ -61,7 +61,10 @@ pub(super) fn prepare(rules: &CacheRules, parts: &mut request::Parts) -> Result<
         let text = name.as_str();
         (text.starts_with("x-") || text == "forwarded" || text == "front-end-https") && UNKEYED.contains(name)
     };
-    let unkeyed: Vec<HeaderName> = parts.headers.keys().filter(|name| listed(name) && !rules.key_headers.contains(name)).cloned().collect();
+    // Keyed ones stay, except routing headers from a peer that is not a trusted proxy:
+    // those never reach the origin, so they must not select a variant either.
+    let keep = |name: &HeaderName| rules.key_headers.contains(name) && (trusted || !super::forward::UNTRUSTED_ROUTING.contains(name));
+    let unkeyed: Vec<HeaderName> = parts.headers.keys().filter(|name| listed(name) && !keep(name)).cloned().collect();
     for name in unkeyed {
         parts.headers.remove(name);
     }
@@ -131,7 +134,7 @@ fn choose(entry: &Entry, now: SystemTime, directives: &RequestDirectives) -> Cho
 pub(super) async fn cache_aside(route: &Arc<RouteRuntime>, mut parts: request::Parts, client: &ClientInfo) -> (Response<ProxyBody>, Outcome) {
     let head = parts.method == Method::HEAD;
     let rules = &route.config.cache;
-    let query = match prepare(rules, &mut parts) {
+    let query = match prepare(rules, &mut parts, client.trusted) {
         Ok(query) => query,
         Err(err) => return failed(&err),
     };
@@ -293,7 +296,7 @@ mod tests {
             .body(())
             .expect("request")
             .into_parts();
-        let query = prepare(&rules, &mut parts).expect("prepared");
+        let query = prepare(&rules, &mut parts, true).expect("prepared");
         assert_eq!(query, "a=~&b=2");
         assert_eq!(origin_target(parts.clone(), &query).uri.to_string(), "/p?a=~&b=2");
         assert!(parts.headers.contains_key("x-forwarded-host"), "keyed: passed on");
@@ -301,6 +304,9 @@ mod tests {
             assert!(!parts.headers.contains_key(gone), "{gone}");
         }
         let (mut bad, ()) = http::Request::get("/p?a=%zz").body(()).expect("request").into_parts();
-        assert!(prepare(&rules, &mut bad).is_err());
+        assert!(prepare(&rules, &mut bad, true).is_err());
+        let (mut untrusted, ()) = http::Request::get("/p").header("x-forwarded-host", "evil.example").body(()).expect("request").into_parts();
+        prepare(&rules, &mut untrusted, false).expect("prepared");
+        assert!(!untrusted.headers.contains_key("x-forwarded-host"), "keyed, but never sent for an untrusted peer: not keyed either");
     }
 }

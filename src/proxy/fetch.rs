@@ -127,7 +127,7 @@ pub async fn fetch(job: &FetchJob, priority: Priority) -> Result<Fetched, ProxyE
 /// replaced, freshness computed anew, the body kept.
 fn refreshed(job: &FetchJob, policy_req: &request::Parts, stored: &Entry, update: response::Parts, request_time: SystemTime, response_time: SystemTime) -> Fetched {
     let mut merged = update;
-    let tags = merge_update(job, stored, &mut merged);
+    let tags = merge_update(job, stored, &mut merged, response_time);
     match policy::evaluate(policy_req, &merged, &job.route.pool.config, rules(&job.route), request_time, response_time) {
         Ok(freshness) => {
             let stored = build_stored(job, merged, stored.body.clone(), freshness, tags, request_time, response_time);
@@ -143,13 +143,16 @@ fn refreshed(job: &FetchJob, policy_req: &request::Parts, stored: &Entry, update
 
 /// Turns a 304 or HEAD answer into the stored response updated by it (RFC 9111 section
 /// 3.2): its purge tags taken out (they replace the stored ones when it has any), its
-/// `Set-Cookie` dropped when the route strips cookies, its fields merged into the
-/// stored ones, the stored status kept. Returns the tags.
-fn merge_update(job: &FetchJob, stored: &Entry, update: &mut response::Parts) -> Vec<String> {
+/// `Set-Cookie` dropped when the route strips cookies, a `Date` given if it has none, its
+/// fields merged into the stored ones, the stored status kept. Returns the tags.
+fn merge_update(job: &FetchJob, stored: &Entry, update: &mut response::Parts, response_time: SystemTime) -> Vec<String> {
     let tags = take_tags(&mut update.headers, &job.route.pool.config.tag_header);
     if job.route.config.cache.strip_cookies {
         update.headers.remove(SET_COOKIE);
     }
+    // The update is a new response: without a Date of its own it gets the time it
+    // arrived (RFC 9110 section 6.6.1), or the stored Date would make it look old.
+    set_date_if_missing(&mut update.headers, response_time);
     update.headers = revalidate::merge_headers(&stored.headers, &update.headers);
     update.status = stored.status;
     if tags.is_empty() { stored.tags.clone() } else { tags }
@@ -208,13 +211,7 @@ fn build_stored(
     let route = &job.route;
     res_parts.headers.remove(AGE);
     res_parts.headers.insert(CONTENT_LENGTH, HeaderValue::from(body.len()));
-    // RFC 9110 section 6.6.1: a cached response without a (valid) Date gets the time it
-    // was received.
-    if policy::http_date(&res_parts.headers, DATE).is_none()
-        && let Ok(date) = HeaderValue::from_str(&httpdate::fmt_http_date(response_time))
-    {
-        res_parts.headers.insert(DATE, date);
-    }
+    set_date_if_missing(&mut res_parts.headers, response_time);
     for name in &freshness.strip {
         res_parts.headers.remove(name);
     }
@@ -243,6 +240,16 @@ fn build_stored(
     });
     let marker = (!names.is_empty()).then(|| Arc::new(Entry::variants_marker(job.primary.text.clone(), &names, &entry)));
     Stored { key, entry, marker }
+}
+
+/// RFC 9110 section 6.6.1: a cached response without a (valid) `Date` gets the time it
+/// was received.
+fn set_date_if_missing(headers: &mut HeaderMap, received: SystemTime) {
+    if policy::http_date(headers, DATE).is_none()
+        && let Ok(date) = HeaderValue::from_str(&httpdate::fmt_http_date(received))
+    {
+        headers.insert(DATE, date);
+    }
 }
 
 /// What a HEAD sent to the origin for a stored GET response became (RFC 9111 section
@@ -275,7 +282,7 @@ pub async fn head(job: &FetchJob, stored: &Entry) -> Result<HeadAnswer, ProxyErr
     }
     let mut merged = Response::new(()).into_parts().0;
     merged.headers = parts.headers.clone();
-    let tags = merge_update(job, stored, &mut merged);
+    let tags = merge_update(job, stored, &mut merged, response_time);
     // Not storable as updated (say, it now carries `Set-Cookie`): the stored copy is
     // left as it was, neither updated nor invalidated.
     Ok(match policy::evaluate(&policy_req, &merged, &job.route.pool.config, rules(&job.route), request_time, response_time) {

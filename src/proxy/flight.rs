@@ -306,9 +306,12 @@ async fn read_answer(parts: http::response::Parts, body: ProxyBody, timeout: Dur
     if !small {
         return Err(Fetched::Streamed(parts, body));
     }
+    // Shared with other clients: no cookie set for the leader's client goes to them.
+    let mut headers = parts.headers;
+    headers.remove(http::header::SET_COOKIE);
     match tokio::time::timeout(timeout, body.collect()).await {
-        Ok(Ok(collected)) => Ok(Arc::new(Answer { status: parts.status, headers: parts.headers, body: collected.to_bytes() })),
-        _ => Ok(Arc::new(Answer { status: parts.status, headers: parts.headers, body: bytes::Bytes::new() })),
+        Ok(Ok(collected)) => Ok(Arc::new(Answer { status: parts.status, headers, body: collected.to_bytes() })),
+        _ => Ok(Arc::new(Answer { status: parts.status, headers, body: bytes::Bytes::new() })),
     }
 }
 
@@ -343,10 +346,11 @@ async fn hold_back_for_peers(job: &FetchJob, l2: &SharedTier) -> PeerOutcome {
             Lease::Acquired(token) => {
                 l2.unwatch_fill(&watch);
                 // A peer may have filled the key just before we asked.
-                if let Some(stored) = peer_fill(job, true).await.filter(|s| s.entry.is_fresh(SystemTime::now())) {
-                    // `peer_fill` returns only copies newer than the one this fetch
-                    // revalidates: the same copy would defeat a client's `no-cache` or an
-                    // early refresh.
+                // A copy stored before this request: not for a request that demanded
+                // validation. `peer_fill` returns only copies newer than the one being
+                // revalidated: the same copy would defeat an early refresh.
+                let recent = peer_fill(job, true).await.filter(|s| job.stale_on_wait && s.entry.is_fresh(SystemTime::now()));
+                if let Some(stored) = recent {
                     l2.finish_lease(&job.key, &token, Announcement::Filled).await;
                     return PeerOutcome::Filled(stored);
                 }
@@ -360,7 +364,9 @@ async fn hold_back_for_peers(job: &FetchJob, l2: &SharedTier) -> PeerOutcome {
                 }
                 match tokio::time::timeout(lock_timeout.min(left), &mut watch.rx).await {
                     Ok(Ok(Announcement::Filled)) => {
-                        return match peer_fill(job, false).await {
+                        // Fetched by a peer while this request waited: as good as
+                        // joining its fetch, whatever the request demanded.
+                        return match peer_fill(job, false).await.filter(|s| s.entry.is_fresh(SystemTime::now())) {
                             Some(stored) => PeerOutcome::Filled(stored),
                             None => PeerOutcome::FetchAnyway,
                         };

@@ -16,7 +16,7 @@ static PROXY_CONNECTION: HeaderName = HeaderName::from_static("proxy-connection"
 
 /// Headers that change what an origin serves but are not in the cache key: believed
 /// only from trusted proxies, so a client cannot poison an entry for everyone.
-static UNTRUSTED_ROUTING: [HeaderName; 3] = [
+pub(super) static UNTRUSTED_ROUTING: [HeaderName; 3] = [
     HeaderName::from_static("forwarded"),
     HeaderName::from_static("x-forwarded-host"),
     HeaderName::from_static("x-forwarded-port"),
