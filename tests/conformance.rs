@@ -412,6 +412,34 @@ async fn rfc9111_5_2_1_4_request_no_cache_is_not_answered_by_an_older_peer_copy(
     assert_eq!(origin.count("/peer"), 2);
 }
 
+/// A request that joins a background refresh (which queues at low priority) is not shed
+/// with it: when the refresh is shed, the request asks the origin at its own priority.
+#[tokio::test]
+async fn a_request_joining_a_shed_background_refresh_asks_again() {
+    let origin = Origin::start().await;
+    origin.set(|parts| match parts.uri.path() {
+        "/busy" => Reply::ok("busy").header("cache-control", "no-store").delay(Duration::from_millis(1200)),
+        _ => Reply::ok("page").header("cache-control", "max-age=1, stale-while-revalidate=30, stale-if-error=0"),
+    });
+    let config = config(&origin, "", "priority = \"critical\"")
+        .replace("timeout = \"5s\"", "timeout = \"5s\"\nmax_concurrency = 1\nmax_queue = 2\nqueue_timeout = \"800ms\"");
+    let bulwark = Arc::new(Bulwark::start(&config).await);
+    assert_eq!(bulwark.get("/k").await.cache_status(), STORED);
+    tokio::time::sleep(Duration::from_millis(1100)).await;
+    let busy = {
+        let bulwark = bulwark.clone();
+        tokio::spawn(async move { bulwark.get("/busy").await })
+    };
+    tokio::time::sleep(Duration::from_millis(100)).await;
+    // Stale within stale-while-revalidate: served, and a low-priority refresh queues
+    // behind /busy until it is shed.
+    let stale = bulwark.get("/k").await;
+    assert_eq!(stale.cache_status(), "bulwark; hit; fwd=stale; detail=stale-while-revalidate");
+    let validated = bulwark.get_with("/k", &[("cache-control", "no-cache")]).await;
+    assert_eq!((validated.status.as_u16(), validated.cache_status()), (200, STORED));
+    assert_eq!(busy.await.expect("busy").status, 200);
+}
+
 /// RFC 9111 section 5.2.1.1 (`max-age`) and 5.2.1.3 (`min-fresh`): an entry older than
 /// the client accepts, or not fresh long enough, is validated.
 #[tokio::test]

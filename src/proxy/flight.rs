@@ -276,6 +276,9 @@ async fn run_flight(job: FetchJob, guard: FlightGuard, leader: Option<oneshot::S
             pool.coalescer.remember_uncacheable(job.key.hash).await;
             (Fill::Uncacheable, LeaderResult::Fetched(Ok(streamed)))
         }
+        // A background refresh queues at low priority; requests that joined it must not be
+        // shed for that: they join again, and one of them asks at its own priority.
+        Err(err) if job.background && err.is_shed() => (Fill::Abandoned, LeaderResult::Fetched(Err(err))),
         Err(err) => (Fill::Failed { status: err.status(), shed: err.is_shed(), answer: None }, LeaderResult::Fetched(Err(err))),
     };
     guard.complete(fill.clone());
