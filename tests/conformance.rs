@@ -7,6 +7,50 @@
 //! Many tests use the origin's `Age` header to place a response exactly in its
 //! lifetime without sleeping: a response whose `Age` exceeds its freshness lifetime is
 //! stale on arrival, so whichever directive the cache chose decides whether it is kept.
+//!
+//! | section | rule | test (✗ = includes what must not be stored or served) |
+//! |---|---|---|
+//! | RFC 9111 3 | 206 and statuses not understood are not stored | `rfc9111_3_partial_and_unknown_statuses_are_not_stored` ✗ |
+//! | RFC 9111 3.5 | `Authorization`: stored only with `public`/`s-maxage`/`must-revalidate`, never reused | `rfc9111_3_5_authenticated_requests` ✗ |
+//! | RFC 9111 4.1 | variants stored and selected by `Vary`, normalised values | `rfc9111_4_1_variants_are_stored_and_selected_by_vary` |
+//! | RFC 9111 4.1 | `Vary: *` never matches | `rfc9111_4_1_vary_star_never_matches` ✗ |
+//! | RFC 9111 4.1 | `Accept-Encoding` reduced to what the origin produces | `rfc9111_4_1_accept_encoding_is_reduced_to_what_the_origin_produces` |
+//! | RFC 9111 4.1 | variants per URL bounded | `rfc9111_4_1_variants_per_url_are_bounded` |
+//! | RFC 9111 4.1 | variants shared through Redis | `rfc9111_4_1_variants_are_shared_through_redis` |
+//! | RFC 9111 4.1 | coalesced requests get their own variant | `rfc9111_4_1_collapsed_requests_get_their_own_variant` ✗ |
+//! | RFC 9111 4.1, RFC 9110 7.6.1 | `Connection`-named headers select no variant | `connection_named_headers_cannot_poison_a_variant` ✗ |
+//! | RFC 9111 4.1 | a variants marker outlives every variant | `a_variants_marker_outlives_every_variant` |
+//! | RFC 9111 4.2.1 | `s-maxage` over `max-age` over `Expires` | `rfc9111_4_2_1_freshness_lifetime_precedence` ✗ |
+//! | RFC 9111 4.2.1, 5.3 | invalid `Expires`, conflicting or invalid directives: no freshness | `rfc9111_5_3_and_4_2_1_invalid_or_conflicting_values_mean_no_freshness` ✗ |
+//! | RFC 9111 4.2.2 | heuristic freshness only for heuristic statuses or `public` | `rfc9111_4_2_2_heuristic_freshness` ✗ |
+//! | RFC 9111 4.2.3 | `Age` calculation | `rfc9111_4_2_3_age_calculation` |
+//! | RFC 9111 4.2.4 | `must-revalidate`, `proxy-revalidate`, `s-maxage`: never served stale | `rfc9111_4_2_4_must_revalidate_is_never_served_stale` ✗ |
+//! | RFC 9111 4.3.1 | `If-Modified-Since` from `Last-Modified` | `rfc9111_4_3_1_last_modified_validation` |
+//! | RFC 9111 4.3.2, RFC 9110 13.1 | client conditionals answered 304 from the cache | `rfc9111_4_3_2_client_conditionals_are_answered_from_the_cache` |
+//! | RFC 9111 4.3.4 | a 304 refreshes headers and freshness, not the body | `rfc9111_4_3_4_a_304_refreshes_the_stored_response` |
+//! | RFC 9111 4.3.4 | a 304 for another representation is not applied | `rfc9111_4_3_4_a_304_for_another_representation_is_not_applied` ✗ |
+//! | RFC 9111 4.3.5 | HEAD answers update or invalidate the stored GET | `rfc9111_4_3_5_head_responses_update_or_invalidate_the_stored_get` |
+//! | RFC 9111 4.4 | invalidation drops every variant | `rfc9111_4_4_invalidation_drops_every_variant` ✗ |
+//! | RFC 9111 5.2.1.1, 5.2.1.3 | request `max-age`, `min-fresh` | `rfc9111_5_2_1_1_and_5_2_1_3_request_max_age_and_min_fresh` |
+//! | RFC 9111 5.2.1.2 | request `max-stale` (not over `must-revalidate`) | `rfc9111_5_2_1_2_request_max_stale` ✗ |
+//! | RFC 9111 5.2.1.4 | request `no-cache` validates | `rfc9111_5_2_1_4_request_no_cache_validates` |
+//! | RFC 9111 5.2.1.4 | ... not with a slow origin's stale copy | `rfc9111_5_2_1_4_a_slow_origin_does_not_turn_no_cache_into_a_stale_hit` ✗ |
+//! | RFC 9111 5.2.1.4 | ... not with an older copy from a peer | `rfc9111_5_2_1_4_request_no_cache_is_not_answered_by_an_older_peer_copy` ✗ |
+//! | RFC 9111 5.2.1.5 | request `no-store` | `rfc9111_5_2_1_5_request_no_store` ✗ |
+//! | RFC 9111 5.2.1.7 | `only-if-cached` | `rfc9111_5_2_1_7_only_if_cached` ✗ |
+//! | RFC 9111 5.2.2.4 | `no-cache` stored, revalidated before every reuse | `rfc9111_5_2_2_4_no_cache_is_stored_and_revalidated_before_every_reuse` ✗ |
+//! | RFC 9111 5.2.2.4 | `no-cache="field"` | `rfc9111_5_2_2_4_qualified_no_cache_fields_are_not_stored` ✗ |
+//! | RFC 9111 5.2.2.5, 5.2.2.7 | `no-store`, `private` | `rfc9111_5_2_2_5_and_5_2_2_7_no_store_and_private_are_not_stored` ✗ |
+//! | RFC 9110 6.6.1 | stored responses get a `Date` | `rfc9110_6_6_1_stored_responses_get_a_date` |
+//! | RFC 9110 9.3.2 | HEAD from a stored GET | `rfc9110_9_3_2_head_is_answered_from_a_stored_get` |
+//! | RFC 9110 15.1 | heuristically cacheable statuses; negative caching | `rfc9110_15_1_heuristically_cacheable_statuses` ✗ |
+//! | RFC 9211 2 | `Cache-Status` members | `rfc9211_cache_status_members` |
+//! | RFC 9213 2 | `CDN-Cache-Control` precedence, removal, invalid ignored | `rfc9213_cdn_cache_control_takes_precedence_and_is_removed` ✗ |
+//! | RFC 9213 2.2 | `Surrogate-Control` when configured | `rfc9213_surrogate_control_when_configured` ✗ |
+//! | route overrides | `force_ttl`, `ignore_no_cache`, `ignore_query_params`, `key_headers`, `strip_cookies` | `route_*` |
+//! | poisoning | unkeyed headers, path normalisation, malformed values | `unkeyed_headers_do_not_reach_the_origin` ✗, `paths_are_normalised_consistently` ✗, `malformed_and_oversized_directives_are_survived` |
+//! | coalescing | a shed background refresh does not shed its joiners | `a_request_joining_a_shed_background_refresh_asks_again` |
+//! | purge tags | never reach clients | `purge_tags_never_reach_clients` ✗ |
 
 mod support;
 
