@@ -431,25 +431,7 @@ async fn rfc9111_5_2_1_4_request_no_cache_is_not_answered_by_an_older_peer_copy(
     let mut headers = http::HeaderMap::new();
     headers.insert("etag", http::HeaderValue::from_static("\"v1\""));
     headers.insert("cache-control", http::HeaderValue::from_static("max-age=600"));
-    let now = SystemTime::now();
-    let planted = bulwark::cache::Entry {
-        key: key.text.clone(),
-        status: http::StatusCode::OK,
-        headers,
-        body: Bytes::from_static(b"a peer's copy"),
-        request_time: now,
-        response_time: now,
-        initial_age: Duration::ZERO,
-        freshness_lifetime: Duration::from_secs(600),
-        stale_while_revalidate: Duration::ZERO,
-        stale_if_error: Duration::ZERO,
-        no_stale: false,
-        stale_on_error_always: false,
-        tags: Vec::new(),
-        invalidated: false,
-        keep_for_revalidation: Duration::ZERO,
-        variants: false,
-    };
+    let planted = support::fresh_entry(&key.text, headers, b"a peer's copy");
     redis::cmd("SET").arg(key.redis_key("bulwark:pdp:")).arg(planted.encode().as_ref()).query::<()>(&mut redis.conn()).expect("plant");
     let got = bulwark.get_with("/peer", &[host, ("cache-control", "no-cache")]).await;
     assert_eq!((got.cache_status(), got.text()), (REVALIDATED, "body v1"));

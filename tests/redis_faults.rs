@@ -179,34 +179,11 @@ async fn an_entry_whose_key_differs_is_never_served() {
     let origin = Origin::start().await;
     let bulwark = Bulwark::start(&simple_config(&origin.url(), Some(&redis.url()), "")).await;
     // A valid entry for another URL, planted under this URL's hash (a collision).
-    let mut entry = Entry::decode(&Bytes::from(sample_entry_bytes())).expect("sample");
-    entry.key = "http://shop.example/someone-else\nae=identity".into();
+    let entry = support::fresh_entry("http://shop.example/someone-else\nae=identity", http::HeaderMap::new(), b"not yours");
     let mut conn = redis.conn();
     redis::cmd("SET").arg(redis_key("/mine")).arg(entry.encode().as_ref()).query::<()>(&mut conn).expect("plant");
     let got = bulwark.get_with("/mine", &HOST).await;
     assert_eq!((got.cache_status(), got.text()), ("bulwark; fwd=miss; stored", "body of /mine"));
-}
-
-fn sample_entry_bytes() -> Vec<u8> {
-    let entry = Entry {
-        key: "x".into(),
-        status: http::StatusCode::OK,
-        headers: http::HeaderMap::new(),
-        body: Bytes::from_static(b"not yours"),
-        request_time: std::time::SystemTime::now(),
-        response_time: std::time::SystemTime::now(),
-        initial_age: Duration::ZERO,
-        freshness_lifetime: Duration::from_secs(600),
-        stale_while_revalidate: Duration::ZERO,
-        stale_if_error: Duration::ZERO,
-        no_stale: false,
-        stale_on_error_always: false,
-        tags: Vec::new(),
-        invalidated: false,
-        keep_for_revalidation: Duration::ZERO,
-        variants: false,
-    };
-    entry.encode().to_vec()
 }
 
 #[tokio::test]
@@ -236,8 +213,7 @@ async fn a_silently_dead_connection_is_replaced() {
         // "/a" came from the origin and sits in L1 now: plant a new key each round.
         let path = format!("/b/{n}");
         let mut conn = redis.conn();
-        let mut entry = Entry::decode(&Bytes::from(sample_entry_bytes())).expect("sample");
-        entry.key = format!("http://shop.example{path}\nae=identity");
+        let entry = support::fresh_entry(&format!("http://shop.example{path}\nae=identity"), http::HeaderMap::new(), b"not yours");
         redis::cmd("SET").arg(redis_key(&path)).arg(entry.encode().as_ref()).query::<()>(&mut conn).expect("plant");
         fresh.get_with(&path, &HOST).await.cache_status() == "bulwark; hit; detail=l2"
     })

@@ -22,6 +22,30 @@ use hyper_util::rt::{TokioExecutor, TokioIo};
 use tokio::net::TcpListener;
 
 /// A free TCP port on 127.0.0.1 (bound and released; good enough for a child process).
+/// An entry stored just now under `key`, fresh for 10 minutes, with no stale windows:
+/// for tests that plant entries in Redis directly.
+pub fn fresh_entry(key: &str, headers: HeaderMap, body: &'static [u8]) -> bulwark::cache::Entry {
+    let now = std::time::SystemTime::now();
+    bulwark::cache::Entry {
+        key: key.to_owned(),
+        status: StatusCode::OK,
+        headers,
+        body: Bytes::from_static(body),
+        request_time: now,
+        response_time: now,
+        initial_age: Duration::ZERO,
+        freshness_lifetime: Duration::from_secs(600),
+        stale_while_revalidate: Duration::ZERO,
+        stale_if_error: Duration::ZERO,
+        no_stale: false,
+        stale_on_error_always: false,
+        tags: Vec::new(),
+        invalidated: false,
+        keep_for_revalidation: Duration::ZERO,
+        variants: false,
+    }
+}
+
 pub fn free_port() -> u16 {
     std::net::TcpListener::bind("127.0.0.1:0").and_then(|l| l.local_addr()).map(|a| a.port()).expect("free port")
 }
