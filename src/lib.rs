@@ -8,10 +8,12 @@
 //! - [`admin`]: `/metrics`, `/healthz`, `/readyz`, `/admin/*` on the admin listener.
 //! - [`control`]: route modes shared by every replica through `control_redis_url`.
 //! - [`router`]: request to route (longest `path_prefix`, optional host).
-//! - [`proxy`]: the request path, one phase per function, and the [`proxy::Outcome`] type
-//!   behind both `Cache-Status` and the `cache` metric label.
-//! - [`cache`]: keys, the versioned entry format, the RFC 9111 policy, the moka tier
-//!   (L1), the Redis tier (L2), and the [`cache::Pool`] joining them.
+//! - [`proxy`]: the request path, one phase per function (the cache-aside phases of
+//!   GET/HEAD in their own module), and the [`proxy::Outcome`] type behind both
+//!   `Cache-Status` and the `cache` metric label.
+//! - [`cache`]: keys (normalisation, variants by `Vary`), the versioned entry format, the
+//!   RFC 9111 policy (with RFC 9213 targeted fields), revalidation and conditionals, the
+//!   moka tier (L1), the Redis tier (L2), and the [`cache::Pool`] joining them.
 //! - [`origin`]: pooled clients per origin, the concurrency limit and queue.
 //! - [`metrics`]: metric names, the per-instance recorder, pre-registered handles.
 //! - [`error`]: request-path errors with their source, and the one error-to-status map.

@@ -1,5 +1,6 @@
-//! The cache: keys ([`key`]), the stored entry and its binary format ([`entry`]), the
-//! RFC 9111 storage policy ([`policy`]), the in-process tier ([`local`]), the Redis tier
+//! The cache: keys and variant keys ([`key`]), the stored entry and its binary format
+//! ([`entry`]), the RFC 9111 storage policy ([`policy`]), revalidation and the client's
+//! conditionals ([`revalidate`]), the in-process tier ([`local`]), the Redis tier
 //! ([`shared`]), and the pool that puts both tiers together ([`Pool`]).
 
 pub mod coalesce;
