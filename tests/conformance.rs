@@ -50,6 +50,8 @@
 //! | route overrides | `force_ttl`, `ignore_no_cache`, `ignore_query_params`, `key_headers`, `strip_cookies` | `route_*` |
 //! | poisoning | unkeyed headers, path normalisation, malformed values | `unkeyed_headers_do_not_reach_the_origin` ✗, `paths_are_normalised_consistently` ✗, `malformed_and_oversized_directives_are_survived` |
 //! | coalescing | a shed background refresh does not shed its joiners | `a_request_joining_a_shed_background_refresh_asks_again` |
+//! | coalescing | replicas held back take a peer's fetch, even stale on arrival | `replicas_held_back_take_a_peers_fetch_even_when_it_is_stale_on_arrival` |
+//! | coalescing | a shared failure answer's cookie only for its own client | `a_shared_failure_answer_keeps_its_cookie_for_its_own_client_only` ✗ |
 //! | purge tags | never reach clients | `purge_tags_never_reach_clients` ✗ |
 
 mod support;
@@ -436,6 +438,62 @@ async fn rfc9111_5_2_1_4_request_no_cache_is_not_answered_by_an_older_peer_copy(
     let got = bulwark.get_with("/peer", &[host, ("cache-control", "no-cache")]).await;
     assert_eq!((got.cache_status(), got.text()), (REVALIDATED, "body v1"));
     assert_eq!(origin.count("/peer"), 2);
+}
+
+/// RFC 9111 section 5.2.2.4 across replicas: a `no-cache` response (stored only to be
+/// revalidated) fetched by one replica holding the key's lease answers the requests the
+/// other replicas held back meanwhile, as it does for waiters in one process.
+#[tokio::test]
+async fn replicas_held_back_take_a_peers_fetch_even_when_it_is_stale_on_arrival() {
+    let redis = RedisServer::start();
+    let origin = Origin::start().await;
+    origin.set(|_| Reply::ok("page").header("cache-control", "no-cache").header("etag", "\"e\"").delay(Duration::from_millis(400)));
+    let config = simple_config(&origin.url(), Some(&redis.url()), "");
+    let mut replicas = Vec::new();
+    for _ in 0..3 {
+        let replica = Bulwark::start(&config).await;
+        for _ in 0..300 {
+            if replica.metric("bulwark_redis_events_subscribed", &[("pool", "pdp")]).await == 1.0 {
+                break;
+            }
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+        replicas.push(Arc::new(replica));
+    }
+    let tasks: Vec<_> = (0..30)
+        .map(|i| {
+            let replica = replicas[i % 3].clone();
+            tokio::spawn(async move { replica.get_with("/nc", &[("host", "shop.example")]).await })
+        })
+        .collect();
+    for task in tasks {
+        let got = task.await.expect("task");
+        assert_eq!((got.status.as_u16(), got.text()), (200, "page"));
+    }
+    assert!(origin.count("/nc") <= 2, "origin saw {} requests", origin.count("/nc"));
+}
+
+/// A failure answer shared with coalesced waiters carries no `Set-Cookie` to them; the
+/// client whose request fetched it keeps its cookie.
+#[tokio::test]
+async fn a_shared_failure_answer_keeps_its_cookie_for_its_own_client_only() {
+    let origin = Origin::start().await;
+    origin.set(|_| Reply::ok("down").status(503).header("set-cookie", "session=abc").delay(Duration::from_millis(300)));
+    let bulwark = Arc::new(start(&origin, "", "").await);
+    let tasks: Vec<_> = (0..5)
+        .map(|_| {
+            let bulwark = bulwark.clone();
+            tokio::spawn(async move { bulwark.get("/fail").await })
+        })
+        .collect();
+    let mut with_cookie = 0;
+    for task in tasks {
+        let got = task.await.expect("task");
+        assert_eq!(got.status, 503);
+        with_cookie += usize::from(got.header("set-cookie").is_some());
+    }
+    assert_eq!(origin.count("/fail"), 1);
+    assert_eq!(with_cookie, 1, "only the leader's client gets the cookie");
 }
 
 /// A request that joins a background refresh (which queues at low priority) is not shed

@@ -159,9 +159,11 @@ impl Encodings {
         (0..8).map(Encodings)
     }
 
-    /// One coding by name (`gzip`, `br`, `zstd`), for configuration.
+    /// One coding by name (`gzip`, `br`, `zstd`; `identity`, the empty set, adds
+    /// nothing), for configuration.
     pub fn named(name: &str) -> Option<Encodings> {
         match name.to_ascii_lowercase().as_str() {
+            "identity" => Some(Encodings::IDENTITY),
             "gzip" => Some(Encodings::GZIP),
             "br" => Some(Encodings::BR),
             "zstd" => Some(Encodings::ZSTD),

@@ -216,7 +216,7 @@ fn origin(raw: raw::RawOrigin) -> Result<OriginConfig> {
             None => Encodings::ORIGIN_DEFAULT,
             Some(names) => names.iter().try_fold(Encodings::IDENTITY, |set, name| match Encodings::named(name.get_ref().trim()) {
                 Some(coding) => Ok(set.union(coding)),
-                None => err(name.span(), format!("content_codings: unknown coding {:?} (gzip, br or zstd)", name.get_ref())),
+                None => err(name.span(), format!("content_codings: unknown coding {:?} (gzip, br, zstd, or identity alone)", name.get_ref())),
             })?,
         },
         breaker: BreakerConfig {

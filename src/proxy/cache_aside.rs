@@ -6,7 +6,7 @@
 use std::sync::Arc;
 use std::time::{Duration, SystemTime};
 
-use http::header::{ACCEPT_ENCODING, AUTHORIZATION, CACHE_CONTROL, CONNECTION, COOKIE};
+use http::header::{ACCEPT_ENCODING, AUTHORIZATION, CACHE_CONTROL, COOKIE};
 use http::{HeaderName, Method, Response, request};
 
 use super::fetch::{self, HeadAnswer};
@@ -47,12 +47,10 @@ static UNKEYED: [HeaderName; 15] = [
 /// query; [`origin_target`] puts it into the request when one goes to the origin (the
 /// origin is asked exactly what the key says), so a hit rebuilds no URI.
 pub(super) fn prepare(rules: &CacheRules, parts: &mut request::Parts, trusted: bool) -> Result<String, ProxyError> {
-    // A header the client names in `Connection` never reaches the origin: it must not
-    // select a variant either, or the origin's answer without it would be stored as the
-    // answer with it.
-    if parts.headers.contains_key(CONNECTION) {
-        super::forward::strip_hop_by_hop(&mut parts.headers);
-    }
+    // Hop-by-hop headers, and those the client names in `Connection`, never reach the
+    // origin: they must not select a variant either, or the origin's answer without
+    // them would be stored as the answer with them.
+    super::forward::strip_hop_by_hop(&mut parts.headers);
     if rules.strip_cookies {
         parts.headers.remove(COOKIE);
     }
@@ -293,6 +291,7 @@ mod tests {
             .header("x-original-url", "/admin")
             .header("x-http-method-override", "DELETE")
             .header("cookie", "s=1")
+            .header("te", "trailers")
             .body(())
             .expect("request")
             .into_parts();
@@ -300,7 +299,7 @@ mod tests {
         assert_eq!(query, "a=~&b=2");
         assert_eq!(origin_target(parts.clone(), &query).uri.to_string(), "/p?a=~&b=2");
         assert!(parts.headers.contains_key("x-forwarded-host"), "keyed: passed on");
-        for gone in ["x-original-url", "x-http-method-override", "cookie"] {
+        for gone in ["x-original-url", "x-http-method-override", "cookie", "te"] {
             assert!(!parts.headers.contains_key(gone), "{gone}");
         }
         let (mut bad, ()) = http::Request::get("/p?a=%zz").body(()).expect("request").into_parts();

@@ -93,6 +93,7 @@ pub async fn miss(job: FetchJob, stale: Option<Arc<Entry>>, head: bool) -> (Resp
     let mut join = pool.coalescer.join(job.key.hash);
     // A fill for another variant sends a waiter to its own variant's flight, once.
     let mut rejoined = false;
+    let mut abandoned = 0;
     loop {
         let mut waiting = match join {
             Join::Leader(guard) => return lead(job, guard, stale, head).await,
@@ -140,7 +141,13 @@ pub async fn miss(job: FetchJob, stale: Option<Arc<Entry>>, head: bool) -> (Resp
                     }
                 };
             }
-            Fill::Abandoned => join = pool.coalescer.join(job.key.hash),
+            // The leader went away, or a background refresh was shed: join again, and
+            // after twice ask the origin alone rather than keep meeting new refreshes.
+            Fill::Abandoned if abandoned >= 2 => return direct(&job, stale.as_deref(), head).await,
+            Fill::Abandoned => {
+                abandoned += 1;
+                join = pool.coalescer.join(job.key.hash);
+            }
         }
     }
 }
@@ -268,7 +275,7 @@ async fn run_flight(job: FetchJob, guard: FlightGuard, leader: Option<oneshot::S
         Ok(Fetched::Streamed(parts, body)) if is_failure_status(parts.status) => {
             let status = parts.status;
             match read_answer(parts, body, job.route.origin.config.timeout).await {
-                Ok(answer) => (Fill::Failed { status, shed: false, answer: Some(answer.clone()) }, LeaderResult::Answer(answer)),
+                Ok(answer) => (Fill::Failed { status, shed: false, answer: Some(for_waiters(&answer)) }, LeaderResult::Answer(answer)),
                 Err(result) => (Fill::Failed { status, shed: false, answer: None }, LeaderResult::Fetched(Ok(result))),
             }
         }
@@ -309,13 +316,22 @@ async fn read_answer(parts: http::response::Parts, body: ProxyBody, timeout: Dur
     if !small {
         return Err(Fetched::Streamed(parts, body));
     }
-    // Shared with other clients: no cookie set for the leader's client goes to them.
-    let mut headers = parts.headers;
-    headers.remove(http::header::SET_COOKIE);
+    let headers = parts.headers;
     match tokio::time::timeout(timeout, body.collect()).await {
         Ok(Ok(collected)) => Ok(Arc::new(Answer { status: parts.status, headers, body: collected.to_bytes() })),
         _ => Ok(Arc::new(Answer { status: parts.status, headers, body: bytes::Bytes::new() })),
     }
+}
+
+/// The leader's answer as its waiters get it: no cookie set for the leader's client goes
+/// to other clients.
+fn for_waiters(answer: &Arc<Answer>) -> Arc<Answer> {
+    if !answer.headers.contains_key(http::header::SET_COOKIE) {
+        return answer.clone();
+    }
+    let mut headers = answer.headers.clone();
+    headers.remove(http::header::SET_COOKIE);
+    Arc::new(Answer { status: answer.status, headers, body: answer.body.clone() })
 }
 
 enum PeerOutcome {
@@ -352,7 +368,7 @@ async fn hold_back_for_peers(job: &FetchJob, l2: &SharedTier) -> PeerOutcome {
                 // A copy stored before this request: not for a request that demanded
                 // validation. `peer_fill` returns only copies newer than the one being
                 // revalidated: the same copy would defeat an early refresh.
-                let recent = peer_fill(job, true).await.filter(|s| job.stale_on_wait && s.entry.is_fresh(SystemTime::now()));
+                let recent = peer_fill(job, true).await.filter(|s| (job.background || job.stale_on_wait) && s.entry.is_fresh(SystemTime::now()));
                 if let Some(stored) = recent {
                     l2.finish_lease(&job.key, &token, Announcement::Filled).await;
                     return PeerOutcome::Filled(stored);
@@ -369,7 +385,7 @@ async fn hold_back_for_peers(job: &FetchJob, l2: &SharedTier) -> PeerOutcome {
                     Ok(Ok(Announcement::Filled)) => {
                         // Fetched by a peer while this request waited: as good as
                         // joining its fetch, whatever the request demanded.
-                        return match peer_fill(job, false).await.filter(|s| s.entry.is_fresh(SystemTime::now())) {
+                        return match peer_fill(job, false).await {
                             Some(stored) => PeerOutcome::Filled(stored),
                             None => PeerOutcome::FetchAnyway,
                         };
