@@ -87,14 +87,15 @@ impl Entry {
     }
 
     /// How long past freshness the entry stays useful: its stale windows, and for an
-    /// entry with a validator the time it is kept for revalidation.
+    /// entry with a validator (or a variants marker, which must outlive the variants that
+    /// renewed it) the time it is kept for revalidation.
     pub fn stale_window(&self) -> Duration {
         let serve = match (self.no_stale, self.stale_on_error_always) {
             (false, _) => self.stale_while_revalidate.max(self.stale_if_error),
             (true, true) => self.stale_if_error,
             (true, false) => Duration::ZERO,
         };
-        if self.has_validator() { serve.saturating_add(self.keep_for_revalidation) } else { serve }
+        if self.variants || self.has_validator() { serve.saturating_add(self.keep_for_revalidation) } else { serve }
     }
 
     /// Whether a conditional request can revalidate it (`ETag` or `Last-Modified`).
@@ -110,37 +111,7 @@ impl Entry {
         if let Ok(value) = HeaderValue::from_str(&list) {
             headers.insert(http::header::VARY, value);
         }
-        Entry {
-            key: primary_key,
-            status: StatusCode::OK,
-            headers,
-            body: Bytes::new(),
-            tags: variant.tags.clone(),
-            variants: true,
-            ..variant.clone_meta()
-        }
-    }
-
-    /// A copy of the metadata, with no headers, body or tags.
-    fn clone_meta(&self) -> Entry {
-        Entry {
-            key: String::new(),
-            status: self.status,
-            headers: HeaderMap::new(),
-            body: Bytes::new(),
-            request_time: self.request_time,
-            response_time: self.response_time,
-            initial_age: self.initial_age,
-            freshness_lifetime: self.freshness_lifetime,
-            stale_while_revalidate: self.stale_while_revalidate,
-            stale_if_error: self.stale_if_error,
-            no_stale: self.no_stale,
-            stale_on_error_always: self.stale_on_error_always,
-            tags: Vec::new(),
-            invalidated: self.invalidated,
-            keep_for_revalidation: self.keep_for_revalidation,
-            variants: self.variants,
-        }
+        Entry { key: primary_key, status: StatusCode::OK, headers, body: Bytes::new(), variants: true, ..variant.clone() }
     }
 
     /// Whether it may be served now, stale, while a refresh runs (RFC 5861).
@@ -154,14 +125,8 @@ impl Entry {
     }
 
     /// How long, from now, the entry is worth keeping: freshness left plus the stale
-    /// windows (and the revalidation window). A variants marker is kept as long as the
-    /// variant that last renewed it, whose validators it does not carry.
+    /// windows (and the revalidation window).
     pub fn keep_for(&self, now: SystemTime) -> Duration {
-        if self.variants {
-            let serve = if self.no_stale && !self.stale_on_error_always { Duration::ZERO } else { self.stale_while_revalidate.max(self.stale_if_error) };
-            let window = serve.saturating_add(self.keep_for_revalidation);
-            return self.freshness_lifetime.saturating_add(window).saturating_sub(self.age(now));
-        }
         self.freshness_lifetime.saturating_add(self.stale_window()).saturating_sub(self.age(now))
     }
 

@@ -218,7 +218,7 @@ impl Encodings {
         HeaderValue::from_static(Encodings::HEADER[usize::from(self.0 & 7)])
     }
 
-    fn as_str(self) -> &'static str {
+    pub(super) fn as_str(self) -> &'static str {
         Encodings::KEY[usize::from(self.0 & 7)]
     }
 }
@@ -302,7 +302,7 @@ impl CacheKey {
 
 /// Appends `?` and the normalised query (see [`normalise_query`]); an empty query adds
 /// nothing.
-fn push_normalised_query(out: &mut String, query: &str) {
+pub(super) fn push_normalised_query(out: &mut String, query: &str) {
     let query = normalise_query(query, &[]).unwrap_or(Cow::Borrowed(query));
     if !query.is_empty() {
         out.push('?');
@@ -524,127 +524,4 @@ pub fn path_part(key_text: &str) -> &str {
     let url = url_part(key_text);
     let after_scheme = url.split_once("://").map_or(url, |(_, rest)| rest);
     after_scheme.find('/').map_or("/", |i| &after_scheme[i..])
-}
-
-/// What a purge removes: every variant of one URL, every host's copy of one path, or
-/// every entry carrying a tag.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub enum PurgeTarget {
-    /// `scheme://host/path?query`, normalised like a key's [`url_part`].
-    Url(String),
-    /// Hash of `/path?query` (see [`path_part`]).
-    Path(u128),
-    Tag(String),
-}
-
-impl PurgeTarget {
-    /// Parses an absolute URL (`http://shop.example/products/1?color=red`: every variant
-    /// of it) or a bare path (`/products/1`: every host's), normalising like the key.
-    pub fn from_url(text: &str) -> Result<PurgeTarget, String> {
-        let text = text.trim();
-        if text.starts_with('/') {
-            let (path, query) = text.split_once('?').map_or((text, None), |(p, q)| (p, Some(q)));
-            let path = normalise_path(path).map_err(|_| format!("malformed percent-encoding: {text:?}"))?;
-            let mut out = String::from(path);
-            if let Some(query) = query {
-                push_normalised_query(&mut out, query);
-            }
-            return Ok(PurgeTarget::Path(xxh3_128(out.as_bytes())));
-        }
-        let uri: http::Uri = text.parse().map_err(|_| format!("not a URL or a path: {text:?}"))?;
-        let scheme = match uri.scheme_str() {
-            Some(s) if s.eq_ignore_ascii_case("http") || s.eq_ignore_ascii_case("https") => s.to_ascii_lowercase(),
-            _ => return Err(format!("URL must be http:// or https://, or a path starting with '/': {text:?}")),
-        };
-        let host = uri.host().ok_or_else(|| format!("URL has no host: {text:?}"))?.to_ascii_lowercase();
-        let default_port = if scheme == "https" { 443 } else { 80 };
-        let mut out = format!("{scheme}://{host}");
-        if let Some(port) = uri.port_u16().filter(|p| *p != default_port) {
-            out.push_str(&format!(":{port}"));
-        }
-        out.push_str(&normalise_path(uri.path()).map_err(|_| format!("malformed percent-encoding: {text:?}"))?);
-        if let Some(query) = uri.query() {
-            push_normalised_query(&mut out, query);
-        }
-        if text.contains(['#', ' ', '\t', '\n']) {
-            return Err(format!("URL must not contain a fragment or whitespace: {text:?}"));
-        }
-        Ok(PurgeTarget::Url(out))
-    }
-
-    /// A tag target; tags are single words of at most 128 bytes (as stored).
-    pub fn tag(tag: &str) -> Result<PurgeTarget, String> {
-        let tag = tag.trim();
-        if tag.is_empty() || tag.len() > 128 || tag.contains(char::is_whitespace) {
-            return Err(format!("a tag is one word of 1 to 128 bytes: {tag:?}"));
-        }
-        Ok(PurgeTarget::Tag(tag.to_owned()))
-    }
-
-    /// The URL target of a request: every variant stored for it.
-    pub fn for_request(scheme: &str, host: &str, path: &str, query: Option<&str>) -> PurgeTarget {
-        let key = CacheKey::new(scheme, host, path, query, Encodings::IDENTITY);
-        PurgeTarget::Url(url_part(&key.text).to_owned())
-    }
-
-    /// For a URL target, the hashes of all its primary keys (one per `Accept-Encoding`
-    /// group; each holds all of its variants).
-    pub fn variant_hashes(&self) -> Option<Vec<u128>> {
-        let PurgeTarget::Url(url) = self else { return None };
-        Some(Encodings::all_sets().map(|e| xxh3_128(format!("{url}\nae={}", e.as_str()).as_bytes())).collect())
-    }
-
-    pub fn matches(&self, key_text: &str, tags: &[String]) -> bool {
-        match self {
-            PurgeTarget::Url(url) => url_part(key_text) == url,
-            PurgeTarget::Path(hash) => xxh3_128(path_part(key_text).as_bytes()) == *hash,
-            PurgeTarget::Tag(tag) => tags.iter().any(|t| t == tag),
-        }
-    }
-
-    /// The name of the Redis index set listing the entries this target covers.
-    pub fn index_name(&self) -> String {
-        match self {
-            PurgeTarget::Url(url) => format!("url:{:032x}", xxh3_128(url.as_bytes())),
-            PurgeTarget::Path(hash) => format!("path:{hash:032x}"),
-            PurgeTarget::Tag(tag) => format!("tag:{tag}"),
-        }
-    }
-
-    /// The targets an entry is indexed under: its URL, its path, its tags.
-    pub fn of_entry(key_text: &str, tags: &[String]) -> Vec<PurgeTarget> {
-        let mut out = vec![
-            PurgeTarget::Url(url_part(key_text).to_owned()),
-            PurgeTarget::Path(xxh3_128(path_part(key_text).as_bytes())),
-        ];
-        out.extend(tags.iter().cloned().map(PurgeTarget::Tag));
-        out
-    }
-}
-
-#[cfg(test)]
-mod purge_tests {
-    use super::*;
-
-    #[test]
-    fn purge_targets_match_every_variant_and_every_host() {
-        let gzip = CacheKey::new("http", "shop.example", "/products/1", Some("size=m&color=red"), Encodings::GZIP);
-        let plain = CacheKey::new("http", "shop.example", "/products/1", Some("color=red&size=m"), Encodings::IDENTITY);
-        let other_host = CacheKey::new("https", "eu.shop.example", "/products/1", Some("color=red&size=m"), Encodings::BR);
-        let url = PurgeTarget::from_url("http://Shop.Example:80/products/1?size=m&color=red").expect("url");
-        assert!(url.matches(&gzip.text, &[]) && url.matches(&plain.text, &[]));
-        assert!(!url.matches(&other_host.text, &[]));
-        let path = PurgeTarget::from_url("/products/1?color=red&size=m").expect("path");
-        assert!(path.matches(&gzip.text, &[]) && path.matches(&other_host.text, &[]));
-        assert!(!PurgeTarget::from_url("/products/1").expect("path").matches(&gzip.text, &[]));
-        assert!(PurgeTarget::Tag("p1".into()).matches(&gzip.text, &["x".into(), "p1".into()]));
-        assert!(PurgeTarget::from_url("ftp://x/").is_err());
-        assert!(PurgeTarget::from_url("http://x/a#frag").is_err());
-        assert!(PurgeTarget::tag("two words").is_err() && PurgeTarget::tag("").is_err() && PurgeTarget::tag("ok:tag-1").is_ok());
-        let variants = url.variant_hashes().expect("url target");
-        assert!(variants.contains(&gzip.hash) && variants.contains(&plain.hash));
-        assert!(PurgeTarget::from_url("products/1").is_err());
-        let indexed = PurgeTarget::of_entry(&gzip.text, &["t".into()]);
-        assert!(indexed.contains(&url) && indexed.contains(&path) && indexed.contains(&PurgeTarget::Tag("t".into())));
-    }
 }

@@ -8,7 +8,8 @@ use moka::Expiry;
 use moka::future::Cache;
 
 use super::entry::Entry;
-use super::key::{CacheKey, PurgeTarget};
+use super::key::CacheKey;
+use super::purge::PurgeTarget;
 
 /// What L1 holds under a primary key: one response, or the variants of a URL whose
 /// responses vary. Keeping a URL's variants together means a purge of the URL drops

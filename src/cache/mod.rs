@@ -1,4 +1,4 @@
-//! The cache: keys and variant keys ([`key`]), the stored entry and its binary format
+//! The cache: keys and variant keys ([`key`]), purge targets ([`purge`]), the stored entry and its binary format
 //! ([`entry`]), the RFC 9111 storage policy ([`policy`]), revalidation and the client's
 //! conditionals ([`revalidate`]), the in-process tier ([`local`]), the Redis tier
 //! ([`shared`]), and the pool that puts both tiers together ([`Pool`]).
@@ -8,13 +8,15 @@ pub mod entry;
 pub mod key;
 pub mod local;
 pub mod policy;
+pub mod purge;
 pub mod revalidate;
 pub mod shared;
 
 use std::sync::Arc;
 
 pub use entry::Entry;
-pub use key::{CacheKey, Encodings, PurgeTarget};
+pub use key::{CacheKey, Encodings};
+pub use purge::PurgeTarget;
 pub use local::Slot;
 
 use http::{HeaderMap, HeaderName};
@@ -120,8 +122,7 @@ impl Pool {
         {
             return Lookup { found: Some(Found { entry: entry.clone(), tier: Tier::L1 }), key };
         }
-        let known = marker.zip(key.clone());
-        let shared = self.lookup_shared(primary, headers, key_headers, known.map(|(m, k)| (k, m)), false).await;
+        let shared = self.lookup_shared(primary, headers, key_headers, key.clone().zip(marker), false).await;
         match (local, shared) {
             (Some(local), Some(shared)) if shared.entry.response_time <= local.response_time => {
                 Lookup { found: Some(Found { entry: local, tier: Tier::L1 }), key: shared.marker.map(|_| shared.key) }

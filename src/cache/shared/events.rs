@@ -16,7 +16,7 @@ use std::time::Duration;
 use futures_util::StreamExt;
 use tokio::sync::oneshot;
 
-use crate::cache::key::PurgeTarget;
+use crate::cache::purge::PurgeTarget;
 use crate::metrics::{PoolMetrics, RedisOp};
 
 /// Messages for the pool's L1 from other replicas. Each carries its sender's instance

@@ -21,7 +21,8 @@ use tokio::sync::{Semaphore, oneshot};
 pub use events::{Announcement, Lease, Notice, NoticeHandler, Watch};
 
 use super::entry::{DecodeError, Entry};
-use super::key::{CacheKey, PurgeTarget};
+use super::key::CacheKey;
+use super::purge::PurgeTarget;
 use crate::config::SharedTierConfig;
 use crate::metrics::{PoolMetrics, RedisOp};
 use events::{Events, RELEASE_LEASE};
