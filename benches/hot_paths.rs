@@ -59,8 +59,7 @@ fn entry_codec(c: &mut Criterion) {
 fn l1_hit(c: &mut Criterion) {
     let runtime = tokio::runtime::Builder::new_current_thread().enable_all().build().expect("runtime");
     let tier = LocalTier::new(64 << 20);
-    let keys: Vec<CacheKey> =
-        (0..1000).map(|i| CacheKey::new("https", "shop.example", &format!("/products/{i}"), None, Encodings::GZIP)).collect();
+    let keys: Vec<CacheKey> = (0..1000).map(|i| CacheKey::new("https", "shop.example", &format!("/products/{i}"), None, Encodings::GZIP)).collect();
     runtime.block_on(async {
         for key in &keys {
             tier.insert(key, std::sync::Arc::new(entry(key, 2048))).await;
@@ -86,8 +85,7 @@ fn l1_variant_hit(c: &mut Criterion) {
     let names = [http::header::ACCEPT_LANGUAGE];
     let mut request = HeaderMap::new();
     request.insert(http::header::ACCEPT_LANGUAGE, HeaderValue::from_static("de-DE,de;q=0.9,en;q=0.5"));
-    let primaries: Vec<CacheKey> =
-        (0..1000).map(|i| CacheKey::new("https", "shop.example", &format!("/products/{i}"), None, Encodings::GZIP)).collect();
+    let primaries: Vec<CacheKey> = (0..1000).map(|i| CacheKey::new("https", "shop.example", &format!("/products/{i}"), None, Encodings::GZIP)).collect();
     runtime.block_on(async {
         for primary in &primaries {
             let key = primary.variant(&names, &request);

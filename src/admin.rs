@@ -133,10 +133,7 @@ async fn set_mode(proxy: &Proxy, route: &str, req: Request<Incoming>) -> AdminRe
     let mode = match serde_json::from_slice::<ModeRequest>(&body).ok().and_then(|r| RouteMode::parse(&r.mode)) {
         Some(mode) => mode,
         None => {
-            return json(
-                StatusCode::BAD_REQUEST,
-                serde_json::json!({ "error": "expected {\"mode\": \"normal\" | \"cache-only\" | \"fallback\" | \"off\"}" }),
-            );
+            return json(StatusCode::BAD_REQUEST, serde_json::json!({ "error": "expected {\"mode\": \"normal\" | \"cache-only\" | \"fallback\" | \"off\"}" }));
         }
     };
     let runtime = proxy.runtime();
@@ -244,10 +241,7 @@ async fn purge(proxy: &Proxy, req: Request<Incoming>) -> AdminResponse {
     } else {
         format!("this replica only for pools without a reachable Redis: {}", local_only.join(", "))
     };
-    json(
-        StatusCode::OK,
-        serde_json::json!({ "purged": purged, "l1": l1, "l2": l2, "soft": request.soft, "replicas": replicas }),
-    )
+    json(StatusCode::OK, serde_json::json!({ "purged": purged, "l1": l1, "l2": l2, "soft": request.soft, "replicas": replicas }))
 }
 
 fn json(status: StatusCode, value: serde_json::Value) -> AdminResponse {

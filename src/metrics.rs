@@ -31,9 +31,7 @@ pub const CONFIG_RELOADS_TOTAL: &str = "bulwark_config_reloads_total";
 pub const ACCESS_LOG_DROPPED_TOTAL: &str = "bulwark_access_log_dropped_total";
 
 /// Latency buckets, in seconds: from a fast L1 hit to a slow origin.
-const BUCKETS: &[f64] = &[
-    0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0,
-];
+const BUCKETS: &[f64] = &[0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0];
 
 /// `status` label values of `bulwark_origin_requests_total`.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -109,9 +107,7 @@ impl Registry {
         RouteMetrics {
             requests: Outcome::LABELS.map(|cache| self.counter(REQUESTS_TOTAL, &labels(cache))),
             durations: Outcome::LABELS.map(|cache| self.histogram(REQUEST_DURATION, &labels(cache))),
-            origin_status: OriginStatus::LABELS.map(|status| {
-                self.counter(ORIGIN_REQUESTS_TOTAL, &[("origin", origin), ("route", route), ("status", status)])
-            }),
+            origin_status: OriginStatus::LABELS.map(|status| self.counter(ORIGIN_REQUESTS_TOTAL, &[("origin", origin), ("route", route), ("status", status)])),
         }
     }
 
@@ -163,8 +159,7 @@ impl Default for Registry {
     }
 }
 
-static METADATA: metrics::Metadata<'static> =
-    metrics::Metadata::new(module_path!(), metrics::Level::INFO, Some(module_path!()));
+static METADATA: metrics::Metadata<'static> = metrics::Metadata::new(module_path!(), metrics::Level::INFO, Some(module_path!()));
 
 fn key(name: &'static str, labels: &[(&'static str, &str)]) -> Key {
     let labels: Vec<Label> = labels.iter().map(|(k, v)| Label::new(*k, (*v).to_owned())).collect();

@@ -19,18 +19,14 @@ fn host_rank(host: &Option<HostMatch>) -> u8 {
 
 impl Router {
     pub fn new(routes: &[RouteConfig]) -> Router {
-        let mut entries: Vec<_> =
-            routes.iter().enumerate().map(|(i, r)| (i, r.path_prefix.clone(), r.host.clone())).collect();
+        let mut entries: Vec<_> = routes.iter().enumerate().map(|(i, r)| (i, r.path_prefix.clone(), r.host.clone())).collect();
         entries.sort_by(|a, b| b.1.len().cmp(&a.1.len()).then(host_rank(&b.2).cmp(&host_rank(&a.2))));
         Router { entries }
     }
 
     /// Index of the route for `host` (lowercase, no port) and `path`.
     pub fn route(&self, host: &str, path: &str) -> Option<usize> {
-        self.entries
-            .iter()
-            .find(|(_, prefix, h)| path.starts_with(prefix.as_str()) && h.as_ref().is_none_or(|h| h.matches(host)))
-            .map(|(i, _, _)| *i)
+        self.entries.iter().find(|(_, prefix, h)| path.starts_with(prefix.as_str()) && h.as_ref().is_none_or(|h| h.matches(host))).map(|(i, _, _)| *i)
     }
 }
 

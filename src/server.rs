@@ -114,12 +114,7 @@ async fn serve(listeners: Listeners, proxy: Arc<Proxy>, shutdown: impl Future<Ou
     }));
 
     let mut builder = auto::Builder::new(TokioExecutor::new());
-    builder
-        .http1()
-        .timer(TokioTimer::new())
-        .keep_alive(true)
-        .header_read_timeout(server_config.keepalive_idle)
-        .max_buf_size(server_config.max_header_bytes);
+    builder.http1().timer(TokioTimer::new()).keep_alive(true).header_read_timeout(server_config.keepalive_idle).max_buf_size(server_config.max_header_bytes);
     builder
         .http2()
         .timer(TokioTimer::new())

@@ -163,7 +163,10 @@ async fn forwarded_headers_and_hop_by_hop_removal() {
     origin.set(|_| Reply::ok("x").header("connection", "x-internal").header("x-internal", "secret").header("keep-alive", "timeout=5"));
     let bulwark = Bulwark::start(&simple_config(&origin.url(), None, "")).await;
     let got = bulwark
-        .get_with("/fwd", &[("host", "Shop.Example"), ("x-forwarded-for", "203.0.113.9"), ("connection", "x-drop"), ("x-drop", "1"), ("x-forwarded-proto", "https")])
+        .get_with(
+            "/fwd",
+            &[("host", "Shop.Example"), ("x-forwarded-for", "203.0.113.9"), ("connection", "x-drop"), ("x-drop", "1"), ("x-forwarded-proto", "https")],
+        )
         .await;
     assert_eq!(got.header("x-internal"), None);
     assert_eq!(got.header("keep-alive"), None);
@@ -273,9 +276,7 @@ async fn origin_timeout_is_a_504() {
 async fn h2c_clients_are_served() {
     let origin = Origin::start().await;
     let bulwark = Bulwark::start(&simple_config(&origin.url(), None, "")).await;
-    let client = hyper_util::client::legacy::Client::builder(hyper_util::rt::TokioExecutor::new())
-        .http2_only(true)
-        .build_http::<Full<Bytes>>();
+    let client = hyper_util::client::legacy::Client::builder(hyper_util::rt::TokioExecutor::new()).http2_only(true).build_http::<Full<Bytes>>();
     for expected in ["bulwark; fwd=miss; stored", "bulwark; hit; detail=l1"] {
         let res = client.request(Request::get(bulwark.url("/h2")).body(Full::default()).expect("req")).await.expect("h2 request");
         assert_eq!(res.version(), http::Version::HTTP_2);
@@ -373,9 +374,7 @@ async fn an_authenticated_answer_is_stored_only_when_the_origin_allows_it() {
 async fn client_routing_headers_cannot_poison_the_cache() {
     let origin = Origin::start().await;
     let bulwark = Bulwark::start(&simple_config(&origin.url(), None, "")).await;
-    bulwark
-        .get_with("/p", &[("x-forwarded-host", "evil.example"), ("forwarded", "host=evil.example"), ("x-original-url", "/admin")])
-        .await;
+    bulwark.get_with("/p", &[("x-forwarded-host", "evil.example"), ("forwarded", "host=evil.example"), ("x-original-url", "/admin")]).await;
     let (parts, _) = origin.last_request();
     for name in ["x-forwarded-host", "forwarded", "x-original-url"] {
         assert!(!parts.headers.contains_key(name), "{name} reached the origin from an untrusted client");

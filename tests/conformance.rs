@@ -730,7 +730,12 @@ async fn a_variants_marker_outlives_every_variant() {
         let cc = if lang == "en" { "max-age=3600" } else { "max-age=5" };
         Reply::ok(lang).header("vary", "Accept-Language").header("cache-control", cc)
     });
-    let bulwark = Bulwark::start(&simple_config(&origin.url(), Some(&redis.url()), "stale_while_revalidate = \"0s\"\nstale_if_error = \"0s\"\nkeep_for_revalidation = \"0s\"")).await;
+    let bulwark = Bulwark::start(&simple_config(
+        &origin.url(),
+        Some(&redis.url()),
+        "stale_while_revalidate = \"0s\"\nstale_if_error = \"0s\"\nkeep_for_revalidation = \"0s\"",
+    ))
+    .await;
     let host = ("host", "shop.example");
     bulwark.get_with("/long", &[host, ("accept-language", "en")]).await;
     bulwark.get_with("/long", &[host, ("accept-language", "de")]).await;

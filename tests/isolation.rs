@@ -103,13 +103,7 @@ async fn killing_one_pools_redis_leaves_the_other_pool_alone() {
     let b_requests = b_during.latencies.len() as f64;
     assert!(b_hits / b_requests > 0.85, "pool b hit ratio fell to {}", b_hits / b_requests);
     let (b_p99_before, b_p99_during) = (b_before.p99(), b_during.p99());
-    eprintln!(
-        "p99: a {:?} -> {:?}, b {:?} -> {:?}",
-        a_before.p99(),
-        a_during.p99(),
-        b_p99_before,
-        b_p99_during
-    );
+    eprintln!("p99: a {:?} -> {:?}, b {:?} -> {:?}", a_before.p99(), a_during.p99(), b_p99_before, b_p99_during);
     // b's p99 stays in the same range (5x margin plus a small floor for a noisy machine).
     assert!(b_p99_during < b_p99_before * 5 + Duration::from_millis(20), "b p99 {b_p99_before:?} -> {b_p99_during:?}");
 

@@ -26,9 +26,7 @@ fn versioned_origin(origin: &Origin) -> Arc<AtomicUsize> {
 }
 
 async fn purge(bulwark: &Bulwark, body: &str) -> Got {
-    let req = Request::post(format!("http://{}/admin/purge", bulwark.admin_addr))
-        .body(Full::new(Bytes::from(body.to_owned())))
-        .expect("request");
+    let req = Request::post(format!("http://{}/admin/purge", bulwark.admin_addr)).body(Full::new(Bytes::from(body.to_owned()))).expect("request");
     bulwark.request(req).await
 }
 
@@ -183,7 +181,16 @@ async fn purge_requests_are_validated_and_local_pools_say_so() {
     assert_eq!((counts["l1"].as_u64(), counts["purged"].as_u64()), (Some(1), Some(1)));
     assert!(counts["replicas"].as_str().is_some_and(|r| r.contains("this replica only") && r.contains("pdp")), "{counts}");
     assert_eq!(bulwark.get_with("/products/1", &HOST).await.text(), "/products/1 v2");
-    for bad in [r#"{"urls": ["ftp://x/"]}"#, r#"{"urls": ["/a"], "tags": ["b"]}"#, r#"{}"#, "not json", r#"{"url": ["/a"]}"#, r#"{"tags": ["two words"]}"#, r#"{"tags": [""]}"#, r#"{"urls": ["http://x/a#b"]}"#] {
+    for bad in [
+        r#"{"urls": ["ftp://x/"]}"#,
+        r#"{"urls": ["/a"], "tags": ["b"]}"#,
+        r#"{}"#,
+        "not json",
+        r#"{"url": ["/a"]}"#,
+        r#"{"tags": ["two words"]}"#,
+        r#"{"tags": [""]}"#,
+        r#"{"urls": ["http://x/a#b"]}"#,
+    ] {
         assert_eq!(purge(&bulwark, bad).await.status, 400, "{bad}");
     }
 }

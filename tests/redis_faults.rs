@@ -56,10 +56,8 @@ async fn redis_killed_mid_test_then_restarted() {
     assert!(errors < 10.0, "lookups while the breaker is open are skipped, not failed: {errors}");
 
     redis.restart();
-    wait_until("breaker closed by its probe", Duration::from_secs(5), async || {
-        bulwark.metric("bulwark_redis_breaker_open", &[("pool", "pdp")]).await == 0.0
-    })
-    .await;
+    wait_until("breaker closed by its probe", Duration::from_secs(5), async || bulwark.metric("bulwark_redis_breaker_open", &[("pool", "pdp")]).await == 0.0)
+        .await;
     // Writes recover: a new key reaches the restarted (empty) Redis.
     let mut n = 0;
     wait_until("writes to the restarted Redis", Duration::from_secs(10), async || {
@@ -73,10 +71,7 @@ async fn redis_killed_mid_test_then_restarted() {
     assert!(!stored.is_empty());
     let fresh = Bulwark::start(&config).await;
     let path = format!("/after/{n}");
-    wait_until("L2 hits after restart", Duration::from_secs(5), async || {
-        redis.keys(&redis_key(&path)).len() == 1
-    })
-    .await;
+    wait_until("L2 hits after restart", Duration::from_secs(5), async || redis.keys(&redis_key(&path)).len() == 1).await;
     let got = fresh.get_with(&path, &HOST).await;
     assert_eq!((got.cache_status(), got.text()), ("bulwark; hit; detail=l2", format!("body of {path}").as_str()));
 }
@@ -116,10 +111,8 @@ async fn stalled_redis_costs_at_most_one_deadline_per_request() {
         assert!(*took < baseline + Duration::from_millis(25), "waited {took:?} with the breaker open (baseline {baseline:?})");
     }
     redis.resume();
-    wait_until("breaker closed after SIGCONT", Duration::from_secs(5), async || {
-        bulwark.metric("bulwark_redis_breaker_open", &[("pool", "pdp")]).await == 0.0
-    })
-    .await;
+    wait_until("breaker closed after SIGCONT", Duration::from_secs(5), async || bulwark.metric("bulwark_redis_breaker_open", &[("pool", "pdp")]).await == 0.0)
+        .await;
 }
 
 #[tokio::test]

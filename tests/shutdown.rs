@@ -115,9 +115,7 @@ fn check_and_serve_reject_a_bad_config_with_its_location() {
 async fn sighup_reloads_the_config_file() {
     let origin = Origin::start().await;
     let serve = ServeProcess::start(&simple_config(&origin.url(), None, ""), Stdio::null(), Stdio::null()).await;
-    let reloads = async || -> Option<f64> {
-        Some(support::metric_value(&serve.metrics().await?, "bulwark_config_reloads_total", &[("result", "ok")]))
-    };
+    let reloads = async || -> Option<f64> { Some(support::metric_value(&serve.metrics().await?, "bulwark_config_reloads_total", &[("result", "ok")])) };
     assert_eq!(reloads().await, Some(0.0));
     // The file is unchanged, so only the signal can cause this reload.
     serve.signal("-HUP");

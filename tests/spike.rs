@@ -427,10 +427,8 @@ priority = "low"
 async fn breaker_opens_answers_fast_without_the_origin_and_closes_after_a_probe() {
     let origin = Origin::start().await;
     origin.set(|_| Reply::ok("broken").status(500).header("cache-control", "no-store"));
-    let config = simple_config(&origin.url(), None, "").replace(
-        "timeout = \"5s\"\n",
-        "timeout = \"5s\"\nbreaker_consecutive_failures = 3\nbreaker_open_for = \"300ms\"\n",
-    );
+    let config = simple_config(&origin.url(), None, "")
+        .replace("timeout = \"5s\"\n", "timeout = \"5s\"\nbreaker_consecutive_failures = 3\nbreaker_open_for = \"300ms\"\n");
     let bulwark = Bulwark::start(&config).await;
     for i in 0..3 {
         assert_eq!(bulwark.get(&format!("/b/{i}")).await.status, 500);

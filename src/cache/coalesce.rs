@@ -17,7 +17,6 @@ use http::StatusCode;
 use moka::future::Cache;
 use tokio::sync::watch;
 
-
 /// How long a key whose answer was not storable skips coalescing.
 pub const HIT_FOR_MISS: Duration = Duration::from_secs(5);
 

@@ -117,11 +117,8 @@ pub fn normalise_path(path: &str) -> Result<Cow<'_, str>, BadTarget> {
 /// the origin). Returns the query without `?`; empty when nothing is left.
 pub fn normalise_query<'a>(query: &'a str, ignored: &[ParamPattern]) -> Result<Cow<'a, str>, BadTarget> {
     let normalised = normalise_percent(query)?;
-    let mut params: Vec<&str> = normalised
-        .split('&')
-        .filter(|p| !p.is_empty())
-        .filter(|p| !ignored.iter().any(|pattern| pattern.matches(param_name(p))))
-        .collect();
+    let mut params: Vec<&str> =
+        normalised.split('&').filter(|p| !p.is_empty()).filter(|p| !ignored.iter().any(|pattern| pattern.matches(param_name(p)))).collect();
     params.sort_by(|a, b| param_name(a).cmp(param_name(b)));
     let mut out = String::with_capacity(normalised.len());
     for (i, param) in params.iter().enumerate() {

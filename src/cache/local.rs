@@ -129,7 +129,8 @@ impl LocalTier {
         self.cache
             .entry(primary.hash)
             .and_compute_with(|current| {
-                let same_names = |v: &Variants| v.marker.key == marker.key && v.marker.headers.get(http::header::VARY) == marker.headers.get(http::header::VARY);
+                let same_names =
+                    |v: &Variants| v.marker.key == marker.key && v.marker.headers.get(http::header::VARY) == marker.headers.get(http::header::VARY);
                 let mut entries: Vec<(u128, Arc<Entry>)> = match current.as_ref().map(|c| c.value()) {
                     Some(Slot::Variants(v)) if same_names(v) => {
                         v.entries.iter().filter(|(h, e)| *h != key.hash && !e.keep_for(now).is_zero()).cloned().collect()
@@ -183,8 +184,7 @@ impl LocalTier {
             }
             return 0;
         }
-        let matching: Vec<(u128, Slot)> =
-            self.cache.iter().filter(|(_, slot)| slot.purged_by(target, before)).map(|(hash, slot)| (*hash, slot)).collect();
+        let matching: Vec<(u128, Slot)> = self.cache.iter().filter(|(_, slot)| slot.purged_by(target, before)).map(|(hash, slot)| (*hash, slot)).collect();
         for (hash, slot) in &matching {
             self.purge_one(*hash, slot, true, target, before).await;
         }
@@ -240,7 +240,11 @@ impl LocalTier {
                                 if entries.is_empty() {
                                     moka::ops::compute::Op::Remove
                                 } else {
-                                    moka::ops::compute::Op::Put(Slot::Variants(Arc::new(Variants { marker: now.marker.clone(), names: now.names.clone(), entries })))
+                                    moka::ops::compute::Op::Put(Slot::Variants(Arc::new(Variants {
+                                        marker: now.marker.clone(),
+                                        names: now.names.clone(),
+                                        entries,
+                                    })))
                                 }
                             }
                             _ => moka::ops::compute::Op::Nop,

@@ -16,8 +16,8 @@ use std::sync::Arc;
 
 pub use entry::Entry;
 pub use key::{CacheKey, Encodings};
-pub use purge::PurgeTarget;
 pub use local::Slot;
+pub use purge::PurgeTarget;
 
 use http::{HeaderMap, HeaderName};
 

@@ -93,10 +93,7 @@ impl PurgeTarget {
 
     /// The targets an entry is indexed under: its URL, its path, its tags.
     pub fn of_entry(key_text: &str, tags: &[String]) -> Vec<PurgeTarget> {
-        let mut out = vec![
-            PurgeTarget::Url(url_part(key_text).to_owned()),
-            PurgeTarget::Path(xxh3_128(path_part(key_text).as_bytes())),
-        ];
+        let mut out = vec![PurgeTarget::Url(url_part(key_text).to_owned()), PurgeTarget::Path(xxh3_128(path_part(key_text).as_bytes()))];
         out.extend(tags.iter().cloned().map(PurgeTarget::Tag));
         out
     }

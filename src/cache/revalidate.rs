@@ -68,11 +68,8 @@ pub enum HeadUpdate {
 /// Compares a 200 answer to HEAD with the stored response: its validators must
 /// describe the stored one, and its `Content-Length`, if any, equal the stored body's.
 pub fn head_update(head: &HeaderMap, stored: &Entry) -> HeadUpdate {
-    let length_differs = head
-        .get(CONTENT_LENGTH)
-        .and_then(|v| v.to_str().ok())
-        .and_then(|v| v.trim().parse::<usize>().ok())
-        .is_some_and(|len| len != stored.body.len());
+    let length_differs =
+        head.get(CONTENT_LENGTH).and_then(|v| v.to_str().ok()).and_then(|v| v.trim().parse::<usize>().ok()).is_some_and(|len| len != stored.body.len());
     if length_differs || !describes(head, stored) {
         return HeadUpdate::Invalidate;
     }
@@ -166,14 +163,8 @@ fn trim(bytes: &[u8]) -> &[u8] {
 
 /// Header fields a 304 carries over from the 200 it stands for (RFC 9110 section
 /// 15.4.5), besides `Age` and `Cache-Status`, which are added later.
-pub const NOT_MODIFIED_FIELDS: [http::HeaderName; 6] = [
-    http::header::CACHE_CONTROL,
-    http::header::CONTENT_LOCATION,
-    http::header::DATE,
-    ETAG,
-    http::header::EXPIRES,
-    http::header::VARY,
-];
+pub const NOT_MODIFIED_FIELDS: [http::HeaderName; 6] =
+    [http::header::CACHE_CONTROL, http::header::CONTENT_LOCATION, http::header::DATE, ETAG, http::header::EXPIRES, http::header::VARY];
 
 #[cfg(test)]
 mod tests {

@@ -8,13 +8,7 @@ use crate::config::Config;
 pub fn run(path: &Path) -> ExitCode {
     match Config::load(path) {
         Ok(config) => {
-            println!(
-                "{}: ok ({} routes, {} pools, {} origins)",
-                path.display(),
-                config.routes.len(),
-                config.pools.len(),
-                config.origins.len()
-            );
+            println!("{}: ok ({} routes, {} pools, {} origins)", path.display(), config.routes.len(), config.pools.len(), config.origins.len());
             ExitCode::SUCCESS
         }
         Err(err) => {

@@ -3,9 +3,9 @@
 mod check;
 mod demo;
 pub mod scrape;
+mod serve;
 pub mod top;
 mod warm;
-mod serve;
 
 use std::path::PathBuf;
 use std::process::ExitCode;

@@ -22,11 +22,7 @@ pub fn parse(text: &str) -> Vec<Sample> {
                 Some((name, rest)) => (name, rest.trim_end_matches('}')),
                 None => (series, ""),
             };
-            let labels = labels
-                .split(',')
-                .filter_map(|kv| kv.split_once('='))
-                .map(|(k, v)| (k.to_owned(), v.trim_matches('"').to_owned()))
-                .collect();
+            let labels = labels.split(',').filter_map(|kv| kv.split_once('=')).map(|(k, v)| (k.to_owned(), v.trim_matches('"').to_owned())).collect();
             Some(Sample { name: name.to_owned(), labels, value })
         })
         .collect()
@@ -34,11 +30,7 @@ pub fn parse(text: &str) -> Vec<Sample> {
 
 /// Sum of the samples of `name` whose labels include every pair in `labels`.
 pub fn sum(samples: &[Sample], name: &str, labels: &[(&str, &str)]) -> f64 {
-    samples
-        .iter()
-        .filter(|s| s.name == name && labels.iter().all(|(k, v)| s.labels.get(*k).is_some_and(|x| x == v)))
-        .map(|s| s.value)
-        .sum()
+    samples.iter().filter(|s| s.name == name && labels.iter().all(|(k, v)| s.labels.get(*k).is_some_and(|x| x == v))).map(|s| s.value).sum()
 }
 
 /// Cache outcomes that count as served from the cache in a hit ratio.

@@ -12,7 +12,7 @@ use hyper_util::rt::TokioExecutor;
 use serde::Serialize;
 
 use super::scrape::{self, Sample};
-use crate::metrics::{ORIGIN_REQUESTS_TOTAL, REDIS_BREAKER_OPEN, REQUESTS_TOTAL, REQUEST_DURATION};
+use crate::metrics::{ORIGIN_REQUESTS_TOTAL, REDIS_BREAKER_OPEN, REQUEST_DURATION, REQUESTS_TOTAL};
 
 /// Totals of one route (counters since each replica started, summed).
 #[derive(Debug, Default, Clone, Serialize, PartialEq)]
@@ -195,13 +195,22 @@ pub fn render(now: &Snapshot, rates: Option<(&Snapshot, f64)>) -> String {
         _ => format!("{value:.0}"),
     };
     let _ = writeln!(out, "bulwark top: {} replica(s){}", now.replicas, if rates.is_some() { ", rates over the last interval" } else { ", totals" });
-    let _ = writeln!(out, "\n{:<20} {:<10} {:>10} {:>8} {:>8} {:>8} {:>9} {:>12} {:>10} {:>8} {:>8}", "route", "pool", "requests", "hit", "l1", "l2", "stale", "origin req", "origin err", "p50 ms", "p99 ms");
+    let _ = writeln!(
+        out,
+        "\n{:<20} {:<10} {:>10} {:>8} {:>8} {:>8} {:>9} {:>12} {:>10} {:>8} {:>8}",
+        "route", "pool", "requests", "hit", "l1", "l2", "stale", "origin req", "origin err", "p50 ms", "p99 ms"
+    );
     for (name, route) in &now.routes {
         let before = rates.and_then(|(b, _)| b.routes.get(name));
         let delta = |f: fn(&RouteTotals) -> f64| f(route) - before.map_or(0.0, f);
         let outcome = |o: &str| route.outcomes.get(o).copied().unwrap_or(0.0) - before.and_then(|b| b.outcomes.get(o).copied()).unwrap_or(0.0);
         let served = delta(|r| r.requests) - outcome("bypass") - outcome("fallback") - outcome("off");
-        let hits = outcome("hit_l1") + outcome("hit_l2") + outcome("collapsed") + outcome("revalidated") + outcome("stale_while_revalidate") + outcome("stale_if_error");
+        let hits = outcome("hit_l1")
+            + outcome("hit_l2")
+            + outcome("collapsed")
+            + outcome("revalidated")
+            + outcome("stale_while_revalidate")
+            + outcome("stale_if_error");
         let pct = |n: f64| if served > 0.0 { format!("{:.1}%", 100.0 * n / served) } else { "-".into() };
         let buckets: Vec<(f64, f64)> = route
             .buckets
@@ -226,7 +235,12 @@ pub fn render(now: &Snapshot, rates: Option<(&Snapshot, f64)>) -> String {
         );
         let shed = outcome("shed");
         if shed > 0.0 {
-            let _ = writeln!(out, "{:<20} shed: {}", "", per(route.outcomes.get("shed").copied().unwrap_or(0.0), before.and_then(|b| b.outcomes.get("shed").copied()).unwrap_or(0.0)));
+            let _ = writeln!(
+                out,
+                "{:<20} shed: {}",
+                "",
+                per(route.outcomes.get("shed").copied().unwrap_or(0.0), before.and_then(|b| b.outcomes.get("shed").copied()).unwrap_or(0.0))
+            );
         }
     }
     let _ = writeln!(out, "\n{:<20} {:>10} {:>10} {:>10} {:>10} {:>10} {:>14}", "pool", "requests", "hit ratio", "l1", "l2", "collapsed", "redis breaker");

@@ -19,8 +19,8 @@ use std::time::Duration;
 use bytes::Bytes;
 use http::{HeaderMap, HeaderValue, StatusCode, Uri};
 
-pub use raw::{AccessLog, Priority, RouteMode, StaleOnError};
 pub use crate::origin::breaker::BreakerConfig;
+pub use raw::{AccessLog, Priority, RouteMode, StaleOnError};
 pub use validate::Cidr;
 
 /// A validated configuration, ready to build a server from.
@@ -232,8 +232,7 @@ impl Config {
             position: span.map(|span| line_col(text, span.start)),
             message,
         };
-        let raw: raw::RawConfig =
-            toml::from_str(text).map_err(|err| locate(err.span(), err.message().trim().to_owned()))?;
+        let raw: raw::RawConfig = toml::from_str(text).map_err(|err| locate(err.span(), err.message().trim().to_owned()))?;
         validate::validate(raw).map_err(|err| locate(Some(err.span), err.message))
     }
 }

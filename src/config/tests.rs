@@ -76,13 +76,17 @@ fn other_cross_checks() {
     assert!(error_of(&MINIMAL.replace("name = \"pdp\"", "name = \"pdp\"\nredis_url = \"nope://x\"")).contains("invalid Redis URL"));
     let both = MINIMAL.replace("name = \"pdp\"", "name = \"pdp\"\nredis_url = \"redis://a\"\nredis_cluster_nodes = [\"redis://b\"]");
     assert!(error_of(&both).contains("not both"));
-    let cluster = MINIMAL.replace("name = \"pdp\"", "name = \"pdp\"\nredis_cluster_nodes = [\"redis://10.0.0.1:7000\", \"redis://10.0.0.2:7000\"]\nredis_timeout = \"20ms\"");
+    let cluster = MINIMAL
+        .replace("name = \"pdp\"", "name = \"pdp\"\nredis_cluster_nodes = [\"redis://10.0.0.1:7000\", \"redis://10.0.0.2:7000\"]\nredis_timeout = \"20ms\"");
     let shared = parse(&cluster).expect("cluster config").pools[0].shared.clone().expect("shared tier");
     assert_eq!(shared.endpoint, RedisEndpoint::Cluster(vec!["redis://10.0.0.1:7000".into(), "redis://10.0.0.2:7000".into()]));
     assert!(error_of("[server]\ntrusted_proxies = [\"10.0.0.0/33\"]").contains("prefix length"));
     assert!(error_of("[server]\nlisten = \"localhost\"").starts_with("bulwark.toml:2:10: "));
     assert!(error_of("[server]\nkeepalive_idle = \"0s\"").contains("keepalive_idle must be greater than zero"));
-    assert!(error_of(&MINIMAL.replace("url = \"http://127.0.0.1:8081\"", "url = \"http://127.0.0.1:8081\"\ntimeout = \"0ms\"")).starts_with("bulwark.toml:5:11: timeout must be greater than zero"));
+    assert!(
+        error_of(&MINIMAL.replace("url = \"http://127.0.0.1:8081\"", "url = \"http://127.0.0.1:8081\"\ntimeout = \"0ms\""))
+            .starts_with("bulwark.toml:5:11: timeout must be greater than zero")
+    );
 }
 
 #[test]

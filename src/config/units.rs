@@ -32,10 +32,7 @@ pub fn parse_duration(text: &str) -> Result<Duration, String> {
         "" => return Err(format!("duration {text:?} has no unit: {expected}")),
         _ => return Err(format!("unknown duration unit {unit:?} in {text:?}: {expected}")),
     };
-    amount
-        .checked_mul(millis_per_unit)
-        .map(Duration::from_millis)
-        .ok_or_else(|| format!("duration {text:?} is too large"))
+    amount.checked_mul(millis_per_unit).map(Duration::from_millis).ok_or_else(|| format!("duration {text:?} is too large"))
 }
 
 /// Parses a size: a non-negative integer, optionally followed by `B`, `KiB`, `MiB`, `GiB`,
@@ -75,17 +72,13 @@ impl<'de, T, F: Fn(&str) -> Result<T, String>> de::Visitor<'de> for UnitVisitor<
 
 impl<'de> Deserialize<'de> for ConfigDuration {
     fn deserialize<D: Deserializer<'de>>(deserializer: D) -> Result<Self, D::Error> {
-        deserializer
-            .deserialize_str(UnitVisitor("a duration string such as \"5s\"", parse_duration))
-            .map(ConfigDuration)
+        deserializer.deserialize_str(UnitVisitor("a duration string such as \"5s\"", parse_duration)).map(ConfigDuration)
     }
 }
 
 impl<'de> Deserialize<'de> for ByteSize {
     fn deserialize<D: Deserializer<'de>>(deserializer: D) -> Result<Self, D::Error> {
-        deserializer
-            .deserialize_any(SizeVisitor)
-            .map(ByteSize)
+        deserializer.deserialize_any(SizeVisitor).map(ByteSize)
     }
 }
 

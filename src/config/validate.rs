@@ -10,12 +10,12 @@ use http::{HeaderMap, HeaderName, HeaderValue, StatusCode, Uri};
 use toml::Spanned;
 
 use super::raw::{self, RawConfig};
-use crate::cache::Encodings;
 use super::units::ConfigDuration;
 use super::{
-    BreakerConfig, CacheRules, Config, ParamPattern, RedisEndpoint, Fallback, HostMatch, OriginConfig, PoolConfig, RouteConfig, RouteMode, ServerConfig,
+    BreakerConfig, CacheRules, Config, Fallback, HostMatch, OriginConfig, ParamPattern, PoolConfig, RedisEndpoint, RouteConfig, RouteMode, ServerConfig,
     SharedTierConfig,
 };
+use crate::cache::Encodings;
 
 /// A validation error with the span of the value at fault.
 pub struct SpannedError {
@@ -58,9 +58,7 @@ impl Cidr {
         let network: IpAddr = addr.trim().parse().map_err(|_| format!("invalid IP address {addr:?}"))?;
         let max = if network.is_ipv4() { 32 } else { 128 };
         let prefix = match prefix {
-            Some(p) => p.trim().parse::<u8>().ok().filter(|p| *p <= max).ok_or_else(|| {
-                format!("invalid prefix length {p:?} (0..={max})")
-            })?,
+            Some(p) => p.trim().parse::<u8>().ok().filter(|p| *p <= max).ok_or_else(|| format!("invalid prefix length {p:?} (0..={max})"))?,
             None => max,
         };
         Ok(Cidr { network, prefix })
@@ -87,14 +85,8 @@ impl Cidr {
 
 pub fn validate(raw: RawConfig) -> Result<Config> {
     let server = server(raw.server)?;
-    let origins = unique_names(raw.origins, |o| &o.name, "origin")?
-        .into_iter()
-        .map(origin)
-        .collect::<Result<Vec<_>>>()?;
-    let pools = unique_names(raw.pools, |p| &p.name, "pool")?
-        .into_iter()
-        .map(pool)
-        .collect::<Result<Vec<_>>>()?;
+    let origins = unique_names(raw.origins, |o| &o.name, "origin")?.into_iter().map(origin).collect::<Result<Vec<_>>>()?;
+    let pools = unique_names(raw.pools, |p| &p.name, "pool")?.into_iter().map(pool).collect::<Result<Vec<_>>>()?;
     let routes = unique_names(raw.routes, |r| &r.name, "route")?;
     let mut seen_matches = HashSet::new();
     let mut typed_routes = Vec::with_capacity(routes.len());
@@ -126,9 +118,9 @@ fn unique_names<T>(items: Vec<T>, name: impl Fn(&T) -> &Spanned<String>, what: &
 fn socket_addr(value: Option<Spanned<String>>, default: &str) -> Result<SocketAddr> {
     match value {
         None => Ok(default.parse().expect("default socket address is valid")),
-        Some(v) => v.get_ref().parse().or_else(|_| {
-            err(v.span(), format!("invalid listen address {:?}: expected IP:PORT such as \"0.0.0.0:8080\"", v.get_ref()))
-        }),
+        Some(v) => {
+            v.get_ref().parse().or_else(|_| err(v.span(), format!("invalid listen address {:?}: expected IP:PORT such as \"0.0.0.0:8080\"", v.get_ref())))
+        }
     }
 }
 
@@ -242,11 +234,7 @@ fn pool(raw: raw::RawPool) -> Result<PoolConfig> {
             if nodes.get_ref().is_empty() {
                 return err(nodes.span(), "redis_cluster_nodes must name at least one node");
             }
-            let checked = nodes
-                .get_ref()
-                .iter()
-                .map(|n| redis_url(&Spanned::new(nodes.span(), n.clone())))
-                .collect::<Result<Vec<_>>>()?;
+            let checked = nodes.get_ref().iter().map(|n| redis_url(&Spanned::new(nodes.span(), n.clone()))).collect::<Result<Vec<_>>>()?;
             Some(RedisEndpoint::Cluster(checked))
         }
         (None, None) => None,
@@ -326,10 +314,7 @@ fn find(name: &Spanned<String>, names: impl Iterator<Item = String>, what: &str)
     let known: Vec<String> = names.collect();
     match known.iter().position(|n| n == name.get_ref()) {
         Some(i) => Ok(i),
-        None => err(
-            name.span(),
-            format!("unknown {what} {:?} (defined: {})", name.get_ref(), if known.is_empty() { "none".into() } else { known.join(", ") }),
-        ),
+        None => err(name.span(), format!("unknown {what} {:?} (defined: {})", name.get_ref(), if known.is_empty() { "none".into() } else { known.join(", ") })),
     }
 }
 
@@ -410,7 +395,10 @@ fn header_names(raw: &[Spanned<String>], key: &str) -> Result<Vec<HeaderName>> {
             .or_else(|_| err(name.span(), format!("{key}: {:?} is not a valid header name", name.get_ref())))?;
         let reserved = ["host", "accept-encoding", "connection", "te", "upgrade", "transfer-encoding", "keep-alive"];
         if key == "key_headers" && reserved.contains(&parsed.as_str()) {
-            return err(name.span(), format!("{key}: {parsed} cannot be added to the key (host and Accept-Encoding are always in it; hop-by-hop headers never reach the origin)"));
+            return err(
+                name.span(),
+                format!("{key}: {parsed} cannot be added to the key (host and Accept-Encoding are always in it; hop-by-hop headers never reach the origin)"),
+            );
         }
         if !out.contains(&parsed) {
             out.push(parsed);
@@ -428,10 +416,7 @@ fn host_match(h: &Spanned<String>) -> Result<HostMatch> {
         Some(rest) => (true, rest.to_owned()),
         None => (false, text.clone()),
     };
-    let valid = !name.is_empty()
-        && name.chars().all(|c| c.is_ascii_alphanumeric() || c == '-' || c == '.')
-        && !name.starts_with('.')
-        && !name.ends_with('.');
+    let valid = !name.is_empty() && name.chars().all(|c| c.is_ascii_alphanumeric() || c == '-' || c == '.') && !name.starts_with('.') && !name.ends_with('.');
     if !valid {
         return err(h.span(), format!("invalid host {:?}: expected \"shop.example\" or \"*.shop.example\" (no port)", h.get_ref()));
     }

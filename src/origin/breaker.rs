@@ -147,13 +147,7 @@ mod tests {
     use super::*;
 
     fn breaker(open_for: Duration) -> Breaker {
-        Breaker::new(BreakerConfig {
-            consecutive_failures: 3,
-            failure_rate: 0.5,
-            min_requests: 10,
-            window: Duration::from_secs(60),
-            open_for,
-        })
+        Breaker::new(BreakerConfig { consecutive_failures: 3, failure_rate: 0.5, min_requests: 10, window: Duration::from_secs(60), open_for })
     }
 
     fn send(b: &Breaker, success: bool) -> bool {

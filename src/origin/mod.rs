@@ -4,11 +4,12 @@
 pub mod breaker;
 pub mod bulkhead;
 
+use std::future::Future;
 use std::pin::Pin;
 use std::task::{Context, Poll};
-use std::future::Future;
 use std::time::{Duration, Instant};
 
+pub use bulkhead::Shed;
 use bytes::Bytes;
 use http::{Request, Response};
 use http_body::{Body, Frame, SizeHint};
@@ -18,12 +19,11 @@ use hyper_rustls::HttpsConnector;
 use hyper_util::client::legacy::Client;
 use hyper_util::client::legacy::connect::HttpConnector;
 use hyper_util::rt::{TokioExecutor, TokioTimer};
-pub use bulkhead::Shed;
 
 use crate::config::{OriginConfig, Priority};
+use crate::metrics::{OriginMetrics, OriginStatus};
 use breaker::Breaker;
 use bulkhead::Slot;
-use crate::metrics::{OriginMetrics, OriginStatus};
 
 /// Body of a request sent to an origin.
 pub type OutgoingBody = BoxBody<Bytes, hyper::Error>;
@@ -81,8 +81,7 @@ impl Origin {
             .with_safe_default_protocol_versions()?
             .with_root_certificates(rustls::RootCertStore { roots: webpki_roots::TLS_SERVER_ROOTS.to_vec() })
             .with_no_client_auth();
-        let connector =
-            hyper_rustls::HttpsConnectorBuilder::new().with_tls_config(tls).https_or_http().enable_http1().wrap_connector(http);
+        let connector = hyper_rustls::HttpsConnectorBuilder::new().with_tls_config(tls).https_or_http().enable_http1().wrap_connector(http);
         let client = Client::builder(TokioExecutor::new())
             .pool_idle_timeout(config.pool_idle_timeout)
             .pool_timer(TokioTimer::new())

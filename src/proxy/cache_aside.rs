@@ -247,7 +247,12 @@ mod tests {
     use super::*;
 
     fn aged(lifetime: u64, age: u64) -> (Entry, SystemTime) {
-        let entry = Entry { freshness_lifetime: Duration::from_secs(lifetime), initial_age: Duration::ZERO, stale_while_revalidate: Duration::from_secs(5), ..crate::cache::entry::tests::sample() };
+        let entry = Entry {
+            freshness_lifetime: Duration::from_secs(lifetime),
+            initial_age: Duration::ZERO,
+            stale_while_revalidate: Duration::from_secs(5),
+            ..crate::cache::entry::tests::sample()
+        };
         let now = entry.response_time + Duration::from_secs(age);
         (entry, now)
     }

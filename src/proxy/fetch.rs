@@ -8,9 +8,7 @@ use std::sync::Arc;
 use std::time::SystemTime;
 
 use bytes::Bytes;
-use http::header::{
-    ACCEPT_ENCODING, AGE, CONTENT_LENGTH, DATE, IF_MATCH, IF_MODIFIED_SINCE, IF_NONE_MATCH, IF_RANGE, IF_UNMODIFIED_SINCE, RANGE, SET_COOKIE,
-};
+use http::header::{ACCEPT_ENCODING, AGE, CONTENT_LENGTH, DATE, IF_MATCH, IF_MODIFIED_SINCE, IF_NONE_MATCH, IF_RANGE, IF_UNMODIFIED_SINCE, RANGE, SET_COOKIE};
 use http::{HeaderMap, HeaderValue, Method, Request, Response, StatusCode, Version, request, response};
 use http_body_util::{BodyExt, Empty};
 
@@ -125,7 +123,14 @@ pub async fn fetch(job: &FetchJob, priority: Priority) -> Result<Fetched, ProxyE
 
 /// The stored copy updated from a 304 (RFC 9111 sections 3.2 and 4.3.4): header fields
 /// replaced, freshness computed anew, the body kept.
-fn refreshed(job: &FetchJob, policy_req: &request::Parts, stored: &Entry, update: response::Parts, request_time: SystemTime, response_time: SystemTime) -> Fetched {
+fn refreshed(
+    job: &FetchJob,
+    policy_req: &request::Parts,
+    stored: &Entry,
+    update: response::Parts,
+    request_time: SystemTime,
+    response_time: SystemTime,
+) -> Fetched {
     let mut merged = update;
     let tags = merge_update(job, stored, &mut merged, response_time);
     match policy::evaluate(policy_req, &merged, &job.route.pool.config, rules(&job.route), request_time, response_time) {

@@ -16,11 +16,8 @@ static PROXY_CONNECTION: HeaderName = HeaderName::from_static("proxy-connection"
 
 /// Headers that change what an origin serves but are not in the cache key: believed
 /// only from trusted proxies, so a client cannot poison an entry for everyone.
-pub(super) static UNTRUSTED_ROUTING: [HeaderName; 3] = [
-    HeaderName::from_static("forwarded"),
-    HeaderName::from_static("x-forwarded-host"),
-    HeaderName::from_static("x-forwarded-port"),
-];
+pub(super) static UNTRUSTED_ROUTING: [HeaderName; 3] =
+    [HeaderName::from_static("forwarded"), HeaderName::from_static("x-forwarded-host"), HeaderName::from_static("x-forwarded-port")];
 /// Path overrides some frameworks honour; never forwarded.
 static PATH_OVERRIDES: [HeaderName; 2] = [HeaderName::from_static("x-original-url"), HeaderName::from_static("x-rewrite-url")];
 
@@ -115,8 +112,7 @@ fn normalise_host(raw: &str, scheme: &str) -> Result<String, ProxyError> {
         Some((host, port)) if !port.contains(']') => (host, Some(port)),
         _ => (raw, None),
     };
-    let valid = !host.is_empty()
-        && host.bytes().all(|b| b.is_ascii_alphanumeric() || matches!(b, b'.' | b'-' | b'_' | b'[' | b']' | b':'));
+    let valid = !host.is_empty() && host.bytes().all(|b| b.is_ascii_alphanumeric() || matches!(b, b'.' | b'-' | b'_' | b'[' | b']' | b':'));
     if !valid {
         return Err(ProxyError::BadRequest("invalid Host"));
     }

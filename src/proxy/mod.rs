@@ -9,8 +9,8 @@ mod body;
 mod cache_aside;
 mod fetch;
 mod flight;
-mod outcome;
 mod forward;
+mod outcome;
 pub mod respond;
 
 use std::net::SocketAddr;
@@ -26,8 +26,8 @@ use hyper::body::Incoming;
 pub use body::ProxyBody;
 pub use outcome::{BypassReason, Outcome, StaleReason, Tier};
 
-use crate::cache::shared::SharedTierError;
 use crate::cache::Pool;
+use crate::cache::shared::SharedTierError;
 use crate::config::{Config, RouteConfig, RouteMode};
 use crate::error::{ProxyError, error_response, plain_response};
 use crate::metrics::{Registry, RouteMetrics};
@@ -362,13 +362,12 @@ async fn serve(route: &Arc<RouteRuntime>, parts: request::Parts, body: Incoming,
             return cache_only_miss(route, head);
         }
         let unsafe_method = matches!(parts.method, Method::POST | Method::PUT | Method::PATCH | Method::DELETE);
-        let target = unsafe_method
-            .then(|| {
-                // The URL as the key has it: without the route's ignored parameters.
-                let ignored = &route.config.cache.ignore_query_params;
-                let query = parts.uri.query().map(|q| crate::cache::key::normalise_query(q, ignored).map_or_else(|_| q.to_owned(), |n| n.into_owned()));
-                crate::cache::PurgeTarget::for_request(client.scheme, &client.host, parts.uri.path(), query.as_deref())
-            });
+        let target = unsafe_method.then(|| {
+            // The URL as the key has it: without the route's ignored parameters.
+            let ignored = &route.config.cache.ignore_query_params;
+            let query = parts.uri.query().map(|q| crate::cache::key::normalise_query(q, ignored).map_or_else(|_| q.to_owned(), |n| n.into_owned()));
+            crate::cache::PurgeTarget::for_request(client.scheme, &client.host, parts.uri.path(), query.as_deref())
+        });
         return match fetch::pass_through(route, parts, body, client).await {
             Ok(res) => {
                 // RFC 9111 section 4.4: a successful unsafe request invalidates the target,
@@ -388,9 +387,7 @@ async fn serve(route: &Arc<RouteRuntime>, parts: request::Parts, body: Incoming,
     let conditional = crate::cache::revalidate::Conditional::from_request(&parts.method, &parts.headers);
     let (res, outcome) = cache_aside::cache_aside(route, parts, client).await;
     match conditional {
-        Some(conditional) if outcome.from_store() || outcome == (Outcome::Miss { stored: true }) => {
-            (respond::not_modified_if(res, &conditional), outcome)
-        }
+        Some(conditional) if outcome.from_store() || outcome == (Outcome::Miss { stored: true }) => (respond::not_modified_if(res, &conditional), outcome),
         _ => (res, outcome),
     }
 }
@@ -400,12 +397,8 @@ fn bypass_reason(parts: &request::Parts) -> Option<BypassReason> {
     if parts.method != Method::GET && parts.method != Method::HEAD {
         return Some(BypassReason::Method);
     }
-    let no_store = parts
-        .headers
-        .get_all(CACHE_CONTROL)
-        .iter()
-        .filter_map(|v| v.to_str().ok())
-        .any(|v| v.split(',').any(|d| d.trim().eq_ignore_ascii_case("no-store")));
+    let no_store =
+        parts.headers.get_all(CACHE_CONTROL).iter().filter_map(|v| v.to_str().ok()).any(|v| v.split(',').any(|d| d.trim().eq_ignore_ascii_case("no-store")));
     no_store.then_some(BypassReason::RequestNoStore)
 }
 

@@ -31,7 +31,9 @@ pub enum BypassReason {
 pub enum Outcome {
     Hit(Tier),
     /// Looked up, fetched from the origin; `stored` says whether the response was kept.
-    Miss { stored: bool },
+    Miss {
+        stored: bool,
+    },
     /// Waited for another request's fill.
     Collapsed,
     /// A stale entry that the origin confirmed with 304.
@@ -47,20 +49,8 @@ pub enum Outcome {
 
 impl Outcome {
     /// Every `cache` label value, in a fixed order; [`Outcome::index`] points into it.
-    pub const LABELS: [&'static str; 12] = [
-        "hit_l1",
-        "hit_l2",
-        "miss",
-        "collapsed",
-        "revalidated",
-        "stale_while_revalidate",
-        "stale_if_error",
-        "bypass",
-        "fallback",
-        "off",
-        "shed",
-        "error",
-    ];
+    pub const LABELS: [&'static str; 12] =
+        ["hit_l1", "hit_l2", "miss", "collapsed", "revalidated", "stale_while_revalidate", "stale_if_error", "bypass", "fallback", "off", "shed", "error"];
 
     /// Position of this outcome's label in [`Outcome::LABELS`].
     pub fn index(self) -> usize {

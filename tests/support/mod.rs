@@ -298,10 +298,7 @@ impl http_body::Body for SlowBody {
     type Data = Bytes;
     type Error = Infallible;
 
-    fn poll_frame(
-        mut self: std::pin::Pin<&mut Self>,
-        cx: &mut std::task::Context<'_>,
-    ) -> std::task::Poll<Option<Result<http_body::Frame<Bytes>, Infallible>>> {
+    fn poll_frame(mut self: std::pin::Pin<&mut Self>, cx: &mut std::task::Context<'_>) -> std::task::Poll<Option<Result<http_body::Frame<Bytes>, Infallible>>> {
         use std::future::Future;
         if let Some(sleep) = self.sleep.as_mut() {
             if sleep.as_mut().poll(cx).is_pending() {
@@ -773,10 +770,7 @@ impl ServeProcess {
     /// addresses) and waits until `/healthz` answers.
     pub async fn start(config: &str, stdout: Stdio, stderr: Stdio) -> ServeProcess {
         let (port, admin_port) = (free_port(), free_port());
-        let text = config.replace(
-            "[server]\n",
-            &format!("[server]\nlisten = \"127.0.0.1:{port}\"\nadmin_listen = \"127.0.0.1:{admin_port}\"\n"),
-        );
+        let text = config.replace("[server]\n", &format!("[server]\nlisten = \"127.0.0.1:{port}\"\nadmin_listen = \"127.0.0.1:{admin_port}\"\n"));
         let path = std::env::temp_dir().join(format!("bulwark-serve-{}-{port}.toml", std::process::id()));
         std::fs::write(&path, text).expect("write config");
         let child = Command::new(env!("CARGO_BIN_EXE_bulwark"))

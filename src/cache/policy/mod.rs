@@ -123,9 +123,7 @@ pub const MAX_DELTA_SECONDS: u64 = 1 << 31;
 /// Parses delta-seconds; anything that is not all digits is invalid and counts as 0.
 fn delta_seconds(arg: Option<&str>) -> u64 {
     match arg {
-        Some(a) if !a.is_empty() && a.bytes().all(|b| b.is_ascii_digit()) => {
-            a.parse::<u64>().unwrap_or(MAX_DELTA_SECONDS).min(MAX_DELTA_SECONDS)
-        }
+        Some(a) if !a.is_empty() && a.bytes().all(|b| b.is_ascii_digit()) => a.parse::<u64>().unwrap_or(MAX_DELTA_SECONDS).min(MAX_DELTA_SECONDS),
         _ => 0,
     }
 }
@@ -259,13 +257,7 @@ fn explicit_lifetime(cc: &Directives, headers: &HeaderMap, date: SystemTime) -> 
 /// No explicit freshness (RFC 9111 section 4.2.2), for heuristically cacheable statuses
 /// and responses marked `public`: the pool's `default_ttl`, else 10% of the time since
 /// `Last-Modified`; error statuses only for a route's `negative_ttl`.
-fn heuristic_lifetime(
-    res: &response::Parts,
-    cc: &Directives,
-    pool: &PoolConfig,
-    negative_ttl: Option<Duration>,
-    date: SystemTime,
-) -> Option<Duration> {
+fn heuristic_lifetime(res: &response::Parts, cc: &Directives, pool: &PoolConfig, negative_ttl: Option<Duration>, date: SystemTime) -> Option<Duration> {
     let status = res.status.as_u16();
     if NEGATIVE.contains(&status) {
         return negative_ttl;

@@ -61,11 +61,7 @@ fn parse_dictionary(text: &str) -> Option<Vec<(String, Value)>> {
     let mut members: Vec<(String, Value)> = Vec::new();
     while !p.done() {
         let key = p.key()?;
-        let value = if p.eat(b'=') {
-            if p.peek() == Some(b'(') { p.inner_list()? } else { p.bare_item()? }
-        } else {
-            Value::Boolean(true)
-        };
+        let value = if p.eat(b'=') { if p.peek() == Some(b'(') { p.inner_list()? } else { p.bare_item()? } } else { Value::Boolean(true) };
         p.parameters()?;
         members.retain(|(k, _)| *k != key);
         members.push((key, value));

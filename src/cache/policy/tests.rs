@@ -4,8 +4,8 @@ use http::{Request, Response};
 
 use super::*;
 use crate::config::CacheRules;
-use http::HeaderName;
 use crate::config::PoolConfig;
+use http::HeaderName;
 
 fn pool() -> PoolConfig {
     PoolConfig {
@@ -86,7 +86,10 @@ fn forbidden_responses() {
     assert_eq!((no_cache.lifetime, no_cache.no_stale), (Duration::ZERO, true));
     let qualified = eval(200, &[("cache-control", "no-cache=\"x-user, X-Trace\", max-age=60")]).expect("storable");
     assert_eq!(qualified.strip, vec![HeaderName::from_static("x-user"), HeaderName::from_static("x-trace")]);
-    assert_eq!(eval(200, &[("vary", "Cookie, accept-language, cookie")]).expect("varies").vary, vec![HeaderName::from_static("accept-language"), HeaderName::from_static("cookie")]);
+    assert_eq!(
+        eval(200, &[("vary", "Cookie, accept-language, cookie")]).expect("varies").vary,
+        vec![HeaderName::from_static("accept-language"), HeaderName::from_static("cookie")]
+    );
     assert_eq!(eval(200, &[("vary", "*")]), Err(NotStorable::Vary));
     assert_eq!(eval(200, &[("vary", "a b")]), Err(NotStorable::Vary));
     assert!(eval(200, &[("vary", "Accept-Encoding")]).is_ok());

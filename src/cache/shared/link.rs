@@ -66,10 +66,7 @@ pub fn is_not_ready(err: &redis::RedisError) -> bool {
 /// master down, loading, cluster down.
 pub fn is_sick_server(err: &redis::RedisError) -> bool {
     use redis::ServerErrorKind as S;
-    matches!(
-        err.kind(),
-        redis::ErrorKind::Server(S::ReadOnly | S::MasterDown | S::BusyLoading | S::ClusterDown)
-    )
+    matches!(err.kind(), redis::ErrorKind::Server(S::ReadOnly | S::MasterDown | S::BusyLoading | S::ClusterDown))
 }
 
 impl ConnectionLike for Conn {

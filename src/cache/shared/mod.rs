@@ -35,7 +35,8 @@ const MAX_PENDING_WRITES: usize = 1024;
 
 /// Rewrites a key (keeping its expiry) only if it still holds the value read: a soft
 /// purge never overwrites a newer entry, nor recreates an expired one.
-const SET_IF_UNCHANGED: &str = "if redis.call('get', KEYS[1]) == ARGV[1] then return redis.call('set', KEYS[1], ARGV[2], 'KEEPTTL', 'XX') and 1 or 0 else return 0 end";
+const SET_IF_UNCHANGED: &str =
+    "if redis.call('get', KEYS[1]) == ARGV[1] then return redis.call('set', KEYS[1], ARGV[2], 'KEEPTTL', 'XX') and 1 or 0 else return 0 end";
 
 /// Adds an entry to a purge index (a sorted set scored by the entry's expiry), drops
 /// members that expired, and keeps the set as long as its longest-lived member.
@@ -204,7 +205,12 @@ impl SharedTier {
 
     /// Runs one call on `link` unless the breaker is open, feeding the breaker; `None`
     /// when skipped or past the deadline.
-    async fn guarded<T>(&self, link: &Arc<Link>, deadline: Duration, call: impl std::future::Future<Output = redis::RedisResult<T>>) -> Option<redis::RedisResult<T>> {
+    async fn guarded<T>(
+        &self,
+        link: &Arc<Link>,
+        deadline: Duration,
+        call: impl std::future::Future<Output = redis::RedisResult<T>>,
+    ) -> Option<redis::RedisResult<T>> {
         guarded(&self.health, link, deadline, call).await
     }
 
@@ -321,11 +327,7 @@ impl SharedTier {
     /// `<prefix>v2:<hash>`; in a cluster `<prefix>v2:{<hash>}`, so the entry and its
     /// lease share a slot.
     pub fn entry_key(&self, key: &CacheKey) -> String {
-        if self.cluster {
-            format!("{}v{}:{{{:032x}}}", self.prefix, super::entry::FORMAT_VERSION, key.hash)
-        } else {
-            key.redis_key(&self.prefix)
-        }
+        if self.cluster { format!("{}v{}:{{{:032x}}}", self.prefix, super::entry::FORMAT_VERSION, key.hash) } else { key.redis_key(&self.prefix) }
     }
 
     fn lease_key(&self, key: &CacheKey) -> String {
@@ -345,7 +347,6 @@ impl SharedTier {
     pub fn unwatch_fill(&self, watch: &Watch) {
         self.events.unwatch(watch.hash, watch.id());
     }
-
 
     /// Asks for `key`'s lease for `ttl`.
     pub async fn acquire_lease(&self, key: &CacheKey, ttl: Duration) -> Lease {
@@ -414,15 +415,7 @@ async fn write(health: &Arc<Health>, link: &Arc<Link>, deadline: Duration, prefi
         .iter()
         .map(|target| {
             let index = format!("{prefix}v{}:idx:{}", super::entry::FORMAT_VERSION, target.index_name());
-            redis::cmd("EVAL")
-                .arg(INDEX_ADD)
-                .arg(1)
-                .arg(index)
-                .arg(redis_key)
-                .arg(expires_ms)
-                .arg(unix_millis(now))
-                .arg(ttl_ms + 1000)
-                .clone()
+            redis::cmd("EVAL").arg(INDEX_ADD).arg(1).arg(index).arg(redis_key).arg(expires_ms).arg(unix_millis(now)).arg(ttl_ms + 1000).clone()
         })
         .collect();
     if !link.is_cluster() {
