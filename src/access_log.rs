@@ -157,9 +157,9 @@ fn json(out: &mut Vec<u8>, l: &Line<'_>) {
     json_str(out, l.route);
     out.extend_from_slice(b",\"pool\":");
     json_str(out, l.pool);
-    let _ = write!(
+    let _ = writeln!(
         out,
-        ",\"cache\":\"{}\",\"total_us\":{},\"queue_us\":{},\"origin_us\":{}}}\n",
+        ",\"cache\":\"{}\",\"total_us\":{},\"queue_us\":{},\"origin_us\":{}}}",
         l.cache,
         us(l.total),
         timing_us(l.timings, |t| &t.queue_us),

@@ -59,7 +59,7 @@ async fn load(bulwark: Arc<Bulwark>, prefix: &'static str, keys: usize, stop: Ar
     let mut i = 0usize;
     while !stop.load(Ordering::Relaxed) {
         i += 1;
-        let path = if i % 10 == 0 { format!("{prefix}cold/{i}") } else { format!("{prefix}{}", i % keys) };
+        let path = if i.is_multiple_of(10) { format!("{prefix}cold/{i}") } else { format!("{prefix}{}", i % keys) };
         let start = Instant::now();
         let got = bulwark.get_with(&path, &[("host", "shop.example")]).await;
         out.latencies.push(start.elapsed());

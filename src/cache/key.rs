@@ -414,6 +414,18 @@ pub fn merge_names(names: &[HeaderName], extra: &[HeaderName]) -> Vec<HeaderName
     all
 }
 
+/// The URL part of a key text (scheme, host, path, normalised query; no variant).
+pub fn url_part(key_text: &str) -> &str {
+    key_text.split_once('\n').map_or(key_text, |(url, _)| url)
+}
+
+/// The path and normalised query of a key text (no scheme, no host).
+pub fn path_part(key_text: &str) -> &str {
+    let url = url_part(key_text);
+    let after_scheme = url.split_once("://").map_or(url, |(_, rest)| rest);
+    after_scheme.find('/').map_or("/", |i| &after_scheme[i..])
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -509,16 +521,4 @@ mod tests {
         assert_eq!(CacheKey::new("http", "h", "/p", Some(""), Encodings::IDENTITY), CacheKey::new("http", "h", "/p", None, Encodings::IDENTITY));
         assert!(base.redis_key("bulwark:pdp:").starts_with("bulwark:pdp:v2:"));
     }
-}
-
-/// The URL part of a key text (scheme, host, path, normalised query; no variant).
-pub fn url_part(key_text: &str) -> &str {
-    key_text.split_once('\n').map_or(key_text, |(url, _)| url)
-}
-
-/// The path and normalised query of a key text (no scheme, no host).
-pub fn path_part(key_text: &str) -> &str {
-    let url = url_part(key_text);
-    let after_scheme = url.split_once("://").map_or(url, |(_, rest)| rest);
-    after_scheme.find('/').map_or("/", |i| &after_scheme[i..])
 }

@@ -87,7 +87,7 @@ async fn warm(target: http::Uri, urls: Vec<String>, concurrency: usize, rate: f6
             loop {
                 let n = done.load(Ordering::Relaxed);
                 let width = 40;
-                let filled = if total == 0 { width } else { n * width / total };
+                let filled = (n * width).checked_div(total).unwrap_or(width).min(width);
                 eprint!("\r[{}{}] {n}/{total} {:.0}/s ", "#".repeat(filled), " ".repeat(width - filled), n as f64 / start.elapsed().as_secs_f64().max(0.001));
                 let _ = std::io::stderr().flush();
                 if n >= total {
