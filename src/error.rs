@@ -22,7 +22,7 @@ pub enum ErrorSource {
 pub enum ProxyError {
     #[error("bad request: {0}")]
     BadRequest(&'static str),
-    #[error("origin {origin}")]
+    #[error("origin {origin}: {source}")]
     Origin {
         origin: String,
         #[source]

@@ -17,6 +17,8 @@ use http::StatusCode;
 use moka::future::Cache;
 use tokio::sync::watch;
 
+use crate::error::ProxyError;
+use crate::proxy::Outcome;
 /// How long a key whose answer was not storable skips coalescing.
 pub const HIT_FOR_MISS: Duration = Duration::from_secs(5);
 
@@ -33,6 +35,28 @@ pub struct Answer {
     pub body: bytes::Bytes,
 }
 
+/// What a failed flight's waiters are answered with.
+#[derive(Debug, Clone)]
+pub enum Failure {
+    /// The origin's failure answer, small enough to share.
+    Answer(Arc<Answer>),
+    /// The origin answered with this failure status, too large to share.
+    Status(StatusCode),
+    /// No answer: the leader's error, cause and all.
+    Error(Arc<ProxyError>),
+}
+
+impl Failure {
+    /// Whether a stored copy may stand in for it (stale-if-error): origin answers and
+    /// upstream errors, never an error of the client's or of bulwark's.
+    pub fn allows_stale(&self) -> bool {
+        match self {
+            Failure::Answer(_) | Failure::Status(_) => true,
+            Failure::Error(err) => err.allows_stale(),
+        }
+    }
+}
+
 /// How a flight ended, as seen by its waiters.
 #[derive(Debug, Clone)]
 pub enum Fill {
@@ -40,9 +64,9 @@ pub enum Fill {
     Stored(super::Stored),
     /// The response may not be stored: each waiter asks the origin itself.
     Uncacheable,
-    /// The origin failed with this status (`shed` when refused before reaching it);
-    /// `answer` is its response when it sent one small enough to share.
-    Failed { status: StatusCode, shed: bool, answer: Option<Arc<Answer>> },
+    /// The origin could not give a storable answer: waiters get what the leader got
+    /// (or a stale copy), with the leader's outcome, never `collapsed`.
+    Failed { outcome: Outcome, failure: Failure },
     /// The leader went away without an answer: join again.
     Abandoned,
 }

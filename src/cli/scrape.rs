@@ -34,7 +34,9 @@ pub fn sum(samples: &[Sample], name: &str, labels: &[(&str, &str)]) -> f64 {
 }
 
 /// Cache outcomes that count as served from the cache in a hit ratio.
-pub const HIT_OUTCOMES: [&str; 6] = ["hit_l1", "hit_l2", "collapsed", "revalidated", "stale_while_revalidate", "stale_if_error"];
+pub const HIT_OUTCOMES: [&str; 7] = ["hit_l1", "hit_l2", "collapsed", "revalidated", "stale_while_revalidate", "stale_if_error", "stale_cache_only"];
+/// Outcomes that served a stored copy past its freshness.
+pub const STALE_OUTCOMES: [&str; 3] = ["stale_while_revalidate", "stale_if_error", "stale_cache_only"];
 /// Outcomes left out of a hit ratio's denominator.
 pub const NOT_CACHE_OUTCOMES: [&str; 3] = ["bypass", "fallback", "off"];
 

@@ -98,7 +98,7 @@ impl Snapshot {
             pool.requests += route.requests;
             pool.hit_l1 += get("hit_l1");
             pool.hit_l2 += get("hit_l2");
-            pool.stale += get("stale_while_revalidate") + get("stale_if_error");
+            pool.stale += scrape::STALE_OUTCOMES.iter().map(|o| get(o)).sum::<f64>();
             pool.collapsed += get("collapsed");
         }
         for (name, pool) in snap.pools.iter_mut() {
@@ -204,13 +204,9 @@ pub fn render(now: &Snapshot, rates: Option<(&Snapshot, f64)>) -> String {
         let before = rates.and_then(|(b, _)| b.routes.get(name));
         let delta = |f: fn(&RouteTotals) -> f64| f(route) - before.map_or(0.0, f);
         let outcome = |o: &str| route.outcomes.get(o).copied().unwrap_or(0.0) - before.and_then(|b| b.outcomes.get(o).copied()).unwrap_or(0.0);
-        let served = delta(|r| r.requests) - outcome("bypass") - outcome("fallback") - outcome("off");
-        let hits = outcome("hit_l1")
-            + outcome("hit_l2")
-            + outcome("collapsed")
-            + outcome("revalidated")
-            + outcome("stale_while_revalidate")
-            + outcome("stale_if_error");
+        let served = delta(|r| r.requests) - scrape::NOT_CACHE_OUTCOMES.iter().map(|o| outcome(o)).sum::<f64>();
+        let hits: f64 = scrape::HIT_OUTCOMES.iter().map(|o| outcome(o)).sum();
+        let stale: f64 = scrape::STALE_OUTCOMES.iter().map(|o| outcome(o)).sum();
         let pct = |n: f64| if served > 0.0 { format!("{:.1}%", 100.0 * n / served) } else { "-".into() };
         let buckets: Vec<(f64, f64)> = route
             .buckets
@@ -227,7 +223,7 @@ pub fn render(now: &Snapshot, rates: Option<(&Snapshot, f64)>) -> String {
             pct(hits),
             pct(outcome("hit_l1")),
             pct(outcome("hit_l2")),
-            pct(outcome("stale_while_revalidate") + outcome("stale_if_error")),
+            pct(stale),
             per(route.origin_requests, before.map_or(0.0, |b| b.origin_requests)),
             per(route.origin_errors, before.map_or(0.0, |b| b.origin_errors)),
             ms(0.5),

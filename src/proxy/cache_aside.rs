@@ -129,7 +129,7 @@ fn choose(entry: &Entry, now: SystemTime, directives: &RequestDirectives) -> Cho
 
 /// Prepare, key, lookup, choose; then a stored copy, a background refresh, a
 /// validation, or a coalesced fetch.
-pub(super) async fn cache_aside(route: &Arc<RouteRuntime>, mut parts: request::Parts, client: &ClientInfo) -> (Response<ProxyBody>, Outcome) {
+pub(super) async fn cache_aside(route: &Arc<RouteRuntime>, mode: RouteMode, mut parts: request::Parts, client: &ClientInfo) -> (Response<ProxyBody>, Outcome) {
     let head = parts.method == Method::HEAD;
     let rules = &route.config.cache;
     let query = match prepare(rules, &mut parts, client.trusted) {
@@ -158,12 +158,12 @@ pub(super) async fn cache_aside(route: &Arc<RouteRuntime>, mut parts: request::P
     // RFC 9111 section 3.5: a stored response is not reused for an authenticated request;
     // the origin decides, and its answer may be stored if it says so explicitly. Not
     // coalesced either: another client's answer is not this one's.
+    let cache_only = mode == RouteMode::CacheOnly;
     if parts.headers.contains_key(AUTHORIZATION) {
         return flight::direct(&job(parts, None, None), None, head).await;
     }
     let lookup = route.pool.lookup(&primary, &parts.headers, &rules.key_headers).await;
     let now = SystemTime::now();
-    let cache_only = route.mode() == RouteMode::CacheOnly;
     let stale = lookup.found.as_ref().map(|found| found.entry.clone());
     if let Some(Found { entry, tier, .. }) = &lookup.found {
         match choose(entry, now, &directives) {
@@ -193,11 +193,14 @@ pub(super) async fn cache_aside(route: &Arc<RouteRuntime>, mut parts: request::P
         // RFC 9111 section 5.2.1.7: a stored response or 504, never the origin.
         return (error_response(&ProxyError::NotCached), Outcome::Error);
     }
+    if let Some(Found { entry, tier, .. }) = lookup.found.as_ref().filter(|_| cache_only) {
+        // The operator chose stored copies over the origin: any copy still kept is
+        // served, whatever its freshness or `must-revalidate` say, labelled as such.
+        let outcome = if entry.is_fresh(now) { Outcome::Hit(*tier) } else { Outcome::Stale(StaleReason::CacheOnly) };
+        return (respond::from_entry(entry, head, true, now), outcome);
+    }
     if cache_only {
-        return match flight::stale_if_error(stale.as_deref(), head) {
-            Some(served) => served,
-            None => cache_only_miss(route, head),
-        };
+        return cache_only_miss(route, head);
     }
     if let Some(entry) = stale.as_ref().filter(|_| head && directives.constrains()) {
         return validate_with_head(job(parts, lookup.key, stale.clone()), entry).await;

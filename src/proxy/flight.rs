@@ -17,8 +17,8 @@ use tokio::sync::oneshot;
 
 use super::fetch::{self, Fetched};
 use super::forward::ClientInfo;
-use super::{Outcome, ProxyBody, RouteRuntime, StaleReason, failed, respond};
-use crate::cache::coalesce::{Answer, Fill, FlightGuard, Join};
+use super::{Outcome, ProxyBody, RouteRuntime, StaleReason, failed, failure_outcome, respond};
+use crate::cache::coalesce::{Answer, Failure, Fill, FlightGuard, Join};
 use crate::cache::shared::{Announcement, Lease, SharedTier};
 use crate::cache::{CacheKey, Encodings, Entry, Stored};
 use crate::config::Priority;
@@ -77,6 +77,8 @@ enum LeaderResult {
     Fetched(Result<Fetched, ProxyError>),
     /// The origin failed; its answer, read whole to share with the waiters.
     Answer(Arc<Answer>),
+    /// No answer from the origin; the error, shared with the waiters.
+    Error(Arc<ProxyError>),
     /// Another replica filled the key while we held back.
     FromPeer(Stored),
 }
@@ -129,17 +131,13 @@ pub async fn miss(job: FetchJob, stale: Option<Arc<Entry>>, head: bool) -> (Resp
                 join = pool.coalescer.join(job.key.hash);
             }
             Fill::Uncacheable => return direct(&job, stale.as_deref(), head).await,
-            Fill::Failed { status, shed, answer } => {
-                if let Some(served) = stale_if_error(stale.as_deref(), head) {
+            Fill::Failed { outcome, failure } => {
+                if failure.allows_stale()
+                    && let Some(served) = stale_if_error(stale.as_deref(), head)
+                {
                     return served;
                 }
-                return match answer {
-                    Some(answer) => (respond::from_answer(&answer, head), Outcome::Collapsed),
-                    None => {
-                        let err = ProxyError::OriginStatus { origin: job.route.origin.config.name.clone(), status };
-                        (error_response(&err), if shed { Outcome::Shed } else { Outcome::Error })
-                    }
-                };
+                return (failure_response(&job, &failure, head), outcome);
             }
             // The leader went away, or a background refresh was shed: join again, and
             // after twice ask the origin alone rather than keep meeting new refreshes.
@@ -149,6 +147,15 @@ pub async fn miss(job: FetchJob, stale: Option<Arc<Entry>>, head: bool) -> (Resp
                 join = pool.coalescer.join(job.key.hash);
             }
         }
+    }
+}
+
+/// The leader's failure as a waiter gets it.
+fn failure_response(job: &FetchJob, failure: &Failure, head: bool) -> Response<ProxyBody> {
+    match failure {
+        Failure::Answer(answer) => respond::from_answer(answer, head),
+        Failure::Status(status) => error_response(&ProxyError::OriginStatus { origin: job.route.origin.config.name.clone(), status: *status }),
+        Failure::Error(err) => error_response(err),
     }
 }
 
@@ -183,6 +190,10 @@ async fn lead(job: FetchJob, guard: FlightGuard, stale: Option<Arc<Entry>>, head
             None => (respond::from_answer(&answer, head), Outcome::Miss { stored: false }),
         },
         Ok(LeaderResult::Fetched(result)) => answer(result, stale.as_deref(), head),
+        Ok(LeaderResult::Error(err)) => match stale_if_error(stale.as_deref().filter(|_| err.allows_stale()), head) {
+            Some(served) => served,
+            None => failed(&err),
+        },
         Err(_) => failed(&ProxyError::Internal("the fetch task ended without an answer")),
     }
 }
@@ -274,9 +285,11 @@ async fn run_flight(job: FetchJob, guard: FlightGuard, leader: Option<oneshot::S
         }
         Ok(Fetched::Streamed(parts, body)) if is_failure_status(parts.status) => {
             let status = parts.status;
+            // The leader's outcome: an origin answer, not stored.
+            let outcome = Outcome::Miss { stored: false };
             match read_answer(parts, body, job.route.origin.config.timeout).await {
-                Ok(answer) => (Fill::Failed { status, shed: false, answer: Some(for_waiters(&answer)) }, LeaderResult::Answer(answer)),
-                Err(result) => (Fill::Failed { status, shed: false, answer: None }, LeaderResult::Fetched(Ok(result))),
+                Ok(answer) => (Fill::Failed { outcome, failure: Failure::Answer(for_waiters(&answer)) }, LeaderResult::Answer(answer)),
+                Err(result) => (Fill::Failed { outcome, failure: Failure::Status(status) }, LeaderResult::Fetched(Ok(result))),
             }
         }
         Ok(streamed @ Fetched::Streamed(..)) => {
@@ -286,7 +299,11 @@ async fn run_flight(job: FetchJob, guard: FlightGuard, leader: Option<oneshot::S
         // A background refresh queues at low priority; requests that joined it must not be
         // shed for that: they join again, and one of them asks at its own priority.
         Err(err) if job.background && err.is_shed() => (Fill::Abandoned, LeaderResult::Fetched(Err(err))),
-        Err(err) => (Fill::Failed { status: err.status(), shed: err.is_shed(), answer: None }, LeaderResult::Fetched(Err(err))),
+        Err(err) => {
+            let err = Arc::new(err);
+            let outcome = failure_outcome(&err);
+            (Fill::Failed { outcome, failure: Failure::Error(err.clone()) }, LeaderResult::Error(err))
+        }
     };
     guard.complete(fill.clone());
     if let Some(tx) = leader {

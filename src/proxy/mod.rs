@@ -385,7 +385,7 @@ async fn serve(route: &Arc<RouteRuntime>, parts: request::Parts, body: Incoming,
         };
     }
     let conditional = crate::cache::revalidate::Conditional::from_request(&parts.method, &parts.headers);
-    let (res, outcome) = cache_aside::cache_aside(route, parts, client).await;
+    let (res, outcome) = cache_aside::cache_aside(route, mode, parts, client).await;
     match conditional {
         Some(conditional) if outcome.from_store() || outcome == (Outcome::Miss { stored: true }) => (respond::not_modified_if(res, &conditional), outcome),
         _ => (res, outcome),
@@ -404,7 +404,12 @@ fn bypass_reason(parts: &request::Parts) -> Option<BypassReason> {
 
 pub(crate) fn failed(err: &ProxyError) -> (Response<ProxyBody>, Outcome) {
     tracing::debug!(error = %err, cause = ?std::error::Error::source(err), "request failed");
-    (error_response(err), if err.is_shed() { Outcome::Shed } else { Outcome::Error })
+    (error_response(err), failure_outcome(err))
+}
+
+/// The outcome of a request that ends with `err`.
+pub(crate) fn failure_outcome(err: &ProxyError) -> Outcome {
+    if err.is_shed() { Outcome::Shed } else { Outcome::Error }
 }
 
 fn fallback_or_off(route: &RouteRuntime, head: bool) -> (Response<ProxyBody>, Outcome) {

@@ -15,6 +15,8 @@ pub enum Tier {
 pub enum StaleReason {
     WhileRevalidate,
     IfError,
+    /// The route is in `cache-only`: the operator chose stored copies over the origin.
+    CacheOnly,
 }
 
 /// Why a request was not eligible for the cache at all.
@@ -49,8 +51,21 @@ pub enum Outcome {
 
 impl Outcome {
     /// Every `cache` label value, in a fixed order; [`Outcome::index`] points into it.
-    pub const LABELS: [&'static str; 12] =
-        ["hit_l1", "hit_l2", "miss", "collapsed", "revalidated", "stale_while_revalidate", "stale_if_error", "bypass", "fallback", "off", "shed", "error"];
+    pub const LABELS: [&'static str; 13] = [
+        "hit_l1",
+        "hit_l2",
+        "miss",
+        "collapsed",
+        "revalidated",
+        "stale_while_revalidate",
+        "stale_if_error",
+        "stale_cache_only",
+        "bypass",
+        "fallback",
+        "off",
+        "shed",
+        "error",
+    ];
 
     /// Position of this outcome's label in [`Outcome::LABELS`].
     pub fn index(self) -> usize {
@@ -62,11 +77,12 @@ impl Outcome {
             Outcome::Revalidated => 4,
             Outcome::Stale(StaleReason::WhileRevalidate) => 5,
             Outcome::Stale(StaleReason::IfError) => 6,
-            Outcome::Bypass(_) => 7,
-            Outcome::Fallback => 8,
-            Outcome::Off => 9,
-            Outcome::Shed => 10,
-            Outcome::Error => 11,
+            Outcome::Stale(StaleReason::CacheOnly) => 7,
+            Outcome::Bypass(_) => 8,
+            Outcome::Fallback => 9,
+            Outcome::Off => 10,
+            Outcome::Shed => 11,
+            Outcome::Error => 12,
         }
     }
 
@@ -86,6 +102,7 @@ impl Outcome {
             Outcome::Revalidated => "bulwark; fwd=stale; fwd-status=304; stored",
             Outcome::Stale(StaleReason::WhileRevalidate) => "bulwark; hit; fwd=stale; detail=stale-while-revalidate",
             Outcome::Stale(StaleReason::IfError) => "bulwark; hit; detail=stale-if-error",
+            Outcome::Stale(StaleReason::CacheOnly) => "bulwark; hit; detail=stale-cache-only",
             Outcome::Bypass(_) => "bulwark; fwd=bypass",
             Outcome::Fallback => "bulwark; detail=fallback",
             Outcome::Off => "bulwark; detail=off",
@@ -118,12 +135,14 @@ mod tests {
             Outcome::Revalidated,
             Outcome::Stale(StaleReason::WhileRevalidate),
             Outcome::Stale(StaleReason::IfError),
+            Outcome::Stale(StaleReason::CacheOnly),
             Outcome::Bypass(BypassReason::Method),
             Outcome::Fallback,
             Outcome::Off,
             Outcome::Shed,
             Outcome::Error,
         ];
+        assert_eq!(all.len(), Outcome::LABELS.len(), "one label per outcome");
         for (i, outcome) in all.iter().enumerate() {
             assert_eq!(outcome.index(), i);
             assert!(outcome.cache_status().starts_with("bulwark;"));
