@@ -118,3 +118,13 @@ async fn cache_only_within_the_stale_windows_is_still_stale_cache_only() {
     assert_eq!((served.text(), served.cache_status()), ("kept", "bulwark; hit; detail=stale-cache-only"));
     assert_eq!(origin.total(), 1, "no background refresh in cache-only");
 }
+
+#[tokio::test]
+async fn cache_only_never_calls_the_origin_for_an_authenticated_request() {
+    let origin = Origin::start().await;
+    let bulwark = Bulwark::start(&simple_config(&origin.url(), None, "")).await;
+    set_mode(&bulwark, "cache-only").await;
+    let got = bulwark.get_with("/account/orders", &[("authorization", "Bearer alice")]).await;
+    assert_eq!((got.status.as_u16(), got.cache_status()), (504, "bulwark; fwd=miss; detail=error"));
+    assert_eq!(origin.total(), 0, "cache-only: the origin rests, whoever asks");
+}

@@ -160,6 +160,9 @@ pub(super) async fn cache_aside(route: &Arc<RouteRuntime>, mode: RouteMode, mut 
     // coalesced either: another client's answer is not this one's.
     let cache_only = mode == RouteMode::CacheOnly;
     if parts.headers.contains_key(AUTHORIZATION) {
+        if cache_only {
+            return cache_only_miss(route, head);
+        }
         return flight::direct(&job(parts, None, None), None, head).await;
     }
     let lookup = route.pool.lookup(&primary, &parts.headers, &rules.key_headers).await;
