@@ -15,6 +15,7 @@ use crate::proxy::Outcome;
 
 pub const REQUESTS_TOTAL: &str = "bulwark_requests_total";
 pub const REQUEST_DURATION: &str = "bulwark_request_duration_seconds";
+pub const CLIENT_ABORTS_TOTAL: &str = "bulwark_client_aborts_total";
 pub const UNROUTED_TOTAL: &str = "bulwark_unrouted_requests_total";
 pub const ORIGIN_REQUESTS_TOTAL: &str = "bulwark_origin_requests_total";
 pub const ORIGIN_DURATION: &str = "bulwark_origin_duration_seconds";
@@ -108,6 +109,7 @@ impl Registry {
             requests: Outcome::LABELS.map(|cache| self.counter(REQUESTS_TOTAL, &labels(cache))),
             durations: Outcome::LABELS.map(|cache| self.histogram(REQUEST_DURATION, &labels(cache))),
             origin_status: OriginStatus::LABELS.map(|status| self.counter(ORIGIN_REQUESTS_TOTAL, &[("origin", origin), ("route", route), ("status", status)])),
+            client_aborts: self.counter(CLIENT_ABORTS_TOTAL, &[("route", route)]),
         }
     }
 
@@ -171,6 +173,7 @@ pub struct RouteMetrics {
     requests: [Counter; Outcome::LABELS.len()],
     durations: [Histogram; Outcome::LABELS.len()],
     origin_status: [Counter; OriginStatus::LABELS.len()],
+    client_aborts: Counter,
 }
 
 impl RouteMetrics {
@@ -179,6 +182,11 @@ impl RouteMetrics {
         let i = outcome.index();
         self.requests[i].increment(1);
         self.durations[i].record(seconds);
+    }
+
+    /// A client that went away before its response ended (recorded as well).
+    pub fn client_abort(&self) {
+        self.client_aborts.increment(1);
     }
 
     pub fn origin_response(&self, status: OriginStatus) {

@@ -128,3 +128,40 @@ async fn cache_only_never_calls_the_origin_for_an_authenticated_request() {
     assert_eq!((got.status.as_u16(), got.cache_status()), (504, "bulwark; fwd=miss; detail=error"));
     assert_eq!(origin.total(), 0, "cache-only: the origin rests, whoever asks");
 }
+
+#[tokio::test]
+async fn a_one_second_body_is_recorded_with_a_duration_of_at_least_one_second() {
+    let origin = Origin::start().await;
+    // Not storable, so streamed through as it arrives: five chunks, 250 ms apart.
+    origin.set(|_| Reply::ok("x".repeat(5000)).header("cache-control", "no-store").chunked(5, Duration::from_millis(250)));
+    let bulwark = Bulwark::start(&simple_config(&origin.url(), None, "")).await;
+    let got = bulwark.get("/feeds/slow").await;
+    assert_eq!((got.status.as_u16(), got.body.len()), (200, 5000));
+    let labels = [("route", "all"), ("cache", "miss")];
+    support::eventually("the request is recorded", Duration::from_secs(5), async || {
+        bulwark.metric("bulwark_request_duration_seconds_count", &labels).await == 1.0
+    })
+    .await;
+    let seconds = bulwark.metric("bulwark_request_duration_seconds_sum", &labels).await;
+    assert!(seconds >= 1.0, "the duration covers the body: {seconds} s");
+    assert_eq!(bulwark.metric("bulwark_client_aborts_total", &[("route", "all")]).await, 0.0);
+}
+
+#[tokio::test]
+async fn a_client_that_hangs_up_mid_body_is_counted_with_its_decided_outcome() {
+    let origin = Origin::start().await;
+    origin.set(|_| Reply::ok("y".repeat(10_000)).header("cache-control", "no-store").chunked(10, Duration::from_millis(200)));
+    let bulwark = Bulwark::start(&simple_config(&origin.url(), None, "")).await;
+    let res = support::client().request(Request::get(bulwark.url("/feeds/long")).body(Full::<Bytes>::default()).expect("request")).await.expect("head");
+    assert_eq!(res.headers().get("cache-status").and_then(|v| v.to_str().ok()), Some("bulwark; fwd=miss"));
+    let mut body = res.into_body();
+    let first = http_body_util::BodyExt::frame(&mut body).await.expect("a first frame").expect("frame");
+    assert!(first.is_data());
+    assert_eq!(bulwark.metric("bulwark_requests_total", &[("route", "all")]).await, 0.0, "not recorded before its body ends");
+    drop(body);
+    support::eventually("the hang-up is counted", Duration::from_secs(5), async || {
+        bulwark.metric("bulwark_client_aborts_total", &[("route", "all")]).await == 1.0
+    })
+    .await;
+    assert_eq!(bulwark.metric("bulwark_requests_total", &[("route", "all"), ("cache", "miss")]).await, 1.0);
+}

@@ -11,6 +11,7 @@ mod fetch;
 mod flight;
 mod forward;
 mod outcome;
+mod record;
 pub mod respond;
 
 use std::net::SocketAddr;
@@ -23,7 +24,7 @@ use http::header::{CACHE_CONTROL, CONNECTION};
 use http::{HeaderName, HeaderValue, Method, Request, Response, StatusCode, Version, request};
 use hyper::body::Incoming;
 
-pub use body::ProxyBody;
+pub use body::{BodyEnd, ProxyBody};
 pub use outcome::{BypassReason, Outcome, StaleReason, Tier};
 
 use crate::cache::Pool;
@@ -150,7 +151,8 @@ pub struct Proxy {
     reload_lock: tokio::sync::Mutex<()>,
     reloads: [metrics::Counter; 2],
     /// The access log, when on (its format and sampling are read at start).
-    access_log: Option<crate::access_log::AccessLog>,
+    /// Shared with the record of every sampled request, which logs when its body ends.
+    access_log: Option<Arc<crate::access_log::AccessLog>>,
     /// The control channel, when `control_redis_url` is set (set once at start).
     pub control: std::sync::OnceLock<Arc<crate::control::Control>>,
 }
@@ -177,7 +179,7 @@ impl Proxy {
         let runtime = Runtime::build(config, &registry)?;
         let reloads = registry.reloads();
         let server = &runtime.config.server;
-        let access_log = crate::access_log::AccessLog::start(server.access_log, server.access_log_sample, registry.access_log_dropped());
+        let access_log = crate::access_log::AccessLog::start(server.access_log, server.access_log_sample, registry.access_log_dropped()).map(Arc::new);
         Ok(Proxy {
             runtime: ArcSwap::from_pointee(runtime),
             registry,
@@ -269,7 +271,13 @@ impl Proxy {
             client.timings = Some(Arc::default());
         }
         // Cheap clones: a standard method is inline, a path and query shares its bytes.
-        let logged = log.map(|_| (parts.method.clone(), parts.uri.path_and_query().cloned()));
+        let logged = log.map(|log| record::Logged {
+            log: log.clone(),
+            method: parts.method.clone(),
+            host: client.host.clone(),
+            target: parts.uri.path_and_query().cloned(),
+            timings: client.timings.clone(),
+        });
         let Some(index) = runtime.router.route(client.host_without_port(), parts.uri.path()) else {
             runtime.unrouted.increment(1);
             let text = format!("no route matches {}{}\n", client.host, parts.uri.path());
@@ -284,21 +292,8 @@ impl Proxy {
         }
         res.headers_mut().remove(&route.pool.config.tag_header);
         add_cache_status(&mut res, outcome);
-        let total = start.elapsed();
-        route.metrics.record(outcome, total.as_secs_f64());
-        if let (Some(log), Some((method, target))) = (log, &logged) {
-            log.log(&crate::access_log::Line {
-                method: method.as_str(),
-                host: &client.host,
-                target: target.as_ref().map_or("/", |p| p.as_str()),
-                status: res.status().as_u16(),
-                route: &route.config.name,
-                pool: &route.pool.config.name,
-                cache: outcome.as_str(),
-                total,
-                timings: client.timings.as_deref(),
-            });
-        }
+        let record = record::Record { route: route.clone(), outcome, status: res.status().as_u16(), start, logged };
+        let res = res.map(|body| record.when_done(body));
         self.finish(res, version)
     }
 

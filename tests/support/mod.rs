@@ -46,6 +46,19 @@ pub fn fresh_entry(key: &str, headers: HeaderMap, body: &'static [u8]) -> bulwar
     }
 }
 
+/// Waits until `condition` holds, checking every 20 ms; panics naming `what` when it
+/// does not within `limit` (never falls through silently).
+pub async fn eventually(what: &str, limit: Duration, mut condition: impl AsyncFnMut() -> bool) {
+    let deadline = Instant::now() + limit;
+    loop {
+        if condition().await {
+            return;
+        }
+        assert!(Instant::now() < deadline, "{what}: not within {limit:?}");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
 pub fn free_port() -> u16 {
     std::net::TcpListener::bind("127.0.0.1:0").and_then(|l| l.local_addr()).map(|a| a.port()).expect("free port")
 }
