@@ -9,8 +9,9 @@
 //! - [`control`]: route modes shared by every replica through `control_redis_url`.
 //! - [`router`]: request to route (longest `path_prefix`, optional host).
 //! - [`proxy`]: the request path, one phase per function (the cache-aside phases of
-//!   GET/HEAD in their own module), and the [`proxy::Outcome`] type behind both
-//!   `Cache-Status` and the `cache` metric label.
+//!   GET/HEAD in their own module).
+//! - [`outcome`]: the [`outcome::Outcome`] of a request, behind both `Cache-Status` and
+//!   the `cache` metric label (a leaf: the cache, metrics and proxy all speak it).
 //! - [`cache`]: keys (normalisation, variants by `Vary`), the versioned entry format, the
 //!   RFC 9111 policy (with RFC 9213 targeted fields), revalidation and conditionals, the
 //!   moka tier (L1), the Redis tier (L2), and the [`cache::Pool`] joining them.
@@ -36,6 +37,7 @@ pub mod control;
 pub mod error;
 pub mod metrics;
 pub mod origin;
+pub mod outcome;
 pub mod proxy;
 pub mod router;
 pub mod server;

@@ -11,7 +11,7 @@ use std::sync::Arc;
 use metrics::{Counter, Gauge, Histogram, Key, Label, Recorder};
 use metrics_exporter_prometheus::{Matcher, PrometheusBuilder, PrometheusHandle, PrometheusRecorder};
 
-use crate::proxy::Outcome;
+use crate::outcome::Outcome;
 
 pub const REQUESTS_TOTAL: &str = "bulwark_requests_total";
 pub const REQUEST_DURATION: &str = "bulwark_request_duration_seconds";

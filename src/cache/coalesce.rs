@@ -18,7 +18,7 @@ use moka::future::Cache;
 use tokio::sync::watch;
 
 use crate::error::ProxyError;
-use crate::proxy::Outcome;
+use crate::outcome::Outcome;
 /// How long a key whose answer was not storable skips coalescing.
 pub const HIT_FOR_MISS: Duration = Duration::from_secs(5);
 

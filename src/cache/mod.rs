@@ -23,7 +23,7 @@ use http::{HeaderMap, HeaderName};
 
 use crate::config::PoolConfig;
 use crate::metrics::PoolMetrics;
-use crate::proxy::Tier;
+use crate::outcome::Tier;
 use local::LocalTier;
 use shared::{SharedTier, SharedTierError};
 

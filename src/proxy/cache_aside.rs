@@ -11,13 +11,14 @@ use http::{HeaderName, Method, Response, request};
 
 use super::fetch::{self, HeadAnswer};
 use super::forward::ClientInfo;
-use super::{Outcome, ProxyBody, RouteRuntime, StaleReason, cache_only_miss, failed, flight, respond};
+use super::{ProxyBody, RouteRuntime, cache_only_miss, failed, flight, respond};
 use crate::cache::key::{normalise_query, url_part};
 use crate::cache::policy::RequestDirectives;
 use crate::cache::{CacheKey, Encodings, Entry, Found, PurgeTarget};
 use crate::config::{CacheRules, RouteMode};
 use crate::error::{ProxyError, error_response};
 use crate::origin::is_failure_status;
+use crate::outcome::{Outcome, StaleReason};
 
 /// Request headers that make origins answer differently but are not part of the key
 /// (host, path and method overrides): a client could store its own page under

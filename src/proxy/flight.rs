@@ -17,13 +17,14 @@ use tokio::sync::oneshot;
 
 use super::fetch::{self, Fetched};
 use super::forward::ClientInfo;
-use super::{Outcome, ProxyBody, RouteRuntime, StaleReason, failed, failure_outcome, respond};
+use super::{ProxyBody, RouteRuntime, failed, failure_outcome, respond};
 use crate::cache::coalesce::{Answer, Failure, Fill, FlightGuard, Join};
 use crate::cache::shared::{Announcement, Lease, SharedTier};
 use crate::cache::{CacheKey, Encodings, Entry, Stored};
 use crate::config::Priority;
 use crate::error::{ProxyError, error_response};
 use crate::origin::is_failure_status;
+use crate::outcome::{Outcome, StaleReason};
 
 /// Failure answers up to this size are read whole and shared with waiters.
 const SHARED_ANSWER_BYTES: usize = 64 * 1024;

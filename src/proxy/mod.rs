@@ -10,7 +10,6 @@ mod cache_aside;
 mod fetch;
 mod flight;
 mod forward;
-mod outcome;
 mod record;
 pub mod respond;
 
@@ -24,8 +23,8 @@ use http::header::{CACHE_CONTROL, CONNECTION};
 use http::{HeaderName, HeaderValue, Method, Request, Response, StatusCode, Version, request};
 use hyper::body::Incoming;
 
+use crate::outcome::{BypassReason, Outcome};
 pub use body::{BodyEnd, ProxyBody};
-pub use outcome::{BypassReason, Outcome, StaleReason, Tier};
 
 use crate::cache::Pool;
 use crate::cache::shared::SharedTierError;

@@ -8,9 +8,10 @@ use std::time::Instant;
 use http::Method;
 use http::uri::PathAndQuery;
 
+use super::RouteRuntime;
 use super::body::{BodyEnd, ProxyBody};
-use super::{Outcome, RouteRuntime};
 use crate::access_log::{AccessLog, Line, Timings};
+use crate::outcome::Outcome;
 
 /// What the access log line of a sampled request says besides its outcome.
 pub(super) struct Logged {
