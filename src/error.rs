@@ -4,8 +4,8 @@
 use http::header::{CONTENT_TYPE, RETRY_AFTER};
 use http::{HeaderValue, Response, StatusCode};
 
+use crate::body::ProxyBody;
 use crate::origin::OriginError;
-use crate::proxy::ProxyBody;
 
 /// Where an error came from. Only upstream errors may be answered with a stale copy.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]

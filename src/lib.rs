@@ -10,6 +10,8 @@
 //! - [`router`]: request to route (longest `path_prefix`, optional host).
 //! - [`proxy`]: the request path, one phase per function (the cache-aside phases of
 //!   GET/HEAD in their own module).
+//! - [`body`]: the body of every response (stored, empty, or streamed from an origin),
+//!   telling the record phase how it ended.
 //! - [`outcome`]: the [`outcome::Outcome`] of a request, behind both `Cache-Status` and
 //!   the `cache` metric label (a leaf: the cache, metrics and proxy all speak it).
 //! - [`cache`]: keys (normalisation, variants by `Vary`), the versioned entry format, the
@@ -30,6 +32,7 @@
 
 pub mod access_log;
 pub mod admin;
+pub mod body;
 pub mod cache;
 pub mod cli;
 pub mod config;

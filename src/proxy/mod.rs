@@ -5,7 +5,6 @@
 //! handles) behind an `ArcSwap`: each request takes one snapshot and finishes on it, so a
 //! configuration swap never changes a request half-way.
 
-mod body;
 mod cache_aside;
 mod fetch;
 mod flight;
@@ -23,8 +22,8 @@ use http::header::{CACHE_CONTROL, CONNECTION};
 use http::{HeaderName, HeaderValue, Method, Request, Response, StatusCode, Version, request};
 use hyper::body::Incoming;
 
+use crate::body::ProxyBody;
 use crate::outcome::{BypassReason, Outcome};
-pub use body::{BodyEnd, ProxyBody};
 
 use crate::cache::Pool;
 use crate::cache::shared::SharedTierError;

@@ -9,8 +9,8 @@ use http::Method;
 use http::uri::PathAndQuery;
 
 use super::RouteRuntime;
-use super::body::{BodyEnd, ProxyBody};
 use crate::access_log::{AccessLog, Line, Timings};
+use crate::body::{BodyEnd, ProxyBody};
 use crate::outcome::Outcome;
 
 /// What the access log line of a sampled request says besides its outcome.
