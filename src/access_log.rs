@@ -9,21 +9,7 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use crate::config::AccessLog as Format;
-
-/// Time spent waiting for an origin slot and in the origin, for one request's log line.
-/// Atomics because the fetch may run in another task (a coalesced flight).
-#[derive(Debug, Default)]
-pub struct Timings {
-    pub queue_us: AtomicU64,
-    pub origin_us: AtomicU64,
-}
-
-impl Timings {
-    pub fn record(&self, queue: Duration, origin: Duration) {
-        self.queue_us.store(u64::try_from(queue.as_micros()).unwrap_or(u64::MAX), Ordering::Relaxed);
-        self.origin_us.store(u64::try_from(origin.as_micros()).unwrap_or(u64::MAX), Ordering::Relaxed);
-    }
-}
+use crate::origin::Timings;
 
 /// One request, as logged.
 pub struct Line<'a> {

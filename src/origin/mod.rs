@@ -6,6 +6,7 @@ pub mod bulkhead;
 
 use std::future::Future;
 use std::pin::Pin;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::task::{Context, Poll};
 use std::time::{Duration, Instant};
 
@@ -27,6 +28,21 @@ use bulkhead::Slot;
 
 /// Body of a request sent to an origin.
 pub type OutgoingBody = BoxBody<Bytes, hyper::Error>;
+
+/// Time spent waiting for an origin slot and in the origin, for one request's log line.
+/// Atomics because the fetch may run in another task (a coalesced flight).
+#[derive(Debug, Default)]
+pub struct Timings {
+    pub queue_us: AtomicU64,
+    pub origin_us: AtomicU64,
+}
+
+impl Timings {
+    pub fn record(&self, queue: Duration, origin: Duration) {
+        self.queue_us.store(u64::try_from(queue.as_micros()).unwrap_or(u64::MAX), Ordering::Relaxed);
+        self.origin_us.store(u64::try_from(origin.as_micros()).unwrap_or(u64::MAX), Ordering::Relaxed);
+    }
+}
 
 /// Why an origin gave no response.
 #[derive(Debug, thiserror::Error)]
@@ -96,12 +112,7 @@ impl Origin {
     /// Sends `req` (whose URI must already point at this origin) once a slot is free and
     /// the breaker lets it through. The slot is held until the response body is finished
     /// or dropped.
-    pub async fn send(
-        &self,
-        req: Request<OutgoingBody>,
-        priority: Priority,
-        timings: Option<&crate::access_log::Timings>,
-    ) -> Result<Response<OriginBody>, OriginError> {
+    pub async fn send(&self, req: Request<OutgoingBody>, priority: Priority, timings: Option<&Timings>) -> Result<Response<OriginBody>, OriginError> {
         // An open breaker answers at once, without queueing for a slot first.
         if self.breaker.is_open_now() {
             return Err(OriginError::BreakerOpen);

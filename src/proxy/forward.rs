@@ -66,7 +66,7 @@ pub struct ClientInfo {
     /// Whether the peer is one of `trusted_proxies`.
     pub trusted: bool,
     /// Origin timings for the access log, when this request is logged.
-    pub timings: Option<std::sync::Arc<crate::access_log::Timings>>,
+    pub timings: Option<std::sync::Arc<crate::origin::Timings>>,
 }
 
 impl ClientInfo {

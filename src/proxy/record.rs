@@ -9,8 +9,9 @@ use http::Method;
 use http::uri::PathAndQuery;
 
 use super::RouteRuntime;
-use crate::access_log::{AccessLog, Line, Timings};
+use crate::access_log::{AccessLog, Line};
 use crate::body::{BodyEnd, ProxyBody};
+use crate::origin::Timings;
 use crate::outcome::Outcome;
 
 /// What the access log line of a sampled request says besides its outcome.
