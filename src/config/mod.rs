@@ -19,9 +19,18 @@ use std::time::Duration;
 use bytes::Bytes;
 use http::{HeaderMap, HeaderValue, StatusCode, Uri};
 
-pub use crate::origin::breaker::BreakerConfig;
 pub use raw::{AccessLog, Priority, RouteMode, StaleOnError};
 pub use validate::Cidr;
+
+/// An origin's circuit breaker (see `origin::breaker`).
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct BreakerConfig {
+    pub consecutive_failures: u32,
+    pub failure_rate: f64,
+    pub min_requests: u32,
+    pub window: Duration,
+    pub open_for: Duration,
+}
 
 /// A validated configuration, ready to build a server from.
 #[derive(Debug, Clone)]

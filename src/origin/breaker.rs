@@ -7,16 +7,9 @@
 //! breaker, a failure opens it again.
 
 use std::sync::Mutex;
-use std::time::{Duration, Instant};
+use std::time::Instant;
 
-#[derive(Debug, Clone, Copy, PartialEq)]
-pub struct BreakerConfig {
-    pub consecutive_failures: u32,
-    pub failure_rate: f64,
-    pub min_requests: u32,
-    pub window: Duration,
-    pub open_for: Duration,
-}
+use crate::config::BreakerConfig;
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 enum Phase {
@@ -144,6 +137,8 @@ impl Breaker {
 
 #[cfg(test)]
 mod tests {
+    use std::time::Duration;
+
     use super::*;
 
     fn breaker(open_for: Duration) -> Breaker {
