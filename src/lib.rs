@@ -37,6 +37,7 @@ pub mod cache;
 pub mod cli;
 pub mod config;
 pub mod control;
+pub mod encodings;
 pub mod error;
 pub mod metrics;
 pub mod origin;

@@ -3,9 +3,10 @@
 //! and variant keys. Arbitrary input never panics, and equivalent requests get the same
 //! key while different ones do not.
 
-use bulwark::cache::key::{BadTarget, CacheKey, Encodings, Vary, normalise_path, normalise_query};
+use bulwark::cache::key::{BadTarget, CacheKey, Vary, normalise_path, normalise_query};
 use bulwark::cache::policy::{Directives, RequestDirectives, effective_headers};
 use bulwark::config::{CacheRules, ParamPattern};
+use bulwark::encodings::Encodings;
 use http::{HeaderMap, HeaderName, HeaderValue};
 use proptest::prelude::*;
 

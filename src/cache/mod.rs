@@ -14,8 +14,9 @@ pub mod shared;
 
 use std::sync::Arc;
 
+pub use crate::encodings::Encodings;
 pub use entry::Entry;
-pub use key::{CacheKey, Encodings};
+pub use key::CacheKey;
 pub use local::Slot;
 pub use purge::PurgeTarget;
 

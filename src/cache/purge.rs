@@ -4,7 +4,8 @@
 
 use xxhash_rust::xxh3::xxh3_128;
 
-use super::key::{CacheKey, Encodings, normalise_path, path_part, push_normalised_query, url_part};
+use super::key::{CacheKey, normalise_path, path_part, push_normalised_query, url_part};
+use crate::encodings::Encodings;
 
 /// What a purge removes: every variant of one URL, every host's copy of one path, or
 /// every entry carrying a tag.

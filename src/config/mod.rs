@@ -76,7 +76,7 @@ pub struct OriginConfig {
     pub host_header: Option<HeaderValue>,
     /// The content codings the origin can produce: clients' `Accept-Encoding` is reduced
     /// to these in the key and in the request to the origin.
-    pub content_codings: crate::cache::Encodings,
+    pub content_codings: crate::encodings::Encodings,
     pub breaker: BreakerConfig,
 }
 

@@ -15,7 +15,7 @@ use super::{
     BreakerConfig, CacheRules, Config, Fallback, HostMatch, OriginConfig, ParamPattern, PoolConfig, RedisEndpoint, RouteConfig, RouteMode, ServerConfig,
     SharedTierConfig,
 };
-use crate::cache::Encodings;
+use crate::encodings::Encodings;
 
 /// A validation error with the span of the value at fault.
 pub struct SpannedError {
