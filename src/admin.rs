@@ -90,7 +90,7 @@ async fn metrics(proxy: &Proxy) -> AdminResponse {
     for pool in &proxy.runtime().pools {
         pool.update_gauges().await;
     }
-    let mut res = Response::new(Full::new(Bytes::from(proxy.registry.render())));
+    let mut res = Response::new(Full::new(Bytes::from(proxy.live.registry.render())));
     res.headers_mut().insert(CONTENT_TYPE, HeaderValue::from_static("text/plain; version=0.0.4; charset=utf-8"));
     res
 }
@@ -158,7 +158,7 @@ async fn set_mode(proxy: &Proxy, route: &str, req: Request<Incoming>) -> AdminRe
 async fn reload(proxy: &Proxy) -> AdminResponse {
     match proxy.reload().await {
         Ok(()) => json(StatusCode::OK, serde_json::json!({ "reloaded": true })),
-        Err(crate::proxy::ReloadError::NoFile) => {
+        Err(crate::runtime::ReloadError::NoFile) => {
             json(StatusCode::CONFLICT, serde_json::json!({ "reloaded": false, "error": "this server was not started from a config file" }))
         }
         Err(err) => json(StatusCode::BAD_REQUEST, serde_json::json!({ "reloaded": false, "error": err.to_string() })),

@@ -13,7 +13,7 @@ use redis::AsyncCommands;
 use redis::aio::{ConnectionManager, ConnectionManagerConfig};
 
 use crate::config::RouteMode;
-use crate::proxy::Proxy;
+use crate::runtime::Live;
 
 const MODES_KEY: &str = "bulwark:control:modes";
 const CHANNEL: &str = "bulwark:control:events";
@@ -54,12 +54,12 @@ impl Control {
     }
 
     /// Applies every stored mode to the current routes.
-    async fn apply_stored(&self, proxy: &Proxy) {
+    async fn apply_stored(&self, live: &Live) {
         let mut conn = self.conn.clone();
         match tokio::time::timeout(TIMEOUT, conn.hgetall::<_, Vec<(String, String)>>(MODES_KEY)).await {
             Ok(Ok(modes)) => {
                 for (route, mode) in modes {
-                    apply(proxy, &route, &mode);
+                    apply(live, &route, &mode);
                 }
             }
             _ => tracing::warn!("cannot read route modes from the control Redis"),
@@ -67,8 +67,8 @@ impl Control {
     }
 
     /// Applies the stored modes now, then follows changes until the process ends.
-    pub async fn start(self: Arc<Self>, proxy: Arc<Proxy>) {
-        self.apply_stored(&proxy).await;
+    pub async fn start(self: Arc<Self>, live: Arc<Live>) {
+        self.apply_stored(&live).await;
         tokio::spawn(async move {
             let mut backoff = Duration::from_millis(100);
             loop {
@@ -76,14 +76,14 @@ impl Control {
                     let mut pubsub = self.client.get_async_pubsub().await?;
                     pubsub.subscribe(CHANNEL).await?;
                     // Changes made while unsubscribed were missed: read them all again.
-                    self.apply_stored(&proxy).await;
+                    self.apply_stored(&live).await;
                     let mut messages = pubsub.into_on_message();
                     while let Some(msg) = messages.next().await {
                         if let Ok(payload) = msg.get_payload::<String>()
                             && let Some(("mode", rest)) = payload.split_once(':')
                             && let Some((mode, route)) = rest.split_once(':')
                         {
-                            apply(&proxy, route, mode);
+                            apply(&live, route, mode);
                         }
                     }
                     Ok::<(), redis::RedisError>(())
@@ -100,9 +100,9 @@ impl Control {
     }
 }
 
-fn apply(proxy: &Proxy, route: &str, mode: &str) {
+fn apply(live: &Live, route: &str, mode: &str) {
     let Some(mode) = RouteMode::parse(mode) else { return };
-    if let Some(r) = proxy.runtime().routes.iter().find(|r| r.config.name == route) {
+    if let Some(r) = live.runtime().routes.iter().find(|r| r.config.name == route) {
         match r.set_mode(mode) {
             Ok(()) => tracing::info!(route, mode = mode.as_str(), "route mode applied from the control channel"),
             Err(err) => tracing::warn!(route, error = %err, "route mode from the control channel not applied"),

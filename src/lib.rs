@@ -8,6 +8,8 @@
 //! - [`admin`]: `/metrics`, `/healthz`, `/readyz`, `/admin/*` on the admin listener.
 //! - [`control`]: route modes shared by every replica through `control_redis_url`.
 //! - [`router`]: request to route (longest `path_prefix`, optional host).
+//! - [`runtime`]: what a configuration builds (routes, pools, origins, metric handles,
+//!   route modes), and reload: the live runtime swapped whole.
 //! - [`proxy`]: the request path, one phase per function (the cache-aside phases of
 //!   GET/HEAD in their own module).
 //! - [`body`]: the body of every response (stored, empty, or streamed from an origin),
@@ -26,7 +28,7 @@
 //! Each pool owns its L1, its Redis connection and its metrics, so the failure of one
 //! pool's Redis touches no other pool. Redis is always optional on the request path: every
 //! call has a hard deadline and any failure is a miss. The configuration is validated
-//! whole before anything is built, and the built [`proxy::Runtime`] sits behind an
+//! whole before anything is built, and the built [`runtime::Runtime`] sits behind an
 //! `ArcSwap`, so each request runs on one consistent snapshot. Metrics belong to a server
 //! instance, not the process, so tests can run many instances side by side.
 
@@ -44,6 +46,7 @@ pub mod origin;
 pub mod outcome;
 pub mod proxy;
 pub mod router;
+pub mod runtime;
 pub mod server;
 
 pub use config::Config;

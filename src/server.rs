@@ -19,7 +19,8 @@ use tokio::net::TcpListener;
 
 use crate::admin;
 use crate::config::{Config, ServerConfig};
-use crate::proxy::{BuildError, Proxy};
+use crate::proxy::Proxy;
+use crate::runtime::BuildError;
 
 /// The two listening sockets of a server instance.
 pub struct Listeners {
@@ -103,7 +104,7 @@ async fn serve(listeners: Listeners, proxy: Arc<Proxy>, shutdown: impl Future<Ou
         match crate::control::Control::new(url) {
             Ok(control) => {
                 let _ = proxy.control.set(control.clone());
-                control.start(proxy.clone()).await;
+                control.start(proxy.live.clone()).await;
             }
             Err(err) => tracing::error!(error = %err, "cannot use control_redis_url; route modes stay local"),
         }

@@ -1,9 +1,9 @@
 //! The request path, one phase per function: route, mode, key, lookup, fetch, store,
 //! respond, record (see the phases in DESIGN.md).
 //!
-//! [`Proxy`] holds the current [`Runtime`] (routing table, pools, origins, metric
-//! handles) behind an `ArcSwap`: each request takes one snapshot and finishes on it, so a
-//! configuration swap never changes a request half-way.
+//! [`Proxy`] is the service every connection shares: it takes one [`Runtime`] snapshot
+//! per request from its [`Live`] configuration (see [`crate::runtime`]), so a reload
+//! never changes a request half-way.
 
 mod cache_aside;
 mod fetch;
@@ -17,7 +17,6 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Instant;
 
-use arc_swap::ArcSwap;
 use http::header::{CACHE_CONTROL, CONNECTION};
 use http::{HeaderName, HeaderValue, Method, Request, Response, StatusCode, Version, request};
 use hyper::body::Incoming;
@@ -25,145 +24,26 @@ use hyper::body::Incoming;
 use crate::body::ProxyBody;
 use crate::outcome::{BypassReason, Outcome};
 
-use crate::cache::Pool;
-use crate::cache::shared::SharedTierError;
-use crate::config::{Config, RouteConfig, RouteMode};
+use crate::config::{Config, RouteMode};
 use crate::error::{ProxyError, error_response, plain_response};
-use crate::metrics::{Registry, RouteMetrics};
-use crate::origin::Origin;
-use crate::router::Router;
+use crate::runtime::{BuildError, Live, ReloadError, RouteRuntime, Runtime};
 use forward::ClientInfo;
 
 pub static CACHE_STATUS: HeaderName = HeaderName::from_static("cache-status");
 
-/// Errors building a runtime from a configuration.
-#[derive(Debug, thiserror::Error)]
-pub enum BuildError {
-    #[error(transparent)]
-    SharedTier(#[from] SharedTierError),
-    #[error("cannot set up TLS for origins")]
-    Tls(#[from] rustls::Error),
-}
-
-/// One route with everything it needs on the request path.
-pub struct RouteRuntime {
-    pub config: RouteConfig,
-    pub pool: Arc<Pool>,
-    pub origin: Arc<Origin>,
-    pub metrics: RouteMetrics,
-    /// The route's current mode: read by every request, written by the admin API and
-    /// the control channel. An atomic because it is one small value that changes rarely.
-    mode: std::sync::atomic::AtomicU8,
-}
-
-impl RouteRuntime {
-    pub fn mode(&self) -> RouteMode {
-        RouteMode::from_u8(self.mode.load(Ordering::Relaxed))
-    }
-
-    /// Switches the mode; `fallback` needs a configured fallback response.
-    pub fn set_mode(&self, mode: RouteMode) -> Result<(), ModeError> {
-        if mode == RouteMode::Fallback && self.config.fallback.is_none() {
-            return Err(ModeError::NoFallback);
-        }
-        self.mode.store(mode.as_u8(), Ordering::Relaxed);
-        Ok(())
-    }
-}
-
-/// Why a route mode could not be set.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, thiserror::Error)]
-pub enum ModeError {
-    #[error("the route has no fallback response configured")]
-    NoFallback,
-}
-
-/// Everything built from one configuration.
-pub struct Runtime {
-    pub config: Config,
-    router: Router,
-    pub routes: Vec<Arc<RouteRuntime>>,
-    pub pools: Vec<Arc<Pool>>,
-    pub origins: Vec<Arc<Origin>>,
-    unrouted: metrics::Counter,
-}
-
-impl Runtime {
-    /// Builds pools, origins and routes, registering every metric handle now.
-    pub fn build(config: Config, registry: &Registry) -> Result<Runtime, BuildError> {
-        Runtime::build_from(config, registry, None)
-    }
-
-    /// Builds a runtime for `config`, reusing from `previous` every pool and origin whose
-    /// settings did not change (so they keep their L1 contents, Redis connections,
-    /// bulkheads and breakers), and keeping each route's runtime mode unless the file
-    /// sets one.
-    pub fn build_from(config: Config, registry: &Registry, previous: Option<&Runtime>) -> Result<Runtime, BuildError> {
-        let pools = config
-            .pools
-            .iter()
-            .map(|p| match previous.and_then(|old| old.pools.iter().find(|op| op.config == *p)) {
-                Some(same) => Ok(same.clone()),
-                None => Pool::new(p.clone(), registry.pool(&p.name)).map(Arc::new),
-            })
-            .collect::<Result<Vec<_>, _>>()?;
-        let origins = config
-            .origins
-            .iter()
-            .map(|o| match previous.and_then(|old| old.origins.iter().find(|oo| oo.config == *o)) {
-                Some(same) => Ok(same.clone()),
-                None => Origin::new(o.clone(), registry.origin(&o.name)).map(Arc::new),
-            })
-            .collect::<Result<Vec<_>, _>>()?;
-        let kept_mode = |r: &RouteConfig| {
-            let old = previous.and_then(|old| old.routes.iter().find(|or| or.config.name == r.name))?;
-            (!r.mode_from_file && (old.mode() != RouteMode::Fallback || r.fallback.is_some())).then(|| old.mode())
-        };
-        let routes = config
-            .routes
-            .iter()
-            .map(|r| {
-                Arc::new(RouteRuntime {
-                    config: r.clone(),
-                    pool: pools[r.pool].clone(),
-                    origin: origins[r.origin].clone(),
-                    metrics: registry.route(&r.name, &config.pools[r.pool].name, &config.origins[r.origin].name),
-                    mode: std::sync::atomic::AtomicU8::new(kept_mode(r).unwrap_or(r.mode).as_u8()),
-                })
-            })
-            .collect();
-        Ok(Runtime { router: Router::new(&config.routes), routes, pools, origins, unrouted: registry.unrouted(), config })
-    }
-}
-
 /// The proxy service shared by every connection of one server instance.
 pub struct Proxy {
-    runtime: ArcSwap<Runtime>,
-    pub registry: Arc<Registry>,
+    /// The running configuration (shared with the control channel, which switches
+    /// route modes in it).
+    pub live: Arc<Live>,
     /// Set once on SIGTERM; read by every response (to add `Connection: close`) and by
     /// `/readyz`. An atomic flag because it only ever goes from false to true.
     draining: AtomicBool,
-    /// The file reloads read, when the configuration came from one.
-    config_path: Option<std::path::PathBuf>,
-    /// One reload at a time (SIGHUP, the admin API and the file watcher may race).
-    reload_lock: tokio::sync::Mutex<()>,
-    reloads: [metrics::Counter; 2],
     /// The access log, when on (its format and sampling are read at start).
     /// Shared with the record of every sampled request, which logs when its body ends.
     access_log: Option<Arc<crate::access_log::AccessLog>>,
     /// The control channel, when `control_redis_url` is set (set once at start).
     pub control: std::sync::OnceLock<Arc<crate::control::Control>>,
-}
-
-/// Why a reload was refused (the running configuration stays).
-#[derive(Debug, thiserror::Error)]
-pub enum ReloadError {
-    #[error("this server was not started from a config file")]
-    NoFile,
-    #[error(transparent)]
-    Config(#[from] crate::config::ConfigError),
-    #[error(transparent)]
-    Build(#[from] BuildError),
 }
 
 impl Proxy {
@@ -173,21 +53,10 @@ impl Proxy {
 
     /// A proxy whose configuration came from `path` (which reloads read again).
     pub fn with_file(config: Config, config_path: Option<std::path::PathBuf>) -> Result<Proxy, BuildError> {
-        let registry = Arc::new(Registry::new());
-        let runtime = Runtime::build(config, &registry)?;
-        let reloads = registry.reloads();
-        let server = &runtime.config.server;
-        let access_log = crate::access_log::AccessLog::start(server.access_log, server.access_log_sample, registry.access_log_dropped()).map(Arc::new);
-        Ok(Proxy {
-            runtime: ArcSwap::from_pointee(runtime),
-            registry,
-            draining: AtomicBool::new(false),
-            config_path,
-            reload_lock: tokio::sync::Mutex::new(()),
-            reloads,
-            access_log,
-            control: std::sync::OnceLock::new(),
-        })
+        let live = Live::new(config, config_path)?;
+        let server = &live.runtime().config.server;
+        let access_log = crate::access_log::AccessLog::start(server.access_log, server.access_log_sample, live.registry.access_log_dropped()).map(Arc::new);
+        Ok(Proxy { live: Arc::new(live), draining: AtomicBool::new(false), access_log, control: std::sync::OnceLock::new() })
     }
 
     /// Writes out buffered access log lines (at shutdown).
@@ -198,46 +67,16 @@ impl Proxy {
     }
 
     pub fn config_path(&self) -> Option<&std::path::Path> {
-        self.config_path.as_deref()
-    }
-
-    /// Reads the config file again, validates it and swaps it in. A bad file changes
-    /// nothing. Requests in flight finish on the configuration they started with.
-    pub async fn reload(&self) -> Result<(), ReloadError> {
-        let _one_at_a_time = self.reload_lock.lock().await;
-        let result = self.reload_locked();
-        match &result {
-            Ok(()) => {
-                self.reloads[0].increment(1);
-                tracing::info!(path = ?self.config_path, "configuration reloaded");
-            }
-            Err(err) => {
-                self.reloads[1].increment(1);
-                tracing::error!(error = %err, "configuration reload rejected; the running configuration stays");
-            }
-        }
-        result
-    }
-
-    fn reload_locked(&self) -> Result<(), ReloadError> {
-        let path = self.config_path.as_deref().ok_or(ReloadError::NoFile)?;
-        let config = Config::load(path)?;
-        let old = self.runtime.load_full();
-        if config.server.listen != old.config.server.listen || config.server.admin_listen != old.config.server.admin_listen {
-            tracing::warn!("listen addresses changed in the file; they take effect on restart only");
-        }
-        let runtime = Runtime::build_from(config, &self.registry, Some(&old))?;
-        for pool in &runtime.pools {
-            if !old.pools.iter().any(|p| Arc::ptr_eq(p, pool)) {
-                pool.start();
-            }
-        }
-        self.runtime.store(Arc::new(runtime));
-        Ok(())
+        self.live.config_path()
     }
 
     pub fn runtime(&self) -> Arc<Runtime> {
-        self.runtime.load_full()
+        self.live.runtime()
+    }
+
+    /// Reloads the config file (see [`Live::reload`]).
+    pub async fn reload(&self) -> Result<(), ReloadError> {
+        self.live.reload().await
     }
 
     pub fn start_draining(&self) {
@@ -251,7 +90,7 @@ impl Proxy {
     /// Handles one client request, start to finish.
     pub async fn handle(&self, req: Request<Incoming>, peer: SocketAddr) -> Response<ProxyBody> {
         let start = Instant::now();
-        let runtime = self.runtime.load_full();
+        let runtime = self.live.runtime();
         let version = req.version();
         let (mut parts, body) = req.into_parts();
         // Routing, the key and the origin all see the normalised path (no dot segments,

@@ -1,0 +1,197 @@
+//! What a configuration builds, and swapping it on reload.
+//!
+//! A [`Runtime`] is everything built from one configuration: the routing table, the
+//! pools, the origins and each route's metric handles and current mode. [`Live`] holds
+//! the current one behind an `ArcSwap`: each request takes one snapshot and finishes on
+//! it, so a reload never changes a request half-way. A reload builds a new runtime that
+//! keeps every pool and origin whose settings did not change (their L1, Redis
+//! connections, bulkheads and breakers) and each route's runtime mode.
+
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::sync::atomic::Ordering;
+
+use arc_swap::ArcSwap;
+
+use crate::cache::Pool;
+use crate::cache::shared::SharedTierError;
+use crate::config::{Config, RouteConfig, RouteMode};
+use crate::metrics::{Registry, RouteMetrics};
+use crate::origin::Origin;
+use crate::router::Router;
+
+/// Errors building a runtime from a configuration.
+#[derive(Debug, thiserror::Error)]
+pub enum BuildError {
+    #[error(transparent)]
+    SharedTier(#[from] SharedTierError),
+    #[error("cannot set up TLS for origins")]
+    Tls(#[from] rustls::Error),
+}
+
+/// One route with everything it needs on the request path.
+pub struct RouteRuntime {
+    pub config: RouteConfig,
+    pub pool: Arc<Pool>,
+    pub origin: Arc<Origin>,
+    pub metrics: RouteMetrics,
+    /// The route's current mode: read by every request, written by the admin API and
+    /// the control channel. An atomic because it is one small value that changes rarely.
+    mode: std::sync::atomic::AtomicU8,
+}
+
+impl RouteRuntime {
+    pub fn mode(&self) -> RouteMode {
+        RouteMode::from_u8(self.mode.load(Ordering::Relaxed))
+    }
+
+    /// Switches the mode; `fallback` needs a configured fallback response.
+    pub fn set_mode(&self, mode: RouteMode) -> Result<(), ModeError> {
+        if mode == RouteMode::Fallback && self.config.fallback.is_none() {
+            return Err(ModeError::NoFallback);
+        }
+        self.mode.store(mode.as_u8(), Ordering::Relaxed);
+        Ok(())
+    }
+}
+
+/// Why a route mode could not be set.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, thiserror::Error)]
+pub enum ModeError {
+    #[error("the route has no fallback response configured")]
+    NoFallback,
+}
+
+/// Everything built from one configuration.
+pub struct Runtime {
+    pub config: Config,
+    pub(crate) router: Router,
+    pub routes: Vec<Arc<RouteRuntime>>,
+    pub pools: Vec<Arc<Pool>>,
+    pub origins: Vec<Arc<Origin>>,
+    pub(crate) unrouted: metrics::Counter,
+}
+
+impl Runtime {
+    /// Builds pools, origins and routes, registering every metric handle now.
+    pub fn build(config: Config, registry: &Registry) -> Result<Runtime, BuildError> {
+        Runtime::build_from(config, registry, None)
+    }
+
+    /// Builds a runtime for `config`, reusing from `previous` every pool and origin whose
+    /// settings did not change (so they keep their L1 contents, Redis connections,
+    /// bulkheads and breakers), and keeping each route's runtime mode unless the file
+    /// sets one.
+    pub fn build_from(config: Config, registry: &Registry, previous: Option<&Runtime>) -> Result<Runtime, BuildError> {
+        let pools = config
+            .pools
+            .iter()
+            .map(|p| match previous.and_then(|old| old.pools.iter().find(|op| op.config == *p)) {
+                Some(same) => Ok(same.clone()),
+                None => Pool::new(p.clone(), registry.pool(&p.name)).map(Arc::new),
+            })
+            .collect::<Result<Vec<_>, _>>()?;
+        let origins = config
+            .origins
+            .iter()
+            .map(|o| match previous.and_then(|old| old.origins.iter().find(|oo| oo.config == *o)) {
+                Some(same) => Ok(same.clone()),
+                None => Origin::new(o.clone(), registry.origin(&o.name)).map(Arc::new),
+            })
+            .collect::<Result<Vec<_>, _>>()?;
+        let kept_mode = |r: &RouteConfig| {
+            let old = previous.and_then(|old| old.routes.iter().find(|or| or.config.name == r.name))?;
+            (!r.mode_from_file && (old.mode() != RouteMode::Fallback || r.fallback.is_some())).then(|| old.mode())
+        };
+        let routes = config
+            .routes
+            .iter()
+            .map(|r| {
+                Arc::new(RouteRuntime {
+                    config: r.clone(),
+                    pool: pools[r.pool].clone(),
+                    origin: origins[r.origin].clone(),
+                    metrics: registry.route(&r.name, &config.pools[r.pool].name, &config.origins[r.origin].name),
+                    mode: std::sync::atomic::AtomicU8::new(kept_mode(r).unwrap_or(r.mode).as_u8()),
+                })
+            })
+            .collect();
+        Ok(Runtime { router: Router::new(&config.routes), routes, pools, origins, unrouted: registry.unrouted(), config })
+    }
+}
+
+/// Why a reload was refused (the running configuration stays).
+#[derive(Debug, thiserror::Error)]
+pub enum ReloadError {
+    #[error("this server was not started from a config file")]
+    NoFile,
+    #[error(transparent)]
+    Config(#[from] crate::config::ConfigError),
+    #[error(transparent)]
+    Build(#[from] BuildError),
+}
+
+/// The running configuration: the current [`Runtime`], and what a reload needs.
+pub struct Live {
+    runtime: ArcSwap<Runtime>,
+    pub registry: Arc<Registry>,
+    /// The file reloads read, when the configuration came from one.
+    config_path: Option<PathBuf>,
+    /// One reload at a time (SIGHUP, the admin API and the file watcher may race).
+    reload_lock: tokio::sync::Mutex<()>,
+    reloads: [metrics::Counter; 2],
+}
+
+impl Live {
+    /// Builds the runtime of `config`, which came from `config_path` if given.
+    pub fn new(config: Config, config_path: Option<PathBuf>) -> Result<Live, BuildError> {
+        let registry = Arc::new(Registry::new());
+        let runtime = Runtime::build(config, &registry)?;
+        let reloads = registry.reloads();
+        Ok(Live { runtime: ArcSwap::from_pointee(runtime), registry, config_path, reload_lock: tokio::sync::Mutex::new(()), reloads })
+    }
+
+    /// The current runtime: a snapshot that stays whole whatever reloads happen.
+    pub fn runtime(&self) -> Arc<Runtime> {
+        self.runtime.load_full()
+    }
+
+    pub fn config_path(&self) -> Option<&Path> {
+        self.config_path.as_deref()
+    }
+
+    /// Reads the config file again, validates it and swaps it in. A bad file changes
+    /// nothing. Requests in flight finish on the configuration they started with.
+    pub async fn reload(&self) -> Result<(), ReloadError> {
+        let _one_at_a_time = self.reload_lock.lock().await;
+        let result = self.reload_locked();
+        match &result {
+            Ok(()) => {
+                self.reloads[0].increment(1);
+                tracing::info!(path = ?self.config_path, "configuration reloaded");
+            }
+            Err(err) => {
+                self.reloads[1].increment(1);
+                tracing::error!(error = %err, "configuration reload rejected; the running configuration stays");
+            }
+        }
+        result
+    }
+
+    fn reload_locked(&self) -> Result<(), ReloadError> {
+        let path = self.config_path.as_deref().ok_or(ReloadError::NoFile)?;
+        let config = Config::load(path)?;
+        let old = self.runtime.load_full();
+        if config.server.listen != old.config.server.listen || config.server.admin_listen != old.config.server.admin_listen {
+            tracing::warn!("listen addresses changed in the file; they take effect on restart only");
+        }
+        let runtime = Runtime::build_from(config, &self.registry, Some(&old))?;
+        for pool in &runtime.pools {
+            if !old.pools.iter().any(|p| Arc::ptr_eq(p, pool)) {
+                pool.start();
+            }
+        }
+        self.runtime.store(Arc::new(runtime));
+        Ok(())
+    }
+}
