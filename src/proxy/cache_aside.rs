@@ -4,7 +4,7 @@
 //! coalescing.
 
 use std::sync::Arc;
-use std::time::{Duration, SystemTime};
+use std::time::SystemTime;
 
 use http::header::{ACCEPT_ENCODING, AUTHORIZATION, CACHE_CONTROL, COOKIE};
 use http::{HeaderName, Method, Response, request};
@@ -14,6 +14,7 @@ use super::forward::ClientInfo;
 use super::{ProxyBody, RouteRuntime, cache_only_miss, failed, flight, respond};
 use crate::cache::key::{normalise_query, url_part};
 use crate::cache::policy::RequestDirectives;
+use crate::cache::policy::reuse::{Choice, choose, should_refresh_early};
 use crate::cache::{CacheKey, Encodings, Entry, Found, PurgeTarget};
 use crate::config::{CacheRules, RouteMode};
 use crate::error::{ProxyError, error_response};
@@ -84,50 +85,6 @@ fn origin_target(mut parts: request::Parts, query: &str) -> request::Parts {
     parts
 }
 
-/// What to do with a stored entry for this request.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-enum Choice {
-    Fresh,
-    /// Stale, but the request's `max-stale` accepts it.
-    MaxStale,
-    /// Stale within stale-while-revalidate.
-    WhileRevalidate,
-    /// Must be validated with the origin (or replaced) before use.
-    Validate,
-}
-
-/// Freshness of `entry` against the request's directives (RFC 9111 sections 4.2 and
-/// 5.2.1, RFC 5861): `no-cache`, `max-age` and `min-fresh` demand validation;
-/// `max-stale` accepts a stale copy unless the response forbids serving it stale.
-fn choose(entry: &Entry, now: SystemTime, directives: &RequestDirectives) -> Choice {
-    if directives.no_cache {
-        return Choice::Validate;
-    }
-    let age = entry.age(now);
-    if directives.max_age.is_some_and(|max| age > Duration::from_secs(max)) {
-        return Choice::Validate;
-    }
-    let remaining = entry.freshness_lifetime.saturating_sub(age);
-    if directives.min_fresh.is_some_and(|min| remaining < Duration::from_secs(min)) {
-        return Choice::Validate;
-    }
-    if entry.is_fresh(now) {
-        return Choice::Fresh;
-    }
-    if let Some(limit) = directives.max_stale
-        && !entry.no_stale
-    {
-        let staleness = age.saturating_sub(entry.freshness_lifetime);
-        if limit.is_none_or(|l| staleness <= Duration::from_secs(l)) {
-            return Choice::MaxStale;
-        }
-    }
-    if entry.within_stale_while_revalidate(now) {
-        return Choice::WhileRevalidate;
-    }
-    Choice::Validate
-}
-
 /// Prepare, key, lookup, choose; then a stored copy, a background refresh, a
 /// validation, or a coalesced fetch.
 pub(super) async fn cache_aside(route: &Arc<RouteRuntime>, mode: RouteMode, mut parts: request::Parts, client: &ClientInfo) -> (Response<ProxyBody>, Outcome) {
@@ -172,7 +129,7 @@ pub(super) async fn cache_aside(route: &Arc<RouteRuntime>, mode: RouteMode, mut 
     if let Some(Found { entry, tier, .. }) = &lookup.found {
         match choose(entry, now, &directives) {
             Choice::Fresh => {
-                if !cache_only && flight::should_refresh_early(entry, now) {
+                if !cache_only && should_refresh_early(entry, now) {
                     flight::refresh_in_background(job(parts, lookup.key, stale.clone()));
                 }
                 return (respond::from_entry(entry, head, true, now), Outcome::Hit(*tier));
@@ -252,43 +209,6 @@ async fn validate_with_head(job: flight::FetchJob, stored: &Entry) -> (Response<
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    fn aged(lifetime: u64, age: u64) -> (Entry, SystemTime) {
-        let entry = Entry {
-            freshness_lifetime: Duration::from_secs(lifetime),
-            initial_age: Duration::ZERO,
-            stale_while_revalidate: Duration::from_secs(5),
-            ..crate::cache::entry::tests::sample()
-        };
-        let now = entry.response_time + Duration::from_secs(age);
-        (entry, now)
-    }
-
-    fn directives(text: &'static str) -> RequestDirectives {
-        let mut headers = http::HeaderMap::new();
-        headers.insert(CACHE_CONTROL, http::HeaderValue::from_static(text));
-        RequestDirectives::parse(&headers)
-    }
-
-    #[test]
-    fn request_directives_choose() {
-        let (fresh, at) = aged(60, 10);
-        assert_eq!(choose(&fresh, at, &RequestDirectives::default()), Choice::Fresh);
-        assert_eq!(choose(&fresh, at, &directives("no-cache")), Choice::Validate);
-        assert_eq!(choose(&fresh, at, &directives("max-age=5")), Choice::Validate);
-        assert_eq!(choose(&fresh, at, &directives("max-age=10")), Choice::Fresh);
-        assert_eq!(choose(&fresh, at, &directives("min-fresh=55")), Choice::Validate);
-        assert_eq!(choose(&fresh, at, &directives("min-fresh=50")), Choice::Fresh);
-        let (stale, at) = aged(60, 70);
-        assert_eq!(choose(&stale, at, &RequestDirectives::default()), Choice::Validate);
-        assert_eq!(choose(&stale, at, &directives("max-stale=20")), Choice::MaxStale);
-        assert_eq!(choose(&stale, at, &directives("max-stale=5")), Choice::Validate);
-        assert_eq!(choose(&stale, at, &directives("max-stale")), Choice::MaxStale);
-        let must_revalidate = Entry { no_stale: true, ..stale.clone() };
-        assert_eq!(choose(&must_revalidate, at, &directives("max-stale")), Choice::Validate);
-        let (swr, at) = aged(60, 63);
-        assert_eq!(choose(&swr, at, &RequestDirectives::default()), Choice::WhileRevalidate);
-    }
 
     #[test]
     fn unkeyed_headers_and_ignored_parameters_are_removed() {

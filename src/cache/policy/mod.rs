@@ -8,6 +8,7 @@
 
 use std::time::{Duration, SystemTime};
 
+pub mod reuse;
 mod targeted;
 
 use http::header::{AGE, CACHE_CONTROL, DATE, ETAG, EXPIRES, LAST_MODIFIED, SET_COOKIE};
