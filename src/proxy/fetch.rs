@@ -4,20 +4,21 @@
 //! copy without its body being sent again (RFC 9111 section 4.3.4).
 
 use std::collections::VecDeque;
-use std::sync::Arc;
+
 use std::time::SystemTime;
 
 use bytes::Bytes;
-use http::header::{ACCEPT_ENCODING, AGE, CONTENT_LENGTH, DATE, IF_MATCH, IF_MODIFIED_SINCE, IF_NONE_MATCH, IF_RANGE, IF_UNMODIFIED_SINCE, RANGE, SET_COOKIE};
-use http::{HeaderMap, HeaderValue, Method, Request, Response, StatusCode, Version, request, response};
+use http::header::{ACCEPT_ENCODING, AGE, CONTENT_LENGTH, IF_MATCH, IF_MODIFIED_SINCE, IF_NONE_MATCH, IF_RANGE, IF_UNMODIFIED_SINCE, RANGE, SET_COOKIE};
+use http::{HeaderMap, Method, Request, Response, StatusCode, Version, request, response};
 use http_body_util::{BodyExt, Empty};
 
 use super::flight::FetchJob;
 use super::forward::{ClientInfo, forward_headers, origin_uri, strip_hop_by_hop};
 use super::{ProxyBody, RouteRuntime};
+use crate::cache::entry::{StoreFor, set_date_if_missing, take_tags};
 use crate::cache::policy::{self, Freshness, RouteRules};
 use crate::cache::revalidate::{self, HeadUpdate};
-use crate::cache::{Entry, Stored, key};
+use crate::cache::{Entry, Stored};
 use crate::config::{Priority, StaleOnError};
 use crate::error::ProxyError;
 use crate::metrics::OriginStatus;
@@ -202,11 +203,10 @@ async fn store_or_stream(
     Ok(Fetched::Storable { stored, revalidated: false })
 }
 
-/// The entry for a storable response, under its variant key (and with its variants
-/// marker) when it varies by `Vary` or by the route's `key_headers`.
+/// The entry for a storable response to this job's request.
 fn build_stored(
     job: &FetchJob,
-    mut res_parts: response::Parts,
+    res_parts: response::Parts,
     body: Bytes,
     freshness: Freshness,
     tags: Vec<String>,
@@ -214,47 +214,14 @@ fn build_stored(
     response_time: SystemTime,
 ) -> Stored {
     let route = &job.route;
-    res_parts.headers.remove(AGE);
-    res_parts.headers.insert(CONTENT_LENGTH, HeaderValue::from(body.len()));
-    set_date_if_missing(&mut res_parts.headers, response_time);
-    for name in &freshness.strip {
-        res_parts.headers.remove(name);
-    }
-    let names = key::merge_names(&freshness.vary, &route.config.cache.key_headers);
-    let key = if names.is_empty() { job.primary.clone() } else { job.primary.variant(&names, &job.parts.headers) };
-    // A little jitter (up to 5% shorter) so entries stored together do not all expire
-    // together; never longer than the origin allows.
-    let jitter = freshness.lifetime.mul_f64(fastrand::f64() * 0.05);
-    let entry = Arc::new(Entry {
-        key: key.text.clone(),
-        status: res_parts.status,
-        headers: compact_headers(&res_parts.headers),
-        body,
-        request_time,
-        response_time,
-        initial_age: freshness.initial_age,
-        freshness_lifetime: freshness.lifetime - jitter,
-        stale_while_revalidate: freshness.stale_while_revalidate,
-        stale_if_error: freshness.stale_if_error,
-        no_stale: freshness.no_stale,
+    let to = StoreFor {
+        primary: &job.primary,
+        request_headers: &job.parts.headers,
+        key_headers: &route.config.cache.key_headers,
         stale_on_error_always: route.config.stale_on_error == StaleOnError::Always,
-        tags,
-        invalidated: false,
         keep_for_revalidation: route.pool.config.keep_for_revalidation,
-        variants: false,
-    });
-    let marker = (!names.is_empty()).then(|| Arc::new(Entry::variants_marker(job.primary.text.clone(), &names, &entry)));
-    Stored { key, entry, marker }
-}
-
-/// RFC 9110 section 6.6.1: a cached response without a (valid) `Date` gets the time it
-/// was received.
-fn set_date_if_missing(headers: &mut HeaderMap, received: SystemTime) {
-    if policy::http_date(headers, DATE).is_none()
-        && let Ok(date) = HeaderValue::from_str(&httpdate::fmt_http_date(received))
-    {
-        headers.insert(DATE, date);
-    }
+    };
+    Stored::from_response(&to, res_parts, body, freshness, tags, request_time, response_time)
 }
 
 /// What a HEAD sent to the origin for a stored GET response became (RFC 9111 section
@@ -294,36 +261,6 @@ pub async fn head(job: &FetchJob, stored: &Entry) -> Result<HeadAnswer, ProxyErr
         Ok(freshness) => HeadAnswer::Updated(build_stored(job, merged, stored.body.clone(), freshness, tags, request_time, response_time)),
         Err(_) => HeadAnswer::Other(parts),
     })
-}
-
-/// Tags an entry carries, at most this many, each at most `MAX_TAG_BYTES`.
-const MAX_TAGS: usize = 64;
-const MAX_TAG_BYTES: usize = 128;
-
-/// Removes the tag header and returns its space-separated tags.
-fn take_tags(headers: &mut http::HeaderMap, name: &http::HeaderName) -> Vec<String> {
-    let values: Vec<HeaderValue> = headers.get_all(name).iter().cloned().collect();
-    headers.remove(name);
-    values
-        .iter()
-        .filter_map(|v| v.to_str().ok())
-        .flat_map(str::split_whitespace)
-        .filter(|t| t.len() <= MAX_TAG_BYTES)
-        .take(MAX_TAGS)
-        .map(str::to_owned)
-        .collect()
-}
-
-/// Copies header values into their own allocations (see the body copy above).
-fn compact_headers(headers: &http::HeaderMap) -> http::HeaderMap {
-    let mut out = http::HeaderMap::with_capacity(headers.len());
-    for (name, value) in headers {
-        if let Ok(mut copy) = HeaderValue::from_bytes(value.as_bytes()) {
-            copy.set_sensitive(value.is_sensitive());
-            out.append(name.clone(), copy);
-        }
-    }
-    out
 }
 
 fn origin_error(route: &RouteRuntime, source: OriginError) -> ProxyError {

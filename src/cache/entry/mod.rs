@@ -21,6 +21,9 @@ use bytes::{Buf, BufMut, Bytes, BytesMut};
 use http::{HeaderMap, HeaderName, HeaderValue, StatusCode};
 use xxhash_rust::xxh3::xxh3_64;
 
+mod build;
+pub use build::{StoreFor, set_date_if_missing, take_tags};
+
 pub const FORMAT_VERSION: u8 = 2;
 const MAGIC: &[u8; 3] = b"BWK";
 const FLAG_NO_STALE: u8 = 1;
