@@ -7,11 +7,11 @@ use std::sync::Arc;
 use std::time::SystemTime;
 
 use http::header::{ACCEPT_ENCODING, AUTHORIZATION, CACHE_CONTROL, COOKIE};
-use http::{HeaderName, Method, Response, request};
+use http::{Method, Response, request};
 
 use super::fetch::{self, HeadAnswer};
 use super::forward::ClientInfo;
-use super::{ProxyBody, RouteRuntime, cache_only_miss, failed, flight, respond};
+use super::{ProxyBody, RouteRuntime, cache_only_miss, failed, flight, respond, trust};
 use crate::cache::key::{normalise_query, url_part};
 use crate::cache::policy::RequestDirectives;
 use crate::cache::policy::reuse::{Choice, choose, should_refresh_early};
@@ -20,28 +20,6 @@ use crate::config::{CacheRules, RouteMode};
 use crate::error::{ProxyError, error_response};
 use crate::origin::is_failure_status;
 use crate::outcome::{Outcome, StaleReason};
-
-/// Request headers that make origins answer differently but are not part of the key
-/// (host, path and method overrides): a client could store its own page under
-/// everyone's key with them, so they never reach the origin on a cacheable request
-/// unless the route puts them into the key (`key_headers`).
-static UNKEYED: [HeaderName; 15] = [
-    HeaderName::from_static("forwarded"),
-    HeaderName::from_static("x-forwarded-host"),
-    HeaderName::from_static("x-forwarded-server"),
-    HeaderName::from_static("x-forwarded-port"),
-    HeaderName::from_static("x-forwarded-scheme"),
-    HeaderName::from_static("x-forwarded-prefix"),
-    HeaderName::from_static("x-host"),
-    HeaderName::from_static("x-original-url"),
-    HeaderName::from_static("x-rewrite-url"),
-    HeaderName::from_static("x-http-method-override"),
-    HeaderName::from_static("x-http-method"),
-    HeaderName::from_static("x-method-override"),
-    HeaderName::from_static("x-forwarded-ssl"),
-    HeaderName::from_static("front-end-https"),
-    HeaderName::from_static("x-url-scheme"),
-];
 
 /// Applies the route's rules to a cacheable request: headers that `Connection` names
 /// removed before anything is keyed on them, cookies stripped if asked, unkeyed headers
@@ -52,22 +30,11 @@ pub(super) fn prepare(rules: &CacheRules, parts: &mut request::Parts, trusted: b
     // Hop-by-hop headers, and those the client names in `Connection`, never reach the
     // origin: they must not select a variant either, or the origin's answer without
     // them would be stored as the answer with them.
-    super::forward::strip_hop_by_hop(&mut parts.headers);
+    trust::strip_hop_by_hop(&mut parts.headers);
     if rules.strip_cookies {
         parts.headers.remove(COOKIE);
     }
-    // One pass over the request's few headers; all listed names but two start "x-".
-    let listed = |name: &HeaderName| {
-        let text = name.as_str();
-        (text.starts_with("x-") || text == "forwarded" || text == "front-end-https") && UNKEYED.contains(name)
-    };
-    // Keyed ones stay, except routing headers from a peer that is not a trusted proxy:
-    // those never reach the origin, so they must not select a variant either.
-    let keep = |name: &HeaderName| rules.key_headers.contains(name) && (trusted || !super::forward::UNTRUSTED_ROUTING.contains(name));
-    let unkeyed: Vec<HeaderName> = parts.headers.keys().filter(|name| listed(name) && !keep(name)).cloned().collect();
-    for name in unkeyed {
-        parts.headers.remove(name);
-    }
+    trust::strip_unkeyed(&mut parts.headers, &rules.key_headers, trusted);
     let raw = parts.uri.query().unwrap_or("");
     let query = normalise_query(raw, &rules.ignore_query_params).map_err(|_| ProxyError::BadRequest("malformed percent-encoding in the query"))?;
     Ok(query.into_owned())
@@ -214,7 +181,7 @@ mod tests {
     fn unkeyed_headers_and_ignored_parameters_are_removed() {
         let rules = CacheRules {
             ignore_query_params: vec![crate::config::ParamPattern::Prefix("utm_".into())],
-            key_headers: vec![HeaderName::from_static("x-forwarded-host")],
+            key_headers: vec![http::HeaderName::from_static("x-forwarded-host")],
             strip_cookies: true,
             ..CacheRules::default()
         };

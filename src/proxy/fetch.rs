@@ -13,7 +13,8 @@ use http::{HeaderMap, Method, Request, Response, StatusCode, Version, request, r
 use http_body_util::{BodyExt, Empty};
 
 use super::flight::FetchJob;
-use super::forward::{ClientInfo, forward_headers, origin_uri, strip_hop_by_hop};
+use super::forward::{ClientInfo, forward_headers, origin_uri};
+use super::trust::strip_hop_by_hop;
 use super::{ProxyBody, RouteRuntime};
 use crate::cache::entry::{StoreFor, set_date_if_missing, take_tags};
 use crate::cache::policy::{self, Freshness, RouteRules};

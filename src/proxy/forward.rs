@@ -3,58 +3,15 @@
 
 use std::net::{IpAddr, SocketAddr};
 
-use http::header::{CONNECTION, HOST, HeaderName, VIA};
+use http::header::{HOST, HeaderName, VIA};
 use http::{HeaderMap, HeaderValue, Uri, Version, request};
 
+use super::trust;
 use crate::config::{Cidr, OriginConfig};
 use crate::error::ProxyError;
 
 static X_FORWARDED_FOR: HeaderName = HeaderName::from_static("x-forwarded-for");
 static X_FORWARDED_PROTO: HeaderName = HeaderName::from_static("x-forwarded-proto");
-static KEEP_ALIVE: HeaderName = HeaderName::from_static("keep-alive");
-static PROXY_CONNECTION: HeaderName = HeaderName::from_static("proxy-connection");
-
-/// Headers that change what an origin serves but are not in the cache key: believed
-/// only from trusted proxies, so a client cannot poison an entry for everyone.
-pub(super) static UNTRUSTED_ROUTING: [HeaderName; 3] =
-    [HeaderName::from_static("forwarded"), HeaderName::from_static("x-forwarded-host"), HeaderName::from_static("x-forwarded-port")];
-/// Path overrides some frameworks honour; never forwarded.
-static PATH_OVERRIDES: [HeaderName; 2] = [HeaderName::from_static("x-original-url"), HeaderName::from_static("x-rewrite-url")];
-
-/// Hop-by-hop headers (RFC 9110 section 7.6.1), never forwarded in either direction.
-fn is_hop_by_hop(name: &HeaderName) -> bool {
-    name == CONNECTION
-        || name == KEEP_ALIVE
-        || name == PROXY_CONNECTION
-        || name == http::header::TE
-        || name == http::header::TRAILER
-        || name == http::header::TRANSFER_ENCODING
-        || name == http::header::UPGRADE
-        || name == http::header::PROXY_AUTHENTICATE
-        || name == http::header::PROXY_AUTHORIZATION
-}
-
-/// Removes hop-by-hop headers, including those that `Connection` names (but never
-/// `Host`: a client naming it would have the origin answer for another host under this
-/// host's key).
-pub fn strip_hop_by_hop(headers: &mut HeaderMap) {
-    let named: Vec<HeaderName> = headers
-        .get_all(CONNECTION)
-        .iter()
-        .filter_map(|v| v.to_str().ok())
-        .flat_map(|v| v.split(','))
-        .filter_map(|name| HeaderName::from_bytes(name.trim().as_bytes()).ok())
-        .filter(|name| name != HOST)
-        .collect();
-    for name in named {
-        headers.remove(name);
-    }
-    let hop: Vec<HeaderName> = headers.keys().filter(|n| is_hop_by_hop(n)).cloned().collect();
-    for name in hop {
-        headers.remove(name);
-    }
-}
-
 /// What bulwark knows about the client of a request.
 #[derive(Debug, Clone)]
 pub struct ClientInfo {
@@ -146,15 +103,7 @@ pub fn origin_uri(origin: &OriginConfig, uri: &Uri) -> Result<Uri, ProxyError> {
 /// origin's `host_header`), `X-Forwarded-For` appended to, `X-Forwarded-Proto` and `Via` set.
 pub fn forward_headers(parts: &request::Parts, client: &ClientInfo, origin: &OriginConfig) -> HeaderMap {
     let mut headers = parts.headers.clone();
-    strip_hop_by_hop(&mut headers);
-    for name in &PATH_OVERRIDES {
-        headers.remove(name);
-    }
-    if !client.trusted {
-        for name in &UNTRUSTED_ROUTING {
-            headers.remove(name);
-        }
-    }
+    trust::strip_for_origin(&mut headers, client.trusted);
     match &origin.host_header {
         Some(host) => {
             headers.insert(HOST, host.clone());
@@ -204,18 +153,5 @@ mod tests {
         assert!(normalise_host("evil/host", "http").is_err());
         assert!(normalise_host("host:x", "http").is_err());
         assert!(normalise_host("", "http").is_err());
-    }
-
-    #[test]
-    fn hop_by_hop_headers_are_removed() {
-        let mut headers = HeaderMap::new();
-        headers.insert(CONNECTION, HeaderValue::from_static("keep-alive, x-secret"));
-        headers.insert("x-secret", HeaderValue::from_static("1"));
-        headers.insert("keep-alive", HeaderValue::from_static("timeout=5"));
-        headers.insert("transfer-encoding", HeaderValue::from_static("chunked"));
-        headers.insert("x-kept", HeaderValue::from_static("1"));
-        strip_hop_by_hop(&mut headers);
-        assert_eq!(headers.len(), 1);
-        assert!(headers.contains_key("x-kept"));
     }
 }

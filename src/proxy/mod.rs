@@ -11,6 +11,7 @@ mod flight;
 mod forward;
 mod record;
 pub mod respond;
+mod trust;
 
 use std::net::SocketAddr;
 use std::sync::Arc;
