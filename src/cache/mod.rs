@@ -6,6 +6,7 @@
 pub mod coalesce;
 pub mod entry;
 pub mod key;
+pub mod lease;
 pub mod local;
 pub mod policy;
 pub mod purge;

@@ -8,7 +8,7 @@
 //! them, take over the flight.
 
 use std::sync::Arc;
-use std::time::{Duration, Instant, SystemTime};
+use std::time::{Duration, SystemTime};
 
 use http::{Response, request};
 use http_body::Body;
@@ -19,7 +19,7 @@ use super::fetch::{self, Fetched};
 use super::forward::ClientInfo;
 use super::{ProxyBody, RouteRuntime, failed, failure_outcome, respond};
 use crate::cache::coalesce::{Answer, Failure, Fill, FlightGuard, Join};
-use crate::cache::shared::{Announcement, Lease, SharedTier};
+use crate::cache::lease::{PeerOutcome, PeerWait};
 use crate::cache::{CacheKey, Encodings, Entry, Stored};
 use crate::config::Priority;
 use crate::error::{ProxyError, error_response};
@@ -58,6 +58,20 @@ impl FetchJob {
     async fn fetch(&self) -> Result<Fetched, ProxyError> {
         let priority = if self.background { Priority::Low } else { self.route.config.priority };
         fetch::fetch(self, priority).await
+    }
+
+    /// What this job's flight asks of the replicas sharing the pool's Redis.
+    fn peer_wait(&self) -> PeerWait<'_> {
+        PeerWait {
+            primary: &self.primary,
+            key: &self.key,
+            request_headers: &self.parts.headers,
+            key_headers: &self.route.config.cache.key_headers,
+            replaces: self.stored.as_ref().map(|old| old.response_time),
+            // Long enough for the holder's whole fetch, so a live holder keeps it.
+            lease_ttl: self.route.origin.config.timeout + self.route.pool.config.lock_timeout,
+            accept_recent: self.background || self.stale_on_wait,
+        }
     }
 
     /// This request's key for a stored response: its variant key when the response
@@ -264,20 +278,18 @@ fn serve_stale(stale: Option<&Entry>, head: bool) -> Option<(Response<ProxyBody>
 /// then (off every request's path) write to Redis and announce the fill.
 async fn run_flight(job: FetchJob, guard: FlightGuard, leader: Option<oneshot::Sender<LeaderResult>>) {
     let pool = job.route.pool.clone();
-    let mut lease_token = None;
-    if let Some(l2) = &pool.l2 {
-        match hold_back_for_peers(&job, l2).await {
-            PeerOutcome::Filled(stored) => {
-                pool.store_local(&job.primary, &stored).await;
-                guard.complete(Fill::Stored(stored.clone()));
-                if let Some(tx) = leader {
-                    let _ = tx.send(LeaderResult::FromPeer(stored));
-                }
-                return;
+    let mut lease = None;
+    match pool.hold_back_for_peers(&job.peer_wait()).await {
+        PeerOutcome::Filled(stored) => {
+            pool.store_local(&job.primary, &stored).await;
+            guard.complete(Fill::Stored(stored.clone()));
+            if let Some(tx) = leader {
+                let _ = tx.send(LeaderResult::FromPeer(stored));
             }
-            PeerOutcome::Lease(token) => lease_token = Some(token),
-            PeerOutcome::FetchAnyway => {}
+            return;
         }
+        PeerOutcome::Lease(token) => lease = Some(token),
+        PeerOutcome::FetchAnyway => {}
     }
     let (fill, result) = match job.fetch().await {
         Ok(Fetched::Storable { stored, revalidated }) => {
@@ -310,21 +322,7 @@ async fn run_flight(job: FetchJob, guard: FlightGuard, leader: Option<oneshot::S
     if let Some(tx) = leader {
         let _ = tx.send(result);
     }
-    if let Some(l2) = &pool.l2 {
-        let announcement = match &fill {
-            Fill::Stored(stored) if pool.store_shared_now(&job.primary, stored).await => {
-                if job.replaces {
-                    pool.announce_replacement(&job.primary, stored).await;
-                }
-                Announcement::Filled
-            }
-            Fill::Uncacheable => Announcement::Uncacheable,
-            _ => Announcement::Failed,
-        };
-        if let Some(token) = lease_token {
-            l2.finish_lease(&job.key, &token, announcement).await;
-        }
-    }
+    pool.finish_flight(&job.primary, &job.key, lease, &fill, job.replaces).await;
 }
 
 /// Reads a failure answer whole if it is small, to share it; otherwise gives the
@@ -350,82 +348,4 @@ fn for_waiters(answer: &Arc<Answer>) -> Arc<Answer> {
     let mut headers = answer.headers.clone();
     headers.remove(http::header::SET_COOKIE);
     Arc::new(Answer { status: answer.status, headers, body: answer.body.clone() })
-}
-
-enum PeerOutcome {
-    /// Another replica stored the entry: use it.
-    Filled(Stored),
-    /// We (may) hold the key's lease: fetch, then release it with an announcement.
-    Lease(String),
-    /// No lease to be had (Redis unavailable, or waited as long as a lease can live).
-    FetchAnyway,
-}
-
-/// Asks for the key's lease; while another replica holds it, waits for its announcement
-/// (`lock_timeout` at a time, then asks again: a lease expires with a dead holder). After
-/// a failure announcement the replicas compete again, so one of them tries next.
-async fn hold_back_for_peers(job: &FetchJob, l2: &SharedTier) -> PeerOutcome {
-    let lock_timeout = job.route.pool.config.lock_timeout;
-    // Long enough for the holder's whole fetch, so a live holder keeps it.
-    let lease_ttl = job.route.origin.config.timeout + lock_timeout;
-    let give_up = Instant::now() + lease_ttl + lock_timeout;
-    loop {
-        let mut watch = l2.watch_fill(&job.key);
-        match l2.acquire_lease(&job.key, lease_ttl).await {
-            Lease::Unavailable => {
-                l2.unwatch_fill(&watch);
-                return PeerOutcome::FetchAnyway;
-            }
-            Lease::Uncertain(token) => {
-                l2.unwatch_fill(&watch);
-                return PeerOutcome::Lease(token);
-            }
-            Lease::Acquired(token) => {
-                l2.unwatch_fill(&watch);
-                // A peer may have filled the key just before we asked.
-                // A copy stored before this request: not for a request that demanded
-                // validation. `peer_fill` returns only copies newer than the one being
-                // revalidated: the same copy would defeat an early refresh.
-                let recent = peer_fill(job, true).await.filter(|s| (job.background || job.stale_on_wait) && s.entry.is_fresh(SystemTime::now()));
-                if let Some(stored) = recent {
-                    l2.finish_lease(&job.key, &token, Announcement::Filled).await;
-                    return PeerOutcome::Filled(stored);
-                }
-                return PeerOutcome::Lease(token);
-            }
-            Lease::Held => {
-                let left = give_up.saturating_duration_since(Instant::now());
-                if left.is_zero() {
-                    l2.unwatch_fill(&watch);
-                    return PeerOutcome::FetchAnyway;
-                }
-                match tokio::time::timeout(lock_timeout.min(left), &mut watch.rx).await {
-                    Ok(Ok(Announcement::Filled)) => {
-                        // Fetched by a peer while this request waited: as good as
-                        // joining its fetch, whatever the request demanded.
-                        return match peer_fill(job, false).await {
-                            Some(stored) => PeerOutcome::Filled(stored),
-                            None => PeerOutcome::FetchAnyway,
-                        };
-                    }
-                    Ok(Ok(Announcement::Uncacheable)) => return PeerOutcome::FetchAnyway,
-                    // Failed, the subscription dropped, or no word in time: ask again.
-                    Ok(Ok(Announcement::Failed)) | Ok(Err(_)) => {}
-                    Err(_) => l2.unwatch_fill(&watch),
-                }
-            }
-        }
-    }
-}
-
-/// This request's entry as a peer stored it in Redis (its variant, if the URL varies),
-/// if it is newer than the copy this fetch replaces; a `recheck` follows this request's
-/// own lookup closely.
-async fn peer_fill(job: &FetchJob, recheck: bool) -> Option<Stored> {
-    let pool = &job.route.pool;
-    let found = pool.lookup_shared(&job.primary, &job.parts.headers, &job.route.config.cache.key_headers, None, recheck).await?;
-    if job.stored.as_ref().is_some_and(|old| found.entry.response_time <= old.response_time) {
-        return None;
-    }
-    Some(Stored { key: found.key, entry: Arc::new(found.entry), marker: found.marker })
 }
