@@ -70,7 +70,12 @@ struct Process {
 
 impl Process {
     async fn start(origin: &str, redis: &str, extra: &str, origin_timeout: &str) -> Process {
-        let config = simple_config(origin, Some(redis), extra).replace("timeout = \"5s\"", &format!("timeout = \"{origin_timeout}\""));
+        // These tests are about the lease protocol, not Redis deadlines: a 500 ms deadline
+        // keeps a machine busy with 500 clients and three replicas from turning lease
+        // calls into misses (which fetch without a lease, by design).
+        let config = simple_config(origin, Some(redis), extra)
+            .replace("timeout = \"5s\"", &format!("timeout = \"{origin_timeout}\""))
+            .replace("redis_timeout = \"50ms\"", "redis_timeout = \"500ms\"");
         let serve = support::ServeProcess::start(&config, std::process::Stdio::null(), std::process::Stdio::null()).await;
         // Ready when its Redis event subscription is up: before that it cannot take part
         // in leases.
