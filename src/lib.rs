@@ -10,18 +10,28 @@
 //! - [`router`]: request to route (longest `path_prefix`, optional host).
 //! - [`runtime`]: what a configuration builds (routes, pools, origins, metric handles,
 //!   route modes), and reload: the live runtime swapped whole.
-//! - [`proxy`]: the request path, one phase per function (the cache-aside phases of
-//!   GET/HEAD in their own module).
+//! - [`proxy`]: the request path, one phase per function: route, mode, bypass, the
+//!   cache-aside phases of GET/HEAD (prepare, key, lookup, choose), coalescing, fetch
+//!   and store, respond, and the record taken when the response body ends; `trust` says
+//!   which request headers may reach the origin.
 //! - [`body`]: the body of every response (stored, empty, or streamed from an origin),
 //!   telling the record phase how it ended.
 //! - [`outcome`]: the [`outcome::Outcome`] of a request, behind both `Cache-Status` and
 //!   the `cache` metric label (a leaf: the cache, metrics and proxy all speak it).
-//! - [`cache`]: keys (normalisation, variants by `Vary`), the versioned entry format, the
-//!   RFC 9111 policy (with RFC 9213 targeted fields), revalidation and conditionals, the
-//!   moka tier (L1), the Redis tier (L2), and the [`cache::Pool`] joining them.
-//! - [`origin`]: pooled clients per origin, the concurrency limit and queue.
+//! - [`encodings`]: content-coding sets, the `Accept-Encoding` part of a key (a leaf).
+//! - [`cache`]: keys (normalisation, variants by `Vary`), the versioned entry format and
+//!   building entries from responses, the RFC 9111 policy (with RFC 9213 targeted fields)
+//!   and reuse decisions, revalidation and conditionals, the moka tier (L1), the Redis
+//!   tier (L2), coalescing in-process and across replicas (the Redis lease), and the
+//!   [`cache::Pool`] joining them.
+//! - [`origin`]: pooled clients per origin, the concurrency limit and queue, the breaker,
+//!   the timings of one origin call.
 //! - [`metrics`]: metric names, the per-instance recorder, pre-registered handles.
 //! - [`error`]: request-path errors with their source, and the one error-to-status map.
+//!
+//! No two top-level modules import each other, directly or through others
+//! (`tests/layering.rs`): the leaves (`outcome`, `encodings`) import nothing; `config`,
+//! `cache`, `origin`, `metrics` and `error` never import the request path above them.
 //!
 //! # Why it is built this way
 //!
