@@ -83,8 +83,8 @@ pub struct Pool {
     pub l1: LocalTier,
     pub l2: Option<SharedTier>,
     pub metrics: Arc<PoolMetrics>,
-    /// Flights in progress for this pool's keys.
-    pub coalescer: Arc<coalesce::Coalescer>,
+    /// Flights in progress for this pool's keys (reached through the flight methods).
+    coalescer: Arc<coalesce::Coalescer>,
 }
 
 impl Pool {
@@ -252,6 +252,35 @@ impl Pool {
             let variant = stored.marker.as_ref().map(|_| stored.key.hash);
             l2.publish(&shared::Notice::Replaced { hash: primary.hash, variant, response_time: stored.entry.response_time }).await;
         }
+    }
+
+    /// Leads a new flight for `key`, or waits on the one in progress.
+    pub fn join_flight(&self, key: &CacheKey) -> coalesce::Join {
+        self.coalescer.join(key.hash)
+    }
+
+    /// After waiting too long on flight `stale_id`: one caller leads a new flight, the
+    /// others wait on it (see [`coalesce::Coalescer::take_over`]).
+    pub fn take_over_flight(&self, key: &CacheKey, stale_id: u64) -> coalesce::Join {
+        self.coalescer.take_over(key.hash, stale_id)
+    }
+
+    /// Leads a new flight only if none is in progress (a background refresh).
+    pub fn try_lead_flight(&self, key: &CacheKey) -> Option<coalesce::FlightGuard> {
+        self.coalescer.try_lead(key.hash)
+    }
+
+    /// Whether `key` was recently answered with something not storable (hit-for-miss).
+    pub async fn is_hit_for_miss(&self, key: &CacheKey) -> bool {
+        self.coalescer.is_hit_for_miss(key.hash).await
+    }
+
+    pub async fn remember_uncacheable(&self, key: &CacheKey) {
+        self.coalescer.remember_uncacheable(key.hash).await;
+    }
+
+    pub async fn forget_uncacheable(&self, key: &CacheKey) {
+        self.coalescer.forget_uncacheable(key.hash).await;
     }
 
     /// Refreshes the L1 size gauges (called before `/metrics` is rendered).

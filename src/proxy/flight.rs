@@ -102,12 +102,12 @@ enum LeaderResult {
 /// coalescing and answer.
 pub async fn miss(job: FetchJob, stale: Option<Arc<Entry>>, head: bool) -> (Response<ProxyBody>, Outcome) {
     let pool = job.route.pool.clone();
-    if pool.coalescer.is_hit_for_miss(job.key.hash).await {
+    if pool.is_hit_for_miss(&job.key).await {
         return direct(&job, stale.as_deref(), head).await;
     }
     let lock_timeout = pool.config.lock_timeout;
     let mut job = job;
-    let mut join = pool.coalescer.join(job.key.hash);
+    let mut join = pool.join_flight(&job.key);
     // A fill for another variant sends a waiter to its own variant's flight, once.
     let mut rejoined = false;
     let mut abandoned = 0;
@@ -127,7 +127,7 @@ pub async fn miss(job: FetchJob, stale: Option<Arc<Entry>>, head: bool) -> (Resp
                     {
                         return served;
                     }
-                    join = pool.coalescer.take_over(job.key.hash, waiting.flight_id);
+                    join = pool.take_over_flight(&job.key, waiting.flight_id);
                     continue;
                 }
             },
@@ -143,7 +143,7 @@ pub async fn miss(job: FetchJob, stale: Option<Arc<Entry>>, head: bool) -> (Resp
                 }
                 rejoined = true;
                 job.key = mine;
-                join = pool.coalescer.join(job.key.hash);
+                join = pool.join_flight(&job.key);
             }
             Fill::Uncacheable => return direct(&job, stale.as_deref(), head).await,
             Fill::Failed { outcome, failure } => {
@@ -159,7 +159,7 @@ pub async fn miss(job: FetchJob, stale: Option<Arc<Entry>>, head: bool) -> (Resp
             Fill::Abandoned if abandoned >= 2 => return direct(&job, stale.as_deref(), head).await,
             Fill::Abandoned => {
                 abandoned += 1;
-                join = pool.coalescer.join(job.key.hash);
+                join = pool.join_flight(&job.key);
             }
         }
     }
@@ -177,7 +177,7 @@ fn failure_response(job: &FetchJob, failure: &Failure, head: bool) -> Response<P
 /// Starts a background refresh of the key unless one is already running.
 pub fn refresh_in_background(mut job: FetchJob) {
     job.background = true;
-    if let Some(guard) = job.route.pool.coalescer.try_lead(job.key.hash) {
+    if let Some(guard) = job.route.pool.try_lead_flight(&job.key) {
         tokio::spawn(run_flight(job, guard, None));
     }
 }
@@ -218,7 +218,7 @@ async fn lead(job: FetchJob, guard: FlightGuard, stale: Option<Arc<Entry>>, head
 pub async fn direct(job: &FetchJob, stale: Option<&Entry>, head: bool) -> (Response<ProxyBody>, Outcome) {
     let result = job.fetch().await;
     if let Ok(Fetched::Storable { stored, .. }) = &result {
-        job.route.pool.coalescer.forget_uncacheable(job.key.hash).await;
+        job.route.pool.forget_uncacheable(&job.key).await;
         job.route.pool.store(&job.primary, stored, stale.is_some()).await;
     }
     answer(result, stale, head)
@@ -306,7 +306,7 @@ async fn run_flight(job: FetchJob, guard: FlightGuard, leader: Option<oneshot::S
             }
         }
         Ok(streamed @ Fetched::Streamed(..)) => {
-            pool.coalescer.remember_uncacheable(job.key.hash).await;
+            pool.remember_uncacheable(&job.key).await;
             (Fill::Uncacheable, LeaderResult::Fetched(Ok(streamed)))
         }
         // A background refresh queues at low priority; requests that joined it must not be
