@@ -7,11 +7,11 @@ use std::sync::Arc;
 use std::time::SystemTime;
 
 use http::header::{ACCEPT_ENCODING, AUTHORIZATION, CACHE_CONTROL, COOKIE};
-use http::{Method, Response, request};
+use http::{Response, request};
 
+use super::context::RequestContext;
 use super::fetch::{self, HeadAnswer};
-use super::forward::ClientInfo;
-use super::{ProxyBody, RouteRuntime, cache_only_miss, failed, flight, respond, trust};
+use super::{ProxyBody, cache_only_miss, failed, flight, respond, trust};
 use crate::cache::key::{normalise_query, url_part};
 use crate::cache::policy::RequestDirectives;
 use crate::cache::policy::reuse::{Choice, choose, should_refresh_early};
@@ -54,8 +54,8 @@ fn origin_target(mut parts: request::Parts, query: &str) -> request::Parts {
 
 /// Prepare, key, lookup, choose; then a stored copy, a background refresh, a
 /// validation, or a coalesced fetch.
-pub(super) async fn cache_aside(route: &Arc<RouteRuntime>, mode: RouteMode, mut parts: request::Parts, client: &ClientInfo) -> (Response<ProxyBody>, Outcome) {
-    let head = parts.method == Method::HEAD;
+pub(super) async fn cache_aside(ctx: &RequestContext, mut parts: request::Parts) -> (Response<ProxyBody>, Outcome) {
+    let (route, client, head, mode) = (&ctx.route, &ctx.client, ctx.head, ctx.mode);
     let rules = &route.config.cache;
     let query = match prepare(rules, &mut parts, client.trusted) {
         Ok(query) => query,
@@ -73,6 +73,7 @@ pub(super) async fn cache_aside(route: &Arc<RouteRuntime>, mode: RouteMode, mut 
         parts: origin_target(parts, &query),
         key: key.unwrap_or_else(|| primary.clone()),
         client: client.clone(),
+        timings: ctx.timings.clone(),
         primary: primary.clone(),
         replaces: stored.is_some(),
         stored,

@@ -12,8 +12,9 @@ use http::header::{ACCEPT_ENCODING, AGE, CONTENT_LENGTH, IF_MATCH, IF_MODIFIED_S
 use http::{HeaderMap, Method, Request, Response, StatusCode, Version, request, response};
 use http_body_util::{BodyExt, Empty};
 
+use super::context::RequestContext;
 use super::flight::FetchJob;
-use super::forward::{ClientInfo, forward_headers, origin_uri};
+use super::forward::{forward_headers, origin_uri};
 use super::trust::strip_hop_by_hop;
 use super::{ProxyBody, RouteRuntime};
 use crate::cache::entry::{StoreFor, set_date_if_missing, take_tags};
@@ -23,7 +24,7 @@ use crate::cache::{Entry, Stored};
 use crate::config::{Priority, StaleOnError};
 use crate::error::ProxyError;
 use crate::metrics::OriginStatus;
-use crate::origin::{OriginBody, OriginError, OutgoingBody};
+use crate::origin::{OriginBody, OriginError, OutgoingBody, Timings};
 
 /// What the origin's answer became.
 pub enum Fetched {
@@ -35,8 +36,8 @@ pub enum Fetched {
 }
 
 /// Sends a request to the route's origin, counting the outcome per route.
-pub async fn send(route: &RouteRuntime, req: Request<OutgoingBody>, priority: Priority, client: &ClientInfo) -> Result<Response<OriginBody>, ProxyError> {
-    match route.origin.send(req, priority, client.timings.as_deref()).await {
+pub async fn send(route: &RouteRuntime, req: Request<OutgoingBody>, priority: Priority, timings: Option<&Timings>) -> Result<Response<OriginBody>, ProxyError> {
+    match route.origin.send(req, priority, timings).await {
         Ok(res) => {
             route.metrics.origin_response(OriginStatus::Class(res.status().as_u16()));
             Ok(res)
@@ -104,7 +105,7 @@ pub async fn fetch(job: &FetchJob, priority: Priority) -> Result<Fetched, ProxyE
         }
         let req = origin_request(job, Method::GET, sent)?;
         let request_time = SystemTime::now();
-        let res = send(route, req, priority, &job.client).await?;
+        let res = send(route, req, priority, job.timings.as_deref()).await?;
         let response_time = SystemTime::now();
         let (mut res_parts, body) = res.into_parts();
         strip_hop_by_hop(&mut res_parts.headers);
@@ -243,7 +244,7 @@ pub async fn head(job: &FetchJob, stored: &Entry) -> Result<HeadAnswer, ProxyErr
     let policy_req = policy_request(job, &headers);
     let req = origin_request(job, Method::HEAD, headers)?;
     let request_time = SystemTime::now();
-    let res = send(&job.route, req, job.route.config.priority, &job.client).await?;
+    let res = send(&job.route, req, job.route.config.priority, job.timings.as_deref()).await?;
     let response_time = SystemTime::now();
     let (mut parts, _) = res.into_parts();
     strip_hop_by_hop(&mut parts.headers);
@@ -299,21 +300,16 @@ async fn read_up_to(mut body: OriginBody, limit: usize) -> Result<BodyRead, crat
 
 /// Forwards a request that the cache does not handle (other methods, `no-store`),
 /// streaming both bodies.
-pub async fn pass_through(
-    route: &RouteRuntime,
-    parts: request::Parts,
-    body: hyper::body::Incoming,
-    client: &ClientInfo,
-) -> Result<Response<ProxyBody>, ProxyError> {
+pub(super) async fn pass_through(ctx: &RequestContext, parts: request::Parts, body: hyper::body::Incoming) -> Result<Response<ProxyBody>, ProxyError> {
+    let route = &ctx.route;
     let origin = &route.origin.config;
     let mut req = Request::new(body.boxed());
     *req.method_mut() = parts.method.clone();
     *req.uri_mut() = origin_uri(origin, &parts.uri)?;
     *req.version_mut() = Version::HTTP_11;
-    *req.headers_mut() = forward_headers(&parts, client, origin);
-    let res = send(route, req, route.config.priority, client).await?;
+    *req.headers_mut() = forward_headers(&parts, &ctx.client, origin);
+    let res = send(route, req, route.config.priority, ctx.timings.as_deref()).await?;
     let (mut res_parts, body) = res.into_parts();
     strip_hop_by_hop(&mut res_parts.headers);
-    let head = parts.method == Method::HEAD;
-    Ok(super::respond::streamed(res_parts, ProxyBody::stream(VecDeque::new(), body), head))
+    Ok(super::respond::streamed(res_parts, ProxyBody::stream(VecDeque::new(), body), ctx.head))
 }

@@ -23,6 +23,7 @@ use crate::cache::lease::{PeerOutcome, PeerWait};
 use crate::cache::{CacheKey, Encodings, Entry, Stored};
 use crate::config::Priority;
 use crate::error::{ProxyError, error_response};
+use crate::origin::Timings;
 use crate::origin::is_failure_status;
 use crate::outcome::{Outcome, StaleReason};
 
@@ -35,6 +36,8 @@ pub struct FetchJob {
     pub route: Arc<RouteRuntime>,
     pub parts: request::Parts,
     pub client: ClientInfo,
+    /// Origin timings for the access log, when the request is logged.
+    pub timings: Option<Arc<Timings>>,
     /// The request's primary key (URL and `Accept-Encoding` group).
     pub primary: CacheKey,
     /// The most specific key known (the variant key when the URL's responses vary):

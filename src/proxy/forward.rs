@@ -22,8 +22,6 @@ pub struct ClientInfo {
     pub peer: IpAddr,
     /// Whether the peer is one of `trusted_proxies`.
     pub trusted: bool,
-    /// Origin timings for the access log, when this request is logged.
-    pub timings: Option<std::sync::Arc<crate::origin::Timings>>,
 }
 
 impl ClientInfo {
@@ -38,7 +36,7 @@ impl ClientInfo {
             Some(h) => h.to_str().map_err(|_| ProxyError::BadRequest("Host header is not valid text"))?,
             None => parts.uri.authority().map(|a| a.as_str()).ok_or(ProxyError::BadRequest("request has no Host"))?,
         };
-        Ok(ClientInfo { host: normalise_host(raw_host, scheme)?, scheme, peer: peer_ip, trusted, timings: None })
+        Ok(ClientInfo { host: normalise_host(raw_host, scheme)?, scheme, peer: peer_ip, trusted })
     }
 
     /// The host without its port, for matching route `host` keys.

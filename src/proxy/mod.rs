@@ -6,6 +6,7 @@
 //! never changes a request half-way.
 
 mod cache_aside;
+mod context;
 mod fetch;
 mod flight;
 mod forward;
@@ -28,6 +29,7 @@ use crate::outcome::{BypassReason, Outcome};
 use crate::config::{Config, RouteMode};
 use crate::error::{ProxyError, error_response, plain_response};
 use crate::runtime::{BuildError, Live, ReloadError, RouteRuntime, Runtime};
+use context::RequestContext;
 use forward::ClientInfo;
 
 pub static CACHE_STATUS: HeaderName = HeaderName::from_static("cache-status");
@@ -100,21 +102,19 @@ impl Proxy {
         if let Err(err) = normalise_target(&mut parts) {
             return self.finish(error_response(&err), version);
         }
-        let mut client = match ClientInfo::read(&parts, peer, &runtime.config.server.trusted_proxies) {
+        let client = match ClientInfo::read(&parts, peer, &runtime.config.server.trusted_proxies) {
             Ok(client) => client,
             Err(err) => return self.finish(error_response(&err), version),
         };
         let log = self.access_log.as_ref().filter(|log| log.sampled());
-        if log.is_some() {
-            client.timings = Some(Arc::default());
-        }
+        let timings: Option<Arc<crate::origin::Timings>> = log.map(|_| Arc::default());
         // Cheap clones: a standard method is inline, a path and query shares its bytes.
         let logged = log.map(|log| record::Logged {
             log: log.clone(),
             method: parts.method.clone(),
             host: client.host.clone(),
             target: parts.uri.path_and_query().cloned(),
-            timings: client.timings.clone(),
+            timings: timings.clone(),
         });
         let Some(index) = runtime.router.route(client.host_without_port(), parts.uri.path()) else {
             runtime.unrouted.increment(1);
@@ -122,7 +122,8 @@ impl Proxy {
             return self.finish(plain_response(StatusCode::NOT_FOUND, text), version);
         };
         let route = &runtime.routes[index];
-        let (mut res, outcome) = serve(route, parts, body, &client).await;
+        let ctx = RequestContext { route: route.clone(), mode: route.mode(), client, timings, head: parts.method == Method::HEAD };
+        let (mut res, outcome) = serve(&ctx, parts, body).await;
         // Targeted cache-control fields (RFC 9213) and purge tags are for this cache:
         // not passed on, whether the response was stored or not.
         for name in &route.config.cache.targeted_cache_control {
@@ -130,7 +131,7 @@ impl Proxy {
         }
         res.headers_mut().remove(&route.pool.config.tag_header);
         add_cache_status(&mut res, outcome);
-        let record = record::Record { route: route.clone(), outcome, status: res.status().as_u16(), start, logged };
+        let record = record::Record { route: ctx.route, outcome, status: res.status().as_u16(), start, logged };
         let res = res.map(|body| record.when_done(body));
         self.finish(res, version)
     }
@@ -182,9 +183,8 @@ fn add_cache_status(res: &mut Response<ProxyBody>, outcome: Outcome) {
 }
 
 /// Mode, then bypass or cache-aside.
-async fn serve(route: &Arc<RouteRuntime>, parts: request::Parts, body: Incoming, client: &ClientInfo) -> (Response<ProxyBody>, Outcome) {
-    let head = parts.method == Method::HEAD;
-    let mode = route.mode();
+async fn serve(ctx: &RequestContext, parts: request::Parts, body: Incoming) -> (Response<ProxyBody>, Outcome) {
+    let (route, client, head, mode) = (&ctx.route, &ctx.client, ctx.head, ctx.mode);
     match mode {
         RouteMode::Off => return (respond::off(), Outcome::Off),
         RouteMode::Fallback => return fallback_or_off(route, head),
@@ -201,7 +201,7 @@ async fn serve(route: &Arc<RouteRuntime>, parts: request::Parts, body: Incoming,
             let query = parts.uri.query().map(|q| crate::cache::key::normalise_query(q, ignored).map_or_else(|_| q.to_owned(), |n| n.into_owned()));
             crate::cache::PurgeTarget::for_request(client.scheme, &client.host, parts.uri.path(), query.as_deref())
         });
-        return match fetch::pass_through(route, parts, body, client).await {
+        return match fetch::pass_through(ctx, parts, body).await {
             Ok(res) => {
                 // RFC 9111 section 4.4: a successful unsafe request invalidates the target,
                 // here, in Redis and on every replica, before the response goes out (so
@@ -218,7 +218,7 @@ async fn serve(route: &Arc<RouteRuntime>, parts: request::Parts, body: Incoming,
         };
     }
     let conditional = crate::cache::revalidate::Conditional::from_request(&parts.method, &parts.headers);
-    let (res, outcome) = cache_aside::cache_aside(route, mode, parts, client).await;
+    let (res, outcome) = cache_aside::cache_aside(ctx, parts).await;
     match conditional {
         Some(conditional) if outcome.from_store() || outcome == (Outcome::Miss { stored: true }) => (respond::not_modified_if(res, &conditional), outcome),
         _ => (res, outcome),

@@ -1,0 +1,23 @@
+//! The request context: what one request carries through its phases, built once when
+//! it has been routed, so every phase reads the same route snapshot and the same mode.
+
+use std::sync::Arc;
+
+use super::RouteRuntime;
+use super::forward::ClientInfo;
+use crate::config::RouteMode;
+use crate::origin::Timings;
+
+pub(super) struct RequestContext {
+    /// The route, from the runtime snapshot the request started on.
+    pub route: Arc<RouteRuntime>,
+    /// The route's mode, read once: a switch while the request runs does not make it
+    /// half one mode and half the other.
+    pub mode: RouteMode,
+    /// Who asked: host, scheme, peer, whether the peer is a trusted proxy.
+    pub client: ClientInfo,
+    /// Origin timings for the access log, when this request is logged.
+    pub timings: Option<Arc<Timings>>,
+    /// A HEAD request: the response carries headers only.
+    pub head: bool,
+}
