@@ -111,5 +111,7 @@ for name in old new; do
 done
 for metric in rps p99 cpu; do
     o=$(median < "$WORK/old.$metric"); n=$(median < "$WORK/new.$metric")
-    awk -v o="$o" -v n="$n" -v m="$metric" 'BEGIN {printf "ratio new/old %-4s %.3f\n", m, n / o}'
+    # The spread: new/old of each round (the builds ran back to back in it).
+    spread=$(paste "$WORK/old.$metric" "$WORK/new.$metric" | awk '{print $2 / $1}' | sort -g | awk '{a[NR]=$1} END {printf "%.3f..%.3f", a[1], a[NR]}')
+    awk -v o="$o" -v n="$n" -v m="$metric" -v s="$spread" 'BEGIN {printf "ratio new/old %-4s %.3f (per round %s)\n", m, n / o, s}'
 done

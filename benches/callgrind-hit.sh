@@ -1,0 +1,110 @@
+#!/usr/bin/env bash
+# Instructions per cached hit, counted by callgrind: the same figure for the same binary
+# and requests whatever else the machine is doing, so two builds can be compared on a
+# noisy machine where wall-clock CPU per request wanders by 10% or more.
+#
+#   benches/callgrind-hit.sh OLD_BINARY [NEW_BINARY]   # NEW: this tree's release build
+#   REQUESTS=5000 benches/callgrind-hit.sh /tmp/bulwark-old
+#
+# Each server runs under callgrind with instrumentation off while it starts and fills
+# its cache; it is switched on for exactly REQUESTS keep-alive GETs of one stored URL
+# (browser-like headers, as in compare-builds.sh) and off again, so the count is the
+# hit path alone: accept loop, parsing, routing, key, L1 lookup, response, record.
+set -euo pipefail
+
+OLD=${1:?usage: callgrind-hit.sh OLD_BINARY [NEW_BINARY]}
+NEW=${2:-}
+REQUESTS=${REQUESTS:-5000}
+HERE=$(cd "$(dirname "$0")/.." && pwd)
+WORK=$(mktemp -d /tmp/bulwark-callgrind.XXXXXX)
+PIDS=()
+cleanup() {
+    for pid in "${PIDS[@]}"; do kill "$pid" 2>/dev/null || true; done
+    wait 2>/dev/null || true
+    rm -rf "$WORK"
+}
+trap cleanup EXIT
+
+command -v valgrind >/dev/null 2>&1 || { apt-get install -y valgrind >/dev/null 2>&1 || { apt-get update >/dev/null && apt-get install -y valgrind >/dev/null; }; }
+if [ -z "$NEW" ]; then
+    (cd "$HERE" && cargo build --release --quiet)
+    NEW="$HERE/target/release/bulwark"
+fi
+
+free_port() { python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",0)); print(s.getsockname()[1])'; }
+
+ORIGIN_PORT=$(free_port)
+cat > "$WORK/origin.py" <<'PY'
+import http.server, sys
+BODY = b"x" * 2048
+class Handler(http.server.BaseHTTPRequestHandler):
+    protocol_version = "HTTP/1.1"
+    def do_GET(self):
+        self.send_response(200)
+        self.send_header("Content-Type", "text/html")
+        self.send_header("Content-Length", str(len(BODY)))
+        self.send_header("Cache-Control", "public, max-age=3600")
+        self.send_header("ETag", '"v1"')
+        self.end_headers()
+        self.wfile.write(BODY)
+    def log_message(self, *args):
+        pass
+http.server.ThreadingHTTPServer(("127.0.0.1", int(sys.argv[1])), Handler).serve_forever()
+PY
+python3 "$WORK/origin.py" "$ORIGIN_PORT" & PIDS+=($!)
+
+# Sends N keep-alive GETs on one connection and reads each answer whole.
+cat > "$WORK/client.py" <<'PY'
+import http.client, sys
+port, n = int(sys.argv[1]), int(sys.argv[2])
+headers = {"Host": "shop.example", "Accept-Encoding": "gzip, deflate, br, zstd", "Accept-Language": "en-GB,en;q=0.9",
+           "Cookie": "session=abc; cart=7", "User-Agent": "Mozilla/5.0 (X11; Linux x86_64) bench",
+           "Accept": "text/html,application/xhtml+xml;q=0.9,*/*;q=0.8"}
+conn = http.client.HTTPConnection("127.0.0.1", port, timeout=60)
+for _ in range(n):
+    conn.request("GET", "/products/123?size=m&color=red", headers=headers)
+    res = conn.getresponse()
+    res.read()
+    if res.status != 200:
+        sys.exit(f"status {res.status}")
+PY
+
+count() {
+    local name=$1 binary=$2 port admin
+    port=$(free_port); admin=$(free_port)
+    cat > "$WORK/$name.toml" <<TOML
+[server]
+listen = "127.0.0.1:$port"
+admin_listen = "127.0.0.1:$admin"
+drain_delay = "0s"
+[[origins]]
+name = "origin"
+url = "http://127.0.0.1:$ORIGIN_PORT"
+[[pools]]
+name = "pdp"
+l1_max_bytes = "64MiB"
+[[routes]]
+name = "all"
+path_prefix = "/"
+pool = "pdp"
+origin = "origin"
+TOML
+    valgrind --tool=callgrind --instr-atstart=no --callgrind-out-file="$WORK/$name.out" \
+        "$binary" serve --config "$WORK/$name.toml" 2>"$WORK/$name.log" &
+    local pid=$!
+    PIDS+=("$pid")
+    for _ in $(seq 300); do python3 "$WORK/client.py" "$port" 10 2>/dev/null && break; sleep 0.2; done
+    python3 "$WORK/client.py" "$port" 100
+    callgrind_control -i on "$pid" >/dev/null
+    python3 "$WORK/client.py" "$port" "$REQUESTS"
+    callgrind_control -i off "$pid" >/dev/null
+    kill -INT "$pid"; wait "$pid" 2>/dev/null || true
+    local total
+    total=$(awk '/^totals:/ {print $2}' "$WORK"/"$name".out* | awk '{s += $1} END {print s}')
+    awk -v t="$total" -v n="$REQUESTS" -v name="$name" 'BEGIN {printf "%-4s %14d instructions, %10.0f per request\n", name, t, t / n}'
+    echo "$total" > "$WORK/$name.total"
+}
+
+count old "$OLD"
+count new "$NEW"
+awk -v o="$(cat "$WORK/old.total")" -v n="$(cat "$WORK/new.total")" 'BEGIN {printf "ratio new/old instructions per request %.4f\n", n / o}'
