@@ -51,7 +51,7 @@ async fn l2_hits_are_shared_between_instances_and_promoted_to_l1() {
     let host = [("host", "shop.example")];
     assert_eq!(first.get_with("/products/7", &host).await.cache_status(), "bulwark; fwd=miss; stored");
     // The write to Redis happens off the request path: wait until it lands.
-    wait_for(|| redis.entries("bulwark:pdp:").len() == 1).await;
+    support::eventually("the entry lands in Redis", Duration::from_secs(2), async || redis.entries("bulwark:pdp:").len() == 1).await;
     let from_l2 = second.get_with("/products/7", &host).await;
     assert_eq!(from_l2.cache_status(), "bulwark; hit; detail=l2");
     assert_eq!(from_l2.text(), "body of /products/7");
@@ -294,16 +294,6 @@ async fn health_endpoints_and_routes_listing() {
     assert_eq!(routes["routes"][0]["name"], "all");
     assert_eq!(routes["routes"][0]["pool"], "pdp");
     assert_eq!(routes["routes"][0]["mode"], "normal");
-}
-
-async fn wait_for(mut condition: impl FnMut() -> bool) {
-    for _ in 0..200 {
-        if condition() {
-            return;
-        }
-        tokio::time::sleep(Duration::from_millis(10)).await;
-    }
-    panic!("condition not met within 2s");
 }
 
 #[tokio::test]

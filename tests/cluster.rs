@@ -9,16 +9,6 @@ use support::{Bulwark, Origin, RedisCluster, cluster_config};
 
 const HOST: [(&str, &str); 1] = [("host", "shop.example")];
 
-async fn wait_for_subscription(bulwark: &Bulwark) {
-    for _ in 0..500 {
-        if bulwark.metric("bulwark_redis_events_subscribed", &[("pool", "pdp")]).await == 1.0 {
-            return;
-        }
-        tokio::time::sleep(Duration::from_millis(10)).await;
-    }
-    panic!("event subscription never came up");
-}
-
 /// Stores `paths` through `writer` and waits until `reader` (empty L1) gets each from L2.
 async fn shared_through_l2(writer: &Bulwark, reader: &Bulwark, paths: &[String]) {
     for path in paths {
@@ -47,8 +37,8 @@ async fn cache_aside_on_a_cluster_survives_a_primary_failover() {
     let config = cluster_config(&origin.url(), &cluster.urls(), "");
     let writer = Bulwark::start(&config).await;
     let reader = Bulwark::start(&config).await;
-    wait_for_subscription(&writer).await;
-    wait_for_subscription(&reader).await;
+    writer.wait_for_subscription().await;
+    reader.wait_for_subscription().await;
 
     // Keys spread over all three primaries' slots.
     let before: Vec<String> = (0..30).map(|i| format!("/before/{i}")).collect();
@@ -105,7 +95,7 @@ async fn cache_aside_on_a_cluster_survives_a_primary_failover() {
     }
     // ...and with a fresh reader (empty L1).
     let fresh = Bulwark::start(&config).await;
-    wait_for_subscription(&fresh).await;
+    fresh.wait_for_subscription().await;
     let after: Vec<String> = (0..30).map(|i| format!("/after/{i}")).collect();
     shared_through_l2(&writer, &fresh, &after).await;
     assert!(fresh.metric("bulwark_requests_total", &[("cache", "hit_l2")]).await >= 30.0);
@@ -123,7 +113,7 @@ async fn coalescing_and_corrupt_entries_on_a_cluster() {
     let config = cluster_config(&origin.url(), &cluster.urls(), "").replace("redis_timeout = \"100ms\"", "redis_timeout = \"500ms\"");
     let replicas = [Arc::new(Bulwark::start(&config).await), Arc::new(Bulwark::start(&config).await)];
     for replica in &replicas {
-        wait_for_subscription(replica).await;
+        replica.wait_for_subscription().await;
     }
     tokio::time::sleep(Duration::from_millis(300)).await;
     // 200 concurrent clients over 20 cold keys, spread over two replicas.

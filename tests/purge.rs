@@ -35,7 +35,7 @@ async fn two_warm_replicas(origin: &Origin, redis: &RedisServer, paths: &[&str])
     let config = simple_config(&origin.url(), Some(&redis.url()), "");
     let (one, two) = (Bulwark::start(&config).await, Bulwark::start(&config).await);
     for bulwark in [&one, &two] {
-        wait_for_subscription(bulwark).await;
+        bulwark.wait_for_subscription().await;
     }
     for path in paths {
         one.get_with(path, &HOST).await;
@@ -49,16 +49,6 @@ async fn two_warm_replicas(origin: &Origin, redis: &RedisServer, paths: &[&str])
         assert_eq!(two.get_with(path, &HOST).await.cache_status(), "bulwark; hit; detail=l1");
     }
     (one, two)
-}
-
-async fn wait_for_subscription(bulwark: &Bulwark) {
-    for _ in 0..200 {
-        if bulwark.metric("bulwark_redis_events_subscribed", &[("pool", "pdp")]).await == 1.0 {
-            return;
-        }
-        tokio::time::sleep(Duration::from_millis(10)).await;
-    }
-    panic!("event subscription never came up");
 }
 
 /// Asks `bulwark` for `path` until the answer is not an L1 hit; returns it and how long
@@ -144,7 +134,7 @@ async fn a_bare_path_purges_every_host() {
     let origin = Origin::start().await;
     let version = versioned_origin(&origin);
     let bulwark = Bulwark::start(&simple_config(&origin.url(), Some(&redis.url()), "")).await;
-    wait_for_subscription(&bulwark).await;
+    bulwark.wait_for_subscription().await;
     for host in ["shop.example", "eu.shop.example"] {
         bulwark.get_with("/products/9", &[("host", host)]).await;
     }
@@ -201,7 +191,7 @@ async fn a_replica_whose_subscription_dropped_clears_its_l1() {
     let origin = Origin::start().await;
     versioned_origin(&origin);
     let bulwark = Bulwark::start(&simple_config(&origin.url(), Some(&redis.url()), "")).await;
-    wait_for_subscription(&bulwark).await;
+    bulwark.wait_for_subscription().await;
     bulwark.get_with("/products/1", &HOST).await;
     assert_eq!(bulwark.get_with("/products/1", &HOST).await.cache_status(), "bulwark; hit; detail=l1");
     redis.restart();
@@ -226,7 +216,7 @@ async fn a_subscription_that_goes_silent_is_noticed_and_replaced() {
     // This replica reaches Redis through the relay; the other one directly.
     let through_relay = Bulwark::start(&simple_config(&origin.url(), Some(&relay.url()), "")).await;
     let direct = Bulwark::start(&simple_config(&origin.url(), Some(&redis.url()), "")).await;
-    wait_for_subscription(&through_relay).await;
+    through_relay.wait_for_subscription().await;
     through_relay.get_with("/products/1", &HOST).await;
     // Every open connection through the relay goes silent: no error, no close.
     relay.blackhole_existing();
@@ -238,7 +228,7 @@ async fn a_subscription_that_goes_silent_is_noticed_and_replaced() {
         assert!(Instant::now() < deadline, "a silent subscription was never replaced");
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
-    wait_for_subscription(&through_relay).await;
+    through_relay.wait_for_subscription().await;
     through_relay.get_with("/products/3", &HOST).await;
     assert_eq!(through_relay.get_with("/products/3", &HOST).await.cache_status(), "bulwark; hit; detail=l1");
     version.store(3, Ordering::SeqCst);

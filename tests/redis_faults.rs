@@ -16,17 +16,6 @@ fn redis_key(path: &str) -> String {
     CacheKey::new("http", "shop.example", path, None, Encodings::IDENTITY).redis_key("bulwark:pdp:")
 }
 
-async fn wait_until(what: &str, limit: Duration, mut condition: impl AsyncFnMut() -> bool) {
-    let deadline = Instant::now() + limit;
-    while Instant::now() < deadline {
-        if condition().await {
-            return;
-        }
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
-    panic!("{what}: not within {limit:?}");
-}
-
 #[tokio::test]
 async fn redis_killed_mid_test_then_restarted() {
     let mut redis = RedisServer::start();
@@ -36,7 +25,7 @@ async fn redis_killed_mid_test_then_restarted() {
     for i in 0..10 {
         assert_eq!(bulwark.get_with(&format!("/warm/{i}"), &HOST).await.cache_status(), "bulwark; fwd=miss; stored");
     }
-    wait_until("warm entries in Redis", Duration::from_secs(2), async || redis.entries("bulwark:pdp:").len() == 10).await;
+    support::eventually("warm entries in Redis", Duration::from_secs(2), async || redis.entries("bulwark:pdp:").len() == 10).await;
 
     redis.kill();
     // Warm keys still come from L1; cold keys from the origin. Nobody sees an error.
@@ -56,11 +45,13 @@ async fn redis_killed_mid_test_then_restarted() {
     assert!(errors < 10.0, "lookups while the breaker is open are skipped, not failed: {errors}");
 
     redis.restart();
-    wait_until("breaker closed by its probe", Duration::from_secs(5), async || bulwark.metric("bulwark_redis_breaker_open", &[("pool", "pdp")]).await == 0.0)
-        .await;
+    support::eventually("breaker closed by its probe", Duration::from_secs(5), async || {
+        bulwark.metric("bulwark_redis_breaker_open", &[("pool", "pdp")]).await == 0.0
+    })
+    .await;
     // Writes recover: a new key reaches the restarted (empty) Redis.
     let mut n = 0;
-    wait_until("writes to the restarted Redis", Duration::from_secs(10), async || {
+    support::eventually("writes to the restarted Redis", Duration::from_secs(10), async || {
         n += 1;
         bulwark.get_with(&format!("/after/{n}"), &HOST).await;
         !redis.entries("bulwark:pdp:").is_empty()
@@ -71,7 +62,7 @@ async fn redis_killed_mid_test_then_restarted() {
     assert!(!stored.is_empty());
     let fresh = Bulwark::start(&config).await;
     let path = format!("/after/{n}");
-    wait_until("L2 hits after restart", Duration::from_secs(5), async || redis.keys(&redis_key(&path)).len() == 1).await;
+    support::eventually("L2 hits after restart", Duration::from_secs(5), async || redis.keys(&redis_key(&path)).len() == 1).await;
     let got = fresh.get_with(&path, &HOST).await;
     assert_eq!((got.cache_status(), got.text()), ("bulwark; hit; detail=l2", format!("body of {path}").as_str()));
 }
@@ -111,8 +102,10 @@ async fn stalled_redis_costs_at_most_one_deadline_per_request() {
         assert!(*took < baseline + Duration::from_millis(25), "waited {took:?} with the breaker open (baseline {baseline:?})");
     }
     redis.resume();
-    wait_until("breaker closed after SIGCONT", Duration::from_secs(5), async || bulwark.metric("bulwark_redis_breaker_open", &[("pool", "pdp")]).await == 0.0)
-        .await;
+    support::eventually("breaker closed after SIGCONT", Duration::from_secs(5), async || {
+        bulwark.metric("bulwark_redis_breaker_open", &[("pool", "pdp")]).await == 0.0
+    })
+    .await;
 }
 
 #[tokio::test]
@@ -140,7 +133,7 @@ async fn corrupt_entries_are_misses_deleted_and_counted() {
     assert_eq!((got.cache_status(), got.text()), ("bulwark; fwd=miss; stored", "body of /corrupt"));
     assert_eq!(bulwark.metric("bulwark_l2_corrupt_entries_total", &[("pool", "pdp")]).await, 1.0);
     // The garbage is gone: deleted, then replaced by the fresh entry.
-    wait_until("corrupt entry replaced", Duration::from_secs(2), async || {
+    support::eventually("corrupt entry replaced", Duration::from_secs(2), async || {
         let value: Option<Vec<u8>> = redis::cmd("GET").arg(&key).query(&mut conn).expect("GET");
         value.is_some_and(|v| Entry::decode(&Bytes::from(v)).is_ok())
     })
@@ -186,7 +179,7 @@ async fn a_silently_dead_connection_is_replaced() {
     let origin = Origin::start().await;
     let bulwark = Bulwark::start(&simple_config(&origin.url(), Some(&relay.url()), "")).await;
     assert_eq!(bulwark.get_with("/a", &HOST).await.cache_status(), "bulwark; fwd=miss; stored");
-    wait_until("entry in Redis", Duration::from_secs(2), async || redis.keys(&redis_key("/a")).len() == 1).await;
+    support::eventually("entry in Redis", Duration::from_secs(2), async || redis.keys(&redis_key("/a")).len() == 1).await;
 
     // The open connections stop answering; no RST, no error: only deadline misses.
     relay.blackhole_existing();
@@ -196,7 +189,7 @@ async fn a_silently_dead_connection_is_replaced() {
     // Requests keep working (origin), and after a few deadline misses the link
     // reconnects: L2 hits come back without any help.
     let mut n = 0;
-    wait_until("L2 hits through a new connection", Duration::from_secs(10), async || {
+    support::eventually("L2 hits through a new connection", Duration::from_secs(10), async || {
         n += 1;
         let got = fresh.get_with("/a", &HOST).await;
         assert_eq!(got.status, 200);

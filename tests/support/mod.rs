@@ -476,6 +476,15 @@ impl Bulwark {
     }
 
     /// The value of one sample in `/metrics`, 0 when absent. `labels` must all match.
+    /// Waits until the pool `pdp`'s Redis event subscription is up (before that the
+    /// instance misses purges and fill announcements).
+    pub async fn wait_for_subscription(&self) {
+        eventually("the event subscription comes up", Duration::from_secs(5), async || {
+            self.metric("bulwark_redis_events_subscribed", &[("pool", "pdp")]).await == 1.0
+        })
+        .await;
+    }
+
     pub async fn metric(&self, name: &str, labels: &[(&str, &str)]) -> f64 {
         metric_value(&self.metrics().await, name, labels)
     }
