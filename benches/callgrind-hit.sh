@@ -16,6 +16,8 @@ OLD=${1:?usage: callgrind-hit.sh OLD_BINARY [NEW_BINARY]}
 NEW=${2:-}
 REQUESTS=${REQUESTS:-5000}
 HERE=$(cd "$(dirname "$0")/.." && pwd)
+# shellcheck source=benches/common.sh
+source "$HERE/benches/common.sh"
 WORK=$(mktemp -d /tmp/bulwark-callgrind.XXXXXX)
 PIDS=()
 cleanup() {
@@ -31,26 +33,9 @@ if [ -z "$NEW" ]; then
     NEW="$HERE/target/release/bulwark"
 fi
 
-free_port() { python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",0)); print(s.getsockname()[1])'; }
 
 ORIGIN_PORT=$(free_port)
-cat > "$WORK/origin.py" <<'PY'
-import http.server, sys
-BODY = b"x" * 2048
-class Handler(http.server.BaseHTTPRequestHandler):
-    protocol_version = "HTTP/1.1"
-    def do_GET(self):
-        self.send_response(200)
-        self.send_header("Content-Type", "text/html")
-        self.send_header("Content-Length", str(len(BODY)))
-        self.send_header("Cache-Control", "public, max-age=3600")
-        self.send_header("ETag", '"v1"')
-        self.end_headers()
-        self.wfile.write(BODY)
-    def log_message(self, *args):
-        pass
-http.server.ThreadingHTTPServer(("127.0.0.1", int(sys.argv[1])), Handler).serve_forever()
-PY
+write_hit_origin "$WORK/origin.py"
 python3 "$WORK/origin.py" "$ORIGIN_PORT" & PIDS+=($!)
 
 # Sends N keep-alive GETs on one connection and reads each answer whole.
@@ -72,23 +57,7 @@ PY
 count() {
     local name=$1 binary=$2 port admin
     port=$(free_port); admin=$(free_port)
-    cat > "$WORK/$name.toml" <<TOML
-[server]
-listen = "127.0.0.1:$port"
-admin_listen = "127.0.0.1:$admin"
-drain_delay = "0s"
-[[origins]]
-name = "origin"
-url = "http://127.0.0.1:$ORIGIN_PORT"
-[[pools]]
-name = "pdp"
-l1_max_bytes = "64MiB"
-[[routes]]
-name = "all"
-path_prefix = "/"
-pool = "pdp"
-origin = "origin"
-TOML
+    write_hit_config "$WORK/$name.toml" "$port" "$admin" "$ORIGIN_PORT"
     valgrind --tool=callgrind --instr-atstart=no --callgrind-out-file="$WORK/$name.out" \
         "$binary" serve --config "$WORK/$name.toml" 2>"$WORK/$name.log" &
     local pid=$!

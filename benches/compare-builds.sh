@@ -19,6 +19,8 @@ CONNECTIONS=${CONNECTIONS:-64}
 SERVER_CPU=${SERVER_CPU:-1}
 LOAD_CPU=${LOAD_CPU:-0}
 HERE=$(cd "$(dirname "$0")/.." && pwd)
+# shellcheck source=benches/common.sh
+source "$HERE/benches/common.sh"
 WORK=$(mktemp -d /tmp/bulwark-ab.XXXXXX)
 PIDS=()
 cleanup() {
@@ -34,51 +36,18 @@ if [ -z "$NEW" ]; then
     NEW="$HERE/target/release/bulwark"
 fi
 
-free_port() { python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",0)); print(s.getsockname()[1])'; }
 wait_http() { for _ in $(seq 100); do curl -fsS -o /dev/null "$1" 2>/dev/null && return 0; sleep 0.1; done; echo "no answer from $1" >&2; return 1; }
 cpu_ticks() { awk '{print $14 + $15}' "/proc/$1/stat"; }
 
 ORIGIN_PORT=$(free_port)
-cat > "$WORK/origin.py" <<'PY'
-import http.server, sys
-BODY = b"x" * 2048
-class Handler(http.server.BaseHTTPRequestHandler):
-    protocol_version = "HTTP/1.1"
-    def do_GET(self):
-        self.send_response(200)
-        self.send_header("Content-Type", "text/html")
-        self.send_header("Content-Length", str(len(BODY)))
-        self.send_header("Cache-Control", "public, max-age=3600")
-        self.send_header("ETag", '"v1"')
-        self.end_headers()
-        self.wfile.write(BODY)
-    def log_message(self, *args):
-        pass
-http.server.ThreadingHTTPServer(("127.0.0.1", int(sys.argv[1])), Handler).serve_forever()
-PY
+write_hit_origin "$WORK/origin.py"
 python3 "$WORK/origin.py" "$ORIGIN_PORT" & PIDS+=($!)
 
 declare -A PORT PID
 for name in old new; do
     PORT[$name]=$(free_port)
     admin=$(free_port)
-    cat > "$WORK/$name.toml" <<TOML
-[server]
-listen = "127.0.0.1:${PORT[$name]}"
-admin_listen = "127.0.0.1:$admin"
-drain_delay = "0s"
-[[origins]]
-name = "origin"
-url = "http://127.0.0.1:$ORIGIN_PORT"
-[[pools]]
-name = "pdp"
-l1_max_bytes = "64MiB"
-[[routes]]
-name = "all"
-path_prefix = "/"
-pool = "pdp"
-origin = "origin"
-TOML
+    write_hit_config "$WORK/$name.toml" "${PORT[$name]}" "$admin" "$ORIGIN_PORT"
     binary=$OLD; [ "$name" = new ] && binary=$NEW
     taskset -c "$SERVER_CPU" "$binary" serve --config "$WORK/$name.toml" 2>"$WORK/$name.log" & PID[$name]=$!; PIDS+=(${PID[$name]})
 done
