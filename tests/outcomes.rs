@@ -165,3 +165,17 @@ async fn a_client_that_hangs_up_mid_body_is_counted_with_its_decided_outcome() {
     .await;
     assert_eq!(bulwark.metric("bulwark_requests_total", &[("route", "all"), ("cache", "miss")]).await, 1.0);
 }
+
+#[tokio::test]
+async fn cache_only_serves_a_stored_copy_to_only_if_cached_as_stale_cache_only() {
+    let origin = Origin::start().await;
+    origin.set(|_| Reply::ok("kept").header("cache-control", "max-age=60").header("age", "90").header("etag", "\"v1\""));
+    let bulwark = Bulwark::start(&simple_config(&origin.url(), None, "stale_while_revalidate = \"0s\"")).await;
+    bulwark.get("/products/6").await;
+    set_mode(&bulwark, "cache-only").await;
+    let served = bulwark.get_with("/products/6", &[("cache-control", "only-if-cached")]).await;
+    assert_eq!((served.status.as_u16(), served.text(), served.cache_status()), (200, "kept", "bulwark; hit; detail=stale-cache-only"));
+    let max_stale = bulwark.get_with("/products/6", &[("cache-control", "max-stale")]).await;
+    assert_eq!(max_stale.cache_status(), "bulwark; hit; detail=stale-cache-only", "stale, whatever the request accepts");
+    assert_eq!(origin.total(), 1);
+}

@@ -81,10 +81,10 @@ pub(super) async fn cache_aside(ctx: &RequestContext, mut parts: request::Parts)
         background: false,
         stale_on_wait: !directives.constrains(),
     };
+    let cache_only = mode == RouteMode::CacheOnly;
     // RFC 9111 section 3.5: a stored response is not reused for an authenticated request;
     // the origin decides, and its answer may be stored if it says so explicitly. Not
     // coalesced either: another client's answer is not this one's.
-    let cache_only = mode == RouteMode::CacheOnly;
     if parts.headers.contains_key(AUTHORIZATION) {
         if cache_only {
             return cache_only_miss(route, head);
@@ -93,43 +93,44 @@ pub(super) async fn cache_aside(ctx: &RequestContext, mut parts: request::Parts)
     }
     let lookup = route.pool.lookup(&primary, &parts.headers, &rules.key_headers).await;
     let now = SystemTime::now();
+    if cache_only {
+        // The operator chose stored copies over the origin: any copy still kept is
+        // served, whatever its freshness, the request's directives or `must-revalidate`
+        // say, labelled as such; with nothing stored, the fallback, else 504.
+        return match &lookup.found {
+            Some(Found { entry, tier, .. }) => {
+                let outcome = if entry.is_fresh(now) { Outcome::Hit(*tier) } else { Outcome::Stale(StaleReason::CacheOnly) };
+                (respond::from_entry(entry, head, true, now), outcome)
+            }
+            None => cache_only_miss(route, head),
+        };
+    }
     let stale = lookup.found.as_ref().map(|found| found.entry.clone());
     if let Some(Found { entry, tier, .. }) = &lookup.found {
         match choose(entry, now, &directives) {
             Choice::Fresh => {
-                if !cache_only && should_refresh_early(entry, now) {
+                if should_refresh_early(entry, now) {
                     flight::refresh_in_background(job(parts, lookup.key, stale.clone()));
                 }
                 return (respond::from_entry(entry, head, true, now), Outcome::Hit(*tier));
             }
             Choice::MaxStale => {
-                if !cache_only {
-                    flight::refresh_in_background(job(parts, lookup.key, stale.clone()));
-                }
+                flight::refresh_in_background(job(parts, lookup.key, stale.clone()));
                 return (respond::from_entry(entry, head, true, now), Outcome::Hit(*tier));
             }
-            Choice::WhileRevalidate if !cache_only && !directives.only_if_cached => {
+            Choice::WhileRevalidate if !directives.only_if_cached => {
                 flight::refresh_in_background(job(parts, lookup.key, stale.clone()));
                 return (respond::from_entry(entry, head, true, now), Outcome::Stale(StaleReason::WhileRevalidate));
             }
-            Choice::WhileRevalidate if directives.only_if_cached => {
+            Choice::WhileRevalidate => {
                 return (respond::from_entry(entry, head, true, now), Outcome::Stale(StaleReason::WhileRevalidate));
             }
-            Choice::WhileRevalidate | Choice::Validate => {}
+            Choice::Validate => {}
         }
     }
     if directives.only_if_cached {
         // RFC 9111 section 5.2.1.7: a stored response or 504, never the origin.
         return (error_response(&ProxyError::NotCached), Outcome::Error);
-    }
-    if let Some(Found { entry, tier, .. }) = lookup.found.as_ref().filter(|_| cache_only) {
-        // The operator chose stored copies over the origin: any copy still kept is
-        // served, whatever its freshness or `must-revalidate` say, labelled as such.
-        let outcome = if entry.is_fresh(now) { Outcome::Hit(*tier) } else { Outcome::Stale(StaleReason::CacheOnly) };
-        return (respond::from_entry(entry, head, true, now), outcome);
-    }
-    if cache_only {
-        return cache_only_miss(route, head);
     }
     if let Some(entry) = stale.as_ref().filter(|_| head && directives.constrains()) {
         return validate_with_head(job(parts, lookup.key, stale.clone()), entry).await;
