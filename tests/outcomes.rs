@@ -167,6 +167,22 @@ async fn a_client_that_hangs_up_mid_body_is_counted_with_its_decided_outcome() {
 }
 
 #[tokio::test]
+async fn a_head_answered_with_an_error_body_is_not_counted_as_a_client_abort() {
+    let origin = Origin::start().await;
+    let bulwark = Bulwark::start(&simple_config(&origin.url(), None, "")).await;
+    set_mode(&bulwark, "off").await;
+    let req = Request::head(bulwark.url("/products/5")).body(Full::<Bytes>::default()).expect("request");
+    let got = bulwark.request(req).await;
+    assert_eq!((got.status.as_u16(), got.cache_status(), got.body.len()), (503, "bulwark; detail=off", 0));
+    assert_eq!(got.header("content-length"), Some("27"), "the length the GET's body has");
+    support::eventually("the HEAD is recorded", Duration::from_secs(5), async || {
+        bulwark.metric("bulwark_requests_total", &[("route", "all"), ("cache", "off")]).await == 1.0
+    })
+    .await;
+    assert_eq!(bulwark.metric("bulwark_client_aborts_total", &[("route", "all")]).await, 0.0, "the server never reads a HEAD's body");
+}
+
+#[tokio::test]
 async fn cache_only_serves_a_stored_copy_to_only_if_cached_as_stale_cache_only() {
     let origin = Origin::start().await;
     origin.set(|_| Reply::ok("kept").header("cache-control", "max-age=60").header("age", "90").header("etag", "\"v1\""));

@@ -131,6 +131,7 @@ impl Proxy {
         }
         res.headers_mut().remove(&route.pool.config.tag_header);
         add_cache_status(&mut res, outcome);
+        let res = if ctx.head { respond::headers_only(res) } else { res };
         let record = record::Record { route: ctx.route, outcome, status: res.status().as_u16(), start, logged };
         let res = res.map(|body| record.when_done(body));
         self.finish(res, version)

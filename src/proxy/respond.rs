@@ -5,6 +5,7 @@ use std::time::SystemTime;
 
 use http::header::{AGE, CONTENT_LENGTH, ETAG, LAST_MODIFIED, RETRY_AFTER};
 use http::{HeaderValue, Response, StatusCode, response};
+use http_body::Body;
 
 use crate::cache::Entry;
 use crate::cache::revalidate::{Conditional, NOT_MODIFIED_FIELDS};
@@ -36,6 +37,23 @@ pub fn from_answer(answer: &crate::cache::coalesce::Answer, head: bool) -> Respo
 /// An origin response passed through; a HEAD request gets the headers only.
 pub fn streamed(parts: response::Parts, body: ProxyBody, head: bool) -> Response<ProxyBody> {
     Response::from_parts(parts, if head { ProxyBody::empty() } else { body })
+}
+
+/// The response as a HEAD request gets it: the same header fields and no body. A body
+/// built for an error or a mode's answer is dropped here, its length kept in
+/// `Content-Length`, so the body that goes out is at its end and is recorded as sent
+/// whole (the server never polls a HEAD response's body).
+pub fn headers_only(res: Response<ProxyBody>) -> Response<ProxyBody> {
+    let (mut parts, body) = res.into_parts();
+    if body.is_end_stream() {
+        return Response::from_parts(parts, body);
+    }
+    if !parts.headers.contains_key(CONTENT_LENGTH)
+        && let Some(len) = body.size_hint().exact()
+    {
+        parts.headers.insert(CONTENT_LENGTH, HeaderValue::from(len));
+    }
+    Response::from_parts(parts, ProxyBody::empty())
 }
 
 /// Route mode `off`.
