@@ -168,10 +168,7 @@ async fn validate_with_head(job: flight::FetchJob, stored: &Entry) -> (Response<
             }
             (respond::streamed(parts, ProxyBody::empty(), true), Outcome::Miss { stored: false })
         }
-        Err(err) => match flight::stale_if_error(Some(stored).filter(|_| err.allows_stale()), true) {
-            Some(served) => served,
-            None => failed(&err),
-        },
+        Err(err) => flight::stale_or_failed(Some(stored), &err, true),
     }
 }
 

@@ -208,10 +208,7 @@ async fn lead(job: FetchJob, guard: FlightGuard, stale: Option<Arc<Entry>>, head
             None => (respond::from_answer(&answer, head), Outcome::Miss { stored: false }),
         },
         Ok(LeaderResult::Fetched(result)) => answer(result, stale.as_deref(), head),
-        Ok(LeaderResult::Error(err)) => match stale_if_error(stale.as_deref().filter(|_| err.allows_stale()), head) {
-            Some(served) => served,
-            None => failed(&err),
-        },
+        Ok(LeaderResult::Error(err)) => stale_or_failed(stale.as_deref(), &err, head),
         Err(_) => failed(&ProxyError::Internal("the fetch task ended without an answer")),
     }
 }
@@ -248,10 +245,16 @@ fn answer(result: Result<Fetched, ProxyError>, stale: Option<&Entry>, head: bool
             }
             (respond::streamed(parts, body, head), Outcome::Miss { stored: false })
         }
-        Err(err) => match stale_if_error(stale.filter(|_| err.allows_stale()), head) {
-            Some(served) => served,
-            None => failed(&err),
-        },
+        Err(err) => stale_or_failed(stale, &err, head),
+    }
+}
+
+/// A request whose fetch failed with `err`: the stored copy when the error came from
+/// upstream and the entry's stale-if-error window allows, else the error's answer.
+pub fn stale_or_failed(stale: Option<&Entry>, err: &ProxyError, head: bool) -> (Response<ProxyBody>, Outcome) {
+    match stale_if_error(stale.filter(|_| err.allows_stale()), head) {
+        Some(served) => served,
+        None => failed(err),
     }
 }
 
