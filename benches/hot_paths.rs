@@ -73,7 +73,7 @@ fn l1_hit(c: &mut Criterion) {
             let tier = &tier;
             async move {
                 let entry = tier.get(key).await.expect("warm key");
-                bulwark::proxy::respond::from_entry(&entry, false, true, SystemTime::now())
+                bulwark::proxy::respond::from_entry(&entry, true, SystemTime::now())
             }
         })
     });
@@ -102,7 +102,7 @@ fn l1_variant_hit(c: &mut Criterion) {
             async move {
                 let Some(bulwark::cache::Slot::Variants(variants)) = tier.get_slot(primary.hash).await else { panic!("warm variants") };
                 let entry = variants.find(&primary.variant(names, request)).expect("warm variant");
-                bulwark::proxy::respond::from_entry(&entry, false, true, SystemTime::now())
+                bulwark::proxy::respond::from_entry(&entry, true, SystemTime::now())
             }
         })
     });

@@ -7,18 +7,18 @@ use std::sync::Arc;
 use std::time::SystemTime;
 
 use http::header::{ACCEPT_ENCODING, AUTHORIZATION, CACHE_CONTROL, COOKIE};
-use http::{Response, request};
+use http::request;
 
 use super::context::RequestContext;
+use super::decision::{Decision, Serve, or_stale_if_error};
 use super::fetch::{self, HeadAnswer};
-use super::{ProxyBody, cache_only_miss, failed, flight, respond, trust};
+use super::{ProxyBody, flight, trust};
 use crate::cache::key::{normalise_query, url_part};
 use crate::cache::policy::RequestDirectives;
 use crate::cache::policy::reuse::{Choice, choose, should_refresh_early};
 use crate::cache::{CacheKey, Encodings, Entry, Found, PurgeTarget};
 use crate::config::{CacheRules, RouteMode};
-use crate::error::{ProxyError, error_response};
-use crate::origin::is_failure_status;
+use crate::error::ProxyError;
 use crate::outcome::{Outcome, StaleReason};
 
 /// Applies the route's rules to a cacheable request: headers that `Connection` names
@@ -53,13 +53,14 @@ fn origin_target(mut parts: request::Parts, query: &str) -> request::Parts {
 }
 
 /// Prepare, key, lookup, choose; then a stored copy, a background refresh, a
-/// validation, or a coalesced fetch.
-pub(super) async fn cache_aside(ctx: &RequestContext, mut parts: request::Parts) -> (Response<ProxyBody>, Outcome) {
-    let (route, client, head, mode) = (&ctx.route, &ctx.client, ctx.head, ctx.mode);
+/// validation, or a coalesced fetch, with the one stale-on-error rule applied to what
+/// the origin answered.
+pub(super) async fn cache_aside(ctx: &RequestContext, mut parts: request::Parts) -> Decision {
+    let (route, client, mode) = (&ctx.route, &ctx.client, ctx.mode);
     let rules = &route.config.cache;
     let query = match prepare(rules, &mut parts, client.trusted) {
         Ok(query) => query,
-        Err(err) => return failed(&err),
+        Err(err) => return Decision::failed(err),
     };
     let directives = if rules.ignore_request_cache_control || !parts.headers.contains_key(CACHE_CONTROL) {
         RequestDirectives::default()
@@ -87,9 +88,9 @@ pub(super) async fn cache_aside(ctx: &RequestContext, mut parts: request::Parts)
     // coalesced either: another client's answer is not this one's.
     if parts.headers.contains_key(AUTHORIZATION) {
         if cache_only {
-            return cache_only_miss(route, head);
+            return Decision::cache_only_miss(route);
         }
-        return flight::direct(&job(parts, None, None), None, head).await;
+        return flight::direct(&job(parts, None, None)).await;
     }
     let lookup = route.pool.lookup(&primary, &parts.headers, &rules.key_headers).await;
     let now = SystemTime::now();
@@ -97,45 +98,48 @@ pub(super) async fn cache_aside(ctx: &RequestContext, mut parts: request::Parts)
         // The operator chose stored copies over the origin: any copy still kept is
         // served, whatever its freshness, the request's directives or `must-revalidate`
         // say, labelled as such; with nothing stored, the fallback, else 504.
-        return match &lookup.found {
+        return match lookup.found {
             Some(Found { entry, tier, .. }) => {
-                let outcome = if entry.is_fresh(now) { Outcome::Hit(*tier) } else { Outcome::Stale(StaleReason::CacheOnly) };
-                (respond::from_entry(entry, head, true, now), outcome)
+                let outcome = if entry.is_fresh(now) { Outcome::Hit(tier) } else { Outcome::Stale(StaleReason::CacheOnly) };
+                Decision::entry(entry, outcome)
             }
-            None => cache_only_miss(route, head),
+            None => Decision::cache_only_miss(route),
         };
     }
-    let stale = lookup.found.as_ref().map(|found| found.entry.clone());
-    if let Some(Found { entry, tier, .. }) = &lookup.found {
-        match choose(entry, now, &directives) {
-            Choice::Fresh => {
-                if should_refresh_early(entry, now) {
-                    flight::refresh_in_background(job(parts, lookup.key, stale.clone()));
-                }
-                return (respond::from_entry(entry, head, true, now), Outcome::Hit(*tier));
-            }
-            Choice::MaxStale => {
-                flight::refresh_in_background(job(parts, lookup.key, stale.clone()));
-                return (respond::from_entry(entry, head, true, now), Outcome::Hit(*tier));
-            }
-            Choice::WhileRevalidate if !directives.only_if_cached => {
-                flight::refresh_in_background(job(parts, lookup.key, stale.clone()));
-                return (respond::from_entry(entry, head, true, now), Outcome::Stale(StaleReason::WhileRevalidate));
-            }
-            Choice::WhileRevalidate => {
-                return (respond::from_entry(entry, head, true, now), Outcome::Stale(StaleReason::WhileRevalidate));
-            }
-            Choice::Validate => {}
+    let Some(Found { entry, tier, .. }) = lookup.found else {
+        if directives.only_if_cached {
+            // RFC 9111 section 5.2.1.7: a stored response or 504, never the origin.
+            return Decision::failed(ProxyError::NotCached);
         }
+        return flight::miss(job(parts, lookup.key, None), None).await;
+    };
+    let refresh = |parts| flight::refresh_in_background(job(parts, lookup.key.clone(), Some(entry.clone())));
+    match choose(&entry, now, &directives) {
+        Choice::Fresh => {
+            if should_refresh_early(&entry, now) {
+                refresh(parts);
+            }
+            return Decision::entry(entry, Outcome::Hit(tier));
+        }
+        Choice::MaxStale => {
+            refresh(parts);
+            return Decision::entry(entry, Outcome::Hit(tier));
+        }
+        Choice::WhileRevalidate => {
+            if !directives.only_if_cached {
+                refresh(parts);
+            }
+            return Decision::entry(entry, Outcome::Stale(StaleReason::WhileRevalidate));
+        }
+        Choice::Validate if directives.only_if_cached => return Decision::failed(ProxyError::NotCached),
+        Choice::Validate => {}
     }
-    if directives.only_if_cached {
-        // RFC 9111 section 5.2.1.7: a stored response or 504, never the origin.
-        return (error_response(&ProxyError::NotCached), Outcome::Error);
-    }
-    if let Some(entry) = stale.as_ref().filter(|_| head && directives.constrains()) {
-        return validate_with_head(job(parts, lookup.key, stale.clone()), entry).await;
-    }
-    flight::miss(job(parts, lookup.key, stale.clone()), stale, head).await
+    let decision = if ctx.head && directives.constrains() {
+        validate_with_head(job(parts, lookup.key.clone(), Some(entry.clone())), &entry).await
+    } else {
+        flight::miss(job(parts, lookup.key.clone(), Some(entry.clone())), Some(entry.clone())).await
+    };
+    or_stale_if_error(decision, Some(&entry), SystemTime::now())
 }
 
 /// A HEAD whose stored copy must be validated asks the origin with HEAD: nothing but
@@ -144,12 +148,12 @@ pub(super) async fn cache_aside(ctx: &RequestContext, mut parts: request::Parts)
 /// purge: here, in Redis and on every replica), so the next GET refreshes each once,
 /// shielded by coalescing and stale-while-revalidate, and nothing is deleted
 /// (RFC 9111 section 4.3.5).
-async fn validate_with_head(job: flight::FetchJob, stored: &Entry) -> (Response<ProxyBody>, Outcome) {
+async fn validate_with_head(job: flight::FetchJob, stored: &Entry) -> Decision {
     let pool = job.route.pool.clone();
     match fetch::head(&job, stored).await {
         Ok(HeadAnswer::Updated(updated)) => {
             pool.store(&job.primary, &updated, true).await;
-            (respond::from_entry(&updated.entry, true, true, SystemTime::now()), Outcome::Miss { stored: true })
+            Decision::entry(updated.entry, Outcome::Miss { stored: true })
         }
         Ok(HeadAnswer::Invalidated(parts)) => {
             if !stored.invalidated {
@@ -158,17 +162,10 @@ async fn validate_with_head(job: flight::FetchJob, stored: &Entry) -> (Response<
                 // up does not leave it half done.
                 let _ = tokio::spawn(async move { pool.purge(&target, true).await }).await;
             }
-            (respond::streamed(parts, ProxyBody::empty(), true), Outcome::Miss { stored: false })
+            Decision::new(Serve::Streamed(parts, ProxyBody::empty()), Outcome::Miss { stored: false })
         }
-        Ok(HeadAnswer::Other(parts)) => {
-            if is_failure_status(parts.status)
-                && let Some(served) = flight::stale_if_error(Some(stored), true)
-            {
-                return served;
-            }
-            (respond::streamed(parts, ProxyBody::empty(), true), Outcome::Miss { stored: false })
-        }
-        Err(err) => flight::stale_or_failed(Some(stored), &err, true),
+        Ok(HeadAnswer::Other(parts)) => Decision::new(Serve::Streamed(parts, ProxyBody::empty()), Outcome::Miss { stored: false }),
+        Err(err) => Decision::failed(err),
     }
 }
 

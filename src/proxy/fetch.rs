@@ -300,7 +300,7 @@ async fn read_up_to(mut body: OriginBody, limit: usize) -> Result<BodyRead, crat
 
 /// Forwards a request that the cache does not handle (other methods, `no-store`),
 /// streaming both bodies.
-pub(super) async fn pass_through(ctx: &RequestContext, parts: request::Parts, body: hyper::body::Incoming) -> Result<Response<ProxyBody>, ProxyError> {
+pub(super) async fn pass_through(ctx: &RequestContext, parts: request::Parts, body: hyper::body::Incoming) -> Result<(response::Parts, ProxyBody), ProxyError> {
     let route = &ctx.route;
     let origin = &route.origin.config;
     let mut req = Request::new(body.boxed());
@@ -311,5 +311,5 @@ pub(super) async fn pass_through(ctx: &RequestContext, parts: request::Parts, bo
     let res = send(route, req, route.config.priority, ctx.timings.as_deref()).await?;
     let (mut res_parts, body) = res.into_parts();
     strip_hop_by_hop(&mut res_parts.headers);
-    Ok(super::respond::streamed(res_parts, ProxyBody::stream(VecDeque::new(), body), ctx.head))
+    Ok((res_parts, ProxyBody::stream(VecDeque::new(), body)))
 }

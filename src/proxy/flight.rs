@@ -10,19 +10,20 @@
 use std::sync::Arc;
 use std::time::{Duration, SystemTime};
 
-use http::{Response, request};
+use http::request;
 use http_body::Body;
 use http_body_util::BodyExt;
 use tokio::sync::oneshot;
 
+use super::decision::{Decision, Serve, failure_outcome};
 use super::fetch::{self, Fetched};
 use super::forward::ClientInfo;
-use super::{ProxyBody, RouteRuntime, failed, failure_outcome, respond};
+use super::{ProxyBody, RouteRuntime};
 use crate::cache::coalesce::{Answer, Failure, Fill, FlightGuard, Join};
 use crate::cache::lease::{PeerOutcome, PeerWait};
 use crate::cache::{CacheKey, Encodings, Entry, Stored};
 use crate::config::Priority;
-use crate::error::{ProxyError, error_response};
+use crate::error::ProxyError;
 use crate::origin::Timings;
 use crate::origin::is_failure_status;
 use crate::outcome::{Outcome, StaleReason};
@@ -102,11 +103,11 @@ enum LeaderResult {
 }
 
 /// A miss (or a stale entry past its stale-while-revalidate window): fetch under
-/// coalescing and answer.
-pub async fn miss(job: FetchJob, stale: Option<Arc<Entry>>, head: bool) -> (Response<ProxyBody>, Outcome) {
+/// coalescing and decide what to serve. The caller applies stale-if-error to it.
+pub async fn miss(job: FetchJob, stale: Option<Arc<Entry>>) -> Decision {
     let pool = job.route.pool.clone();
     if pool.is_hit_for_miss(&job.key).await {
-        return direct(&job, stale.as_deref(), head).await;
+        return direct(&job).await;
     }
     let lock_timeout = pool.config.lock_timeout;
     let mut job = job;
@@ -116,7 +117,7 @@ pub async fn miss(job: FetchJob, stale: Option<Arc<Entry>>, head: bool) -> (Resp
     let mut abandoned = 0;
     loop {
         let mut waiting = match join {
-            Join::Leader(guard) => return lead(job, guard, stale, head).await,
+            Join::Leader(guard) => return lead(job, guard, stale).await,
             Join::Waiter(waiting) => waiting,
         };
         let fill = match waiting.wait(lock_timeout).await {
@@ -126,7 +127,7 @@ pub async fn miss(job: FetchJob, stale: Option<Arc<Entry>>, head: bool) -> (Resp
                 Some(fill) => fill,
                 None => {
                     if job.stale_on_wait
-                        && let Some(served) = serve_stale(stale.as_deref(), head)
+                        && let Some(served) = serve_stale(stale.as_ref())
                     {
                         return served;
                     }
@@ -139,27 +140,20 @@ pub async fn miss(job: FetchJob, stale: Option<Arc<Entry>>, head: bool) -> (Resp
             Fill::Stored(stored) => {
                 let mine = job.key_for(&stored);
                 if mine.hash == stored.key.hash {
-                    return (respond::from_entry(&stored.entry, head, true, SystemTime::now()), Outcome::Collapsed);
+                    return Decision::entry(stored.entry, Outcome::Collapsed);
                 }
                 if rejoined {
-                    return direct(&job, stale.as_deref(), head).await;
+                    return direct(&job).await;
                 }
                 rejoined = true;
                 job.key = mine;
                 join = pool.join_flight(&job.key);
             }
-            Fill::Uncacheable => return direct(&job, stale.as_deref(), head).await,
-            Fill::Failed { outcome, failure } => {
-                if failure.allows_stale()
-                    && let Some(served) = stale_if_error(stale.as_deref(), head)
-                {
-                    return served;
-                }
-                return (failure_response(&job, &failure, head), outcome);
-            }
+            Fill::Uncacheable => return direct(&job).await,
+            Fill::Failed { outcome, failure } => return Decision::new(failure_serve(&job, failure), outcome),
             // The leader went away, or a background refresh was shed: join again, and
             // after twice ask the origin alone rather than keep meeting new refreshes.
-            Fill::Abandoned if abandoned >= 2 => return direct(&job, stale.as_deref(), head).await,
+            Fill::Abandoned if abandoned >= 2 => return direct(&job).await,
             Fill::Abandoned => {
                 abandoned += 1;
                 join = pool.join_flight(&job.key);
@@ -169,11 +163,11 @@ pub async fn miss(job: FetchJob, stale: Option<Arc<Entry>>, head: bool) -> (Resp
 }
 
 /// The leader's failure as a waiter gets it.
-fn failure_response(job: &FetchJob, failure: &Failure, head: bool) -> Response<ProxyBody> {
+fn failure_serve(job: &FetchJob, failure: Failure) -> Serve {
     match failure {
-        Failure::Answer(answer) => respond::from_answer(answer, head),
-        Failure::Status(status) => error_response(&ProxyError::OriginStatus { origin: job.route.origin.config.name.clone(), status: *status }),
-        Failure::Error(err) => error_response(err),
+        Failure::Answer(answer) => Serve::Answer(answer),
+        Failure::Status(status) => Serve::Error(Arc::new(ProxyError::OriginStatus { origin: job.route.origin.config.name.clone(), status })),
+        Failure::Error(err) => Serve::Error(err),
     }
 }
 
@@ -187,7 +181,7 @@ pub fn refresh_in_background(mut job: FetchJob) {
 
 /// Leads the flight: runs it in its own task and answers from its result. With a stale
 /// copy at hand, waits no longer than `lock_timeout` for it, like the waiters.
-async fn lead(job: FetchJob, guard: FlightGuard, stale: Option<Arc<Entry>>, head: bool) -> (Response<ProxyBody>, Outcome) {
+async fn lead(job: FetchJob, guard: FlightGuard, stale: Option<Arc<Entry>>) -> Decision {
     let (tx, rx) = oneshot::channel();
     let lock_timeout = job.route.pool.config.lock_timeout;
     let stale_on_wait = job.stale_on_wait;
@@ -196,78 +190,49 @@ async fn lead(job: FetchJob, guard: FlightGuard, stale: Option<Arc<Entry>>, head
     let result = if stale_on_wait && stale.as_ref().is_some_and(|e| e.within_stale_while_revalidate(now) || e.within_stale_if_error(now)) {
         match tokio::time::timeout(lock_timeout, rx).await {
             Ok(result) => result,
-            Err(_) => return serve_stale(stale.as_deref(), head).unwrap_or_else(|| failed(&ProxyError::Internal("stale copy vanished"))),
+            Err(_) => return serve_stale(stale.as_ref()).unwrap_or_else(|| Decision::failed(ProxyError::Internal("stale copy vanished"))),
         }
     } else {
         rx.await
     };
     match result {
-        Ok(LeaderResult::FromPeer(stored)) => (respond::from_entry(&stored.entry, head, true, SystemTime::now()), Outcome::Collapsed),
-        Ok(LeaderResult::Answer(answer)) => match stale_if_error(stale.as_deref(), head) {
-            Some(served) => served,
-            None => (respond::from_answer(&answer, head), Outcome::Miss { stored: false }),
-        },
-        Ok(LeaderResult::Fetched(result)) => answer(result, stale.as_deref(), head),
-        Ok(LeaderResult::Error(err)) => stale_or_failed(stale.as_deref(), &err, head),
-        Err(_) => failed(&ProxyError::Internal("the fetch task ended without an answer")),
+        Ok(LeaderResult::FromPeer(stored)) => Decision::entry(stored.entry, Outcome::Collapsed),
+        Ok(LeaderResult::Answer(answer)) => Decision::new(Serve::Answer(answer), Outcome::Miss { stored: false }),
+        Ok(LeaderResult::Fetched(result)) => answer(result),
+        Ok(LeaderResult::Error(err)) => Decision::failed(err),
+        Err(_) => Decision::failed(ProxyError::Internal("the fetch task ended without an answer")),
     }
 }
 
 /// Fetches without coalescing (keys recently answered with something not storable,
 /// authenticated requests) and stores the answer if it may be stored.
-pub async fn direct(job: &FetchJob, stale: Option<&Entry>, head: bool) -> (Response<ProxyBody>, Outcome) {
+pub async fn direct(job: &FetchJob) -> Decision {
     let result = job.fetch().await;
     if let Ok(Fetched::Storable { stored, .. }) = &result {
         job.route.pool.forget_uncacheable(&job.key).await;
-        job.route.pool.store(&job.primary, stored, stale.is_some()).await;
+        job.route.pool.store(&job.primary, stored, job.replaces).await;
     }
-    answer(result, stale, head)
+    answer(result)
 }
 
-/// The response for a fetch result, with a stale copy standing in for a failed origin.
-fn answer(result: Result<Fetched, ProxyError>, stale: Option<&Entry>, head: bool) -> (Response<ProxyBody>, Outcome) {
+/// What a fetch result serves.
+fn answer(result: Result<Fetched, ProxyError>) -> Decision {
     match result {
-        Ok(Fetched::Storable { stored: fetched, revalidated }) => {
-            let entry = &fetched.entry;
-            if revalidated {
-                return (respond::from_entry(entry, head, true, SystemTime::now()), Outcome::Revalidated);
-            }
+        Ok(Fetched::Storable { stored, revalidated: true }) => Decision::entry(stored.entry, Outcome::Revalidated),
+        Ok(Fetched::Storable { stored, revalidated: false }) => {
             // Age only when the response arrived already aged (it carried `Age`, or its
             // `Date` is in the past): a fresh fetch has age 0, which needs no header.
-            let aged = entry.initial_age >= Duration::from_secs(1);
-            (respond::from_entry(entry, head, aged, SystemTime::now()), Outcome::Miss { stored: true })
+            let age = stored.entry.initial_age >= Duration::from_secs(1);
+            Decision::new(Serve::Entry { entry: stored.entry, age }, Outcome::Miss { stored: true })
         }
-        Ok(Fetched::Streamed(parts, body)) => {
-            if is_failure_status(parts.status)
-                && let Some(served) = stale_if_error(stale, head)
-            {
-                return served;
-            }
-            (respond::streamed(parts, body, head), Outcome::Miss { stored: false })
-        }
-        Err(err) => stale_or_failed(stale, &err, head),
+        Ok(Fetched::Streamed(parts, body)) => Decision::new(Serve::Streamed(parts, body), Outcome::Miss { stored: false }),
+        Err(err) => Decision::failed(err),
     }
-}
-
-/// A request whose fetch failed with `err`: the stored copy when the error came from
-/// upstream and the entry's stale-if-error window allows, else the error's answer.
-pub fn stale_or_failed(stale: Option<&Entry>, err: &ProxyError, head: bool) -> (Response<ProxyBody>, Outcome) {
-    match stale_if_error(stale.filter(|_| err.allows_stale()), head) {
-        Some(served) => served,
-        None => failed(err),
-    }
-}
-
-/// The stored copy, when the origin failed and the entry's stale-if-error window allows.
-pub fn stale_if_error(stale: Option<&Entry>, head: bool) -> Option<(Response<ProxyBody>, Outcome)> {
-    let now = SystemTime::now();
-    let entry = stale.filter(|e| e.within_stale_if_error(now))?;
-    Some((respond::from_entry(entry, head, true, now), Outcome::Stale(StaleReason::IfError)))
 }
 
 /// A stale copy for a request that waited `lock_timeout`, labelled by the window that
 /// allows it.
-fn serve_stale(stale: Option<&Entry>, head: bool) -> Option<(Response<ProxyBody>, Outcome)> {
+fn serve_stale(stale: Option<&Arc<Entry>>) -> Option<Decision> {
     let now = SystemTime::now();
     let entry = stale?;
     let reason = if entry.within_stale_while_revalidate(now) {
@@ -277,7 +242,7 @@ fn serve_stale(stale: Option<&Entry>, head: bool) -> Option<(Response<ProxyBody>
     } else {
         return None;
     };
-    Some((respond::from_entry(entry, head, true, now), Outcome::Stale(reason)))
+    Some(Decision::entry(entry.clone(), Outcome::Stale(reason)))
 }
 
 /// The flight itself: cross-replica lease, fetch, store, tell the waiters and the leader,

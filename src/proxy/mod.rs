@@ -7,6 +7,7 @@
 
 mod cache_aside;
 mod context;
+mod decision;
 mod fetch;
 mod flight;
 mod forward;
@@ -17,7 +18,7 @@ mod trust;
 use std::net::SocketAddr;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
-use std::time::Instant;
+use std::time::{Instant, SystemTime};
 
 use http::header::{CACHE_CONTROL, CONNECTION};
 use http::{HeaderName, HeaderValue, Method, Request, Response, StatusCode, Version, request};
@@ -25,6 +26,7 @@ use hyper::body::Incoming;
 
 use crate::body::ProxyBody;
 use crate::outcome::{BypassReason, Outcome};
+use decision::{Decision, Serve};
 
 use crate::config::{Config, RouteMode};
 use crate::error::{ProxyError, error_response, plain_response};
@@ -123,15 +125,10 @@ impl Proxy {
         };
         let route = &runtime.routes[index];
         let ctx = RequestContext { route: route.clone(), mode: route.mode(), client, timings, head: parts.method == Method::HEAD };
-        let (mut res, outcome) = serve(&ctx, parts, body).await;
-        // Targeted cache-control fields (RFC 9213) and purge tags are for this cache:
-        // not passed on, whether the response was stored or not.
-        for name in &route.config.cache.targeted_cache_control {
-            res.headers_mut().remove(name);
-        }
-        res.headers_mut().remove(&route.pool.config.tag_header);
-        add_cache_status(&mut res, outcome);
-        let res = if ctx.head { respond::headers_only(res) } else { res };
+        let conditional = crate::cache::revalidate::Conditional::from_request(&parts.method, &parts.headers);
+        let decision = serve(&ctx, parts, body).await;
+        let outcome = decision.outcome;
+        let res = respond::render(&ctx, decision, conditional.as_ref(), SystemTime::now());
         let record = record::Record { route: ctx.route, outcome, status: res.status().as_u16(), start, logged };
         let res = res.map(|body| record.when_done(body));
         self.finish(res, version)
@@ -174,55 +171,41 @@ pub(crate) fn replace_path_and_query(parts: &mut request::Parts, path: &str, que
     Ok(())
 }
 
-/// Adds our `Cache-Status` member after any from caches closer to the origin (RFC 9211).
-fn add_cache_status(res: &mut Response<ProxyBody>, outcome: Outcome) {
-    let value = match res.headers().get(&CACHE_STATUS).and_then(|v| v.to_str().ok()) {
-        Some(upstream) => HeaderValue::from_str(&format!("{upstream}, {}", outcome.cache_status())).unwrap_or_else(|_| outcome.cache_status_header()),
-        None => outcome.cache_status_header(),
-    };
-    res.headers_mut().insert(CACHE_STATUS.clone(), value);
-}
-
 /// Mode, then bypass or cache-aside.
-async fn serve(ctx: &RequestContext, parts: request::Parts, body: Incoming) -> (Response<ProxyBody>, Outcome) {
-    let (route, client, head, mode) = (&ctx.route, &ctx.client, ctx.head, ctx.mode);
+async fn serve(ctx: &RequestContext, parts: request::Parts, body: Incoming) -> Decision {
+    let (route, client, mode) = (&ctx.route, &ctx.client, ctx.mode);
     match mode {
-        RouteMode::Off => return (respond::off(), Outcome::Off),
-        RouteMode::Fallback => return fallback_or_off(route, head),
+        RouteMode::Off => return Decision::new(Serve::Off, Outcome::Off),
+        RouteMode::Fallback => return Decision::fallback_or_off(route),
         RouteMode::Normal | RouteMode::CacheOnly => {}
     }
-    if let Some(reason) = bypass_reason(&parts) {
-        if mode == RouteMode::CacheOnly {
-            return cache_only_miss(route, head);
-        }
-        let unsafe_method = matches!(parts.method, Method::POST | Method::PUT | Method::PATCH | Method::DELETE);
-        let target = unsafe_method.then(|| {
-            // The URL as the key has it: without the route's ignored parameters.
-            let ignored = &route.config.cache.ignore_query_params;
-            let query = parts.uri.query().map(|q| crate::cache::key::normalise_query(q, ignored).map_or_else(|_| q.to_owned(), |n| n.into_owned()));
-            crate::cache::PurgeTarget::for_request(client.scheme, &client.host, parts.uri.path(), query.as_deref())
-        });
-        return match fetch::pass_through(ctx, parts, body).await {
-            Ok(res) => {
-                // RFC 9111 section 4.4: a successful unsafe request invalidates the target,
-                // here, in Redis and on every replica, before the response goes out (so
-                // the client's next GET cannot find the old copy). It runs in its own
-                // task: a client that hangs up does not leave it half done. Its cost is
-                // bounded by the Redis deadlines, and nil while the Redis breaker is open.
-                if let Some(target) = target.filter(|_| res.status().as_u16() < 400) {
-                    let pool = route.pool.clone();
-                    let _ = tokio::spawn(async move { pool.purge(&target, false).await }).await;
-                }
-                (res, Outcome::Bypass(reason))
-            }
-            Err(err) => failed(&err),
-        };
+    let Some(reason) = bypass_reason(&parts) else {
+        return cache_aside::cache_aside(ctx, parts).await;
+    };
+    if mode == RouteMode::CacheOnly {
+        return Decision::cache_only_miss(route);
     }
-    let conditional = crate::cache::revalidate::Conditional::from_request(&parts.method, &parts.headers);
-    let (res, outcome) = cache_aside::cache_aside(ctx, parts).await;
-    match conditional {
-        Some(conditional) if outcome.from_store() || outcome == (Outcome::Miss { stored: true }) => (respond::not_modified_if(res, &conditional), outcome),
-        _ => (res, outcome),
+    let unsafe_method = matches!(parts.method, Method::POST | Method::PUT | Method::PATCH | Method::DELETE);
+    let target = unsafe_method.then(|| {
+        // The URL as the key has it: without the route's ignored parameters.
+        let ignored = &route.config.cache.ignore_query_params;
+        let query = parts.uri.query().map(|q| crate::cache::key::normalise_query(q, ignored).map_or_else(|_| q.to_owned(), |n| n.into_owned()));
+        crate::cache::PurgeTarget::for_request(client.scheme, &client.host, parts.uri.path(), query.as_deref())
+    });
+    match fetch::pass_through(ctx, parts, body).await {
+        Ok((parts, body)) => {
+            // RFC 9111 section 4.4: a successful unsafe request invalidates the target,
+            // here, in Redis and on every replica, before the response goes out (so
+            // the client's next GET cannot find the old copy). It runs in its own
+            // task: a client that hangs up does not leave it half done. Its cost is
+            // bounded by the Redis deadlines, and nil while the Redis breaker is open.
+            if let Some(target) = target.filter(|_| parts.status.as_u16() < 400) {
+                let pool = route.pool.clone();
+                let _ = tokio::spawn(async move { pool.purge(&target, false).await }).await;
+            }
+            Decision::new(Serve::Streamed(parts, body), Outcome::Bypass(reason))
+        }
+        Err(err) => Decision::failed(err),
     }
 }
 
@@ -234,30 +217,4 @@ fn bypass_reason(parts: &request::Parts) -> Option<BypassReason> {
     let no_store =
         parts.headers.get_all(CACHE_CONTROL).iter().filter_map(|v| v.to_str().ok()).any(|v| v.split(',').any(|d| d.trim().eq_ignore_ascii_case("no-store")));
     no_store.then_some(BypassReason::RequestNoStore)
-}
-
-pub(crate) fn failed(err: &ProxyError) -> (Response<ProxyBody>, Outcome) {
-    tracing::debug!(error = %err, cause = ?std::error::Error::source(err), "request failed");
-    (error_response(err), failure_outcome(err))
-}
-
-/// The outcome of a request that ends with `err`.
-pub(crate) fn failure_outcome(err: &ProxyError) -> Outcome {
-    if err.is_shed() { Outcome::Shed } else { Outcome::Error }
-}
-
-fn fallback_or_off(route: &RouteRuntime, head: bool) -> (Response<ProxyBody>, Outcome) {
-    match &route.config.fallback {
-        Some(fallback) => (respond::fallback(fallback, head), Outcome::Fallback),
-        None => (respond::off(), Outcome::Off),
-    }
-}
-
-/// `cache-only` with nothing stored: the fallback if there is one, else 504 (as
-/// `only-if-cached` answers).
-fn cache_only_miss(route: &RouteRuntime, head: bool) -> (Response<ProxyBody>, Outcome) {
-    match &route.config.fallback {
-        Some(fallback) => (respond::fallback(fallback, head), Outcome::Fallback),
-        None => (error_response(&ProxyError::NotCached), Outcome::Error),
-    }
 }

@@ -1,22 +1,63 @@
-//! Building responses: from a stored entry (with `Age`), from an origin response
-//! (streamed), and the static ones (fallback, off).
+//! The render phase: one function turns a [`Decision`] into the response the client
+//! gets, applying everything that does not depend on where the response came from once:
+//! `Age` for stored copies, 304 to the client's conditionals, the targeted cache-control
+//! fields and purge tags removed, `Cache-Status`, and HEAD (headers only).
 
 use std::time::SystemTime;
 
 use http::header::{AGE, CONTENT_LENGTH, ETAG, LAST_MODIFIED, RETRY_AFTER};
-use http::{HeaderValue, Response, StatusCode, response};
+use http::{HeaderValue, Response, StatusCode};
 use http_body::Body;
 
+use super::CACHE_STATUS;
+use super::context::RequestContext;
+use super::decision::{Decision, Serve};
+use crate::body::ProxyBody;
 use crate::cache::Entry;
+use crate::cache::coalesce::Answer;
 use crate::cache::revalidate::{Conditional, NOT_MODIFIED_FIELDS};
 use crate::config::Fallback;
-use crate::error::plain_response;
-use crate::proxy::ProxyBody;
+use crate::error::{error_response, plain_response};
+use crate::outcome::Outcome;
+
+/// The response for `decision`. `conditional` is the client's, answered with 304 when
+/// the response is a stored one (or was just stored) and the client has it already.
+pub(super) fn render(ctx: &RequestContext, decision: Decision, conditional: Option<&Conditional>, now: SystemTime) -> Response<ProxyBody> {
+    let Decision { serve, outcome } = decision;
+    let mut res = match serve {
+        Serve::Entry { entry, age } => from_entry(&entry, age, now),
+        Serve::Answer(answer) => from_answer(&answer),
+        Serve::Streamed(parts, body) => Response::from_parts(parts, body),
+        Serve::Fallback(fallback) => from_fallback(fallback),
+        Serve::Off => off(),
+        Serve::Error(err) => error_response(&err),
+    };
+    if let Some(conditional) = conditional.filter(|_| outcome.from_store() || outcome == (Outcome::Miss { stored: true })) {
+        res = not_modified_if(res, conditional);
+    }
+    // Targeted cache-control fields (RFC 9213) and purge tags are for this cache: not
+    // passed on, whether the response was stored or not.
+    let route = &ctx.route;
+    for name in &route.config.cache.targeted_cache_control {
+        res.headers_mut().remove(name);
+    }
+    res.headers_mut().remove(&route.pool.config.tag_header);
+    add_cache_status(&mut res, outcome);
+    if ctx.head { headers_only(res) } else { res }
+}
+
+/// Adds our `Cache-Status` member after any from caches closer to the origin (RFC 9211).
+fn add_cache_status(res: &mut Response<ProxyBody>, outcome: Outcome) {
+    let value = match res.headers().get(&CACHE_STATUS).and_then(|v| v.to_str().ok()) {
+        Some(upstream) => HeaderValue::from_str(&format!("{upstream}, {}", outcome.cache_status())).unwrap_or_else(|_| outcome.cache_status_header()),
+        None => outcome.cache_status_header(),
+    };
+    res.headers_mut().insert(CACHE_STATUS.clone(), value);
+}
 
 /// A response built from a stored entry; `Age` is set when `with_age`.
-pub fn from_entry(entry: &Entry, head: bool, with_age: bool, now: SystemTime) -> Response<ProxyBody> {
-    let body = if head { ProxyBody::empty() } else { ProxyBody::full(entry.body.clone()) };
-    let mut res = Response::new(body);
+pub fn from_entry(entry: &Entry, with_age: bool, now: SystemTime) -> Response<ProxyBody> {
+    let mut res = Response::new(ProxyBody::full(entry.body.clone()));
     *res.status_mut() = entry.status;
     *res.headers_mut() = entry.headers.clone();
     if with_age {
@@ -26,24 +67,19 @@ pub fn from_entry(entry: &Entry, head: bool, with_age: bool, now: SystemTime) ->
 }
 
 /// An origin answer shared between a flight's leader and waiters.
-pub fn from_answer(answer: &crate::cache::coalesce::Answer, head: bool) -> Response<ProxyBody> {
-    let mut res = Response::new(if head { ProxyBody::empty() } else { ProxyBody::full(answer.body.clone()) });
+fn from_answer(answer: &Answer) -> Response<ProxyBody> {
+    let mut res = Response::new(ProxyBody::full(answer.body.clone()));
     *res.status_mut() = answer.status;
     *res.headers_mut() = answer.headers.clone();
     res.headers_mut().insert(CONTENT_LENGTH, HeaderValue::from(answer.body.len()));
     res
 }
 
-/// An origin response passed through; a HEAD request gets the headers only.
-pub fn streamed(parts: response::Parts, body: ProxyBody, head: bool) -> Response<ProxyBody> {
-    Response::from_parts(parts, if head { ProxyBody::empty() } else { body })
-}
-
-/// The response as a HEAD request gets it: the same header fields and no body. A body
-/// built for an error or a mode's answer is dropped here, its length kept in
-/// `Content-Length`, so the body that goes out is at its end and is recorded as sent
-/// whole (the server never polls a HEAD response's body).
-pub fn headers_only(res: Response<ProxyBody>) -> Response<ProxyBody> {
+/// The response as a HEAD request gets it: the same header fields and no body. The
+/// body built for it is dropped here, its length kept in `Content-Length`, so the body
+/// that goes out is at its end and is recorded as sent whole (the server never polls a
+/// HEAD response's body).
+fn headers_only(res: Response<ProxyBody>) -> Response<ProxyBody> {
     let (mut parts, body) = res.into_parts();
     if body.is_end_stream() {
         return Response::from_parts(parts, body);
@@ -57,25 +93,26 @@ pub fn headers_only(res: Response<ProxyBody>) -> Response<ProxyBody> {
 }
 
 /// Route mode `off`.
-pub fn off() -> Response<ProxyBody> {
+fn off() -> Response<ProxyBody> {
     let mut res = plain_response(StatusCode::SERVICE_UNAVAILABLE, "this route is switched off\n");
     res.headers_mut().insert(RETRY_AFTER, HeaderValue::from_static("5"));
     res
 }
 
 /// A route's configured static response.
-pub fn fallback(fallback: &Fallback, head: bool) -> Response<ProxyBody> {
-    let mut res = Response::new(if head { ProxyBody::empty() } else { ProxyBody::full(fallback.body.clone()) });
-    *res.status_mut() = fallback.status;
-    *res.headers_mut() = fallback.headers.clone();
-    res.headers_mut().insert(CONTENT_LENGTH, HeaderValue::from(fallback.body.len()));
+fn from_fallback(fallback: Fallback) -> Response<ProxyBody> {
+    let Fallback { status, mut headers, body } = fallback;
+    headers.insert(CONTENT_LENGTH, HeaderValue::from(body.len()));
+    let mut res = Response::new(ProxyBody::full(body));
+    *res.status_mut() = status;
+    *res.headers_mut() = headers;
     res
 }
 
 /// A 304 in place of `res` when the client's conditional says it already has this
 /// representation (RFC 9110 section 13.1): the fields a 304 carries (section 15.4.5),
 /// `Last-Modified` when there is no `ETag`, and `Age`.
-pub fn not_modified_if(res: Response<ProxyBody>, conditional: &Conditional) -> Response<ProxyBody> {
+fn not_modified_if(res: Response<ProxyBody>, conditional: &Conditional) -> Response<ProxyBody> {
     if !conditional.not_modified(res.status(), res.headers()) {
         return res;
     }
