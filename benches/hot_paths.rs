@@ -58,7 +58,7 @@ fn entry_codec(c: &mut Criterion) {
 
 fn l1_hit(c: &mut Criterion) {
     let runtime = tokio::runtime::Builder::new_current_thread().enable_all().build().expect("runtime");
-    let tier = LocalTier::new(64 << 20);
+    let tier = LocalTier::new(64 << 20, bulwark::clock::Clock::system());
     let keys: Vec<CacheKey> = (0..1000).map(|i| CacheKey::new("https", "shop.example", &format!("/products/{i}"), None, Encodings::GZIP)).collect();
     runtime.block_on(async {
         for key in &keys {
@@ -81,7 +81,7 @@ fn l1_hit(c: &mut Criterion) {
 
 fn l1_variant_hit(c: &mut Criterion) {
     let runtime = tokio::runtime::Builder::new_current_thread().enable_all().build().expect("runtime");
-    let tier = LocalTier::new(64 << 20);
+    let tier = LocalTier::new(64 << 20, bulwark::clock::Clock::system());
     let names = [http::header::ACCEPT_LANGUAGE];
     let mut request = HeaderMap::new();
     request.insert(http::header::ACCEPT_LANGUAGE, HeaderValue::from_static("de-DE,de;q=0.9,en;q=0.5"));

@@ -28,9 +28,10 @@
 //!   the timings of one origin call.
 //! - [`metrics`]: metric names, the per-instance recorder, pre-registered handles.
 //! - [`error`]: request-path errors with their source, and the one error-to-status map.
+//! - [`clock`]: the wall time every pool decides by (a leaf; tests move it forward).
 //!
 //! No two top-level modules import each other, directly or through others
-//! (`tests/layering.rs`): the leaves (`outcome`, `encodings`) import nothing; `config`,
+//! (`tests/layering.rs`): the leaves (`outcome`, `encodings`, `clock`) import nothing; `config`,
 //! `cache`, `origin`, `metrics` and `error` never import the request path above them.
 //!
 //! # Why it is built this way
@@ -47,6 +48,7 @@ pub mod admin;
 pub mod body;
 pub mod cache;
 pub mod cli;
+pub mod clock;
 pub mod config;
 pub mod control;
 pub mod encodings;
@@ -60,4 +62,4 @@ pub mod runtime;
 pub mod server;
 
 pub use config::Config;
-pub use server::{Listeners, RunError, run, run_with_file};
+pub use server::{Listeners, RunError, run, run_with, run_with_file};

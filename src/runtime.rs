@@ -15,6 +15,7 @@ use arc_swap::ArcSwap;
 
 use crate::cache::Pool;
 use crate::cache::shared::SharedTierError;
+use crate::clock::Clock;
 use crate::config::{Config, RouteConfig, RouteMode};
 use crate::metrics::{Registry, RouteMetrics};
 use crate::origin::Origin;
@@ -73,22 +74,23 @@ pub struct Runtime {
 }
 
 impl Runtime {
-    /// Builds pools, origins and routes, registering every metric handle now.
-    pub fn build(config: Config, registry: &Registry) -> Result<Runtime, BuildError> {
-        Runtime::build_from(config, registry, None)
+    /// Builds pools, origins and routes, registering every metric handle now. Every
+    /// pool decides by `clock`.
+    pub fn build(config: Config, registry: &Registry, clock: &Clock) -> Result<Runtime, BuildError> {
+        Runtime::build_from(config, registry, None, clock)
     }
 
     /// Builds a runtime for `config`, reusing from `previous` every pool and origin whose
     /// settings did not change (so they keep their L1 contents, Redis connections,
     /// bulkheads and breakers), and keeping each route's runtime mode unless the file
     /// sets one.
-    pub fn build_from(config: Config, registry: &Registry, previous: Option<&Runtime>) -> Result<Runtime, BuildError> {
+    pub fn build_from(config: Config, registry: &Registry, previous: Option<&Runtime>, clock: &Clock) -> Result<Runtime, BuildError> {
         let pools = config
             .pools
             .iter()
             .map(|p| match previous.and_then(|old| old.pools.iter().find(|op| op.config == *p)) {
                 Some(same) => Ok(same.clone()),
-                None => Pool::new(p.clone(), registry.pool(&p.name)).map(Arc::new),
+                None => Pool::new(p.clone(), registry.pool(&p.name), clock.clone()).map(Arc::new),
             })
             .collect::<Result<Vec<_>, _>>()?;
         let origins = config
@@ -140,15 +142,18 @@ pub struct Live {
     /// One reload at a time (SIGHUP, the admin API and the file watcher may race).
     reload_lock: tokio::sync::Mutex<()>,
     reloads: [metrics::Counter; 2],
+    /// The clock every pool built here decides by, reloads included.
+    clock: Clock,
 }
 
 impl Live {
-    /// Builds the runtime of `config`, which came from `config_path` if given.
-    pub fn new(config: Config, config_path: Option<PathBuf>) -> Result<Live, BuildError> {
+    /// Builds the runtime of `config`, which came from `config_path` if given, on
+    /// `clock` (the system's, but for tests).
+    pub fn new(config: Config, config_path: Option<PathBuf>, clock: Clock) -> Result<Live, BuildError> {
         let registry = Arc::new(Registry::new());
-        let runtime = Runtime::build(config, &registry)?;
+        let runtime = Runtime::build(config, &registry, &clock)?;
         let reloads = registry.reloads();
-        Ok(Live { runtime: ArcSwap::from_pointee(runtime), registry, config_path, reload_lock: tokio::sync::Mutex::new(()), reloads })
+        Ok(Live { runtime: ArcSwap::from_pointee(runtime), registry, config_path, reload_lock: tokio::sync::Mutex::new(()), reloads, clock })
     }
 
     /// The current runtime: a snapshot that stays whole whatever reloads happen.
@@ -185,7 +190,7 @@ impl Live {
         if config.server.listen != old.config.server.listen || config.server.admin_listen != old.config.server.admin_listen {
             tracing::warn!("listen addresses changed in the file; they take effect on restart only");
         }
-        let runtime = Runtime::build_from(config, &self.registry, Some(&old))?;
+        let runtime = Runtime::build_from(config, &self.registry, Some(&old), &self.clock)?;
         for pool in &runtime.pools {
             if !old.pools.iter().any(|p| Arc::ptr_eq(p, pool)) {
                 pool.start();

@@ -18,6 +18,7 @@ use hyper_util::server::graceful::GracefulShutdown;
 use tokio::net::TcpListener;
 
 use crate::admin;
+use crate::clock::Clock;
 use crate::config::{Config, ServerConfig};
 use crate::proxy::Proxy;
 use crate::runtime::BuildError;
@@ -59,7 +60,22 @@ pub async fn run(listeners: Listeners, config: Config, shutdown: impl Future<Out
 /// any change to the file (checked every second, so editors' renames and Kubernetes'
 /// symlink swaps are seen too) reload it.
 pub async fn run_with_file(listeners: Listeners, config: Config, path: std::path::PathBuf, shutdown: impl Future<Output = ()>) -> Result<(), RunError> {
-    let proxy = Arc::new(Proxy::with_file(config, Some(path.clone()))?);
+    run_with(listeners, config, Some(path), Clock::system(), shutdown).await
+}
+
+/// [`run`] or [`run_with_file`] (with `path`), the pools deciding by `clock`: tests
+/// hand in an adjustable clock and move it forward instead of sleeping.
+pub async fn run_with(
+    listeners: Listeners,
+    config: Config,
+    path: Option<std::path::PathBuf>,
+    clock: Clock,
+    shutdown: impl Future<Output = ()>,
+) -> Result<(), RunError> {
+    let proxy = Arc::new(Proxy::with_clock(config, path.clone(), clock)?);
+    let Some(path) = path else {
+        return serve(listeners, proxy, shutdown).await;
+    };
     let watcher = tokio::spawn(watch_file(proxy.clone(), path));
     let hangups = tokio::spawn(reload_on_sighup(proxy.clone()));
     let result = serve(listeners, proxy, shutdown).await;

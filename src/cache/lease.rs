@@ -70,7 +70,7 @@ impl Pool {
                     // A copy stored before this request: not for a request that demanded
                     // validation. `peer_fill` returns only copies newer than the one being
                     // revalidated: the same copy would defeat an early refresh.
-                    let recent = self.peer_fill(wait, true).await.filter(|s| wait.accept_recent && s.entry.is_fresh(SystemTime::now()));
+                    let recent = self.peer_fill(wait, true).await.filter(|s| wait.accept_recent && s.entry.is_fresh(self.clock.now()));
                     if let Some(stored) = recent {
                         l2.finish_lease(wait.key, &token, Announcement::Filled).await;
                         return PeerOutcome::Filled(stored);

@@ -7,6 +7,8 @@ use std::time::{Duration, Instant, SystemTime};
 use moka::Expiry;
 use moka::future::Cache;
 
+use crate::clock::Clock;
+
 use super::entry::Entry;
 use super::key::CacheKey;
 use super::purge::PurgeTarget;
@@ -70,17 +72,19 @@ impl Slot {
 
 /// Per-entry expiry: keep an entry as long as it may still be served (fresh or stale)
 /// or revalidated, but never longer than a year, however long the origin asked for.
-struct KeepWhileUseful;
+struct KeepWhileUseful {
+    clock: Clock,
+}
 
 const LONGEST_KEEP: Duration = Duration::from_secs(365 * 24 * 3600);
 
 impl Expiry<u128, Slot> for KeepWhileUseful {
     fn expire_after_create(&self, _key: &u128, slot: &Slot, _created_at: Instant) -> Option<Duration> {
-        Some(slot.keep_for(SystemTime::now()).min(LONGEST_KEEP))
+        Some(slot.keep_for(self.clock.now()).min(LONGEST_KEEP))
     }
 
     fn expire_after_update(&self, _key: &u128, slot: &Slot, _updated_at: Instant, _until_expiry: Option<Duration>) -> Option<Duration> {
-        Some(slot.keep_for(SystemTime::now()).min(LONGEST_KEEP))
+        Some(slot.keep_for(self.clock.now()).min(LONGEST_KEEP))
     }
 }
 
@@ -88,17 +92,19 @@ impl Expiry<u128, Slot> for KeepWhileUseful {
 #[derive(Clone)]
 pub struct LocalTier {
     cache: Cache<u128, Slot>,
+    clock: Clock,
 }
 
 impl LocalTier {
-    pub fn new(max_bytes: u64) -> LocalTier {
+    /// An L1 of `max_bytes` whose entries are kept by `clock`'s time.
+    pub fn new(max_bytes: u64, clock: Clock) -> LocalTier {
         let cache = Cache::builder()
             .max_capacity(max_bytes)
             .weigher(|_key: &u128, slot: &Slot| slot.weight())
-            .expire_after(KeepWhileUseful)
+            .expire_after(KeepWhileUseful { clock: clock.clone() })
             .support_invalidation_closures()
             .build();
-        LocalTier { cache }
+        LocalTier { cache, clock }
     }
 
     /// What is held under a primary key.
@@ -125,7 +131,7 @@ impl LocalTier {
     /// rare variants cannot keep the common ones out for long). A marker naming other
     /// headers (the origin changed its `Vary`) starts afresh.
     pub async fn insert_variant(&self, primary: &CacheKey, marker: Arc<Entry>, key: &CacheKey, entry: Arc<Entry>, max: usize) {
-        let now = SystemTime::now();
+        let now = self.clock.now();
         self.cache
             .entry(primary.hash)
             .and_compute_with(|current| {

@@ -23,6 +23,7 @@ pub use purge::PurgeTarget;
 
 use http::{HeaderMap, HeaderName};
 
+use crate::clock::Clock;
 use crate::config::PoolConfig;
 use crate::metrics::PoolMetrics;
 use crate::outcome::Tier;
@@ -85,16 +86,18 @@ pub struct Pool {
     pub metrics: Arc<PoolMetrics>,
     /// Flights in progress for this pool's keys (reached through the flight methods).
     coalescer: Arc<coalesce::Coalescer>,
+    /// The wall time this pool's freshness decisions, `Age` and tier lifetimes go by.
+    pub clock: Clock,
 }
 
 impl Pool {
-    pub fn new(config: PoolConfig, metrics: PoolMetrics) -> Result<Pool, SharedTierError> {
+    pub fn new(config: PoolConfig, metrics: PoolMetrics, clock: Clock) -> Result<Pool, SharedTierError> {
         let metrics = Arc::new(metrics);
         let l2 = match &config.shared {
-            Some(shared) => Some(SharedTier::new(&config.name, shared, config.key_prefix.clone(), metrics.clone())?),
+            Some(shared) => Some(SharedTier::new(&config.name, shared, config.key_prefix.clone(), metrics.clone(), clock.clone())?),
             None => None,
         };
-        Ok(Pool { l1: LocalTier::new(config.l1_max_bytes), l2, metrics, coalescer: coalesce::Coalescer::new(), config })
+        Ok(Pool { l1: LocalTier::new(config.l1_max_bytes, clock.clone()), l2, metrics, coalescer: coalesce::Coalescer::new(), config, clock })
     }
 
     /// L1, then L2 (all of it within one `redis_timeout`); an L2 hit is promoted to L1.
@@ -118,7 +121,7 @@ impl Pool {
             _ if !key_headers.is_empty() => (None, None, Some(primary.variant(&key::merge_names(&[], key_headers), headers))),
             _ => (None, None, None),
         };
-        let now = std::time::SystemTime::now();
+        let now = self.clock.now();
         if let Some(entry) = &local
             && (entry.is_fresh(now) || self.l2.is_none())
         {
@@ -176,15 +179,15 @@ impl Pool {
     /// and replacements are applied to this pool's L1.
     pub fn start(&self) {
         if let Some(l2) = &self.l2 {
-            let l1 = self.l1.clone();
+            let (l1, clock) = (self.l1.clone(), self.clock.clone());
             let handler: shared::NoticeHandler = Arc::new(move |notice| {
-                let l1 = l1.clone();
+                let (l1, clock) = (l1.clone(), clock.clone());
                 tokio::spawn(async move {
                     match notice {
                         // Entries stored here before the notice arrived, by this clock:
                         // the purging replica's clock may differ from ours.
                         shared::Notice::Purge { target, soft } => {
-                            l1.purge(&target, soft, std::time::SystemTime::now()).await;
+                            l1.purge(&target, soft, clock.now()).await;
                         }
                         shared::Notice::Replaced { hash, variant, response_time } => l1.drop_if_older(hash, variant, response_time).await,
                         shared::Notice::Resubscribed => {
@@ -201,7 +204,7 @@ impl Pool {
     /// Purges `target` here, in Redis, and (through the event channel) on every replica
     /// sharing this pool's Redis.
     pub async fn purge(&self, target: &PurgeTarget, soft: bool) -> PurgeCount {
-        let before = std::time::SystemTime::now();
+        let before = self.clock.now();
         let local = self.l1.purge(target, soft, before).await;
         let Some(l2) = &self.l2 else {
             return PurgeCount { l1: local, l2: 0, all_replicas: false };

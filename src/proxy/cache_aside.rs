@@ -4,7 +4,6 @@
 //! coalescing.
 
 use std::sync::Arc;
-use std::time::SystemTime;
 
 use http::header::{ACCEPT_ENCODING, AUTHORIZATION, CACHE_CONTROL, COOKIE};
 use http::request;
@@ -93,7 +92,7 @@ pub(super) async fn cache_aside(ctx: &RequestContext, mut parts: request::Parts)
         return flight::direct(&job(parts, None, None)).await;
     }
     let lookup = route.pool.lookup(&primary, &parts.headers, &rules.key_headers).await;
-    let now = SystemTime::now();
+    let now = ctx.now();
     if cache_only {
         // The operator chose stored copies over the origin: any copy still kept is
         // served, whatever its freshness, the request's directives or `must-revalidate`
@@ -139,7 +138,7 @@ pub(super) async fn cache_aside(ctx: &RequestContext, mut parts: request::Parts)
     } else {
         flight::miss(job(parts, lookup.key.clone(), Some(entry.clone())), Some(entry.clone())).await
     };
-    or_stale_if_error(decision, Some(&entry), SystemTime::now())
+    or_stale_if_error(decision, Some(&entry), ctx.now())
 }
 
 /// A HEAD whose stored copy must be validated asks the origin with HEAD: nothing but

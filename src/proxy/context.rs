@@ -21,3 +21,10 @@ pub(super) struct RequestContext {
     /// A HEAD request: the response carries headers only.
     pub head: bool,
 }
+
+impl RequestContext {
+    /// The wall time, by the clock the route's pool decides by.
+    pub fn now(&self) -> std::time::SystemTime {
+        self.route.pool.clock.now()
+    }
+}

@@ -104,9 +104,9 @@ pub async fn fetch(job: &FetchJob, priority: Priority) -> Result<Fetched, ProxyE
             revalidate::add_conditionals(&mut sent, stored);
         }
         let req = origin_request(job, Method::GET, sent)?;
-        let request_time = SystemTime::now();
+        let request_time = route.pool.clock.now();
         let res = send(route, req, priority, job.timings.as_deref()).await?;
-        let response_time = SystemTime::now();
+        let response_time = route.pool.clock.now();
         let (mut res_parts, body) = res.into_parts();
         strip_hop_by_hop(&mut res_parts.headers);
         if route.config.cache.strip_cookies {
@@ -243,9 +243,9 @@ pub async fn head(job: &FetchJob, stored: &Entry) -> Result<HeadAnswer, ProxyErr
     let headers = origin_headers(job);
     let policy_req = policy_request(job, &headers);
     let req = origin_request(job, Method::HEAD, headers)?;
-    let request_time = SystemTime::now();
+    let request_time = job.route.pool.clock.now();
     let res = send(&job.route, req, job.route.config.priority, job.timings.as_deref()).await?;
-    let response_time = SystemTime::now();
+    let response_time = job.route.pool.clock.now();
     let (mut parts, _) = res.into_parts();
     strip_hop_by_hop(&mut parts.headers);
     if parts.status != StatusCode::OK || stored.status != StatusCode::OK {

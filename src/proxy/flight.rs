@@ -127,7 +127,7 @@ pub async fn miss(job: FetchJob, stale: Option<Arc<Entry>>) -> Decision {
                 Some(fill) => fill,
                 None => {
                     if job.stale_on_wait
-                        && let Some(served) = serve_stale(stale.as_ref())
+                        && let Some(served) = serve_stale(stale.as_ref(), pool.clock.now())
                     {
                         return served;
                     }
@@ -185,12 +185,13 @@ async fn lead(job: FetchJob, guard: FlightGuard, stale: Option<Arc<Entry>>) -> D
     let (tx, rx) = oneshot::channel();
     let lock_timeout = job.route.pool.config.lock_timeout;
     let stale_on_wait = job.stale_on_wait;
+    let clock = job.route.pool.clock.clone();
     tokio::spawn(run_flight(job, guard, Some(tx)));
-    let now = SystemTime::now();
+    let now = clock.now();
     let result = if stale_on_wait && stale.as_ref().is_some_and(|e| e.within_stale_while_revalidate(now) || e.within_stale_if_error(now)) {
         match tokio::time::timeout(lock_timeout, rx).await {
             Ok(result) => result,
-            Err(_) => return serve_stale(stale.as_ref()).unwrap_or_else(|| Decision::failed(ProxyError::Internal("stale copy vanished"))),
+            Err(_) => return serve_stale(stale.as_ref(), clock.now()).unwrap_or_else(|| Decision::failed(ProxyError::Internal("stale copy vanished"))),
         }
     } else {
         rx.await
@@ -232,8 +233,7 @@ fn answer(result: Result<Fetched, ProxyError>) -> Decision {
 
 /// A stale copy for a request that waited `lock_timeout`, labelled by the window that
 /// allows it.
-fn serve_stale(stale: Option<&Arc<Entry>>) -> Option<Decision> {
-    let now = SystemTime::now();
+fn serve_stale(stale: Option<&Arc<Entry>>, now: SystemTime) -> Option<Decision> {
     let entry = stale?;
     let reason = if entry.within_stale_while_revalidate(now) {
         StaleReason::WhileRevalidate

@@ -18,7 +18,7 @@ mod trust;
 use std::net::SocketAddr;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
-use std::time::{Instant, SystemTime};
+use std::time::Instant;
 
 use http::header::{CACHE_CONTROL, CONNECTION};
 use http::{HeaderName, HeaderValue, Method, Request, Response, StatusCode, Version, request};
@@ -28,6 +28,7 @@ use crate::body::ProxyBody;
 use crate::outcome::{BypassReason, Outcome};
 use decision::{Decision, Serve};
 
+use crate::clock::Clock;
 use crate::config::{Config, RouteMode};
 use crate::error::{ProxyError, error_response, plain_response};
 use crate::runtime::{BuildError, Live, ReloadError, RouteRuntime, Runtime};
@@ -58,7 +59,12 @@ impl Proxy {
 
     /// A proxy whose configuration came from `path` (which reloads read again).
     pub fn with_file(config: Config, config_path: Option<std::path::PathBuf>) -> Result<Proxy, BuildError> {
-        let live = Live::new(config, config_path)?;
+        Proxy::with_clock(config, config_path, Clock::system())
+    }
+
+    /// Like [`Proxy::with_file`], deciding by `clock` (tests move it forward).
+    pub fn with_clock(config: Config, config_path: Option<std::path::PathBuf>, clock: Clock) -> Result<Proxy, BuildError> {
+        let live = Live::new(config, config_path, clock)?;
         let server = &live.runtime().config.server;
         let access_log = crate::access_log::AccessLog::start(server.access_log, server.access_log_sample, live.registry.access_log_dropped()).map(Arc::new);
         Ok(Proxy { live: Arc::new(live), draining: AtomicBool::new(false), access_log, control: std::sync::OnceLock::new() })
@@ -128,7 +134,7 @@ impl Proxy {
         let conditional = crate::cache::revalidate::Conditional::from_request(&parts.method, &parts.headers);
         let decision = serve(&ctx, parts, body).await;
         let outcome = decision.outcome;
-        let res = respond::render(&ctx, decision, conditional.as_ref(), SystemTime::now());
+        let res = respond::render(&ctx, decision, conditional.as_ref(), ctx.now());
         let record = record::Record { route: ctx.route, outcome, status: res.status().as_u16(), start, logged };
         let res = res.map(|body| record.when_done(body));
         self.finish(res, version)

@@ -23,6 +23,7 @@ pub use events::{Announcement, Lease, Notice, NoticeHandler, Watch};
 use super::entry::{DecodeError, Entry};
 use super::key::CacheKey;
 use super::purge::PurgeTarget;
+use crate::clock::Clock;
 use crate::config::SharedTierConfig;
 use crate::metrics::{PoolMetrics, RedisOp};
 use events::{Events, RELEASE_LEASE};
@@ -78,6 +79,8 @@ pub struct SharedTier {
     health: Arc<Health>,
     timeout: Duration,
     prefix: String,
+    /// The time entries are written and purged by (their Redis TTL and index scores).
+    clock: Clock,
     metrics: Arc<PoolMetrics>,
     /// Bounds the background writes in flight (see [`MAX_PENDING_WRITES`]).
     pending_writes: Arc<Semaphore>,
@@ -92,7 +95,7 @@ pub struct SharedTier {
 impl SharedTier {
     /// Creates the tier without connecting: connections are made on first use and
     /// re-made after failures, so a Redis that is down at start-up delays nothing.
-    pub fn new(pool: &str, config: &SharedTierConfig, prefix: String, metrics: Arc<PoolMetrics>) -> Result<SharedTier, SharedTierError> {
+    pub fn new(pool: &str, config: &SharedTierConfig, prefix: String, metrics: Arc<PoolMetrics>, clock: Clock) -> Result<SharedTier, SharedTierError> {
         let wrap = |source| SharedTierError { pool: pool.to_owned(), source };
         let urls = match &config.endpoint {
             crate::config::RedisEndpoint::Single(url) => vec![url.clone()],
@@ -114,6 +117,7 @@ impl SharedTier {
             channel: format!("{prefix}events"),
             prefix,
             metrics,
+            clock,
             pending_writes: Arc::new(Semaphore::new(MAX_PENDING_WRITES)),
             events: Arc::new(Events::new()),
             _stop_events: stop_tx,
@@ -156,7 +160,7 @@ impl SharedTier {
         }
         let index = self.index_key(target);
         let deadline = self.timeout * 4;
-        let now_ms = unix_millis(SystemTime::now());
+        let now_ms = unix_millis(self.clock.now());
         let mut conn = self.writes.conn();
         let range = redis::cmd("ZRANGEBYSCORE").arg(&index).arg(now_ms).arg("+inf").clone();
         let members: Vec<String> = match self.guarded(&self.writes, deadline, range.query_async(&mut conn)).await {
@@ -284,10 +288,10 @@ impl SharedTier {
         let redis_key = self.entry_key(key);
         let (writes, metrics, health, prefix) = (self.writes.clone(), self.metrics.clone(), self.health.clone(), self.prefix.clone());
         let deadline = self.write_deadline(entry.body.len());
-        let (channel, sender) = (self.channel.clone(), self.events.instance);
+        let (channel, sender, clock) = (self.channel.clone(), self.events.instance, self.clock.clone());
         tokio::spawn(async move {
             let _permit = permit;
-            if !write(&health, &writes, deadline, &prefix, &redis_key, &entry, &metrics).await {
+            if !write(&health, &writes, deadline, &prefix, &redis_key, &entry, &metrics, clock.now()).await {
                 metrics.redis_error(RedisOp::Set);
                 return;
             }
@@ -303,7 +307,17 @@ impl SharedTier {
         if self.health.is_open() {
             return false;
         }
-        let ok = write(&self.health, &self.writes, self.write_deadline(entry.body.len()), &self.prefix, &self.entry_key(key), entry, &self.metrics).await;
+        let ok = write(
+            &self.health,
+            &self.writes,
+            self.write_deadline(entry.body.len()),
+            &self.prefix,
+            &self.entry_key(key),
+            entry,
+            &self.metrics,
+            self.clock.now(),
+        )
+        .await;
         if !ok {
             self.metrics.redis_error(RedisOp::Set);
         }
@@ -397,9 +411,18 @@ pub enum PurgeError {
 
 /// `SET key payload PX ttl` on the write link, then the entry's purge indexes (its URL,
 /// path and tags). False when the entry itself was not written; index failures are
-/// counted but do not undo a stored entry.
-async fn write(health: &Arc<Health>, link: &Arc<Link>, deadline: Duration, prefix: &str, redis_key: &str, entry: &Entry, metrics: &PoolMetrics) -> bool {
-    let now = SystemTime::now();
+/// counted but do not undo a stored entry. `now` is the pool's clock.
+#[allow(clippy::too_many_arguments)]
+async fn write(
+    health: &Arc<Health>,
+    link: &Arc<Link>,
+    deadline: Duration,
+    prefix: &str,
+    redis_key: &str,
+    entry: &Entry,
+    metrics: &PoolMetrics,
+    now: SystemTime,
+) -> bool {
     let keep = entry.keep_for(now);
     let ttl_ms = u64::try_from(keep.as_millis()).unwrap_or(u64::MAX);
     if ttl_ms == 0 {
