@@ -96,12 +96,10 @@ async fn responses_a_shared_cache_must_not_store_are_not_stored() {
 async fn default_ttl_applies_when_the_origin_gives_no_freshness() {
     let origin = Origin::start().await;
     origin.set(|_| Reply::ok("plain").without_header("cache-control"));
-    // Date has one-second resolution, so a new response may look up to 1 s old: TTLs in
-    // these tests are 2 s.
     let bulwark = Bulwark::start(&simple_config(&origin.url(), None, "default_ttl = \"2s\"\nstale_while_revalidate = \"0s\"")).await;
     assert_eq!(bulwark.get("/a").await.cache_status(), "bulwark; fwd=miss; stored");
     assert_eq!(bulwark.get("/a").await.cache_status(), "bulwark; hit; detail=l1");
-    tokio::time::sleep(Duration::from_millis(2100)).await;
+    bulwark.advance(Duration::from_secs(3));
     assert_eq!(bulwark.get("/a").await.cache_status(), "bulwark; fwd=miss; stored");
     assert_eq!(origin.total(), 2);
 }
@@ -246,7 +244,7 @@ async fn origin_failures_map_to_statuses_and_stale_copies_stand_in() {
     let bulwark = Bulwark::start(&simple_config(&origin.url(), None, "stale_while_revalidate = \"0s\"")).await;
     origin.set(|_| Reply::ok("fresh copy").header("cache-control", "max-age=2"));
     assert_eq!(bulwark.get("/s").await.cache_status(), "bulwark; fwd=miss; stored");
-    tokio::time::sleep(Duration::from_millis(2100)).await;
+    bulwark.advance(Duration::from_secs(3));
     origin.set(|_| Reply::ok("down").status(503));
     let stale = bulwark.get("/s").await;
     assert_eq!((stale.status.as_u16(), stale.cache_status(), stale.text()), (200, "bulwark; hit; detail=stale-if-error", "fresh copy"));

@@ -165,7 +165,7 @@ async fn warm_cache_survives_an_origin_that_fails_or_dies() {
     for i in 0..20 {
         assert_eq!(bulwark.get_with(&format!("/p/{i}"), &HOST).await.status, 200);
     }
-    tokio::time::sleep(Duration::from_millis(2100)).await;
+    bulwark.advance(Duration::from_secs(3));
     origin.set(|_| Reply::ok("down").status(503));
     for i in 0..20 {
         let got = bulwark.get_with(&format!("/p/{i}"), &HOST).await;
@@ -193,7 +193,8 @@ async fn must_revalidate_forbids_stale_unless_the_route_says_always() {
     let lenient = Bulwark::start(&always).await;
     strict.get("/m").await;
     lenient.get("/m").await;
-    tokio::time::sleep(Duration::from_millis(2100)).await;
+    strict.advance(Duration::from_secs(3));
+    lenient.advance(Duration::from_secs(3));
     origin.set(|_| Reply::ok("down").status(503));
     assert_eq!(strict.get("/m").await.status, 503);
     let got = lenient.get("/m").await;
@@ -206,8 +207,6 @@ async fn stale_while_revalidate_serves_at_once_and_refreshes_once() {
     let version = Arc::new(std::sync::atomic::AtomicUsize::new(1));
     let v = version.clone();
     origin.set(move |_| {
-        // Date has one-second resolution, so a fresh copy may look up to 1 s old: the
-        // refreshed version lives long enough to be seen fresh.
         let n = v.load(std::sync::atomic::Ordering::SeqCst);
         Reply::ok(format!("v{n}"))
             .header("cache-control", if n == 1 { "max-age=2, stale-while-revalidate=30" } else { "max-age=10" })
@@ -215,7 +214,7 @@ async fn stale_while_revalidate_serves_at_once_and_refreshes_once() {
     });
     let bulwark = Bulwark::start(&simple_config(&origin.url(), None, "")).await;
     assert_eq!(bulwark.get("/s").await.text(), "v1");
-    tokio::time::sleep(Duration::from_millis(2100)).await;
+    bulwark.advance(Duration::from_secs(3));
     version.store(2, std::sync::atomic::Ordering::SeqCst);
     for _ in 0..10 {
         let start = Instant::now();
@@ -319,7 +318,7 @@ async fn past_lock_timeout_waiters_get_the_stale_copy() {
     let config = simple_config(&origin.url(), None, "lock_timeout = \"300ms\"\nstale_while_revalidate = \"0s\"\nstale_if_error = \"1m\"");
     let bulwark = Arc::new(Bulwark::start(&config).await);
     assert_eq!(bulwark.get("/st").await.text(), "old");
-    tokio::time::sleep(Duration::from_millis(2100)).await;
+    bulwark.advance(Duration::from_secs(3));
     origin.set(|_| Reply::ok("new").delay(Duration::from_secs(2)));
     let start = Instant::now();
     let tasks: Vec<_> = (0..6)
@@ -381,7 +380,7 @@ priority = "low"
     let bulwark = Arc::new(Bulwark::start(&config).await);
     // A low-priority page with a stored copy, stale by the time the origin is saturated.
     assert_eq!(bulwark.get("/low/cached").await.text(), "stored copy");
-    tokio::time::sleep(Duration::from_millis(2100)).await;
+    bulwark.advance(Duration::from_secs(3));
     let send = |path: String| {
         let b = bulwark.clone();
         tokio::spawn(async move {

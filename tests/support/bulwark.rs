@@ -19,6 +19,8 @@ use super::eventually;
 pub struct Bulwark {
     pub addr: SocketAddr,
     pub admin_addr: SocketAddr,
+    /// The clock the instance decides freshness by: [`Bulwark::advance`] moves it.
+    pub clock: bulwark::clock::Clock,
     shutdown: Option<tokio::sync::oneshot::Sender<()>>,
     task: Option<tokio::task::JoinHandle<Result<(), bulwark::RunError>>>,
     client: Client<HttpConnector, Full<Bytes>>,
@@ -74,11 +76,15 @@ impl Bulwark {
         let shutdown = async {
             let _ = rx.await;
         };
-        let task = match path {
-            Some(path) => tokio::spawn(bulwark::run_with_file(listeners, config, path, shutdown)),
-            None => tokio::spawn(bulwark::run(listeners, config, shutdown)),
-        };
-        Bulwark { addr, admin_addr, shutdown: Some(tx), task: Some(task), client: client() }
+        let clock = bulwark::clock::Clock::adjustable();
+        let task = tokio::spawn(bulwark::run_with(listeners, config, path, clock.clone(), shutdown));
+        Bulwark { addr, admin_addr, clock, shutdown: Some(tx), task: Some(task), client: client() }
+    }
+
+    /// Moves the instance's wall time forward: what was stored is `by` older, as if the
+    /// test had slept (deadlines and timeouts are not moved).
+    pub fn advance(&self, by: Duration) {
+        self.clock.advance(by);
     }
 
     /// Sends an admin request with a JSON body.

@@ -1,5 +1,9 @@
 //! An in-process origin on a free port that counts what it receives and answers as a
 //! test tells it to.
+//!
+//! Its answers carry no `Date` unless a test gives one: bulwark dates them on arrival by
+//! its own clock (RFC 9110 section 6.6.1), so a test that moves that clock forward sees
+//! ages by that clock alone, and a one-second `Date` cannot make a new answer look old.
 
 use std::collections::HashMap;
 use std::convert::Infallible;
@@ -107,7 +111,7 @@ impl Origin {
                         let (log, behaviour) = (log.clone(), behaviour.clone());
                         async move { Ok::<_, Infallible>(answer(req, &log, &behaviour).await) }
                     });
-                    let _ = hyper::server::conn::http1::Builder::new().serve_connection(TokioIo::new(stream), service).await;
+                    let _ = hyper::server::conn::http1::Builder::new().auto_date_header(false).serve_connection(TokioIo::new(stream), service).await;
                 });
                 conns2.lock().expect("connections lock").push(conn.abort_handle());
             }
