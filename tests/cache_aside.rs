@@ -8,7 +8,7 @@ use std::time::Duration;
 use bytes::Bytes;
 use http::{Method, Request};
 use http_body_util::Full;
-use support::{Bulwark, Origin, RedisServer, Reply, simple_config};
+use support::{Bulwark, Origin, RedisServer, Reply, TestConfig, simple_config};
 
 #[tokio::test]
 async fn n_requests_to_a_cold_key_give_one_miss_and_n_minus_one_hits() {
@@ -263,7 +263,7 @@ async fn origin_failures_map_to_statuses_and_stale_copies_stand_in() {
 async fn origin_timeout_is_a_504() {
     let origin = Origin::start().await;
     origin.set(|_| Reply::ok("slow").delay(Duration::from_secs(3)));
-    let config = simple_config(&origin.url(), None, "").replace("timeout = \"5s\"", "timeout = \"200ms\"");
+    let config = TestConfig::new(&origin.url()).origin("timeout", "200ms").to_toml();
     let bulwark = Bulwark::start(&config).await;
     let got = bulwark.get("/slow").await;
     assert_eq!((got.status.as_u16(), got.cache_status()), (504, "bulwark; fwd=miss; detail=error"));
@@ -322,7 +322,7 @@ async fn a_stalled_origin_body_is_cut_and_frees_its_slot() {
     use http_body_util::BodyExt;
     let origin = Origin::start().await;
     origin.set(|_| Reply::ok(vec![b'a'; 100]).header("cache-control", "no-store").chunked(2, Duration::from_secs(30)));
-    let config = simple_config(&origin.url(), None, "").replace("timeout = \"5s\"", "timeout = \"300ms\"");
+    let config = TestConfig::new(&origin.url()).origin("timeout", "300ms").to_toml();
     let bulwark = Bulwark::start(&config).await;
     let start = std::time::Instant::now();
     let res = support::client().get(bulwark.url("/stall").parse().expect("uri")).await.expect("headers arrive");
@@ -372,7 +372,7 @@ async fn client_routing_headers_cannot_poison_the_cache() {
 #[tokio::test]
 async fn route_hosts_match_whatever_the_port() {
     let origin = Origin::start().await;
-    let config = simple_config(&origin.url(), None, "").replace("path_prefix = \"/\"", "path_prefix = \"/\"\nhost = \"shop.example\"");
+    let config = TestConfig::new(&origin.url()).route("host", "shop.example").to_toml();
     let bulwark = Bulwark::start(&config).await;
     assert_eq!(bulwark.get_with("/x", &[("host", "shop.example:8080")]).await.status, 200);
     assert_eq!(bulwark.get_with("/x", &[("host", "other.example:8080")]).await.status, 404);

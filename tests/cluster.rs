@@ -5,7 +5,7 @@ mod support;
 
 use std::time::{Duration, Instant};
 
-use support::{Bulwark, Origin, RedisCluster, cluster_config};
+use support::{Bulwark, Origin, RedisCluster, TestConfig, cluster_config};
 
 const HOST: [(&str, &str); 1] = [("host", "shop.example")];
 
@@ -110,7 +110,7 @@ async fn coalescing_and_corrupt_entries_on_a_cluster() {
     // About coalescing and corrupt entries, not deadlines: a 500 ms Redis deadline keeps a
     // busy machine (two six-node clusters, 200 clients) from turning the one read of the
     // corrupt entry into a timeout, which is a miss that never sees the entry.
-    let config = cluster_config(&origin.url(), &cluster.urls(), "").replace("redis_timeout = \"100ms\"", "redis_timeout = \"500ms\"");
+    let config = TestConfig::new(&origin.url()).cluster(&cluster.urls()).pool("redis_timeout", "500ms").to_toml();
     let replicas = [Arc::new(Bulwark::start(&config).await), Arc::new(Bulwark::start(&config).await)];
     for replica in &replicas {
         replica.wait_for_subscription().await;

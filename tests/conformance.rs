@@ -63,7 +63,7 @@ use std::time::{Duration, SystemTime};
 use bytes::Bytes;
 use http::Request;
 use http_body_util::Full;
-use support::{Bulwark, Origin, RedisServer, Reply, simple_config};
+use support::{Bulwark, Origin, RedisServer, Reply, TestConfig, simple_config};
 
 const STORED: &str = "bulwark; fwd=miss; stored";
 const NOT_STORED: &str = "bulwark; fwd=miss";
@@ -71,16 +71,13 @@ const HIT: &str = "bulwark; hit; detail=l1";
 const REVALIDATED: &str = "bulwark; fwd=stale; fwd-status=304; stored";
 
 /// A config with pool keys `pool_extra` and route keys `route_extra`.
-fn config(origin: &Origin, pool_extra: &str, route_extra: &str) -> String {
-    with_route(&simple_config(&origin.url(), None, pool_extra), route_extra)
-}
-
-fn with_route(config: &str, route_extra: &str) -> String {
-    config.replace("origin = \"catalog\"\n", &format!("origin = \"catalog\"\n{route_extra}\n"))
+/// The test config with `pool_extra` and `route_extra` (TOML `key = value` lines) set.
+fn config(origin: &Origin, pool_extra: &str, route_extra: &str) -> TestConfig {
+    TestConfig::new(&origin.url()).pool_toml(pool_extra).route_toml(route_extra)
 }
 
 async fn start(origin: &Origin, pool_extra: &str, route_extra: &str) -> Bulwark {
-    Bulwark::start(&config(origin, pool_extra, route_extra)).await
+    Bulwark::start(&config(origin, pool_extra, route_extra).to_toml()).await
 }
 
 fn header<'a>(parts: &'a http::request::Parts, name: &str) -> Option<&'a str> {
@@ -505,8 +502,7 @@ async fn a_request_joining_a_shed_background_refresh_asks_again() {
         "/busy" => Reply::ok("busy").header("cache-control", "no-store").delay(Duration::from_millis(1200)),
         _ => Reply::ok("page").header("cache-control", "max-age=2, stale-while-revalidate=30, stale-if-error=0"),
     });
-    let config = config(&origin, "", "priority = \"critical\"")
-        .replace("timeout = \"5s\"", "timeout = \"5s\"\nmax_concurrency = 1\nmax_queue = 2\nqueue_timeout = \"800ms\"");
+    let config = config(&origin, "", "priority = \"critical\"").origin("max_concurrency", 1).origin("max_queue", 2).origin("queue_timeout", "800ms").to_toml();
     let bulwark = Arc::new(Bulwark::start(&config).await);
     assert_eq!(bulwark.get("/k").await.cache_status(), STORED);
     bulwark.advance(Duration::from_secs(3));
@@ -649,12 +645,12 @@ async fn rfc9111_4_1_variants_are_stored_and_selected_by_vary() {
 async fn rfc9111_4_1_accept_encoding_is_reduced_to_what_the_origin_produces() {
     let origin = Origin::start().await;
     origin.set(|parts| Reply::ok(format!("coded for {}", header(parts, "accept-encoding").unwrap_or("-"))).header("vary", "Accept-Encoding"));
-    let gzip_only = Bulwark::start(&config(&origin, "", "").replace("timeout = \"5s\"", "timeout = \"5s\"\ncontent_codings = [\"gzip\"]")).await;
+    let gzip_only = Bulwark::start(&config(&origin, "", "").origin("content_codings", vec!["gzip"]).to_toml()).await;
     let first = gzip_only.get_with("/ae", &[("accept-encoding", "br, gzip, zstd")]).await;
     assert_eq!((first.cache_status(), first.text()), (STORED, "coded for gzip"));
     assert_eq!(gzip_only.get_with("/ae", &[("accept-encoding", "gzip;q=0.5")]).await.cache_status(), HIT);
     assert_eq!(gzip_only.get_with("/ae", &[("accept-encoding", "br")]).await.text(), "coded for identity");
-    let zstd = Bulwark::start(&config(&origin, "", "").replace("timeout = \"5s\"", "timeout = \"5s\"\ncontent_codings = [\"zstd\", \"br\"]")).await;
+    let zstd = Bulwark::start(&config(&origin, "", "").origin("content_codings", vec!["zstd", "br"]).to_toml()).await;
     assert_eq!(zstd.get_with("/ae", &[("accept-encoding", "gzip, zstd, br")]).await.text(), "coded for br, zstd");
     assert_eq!(zstd.get_with("/ae", &[("accept-encoding", "zstd;q=0, br")]).await.text(), "coded for br");
 }
@@ -1073,8 +1069,8 @@ async fn route_strip_cookies() {
 #[tokio::test]
 async fn unkeyed_headers_do_not_reach_the_origin() {
     let origin = Origin::start().await;
-    let trusted = config(&origin, "", "").replace("drain_delay = \"0s\"", "drain_delay = \"0s\"\ntrusted_proxies = [\"127.0.0.1/32\"]");
-    let bulwark = Bulwark::start(&trusted).await;
+    let trusted = config(&origin, "", "").server("trusted_proxies", vec!["127.0.0.1/32"]);
+    let bulwark = Bulwark::start(&trusted.to_toml()).await;
     let risky = [
         ("x-forwarded-host", "evil.example"),
         ("x-original-url", "/admin"),
@@ -1088,7 +1084,7 @@ async fn unkeyed_headers_do_not_reach_the_origin() {
     for (name, _) in risky {
         assert!(!parts.headers.contains_key(name), "{name} reached the origin");
     }
-    let keyed = Bulwark::start(&with_route(&trusted, "key_headers = [\"X-Forwarded-Host\"]")).await;
+    let keyed = Bulwark::start(&trusted.route("key_headers", vec!["X-Forwarded-Host"]).to_toml()).await;
     keyed.get_with("/kh", &[("x-forwarded-host", "a.example")]).await;
     assert_eq!(header(&origin.last_request().0, "x-forwarded-host"), Some("a.example"));
     assert_eq!(keyed.get_with("/kh", &[("x-forwarded-host", "b.example")]).await.cache_status(), STORED, "keyed apart");
@@ -1102,11 +1098,10 @@ async fn paths_are_normalised_consistently() {
     let origin = Origin::start().await;
     let other = Origin::start().await;
     other.set(|_| Reply::ok("admin"));
-    let config = format!(
-        "{}\n[[routes]]\nname = \"admin\"\npath_prefix = \"/admin/\"\npool = \"pdp\"\norigin = \"other\"\n[[origins]]\nname = \"other\"\nurl = \"{}\"\n",
-        config(&origin, "", ""),
-        other.url()
-    );
+    let config = config(&origin, "", "")
+        .with_route("name = \"admin\"\npath_prefix = \"/admin/\"\npool = \"pdp\"\norigin = \"other\"")
+        .with_origin(&format!("name = \"other\"\nurl = \"{}\"", other.url()))
+        .to_toml();
     let bulwark = Bulwark::start(&config).await;
     let first = bulwark.get("/a/./b/%2e%2e/c%7e").await;
     assert_eq!((first.cache_status(), first.text()), (STORED, "body of /a/c~"));

@@ -8,36 +8,20 @@ use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::time::{Duration, Instant};
 
 use http::Method;
-use support::{Bulwark, Origin, RedisServer, Reply};
+use support::{Bulwark, Origin, RedisServer, Reply, TestConfig};
 
-fn config(origin: &str, control: Option<&str>, extra_routes: &str) -> String {
-    let control = control.map(|url| format!("control_redis_url = \"{url}\"\n")).unwrap_or_default();
-    format!(
-        r#"
-[server]
-drain_delay = "0s"
-{control}
-[[origins]]
-name = "catalog"
-url = "{origin}"
-
-[[pools]]
-name = "pdp"
-
-[[routes]]
-name = "search"
-path_prefix = "/search"
-pool = "pdp"
-origin = "catalog"
-fallback = {{ status = 200, headers = {{ "content-type" = "application/json" }}, body = "[]" }}
-
-[[routes]]
-name = "products"
-path_prefix = "/products/"
-pool = "pdp"
-origin = "catalog"
-{extra_routes}"#
-    )
+/// Routes `search` (with a fallback) and `products` on one pool and origin, the route
+/// modes shared through `control` when given.
+fn config(origin: &str, control: Option<&str>) -> TestConfig {
+    let config = TestConfig::new(origin)
+        .route("name", "search")
+        .route("path_prefix", "/search")
+        .route_toml(r#"fallback = { status = 200, headers = { "content-type" = "application/json" }, body = "[]" }"#)
+        .with_route("name = \"products\"\npath_prefix = \"/products/\"\npool = \"pdp\"\norigin = \"catalog\"");
+    match control {
+        Some(url) => config.server("control_redis_url", url),
+        None => config,
+    }
 }
 
 async fn set_mode(bulwark: &Bulwark, route: &str, mode: &str) -> support::Got {
@@ -48,7 +32,7 @@ async fn set_mode(bulwark: &Bulwark, route: &str, mode: &str) -> support::Got {
 async fn each_route_mode_takes_effect_on_the_next_request_under_load() {
     let origin = Origin::start().await;
     origin.set(|parts| Reply::ok(format!("results for {}", parts.uri)));
-    let bulwark = Arc::new(Bulwark::start(&config(&origin.url(), None, "")).await);
+    let bulwark = Arc::new(Bulwark::start(&config(&origin.url(), None).to_toml()).await);
     // Load on another route all along: it never fails.
     let stop = Arc::new(AtomicBool::new(false));
     let failures = Arc::new(AtomicUsize::new(0));
@@ -106,7 +90,7 @@ async fn each_route_mode_takes_effect_on_the_next_request_under_load() {
 async fn with_a_control_redis_modes_reach_every_replica_and_new_ones_start_in_them() {
     let redis = RedisServer::start();
     let origin = Origin::start().await;
-    let text = config(&origin.url(), Some(&redis.url()), "");
+    let text = config(&origin.url(), Some(&redis.url())).to_toml();
     let one = Bulwark::start(&text).await;
     let two = Bulwark::start(&text).await;
     // Give the control subscriptions a moment to come up.
@@ -130,7 +114,7 @@ async fn with_a_control_redis_modes_reach_every_replica_and_new_ones_start_in_th
 async fn a_config_file_changed_under_load_swaps_without_failures_and_a_broken_one_changes_nothing() {
     let origin = Origin::start().await;
     let path = std::env::temp_dir().join(format!("bulwark-reload-{}-{}.toml", std::process::id(), support::free_port()));
-    std::fs::write(&path, config(&origin.url(), None, "")).expect("write config");
+    std::fs::write(&path, config(&origin.url(), None).to_toml()).expect("write config");
     let bulwark = Arc::new(Bulwark::start_with_file(&path).await);
     assert_eq!(bulwark.get("/products/1").await.cache_status(), "bulwark; fwd=miss; stored");
     assert_eq!(set_mode(&bulwark, "search", "off").await.status, 200);
@@ -148,9 +132,9 @@ async fn a_config_file_changed_under_load_swaps_without_failures_and_a_broken_on
         })
     };
     // A new route, written the way editors do: a new file renamed over the old one.
-    let new_route = "\n[[routes]]\nname = \"cart\"\npath_prefix = \"/cart\"\npool = \"pdp\"\norigin = \"catalog\"\n";
+    let new_route = "name = \"cart\"\npath_prefix = \"/cart\"\npool = \"pdp\"\norigin = \"catalog\"";
     let tmp = path.with_extension("new");
-    std::fs::write(&tmp, config(&origin.url(), None, new_route)).expect("write");
+    std::fs::write(&tmp, config(&origin.url(), None).with_route(new_route).to_toml()).expect("write");
     std::fs::rename(&tmp, &path).expect("rename");
     let deadline = Instant::now() + Duration::from_secs(5);
     while bulwark.get("/cart").await.status != 200 {
@@ -179,7 +163,7 @@ async fn a_config_file_changed_under_load_swaps_without_failures_and_a_broken_on
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn top_once_json_sums_the_replicas_metrics() {
     let origin = Origin::start().await;
-    let text = config(&origin.url(), None, "");
+    let text = config(&origin.url(), None).to_toml();
     let (one, two) = (Bulwark::start(&text).await, Bulwark::start(&text).await);
     for i in 0..30 {
         one.get(&format!("/products/{}", i % 7)).await;
@@ -224,7 +208,7 @@ async fn top_once_json_sums_the_replicas_metrics() {
 async fn warm_a_thousand_urls_within_its_concurrency_limit() {
     let origin = Origin::start().await;
     origin.set(|parts| Reply::ok(format!("page {}", parts.uri.path())).delay(Duration::from_millis(5)));
-    let bulwark = Bulwark::start(&config(&origin.url(), None, "")).await;
+    let bulwark = Bulwark::start(&config(&origin.url(), None).to_toml()).await;
     let list: String = (0..1000).map(|i| format!("http://shop.example/products/{i}\n")).collect();
     let path = std::env::temp_dir().join(format!("bulwark-warm-{}-{}.txt", std::process::id(), support::free_port()));
     std::fs::write(&path, format!("# warm list\n\n{list}")).expect("write list");
@@ -259,7 +243,7 @@ async fn warm_a_thousand_urls_within_its_concurrency_limit() {
 /// keys, stops it, and returns its stdout lines.
 async fn access_log_lines(origin: &Origin, server_extra: &str, n: usize, keys: usize) -> Vec<String> {
     use std::io::Read;
-    let text = config(&origin.url(), None, "").replace("[server]\n", &format!("[server]\n{server_extra}\n"));
+    let text = config(&origin.url(), None).server_toml(server_extra).to_toml();
     let mut serve = support::ServeProcess::start(&text, std::process::Stdio::piped(), std::process::Stdio::null()).await;
     let client = support::client();
     for i in 0..n {

@@ -10,7 +10,7 @@ use std::time::Duration;
 use bytes::Bytes;
 use http::{Method, Request};
 use http_body_util::Full;
-use support::{Bulwark, Origin, Reply, simple_config};
+use support::{Bulwark, Origin, Reply, TestConfig, simple_config};
 
 /// Labels that count as hits in a pool's hit ratio (DESIGN.md, "Hit ratio of a pool").
 const HIT_LABELS: [&str; 8] = ["hit_l1", "hit_l2", "collapsed", "revalidated", "stale_while_revalidate", "stale_if_error", "stale_cache_only", "stale_limited"];
@@ -71,7 +71,7 @@ async fn an_origin_503_shared_by_fifty_coalesced_requests_is_not_counted_as_hits
 async fn waiters_of_a_timed_out_fetch_get_the_leaders_error_and_its_cause() {
     let origin = Origin::start().await;
     origin.set(|_| Reply::ok("too late").delay(Duration::from_secs(3)));
-    let config = simple_config(&origin.url(), None, "").replace("timeout = \"5s\"", "timeout = \"300ms\"");
+    let config = TestConfig::new(&origin.url()).origin("timeout", "300ms").to_toml();
     let bulwark = Bulwark::start(&config).await;
     let results = concurrent_gets(&bulwark, "/products/2", 20).await;
     for (status, cache_status, body) in &results {

@@ -6,7 +6,7 @@ use std::io::Read;
 use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
-use support::{Bulwark, Origin, Reply, ServeProcess, free_port, simple_config};
+use support::{Bulwark, Origin, Reply, ServeProcess, TestConfig, free_port, simple_config};
 
 #[tokio::test]
 async fn drain_then_stop_accepting_and_finish_in_flight_requests() {
@@ -15,7 +15,7 @@ async fn drain_then_stop_accepting_and_finish_in_flight_requests() {
         let reply = Reply::ok(format!("body of {}", parts.uri.path())).header("cache-control", "no-store");
         if parts.uri.path() == "/slow" { reply.delay(Duration::from_millis(1500)) } else { reply }
     });
-    let config = simple_config(&origin.url(), None, "").replace("drain_delay = \"0s\"", "drain_delay = \"600ms\"");
+    let config = TestConfig::new(&origin.url()).server("drain_delay", "600ms").to_toml();
     let mut bulwark = Bulwark::start(&config).await;
     let url = bulwark.url("/slow");
     let in_flight = tokio::spawn(async move {

@@ -9,7 +9,7 @@ use std::time::{Duration, Instant};
 use bytes::Bytes;
 use http::Request;
 use http_body_util::Full;
-use support::{Bulwark, Origin, RedisServer, Reply, simple_config};
+use support::{Bulwark, Origin, RedisServer, Reply, TestConfig, simple_config};
 
 const HOST: [(&str, &str); 1] = [("host", "shop.example")];
 
@@ -73,9 +73,7 @@ impl Process {
         // These tests are about the lease protocol, not Redis deadlines: a 500 ms deadline
         // keeps a machine busy with 500 clients and three replicas from turning lease
         // calls into misses (which fetch without a lease, by design).
-        let config = simple_config(origin, Some(redis), extra)
-            .replace("timeout = \"5s\"", &format!("timeout = \"{origin_timeout}\""))
-            .replace("redis_timeout = \"50ms\"", "redis_timeout = \"500ms\"");
+        let config = TestConfig::new(origin).redis(redis).pool("redis_timeout", "500ms").pool_toml(extra).origin("timeout", origin_timeout).to_toml();
         let serve = support::ServeProcess::start(&config, std::process::Stdio::null(), std::process::Stdio::null()).await;
         // Ready when its Redis event subscription is up: before that it cannot take part
         // in leases.
@@ -159,8 +157,11 @@ async fn warm_cache_survives_an_origin_that_fails_or_dies() {
     let origin = Origin::start().await;
     origin.set(|parts| Reply::ok(format!("stored {}", parts.uri.path())).header("cache-control", "max-age=2"));
     // A breaker that never opens here, so "origin gone" is served as connection refused.
-    let config = simple_config(&origin.url(), None, "stale_while_revalidate = \"0s\"\nstale_if_error = \"1m\"")
-        .replace("timeout = \"5s\"\n", "timeout = \"5s\"\nbreaker_consecutive_failures = 1000\nbreaker_min_requests = 1000\n");
+    let config = TestConfig::new(&origin.url())
+        .pool_toml("stale_while_revalidate = \"0s\"\nstale_if_error = \"1m\"")
+        .origin("breaker_consecutive_failures", 1000)
+        .origin("breaker_min_requests", 1000)
+        .to_toml();
     let bulwark = Bulwark::start(&config).await;
     for i in 0..20 {
         assert_eq!(bulwark.get_with(&format!("/p/{i}"), &HOST).await.status, 200);
@@ -187,8 +188,8 @@ async fn warm_cache_survives_an_origin_that_fails_or_dies() {
 async fn must_revalidate_forbids_stale_unless_the_route_says_always() {
     let origin = Origin::start().await;
     origin.set(|_| Reply::ok("strict").header("cache-control", "max-age=2, must-revalidate"));
-    let base = simple_config(&origin.url(), None, "stale_while_revalidate = \"0s\"");
-    let always = base.replace("origin = \"catalog\"\n", "origin = \"catalog\"\nstale_on_error = \"always\"\n");
+    let base = TestConfig::new(&origin.url()).pool("stale_while_revalidate", "0s");
+    let (always, base) = (base.clone().route("stale_on_error", "always").to_toml(), base.to_toml());
     let strict = Bulwark::start(&base).await;
     let lenient = Bulwark::start(&always).await;
     strict.get("/m").await;
@@ -435,8 +436,7 @@ priority = "low"
 async fn breaker_opens_answers_fast_without_the_origin_and_closes_after_a_probe() {
     let origin = Origin::start().await;
     origin.set(|_| Reply::ok("broken").status(500).header("cache-control", "no-store"));
-    let config = simple_config(&origin.url(), None, "")
-        .replace("timeout = \"5s\"\n", "timeout = \"5s\"\nbreaker_consecutive_failures = 3\nbreaker_open_for = \"300ms\"\n");
+    let config = TestConfig::new(&origin.url()).origin("breaker_consecutive_failures", 3).origin("breaker_open_for", "300ms").to_toml();
     let bulwark = Bulwark::start(&config).await;
     for i in 0..3 {
         assert_eq!(bulwark.get(&format!("/b/{i}")).await.status, 500);

@@ -13,6 +13,7 @@ use hyper_util::client::legacy::connect::HttpConnector;
 use hyper_util::rt::TokioExecutor;
 use tokio::net::TcpListener;
 
+use super::TestConfig;
 use super::eventually;
 
 /// A bulwark instance running in this process on free ports.
@@ -191,34 +192,18 @@ pub fn metric_value(text: &str, name: &str, labels: &[(&str, &str)]) -> f64 {
         .sum()
 }
 
-/// A config with one origin, one pool (optionally with Redis) and one catch-all route.
+/// A config with one origin, one pool (optionally with Redis) and one catch-all route;
+/// `pool_extra` holds TOML `key = value` lines for the pool (see [`TestConfig`]).
 pub fn simple_config(origin: &str, redis: Option<&str>, pool_extra: &str) -> String {
-    let redis = redis.map(|url| format!("redis_url = \"{url}\"\nredis_timeout = \"50ms\"\n")).unwrap_or_default();
-    format!(
-        r#"
-[server]
-drain_delay = "0s"
-
-[[origins]]
-name = "catalog"
-url = "{origin}"
-timeout = "5s"
-
-[[pools]]
-name = "pdp"
-{redis}{pool_extra}
-
-[[routes]]
-name = "all"
-path_prefix = "/"
-pool = "pdp"
-origin = "catalog"
-"#
-    )
+    let config = TestConfig::new(origin);
+    let config = match redis {
+        Some(url) => config.redis(url),
+        None => config,
+    };
+    config.pool_toml(pool_extra).to_toml()
 }
 
 /// A config with one origin, one pool on a Redis Cluster and one catch-all route.
 pub fn cluster_config(origin: &str, nodes: &[String], pool_extra: &str) -> String {
-    let list = nodes.iter().map(|n| format!("\"{n}\"")).collect::<Vec<_>>().join(", ");
-    simple_config(origin, None, &format!("redis_cluster_nodes = [{list}]\nredis_timeout = \"100ms\"\n{pool_extra}"))
+    TestConfig::new(origin).cluster(nodes).pool_toml(pool_extra).to_toml()
 }

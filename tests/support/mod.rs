@@ -1,12 +1,14 @@
 //! Test support, by role: a private `redis-server` per test on a free port ([`redis_server`]),
 //! an in-process origin that counts what it receives ([`origin`]), a bulwark instance on
-//! free ports ([`bulwark`]) or as a `bulwark serve` process ([`process`]), and waiting
+//! free ports ([`bulwark`]) or as a `bulwark serve` process ([`process`]), the configs
+//! they start from ([`config`]), and waiting
 //! for a condition without falling through silently ([`eventually`]).
 #![allow(dead_code)]
 
 use std::time::{Duration, Instant};
 
 pub mod bulwark;
+pub mod config;
 pub mod origin;
 pub mod process;
 pub mod redis_server;
@@ -14,6 +16,8 @@ pub mod redis_server;
 // Each test binary uses its own part of these.
 #[allow(unused_imports)]
 pub use bulwark::*;
+#[allow(unused_imports)]
+pub use config::TestConfig;
 #[allow(unused_imports)]
 pub use origin::*;
 #[allow(unused_imports)]
