@@ -10,8 +10,9 @@ use http::request;
 
 use super::context::RequestContext;
 use super::decision::{Decision, Serve, or_stale_if_error};
-use super::fetch::{self, HeadAnswer};
-use super::{ProxyBody, flight, trust};
+use super::fetch::{self, FetchJob, HeadAnswer};
+use super::{flight, target, trust};
+use crate::body::ProxyBody;
 use crate::cache::key::{normalise_query, url_part};
 use crate::cache::policy::RequestDirectives;
 use crate::cache::policy::reuse::{Choice, choose, should_refresh_early};
@@ -23,7 +24,7 @@ use crate::outcome::{Outcome, StaleReason};
 /// Applies the route's rules to a cacheable request: headers that `Connection` names
 /// removed before anything is keyed on them, cookies stripped if asked, unkeyed headers
 /// removed, the query normalised without the ignored parameters. Returns the normalised
-/// query; [`origin_target`] puts it into the request when one goes to the origin (the
+/// query; [`target::for_origin`] puts it into the request when one goes to the origin (the
 /// origin is asked exactly what the key says), so a hit rebuilds no URI.
 pub(super) fn prepare(rules: &CacheRules, parts: &mut request::Parts, trusted: bool) -> Result<String, ProxyError> {
     // Hop-by-hop headers, and those the client names in `Connection`, never reach the
@@ -37,18 +38,6 @@ pub(super) fn prepare(rules: &CacheRules, parts: &mut request::Parts, trusted: b
     let raw = parts.uri.query().unwrap_or("");
     let query = normalise_query(raw, &rules.ignore_query_params).map_err(|_| ProxyError::BadRequest("malformed percent-encoding in the query"))?;
     Ok(query.into_owned())
-}
-
-/// The request as it goes to the origin: its query replaced by the normalised one.
-fn origin_target(mut parts: request::Parts, query: &str) -> request::Parts {
-    if parts.uri.query().unwrap_or("") != query {
-        let path = parts.uri.path().to_owned();
-        // Cannot fail: both parts come from a valid URI and were only normalised.
-        if let Err(err) = super::replace_path_and_query(&mut parts, &path, Some(query)) {
-            tracing::warn!(error = %err, "normalised request target rejected; the origin gets the client's");
-        }
-    }
-    parts
 }
 
 /// Prepare, key, lookup, choose; then a stored copy, a background refresh, a
@@ -68,9 +57,9 @@ pub(super) async fn cache_aside(ctx: &RequestContext, mut parts: request::Parts)
     };
     let encodings = Encodings::from_headers(parts.headers.get_all(ACCEPT_ENCODING)).within(route.origin.config.content_codings);
     let primary = CacheKey::from_normalised(client.scheme, &client.host, parts.uri.path(), &query, encodings);
-    let job = |parts: request::Parts, key: Option<CacheKey>, stored: Option<Arc<Entry>>| flight::FetchJob {
+    let job = |parts: request::Parts, key: Option<CacheKey>, stored: Option<Arc<Entry>>| FetchJob {
         route: route.clone(),
-        parts: origin_target(parts, &query),
+        parts: target::for_origin(parts, &query),
         key: key.unwrap_or_else(|| primary.clone()),
         client: client.clone(),
         timings: ctx.timings.clone(),
@@ -147,7 +136,7 @@ pub(super) async fn cache_aside(ctx: &RequestContext, mut parts: request::Parts)
 /// purge: here, in Redis and on every replica), so the next GET refreshes each once,
 /// shielded by coalescing and stale-while-revalidate, and nothing is deleted
 /// (RFC 9111 section 4.3.5).
-async fn validate_with_head(job: flight::FetchJob, stored: &Entry) -> Decision {
+async fn validate_with_head(job: FetchJob, stored: &Entry) -> Decision {
     let pool = job.route.pool.clone();
     match fetch::head(&job, stored).await {
         Ok(HeadAnswer::Updated(updated)) => {
@@ -191,7 +180,7 @@ mod tests {
             .into_parts();
         let query = prepare(&rules, &mut parts, true).expect("prepared");
         assert_eq!(query, "a=~&b=2");
-        assert_eq!(origin_target(parts.clone(), &query).uri.to_string(), "/p?a=~&b=2");
+        assert_eq!(target::for_origin(parts.clone(), &query).uri.to_string(), "/p?a=~&b=2");
         assert!(parts.headers.contains_key("x-forwarded-host"), "keyed: passed on");
         for gone in ["x-original-url", "x-http-method-override", "cookie", "te"] {
             assert!(!parts.headers.contains_key(gone), "{gone}");

@@ -3,10 +3,10 @@
 
 use std::sync::Arc;
 
-use super::RouteRuntime;
 use super::forward::ClientInfo;
 use crate::config::RouteMode;
 use crate::origin::Timings;
+use crate::runtime::RouteRuntime;
 
 pub(super) struct RequestContext {
     /// The route, from the runtime snapshot the request started on.

@@ -7,7 +7,6 @@ use std::time::SystemTime;
 
 use http::response;
 
-use super::RouteRuntime;
 use crate::body::ProxyBody;
 use crate::cache::Entry;
 use crate::cache::coalesce::Answer;
@@ -15,6 +14,7 @@ use crate::config::Fallback;
 use crate::error::ProxyError;
 use crate::origin::is_failure_status;
 use crate::outcome::{Outcome, StaleReason};
+use crate::runtime::RouteRuntime;
 
 /// What to serve.
 pub(super) enum Serve {

@@ -4,7 +4,7 @@
 //! copy without its body being sent again (RFC 9111 section 4.3.4).
 
 use std::collections::VecDeque;
-
+use std::sync::Arc;
 use std::time::SystemTime;
 
 use bytes::Bytes;
@@ -13,18 +13,18 @@ use http::{HeaderMap, Method, Request, Response, StatusCode, Version, request, r
 use http_body_util::{BodyExt, Empty};
 
 use super::context::RequestContext;
-use super::flight::FetchJob;
-use super::forward::{forward_headers, origin_uri};
+use super::forward::{ClientInfo, forward_headers, origin_uri};
 use super::trust::strip_hop_by_hop;
-use super::{ProxyBody, RouteRuntime};
+use crate::body::ProxyBody;
 use crate::cache::entry::{StoreFor, set_date_if_missing, take_tags};
 use crate::cache::policy::{self, Freshness, RouteRules};
 use crate::cache::revalidate::{self, HeadUpdate};
-use crate::cache::{Entry, Stored};
+use crate::cache::{CacheKey, Encodings, Entry, Stored};
 use crate::config::{Priority, StaleOnError};
 use crate::error::ProxyError;
 use crate::metrics::OriginStatus;
 use crate::origin::{OriginBody, OriginError, OutgoingBody, Timings};
+use crate::runtime::RouteRuntime;
 
 /// What the origin's answer became.
 pub enum Fetched {
@@ -33,6 +33,41 @@ pub enum Fetched {
     Storable { stored: Stored, revalidated: bool },
     /// Not storable (or too large): passed through as it streams in.
     Streamed(response::Parts, ProxyBody),
+}
+
+/// Everything a fetch needs, owned, so it can run in its own task.
+#[derive(Clone)]
+pub struct FetchJob {
+    pub route: Arc<RouteRuntime>,
+    pub parts: request::Parts,
+    pub client: ClientInfo,
+    /// Origin timings for the access log, when the request is logged.
+    pub timings: Option<Arc<Timings>>,
+    /// The request's primary key (URL and `Accept-Encoding` group).
+    pub primary: CacheKey,
+    /// The most specific key known (the variant key when the URL's responses vary):
+    /// the flight and the cross-replica lease are keyed by it.
+    pub key: CacheKey,
+    /// The stored copy, if any: its validators make the fetch conditional.
+    pub stored: Option<Arc<Entry>>,
+    pub encodings: Encodings,
+    /// A background refresh: it queues for the origin at `low` priority, so it never
+    /// takes a slot from a request that has nothing to serve.
+    pub background: bool,
+    /// A copy was stored before: other replicas are told to drop theirs once the new
+    /// one is written.
+    pub replaces: bool,
+    /// Whether a stale copy may answer a request that waited `lock_timeout` (not when the
+    /// request itself demanded validation: `no-cache`, `max-age`, `min-fresh`).
+    pub stale_on_wait: bool,
+}
+
+impl FetchJob {
+    /// Fetches at the route's priority, or at `low` for a background refresh.
+    pub async fn fetch(&self) -> Result<Fetched, ProxyError> {
+        let priority = if self.background { Priority::Low } else { self.route.config.priority };
+        fetch(self, priority).await
+    }
 }
 
 /// Sends a request to the route's origin, counting the outcome per route.

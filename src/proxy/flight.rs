@@ -10,83 +10,45 @@
 use std::sync::Arc;
 use std::time::{Duration, SystemTime};
 
-use http::request;
 use http_body::Body;
 use http_body_util::BodyExt;
 use tokio::sync::oneshot;
 
 use super::decision::{Decision, Serve, failure_outcome};
-use super::fetch::{self, Fetched};
-use super::forward::ClientInfo;
-use super::{ProxyBody, RouteRuntime};
+use super::fetch::{FetchJob, Fetched};
+use crate::body::ProxyBody;
 use crate::cache::coalesce::{Answer, Failure, Fill, FlightGuard, Join};
 use crate::cache::lease::{PeerOutcome, PeerWait};
-use crate::cache::{CacheKey, Encodings, Entry, Stored};
-use crate::config::Priority;
+use crate::cache::{CacheKey, Entry, Stored};
 use crate::error::ProxyError;
-use crate::origin::Timings;
 use crate::origin::is_failure_status;
 use crate::outcome::{Outcome, StaleReason};
 
 /// Failure answers up to this size are read whole and shared with waiters.
 const SHARED_ANSWER_BYTES: usize = 64 * 1024;
 
-/// Everything a fetch needs, owned, so it can run in its own task.
-#[derive(Clone)]
-pub struct FetchJob {
-    pub route: Arc<RouteRuntime>,
-    pub parts: request::Parts,
-    pub client: ClientInfo,
-    /// Origin timings for the access log, when the request is logged.
-    pub timings: Option<Arc<Timings>>,
-    /// The request's primary key (URL and `Accept-Encoding` group).
-    pub primary: CacheKey,
-    /// The most specific key known (the variant key when the URL's responses vary):
-    /// the flight and the cross-replica lease are keyed by it.
-    pub key: CacheKey,
-    /// The stored copy, if any: its validators make the fetch conditional.
-    pub stored: Option<Arc<Entry>>,
-    pub encodings: Encodings,
-    /// A background refresh: it queues for the origin at `low` priority, so it never
-    /// takes a slot from a request that has nothing to serve.
-    pub background: bool,
-    /// A copy was stored before: other replicas are told to drop theirs once the new
-    /// one is written.
-    pub replaces: bool,
-    /// Whether a stale copy may answer a request that waited `lock_timeout` (not when the
-    /// request itself demanded validation: `no-cache`, `max-age`, `min-fresh`).
-    pub stale_on_wait: bool,
+/// What this job's flight asks of the replicas sharing the pool's Redis.
+fn peer_wait(job: &FetchJob) -> PeerWait<'_> {
+    PeerWait {
+        primary: &job.primary,
+        key: &job.key,
+        request_headers: &job.parts.headers,
+        key_headers: &job.route.config.cache.key_headers,
+        replaces: job.stored.as_ref().map(|old| old.response_time),
+        // Long enough for the holder's whole fetch, so a live holder keeps it.
+        lease_ttl: job.route.origin.config.timeout + job.route.pool.config.lock_timeout,
+        accept_recent: job.background || job.stale_on_wait,
+    }
 }
 
-impl FetchJob {
-    async fn fetch(&self) -> Result<Fetched, ProxyError> {
-        let priority = if self.background { Priority::Low } else { self.route.config.priority };
-        fetch::fetch(self, priority).await
-    }
-
-    /// What this job's flight asks of the replicas sharing the pool's Redis.
-    fn peer_wait(&self) -> PeerWait<'_> {
-        PeerWait {
-            primary: &self.primary,
-            key: &self.key,
-            request_headers: &self.parts.headers,
-            key_headers: &self.route.config.cache.key_headers,
-            replaces: self.stored.as_ref().map(|old| old.response_time),
-            // Long enough for the holder's whole fetch, so a live holder keeps it.
-            lease_ttl: self.route.origin.config.timeout + self.route.pool.config.lock_timeout,
-            accept_recent: self.background || self.stale_on_wait,
-        }
-    }
-
-    /// This request's key for a stored response: its variant key when the response
-    /// varies, else the primary key.
-    fn key_for(&self, stored: &Stored) -> CacheKey {
-        match &stored.marker {
-            None => self.primary.clone(),
-            Some(marker) => {
-                let names = crate::cache::key::merge_names(&crate::cache::marker_names(marker), &self.route.config.cache.key_headers);
-                self.primary.variant(&names, &self.parts.headers)
-            }
+/// This job's key for a stored response: its variant key when the response varies,
+/// else the primary key.
+fn key_for(job: &FetchJob, stored: &Stored) -> CacheKey {
+    match &stored.marker {
+        None => job.primary.clone(),
+        Some(marker) => {
+            let names = crate::cache::key::merge_names(&crate::cache::marker_names(marker), &job.route.config.cache.key_headers);
+            job.primary.variant(&names, &job.parts.headers)
         }
     }
 }
@@ -138,7 +100,7 @@ pub async fn miss(job: FetchJob, stale: Option<Arc<Entry>>) -> Decision {
         };
         match fill {
             Fill::Stored(stored) => {
-                let mine = job.key_for(&stored);
+                let mine = key_for(&job, &stored);
                 if mine.hash == stored.key.hash {
                     return Decision::entry(stored.entry, Outcome::Collapsed);
                 }
@@ -250,7 +212,7 @@ fn serve_stale(stale: Option<&Arc<Entry>>, now: SystemTime) -> Option<Decision> 
 async fn run_flight(job: FetchJob, guard: FlightGuard, leader: Option<oneshot::Sender<LeaderResult>>) {
     let pool = job.route.pool.clone();
     let mut lease = None;
-    match pool.hold_back_for_peers(&job.peer_wait()).await {
+    match pool.hold_back_for_peers(&peer_wait(&job)).await {
         PeerOutcome::Filled(stored) => {
             pool.store_local(&job.primary, &stored).await;
             guard.complete(Fill::Stored(stored.clone()));

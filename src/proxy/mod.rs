@@ -13,6 +13,7 @@ mod flight;
 mod forward;
 mod record;
 pub mod respond;
+mod target;
 mod trust;
 
 use std::net::SocketAddr;
@@ -21,7 +22,7 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Instant;
 
 use http::header::{CACHE_CONTROL, CONNECTION};
-use http::{HeaderName, HeaderValue, Method, Request, Response, StatusCode, Version, request};
+use http::{HeaderValue, Method, Request, Response, StatusCode, Version, request};
 use hyper::body::Incoming;
 
 use crate::body::ProxyBody;
@@ -30,12 +31,12 @@ use decision::{Decision, Serve};
 
 use crate::clock::Clock;
 use crate::config::{Config, RouteMode};
-use crate::error::{ProxyError, error_response, plain_response};
-use crate::runtime::{BuildError, Live, ReloadError, RouteRuntime, Runtime};
+use crate::error::{error_response, plain_response};
+use crate::runtime::{BuildError, Live, ReloadError, Runtime};
 use context::RequestContext;
 use forward::ClientInfo;
 
-pub static CACHE_STATUS: HeaderName = HeaderName::from_static("cache-status");
+pub use respond::CACHE_STATUS;
 
 /// The proxy service shared by every connection of one server instance.
 pub struct Proxy {
@@ -107,7 +108,7 @@ impl Proxy {
         // Routing, the key and the origin all see the normalised path (no dot segments,
         // no needless percent-encoding), so a path cannot mean one thing to the router or
         // the key and another to the origin.
-        if let Err(err) = normalise_target(&mut parts) {
+        if let Err(err) = target::normalise(&mut parts) {
             return self.finish(error_response(&err), version);
         }
         let client = match ClientInfo::read(&parts, peer, &runtime.config.server.trusted_proxies) {
@@ -147,34 +148,6 @@ impl Proxy {
         }
         res
     }
-}
-
-/// Normalises the request path in place (see [`crate::cache::key::normalise_path`]).
-fn normalise_target(parts: &mut request::Parts) -> Result<(), ProxyError> {
-    let bad = |_| ProxyError::BadRequest("malformed percent-encoding in the request target");
-    let path = crate::cache::key::normalise_path(parts.uri.path()).map_err(bad)?;
-    if let std::borrow::Cow::Owned(path) = path {
-        let query = parts.uri.query().map(str::to_owned);
-        replace_path_and_query(parts, &path, query.as_deref())?;
-    }
-    Ok(())
-}
-
-/// Rebuilds the request URI with another path and query, keeping scheme and authority.
-pub(crate) fn replace_path_and_query(parts: &mut request::Parts, path: &str, query: Option<&str>) -> Result<(), ProxyError> {
-    let target = match query {
-        Some(q) if !q.is_empty() => format!("{path}?{q}"),
-        _ => path.to_owned(),
-    };
-    let mut builder = http::Uri::builder().path_and_query(target);
-    if let Some(scheme) = parts.uri.scheme() {
-        builder = builder.scheme(scheme.clone());
-    }
-    if let Some(authority) = parts.uri.authority() {
-        builder = builder.authority(authority.clone());
-    }
-    parts.uri = builder.build().map_err(|_| ProxyError::BadRequest("request target cannot be normalised"))?;
-    Ok(())
 }
 
 /// Mode, then bypass or cache-aside.

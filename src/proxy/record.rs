@@ -8,11 +8,11 @@ use std::time::Instant;
 use http::Method;
 use http::uri::PathAndQuery;
 
-use super::RouteRuntime;
 use crate::access_log::{AccessLog, Line};
 use crate::body::{BodyEnd, ProxyBody};
 use crate::origin::Timings;
 use crate::outcome::Outcome;
+use crate::runtime::RouteRuntime;
 
 /// What the access log line of a sampled request says besides its outcome.
 pub(super) struct Logged {

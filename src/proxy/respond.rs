@@ -6,10 +6,9 @@
 use std::time::SystemTime;
 
 use http::header::{AGE, CONTENT_LENGTH, ETAG, LAST_MODIFIED, RETRY_AFTER};
-use http::{HeaderValue, Response, StatusCode};
+use http::{HeaderName, HeaderValue, Response, StatusCode};
 use http_body::Body;
 
-use super::CACHE_STATUS;
 use super::context::RequestContext;
 use super::decision::{Decision, Serve};
 use crate::body::ProxyBody;
@@ -19,6 +18,9 @@ use crate::cache::revalidate::{Conditional, NOT_MODIFIED_FIELDS};
 use crate::config::Fallback;
 use crate::error::{error_response, plain_response};
 use crate::outcome::Outcome;
+
+/// The `Cache-Status` field (RFC 9211).
+pub static CACHE_STATUS: HeaderName = HeaderName::from_static("cache-status");
 
 /// The response for `decision`. `conditional` is the client's, answered with 304 when
 /// the response is a stored one (or was just stored) and the client has it already.
