@@ -29,13 +29,18 @@ fn top_module(src: &Path, file: &Path) -> String {
 /// Names `text` reaches through `crate::`: `crate::x::...`, `crate::x;` and the
 /// members of `crate::{x, y::z}`.
 fn crate_paths(text: &str) -> BTreeSet<String> {
+    paths_after(text, "crate::")
+}
+
+/// Names `text` reaches through `prefix` (`crate::` or `super::`), outside comments.
+fn paths_after(text: &str, prefix: &str) -> BTreeSet<String> {
     let mut names = BTreeSet::new();
     let ident = |s: &str| s.chars().take_while(|c| c.is_ascii_alphanumeric() || *c == '_').collect::<String>();
     for line in text.lines() {
         let code = line.split("//").next().unwrap_or("");
         let mut rest = code;
-        while let Some(at) = rest.find("crate::") {
-            let after = &rest[at + "crate::".len()..];
+        while let Some(at) = rest.find(prefix) {
+            let after = &rest[at + prefix.len()..];
             if let Some(group) = after.strip_prefix('{') {
                 let inner = group.split('}').next().unwrap_or("");
                 names.extend(inner.split(',').map(|m| ident(m.trim())).filter(|m| !m.is_empty()));
@@ -115,11 +120,40 @@ fn the_cycle_finder_finds_a_cycle_and_reads_grouped_imports() {
 fn the_leaf_modules_stay_leaves() {
     let graph = graph();
     // What the cache, metrics and config speak must not reach back into the request path.
-    for leaf in ["outcome", "encodings"] {
+    for leaf in ["outcome", "encodings", "clock"] {
         assert!(graph.get(leaf).is_none_or(BTreeSet::is_empty), "{leaf} imports {:?}", graph.get(leaf));
     }
     for lower in ["cache", "config", "metrics", "origin", "error", "body", "outcome"] {
         let reaches: Vec<&String> = graph.get(lower).into_iter().flatten().filter(|m| ["proxy", "runtime", "server", "admin"].contains(&m.as_str())).collect();
         assert!(reaches.is_empty(), "{lower} imports {reaches:?}");
     }
+}
+
+/// The phases of the request path (`src/proxy/*.rs`) call down, never back: no
+/// submodule reaches into `proxy/mod.rs` for a helper, and no two submodules import
+/// each other, directly or through others. A GET reads top to bottom.
+#[test]
+fn the_request_path_phases_call_down_never_back() {
+    let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("src/proxy");
+    let mut files = Vec::new();
+    rust_files(&dir, &mut files);
+    let stem = |f: &PathBuf| f.file_stem().map(|s| s.to_string_lossy().into_owned()).unwrap_or_default();
+    let phases: BTreeSet<String> = files.iter().map(stem).filter(|s| s != "mod").collect();
+    assert!(phases.len() >= 8, "the phases were read: {phases:?}");
+    let mut graph = Graph::new();
+    let mut back = Vec::new();
+    for file in files.iter().filter(|f| stem(f) != "mod") {
+        let text = std::fs::read_to_string(file).expect("read file");
+        let edges = graph.entry(stem(file)).or_default();
+        for name in paths_after(&text, "super::") {
+            if phases.contains(&name) {
+                edges.insert(name);
+            } else {
+                back.push(format!("{} -> proxy::{name}", stem(file)));
+            }
+        }
+    }
+    assert!(back.is_empty(), "phases reaching back into proxy/mod.rs:\n{}", back.join("\n"));
+    let cycles: Vec<String> = graph.keys().filter_map(|m| cycle_through(&graph, m)).map(|c| c.join(" -> ")).collect();
+    assert!(cycles.is_empty(), "import cycles between the phases:\n{}", cycles.join("\n"));
 }
