@@ -10,9 +10,11 @@
 //! - [`router`]: request to route (longest `path_prefix`, optional host).
 //! - [`runtime`]: what a configuration builds (routes, pools, origins, metric handles,
 //!   route modes), and reload: the live runtime swapped whole.
-//! - [`proxy`]: the request path, one phase per function: route, mode, bypass, the
-//!   cache-aside phases of GET/HEAD (prepare, key, lookup, choose), coalescing, fetch
-//!   and store, respond, and the record taken when the response body ends; `trust` says
+//! - [`proxy`]: the request path, one phase per module, each calling down only: route,
+//!   mode, bypass, the cache-aside phases of GET/HEAD (prepare, key, lookup, choose),
+//!   coalescing, fetch and store, all deciding one `Decision` (what to serve and its
+//!   outcome, stale-on-error applied once), rendered by one function (HEAD, 304, `Age`,
+//!   `Cache-Status`), and the record taken when the response body ends; `trust` says
 //!   which request headers may reach the origin.
 //! - [`body`]: the body of every response (stored, empty, or streamed from an origin),
 //!   telling the record phase how it ended.
