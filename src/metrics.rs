@@ -11,11 +11,12 @@ use std::sync::Arc;
 use metrics::{Counter, Gauge, Histogram, Key, Label, Recorder};
 use metrics_exporter_prometheus::{Matcher, PrometheusBuilder, PrometheusHandle, PrometheusRecorder};
 
-use crate::outcome::Outcome;
+use crate::outcome::{NotStored, Outcome};
 
 pub const REQUESTS_TOTAL: &str = "bulwark_requests_total";
 pub const REQUEST_DURATION: &str = "bulwark_request_duration_seconds";
 pub const CLIENT_ABORTS_TOTAL: &str = "bulwark_client_aborts_total";
+pub const NOT_STORED_TOTAL: &str = "bulwark_not_stored_total";
 pub const UNROUTED_TOTAL: &str = "bulwark_unrouted_requests_total";
 pub const ORIGIN_REQUESTS_TOTAL: &str = "bulwark_origin_requests_total";
 pub const ORIGIN_DURATION: &str = "bulwark_origin_duration_seconds";
@@ -110,6 +111,7 @@ impl Registry {
             durations: Outcome::LABELS.map(|cache| self.histogram(REQUEST_DURATION, &labels(cache))),
             origin_status: OriginStatus::LABELS.map(|status| self.counter(ORIGIN_REQUESTS_TOTAL, &[("origin", origin), ("route", route), ("status", status)])),
             client_aborts: self.counter(CLIENT_ABORTS_TOTAL, &[("route", route)]),
+            not_stored: NotStored::LABELS.map(|reason| self.counter(NOT_STORED_TOTAL, &[("route", route), ("reason", reason)])),
         }
     }
 
@@ -174,6 +176,7 @@ pub struct RouteMetrics {
     durations: [Histogram; Outcome::LABELS.len()],
     origin_status: [Counter; OriginStatus::LABELS.len()],
     client_aborts: Counter,
+    not_stored: [Counter; NotStored::LABELS.len()],
 }
 
 impl RouteMetrics {
@@ -187,6 +190,11 @@ impl RouteMetrics {
     /// A client that went away before its response ended (recorded as well).
     pub fn client_abort(&self) {
         self.client_aborts.increment(1);
+    }
+
+    /// A fill whose answer was not stored, once per fill.
+    pub fn not_stored(&self, reason: NotStored) {
+        self.not_stored[reason.index()].increment(1);
     }
 
     pub fn origin_response(&self, status: OriginStatus) {

@@ -19,6 +19,87 @@ pub enum StaleReason {
     CacheOnly,
 }
 
+/// Why a fill's answer was not stored: the `reason` label of `bulwark_not_stored_total`
+/// and the `detail` of its `Cache-Status`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum NotStored {
+    NoStore,
+    Private,
+    SetCookie,
+    /// The request carried `Authorization` and the response is not marked shareable
+    /// (`public`, `s-maxage`, `must-revalidate`: RFC 9111 section 3.5).
+    Authorization,
+    /// The request carried `Cookie` and the response has no explicit freshness: one
+    /// user's page is not kept on a guess.
+    CookieHeuristic,
+    NoCacheNoValidator,
+    VaryStar,
+    VaryInvalid,
+    /// A status (or method) a shared cache may not store.
+    Status,
+    /// No freshness at all, and no validator to revalidate it with.
+    NoFreshness,
+    /// Larger than `max_object_bytes`.
+    TooLarge,
+    /// Already stale when it arrived, with no validator.
+    StaleOnArrival,
+    /// A HEAD found another representation: the URL's stored copies were soft-purged.
+    Purged,
+}
+
+impl NotStored {
+    /// Every reason label, in a fixed order; [`NotStored::index`] points into it.
+    pub const LABELS: [&'static str; 13] = [
+        "no-store",
+        "private",
+        "set-cookie",
+        "authorization",
+        "cookie-heuristic",
+        "no-cache-no-validator",
+        "vary-star",
+        "vary-invalid",
+        "status",
+        "no-freshness",
+        "too-large",
+        "stale-on-arrival",
+        "purged",
+    ];
+
+    pub fn index(self) -> usize {
+        self as usize
+    }
+
+    pub fn as_str(self) -> &'static str {
+        Self::LABELS[self.index()]
+    }
+
+    /// The `Cache-Status` of a miss that was not stored for this reason.
+    fn cache_status(self) -> &'static str {
+        match self {
+            NotStored::NoStore => "bulwark; fwd=miss; detail=no-store",
+            NotStored::Private => "bulwark; fwd=miss; detail=private",
+            NotStored::SetCookie => "bulwark; fwd=miss; detail=set-cookie",
+            NotStored::Authorization => "bulwark; fwd=miss; detail=authorization",
+            NotStored::CookieHeuristic => "bulwark; fwd=miss; detail=cookie-heuristic",
+            NotStored::NoCacheNoValidator => "bulwark; fwd=miss; detail=no-cache-no-validator",
+            NotStored::VaryStar => "bulwark; fwd=miss; detail=vary-star",
+            NotStored::VaryInvalid => "bulwark; fwd=miss; detail=vary-invalid",
+            NotStored::Status => "bulwark; fwd=miss; detail=status",
+            NotStored::NoFreshness => "bulwark; fwd=miss; detail=no-freshness",
+            NotStored::TooLarge => "bulwark; fwd=miss; detail=too-large",
+            NotStored::StaleOnArrival => "bulwark; fwd=miss; detail=stale-on-arrival",
+            NotStored::Purged => "bulwark; fwd=miss; detail=purged",
+        }
+    }
+}
+
+/// Whether a miss's answer was stored.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Store {
+    Stored,
+    Not(NotStored),
+}
+
 /// Why a request was not eligible for the cache at all.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum BypassReason {
@@ -32,10 +113,8 @@ pub enum BypassReason {
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Outcome {
     Hit(Tier),
-    /// Looked up, fetched from the origin; `stored` says whether the response was kept.
-    Miss {
-        stored: bool,
-    },
+    /// Looked up, fetched from the origin; whether the response was kept, and if not why.
+    Miss(Store),
     /// Waited for another request's fill.
     Collapsed,
     /// A stale entry that the origin confirmed with 304.
@@ -72,7 +151,7 @@ impl Outcome {
         match self {
             Outcome::Hit(Tier::L1) => 0,
             Outcome::Hit(Tier::L2) => 1,
-            Outcome::Miss { .. } => 2,
+            Outcome::Miss(_) => 2,
             Outcome::Collapsed => 3,
             Outcome::Revalidated => 4,
             Outcome::Stale(StaleReason::WhileRevalidate) => 5,
@@ -96,8 +175,8 @@ impl Outcome {
         match self {
             Outcome::Hit(Tier::L1) => "bulwark; hit; detail=l1",
             Outcome::Hit(Tier::L2) => "bulwark; hit; detail=l2",
-            Outcome::Miss { stored: true } => "bulwark; fwd=miss; stored",
-            Outcome::Miss { stored: false } => "bulwark; fwd=miss",
+            Outcome::Miss(Store::Stored) => "bulwark; fwd=miss; stored",
+            Outcome::Miss(Store::Not(reason)) => reason.cache_status(),
             Outcome::Collapsed => "bulwark; fwd=miss; collapsed",
             Outcome::Revalidated => "bulwark; fwd=stale; fwd-status=304; stored",
             Outcome::Stale(StaleReason::WhileRevalidate) => "bulwark; hit; fwd=stale; detail=stale-while-revalidate",
@@ -130,7 +209,7 @@ mod tests {
         let all = [
             Outcome::Hit(Tier::L1),
             Outcome::Hit(Tier::L2),
-            Outcome::Miss { stored: true },
+            Outcome::Miss(Store::Stored),
             Outcome::Collapsed,
             Outcome::Revalidated,
             Outcome::Stale(StaleReason::WhileRevalidate),
@@ -146,6 +225,32 @@ mod tests {
         for (i, outcome) in all.iter().enumerate() {
             assert_eq!(outcome.index(), i);
             assert!(outcome.cache_status().starts_with("bulwark;"));
+        }
+    }
+
+    #[test]
+    fn every_not_stored_reason_has_its_label_in_cache_status() {
+        use NotStored::*;
+        let all = [
+            NoStore,
+            Private,
+            SetCookie,
+            Authorization,
+            CookieHeuristic,
+            NoCacheNoValidator,
+            VaryStar,
+            VaryInvalid,
+            Status,
+            NoFreshness,
+            TooLarge,
+            StaleOnArrival,
+            Purged,
+        ];
+        assert_eq!(all.len(), NotStored::LABELS.len(), "one label per reason");
+        for (i, reason) in all.iter().enumerate() {
+            assert_eq!(reason.index(), i);
+            let status = Outcome::Miss(Store::Not(*reason)).cache_status();
+            assert_eq!(status, format!("bulwark; fwd=miss; detail={}", reason.as_str()));
         }
     }
 }

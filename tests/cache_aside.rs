@@ -80,13 +80,25 @@ async fn responses_a_shared_cache_must_not_store_are_not_stored() {
         }
     });
     let bulwark = Bulwark::start(&simple_config(&origin.url(), None, "")).await;
-    for path in ["/no-store", "/private", "/cookie", "/vary-star", "/max-age-0", "/no-cache", "/error", "/not-found"] {
+    let reasons = [
+        ("/no-store", "no-store"),
+        ("/private", "private"),
+        ("/cookie", "set-cookie"),
+        ("/vary-star", "vary-star"),
+        ("/max-age-0", "stale-on-arrival"),
+        ("/no-cache", "no-cache-no-validator"),
+        ("/error", "status"),
+        ("/not-found", "no-freshness"),
+    ];
+    for (path, reason) in reasons {
         for _ in 0..2 {
             let got = bulwark.get(path).await;
-            assert_eq!(got.cache_status(), "bulwark; fwd=miss", "{path}");
+            assert_eq!(got.cache_status(), format!("bulwark; fwd=miss; detail={reason}"), "{path}");
             assert_eq!(got.text(), format!("body of {path}"));
         }
         assert_eq!(origin.count(path), 2, "{path} should reach the origin every time");
+        // Each fill counted once, with its reason.
+        assert_eq!(bulwark.metric("bulwark_not_stored_total", &[("route", "all"), ("reason", reason)]).await, 2.0, "{path}");
     }
     let stored = bulwark.get("/with-default-ttl").await;
     assert_eq!(stored.cache_status(), "bulwark; fwd=miss; stored");
@@ -187,7 +199,7 @@ async fn large_responses_stream_through_and_are_not_stored() {
     let bulwark = Bulwark::start(&simple_config(&origin.url(), None, "max_object_bytes = \"64KiB\"")).await;
     for _ in 0..2 {
         let got = bulwark.get("/big").await;
-        assert_eq!(got.cache_status(), "bulwark; fwd=miss");
+        assert_eq!(got.cache_status(), "bulwark; fwd=miss; detail=too-large");
         assert_eq!(got.body, big);
     }
     assert_eq!(origin.total(), 2);
@@ -250,7 +262,7 @@ async fn origin_failures_map_to_statuses_and_stale_copies_stand_in() {
     assert_eq!((stale.status.as_u16(), stale.cache_status(), stale.text()), (200, "bulwark; hit; detail=stale-if-error", "fresh copy"));
     // Nothing stored: the origin's error goes to the client.
     let error = bulwark.get("/never-stored").await;
-    assert_eq!((error.status.as_u16(), error.cache_status()), (503, "bulwark; fwd=miss"));
+    assert_eq!((error.status.as_u16(), error.cache_status()), (503, "bulwark; fwd=miss; detail=status"));
     // Origin gone: 502 with the error outcome.
     origin.stop();
     let dead = Bulwark::start(&simple_config("http://127.0.0.1:1", None, "")).await;
@@ -349,7 +361,7 @@ async fn an_authenticated_answer_is_stored_only_when_the_origin_allows_it() {
     let bulwark = Bulwark::start(&simple_config(&origin.url(), None, "")).await;
     // max-age alone does not allow storing an answer to an authenticated request.
     let authed = bulwark.get_with("/acct", &[("authorization", "Bearer t")]).await;
-    assert_eq!((authed.cache_status(), authed.text()), ("bulwark; fwd=miss", "private account page"));
+    assert_eq!((authed.cache_status(), authed.text()), ("bulwark; fwd=miss; detail=authorization", "private account page"));
     let anonymous = bulwark.get("/acct").await;
     assert_eq!((anonymous.cache_status(), anonymous.text()), ("bulwark; fwd=miss; stored", "public page"));
     // public does.

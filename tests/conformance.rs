@@ -66,7 +66,10 @@ use http_body_util::Full;
 use support::{Bulwark, Origin, RedisServer, Reply, TestConfig, simple_config};
 
 const STORED: &str = "bulwark; fwd=miss; stored";
-const NOT_STORED: &str = "bulwark; fwd=miss";
+/// The `Cache-Status` of a miss not stored for `reason`.
+fn not_stored(reason: &str) -> String {
+    format!("bulwark; fwd=miss; detail={reason}")
+}
 const HIT: &str = "bulwark; hit; detail=l1";
 const REVALIDATED: &str = "bulwark; fwd=stale; fwd-status=304; stored";
 
@@ -133,9 +136,9 @@ async fn rfc9111_5_2_2_5_and_5_2_2_7_no_store_and_private_are_not_stored() {
         _ => Reply::ok("x"),
     });
     let bulwark = start(&origin, "", "").await;
-    for path in ["/no-store", "/private", "/private-fields"] {
-        assert_eq!(bulwark.get(path).await.cache_status(), NOT_STORED, "{path}");
-        assert_eq!(bulwark.get(path).await.cache_status(), NOT_STORED, "{path}");
+    for (path, reason) in [("/no-store", "no-store"), ("/private", "private"), ("/private-fields", "private")] {
+        assert_eq!(bulwark.get(path).await.cache_status(), not_stored(reason), "{path}");
+        assert_eq!(bulwark.get(path).await.cache_status(), not_stored(reason), "{path}");
         assert_eq!(origin.count(path), 2, "{path}");
     }
 }
@@ -162,8 +165,8 @@ async fn rfc9111_5_2_2_4_no_cache_is_stored_and_revalidated_before_every_reuse()
     }
     assert_eq!(origin.count("/page"), 4, "every reuse went to the origin");
     assert_eq!(header(&origin.last_request().0, "if-none-match"), Some("\"v1\""));
-    assert_eq!(bulwark.get("/no-validator").await.cache_status(), NOT_STORED);
-    assert_eq!(bulwark.get("/no-validator").await.cache_status(), NOT_STORED);
+    assert_eq!(bulwark.get("/no-validator").await.cache_status(), not_stored("no-cache-no-validator"));
+    assert_eq!(bulwark.get("/no-validator").await.cache_status(), not_stored("no-cache-no-validator"));
 }
 
 /// RFC 9111 section 5.2.2.4: `no-cache="field"` keeps the response but not the named
@@ -231,7 +234,7 @@ async fn rfc9111_4_2_2_heuristic_freshness() {
     let bulwark = start(&origin, "default_ttl = \"0s\"", "").await;
     assert!(stored_after_one(&bulwark, "/modified").await);
     assert!(!stored_after_one(&bulwark, "/unmodified").await, "no Last-Modified, no default_ttl: no heuristic");
-    assert_eq!(bulwark.get("/found").await.cache_status(), NOT_STORED, "302 is not heuristically cacheable");
+    assert_eq!(bulwark.get("/found").await.cache_status(), not_stored("status"), "302 is not heuristically cacheable");
     assert_eq!(bulwark.get("/found-public").await.cache_status(), STORED, "public makes it so");
 }
 
@@ -269,7 +272,7 @@ async fn rfc9111_3_5_authenticated_requests() {
     });
     let bulwark = start(&origin, "", "").await;
     let auth = [("authorization", "Bearer t")];
-    assert_eq!(bulwark.get_with("/plain", &auth).await.cache_status(), NOT_STORED);
+    assert_eq!(bulwark.get_with("/plain", &auth).await.cache_status(), not_stored("authorization"));
     assert_eq!(bulwark.get_with("/public", &auth).await.cache_status(), STORED);
     assert_eq!(bulwark.get("/public").await.cache_status(), HIT);
     assert_ne!(bulwark.get_with("/public", &auth).await.cache_status(), HIT, "not reused for an authenticated request");
@@ -293,9 +296,19 @@ async fn rfc9110_15_1_heuristically_cacheable_statuses() {
         assert_eq!(bulwark.get(&path).await.cache_status(), STORED, "{status}");
         assert_eq!(bulwark.get(&path).await.cache_status(), HIT, "{status}");
     }
-    for status in [404, 405, 410, 414, 501, 302, 307, 500] {
+    // Kept only for negative_ttl, or (302, 307, 500) not storable without explicit freshness.
+    for (status, reason) in [
+        (404, "no-freshness"),
+        (405, "no-freshness"),
+        (410, "no-freshness"),
+        (414, "no-freshness"),
+        (501, "no-freshness"),
+        (302, "status"),
+        (307, "status"),
+        (500, "status"),
+    ] {
         let path = format!("/s/{status}");
-        assert_eq!(bulwark.get(&path).await.cache_status(), NOT_STORED, "{status} without explicit freshness");
+        assert_eq!(bulwark.get(&path).await.cache_status(), not_stored(reason), "{status} without explicit freshness");
     }
     let negative = start(&origin, "", "negative_ttl = \"10s\"").await;
     for status in [404, 405, 410, 414, 501] {
@@ -317,8 +330,8 @@ async fn rfc9111_3_partial_and_unknown_statuses_are_not_stored() {
     });
     let bulwark = start(&origin, "", "").await;
     for path in ["/partial", "/error"] {
-        assert_eq!(bulwark.get(path).await.cache_status(), NOT_STORED, "{path}");
-        assert_eq!(bulwark.get(path).await.cache_status(), NOT_STORED, "{path}");
+        assert_eq!(bulwark.get(path).await.cache_status(), not_stored("status"), "{path}");
+        assert_eq!(bulwark.get(path).await.cache_status(), not_stored("status"), "{path}");
     }
 }
 
@@ -995,7 +1008,7 @@ async fn rfc9213_surrogate_control_when_configured() {
     assert_eq!((got.cache_status(), got.header("surrogate-control")), (STORED, None));
     let default = start(&origin, "", "").await;
     let got = default.get("/sc").await;
-    assert_eq!((got.cache_status(), got.header("surrogate-control")), (NOT_STORED, Some("max-age=60")));
+    assert_eq!((got.cache_status(), got.header("surrogate-control")), (not_stored("private").as_str(), Some("max-age=60")));
 }
 
 // --- Route overrides (README "Route overrides") --------------------------------------
@@ -1132,7 +1145,7 @@ async fn malformed_and_oversized_directives_are_survived() {
     let bulwark = start(&origin, "", "").await;
     assert_eq!(bulwark.get("/huge-cc").await.cache_status(), STORED);
     let vary = bulwark.get("/huge-vary").await;
-    assert_eq!((vary.status.as_u16(), vary.cache_status()), (200, NOT_STORED), "more than 16 Vary names: not stored");
+    assert_eq!((vary.status.as_u16(), vary.cache_status()), (200, not_stored("vary-invalid").as_str()), "more than 16 Vary names: not stored");
     assert_eq!(bulwark.get("/odd").await.status, 200);
     assert_eq!(bulwark.get("/overflow").await.cache_status(), STORED);
     let client_cc = "max-age=".to_owned() + &"9".repeat(4000);

@@ -153,7 +153,7 @@ async fn a_client_that_hangs_up_mid_body_is_counted_with_its_decided_outcome() {
     origin.set(|_| Reply::ok("y".repeat(10_000)).header("cache-control", "no-store").chunked(10, Duration::from_millis(200)));
     let bulwark = Bulwark::start(&simple_config(&origin.url(), None, "")).await;
     let res = support::client().request(Request::get(bulwark.url("/feeds/long")).body(Full::<Bytes>::default()).expect("request")).await.expect("head");
-    assert_eq!(res.headers().get("cache-status").and_then(|v| v.to_str().ok()), Some("bulwark; fwd=miss"));
+    assert_eq!(res.headers().get("cache-status").and_then(|v| v.to_str().ok()), Some("bulwark; fwd=miss; detail=no-store"));
     let mut body = res.into_body();
     let first = http_body_util::BodyExt::frame(&mut body).await.expect("a first frame").expect("frame");
     assert!(first.is_data());

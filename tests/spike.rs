@@ -285,7 +285,7 @@ async fn uncacheable_answers_release_waiters_together_then_skip_the_wait() {
         })
         .collect();
     for task in tasks {
-        assert_eq!(task.await.expect("task").cache_status(), "bulwark; fwd=miss");
+        assert_eq!(task.await.expect("task").cache_status(), "bulwark; fwd=miss; detail=private");
     }
     // Five 300 ms fetches at once, not in a row.
     let together = origin.log.max_inflight.load(std::sync::atomic::Ordering::SeqCst);

@@ -19,7 +19,7 @@ use crate::cache::policy::reuse::{Choice, choose, should_refresh_early};
 use crate::cache::{CacheKey, Encodings, Entry, Found, PurgeTarget};
 use crate::config::{CacheRules, RouteMode};
 use crate::error::ProxyError;
-use crate::outcome::{Outcome, StaleReason};
+use crate::outcome::{NotStored, Outcome, StaleReason, Store};
 
 /// Applies the route's rules to a cacheable request: headers that `Connection` names
 /// removed before anything is keyed on them, cookies stripped if asked, unkeyed headers
@@ -141,7 +141,7 @@ async fn validate_with_head(job: FetchJob, stored: &Entry) -> Decision {
     match fetch::head(&job, stored).await {
         Ok(HeadAnswer::Updated(updated)) => {
             pool.store(&job.primary, &updated, true).await;
-            Decision::entry(updated.entry, Outcome::Miss { stored: true })
+            Decision::entry(updated.entry, Outcome::Miss(Store::Stored))
         }
         Ok(HeadAnswer::Invalidated(parts)) => {
             if !stored.invalidated {
@@ -150,9 +150,9 @@ async fn validate_with_head(job: FetchJob, stored: &Entry) -> Decision {
                 // up does not leave it half done.
                 let _ = tokio::spawn(async move { pool.purge(&target, true).await }).await;
             }
-            Decision::new(Serve::Streamed(parts, ProxyBody::empty()), Outcome::Miss { stored: false })
+            Decision::new(Serve::Streamed(parts, ProxyBody::empty()), Outcome::Miss(Store::Not(NotStored::Purged)))
         }
-        Ok(HeadAnswer::Other(parts)) => Decision::new(Serve::Streamed(parts, ProxyBody::empty()), Outcome::Miss { stored: false }),
+        Ok(HeadAnswer::Other(parts, reason)) => Decision::new(Serve::Streamed(parts, ProxyBody::empty()), Outcome::Miss(Store::Not(reason))),
         Err(err) => Decision::failed(err),
     }
 }

@@ -17,7 +17,7 @@ use super::forward::{ClientInfo, forward_headers, origin_uri};
 use super::trust::strip_hop_by_hop;
 use crate::body::ProxyBody;
 use crate::cache::entry::{StoreFor, set_date_if_missing, take_tags};
-use crate::cache::policy::{self, Freshness, RouteRules};
+use crate::cache::policy::{self, Freshness, NotStored, RouteRules};
 use crate::cache::revalidate::{self, HeadUpdate};
 use crate::cache::{CacheKey, Encodings, Entry, Stored};
 use crate::config::{Priority, StaleOnError};
@@ -31,8 +31,8 @@ pub enum Fetched {
     /// Read whole and storable: the caller stores it. `revalidated` when the origin
     /// confirmed the stored copy with 304 and this is that copy, refreshed.
     Storable { stored: Stored, revalidated: bool },
-    /// Not storable (or too large): passed through as it streams in.
-    Streamed(response::Parts, ProxyBody),
+    /// Not storable (or too large), and why: passed through as it streams in.
+    Streamed(response::Parts, ProxyBody, NotStored),
 }
 
 /// Everything a fetch needs, owned, so it can run in its own task.
@@ -64,9 +64,14 @@ pub struct FetchJob {
 
 impl FetchJob {
     /// Fetches at the route's priority, or at `low` for a background refresh.
+    /// An answer that is not stored is counted here, once per fill, with its reason.
     pub async fn fetch(&self) -> Result<Fetched, ProxyError> {
         let priority = if self.background { Priority::Low } else { self.route.config.priority };
-        fetch(self, priority).await
+        let fetched = fetch(self, priority).await;
+        if let Ok(Fetched::Streamed(_, _, reason)) = &fetched {
+            self.route.metrics.not_stored(*reason);
+        }
+        fetched
     }
 }
 
@@ -179,7 +184,7 @@ fn refreshed(
         Err(reason) => {
             tracing::trace!(?reason, key = %job.key.text, "revalidated response no longer storable");
             merged.headers.remove(AGE);
-            Fetched::Streamed(merged, ProxyBody::full(stored.body.clone()))
+            Fetched::Streamed(merged, ProxyBody::full(stored.body.clone()), reason)
         }
     }
 }
@@ -217,18 +222,18 @@ async fn store_or_stream(
         Ok(freshness) => freshness,
         Err(reason) => {
             tracing::trace!(?reason, key = %job.key.text, "response not stored");
-            return Ok(Fetched::Streamed(res_parts, ProxyBody::stream(VecDeque::new(), body)));
+            return Ok(Fetched::Streamed(res_parts, ProxyBody::stream(VecDeque::new(), body), reason));
         }
     };
     let declared_len = res_parts.headers.get(CONTENT_LENGTH).and_then(|v| v.to_str().ok()).and_then(|v| v.parse::<u64>().ok());
     if declared_len.is_some_and(|len| len > pool.max_object_bytes as u64) {
-        return Ok(Fetched::Streamed(res_parts, ProxyBody::stream(VecDeque::new(), body)));
+        return Ok(Fetched::Streamed(res_parts, ProxyBody::stream(VecDeque::new(), body), NotStored::TooLarge));
     }
     let read = tokio::time::timeout(origin.timeout, read_up_to(body, pool.max_object_bytes)).await;
     let body = match read {
         Err(_) => return Err(origin_error(route, OriginError::Timeout(origin.timeout))),
         Ok(Err(err)) => return Err(origin_error(route, OriginError::Body(err))),
-        Ok(Ok(BodyRead::TooLarge(prefix, rest))) => return Ok(Fetched::Streamed(res_parts, ProxyBody::stream(prefix, rest))),
+        Ok(Ok(BodyRead::TooLarge(prefix, rest))) => return Ok(Fetched::Streamed(res_parts, ProxyBody::stream(prefix, rest), NotStored::TooLarge)),
         Ok(Ok(BodyRead::Complete(body))) => body,
     };
     // Purge tags are for this cache only: taken out of the stored response.
@@ -268,8 +273,8 @@ pub enum HeadAnswer {
     Updated(Stored),
     /// A 200 for another representation: the stored copy must go.
     Invalidated(response::Parts),
-    /// Anything else, passed to the client as it is.
-    Other(response::Parts),
+    /// Anything else, passed to the client as it is, with why it updated nothing.
+    Other(response::Parts, NotStored),
 }
 
 /// Validates the stored copy of a HEAD request with a HEAD to the origin: no body is
@@ -284,7 +289,7 @@ pub async fn head(job: &FetchJob, stored: &Entry) -> Result<HeadAnswer, ProxyErr
     let (mut parts, _) = res.into_parts();
     strip_hop_by_hop(&mut parts.headers);
     if parts.status != StatusCode::OK || stored.status != StatusCode::OK {
-        return Ok(HeadAnswer::Other(parts));
+        return Ok(HeadAnswer::Other(parts, NotStored::Status));
     }
     if revalidate::head_update(&parts.headers, stored) == HeadUpdate::Invalidate {
         return Ok(HeadAnswer::Invalidated(parts));
@@ -296,7 +301,7 @@ pub async fn head(job: &FetchJob, stored: &Entry) -> Result<HeadAnswer, ProxyErr
     // left as it was, neither updated nor invalidated.
     Ok(match policy::evaluate(&policy_req, &merged, &job.route.pool.config, rules(&job.route), request_time, response_time) {
         Ok(freshness) => HeadAnswer::Updated(build_stored(job, merged, stored.body.clone(), freshness, tags, request_time, response_time)),
-        Err(_) => HeadAnswer::Other(parts),
+        Err(reason) => HeadAnswer::Other(parts, reason),
     })
 }
 

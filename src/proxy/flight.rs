@@ -22,7 +22,7 @@ use crate::cache::lease::{PeerOutcome, PeerWait};
 use crate::cache::{CacheKey, Entry, Stored};
 use crate::error::ProxyError;
 use crate::origin::is_failure_status;
-use crate::outcome::{Outcome, StaleReason};
+use crate::outcome::{NotStored, Outcome, StaleReason, Store};
 
 /// Failure answers up to this size are read whole and shared with waiters.
 const SHARED_ANSWER_BYTES: usize = 64 * 1024;
@@ -56,8 +56,9 @@ fn key_for(job: &FetchJob, stored: &Stored) -> CacheKey {
 /// What the flight task hands its leader.
 enum LeaderResult {
     Fetched(Result<Fetched, ProxyError>),
-    /// The origin failed; its answer, read whole to share with the waiters.
-    Answer(Arc<Answer>),
+    /// The origin failed; its answer, read whole to share with the waiters, and why it
+    /// was not stored.
+    Answer(Arc<Answer>, NotStored),
     /// No answer from the origin; the error, shared with the waiters.
     Error(Arc<ProxyError>),
     /// Another replica filled the key while we held back.
@@ -160,7 +161,7 @@ async fn lead(job: FetchJob, guard: FlightGuard, stale: Option<Arc<Entry>>) -> D
     };
     match result {
         Ok(LeaderResult::FromPeer(stored)) => Decision::entry(stored.entry, Outcome::Collapsed),
-        Ok(LeaderResult::Answer(answer)) => Decision::new(Serve::Answer(answer), Outcome::Miss { stored: false }),
+        Ok(LeaderResult::Answer(answer, reason)) => Decision::new(Serve::Answer(answer), Outcome::Miss(Store::Not(reason))),
         Ok(LeaderResult::Fetched(result)) => answer(result),
         Ok(LeaderResult::Error(err)) => Decision::failed(err),
         Err(_) => Decision::failed(ProxyError::Internal("the fetch task ended without an answer")),
@@ -186,9 +187,9 @@ fn answer(result: Result<Fetched, ProxyError>) -> Decision {
             // Age only when the response arrived already aged (it carried `Age`, or its
             // `Date` is in the past): a fresh fetch has age 0, which needs no header.
             let age = stored.entry.initial_age >= Duration::from_secs(1);
-            Decision::new(Serve::Entry { entry: stored.entry, age }, Outcome::Miss { stored: true })
+            Decision::new(Serve::Entry { entry: stored.entry, age }, Outcome::Miss(Store::Stored))
         }
-        Ok(Fetched::Streamed(parts, body)) => Decision::new(Serve::Streamed(parts, body), Outcome::Miss { stored: false }),
+        Ok(Fetched::Streamed(parts, body, reason)) => Decision::new(Serve::Streamed(parts, body), Outcome::Miss(Store::Not(reason))),
         Err(err) => Decision::failed(err),
     }
 }
@@ -229,12 +230,12 @@ async fn run_flight(job: FetchJob, guard: FlightGuard, leader: Option<oneshot::S
             pool.store_local(&job.primary, &stored).await;
             (Fill::Stored(stored.clone()), LeaderResult::Fetched(Ok(Fetched::Storable { stored, revalidated })))
         }
-        Ok(Fetched::Streamed(parts, body)) if is_failure_status(parts.status) => {
+        Ok(Fetched::Streamed(parts, body, reason)) if is_failure_status(parts.status) => {
             let status = parts.status;
             // The leader's outcome: an origin answer, not stored.
-            let outcome = Outcome::Miss { stored: false };
-            match read_answer(parts, body, job.route.origin.config.timeout).await {
-                Ok(answer) => (Fill::Failed { outcome, failure: Failure::Answer(for_waiters(&answer)) }, LeaderResult::Answer(answer)),
+            let outcome = Outcome::Miss(Store::Not(reason));
+            match read_answer(parts, body, reason, job.route.origin.config.timeout).await {
+                Ok(answer) => (Fill::Failed { outcome, failure: Failure::Answer(for_waiters(&answer)) }, LeaderResult::Answer(answer, reason)),
                 Err(result) => (Fill::Failed { outcome, failure: Failure::Status(status) }, LeaderResult::Fetched(Ok(result))),
             }
         }
@@ -260,10 +261,10 @@ async fn run_flight(job: FetchJob, guard: FlightGuard, leader: Option<oneshot::S
 
 /// Reads a failure answer whole if it is small, to share it; otherwise gives the
 /// response back to be streamed to the leader alone.
-async fn read_answer(parts: http::response::Parts, body: ProxyBody, timeout: Duration) -> Result<Arc<Answer>, Fetched> {
+async fn read_answer(parts: http::response::Parts, body: ProxyBody, reason: NotStored, timeout: Duration) -> Result<Arc<Answer>, Fetched> {
     let small = body.size_hint().upper().is_some_and(|n| n <= SHARED_ANSWER_BYTES as u64);
     if !small {
-        return Err(Fetched::Streamed(parts, body));
+        return Err(Fetched::Streamed(parts, body, reason));
     }
     let headers = parts.headers;
     match tokio::time::timeout(timeout, body.collect()).await {

@@ -17,7 +17,7 @@ use crate::cache::coalesce::Answer;
 use crate::cache::revalidate::{Conditional, NOT_MODIFIED_FIELDS};
 use crate::config::Fallback;
 use crate::error::{error_response, plain_response};
-use crate::outcome::Outcome;
+use crate::outcome::{Outcome, Store};
 
 /// The `Cache-Status` field (RFC 9211).
 pub static CACHE_STATUS: HeaderName = HeaderName::from_static("cache-status");
@@ -34,7 +34,7 @@ pub(super) fn render(ctx: &RequestContext, decision: Decision, conditional: Opti
         Serve::Off => off(),
         Serve::Error(err) => error_response(&err),
     };
-    if let Some(conditional) = conditional.filter(|_| outcome.from_store() || outcome == (Outcome::Miss { stored: true })) {
+    if let Some(conditional) = conditional.filter(|_| outcome.from_store() || outcome == Outcome::Miss(Store::Stored)) {
         res = not_modified_if(res, conditional);
     }
     // Targeted cache-control fields (RFC 9213) and purge tags are for this cache: not

@@ -11,28 +11,13 @@ use std::time::{Duration, SystemTime};
 pub mod reuse;
 mod targeted;
 
-use http::header::{AGE, CACHE_CONTROL, DATE, ETAG, EXPIRES, LAST_MODIFIED, SET_COOKIE};
+use http::header::{AGE, AUTHORIZATION, CACHE_CONTROL, DATE, ETAG, EXPIRES, LAST_MODIFIED, SET_COOKIE};
 use http::{HeaderMap, HeaderName, StatusCode, request, response};
 use http_cache_semantics::{CacheOptions, CachePolicy};
 
 use crate::cache::key::Vary;
 use crate::config::{CacheRules, PoolConfig};
-
-/// Why a response was not stored.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum NotStorable {
-    /// `no-store`, `private`, `Authorization`, or a status a shared cache may not keep.
-    Forbidden,
-    SetCookie,
-    /// `Vary: *`, or a `Vary` that is not a list of at most 16 field names.
-    Vary,
-    /// `no-cache` with no validator: it would have to be fetched whole every time.
-    NoCache,
-    /// Partial content is never stored as a whole object.
-    Partial,
-    /// No freshness at all, and no validator to revalidate it with.
-    NoFreshness,
-}
+pub use crate::outcome::NotStored;
 
 /// Freshness data of a storable response.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -178,11 +163,23 @@ pub fn evaluate(
     route: RouteRules<'_>,
     request_time: SystemTime,
     response_time: SystemTime,
-) -> Result<Freshness, NotStorable> {
+) -> Result<Freshness, NotStored> {
     if res.status == StatusCode::PARTIAL_CONTENT {
-        return Err(NotStorable::Partial);
+        return Err(NotStored::Status);
     }
     let headers = effective_headers(&res.headers, route.rules);
+    let mut cc = Directives::parse(&headers);
+    // The reasons a client or an operator can act on, before the library's verdict
+    // (which covers them too, and the method and status besides).
+    if cc.no_store {
+        return Err(NotStored::NoStore);
+    }
+    if cc.private {
+        return Err(NotStored::Private);
+    }
+    if req.headers.contains_key(AUTHORIZATION) && !(cc.public || cc.s_maxage.is_some() || cc.must_revalidate) {
+        return Err(NotStored::Authorization);
+    }
     let policy = match &headers {
         std::borrow::Cow::Borrowed(_) => CachePolicy::new_options(req, res, response_time, shared()),
         std::borrow::Cow::Owned(replaced) => {
@@ -193,24 +190,24 @@ pub fn evaluate(
         }
     };
     if !policy.is_storable() {
-        return Err(NotStorable::Forbidden);
+        return Err(NotStored::Status);
     }
     if res.headers.contains_key(SET_COOKIE) {
-        return Err(NotStorable::SetCookie);
+        return Err(NotStored::SetCookie);
     }
     let vary = match Vary::parse(&res.headers) {
         Vary::None => Vec::new(),
         Vary::Names(names) => names,
-        Vary::Star | Vary::Invalid => return Err(NotStorable::Vary),
+        Vary::Star => return Err(NotStored::VaryStar),
+        Vary::Invalid => return Err(NotStored::VaryInvalid),
     };
-    let mut cc = Directives::parse(&headers);
     if route.rules.ignore_no_cache {
         cc.no_cache = false;
         cc.no_cache_fields.clear();
     }
     let has_validator = res.headers.contains_key(ETAG) || res.headers.contains_key(LAST_MODIFIED);
     if cc.no_cache && !has_validator {
-        return Err(NotStorable::NoCache);
+        return Err(NotStored::NoCacheNoValidator);
     }
     let date = http_date(&res.headers, DATE);
     let forced = route.rules.force_ttl.filter(|_| res.status.as_u16() < 400);
@@ -219,13 +216,13 @@ pub fn evaluate(
         None if cc.no_cache => Duration::ZERO,
         None => explicit_lifetime(&cc, &headers, date.unwrap_or(response_time))
             .or_else(|| heuristic_lifetime(res, &cc, pool, route.negative_ttl, date.unwrap_or(response_time)))
-            .ok_or(NotStorable::NoFreshness)?,
+            .ok_or(NotStored::NoFreshness)?,
     };
     let initial_age = initial_age(&res.headers, date, request_time, response_time);
     // A forced TTL counts from when the response arrived here.
     let initial_age = if forced.is_some() { Duration::ZERO } else { initial_age };
     if lifetime <= initial_age && !has_validator {
-        return Err(NotStorable::NoFreshness);
+        return Err(NotStored::StaleOnArrival);
     }
     let strip = cc.no_cache_fields.iter().filter_map(|f| HeaderName::from_bytes(f.as_bytes()).ok()).collect();
     Ok(Freshness {

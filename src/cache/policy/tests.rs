@@ -28,7 +28,7 @@ fn no_rules() -> CacheRules {
     CacheRules { targeted_cache_control: vec![HeaderName::from_static("cdn-cache-control")], ..CacheRules::default() }
 }
 
-fn eval_with(pool: &PoolConfig, req_headers: &[(&str, &str)], status: u16, res_headers: &[(&str, &str)]) -> Result<Freshness, NotStorable> {
+fn eval_with(pool: &PoolConfig, req_headers: &[(&str, &str)], status: u16, res_headers: &[(&str, &str)]) -> Result<Freshness, NotStored> {
     let mut req = Request::get("http://shop.example/p");
     for (n, v) in req_headers {
         req = req.header(*n, *v);
@@ -43,7 +43,7 @@ fn eval_with(pool: &PoolConfig, req_headers: &[(&str, &str)], status: u16, res_h
     evaluate(&req, &res, pool, RouteRules { rules: &no_rules(), negative_ttl: None }, now, now)
 }
 
-fn eval(status: u16, res_headers: &[(&str, &str)]) -> Result<Freshness, NotStorable> {
+fn eval(status: u16, res_headers: &[(&str, &str)]) -> Result<Freshness, NotStored> {
     eval_with(&pool(), &[], status, res_headers)
 }
 
@@ -59,17 +59,17 @@ fn explicit_freshness_order() {
     let expires = httpdate::fmt_http_date(SystemTime::now() + Duration::from_secs(120));
     let from_expires = lifetime(200, &[("date", &date), ("expires", &expires)]);
     assert!(from_expires >= Duration::from_secs(119) && from_expires <= Duration::from_secs(121), "{from_expires:?}");
-    assert_eq!(eval(200, &[("expires", "0")]), Err(NotStorable::NoFreshness));
+    assert_eq!(eval(200, &[("expires", "0")]), Err(NotStored::StaleOnArrival));
     assert_eq!(lifetime(200, &[("cache-control", "max-age=5"), ("expires", &expires)]), Duration::from_secs(5));
 }
 
 #[test]
 fn default_ttl_applies_only_without_explicit_freshness() {
     assert_eq!(lifetime(200, &[]), Duration::from_secs(60));
-    assert_eq!(eval(200, &[("cache-control", "max-age=0")]), Err(NotStorable::NoFreshness));
+    assert_eq!(eval(200, &[("cache-control", "max-age=0")]), Err(NotStored::StaleOnArrival));
     let mut heuristic_only = pool();
     heuristic_only.default_ttl = Duration::ZERO;
-    assert_eq!(eval_with(&heuristic_only, &[], 200, &[]), Err(NotStorable::NoFreshness));
+    assert_eq!(eval_with(&heuristic_only, &[], 200, &[]), Err(NotStored::NoFreshness));
     let date = httpdate::fmt_http_date(SystemTime::now());
     let modified = httpdate::fmt_http_date(SystemTime::now() - Duration::from_secs(1000));
     let heuristic = eval_with(&heuristic_only, &[], 200, &[("date", &date), ("last-modified", &modified)]).expect("storable");
@@ -78,10 +78,10 @@ fn default_ttl_applies_only_without_explicit_freshness() {
 
 #[test]
 fn forbidden_responses() {
-    assert_eq!(eval(200, &[("cache-control", "no-store")]), Err(NotStorable::Forbidden));
-    assert_eq!(eval(200, &[("cache-control", "private, max-age=60")]), Err(NotStorable::Forbidden));
-    assert_eq!(eval(200, &[("cache-control", "max-age=60"), ("set-cookie", "a=b")]), Err(NotStorable::SetCookie));
-    assert_eq!(eval(200, &[("cache-control", "no-cache")]), Err(NotStorable::NoCache));
+    assert_eq!(eval(200, &[("cache-control", "no-store")]), Err(NotStored::NoStore));
+    assert_eq!(eval(200, &[("cache-control", "private, max-age=60")]), Err(NotStored::Private));
+    assert_eq!(eval(200, &[("cache-control", "max-age=60"), ("set-cookie", "a=b")]), Err(NotStored::SetCookie));
+    assert_eq!(eval(200, &[("cache-control", "no-cache")]), Err(NotStored::NoCacheNoValidator));
     let no_cache = eval(200, &[("cache-control", "no-cache, max-age=60"), ("etag", "\"v1\"")]).expect("stored to revalidate");
     assert_eq!((no_cache.lifetime, no_cache.no_stale), (Duration::ZERO, true));
     let qualified = eval(200, &[("cache-control", "no-cache=\"x-user, X-Trace\", max-age=60")]).expect("storable");
@@ -90,23 +90,23 @@ fn forbidden_responses() {
         eval(200, &[("vary", "Cookie, accept-language, cookie")]).expect("varies").vary,
         vec![HeaderName::from_static("accept-language"), HeaderName::from_static("cookie")]
     );
-    assert_eq!(eval(200, &[("vary", "*")]), Err(NotStorable::Vary));
-    assert_eq!(eval(200, &[("vary", "a b")]), Err(NotStorable::Vary));
+    assert_eq!(eval(200, &[("vary", "*")]), Err(NotStored::VaryStar));
+    assert_eq!(eval(200, &[("vary", "a b")]), Err(NotStored::VaryInvalid));
     assert!(eval(200, &[("vary", "Accept-Encoding")]).is_ok());
-    assert_eq!(eval(206, &[("cache-control", "max-age=60")]), Err(NotStorable::Partial));
-    assert_eq!(eval(500, &[]), Err(NotStorable::Forbidden));
+    assert_eq!(eval(206, &[("cache-control", "max-age=60")]), Err(NotStored::Status));
+    assert_eq!(eval(500, &[]), Err(NotStored::Status));
 }
 
 #[test]
 fn authorization_needs_explicit_permission() {
-    assert_eq!(eval_with(&pool(), &[("authorization", "Bearer x")], 200, &[("cache-control", "max-age=60")]), Err(NotStorable::Forbidden));
+    assert_eq!(eval_with(&pool(), &[("authorization", "Bearer x")], 200, &[("cache-control", "max-age=60")]), Err(NotStored::Authorization));
     assert!(eval_with(&pool(), &[("authorization", "Bearer x")], 200, &[("cache-control", "public, max-age=60")]).is_ok());
     assert!(eval_with(&pool(), &[("authorization", "Bearer x")], 200, &[("cache-control", "s-maxage=60")]).is_ok());
 }
 
 #[test]
 fn errors_are_kept_only_when_asked() {
-    assert_eq!(eval(404, &[]), Err(NotStorable::NoFreshness));
+    assert_eq!(eval(404, &[]), Err(NotStored::NoFreshness));
     assert_eq!(lifetime(404, &[("cache-control", "max-age=30")]), Duration::from_secs(30));
     let mut req = Request::get("http://h/").body(()).expect("req").into_parts().0;
     req.headers.clear();
@@ -126,7 +126,7 @@ fn stale_windows_and_age() {
     assert!(eval(200, &[("cache-control", "s-maxage=60")]).expect("storable").no_stale);
     let defaults = eval(200, &[("cache-control", "max-age=60")]).expect("storable");
     assert_eq!(defaults.stale_if_error, Duration::from_secs(600));
-    assert_eq!(eval(200, &[("cache-control", "max-age=60"), ("age", "61")]), Err(NotStorable::NoFreshness));
+    assert_eq!(eval(200, &[("cache-control", "max-age=60"), ("age", "61")]), Err(NotStored::StaleOnArrival));
     // Stale on arrival but revalidatable: kept for conditional requests.
     assert!(eval(200, &[("cache-control", "max-age=60"), ("age", "61"), ("etag", "\"a\"")]).is_ok());
     // A list-valued Age counts by its first member; an invalid one is ignored.
@@ -150,11 +150,11 @@ fn conflicting_duplicates_are_most_restrictive() {
 fn huge_delta_seconds_are_clamped_not_overflowed() {
     let f = eval(200, &[("cache-control", "max-age=99999999999999999999999, stale-if-error=18446744073709551615"), ("age", "18446744073709551615")]);
     // Age clamps to 2^31 as well, which equals the clamped max-age: no freshness left.
-    assert_eq!(f, Err(NotStorable::NoFreshness));
+    assert_eq!(f, Err(NotStored::StaleOnArrival));
     let f = eval(200, &[("cache-control", "max-age=99999999999999999999999, stale-if-error=18446744073709551615")]).expect("storable");
     assert_eq!(f.lifetime, Duration::from_secs(MAX_DELTA_SECONDS));
     assert_eq!(f.stale_if_error, Duration::from_secs(MAX_DELTA_SECONDS));
-    assert_eq!(eval(200, &[("cache-control", "max-age=-5")]), Err(NotStorable::NoFreshness));
+    assert_eq!(eval(200, &[("cache-control", "max-age=-5")]), Err(NotStored::StaleOnArrival));
     let expires = eval(200, &[("date", "Sun, 22 Nov 2026 08:00:00 GMT"), ("expires", "Fri, 31 Dec 9999 23:59:59 GMT")]).expect("storable");
     assert_eq!(expires.lifetime, Duration::from_secs(MAX_DELTA_SECONDS));
 }
@@ -163,7 +163,7 @@ fn huge_delta_seconds_are_clamped_not_overflowed() {
 fn targeted_fields_take_precedence() {
     let f = eval(200, &[("cache-control", "no-store"), ("cdn-cache-control", "max-age=120")]).expect("CDN-Cache-Control wins");
     assert_eq!(f.lifetime, Duration::from_secs(120));
-    assert_eq!(eval(200, &[("cache-control", "max-age=60"), ("cdn-cache-control", "no-store")]), Err(NotStorable::Forbidden));
+    assert_eq!(eval(200, &[("cache-control", "max-age=60"), ("cdn-cache-control", "no-store")]), Err(NotStored::NoStore));
     // An invalid targeted field is ignored: Cache-Control decides.
     assert_eq!(lifetime(200, &[("cache-control", "max-age=60"), ("cdn-cache-control", "max-age=")]), Duration::from_secs(60));
     // Expires is ignored when a targeted field applies.
@@ -185,8 +185,8 @@ fn route_overrides() {
     };
     let forced = CacheRules { force_ttl: Some(Duration::from_secs(300)), ..no_rules() };
     assert_eq!(run(&forced, 200, &[("cache-control", "max-age=0")]).expect("forced").lifetime, Duration::from_secs(300));
-    assert_eq!(run(&forced, 200, &[("cache-control", "no-store")]), Err(NotStorable::Forbidden), "force_ttl never overrides no-store");
-    assert_eq!(run(&forced, 404, &[]), Err(NotStorable::NoFreshness), "force_ttl is for statuses below 400");
+    assert_eq!(run(&forced, 200, &[("cache-control", "no-store")]), Err(NotStored::NoStore), "force_ttl never overrides no-store");
+    assert_eq!(run(&forced, 404, &[]), Err(NotStored::NoFreshness), "force_ttl is for statuses below 400");
     let ignore = CacheRules { ignore_no_cache: true, ..no_rules() };
     assert_eq!(run(&ignore, 200, &[("cache-control", "no-cache, max-age=30")]).expect("stored").lifetime, Duration::from_secs(30));
 }
