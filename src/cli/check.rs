@@ -8,6 +8,9 @@ use crate::config::Config;
 pub fn run(path: &Path) -> ExitCode {
     match Config::load(path) {
         Ok(config) => {
+            for warning in config.warnings() {
+                eprintln!("{}: warning: {warning}", path.display());
+            }
             println!("{}: ok ({} routes, {} pools, {} origins)", path.display(), config.routes.len(), config.pools.len(), config.origins.len());
             ExitCode::SUCCESS
         }

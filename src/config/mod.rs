@@ -157,12 +157,15 @@ pub struct CacheRules {
     pub key_headers: Vec<http::HeaderName>,
     /// `Cookie` removed from cacheable requests and `Set-Cookie` from their responses.
     pub strip_cookies: bool,
+    /// Cookies (analytics and the like: `_ga*`) removed from cacheable requests before
+    /// the key, the cookie rule and the origin see them.
+    pub ignore_cookies: Vec<ParamPattern>,
     /// Targeted cache-control fields (RFC 9213), first present and valid one wins over
     /// `Cache-Control` and `Expires`; all are removed before the response goes out.
     pub targeted_cache_control: Vec<http::HeaderName>,
 }
 
-/// A query parameter name, or a prefix of names (`utm_*`).
+/// A query parameter or cookie name, or a prefix of names (`utm_*`, `_ga*`).
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum ParamPattern {
     Exact(String),
@@ -224,6 +227,22 @@ impl fmt::Display for ConfigError {
 impl std::error::Error for ConfigError {}
 
 impl Config {
+    /// Settings that are valid but probably not what the operator meant, one sentence
+    /// each (`bulwark check` prints them; the config still loads).
+    pub fn warnings(&self) -> Vec<String> {
+        let mut out = Vec::new();
+        for route in &self.routes {
+            let rules = &route.cache;
+            if rules.force_ttl.is_some() && !rules.strip_cookies && !rules.key_headers.contains(&http::header::COOKIE) {
+                out.push(format!(
+                    "route {:?}: force_ttl stores answers to requests with Cookie, so a page rendered for one session would be served to others; set strip_cookies or add Cookie to key_headers",
+                    route.name
+                ));
+            }
+        }
+        out
+    }
+
     /// Reads and validates a config file.
     pub fn load(path: &Path) -> Result<Config, ConfigError> {
         let text = std::fs::read_to_string(path).map_err(|err| ConfigError {

@@ -101,6 +101,8 @@ pub struct RawRoute {
     #[serde(default)]
     pub key_headers: Vec<Spanned<String>>,
     pub strip_cookies: Option<bool>,
+    #[serde(default)]
+    pub ignore_cookies: Vec<Spanned<String>>,
     pub targeted_cache_control: Option<Vec<Spanned<String>>>,
 }
 

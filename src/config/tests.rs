@@ -128,3 +128,25 @@ fn config_embedded_in_the_kubernetes_configmap_is_valid() {
     let toml: String = body.lines().map(|l| format!("{}\n", l.strip_prefix("    ").unwrap_or(l))).collect();
     Config::parse(&toml, Path::new("k8s/configmap.yaml")).unwrap_or_else(|e| panic!("{e}"));
 }
+
+#[test]
+fn ignore_cookies_takes_names_and_prefixes() {
+    let config = parse(&format!("{MINIMAL}ignore_cookies = [\"_ga*\", \"_fbp\"]\n")).expect("valid");
+    let ignored = &config.routes[0].cache.ignore_cookies;
+    assert_eq!(ignored, &[ParamPattern::Prefix("_ga".into()), ParamPattern::Exact("_fbp".into())]);
+    let bad = error_of(&format!("{MINIMAL}ignore_cookies = [\"a=b\"]\n"));
+    assert!(bad.contains("bulwark.toml:14:") && bad.contains("ignore_cookies") && bad.contains("not a cookie name"), "{bad}");
+}
+
+#[test]
+fn force_ttl_on_a_route_that_keeps_session_cookies_is_warned_about() {
+    assert!(parse(MINIMAL).expect("valid").warnings().is_empty());
+    let forced = parse(&format!("{MINIMAL}force_ttl = \"30s\"\n")).expect("valid");
+    let warnings = forced.warnings();
+    assert_eq!(warnings.len(), 1, "{warnings:?}");
+    assert!(warnings[0].contains("\"product-detail\"") && warnings[0].contains("Cookie"), "{warnings:?}");
+    for lifted in ["strip_cookies = true", "key_headers = [\"Cookie\"]"] {
+        let config = parse(&format!("{MINIMAL}force_ttl = \"30s\"\n{lifted}\n")).expect("valid");
+        assert!(config.warnings().is_empty(), "{lifted}");
+    }
+}

@@ -361,9 +361,10 @@ fn route(raw: raw::RawRoute, origins: &[OriginConfig], pools: &[PoolConfig]) -> 
             },
             ignore_no_cache: raw.ignore_no_cache.unwrap_or(false),
             ignore_request_cache_control: raw.ignore_request_cache_control.unwrap_or(false),
-            ignore_query_params: raw.ignore_query_params.iter().map(param_pattern).collect::<Result<Vec<_>>>()?,
+            ignore_query_params: raw.ignore_query_params.iter().map(|p| name_pattern(p, "ignore_query_params", "parameter")).collect::<Result<Vec<_>>>()?,
             key_headers: header_names(&raw.key_headers, "key_headers")?,
             strip_cookies: raw.strip_cookies.unwrap_or(false),
+            ignore_cookies: raw.ignore_cookies.iter().map(|p| name_pattern(p, "ignore_cookies", "cookie")).collect::<Result<Vec<_>>>()?,
             targeted_cache_control: match &raw.targeted_cache_control {
                 None => vec![HeaderName::from_static("cdn-cache-control")],
                 Some(names) => header_names(names, "targeted_cache_control")?,
@@ -372,16 +373,18 @@ fn route(raw: raw::RawRoute, origins: &[OriginConfig], pools: &[PoolConfig]) -> 
     })
 }
 
-/// `name` or `prefix*`: a query parameter left out of the key.
-fn param_pattern(raw: &Spanned<String>) -> Result<ParamPattern> {
+/// `name` or `prefix*`: a query parameter or cookie left out of the key (`what` names
+/// which, in the error).
+fn name_pattern(raw: &Spanned<String>, key: &str, what: &str) -> Result<ParamPattern> {
     let text = raw.get_ref();
-    let invalid = |c: char| matches!(c, '&' | '=' | '#' | '?') || c.is_whitespace() || c.is_control();
+    let separator = |c: char| if what == "cookie" { matches!(c, '=' | ';' | ',') } else { matches!(c, '&' | '=' | '#' | '?') };
+    let invalid = |c: char| separator(c) || c.is_whitespace() || c.is_control();
     let (name, prefix) = match text.strip_suffix('*') {
         Some(prefix) => (prefix, true),
         None => (text.as_str(), false),
     };
     if name.is_empty() || name.contains(invalid) || name.contains('*') {
-        return err(raw.span(), format!("ignore_query_params: {text:?} is not a parameter name or a prefix ending in '*'"));
+        return err(raw.span(), format!("{key}: {text:?} is not a {what} name or a prefix ending in '*'"));
     }
     Ok(if prefix { ParamPattern::Prefix(name.to_owned()) } else { ParamPattern::Exact(name.to_owned()) })
 }

@@ -22,7 +22,7 @@ use crate::error::ProxyError;
 use crate::outcome::{NotStored, Outcome, StaleReason, Store};
 
 /// Applies the route's rules to a cacheable request: headers that `Connection` names
-/// removed before anything is keyed on them, cookies stripped if asked, unkeyed headers
+/// removed before anything is keyed on them, cookies stripped (or the ignored ones) if asked, unkeyed headers
 /// removed, the query normalised without the ignored parameters. Returns the normalised
 /// query; [`target::for_origin`] puts it into the request when one goes to the origin (the
 /// origin is asked exactly what the key says), so a hit rebuilds no URI.
@@ -33,6 +33,8 @@ pub(super) fn prepare(rules: &CacheRules, parts: &mut request::Parts, trusted: b
     trust::strip_hop_by_hop(&mut parts.headers);
     if rules.strip_cookies {
         parts.headers.remove(COOKIE);
+    } else {
+        trust::remove_ignored_cookies(&mut parts.headers, &rules.ignore_cookies);
     }
     trust::strip_unkeyed(&mut parts.headers, &rules.key_headers, trusted);
     let raw = parts.uri.query().unwrap_or("");

@@ -3,8 +3,10 @@
 //! what an origin serves without being in the key (host, path and method overrides)
 //! only when the route keys on them; routing headers only from trusted proxies.
 
-use http::HeaderMap;
-use http::header::{CONNECTION, HOST, HeaderName};
+use http::header::{CONNECTION, COOKIE, HOST, HeaderName};
+use http::{HeaderMap, HeaderValue};
+
+use crate::config::ParamPattern;
 
 static KEEP_ALIVE: HeaderName = HeaderName::from_static("keep-alive");
 static PROXY_CONNECTION: HeaderName = HeaderName::from_static("proxy-connection");
@@ -71,6 +73,37 @@ static UNKEYED: [HeaderName; 15] = [
     HeaderName::from_static("front-end-https"),
     HeaderName::from_static("x-url-scheme"),
 ];
+
+/// Removes the cookies the route ignores (analytics cookies such as `_ga*`) from the
+/// request: what is left goes on as one `Cookie` field, or none when nothing is left. The
+/// key, the cookie rule and the origin then see the request as if the browser had not
+/// sent them. A field that is not text is left as it is.
+pub fn remove_ignored_cookies(headers: &mut HeaderMap, ignored: &[ParamPattern]) {
+    if ignored.is_empty() || !headers.contains_key(COOKIE) {
+        return;
+    }
+    let mut kept: Vec<&str> = Vec::new();
+    let mut removed = false;
+    for value in headers.get_all(COOKIE) {
+        let Ok(text) = value.to_str() else { return };
+        for pair in text.split(';').map(str::trim).filter(|p| !p.is_empty()) {
+            let name = pair.split_once('=').map_or(pair, |(name, _)| name).trim();
+            if ignored.iter().any(|p| p.matches(name)) {
+                removed = true;
+            } else {
+                kept.push(pair);
+            }
+        }
+    }
+    if !removed {
+        return;
+    }
+    let joined = (!kept.is_empty()).then(|| HeaderValue::from_str(&kept.join("; ")));
+    headers.remove(COOKIE);
+    if let Some(Ok(joined)) = joined {
+        headers.insert(COOKIE, joined);
+    }
+}
 
 /// Removes the headers a cacheable request may not carry to the origin unless the route
 /// keys on them (`key_headers`); keyed ones stay, except routing headers from a peer

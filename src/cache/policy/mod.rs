@@ -11,7 +11,7 @@ use std::time::{Duration, SystemTime};
 pub mod reuse;
 mod targeted;
 
-use http::header::{AGE, AUTHORIZATION, CACHE_CONTROL, DATE, ETAG, EXPIRES, LAST_MODIFIED, SET_COOKIE};
+use http::header::{AGE, AUTHORIZATION, CACHE_CONTROL, COOKIE, DATE, ETAG, EXPIRES, LAST_MODIFIED, SET_COOKIE};
 use http::{HeaderMap, HeaderName, StatusCode, request, response};
 use http_cache_semantics::{CacheOptions, CachePolicy};
 
@@ -211,12 +211,22 @@ pub fn evaluate(
     }
     let date = http_date(&res.headers, DATE);
     let forced = route.rules.force_ttl.filter(|_| res.status.as_u16() < 400);
+    // A request with `Cookie` (the ones the route ignores already removed) may get a page
+    // rendered for its session: only the origin's explicit word (or the route's
+    // `force_ttl`) makes such an answer shareable, never a guess. Keying on `Cookie`
+    // lifts the rule: each session then has its own copy.
+    let cookie_bound = req.headers.contains_key(COOKIE) && !route.rules.key_headers.contains(&COOKIE);
     let lifetime = match forced {
         Some(ttl) => ttl,
         None if cc.no_cache => Duration::ZERO,
-        None => explicit_lifetime(&cc, &headers, date.unwrap_or(response_time))
-            .or_else(|| heuristic_lifetime(res, &cc, pool, route.negative_ttl, date.unwrap_or(response_time)))
-            .ok_or(NotStored::NoFreshness)?,
+        None => match explicit_lifetime(&cc, &headers, date.unwrap_or(response_time)) {
+            Some(explicit) => explicit,
+            None => match heuristic_lifetime(res, &cc, pool, route.negative_ttl, date.unwrap_or(response_time)) {
+                Some(_) if cookie_bound => return Err(NotStored::CookieHeuristic),
+                Some(heuristic) => heuristic,
+                None => return Err(NotStored::NoFreshness),
+            },
+        },
     };
     let initial_age = initial_age(&res.headers, date, request_time, response_time);
     // A forced TTL counts from when the response arrived here.

@@ -205,3 +205,48 @@ fn request_directives() {
     assert!(parse("no-cache").no_cache && parse("no-cache").constrains());
     assert!(!parse("no-transform").constrains());
 }
+
+#[test]
+fn a_request_with_cookie_gets_no_heuristic_freshness() {
+    let cookie = [("cookie", "session=alice")];
+    // The usual framework default: no Cache-Control at all.
+    assert_eq!(eval_with(&pool(), &cookie, 200, &[]), Err(NotStored::CookieHeuristic));
+    let mut negative = pool();
+    negative.default_ttl = Duration::ZERO;
+    let date = httpdate::fmt_http_date(SystemTime::now());
+    let modified = httpdate::fmt_http_date(SystemTime::now() - Duration::from_secs(1000));
+    let by_last_modified = [("date", date.as_str()), ("last-modified", modified.as_str())];
+    assert_eq!(eval_with(&negative, &cookie, 200, &by_last_modified), Err(NotStored::CookieHeuristic));
+    // Explicit freshness is the origin saying the page is shareable.
+    assert_eq!(eval_with(&pool(), &cookie, 200, &[("cache-control", "max-age=60")]).expect("explicit").lifetime, Duration::from_secs(60));
+    assert_eq!(eval_with(&pool(), &cookie, 200, &[("cache-control", "public")]), Err(NotStored::CookieHeuristic), "public alone is no lifetime");
+    // Nothing to guess from: the plain reason.
+    assert_eq!(eval_with(&pool(), &cookie, 302, &[]), Err(NotStored::Status));
+    let now = SystemTime::now();
+    let (req, _) = Request::get("http://h/").header("cookie", "s=1").body(()).expect("req").into_parts();
+    let (res, _) = Response::builder().status(200).body(()).expect("res").into_parts();
+    let forced = CacheRules { force_ttl: Some(Duration::from_secs(30)), ..no_rules() };
+    let keyed = CacheRules { key_headers: vec![http::header::COOKIE], ..no_rules() };
+    for (rules, why) in [(&forced, "force_ttl"), (&keyed, "Cookie in key_headers")] {
+        assert!(evaluate(&req, &res, &pool(), RouteRules { rules, negative_ttl: None }, now, now).is_ok(), "{why} lifts the rule");
+    }
+}
+
+#[test]
+fn an_authenticated_request_is_stored_only_when_the_response_says_it_is_shared() {
+    let auth = [("authorization", "Bearer t")];
+    assert_eq!(eval_with(&pool(), &auth, 200, &[("cache-control", "max-age=60")]), Err(NotStored::Authorization));
+    assert_eq!(eval_with(&pool(), &auth, 200, &[]), Err(NotStored::Authorization));
+    for shared in ["public, max-age=60", "s-maxage=60", "max-age=60, must-revalidate"] {
+        assert!(eval_with(&pool(), &auth, 200, &[("cache-control", shared)]).is_ok(), "{shared}");
+    }
+    let now = SystemTime::now();
+    let (req, _) = Request::get("http://h/").header("authorization", "Bearer t").body(()).expect("req").into_parts();
+    let (res, _) = Response::builder().status(200).body(()).expect("res").into_parts();
+    let forced = CacheRules { force_ttl: Some(Duration::from_secs(30)), ..no_rules() };
+    assert_eq!(
+        evaluate(&req, &res, &pool(), RouteRules { rules: &forced, negative_ttl: None }, now, now),
+        Err(NotStored::Authorization),
+        "force_ttl never makes it shared"
+    );
+}
