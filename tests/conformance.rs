@@ -261,8 +261,8 @@ async fn rfc9111_5_3_and_4_2_1_invalid_or_conflicting_values_mean_no_freshness()
 }
 
 /// RFC 9111 section 3.5: a response to a request with `Authorization` is stored only
-/// with `public`, `s-maxage` or `must-revalidate`; and stored responses never answer
-/// an authenticated request.
+/// with `public`, `s-maxage` or `must-revalidate`, and a stored response answers an
+/// authenticated request only when it has one of them.
 #[tokio::test]
 async fn rfc9111_3_5_authenticated_requests() {
     let origin = Origin::start().await;
@@ -275,7 +275,10 @@ async fn rfc9111_3_5_authenticated_requests() {
     assert_eq!(bulwark.get_with("/plain", &auth).await.cache_status(), not_stored("authorization"));
     assert_eq!(bulwark.get_with("/public", &auth).await.cache_status(), STORED);
     assert_eq!(bulwark.get("/public").await.cache_status(), HIT);
-    assert_ne!(bulwark.get_with("/public", &auth).await.cache_status(), HIT, "not reused for an authenticated request");
+    assert_eq!(bulwark.get_with("/public", &auth).await.cache_status(), HIT, "public: reused for an authenticated request");
+    assert_eq!(bulwark.get("/anonymous").await.cache_status(), STORED);
+    assert_eq!(bulwark.get("/anonymous").await.cache_status(), HIT);
+    assert_eq!(bulwark.get_with("/anonymous", &auth).await.cache_status(), not_stored("authorization"), "not shared: the origin is asked");
 }
 
 // --- Statuses (RFC 9110 section 15.1, RFC 9111 section 3) ------------------------------

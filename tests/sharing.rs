@@ -90,3 +90,77 @@ async fn an_authenticated_answer_with_max_age_alone_is_not_reused() {
     }
     assert_eq!(origin.total(), 2);
 }
+
+#[tokio::test]
+async fn a_response_marked_shared_serves_other_authenticated_requests() {
+    let origin = Origin::start().await;
+    origin.set(|parts| match parts.uri.path() {
+        "/shared" => Reply::ok("catalogue for members").header("cache-control", "public, max-age=60"),
+        _ => Reply::ok("anonymous copy").header("cache-control", "max-age=60"),
+    });
+    let bulwark = Bulwark::start(&TestConfig::new(&origin.url()).to_toml()).await;
+    assert_eq!(bulwark.get_with("/shared", &[("authorization", "Bearer alice")]).await.cache_status(), "bulwark; fwd=miss; stored");
+    let bob = bulwark.get_with("/shared", &[("authorization", "Bearer bob")]).await;
+    assert_eq!((bob.text(), bob.cache_status()), ("catalogue for members", "bulwark; hit; detail=l1"));
+    // A copy stored for an anonymous request without public/s-maxage/must-revalidate is
+    // not served to an authenticated one: the origin is asked.
+    assert_eq!(bulwark.get("/plain").await.cache_status(), "bulwark; fwd=miss; stored");
+    let authed = bulwark.get_with("/plain", &[("authorization", "Bearer alice")]).await;
+    assert_eq!(authed.cache_status(), "bulwark; fwd=miss; detail=authorization");
+    assert_eq!(origin.count("/plain"), 2);
+    assert_eq!(bulwark.get("/plain").await.cache_status(), "bulwark; hit; detail=l1", "the anonymous copy stays");
+}
+
+/// Sends `first` alone, then (while the origin holds it) 100 plain requests for the same
+/// key; returns their statuses and Cache-Status values.
+async fn herd_behind(bulwark: &std::sync::Arc<Bulwark>, path: &'static str, first: &'static [(&'static str, &'static str)]) -> Vec<(u16, String)> {
+    let leader = {
+        let b = bulwark.clone();
+        tokio::spawn(async move { b.get_with(path, first).await })
+    };
+    tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+    let herd: Vec<_> = (0..100)
+        .map(|_| {
+            let b = bulwark.clone();
+            tokio::spawn(async move { b.get(path).await })
+        })
+        .collect();
+    let _ = leader.await.expect("leader task");
+    let mut out = Vec::new();
+    for task in herd {
+        let got = task.await.expect("task");
+        out.push((got.status.as_u16(), got.cache_status().to_owned()));
+    }
+    out
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn one_client_provoking_a_4xx_does_not_hand_it_to_the_herd_or_switch_coalescing_off() {
+    let origin = Origin::start().await;
+    origin.set(|parts| {
+        let reply = Reply::ok("page").delay(std::time::Duration::from_millis(300));
+        if parts.headers.get("x-huge").is_some_and(|v| v.len() > 16 * 1024) { reply.status(431).without_header("cache-control") } else { reply }
+    });
+    let bulwark = std::sync::Arc::new(Bulwark::start(&TestConfig::new(&origin.url()).to_toml()).await);
+    let huge: &'static str = Box::leak("h".repeat(20 * 1024).into_boxed_str());
+    let first: &'static [(&str, &str)] = Box::leak(vec![("x-huge", huge)].into_boxed_slice());
+    let herd = herd_behind(&bulwark, "/p", first).await;
+    assert!(herd.iter().all(|(status, _)| *status == 200), "{herd:?}");
+    assert!(origin.total() <= 2, "the herd coalesced behind one new fetch: {} origin requests", origin.total());
+    // Nothing was remembered against the key.
+    assert_eq!(bulwark.get("/p").await.cache_status(), "bulwark; hit; detail=l1");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn one_client_with_a_session_cookie_does_not_switch_coalescing_off() {
+    let origin = Origin::start().await;
+    origin.set(|parts| {
+        let cookie = parts.headers.get("cookie").and_then(|v| v.to_str().ok()).unwrap_or("none").to_owned();
+        Reply::ok(format!("hello {cookie}")).without_header("cache-control").delay(std::time::Duration::from_millis(300))
+    });
+    let bulwark = std::sync::Arc::new(Bulwark::start(&TestConfig::new(&origin.url()).to_toml()).await);
+    let herd = herd_behind(&bulwark, "/home", &[("cookie", "x=1")]).await;
+    assert!(herd.iter().all(|(status, cache)| *status == 200 && !cache.contains("cookie-heuristic")), "the leader's page went to the herd: {herd:?}");
+    assert!(origin.total() <= 2, "the herd coalesced behind one new fetch: {} origin requests", origin.total());
+    assert_eq!(bulwark.get("/home").await.text(), "hello none", "no client got the cookie's page");
+}

@@ -62,8 +62,13 @@ impl Failure {
 pub enum Fill {
     /// The response was stored: serve it (to waiters for the same variant).
     Stored(super::Stored),
-    /// The response may not be stored: each waiter asks the origin itself.
+    /// The response may not be stored, for a reason in the response itself: each waiter
+    /// asks the origin itself (and the key is remembered as hit-for-miss).
     Uncacheable,
+    /// The answer was the leader's own (a 4xx, or one its `Cookie` or `Authorization`
+    /// made unstorable): it goes to the leader only, and the waiters join a new fetch
+    /// led by one of them. Nothing is remembered against the key.
+    Personal,
     /// The origin could not give a storable answer: waiters get what the leader got
     /// (or a stale copy), with the leader's outcome, never `collapsed`.
     Failed { outcome: Outcome, failure: Failure },

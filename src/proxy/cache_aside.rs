@@ -5,7 +5,7 @@
 
 use std::sync::Arc;
 
-use http::header::{ACCEPT_ENCODING, AUTHORIZATION, CACHE_CONTROL, COOKIE};
+use http::header::{ACCEPT_ENCODING, CACHE_CONTROL, COOKIE};
 use http::request;
 
 use super::context::RequestContext;
@@ -73,22 +73,16 @@ pub(super) async fn cache_aside(ctx: &RequestContext, mut parts: request::Parts)
         stale_on_wait: !directives.constrains(),
     };
     let cache_only = mode == RouteMode::CacheOnly;
-    // RFC 9111 section 3.5: a stored response is not reused for an authenticated request;
-    // the origin decides, and its answer may be stored if it says so explicitly. Not
-    // coalesced either: another client's answer is not this one's.
-    if parts.headers.contains_key(AUTHORIZATION) {
-        if cache_only {
-            return Decision::cache_only_miss(route);
-        }
-        return flight::direct(&job(parts, None, None)).await;
-    }
     let lookup = route.pool.lookup(&primary, &parts.headers, &rules.key_headers).await;
+    // RFC 9111 section 3.5: a stored response serves a request with `Authorization` only
+    // when it says it is shared; any other is, for this request, not there.
+    let found = lookup.found.filter(|found| flight::may_serve(&parts.headers, &found.entry, rules));
     let now = ctx.now();
     if cache_only {
         // The operator chose stored copies over the origin: any copy still kept is
         // served, whatever its freshness, the request's directives or `must-revalidate`
         // say, labelled as such; with nothing stored, the fallback, else 504.
-        return match lookup.found {
+        return match found {
             Some(Found { entry, tier, .. }) => {
                 let outcome = if entry.is_fresh(now) { Outcome::Hit(tier) } else { Outcome::Stale(StaleReason::CacheOnly) };
                 Decision::entry(entry, outcome)
@@ -96,7 +90,7 @@ pub(super) async fn cache_aside(ctx: &RequestContext, mut parts: request::Parts)
             None => Decision::cache_only_miss(route),
         };
     }
-    let Some(Found { entry, tier, .. }) = lookup.found else {
+    let Some(Found { entry, tier, .. }) = found else {
         if directives.only_if_cached {
             // RFC 9111 section 5.2.1.7: a stored response or 504, never the origin.
             return Decision::failed(ProxyError::NotCached);

@@ -10,6 +10,7 @@
 use std::sync::Arc;
 use std::time::{Duration, SystemTime};
 
+use http::header::{AUTHORIZATION, COOKIE};
 use http_body::Body;
 use http_body_util::BodyExt;
 use tokio::sync::oneshot;
@@ -19,6 +20,7 @@ use super::fetch::{FetchJob, Fetched};
 use crate::body::ProxyBody;
 use crate::cache::coalesce::{Answer, Failure, Fill, FlightGuard, Join};
 use crate::cache::lease::{PeerOutcome, PeerWait};
+use crate::cache::policy::shared_with_authenticated;
 use crate::cache::{CacheKey, Entry, Stored};
 use crate::error::ProxyError;
 use crate::origin::is_failure_status;
@@ -39,6 +41,13 @@ fn peer_wait(job: &FetchJob) -> PeerWait<'_> {
         lease_ttl: job.route.origin.config.timeout + job.route.pool.config.lock_timeout,
         accept_recent: job.background || job.stale_on_wait,
     }
+}
+
+/// Whether `entry` may answer a request with these headers: always, except that a
+/// request with `Authorization` gets only responses that say they are shared (RFC 9111
+/// section 3.5).
+pub fn may_serve(request: &http::HeaderMap, entry: &Entry, rules: &crate::config::CacheRules) -> bool {
+    !request.contains_key(AUTHORIZATION) || shared_with_authenticated(&entry.headers, rules)
 }
 
 /// This job's key for a stored response: its variant key when the response varies,
@@ -77,6 +86,7 @@ pub async fn miss(job: FetchJob, stale: Option<Arc<Entry>>) -> Decision {
     let mut join = pool.join_flight(&job.key);
     // A fill for another variant sends a waiter to its own variant's flight, once.
     let mut rejoined = false;
+    let mut refetched = false;
     let mut abandoned = 0;
     loop {
         let mut waiting = match join {
@@ -100,6 +110,9 @@ pub async fn miss(job: FetchJob, stale: Option<Arc<Entry>>) -> Decision {
             },
         };
         match fill {
+            // A fill this request may not have (it carries `Authorization`, the fill does not
+            // say it is shared): asked for alone.
+            Fill::Stored(stored) if !may_serve(&job.parts.headers, &stored.entry, &job.route.config.cache) => return direct(&job).await,
             Fill::Stored(stored) => {
                 let mine = key_for(&job, &stored);
                 if mine.hash == stored.key.hash {
@@ -113,6 +126,12 @@ pub async fn miss(job: FetchJob, stale: Option<Arc<Entry>>) -> Decision {
                 join = pool.join_flight(&job.key);
             }
             Fill::Uncacheable => return direct(&job).await,
+            // The leader's own answer: a new fetch among the waiters, once; then alone.
+            Fill::Personal if refetched => return direct(&job).await,
+            Fill::Personal => {
+                refetched = true;
+                join = pool.join_flight(&job.key);
+            }
             Fill::Failed { outcome, failure } => return Decision::new(failure_serve(&job, failure), outcome),
             // The leader went away, or a background refresh was shed: join again, and
             // after twice ask the origin alone rather than keep meeting new refreshes.
@@ -214,7 +233,7 @@ async fn run_flight(job: FetchJob, guard: FlightGuard, leader: Option<oneshot::S
     let pool = job.route.pool.clone();
     let mut lease = None;
     match pool.hold_back_for_peers(&peer_wait(&job)).await {
-        PeerOutcome::Filled(stored) => {
+        PeerOutcome::Filled(stored) if may_serve(&job.parts.headers, &stored.entry, &job.route.config.cache) => {
             pool.store_local(&job.primary, &stored).await;
             guard.complete(Fill::Stored(stored.clone()));
             if let Some(tx) = leader {
@@ -223,7 +242,8 @@ async fn run_flight(job: FetchJob, guard: FlightGuard, leader: Option<oneshot::S
             return;
         }
         PeerOutcome::Lease(token) => lease = Some(token),
-        PeerOutcome::FetchAnyway => {}
+        // Another replica's fill this request may not have, or no word from the peers.
+        PeerOutcome::Filled(_) | PeerOutcome::FetchAnyway => {}
     }
     let (fill, result) = match job.fetch().await {
         Ok(Fetched::Storable { stored, revalidated }) => {
@@ -238,6 +258,9 @@ async fn run_flight(job: FetchJob, guard: FlightGuard, leader: Option<oneshot::S
                 Ok(answer) => (Fill::Failed { outcome, failure: Failure::Answer(for_waiters(&answer)) }, LeaderResult::Answer(answer, reason)),
                 Err(result) => (Fill::Failed { outcome, failure: Failure::Status(status) }, LeaderResult::Fetched(Ok(result))),
             }
+        }
+        Ok(Fetched::Streamed(parts, body, reason)) if leaders_own(&job, &parts, reason) => {
+            (Fill::Personal, LeaderResult::Fetched(Ok(Fetched::Streamed(parts, body, reason))))
         }
         Ok(streamed @ Fetched::Streamed(..)) => {
             pool.remember_uncacheable(&job.key).await;
@@ -257,6 +280,18 @@ async fn run_flight(job: FetchJob, guard: FlightGuard, leader: Option<oneshot::S
         let _ = tx.send(result);
     }
     pool.finish_flight(&job.primary, &job.key, lease, &fill, job.replaces).await;
+}
+
+/// Whether an answer that is not stored is the leader's own, not the key's: a 4xx (a
+/// client can provoke one with a bad header), or an answer to a request that carried
+/// `Cookie` or `Authorization` (its page, or unstorable because of them). One client
+/// must not hand its error to the others, nor switch coalescing off for everyone by
+/// making the key hit-for-miss.
+fn leaders_own(job: &FetchJob, parts: &http::response::Parts, reason: NotStored) -> bool {
+    parts.status.is_client_error()
+        || matches!(reason, NotStored::Authorization | NotStored::CookieHeuristic)
+        || job.parts.headers.contains_key(COOKIE)
+        || job.parts.headers.contains_key(AUTHORIZATION)
 }
 
 /// Reads a failure answer whole if it is small, to share it; otherwise gives the

@@ -151,6 +151,14 @@ pub fn effective_headers<'a>(headers: &'a HeaderMap, rules: &CacheRules) -> std:
     }
 }
 
+/// Whether a stored response may be served to a request with `Authorization` (RFC 9111
+/// section 3.5): only when it says it is shared (`public`, `s-maxage`,
+/// `must-revalidate`, in the field that applies to this cache).
+pub fn shared_with_authenticated(headers: &HeaderMap, rules: &CacheRules) -> bool {
+    let cc = Directives::parse(&effective_headers(headers, rules));
+    cc.public || cc.s_maxage.is_some() || cc.must_revalidate
+}
+
 /// Decides whether `res`, the answer to `req`, may be stored, and its freshness.
 ///
 /// `req` is the request as sent to the origin; times are when it was sent and when the
@@ -177,7 +185,7 @@ pub fn evaluate(
     if cc.private {
         return Err(NotStored::Private);
     }
-    if req.headers.contains_key(AUTHORIZATION) && !(cc.public || cc.s_maxage.is_some() || cc.must_revalidate) {
+    if req.headers.contains_key(AUTHORIZATION) && !shared_with_authenticated(&res.headers, route.rules) {
         return Err(NotStored::Authorization);
     }
     let policy = match &headers {
