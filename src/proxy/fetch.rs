@@ -340,10 +340,15 @@ async fn read_up_to(mut body: OriginBody, limit: usize) -> Result<BodyRead, crat
 
 /// Forwards a request that the cache does not handle (other methods, `no-store`),
 /// streaming both bodies.
-pub(super) async fn pass_through(ctx: &RequestContext, parts: request::Parts, body: hyper::body::Incoming) -> Result<(response::Parts, ProxyBody), ProxyError> {
+/// A GET or HEAD comes without a body (`None`: its body was read and dropped on arrival).
+pub(super) async fn pass_through(
+    ctx: &RequestContext,
+    parts: request::Parts,
+    body: Option<hyper::body::Incoming>,
+) -> Result<(response::Parts, ProxyBody), ProxyError> {
     let route = &ctx.route;
     let origin = &route.origin.config;
-    let mut req = Request::new(body.boxed());
+    let mut req = Request::new(body.map_or_else(empty_body, BodyExt::boxed));
     *req.method_mut() = parts.method.clone();
     *req.uri_mut() = origin_uri(origin, &parts.uri)?;
     *req.version_mut() = Version::HTTP_11;

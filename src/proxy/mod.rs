@@ -21,7 +21,7 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Instant;
 
-use http::header::{CACHE_CONTROL, CONNECTION};
+use http::header::{CACHE_CONTROL, CONNECTION, CONTENT_LENGTH, EXPECT, TRANSFER_ENCODING};
 use http::{HeaderValue, Method, Request, Response, StatusCode, Version, request};
 use hyper::body::Incoming;
 
@@ -133,11 +133,25 @@ impl Proxy {
         let route = &runtime.routes[index];
         let ctx = RequestContext { route: route.clone(), mode: route.mode(), client, timings, head: parts.method == Method::HEAD };
         let conditional = crate::cache::revalidate::Conditional::from_request(&parts.method, &parts.headers);
+        // A GET or HEAD body has no meaning (RFC 9110 section 9.3.1): never sent on, so the
+        // origin connection cannot get out of step; read and dropped so the client's can
+        // stay in step too, or the connection is closed after the response.
+        let (body, in_step) = if parts.method == Method::GET || parts.method == Method::HEAD {
+            for name in [CONTENT_LENGTH, TRANSFER_ENCODING, EXPECT] {
+                parts.headers.remove(name);
+            }
+            (None, discard_body(body).await)
+        } else {
+            (Some(body), true)
+        };
         let decision = serve(&ctx, parts, body).await;
         let outcome = decision.outcome;
         let res = respond::render(&ctx, decision, conditional.as_ref(), ctx.now());
         let record = record::Record { route: ctx.route, outcome, status: res.status().as_u16(), start, logged };
-        let res = res.map(|body| record.when_done(body));
+        let mut res = res.map(|body| record.when_done(body));
+        if !in_step && version <= Version::HTTP_11 {
+            res.headers_mut().insert(CONNECTION, HeaderValue::from_static("close"));
+        }
         self.finish(res, version)
     }
 
@@ -150,8 +164,22 @@ impl Proxy {
     }
 }
 
-/// Mode, then bypass or cache-aside.
-async fn serve(ctx: &RequestContext, parts: request::Parts, body: Incoming) -> Decision {
+/// The most of a GET or HEAD body read (and dropped) to keep the client connection usable.
+const DISCARDED_BODY_BYTES: usize = 64 * 1024;
+
+/// Reads and drops a GET or HEAD body; false when it was larger than
+/// [`DISCARDED_BODY_BYTES`], slower than a second, or broken: the connection is then
+/// closed after the response.
+async fn discard_body(body: Incoming) -> bool {
+    if http_body::Body::is_end_stream(&body) {
+        return true;
+    }
+    let limited = http_body_util::Limited::new(body, DISCARDED_BODY_BYTES);
+    matches!(tokio::time::timeout(std::time::Duration::from_secs(1), http_body_util::BodyExt::collect(limited)).await, Ok(Ok(_)))
+}
+
+/// Mode, then bypass or cache-aside. `body` is `None` for GET and HEAD.
+async fn serve(ctx: &RequestContext, parts: request::Parts, body: Option<Incoming>) -> Decision {
     let (route, client, mode) = (&ctx.route, &ctx.client, ctx.mode);
     match mode {
         RouteMode::Off => return Decision::new(Serve::Off, Outcome::Off),
