@@ -58,3 +58,14 @@ async fn a_get_with_a_body_sends_the_origin_no_framing_and_keeps_the_connection_
     assert_eq!((status, String::from_utf8_lossy(&body).as_ref()), (200, "body of /next"));
     assert_eq!(origin.total(), 2);
 }
+
+#[tokio::test]
+async fn two_host_fields_are_a_400_and_reach_no_origin() {
+    let origin = Origin::start().await;
+    let bulwark = Bulwark::start(&TestConfig::new(&origin.url()).to_toml()).await;
+    let mut stream = TcpStream::connect(bulwark.addr).await.expect("connect");
+    stream.write_all(b"GET /x HTTP/1.1\r\nHost: shop.example\r\nHost: evil.example\r\n\r\n").await.expect("write");
+    let (status, _, _) = read_response(&mut stream, &mut Vec::new()).await;
+    assert_eq!(status, 400);
+    assert_eq!(origin.total(), 0);
+}

@@ -21,7 +21,7 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Instant;
 
-use http::header::{CACHE_CONTROL, CONNECTION, CONTENT_LENGTH, EXPECT, TRANSFER_ENCODING};
+use http::header::{CACHE_CONTROL, CONNECTION, CONTENT_LENGTH, EXPECT, HOST, TRANSFER_ENCODING};
 use http::{HeaderValue, Method, Request, Response, StatusCode, Version, request};
 use hyper::body::Incoming;
 
@@ -31,7 +31,7 @@ use decision::{Decision, Serve};
 
 use crate::clock::Clock;
 use crate::config::{Config, RouteMode};
-use crate::error::{error_response, plain_response};
+use crate::error::{ProxyError, error_response, plain_response};
 use crate::runtime::{BuildError, Live, ReloadError, Runtime};
 use context::RequestContext;
 use forward::ClientInfo;
@@ -110,6 +110,10 @@ impl Proxy {
         // the key and another to the origin.
         if let Err(err) = target::normalise(&mut parts) {
             return self.finish(error_response(&err), version);
+        }
+        // RFC 9112 section 3.2: a request with more than one Host field is a 400.
+        if parts.headers.get_all(HOST).iter().nth(1).is_some() {
+            return self.finish(error_response(&ProxyError::BadRequest("more than one Host field")), version);
         }
         let client = match ClientInfo::read(&parts, peer, &runtime.config.server.trusted_proxies) {
             Ok(client) => client,
