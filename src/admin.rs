@@ -104,7 +104,7 @@ fn routes(proxy: &Proxy) -> AdminResponse {
             serde_json::json!({
                 "name": r.config.name,
                 "path_prefix": r.config.path_prefix,
-                "pool": r.pool.config.name,
+                "pool": r.pool.as_ref().map_or("", |p| p.config.name.as_str()),
                 "origin": r.origin.config.name,
                 "priority": r.config.priority.as_str(),
                 "mode": r.mode().as_str(),

@@ -107,6 +107,8 @@ pub enum BypassReason {
     Method,
     /// The request said `Cache-Control: no-store`.
     RequestNoStore,
+    /// The route is a pass-through (`cache = false`).
+    Route,
 }
 
 /// The outcome of one request, one variant per `cache` label.

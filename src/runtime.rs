@@ -33,9 +33,12 @@ pub enum BuildError {
 /// One route with everything it needs on the request path.
 pub struct RouteRuntime {
     pub config: RouteConfig,
-    pub pool: Arc<Pool>,
+    /// The route's pool; none for a pass-through route (`cache = false`) without one.
+    pub pool: Option<Arc<Pool>>,
     pub origin: Arc<Origin>,
     pub metrics: RouteMetrics,
+    /// The wall time the route's requests go by (its pool's, when it has one).
+    pub clock: Clock,
     /// The route's current mode: read by every request, written by the admin API and
     /// the control channel. An atomic because it is one small value that changes rarely.
     mode: std::sync::atomic::AtomicU8,
@@ -111,9 +114,10 @@ impl Runtime {
             .map(|r| {
                 Arc::new(RouteRuntime {
                     config: r.clone(),
-                    pool: pools[r.pool].clone(),
+                    pool: r.pool.map(|p| pools[p].clone()),
                     origin: origins[r.origin].clone(),
-                    metrics: registry.route(&r.name, &config.pools[r.pool].name, &config.origins[r.origin].name),
+                    metrics: registry.route(&r.name, r.pool.map_or("", |p| config.pools[p].name.as_str()), &config.origins[r.origin].name),
+                    clock: clock.clone(),
                     mode: std::sync::atomic::AtomicU8::new(kept_mode(r).unwrap_or(r.mode).as_u8()),
                 })
             })

@@ -164,3 +164,35 @@ async fn one_client_with_a_session_cookie_does_not_switch_coalescing_off() {
     assert!(origin.total() <= 2, "the herd coalesced behind one new fetch: {} origin requests", origin.total());
     assert_eq!(bulwark.get("/home").await.text(), "hello none", "no client got the cookie's page");
 }
+
+#[tokio::test]
+async fn a_pass_through_route_never_looks_up_stores_or_coalesces() {
+    let origin = Origin::start().await;
+    origin.set(|parts| Reply::ok(format!("page {}", parts.uri.path())).header("cache-control", "public, max-age=60"));
+    let config = TestConfig::new(&origin.url()).with_route("name = \"account\"\npath_prefix = \"/account\"\norigin = \"catalog\"\ncache = false").to_toml();
+    let bulwark = Bulwark::start(&config).await;
+    for _ in 0..3 {
+        let got = bulwark.get_with("/account/orders", &[("cookie", "session=alice")]).await;
+        assert_eq!((got.text(), got.cache_status()), ("page /account/orders", "bulwark; fwd=bypass"));
+    }
+    assert_eq!(origin.count("/account/orders"), 3, "every request reaches the origin");
+    // Concurrent requests are not coalesced either: each is its own user's.
+    let bulwark = std::sync::Arc::new(bulwark);
+    origin.set(|parts| {
+        Reply::ok(format!("page {}", parts.uri.path())).header("cache-control", "public, max-age=60").delay(std::time::Duration::from_millis(200))
+    });
+    let together: Vec<_> = (0..5)
+        .map(|_| {
+            let b = bulwark.clone();
+            tokio::spawn(async move { b.get("/account/cart").await.cache_status().to_owned() })
+        })
+        .collect();
+    for task in together {
+        assert_eq!(task.await.expect("task"), "bulwark; fwd=bypass");
+    }
+    assert_eq!(origin.count("/account/cart"), 5);
+    assert_eq!(bulwark.metric("bulwark_requests_total", &[("route", "account"), ("pool", ""), ("cache", "bypass")]).await, 8.0);
+    // The same answer on a caching route is stored.
+    assert_eq!(bulwark.get("/other").await.cache_status(), "bulwark; fwd=miss; stored");
+    assert_eq!(bulwark.get("/other").await.cache_status(), "bulwark; hit; detail=l1");
+}

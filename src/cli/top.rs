@@ -92,7 +92,8 @@ impl Snapshot {
             route.buckets.sort_by(|a, b| a.0.total_cmp(&b.0));
         }
         let owned: Vec<Sample> = samples.into_iter().cloned().collect();
-        for route in snap.routes.values() {
+        // Pass-through routes (`cache = false`, pool label "") have no pool to show.
+        for route in snap.routes.values().filter(|r| !r.pool.is_empty()) {
             let pool = snap.pools.entry(route.pool.clone()).or_default();
             let get = |o: &str| route.outcomes.get(o).copied().unwrap_or(0.0);
             pool.requests += route.requests;

@@ -125,10 +125,13 @@ pub struct RouteConfig {
     pub name: String,
     pub path_prefix: String,
     pub host: Option<HostMatch>,
-    /// Index into [`Config::pools`].
-    pub pool: usize,
+    /// Index into [`Config::pools`]; none for a pass-through route without one.
+    pub pool: Option<usize>,
     /// Index into [`Config::origins`].
     pub origin: usize,
+    /// `cache = false`: a pass-through route (`/account`, `/checkout`), never looked up,
+    /// stored or coalesced; its requests are `bypass`.
+    pub cacheable: bool,
     pub priority: Priority,
     pub mode: RouteMode,
     /// Whether the file set `mode` (a reload then applies it; otherwise the route keeps

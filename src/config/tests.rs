@@ -37,7 +37,8 @@ fn minimal_config_gets_the_documented_defaults() {
     assert_eq!(pool.max_object_bytes, 8 << 20);
     assert!(pool.shared.is_none());
     assert_eq!(config.origins[0].max_concurrency, 256);
-    assert_eq!(config.routes[0].pool, 0);
+    assert_eq!(config.routes[0].pool, Some(0));
+    assert!(config.routes[0].cacheable);
     assert_eq!(config.routes[0].mode, RouteMode::Normal);
 }
 
@@ -149,4 +150,13 @@ fn force_ttl_on_a_route_that_keeps_session_cookies_is_warned_about() {
         let config = parse(&format!("{MINIMAL}force_ttl = \"30s\"\n{lifted}\n")).expect("valid");
         assert!(config.warnings().is_empty(), "{lifted}");
     }
+}
+
+#[test]
+fn only_a_pass_through_route_may_have_no_pool() {
+    let without_pool = MINIMAL.replace("pool = \"pdp\"\norigin", "origin");
+    let refused = error_of(&without_pool);
+    assert!(refused.contains("bulwark.toml:10:") && refused.contains("needs a `pool`"), "{refused}");
+    let pass_through = parse(&format!("{without_pool}cache = false\n")).expect("valid");
+    assert_eq!((pass_through.routes[0].pool, pass_through.routes[0].cacheable), (None, false));
 }

@@ -319,7 +319,12 @@ fn find(name: &Spanned<String>, names: impl Iterator<Item = String>, what: &str)
 }
 
 fn route(raw: raw::RawRoute, origins: &[OriginConfig], pools: &[PoolConfig]) -> Result<RouteConfig> {
-    let pool = find(&raw.pool, pools.iter().map(|p| p.name.clone()), "pool")?;
+    let cache = raw.cache.unwrap_or(true);
+    let pool = match &raw.pool {
+        Some(pool) => Some(find(pool, pools.iter().map(|p| p.name.clone()), "pool")?),
+        None if !cache => None,
+        None => return err(raw.name.span(), format!("route {:?} needs a `pool` (only a route with `cache = false` has none)", raw.name.get_ref())),
+    };
     let origin = find(&raw.origin, origins.iter().map(|o| o.name.clone()), "origin")?;
     let prefix = raw.path_prefix.get_ref();
     if !prefix.starts_with('/') {
@@ -347,6 +352,7 @@ fn route(raw: raw::RawRoute, origins: &[OriginConfig], pools: &[PoolConfig]) -> 
         host,
         pool,
         origin,
+        cacheable: cache,
         priority: raw.priority.unwrap_or_default(),
         mode,
         mode_from_file,

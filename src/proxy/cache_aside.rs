@@ -16,7 +16,7 @@ use crate::body::ProxyBody;
 use crate::cache::key::{normalise_query, url_part};
 use crate::cache::policy::RequestDirectives;
 use crate::cache::policy::reuse::{Choice, choose, should_refresh_early};
-use crate::cache::{CacheKey, Encodings, Entry, Found, PurgeTarget};
+use crate::cache::{CacheKey, Encodings, Entry, Found, Pool, PurgeTarget};
 use crate::config::{CacheRules, RouteMode};
 use crate::error::ProxyError;
 use crate::outcome::{NotStored, Outcome, StaleReason, Store};
@@ -45,7 +45,7 @@ pub(super) fn prepare(rules: &CacheRules, parts: &mut request::Parts, trusted: b
 /// Prepare, key, lookup, choose; then a stored copy, a background refresh, a
 /// validation, or a coalesced fetch, with the one stale-on-error rule applied to what
 /// the origin answered.
-pub(super) async fn cache_aside(ctx: &RequestContext, mut parts: request::Parts) -> Decision {
+pub(super) async fn cache_aside(ctx: &RequestContext, pool: &Arc<Pool>, mut parts: request::Parts) -> Decision {
     let (route, client, mode) = (&ctx.route, &ctx.client, ctx.mode);
     let rules = &route.config.cache;
     let query = match prepare(rules, &mut parts, client.trusted) {
@@ -61,6 +61,7 @@ pub(super) async fn cache_aside(ctx: &RequestContext, mut parts: request::Parts)
     let primary = CacheKey::from_normalised(client.scheme, &client.host, parts.uri.path(), &query, encodings);
     let job = |parts: request::Parts, key: Option<CacheKey>, stored: Option<Arc<Entry>>| FetchJob {
         route: route.clone(),
+        pool: pool.clone(),
         parts: target::for_origin(parts, &query),
         key: key.unwrap_or_else(|| primary.clone()),
         client: client.clone(),
@@ -73,7 +74,7 @@ pub(super) async fn cache_aside(ctx: &RequestContext, mut parts: request::Parts)
         stale_on_wait: !directives.constrains(),
     };
     let cache_only = mode == RouteMode::CacheOnly;
-    let lookup = route.pool.lookup(&primary, &parts.headers, &rules.key_headers).await;
+    let lookup = pool.lookup(&primary, &parts.headers, &rules.key_headers).await;
     // RFC 9111 section 3.5: a stored response serves a request with `Authorization` only
     // when it says it is shared; any other is, for this request, not there.
     let found = lookup.found.filter(|found| flight::may_serve(&parts.headers, &found.entry, rules));
@@ -133,7 +134,7 @@ pub(super) async fn cache_aside(ctx: &RequestContext, mut parts: request::Parts)
 /// shielded by coalescing and stale-while-revalidate, and nothing is deleted
 /// (RFC 9111 section 4.3.5).
 async fn validate_with_head(job: FetchJob, stored: &Entry) -> Decision {
-    let pool = job.route.pool.clone();
+    let pool = job.pool.clone();
     match fetch::head(&job, stored).await {
         Ok(HeadAnswer::Updated(updated)) => {
             pool.store(&job.primary, &updated, true).await;

@@ -25,6 +25,6 @@ pub(super) struct RequestContext {
 impl RequestContext {
     /// The wall time, by the clock the route's pool decides by.
     pub fn now(&self) -> std::time::SystemTime {
-        self.route.pool.clock.now()
+        self.route.clock.now()
     }
 }

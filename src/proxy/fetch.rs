@@ -19,7 +19,7 @@ use crate::body::ProxyBody;
 use crate::cache::entry::{StoreFor, set_date_if_missing, take_tags};
 use crate::cache::policy::{self, Freshness, NotStored, RouteRules};
 use crate::cache::revalidate::{self, HeadUpdate};
-use crate::cache::{CacheKey, Encodings, Entry, Stored};
+use crate::cache::{CacheKey, Encodings, Entry, Pool, Stored};
 use crate::config::{Priority, StaleOnError};
 use crate::error::ProxyError;
 use crate::metrics::OriginStatus;
@@ -39,6 +39,8 @@ pub enum Fetched {
 #[derive(Clone)]
 pub struct FetchJob {
     pub route: Arc<RouteRuntime>,
+    /// The route's pool (a job exists only for a route that has one).
+    pub pool: Arc<Pool>,
     pub parts: request::Parts,
     pub client: ClientInfo,
     /// Origin timings for the access log, when the request is logged.
@@ -144,9 +146,9 @@ pub async fn fetch(job: &FetchJob, priority: Priority) -> Result<Fetched, ProxyE
             revalidate::add_conditionals(&mut sent, stored);
         }
         let req = origin_request(job, Method::GET, sent)?;
-        let request_time = route.pool.clock.now();
+        let request_time = job.pool.clock.now();
         let res = send(route, req, priority, job.timings.as_deref()).await?;
-        let response_time = route.pool.clock.now();
+        let response_time = job.pool.clock.now();
         let (mut res_parts, body) = res.into_parts();
         strip_hop_by_hop(&mut res_parts.headers);
         if route.config.cache.strip_cookies {
@@ -176,7 +178,7 @@ fn refreshed(
 ) -> Fetched {
     let mut merged = update;
     let tags = merge_update(job, stored, &mut merged, response_time);
-    match policy::evaluate(policy_req, &merged, &job.route.pool.config, rules(&job.route), request_time, response_time) {
+    match policy::evaluate(policy_req, &merged, &job.pool.config, rules(&job.route), request_time, response_time) {
         Ok(freshness) => {
             let stored = build_stored(job, merged, stored.body.clone(), freshness, tags, request_time, response_time);
             Fetched::Storable { stored, revalidated: true }
@@ -194,7 +196,7 @@ fn refreshed(
 /// `Set-Cookie` dropped when the route strips cookies, a `Date` given if it has none, its
 /// fields merged into the stored ones, the stored status kept. Returns the tags.
 fn merge_update(job: &FetchJob, stored: &Entry, update: &mut response::Parts, response_time: SystemTime) -> Vec<String> {
-    let tags = take_tags(&mut update.headers, &job.route.pool.config.tag_header);
+    let tags = take_tags(&mut update.headers, &job.pool.config.tag_header);
     if job.route.config.cache.strip_cookies {
         update.headers.remove(SET_COOKIE);
     }
@@ -217,7 +219,7 @@ async fn store_or_stream(
 ) -> Result<Fetched, ProxyError> {
     let route = &job.route;
     let origin = &route.origin.config;
-    let pool = &route.pool.config;
+    let pool = &job.pool.config;
     let freshness = match policy::evaluate(policy_req, &res_parts, pool, rules(route), request_time, response_time) {
         Ok(freshness) => freshness,
         Err(reason) => {
@@ -261,7 +263,7 @@ fn build_stored(
         request_headers: &job.parts.headers,
         key_headers: &route.config.cache.key_headers,
         stale_on_error_always: route.config.stale_on_error == StaleOnError::Always,
-        keep_for_revalidation: route.pool.config.keep_for_revalidation,
+        keep_for_revalidation: job.pool.config.keep_for_revalidation,
     };
     Stored::from_response(&to, res_parts, body, freshness, tags, request_time, response_time)
 }
@@ -283,9 +285,9 @@ pub async fn head(job: &FetchJob, stored: &Entry) -> Result<HeadAnswer, ProxyErr
     let headers = origin_headers(job);
     let policy_req = policy_request(job, &headers);
     let req = origin_request(job, Method::HEAD, headers)?;
-    let request_time = job.route.pool.clock.now();
+    let request_time = job.pool.clock.now();
     let res = send(&job.route, req, job.route.config.priority, job.timings.as_deref()).await?;
-    let response_time = job.route.pool.clock.now();
+    let response_time = job.pool.clock.now();
     let (mut parts, _) = res.into_parts();
     strip_hop_by_hop(&mut parts.headers);
     if parts.status != StatusCode::OK || stored.status != StatusCode::OK {
@@ -299,7 +301,7 @@ pub async fn head(job: &FetchJob, stored: &Entry) -> Result<HeadAnswer, ProxyErr
     let tags = merge_update(job, stored, &mut merged, response_time);
     // Not storable as updated (say, it now carries `Set-Cookie`): the stored copy is
     // left as it was, neither updated nor invalidated.
-    Ok(match policy::evaluate(&policy_req, &merged, &job.route.pool.config, rules(&job.route), request_time, response_time) {
+    Ok(match policy::evaluate(&policy_req, &merged, &job.pool.config, rules(&job.route), request_time, response_time) {
         Ok(freshness) => HeadAnswer::Updated(build_stored(job, merged, stored.body.clone(), freshness, tags, request_time, response_time)),
         Err(reason) => HeadAnswer::Other(parts, reason),
     })

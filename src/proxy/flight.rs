@@ -38,7 +38,7 @@ fn peer_wait(job: &FetchJob) -> PeerWait<'_> {
         key_headers: &job.route.config.cache.key_headers,
         replaces: job.stored.as_ref().map(|old| old.response_time),
         // Long enough for the holder's whole fetch, so a live holder keeps it.
-        lease_ttl: job.route.origin.config.timeout + job.route.pool.config.lock_timeout,
+        lease_ttl: job.route.origin.config.timeout + job.pool.config.lock_timeout,
         accept_recent: job.background || job.stale_on_wait,
     }
 }
@@ -77,7 +77,7 @@ enum LeaderResult {
 /// A miss (or a stale entry past its stale-while-revalidate window): fetch under
 /// coalescing and decide what to serve. The caller applies stale-if-error to it.
 pub async fn miss(job: FetchJob, stale: Option<Arc<Entry>>) -> Decision {
-    let pool = job.route.pool.clone();
+    let pool = job.pool.clone();
     if pool.is_hit_for_miss(&job.key).await {
         return direct(&job).await;
     }
@@ -156,7 +156,7 @@ fn failure_serve(job: &FetchJob, failure: Failure) -> Serve {
 /// Starts a background refresh of the key unless one is already running.
 pub fn refresh_in_background(mut job: FetchJob) {
     job.background = true;
-    if let Some(guard) = job.route.pool.try_lead_flight(&job.key) {
+    if let Some(guard) = job.pool.try_lead_flight(&job.key) {
         tokio::spawn(run_flight(job, guard, None));
     }
 }
@@ -165,9 +165,9 @@ pub fn refresh_in_background(mut job: FetchJob) {
 /// copy at hand, waits no longer than `lock_timeout` for it, like the waiters.
 async fn lead(job: FetchJob, guard: FlightGuard, stale: Option<Arc<Entry>>) -> Decision {
     let (tx, rx) = oneshot::channel();
-    let lock_timeout = job.route.pool.config.lock_timeout;
+    let lock_timeout = job.pool.config.lock_timeout;
     let stale_on_wait = job.stale_on_wait;
-    let clock = job.route.pool.clock.clone();
+    let clock = job.pool.clock.clone();
     tokio::spawn(run_flight(job, guard, Some(tx)));
     let now = clock.now();
     let result = if stale_on_wait && stale.as_ref().is_some_and(|e| e.within_stale_while_revalidate(now) || e.within_stale_if_error(now)) {
@@ -192,8 +192,8 @@ async fn lead(job: FetchJob, guard: FlightGuard, stale: Option<Arc<Entry>>) -> D
 pub async fn direct(job: &FetchJob) -> Decision {
     let result = job.fetch().await;
     if let Ok(Fetched::Storable { stored, .. }) = &result {
-        job.route.pool.forget_uncacheable(&job.key).await;
-        job.route.pool.store(&job.primary, stored, job.replaces).await;
+        job.pool.forget_uncacheable(&job.key).await;
+        job.pool.store(&job.primary, stored, job.replaces).await;
     }
     answer(result)
 }
@@ -230,7 +230,7 @@ fn serve_stale(stale: Option<&Arc<Entry>>, now: SystemTime) -> Option<Decision> 
 /// The flight itself: cross-replica lease, fetch, store, tell the waiters and the leader,
 /// then (off every request's path) write to Redis and announce the fill.
 async fn run_flight(job: FetchJob, guard: FlightGuard, leader: Option<oneshot::Sender<LeaderResult>>) {
-    let pool = job.route.pool.clone();
+    let pool = job.pool.clone();
     let mut lease = None;
     match pool.hold_back_for_peers(&peer_wait(&job)).await {
         PeerOutcome::Filled(stored) if may_serve(&job.parts.headers, &stored.entry, &job.route.config.cache) => {

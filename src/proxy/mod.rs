@@ -190,8 +190,11 @@ async fn serve(ctx: &RequestContext, parts: request::Parts, body: Option<Incomin
         RouteMode::Fallback => return Decision::fallback_or_off(route),
         RouteMode::Normal | RouteMode::CacheOnly => {}
     }
-    let Some(reason) = bypass_reason(&parts) else {
-        return cache_aside::cache_aside(ctx, parts).await;
+    let reason = match (&route.pool, bypass_reason(&parts)) {
+        (Some(pool), None) if route.config.cacheable => return cache_aside::cache_aside(ctx, pool, parts).await,
+        (_, Some(reason)) => reason,
+        // A pass-through route (`cache = false`): never looked up, stored or coalesced.
+        (_, None) => BypassReason::Route,
     };
     if mode == RouteMode::CacheOnly {
         return Decision::cache_only_miss(route);
@@ -210,8 +213,7 @@ async fn serve(ctx: &RequestContext, parts: request::Parts, body: Option<Incomin
             // the client's next GET cannot find the old copy). It runs in its own
             // task: a client that hangs up does not leave it half done. Its cost is
             // bounded by the Redis deadlines, and nil while the Redis breaker is open.
-            if let Some(target) = target.filter(|_| parts.status.as_u16() < 400) {
-                let pool = route.pool.clone();
+            if let (Some(target), Some(pool)) = (target.filter(|_| parts.status.as_u16() < 400), route.pool.clone()) {
                 let _ = tokio::spawn(async move { pool.purge(&target, false).await }).await;
             }
             Decision::new(Serve::Streamed(parts, body), Outcome::Bypass(reason))

@@ -55,7 +55,7 @@ impl Record {
                 target: logged.target.as_ref().map_or("/", |p| p.as_str()),
                 status: self.status,
                 route: &self.route.config.name,
-                pool: &self.route.pool.config.name,
+                pool: self.route.pool.as_ref().map_or("", |p| p.config.name.as_str()),
                 cache: outcome.as_str(),
                 total,
                 timings: logged.timings.as_deref(),

@@ -43,7 +43,9 @@ pub(super) fn render(ctx: &RequestContext, decision: Decision, conditional: Opti
     for name in &route.config.cache.targeted_cache_control {
         res.headers_mut().remove(name);
     }
-    res.headers_mut().remove(&route.pool.config.tag_header);
+    if let Some(pool) = &route.pool {
+        res.headers_mut().remove(&pool.config.tag_header);
+    }
     add_cache_status(&mut res, outcome);
     if ctx.head { headers_only(res) } else { res }
 }
