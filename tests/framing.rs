@@ -69,3 +69,58 @@ async fn two_host_fields_are_a_400_and_reach_no_origin() {
     assert_eq!(status, 400);
     assert_eq!(origin.total(), 0);
 }
+
+#[tokio::test]
+async fn an_absolute_form_target_names_the_host_for_routing_key_and_origin() {
+    let origin = Origin::start().await;
+    let config = TestConfig::new(&origin.url()).route("host", "shop.example").to_toml();
+    let bulwark = Bulwark::start(&config).await;
+    let mut stream = TcpStream::connect(bulwark.addr).await.expect("connect");
+    stream.write_all(b"GET http://shop.example/abs HTTP/1.1\r\nHost: evil.example\r\n\r\n").await.expect("write");
+    let mut buf = Vec::new();
+    let (status, head, _) = read_response(&mut stream, &mut buf).await;
+    assert_eq!(status, 200, "routed by the target's authority, not the Host field: {head}");
+    assert_eq!(origin.last_request().0.headers.get("host").and_then(|v| v.to_str().ok()), Some("shop.example"));
+    // Same key as the origin-form request for that host.
+    stream.write_all(b"GET /abs HTTP/1.1\r\nHost: shop.example\r\n\r\n").await.expect("write");
+    let (_, head, _) = read_response(&mut stream, &mut buf).await;
+    assert!(head.contains("bulwark; hit; detail=l1"), "{head}");
+}
+
+#[tokio::test]
+async fn spellings_of_one_host_share_a_key() {
+    let origin = Origin::start().await;
+    let bulwark = Bulwark::start(&TestConfig::new(&origin.url()).to_toml()).await;
+    assert_eq!(bulwark.get_with("/h", &[("host", "Shop.Example.:080")]).await.cache_status(), "bulwark; fwd=miss; stored");
+    for host in ["shop.example", "shop.example.", "SHOP.example:80"] {
+        assert_eq!(bulwark.get_with("/h", &[("host", host)]).await.cache_status(), "bulwark; hit; detail=l1", "{host}");
+    }
+    assert_eq!(origin.total(), 1);
+}
+
+#[tokio::test]
+async fn host_and_path_overrides_never_reach_the_origin_on_a_cacheable_request() {
+    let origin = Origin::start().await;
+    let bulwark = Bulwark::start(&TestConfig::new(&origin.url()).to_toml()).await;
+    let overrides =
+        [("x-original-host", "evil.example"), ("x-forwarded-uri", "/admin"), ("x-forwarded-path", "/admin"), ("x-http-host-override", "evil.example")];
+    bulwark.get_with("/o", &overrides).await;
+    let (parts, _) = origin.last_request();
+    for (name, _) in overrides {
+        assert!(!parts.headers.contains_key(name), "{name} reached the origin");
+    }
+}
+
+#[tokio::test]
+async fn h2_split_cookie_fields_reach_an_http1_origin_as_one() {
+    use http_body_util::Full;
+    let origin = Origin::start().await;
+    let bulwark = Bulwark::start(&TestConfig::new(&origin.url()).route("cache", false).to_toml()).await;
+    let h2 = hyper_util::client::legacy::Client::builder(hyper_util::rt::TokioExecutor::new()).http2_only(true).build_http::<Full<bytes::Bytes>>();
+    let req = http::Request::get(bulwark.url("/c")).header("cookie", "a=1").header("cookie", "b=2").body(Full::default()).expect("request");
+    let res = h2.request(req).await.expect("h2c request");
+    assert_eq!(res.status(), 200);
+    let (parts, _) = origin.last_request();
+    let cookies: Vec<_> = parts.headers.get_all("cookie").iter().map(|v| v.to_str().unwrap_or("").to_owned()).collect();
+    assert_eq!(cookies, ["a=1; b=2"]);
+}

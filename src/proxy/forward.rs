@@ -3,7 +3,7 @@
 
 use std::net::{IpAddr, SocketAddr};
 
-use http::header::{HOST, HeaderName, VIA};
+use http::header::{COOKIE, HOST, HeaderName, VIA};
 use http::{HeaderMap, HeaderValue, Uri, Version, request};
 
 use super::trust;
@@ -32,11 +32,26 @@ impl ClientInfo {
             Some(proto) if trusted && proto.eq_ignore_ascii_case(b"https") => "https",
             _ => "http",
         };
-        let raw_host = match parts.headers.get(HOST) {
-            Some(h) => h.to_str().map_err(|_| ProxyError::BadRequest("Host header is not valid text"))?,
-            None => parts.uri.authority().map(|a| a.as_str()).ok_or(ProxyError::BadRequest("request has no Host"))?,
+        let header = match parts.headers.get(HOST) {
+            Some(h) => Some(h.to_str().map_err(|_| ProxyError::BadRequest("Host header is not valid text"))?),
+            None => None,
         };
-        Ok(ClientInfo { host: normalise_host(raw_host, scheme)?, scheme, peer: peer_ip, trusted })
+        // The target's authority (absolute form, or h2's `:authority`) is the host, for
+        // routing, the key and the origin alike (RFC 9112 section 3.2.2); an h2 request
+        // whose `host` says otherwise is malformed (RFC 9113 section 8.3.1).
+        let host = match (parts.uri.authority(), header) {
+            (Some(authority), Some(header)) if parts.version == Version::HTTP_2 => {
+                let host = normalise_host(authority.as_str(), scheme)?;
+                if normalise_host(header, scheme)? != host {
+                    return Err(ProxyError::BadRequest("host differs from :authority"));
+                }
+                host
+            }
+            (Some(authority), _) => normalise_host(authority.as_str(), scheme)?,
+            (None, Some(header)) => normalise_host(header, scheme)?,
+            (None, None) => return Err(ProxyError::BadRequest("request has no Host")),
+        };
+        Ok(ClientInfo { host, scheme, peer: peer_ip, trusted })
     }
 
     /// The host without its port, for matching route `host` keys.
@@ -59,7 +74,9 @@ fn joined(headers: &HeaderMap, name: &HeaderName) -> Option<String> {
     }))
 }
 
-/// Lowercases a host and removes the scheme's default port.
+/// Lowercases a host, removes a trailing dot (`shop.example.` is `shop.example`) and the
+/// scheme's default port, and writes the port as a number (`:080` is `:80`), so every
+/// spelling of one host has one key.
 fn normalise_host(raw: &str, scheme: &str) -> Result<String, ProxyError> {
     let raw = raw.trim();
     let (host, port) = match raw.rsplit_once(':') {
@@ -67,6 +84,7 @@ fn normalise_host(raw: &str, scheme: &str) -> Result<String, ProxyError> {
         Some((host, port)) if !port.contains(']') => (host, Some(port)),
         _ => (raw, None),
     };
+    let host = host.strip_suffix('.').unwrap_or(host);
     let valid = !host.is_empty() && host.bytes().all(|b| b.is_ascii_alphanumeric() || matches!(b, b'.' | b'-' | b'_' | b'[' | b']' | b':'));
     if !valid {
         return Err(ProxyError::BadRequest("invalid Host"));
@@ -74,11 +92,17 @@ fn normalise_host(raw: &str, scheme: &str) -> Result<String, ProxyError> {
     let mut out = host.to_ascii_lowercase();
     match port {
         None => {}
-        Some(p) if p.is_empty() || !p.bytes().all(|b| b.is_ascii_digit()) => return Err(ProxyError::BadRequest("invalid Host port")),
-        Some(p) if (scheme == "http" && p == "80") || (scheme == "https" && p == "443") => {}
         Some(p) => {
-            out.push(':');
-            out.push_str(p);
+            let number = p.bytes().all(|b| b.is_ascii_digit()).then(|| p.parse::<u16>().ok()).flatten();
+            match number {
+                None => return Err(ProxyError::BadRequest("invalid Host port")),
+                Some(80) if scheme == "http" => {}
+                Some(443) if scheme == "https" => {}
+                Some(n) => {
+                    out.push(':');
+                    out.push_str(&n.to_string());
+                }
+            }
         }
     }
     Ok(out)
@@ -106,12 +130,21 @@ pub fn forward_headers(parts: &request::Parts, client: &ClientInfo, origin: &Ori
         Some(host) => {
             headers.insert(HOST, host.clone());
         }
-        None if !headers.contains_key(HOST) => {
+        // The target's authority is the host (as for the key): the origin gets it, not
+        // another `Host` the client may have sent beside it.
+        None => {
             if let Some(authority) = parts.uri.authority().and_then(|a| HeaderValue::from_str(a.as_str()).ok()) {
                 headers.insert(HOST, authority);
             }
         }
-        None => {}
+    }
+    // h2 clients may split `cookie` into several fields; an HTTP/1.1 origin gets one
+    // (RFC 9113 section 8.2.3).
+    if headers.get_all(COOKIE).iter().nth(1).is_some() {
+        let joined = headers.get_all(COOKIE).iter().filter_map(|v| v.to_str().ok()).collect::<Vec<_>>().join("; ");
+        if let Ok(joined) = HeaderValue::from_str(&joined) {
+            headers.insert(COOKIE, joined);
+        }
     }
     let peer = client.peer.to_string();
     let xff = match joined(&headers, &X_FORWARDED_FOR) {
@@ -151,5 +184,11 @@ mod tests {
         assert!(normalise_host("evil/host", "http").is_err());
         assert!(normalise_host("host:x", "http").is_err());
         assert!(normalise_host("", "http").is_err());
+        // One host, one key, however it is spelled.
+        assert_eq!(normalise_host("shop.example.", "http").ok(), Some("shop.example".into()));
+        assert_eq!(normalise_host("Shop.Example.:080", "http").ok(), Some("shop.example".into()));
+        assert_eq!(normalise_host("shop.example:08080", "http").ok(), Some("shop.example:8080".into()));
+        assert!(normalise_host("shop.example:99999", "http").is_err());
+        assert!(normalise_host(".", "http").is_err());
     }
 }

@@ -56,7 +56,7 @@ pub fn strip_hop_by_hop(headers: &mut HeaderMap) {
 /// (host, path and method overrides): a client could store its own page under
 /// everyone's key with them, so they never reach the origin on a cacheable request
 /// unless the route puts them into the key (`key_headers`).
-static UNKEYED: [HeaderName; 15] = [
+static UNKEYED: [HeaderName; 19] = [
     HeaderName::from_static("forwarded"),
     HeaderName::from_static("x-forwarded-host"),
     HeaderName::from_static("x-forwarded-server"),
@@ -72,6 +72,10 @@ static UNKEYED: [HeaderName; 15] = [
     HeaderName::from_static("x-forwarded-ssl"),
     HeaderName::from_static("front-end-https"),
     HeaderName::from_static("x-url-scheme"),
+    HeaderName::from_static("x-original-host"),
+    HeaderName::from_static("x-forwarded-uri"),
+    HeaderName::from_static("x-forwarded-path"),
+    HeaderName::from_static("x-http-host-override"),
 ];
 
 /// Removes the cookies the route ignores (analytics cookies such as `_ga*`) from the
