@@ -39,7 +39,7 @@ pub enum ProxyError {
 impl ProxyError {
     pub fn source_kind(&self) -> ErrorSource {
         match self {
-            ProxyError::BadRequest(_) => ErrorSource::Client,
+            ProxyError::BadRequest(_) | ProxyError::Origin { source: OriginError::ClientBody(_), .. } => ErrorSource::Client,
             ProxyError::Origin { .. } | ProxyError::OriginStatus { .. } => ErrorSource::Upstream,
             ProxyError::NotCached | ProxyError::Internal(_) => ErrorSource::Internal,
         }
@@ -61,6 +61,7 @@ impl ProxyError {
                 OriginError::Shed(_) | OriginError::BreakerOpen => StatusCode::SERVICE_UNAVAILABLE,
                 OriginError::Timeout(_) => StatusCode::GATEWAY_TIMEOUT,
                 OriginError::Connect(_) | OriginError::Request(_) | OriginError::Body(_) => StatusCode::BAD_GATEWAY,
+                OriginError::ClientBody(_) => StatusCode::BAD_REQUEST,
             },
             ProxyError::OriginStatus { status, .. } => *status,
             ProxyError::NotCached => StatusCode::GATEWAY_TIMEOUT,

@@ -124,3 +124,31 @@ async fn h2_split_cookie_fields_reach_an_http1_origin_as_one() {
     let cookies: Vec<_> = parts.headers.get_all("cookie").iter().map(|v| v.to_str().unwrap_or("").to_owned()).collect();
     assert_eq!(cookies, ["a=1; b=2"]);
 }
+
+#[tokio::test]
+async fn a_broken_chunked_upload_is_the_clients_error_not_the_origins() {
+    let origin = Origin::start().await;
+    // A breaker that would open on the first origin failure.
+    let config = TestConfig::new(&origin.url()).origin("breaker_consecutive_failures", 1).origin("breaker_min_requests", 1).to_toml();
+    let bulwark = Bulwark::start(&config).await;
+    let mut stream = TcpStream::connect(bulwark.addr).await.expect("connect");
+    stream.write_all(b"POST /upload HTTP/1.1\r\nHost: shop.example\r\nTransfer-Encoding: chunked\r\n\r\n5\r\nhello\r\n").await.expect("write");
+    tokio::time::sleep(Duration::from_millis(100)).await;
+    stream.write_all(b"ZZZ-not-a-chunk-size\r\n\r\n").await.expect("write");
+    let mut buf = Vec::new();
+    let mut chunk = [0u8; 4096];
+    // A 400, or the connection closed: never a 502.
+    while let Ok(Ok(n)) = tokio::time::timeout(Duration::from_secs(5), stream.read(&mut chunk)).await {
+        if n == 0 {
+            break;
+        }
+        buf.extend_from_slice(&chunk[..n]);
+    }
+    let answer = String::from_utf8_lossy(&buf);
+    assert!(answer.is_empty() || answer.starts_with("HTTP/1.1 400"), "{answer}");
+    for status in ["error", "5xx", "timeout", "connect_error"] {
+        assert_eq!(bulwark.metric("bulwark_origin_requests_total", &[("status", status)]).await, 0.0, "{status}");
+    }
+    assert_eq!(bulwark.metric("bulwark_origin_breaker_open", &[("origin", "catalog")]).await, 0.0);
+    assert_eq!(bulwark.get("/after").await.status, 200, "the origin is still used");
+}

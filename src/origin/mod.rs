@@ -27,7 +27,25 @@ use breaker::Breaker;
 use bulkhead::Slot;
 
 /// Body of a request sent to an origin.
-pub type OutgoingBody = BoxBody<Bytes, hyper::Error>;
+pub type OutgoingBody = BoxBody<Bytes, Box<dyn std::error::Error + Send + Sync>>;
+
+/// The client's request body failed while it was being sent on (a bad chunk, a hang-up
+/// mid-upload): the client's fault, never the origin's.
+#[derive(Debug, thiserror::Error)]
+#[error("the client's request body failed")]
+pub struct ClientBodyError(#[source] pub hyper::Error);
+
+/// Whether `err` (an origin request's failure) was caused by the client's body.
+fn caused_by_client_body(err: &(dyn std::error::Error + 'static)) -> bool {
+    let mut cause: Option<&(dyn std::error::Error + 'static)> = Some(err);
+    while let Some(err) = cause {
+        if err.is::<ClientBodyError>() {
+            return true;
+        }
+        cause = err.source();
+    }
+    false
+}
 
 /// Time spent waiting for an origin slot and in the origin, for one request's log line.
 /// Atomics because the fetch may run in another task (a coalesced flight).
@@ -59,13 +77,17 @@ pub enum OriginError {
     Request(#[source] hyper_util::client::legacy::Error),
     #[error("origin response body failed")]
     Body(#[source] OriginBodyError),
+    /// The client's request body failed while it was sent on: the origin request was
+    /// abandoned; nothing is counted against the origin.
+    #[error("the client's request body failed")]
+    ClientBody(#[source] hyper_util::client::legacy::Error),
 }
 
 impl OriginError {
     /// The `status` label of `bulwark_origin_requests_total`, when the origin was tried.
     pub fn metric_status(&self) -> Option<OriginStatus> {
         match self {
-            OriginError::Shed(_) | OriginError::BreakerOpen => None,
+            OriginError::Shed(_) | OriginError::BreakerOpen | OriginError::ClientBody(_) => None,
             OriginError::Timeout(_) => Some(OriginStatus::Timeout),
             OriginError::Connect(_) => Some(OriginStatus::ConnectError),
             OriginError::Request(_) | OriginError::Body(_) => Some(OriginStatus::Error),
@@ -132,6 +154,14 @@ impl Origin {
         if let Some(timings) = timings {
             timings.record(waited, start.elapsed());
         }
+        let result = match result {
+            // Says nothing about the origin: the breaker is not told (a probe is handed back).
+            Ok(Err(err)) if caused_by_client_body(&err) => {
+                drop(permit);
+                return Err(OriginError::ClientBody(err));
+            }
+            other => other,
+        };
         let success = matches!(&result, Ok(Ok(res)) if !is_failure_status(res.status()));
         let open = permit.record(success);
         self.metrics.breaker_open.set(if open { 1.0 } else { 0.0 });

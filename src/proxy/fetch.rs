@@ -23,7 +23,9 @@ use crate::cache::{CacheKey, Encodings, Entry, Pool, Stored};
 use crate::config::{Priority, StaleOnError};
 use crate::error::ProxyError;
 use crate::metrics::OriginStatus;
-use crate::origin::{OriginBody, OriginError, OutgoingBody, Timings};
+use crate::origin::{ClientBodyError, OriginBody, OriginError, OutgoingBody, Timings};
+
+type BoxError = Box<dyn std::error::Error + Send + Sync>;
 use crate::runtime::RouteRuntime;
 
 /// What the origin's answer became.
@@ -350,7 +352,8 @@ pub(super) async fn pass_through(
 ) -> Result<(response::Parts, ProxyBody), ProxyError> {
     let route = &ctx.route;
     let origin = &route.origin.config;
-    let mut req = Request::new(body.map_or_else(empty_body, BodyExt::boxed));
+    let body = body.map_or_else(empty_body, |body| body.map_err(|err| -> BoxError { Box::new(ClientBodyError(err)) }).boxed());
+    let mut req = Request::new(body);
     *req.method_mut() = parts.method.clone();
     *req.uri_mut() = origin_uri(origin, &parts.uri)?;
     *req.version_mut() = Version::HTTP_11;
