@@ -71,10 +71,16 @@ impl ProxyError {
 }
 
 /// The response for an error: its status, a short plain-text reason, and `Retry-After`
-/// when trying again later can help.
+/// when trying again later can help. The reason does not name the origin (internal
+/// names are for the log, which gets the whole error).
 pub fn error_response(err: &ProxyError) -> Response<ProxyBody> {
     let status = err.status();
-    let mut res = plain_response(status, format!("{err}\n"));
+    let text = match err {
+        ProxyError::Origin { source, .. } => format!("{source}\n"),
+        ProxyError::OriginStatus { status, .. } => format!("origin answered {status}\n"),
+        other => format!("{other}\n"),
+    };
+    let mut res = plain_response(status, text);
     if status == StatusCode::SERVICE_UNAVAILABLE {
         res.headers_mut().insert(RETRY_AFTER, HeaderValue::from_static("1"));
     }

@@ -146,6 +146,7 @@ async fn a_broken_chunked_upload_is_the_clients_error_not_the_origins() {
     }
     let answer = String::from_utf8_lossy(&buf);
     assert!(answer.is_empty() || answer.starts_with("HTTP/1.1 400"), "{answer}");
+    assert!(!answer.contains("catalog"), "the error names no internal origin: {answer}");
     for status in ["error", "5xx", "timeout", "connect_error"] {
         assert_eq!(bulwark.metric("bulwark_origin_requests_total", &[("status", status)]).await, 0.0, "{status}");
     }
