@@ -422,6 +422,7 @@ async fn rfc9111_5_2_1_4_request_no_cache_validates() {
     let ignoring = start(&origin, "", "ignore_request_cache_control = true").await;
     ignoring.get("/i").await;
     assert_eq!(ignoring.get_with("/i", &[("cache-control", "no-cache")]).await.cache_status(), HIT);
+    assert_eq!(ignoring.get_with("/i", &[("cache-control", "no-store")]).await.cache_status(), HIT, "no-store too: clients cannot force origin requests");
 }
 
 /// RFC 9111 section 5.2.1.4 across replicas: a copy in Redis stored before the request

@@ -190,7 +190,7 @@ async fn serve(ctx: &RequestContext, parts: request::Parts, body: Option<Incomin
         RouteMode::Fallback => return Decision::fallback_or_off(route),
         RouteMode::Normal | RouteMode::CacheOnly => {}
     }
-    let reason = match (&route.pool, bypass_reason(&parts)) {
+    let reason = match (&route.pool, bypass_reason(&parts, route.config.cache.ignore_request_cache_control)) {
         (Some(pool), None) if route.config.cacheable => return cache_aside::cache_aside(ctx, pool, parts).await,
         (_, Some(reason)) => reason,
         // A pass-through route (`cache = false`): never looked up, stored or coalesced.
@@ -222,10 +222,14 @@ async fn serve(ctx: &RequestContext, parts: request::Parts, body: Option<Incomin
     }
 }
 
-/// Why a request skips the cache, if it does.
-fn bypass_reason(parts: &request::Parts) -> Option<BypassReason> {
+/// Why a request skips the cache, if it does. A route that ignores the request's
+/// `Cache-Control` ignores its `no-store` too: such requests use the cache like any.
+fn bypass_reason(parts: &request::Parts, ignore_request_cache_control: bool) -> Option<BypassReason> {
     if parts.method != Method::GET && parts.method != Method::HEAD {
         return Some(BypassReason::Method);
+    }
+    if ignore_request_cache_control {
+        return None;
     }
     let no_store =
         parts.headers.get_all(CACHE_CONTROL).iter().filter_map(|v| v.to_str().ok()).any(|v| v.split(',').any(|d| d.trim().eq_ignore_ascii_case("no-store")));
