@@ -20,10 +20,15 @@ pub struct ServeProcess {
 
 impl ServeProcess {
     /// Starts `bulwark serve` on `config` (its `[server]` section gets the listen
-    /// addresses) and waits until `/healthz` answers.
+    /// addresses, set as TOML keys) and waits until `/healthz` answers.
     pub async fn start(config: &str, stdout: Stdio, stderr: Stdio) -> ServeProcess {
         let (port, admin_port) = (free_port(), free_port());
-        let text = config.replace("[server]\n", &format!("[server]\nlisten = \"127.0.0.1:{port}\"\nadmin_listen = \"127.0.0.1:{admin_port}\"\n"));
+        let mut doc: toml::Table = config.parse().unwrap_or_else(|e| panic!("a test config is TOML: {e}"));
+        let server = doc.entry("server").or_insert_with(|| toml::Table::new().into());
+        let server = server.as_table_mut().expect("[server] is a table");
+        server.insert("listen".into(), format!("127.0.0.1:{port}").into());
+        server.insert("admin_listen".into(), format!("127.0.0.1:{admin_port}").into());
+        let text = toml::to_string(&doc).expect("the config renders as TOML");
         let path = std::env::temp_dir().join(format!("bulwark-serve-{}-{port}.toml", std::process::id()));
         std::fs::write(&path, text).expect("write config");
         let child = Command::new(env!("CARGO_BIN_EXE_bulwark"))
