@@ -30,10 +30,21 @@ pub struct Listeners {
 }
 
 impl Listeners {
-    /// Binds `listen` and `admin_listen`.
+    /// Binds `listen` and `admin_listen`, each with an accept queue of `listen_backlog`
+    /// (tokio's `TcpListener::bind` would give 128: a sale's opening burst, or a new pod's
+    /// first second, would lose SYNs that clients retry only after 1 s).
     pub async fn bind(config: &ServerConfig) -> Result<Listeners, RunError> {
-        let bind = |addr: SocketAddr| async move { TcpListener::bind(addr).await.map_err(|source| RunError::Bind { addr, source }) };
-        Ok(Listeners { proxy: bind(config.listen).await?, admin: bind(config.admin_listen).await? })
+        let bind = |addr: SocketAddr| {
+            let socket = if addr.is_ipv4() { tokio::net::TcpSocket::new_v4() } else { tokio::net::TcpSocket::new_v6() };
+            socket
+                .and_then(|socket| {
+                    socket.set_reuseaddr(true)?;
+                    socket.bind(addr)?;
+                    socket.listen(config.listen_backlog)
+                })
+                .map_err(|source| RunError::Bind { addr, source })
+        };
+        Ok(Listeners { proxy: bind(config.listen)?, admin: bind(config.admin_listen)? })
     }
 }
 

@@ -49,6 +49,9 @@ pub struct ServerConfig {
     /// For HTTP/1.1 this is also the longest time to receive a request's headers: hyper
     /// runs one timer from the moment it waits for the next request head.
     pub keepalive_idle: Duration,
+    /// Accept queue of both listeners (the kernel caps it at `net.core.somaxconn`): a
+    /// burst of new connections beyond it loses SYNs, which clients retry after 1 s.
+    pub listen_backlog: u32,
     /// After SIGTERM: how long to keep serving (with `/readyz` at 503) before closing the listener.
     pub drain_delay: Duration,
     /// After the drain: how long in-flight requests get to finish before the process exits.

@@ -29,6 +29,7 @@ pub struct RawServer {
     pub listen: Option<Spanned<String>>,
     pub admin_listen: Option<Spanned<String>>,
     pub keepalive_idle: Option<Spanned<ConfigDuration>>,
+    pub listen_backlog: Option<Spanned<i64>>,
     pub drain_delay: Option<ConfigDuration>,
     pub shutdown_timeout: Option<ConfigDuration>,
     pub max_header_bytes: Option<ByteSize>,

@@ -160,3 +160,14 @@ fn only_a_pass_through_route_may_have_no_pool() {
     let pass_through = parse(&format!("{without_pool}cache = false\n")).expect("valid");
     assert_eq!((pass_through.routes[0].pool, pass_through.routes[0].cacheable), (None, false));
 }
+
+#[test]
+fn listen_backlog_is_a_positive_number() {
+    assert_eq!(parse(MINIMAL).expect("valid").server.listen_backlog, 4096);
+    let set = parse(&format!("[server]\nlisten_backlog = 1000\n{MINIMAL}")).expect("valid");
+    assert_eq!(set.server.listen_backlog, 1000);
+    for bad in ["0", "-1", "5000000000"] {
+        let refused = error_of(&format!("[server]\nlisten_backlog = {bad}\n{MINIMAL}"));
+        assert!(refused.contains("bulwark.toml:2:") && refused.contains("listen_backlog"), "{bad}: {refused}");
+    }
+}

@@ -140,10 +140,15 @@ fn server(raw: raw::RawServer) -> Result<ServerConfig> {
         Some(url) => Some(redis_url(&url)?),
     };
     let max_header_bytes = raw.max_header_bytes.map_or(64 * 1024, |s| s.0);
+    let listen_backlog = match raw.listen_backlog {
+        None => 4096,
+        Some(b) => u32::try_from(*b.get_ref()).ok().filter(|b| *b > 0).map_or_else(|| err(b.span(), "listen_backlog must be a positive number"), Ok)?,
+    };
     Ok(ServerConfig {
         listen: socket_addr(raw.listen, "0.0.0.0:8080")?,
         admin_listen: socket_addr(raw.admin_listen, "127.0.0.1:9901")?,
         keepalive_idle: nonzero_dur(raw.keepalive_idle, Duration::from_secs(75), "keepalive_idle")?,
+        listen_backlog,
         drain_delay: dur(raw.drain_delay, Duration::from_secs(5)),
         shutdown_timeout: dur(raw.shutdown_timeout, Duration::from_secs(30)),
         max_header_bytes: usize::try_from(max_header_bytes).unwrap_or(usize::MAX).max(8192),
