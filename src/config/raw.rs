@@ -50,14 +50,14 @@ pub struct RawOrigin {
     pub pool_idle_timeout: Option<ConfigDuration>,
     pub max_concurrency: Option<Spanned<i64>>,
     pub max_queue: Option<Spanned<i64>>,
-    pub queue_timeout: Option<ConfigDuration>,
+    pub queue_timeout: Option<Spanned<ConfigDuration>>,
     pub host_header: Option<Spanned<String>>,
     pub content_codings: Option<Vec<Spanned<String>>>,
     pub breaker_consecutive_failures: Option<Spanned<i64>>,
     pub breaker_failure_rate: Option<Spanned<f64>>,
     pub breaker_min_requests: Option<Spanned<i64>>,
     pub breaker_window: Option<ConfigDuration>,
-    pub breaker_open_for: Option<ConfigDuration>,
+    pub breaker_open_for: Option<Spanned<ConfigDuration>>,
 }
 
 #[derive(Debug, Deserialize)]

@@ -171,3 +171,16 @@ fn listen_backlog_is_a_positive_number() {
         assert!(refused.contains("bulwark.toml:2:") && refused.contains("listen_backlog"), "{bad}: {refused}");
     }
 }
+
+#[test]
+fn a_zero_queue_timeout_or_breaker_open_for_is_refused_at_its_line() {
+    let origins = "[[origins]]\nname = \"catalog\"\nurl = \"http://127.0.0.1:8081\"\n";
+    let rest = MINIMAL.replacen("[[origins]]\nname = \"catalog\"\nurl = \"http://127.0.0.1:8081\"\n", "", 1);
+    for key in ["queue_timeout", "breaker_open_for"] {
+        let text = format!("{origins}{key} = \"0s\"\n{rest}");
+        let refused = error_of(&text);
+        assert!(refused.contains("bulwark.toml:4:") && refused.contains(&format!("{key} must be greater than zero")), "{refused}");
+    }
+    let no_queue = parse(&format!("{origins}max_queue = 0\n{rest}")).expect("max_queue = 0 means no queue");
+    assert_eq!(no_queue.origins[0].max_queue, 0);
+}

@@ -207,7 +207,7 @@ fn origin(raw: raw::RawOrigin) -> Result<OriginConfig> {
             None => 1024,
             Some(q) => usize::try_from(*q.get_ref()).or_else(|_| err(q.span(), "max_queue must not be negative"))?,
         },
-        queue_timeout: dur(raw.queue_timeout, Duration::from_secs(1)),
+        queue_timeout: nonzero_dur(raw.queue_timeout, Duration::from_secs(1), "queue_timeout")?,
         host_header,
         content_codings: match &raw.content_codings {
             None => Encodings::ORIGIN_DEFAULT,
@@ -225,7 +225,7 @@ fn origin(raw: raw::RawOrigin) -> Result<OriginConfig> {
             },
             min_requests: u32::try_from(positive(raw.breaker_min_requests, 20, "breaker_min_requests")?).unwrap_or(u32::MAX),
             window: dur(raw.breaker_window, Duration::from_secs(10)),
-            open_for: dur(raw.breaker_open_for, Duration::from_secs(5)),
+            open_for: nonzero_dur(raw.breaker_open_for, Duration::from_secs(5), "breaker_open_for")?,
         },
     })
 }

@@ -181,6 +181,17 @@ mod tests {
     use super::*;
 
     #[tokio::test]
+    async fn max_queue_zero_means_no_queue_at_all() {
+        let bulkhead = Bulkhead::new(1, 0, Duration::from_secs(5));
+        let (_held, _) = bulkhead.acquire(Priority::Normal).await.expect("free slot");
+        for priority in [Priority::Low, Priority::Normal, Priority::Critical] {
+            let refused = tokio::time::timeout(Duration::from_millis(100), bulkhead.acquire(priority)).await.expect("refused at once, not queued");
+            assert_eq!(refused.err(), Some(Shed::QueueFull), "{priority:?}");
+        }
+        assert_eq!(bulkhead.waiting(), 0);
+    }
+
+    #[tokio::test]
     async fn slots_go_to_the_highest_priority_and_low_is_displaced() {
         let bulkhead = Arc::new(Bulkhead::new(1, 2, Duration::from_secs(5)));
         let (held, _) = bulkhead.acquire(Priority::Normal).await.expect("free slot");
