@@ -11,7 +11,6 @@ use http_body_util::{BodyExt, Full};
 use hyper_util::client::legacy::Client;
 use hyper_util::client::legacy::connect::HttpConnector;
 use hyper_util::rt::TokioExecutor;
-use tokio::net::TcpListener;
 
 use super::TestConfig;
 use super::eventually;
@@ -66,11 +65,11 @@ impl Bulwark {
         Bulwark::launch(config, Some(path.to_owned())).await
     }
 
-    async fn launch(config: bulwark::Config, path: Option<std::path::PathBuf>) -> Bulwark {
-        let listeners = bulwark::Listeners {
-            proxy: TcpListener::bind("127.0.0.1:0").await.expect("bind proxy"),
-            admin: TcpListener::bind("127.0.0.1:0").await.expect("bind admin"),
-        };
+    async fn launch(mut config: bulwark::Config, path: Option<std::path::PathBuf>) -> Bulwark {
+        // Free ports, bound as `bulwark serve` binds them (with the configured backlog).
+        let any: std::net::SocketAddr = "127.0.0.1:0".parse().expect("address");
+        (config.server.listen, config.server.admin_listen) = (any, any);
+        let listeners = bulwark::Listeners::bind(&config.server).await.expect("bind listeners");
         let addr = listeners.proxy.local_addr().expect("addr");
         let admin_addr = listeners.admin.local_addr().expect("admin addr");
         let (tx, rx) = tokio::sync::oneshot::channel::<()>();
