@@ -20,6 +20,7 @@ use hyper_util::server::graceful::GracefulShutdown;
 use tokio::net::TcpListener;
 
 use crate::cache::PurgeTarget;
+use crate::client_timers::{Limits, Requests, TimedIo, Tracked};
 use crate::config::RouteMode;
 use crate::proxy::Proxy;
 
@@ -30,7 +31,11 @@ type AdminResponse = Response<Full<Bytes>>;
 /// Serves the admin endpoints until `stop` completes.
 pub async fn serve(listener: TcpListener, proxy: Arc<Proxy>, stop: impl Future<Output = ()>) {
     let token: Option<Arc<str>> = std::env::var(ADMIN_TOKEN_ENV).ok().map(|t| t.trim().to_owned()).filter(|t| !t.is_empty()).map(Into::into);
-    let builder = auto::Builder::new(TokioExecutor::new());
+    let server = proxy.runtime().config.server.clone();
+    let limits = Limits { keepalive_idle: server.keepalive_idle, header_read_timeout: server.header_read_timeout };
+    let mut builder = auto::Builder::new(TokioExecutor::new());
+    // hyper's own HTTP/1.1 timer bounds idle keep-alive, as on the proxy listener.
+    builder.http1().timer(hyper_util::rt::TokioTimer::new()).header_read_timeout(server.keepalive_idle);
     let graceful = GracefulShutdown::new();
     tokio::pin!(stop);
     loop {
@@ -42,11 +47,13 @@ pub async fn serve(listener: TcpListener, proxy: Arc<Proxy>, stop: impl Future<O
                     continue;
                 };
                 let (proxy, token) = (proxy.clone(), token.clone());
+                let requests = Arc::new(Requests::default());
+                let io = TimedIo::new(stream, limits, requests.clone());
                 let service = service_fn(move |req| {
-                    let (proxy, token) = (proxy.clone(), token.clone());
-                    async move { Ok::<_, Infallible>(handle(&proxy, token.as_deref(), req).await) }
+                    let (proxy, token, active) = (proxy.clone(), token.clone(), requests.start());
+                    async move { Ok::<_, Infallible>(handle(&proxy, token.as_deref(), req).await.map(|body| Tracked::new(body, active))) }
                 });
-                let conn = graceful.watch(builder.serve_connection(TokioIo::new(stream), service).into_owned());
+                let conn = graceful.watch(builder.serve_connection(TokioIo::new(io), service).into_owned());
                 tokio::spawn(conn);
             }
             () = &mut stop => break,

@@ -5,6 +5,8 @@
 //! - [`config`]: the TOML file format, validation into typed values, `PATH:LINE:COL` errors.
 //! - [`server`]: listeners, the accept loop (HTTP/1.1 and h2c), graceful shutdown; [`run`].
 //! - [`access_log`]: one sampled line per request, written off the request path.
+//! - [`client_timers`]: the first-byte and request-head timers of client connections
+//!   that hyper does not keep.
 //! - [`admin`]: `/metrics`, `/healthz`, `/readyz`, `/admin/*` on the admin listener.
 //! - [`control`]: route modes shared by every replica through `control_redis_url`.
 //! - [`router`]: request to route (longest `path_prefix`, optional host).
@@ -50,6 +52,7 @@ pub mod admin;
 pub mod body;
 pub mod cache;
 pub mod cli;
+pub mod client_timers;
 pub mod clock;
 pub mod config;
 pub mod control;

@@ -18,6 +18,7 @@ use hyper_util::server::graceful::GracefulShutdown;
 use tokio::net::TcpListener;
 
 use crate::admin;
+use crate::client_timers::{Limits, Requests, TimedIo, Tracked};
 use crate::clock::Clock;
 use crate::config::{Config, ServerConfig};
 use crate::proxy::Proxy;
@@ -149,7 +150,8 @@ async fn serve(listeners: Listeners, proxy: Arc<Proxy>, shutdown: impl Future<Ou
         .keep_alive_interval(Some(Duration::from_secs(20)))
         .keep_alive_timeout(Duration::from_secs(20))
         .max_header_list_size(u32::try_from(server_config.max_header_bytes).unwrap_or(u32::MAX));
-    let acceptor = Acceptor { listener: listeners.proxy, builder, proxy: proxy.clone(), graceful: GracefulShutdown::new() };
+    let limits = Limits { keepalive_idle: server_config.keepalive_idle, header_read_timeout: server_config.header_read_timeout };
+    let acceptor = Acceptor { listener: listeners.proxy, limits, builder, proxy: proxy.clone(), graceful: GracefulShutdown::new() };
     tracing::info!(addr = ?acceptor.listener.local_addr().ok(), "serving");
 
     acceptor.accept_until(shutdown).await;
@@ -171,6 +173,7 @@ async fn serve(listeners: Listeners, proxy: Arc<Proxy>, shutdown: impl Future<Ou
 
 struct Acceptor {
     listener: TcpListener,
+    limits: Limits,
     builder: auto::Builder<TokioExecutor>,
     proxy: Arc<Proxy>,
     graceful: GracefulShutdown,
@@ -198,11 +201,13 @@ impl Acceptor {
     fn serve(&self, stream: tokio::net::TcpStream, peer: SocketAddr) {
         let _ = stream.set_nodelay(true);
         let proxy = self.proxy.clone();
+        let requests = Arc::new(Requests::default());
+        let io = TimedIo::new(stream, self.limits, requests.clone());
         let service = service_fn(move |req| {
-            let proxy = proxy.clone();
-            async move { Ok::<_, Infallible>(proxy.handle(req, peer).await) }
+            let (proxy, active) = (proxy.clone(), requests.start());
+            async move { Ok::<_, Infallible>(proxy.handle(req, peer).await.map(|body| Tracked::new(body, active))) }
         });
-        let conn = self.builder.serve_connection(TokioIo::new(stream), service).into_owned();
+        let conn = self.builder.serve_connection(TokioIo::new(io), service).into_owned();
         let conn = self.graceful.watch(conn);
         tokio::spawn(async move {
             if let Err(err) = conn.await {

@@ -49,6 +49,8 @@ pub struct ServerConfig {
     /// For HTTP/1.1 this is also the longest time to receive a request's headers: hyper
     /// runs one timer from the moment it waits for the next request head.
     pub keepalive_idle: Duration,
+    /// HTTP/1.1: a request head must be complete this long after its first byte.
+    pub header_read_timeout: Duration,
     /// Accept queue of both listeners (the kernel caps it at `net.core.somaxconn`): a
     /// burst of new connections beyond it loses SYNs, which clients retry after 1 s.
     pub listen_backlog: u32,

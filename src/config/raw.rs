@@ -30,6 +30,7 @@ pub struct RawServer {
     pub admin_listen: Option<Spanned<String>>,
     pub keepalive_idle: Option<Spanned<ConfigDuration>>,
     pub listen_backlog: Option<Spanned<i64>>,
+    pub header_read_timeout: Option<Spanned<ConfigDuration>>,
     pub drain_delay: Option<ConfigDuration>,
     pub shutdown_timeout: Option<ConfigDuration>,
     pub max_header_bytes: Option<ByteSize>,

@@ -1,0 +1,189 @@
+//! Timers on client connections that hyper does not keep. hyper's HTTP/1.1 header timer
+//! also runs while a keep-alive connection is idle, so it stays at `keepalive_idle` (an
+//! ALB reuses idle connections for 60 s and sees a 502 if we close first); these add:
+//!
+//! - a first-byte timer: a new connection that sends nothing is closed after
+//!   `keepalive_idle` (hyper-util's `auto` reads the preface with no timer at all);
+//! - a head timer: once the first byte of an HTTP/1.1 request head has arrived, the head
+//!   must be complete within `header_read_timeout`, however slowly it is dribbled.
+//!
+//! The timers live in the connection's IO ([`TimedIo`]); the service tells them when a
+//! request head is complete and when its response has ended ([`Requests`]). An h2c
+//! connection (its preface is the first thing read) gets the first-byte timer only.
+
+use std::future::Future;
+use std::io;
+use std::pin::Pin;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
+use std::task::{Context, Poll};
+use std::time::Duration;
+
+use bytes::Bytes;
+use http_body::{Body, Frame, SizeHint};
+use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
+use tokio::time::{Instant, Sleep};
+
+/// The two limits, from `[server]`.
+#[derive(Debug, Clone, Copy)]
+pub struct Limits {
+    pub keepalive_idle: Duration,
+    pub header_read_timeout: Duration,
+}
+
+/// What the service tells a connection's timers: requests in progress (head received,
+/// response not yet ended), and how many have started.
+#[derive(Debug, Default)]
+pub struct Requests {
+    active: AtomicUsize,
+    started: AtomicU64,
+}
+
+impl Requests {
+    /// A request head is complete: its head timer stops. The guard ends the request
+    /// when dropped (with the response body, see [`Tracked`]).
+    pub fn start(self: &Arc<Self>) -> Active {
+        self.active.fetch_add(1, Ordering::AcqRel);
+        self.started.fetch_add(1, Ordering::AcqRel);
+        Active(self.clone())
+    }
+}
+
+/// One request in progress on a connection.
+#[derive(Debug)]
+pub struct Active(Arc<Requests>);
+
+impl Drop for Active {
+    fn drop(&mut self) {
+        self.0.active.fetch_sub(1, Ordering::AcqRel);
+    }
+}
+
+/// Which timer runs.
+enum Timer {
+    /// Nothing read yet: the first byte must come within `keepalive_idle`.
+    FirstByte,
+    /// An HTTP/1.1 head has begun (`started` requests had started then): it must be
+    /// complete by the deadline.
+    Head { started: u64 },
+    /// Between requests, or inside one: hyper's own timers apply.
+    Idle,
+    /// HTTP/2: hyper's keep-alive pings apply.
+    H2,
+}
+
+/// A connection's IO with the timers of this module.
+pub struct TimedIo<T> {
+    inner: T,
+    limits: Limits,
+    requests: Arc<Requests>,
+    timer: Timer,
+    deadline: Pin<Box<Sleep>>,
+}
+
+/// The client preface of HTTP/2 (RFC 9113 section 3.4), as far as it tells.
+const H2_PREFACE: &[u8] = b"PRI * HTTP/2.0";
+
+impl<T> TimedIo<T> {
+    pub fn new(inner: T, limits: Limits, requests: Arc<Requests>) -> TimedIo<T> {
+        let deadline = Box::pin(tokio::time::sleep(limits.keepalive_idle));
+        TimedIo { inner, limits, requests, timer: Timer::FirstByte, deadline }
+    }
+
+    /// Updates the timer after bytes arrived (`read`: what this read returned).
+    fn on_read(&mut self, read: &[u8]) {
+        let started = self.requests.started.load(Ordering::Acquire);
+        match self.timer {
+            // A client that sends its preface in pieces gets the head timer until its
+            // first stream starts; clients send it whole.
+            Timer::FirstByte if read.starts_with(H2_PREFACE) => self.timer = Timer::H2,
+            Timer::FirstByte => self.arm_head(started),
+            Timer::Idle if self.requests.active.load(Ordering::Acquire) == 0 => self.arm_head(started),
+            Timer::Head { .. } | Timer::Idle | Timer::H2 => {}
+        }
+    }
+
+    fn arm_head(&mut self, started: u64) {
+        self.timer = Timer::Head { started };
+        self.deadline.as_mut().reset(Instant::now() + self.limits.header_read_timeout);
+    }
+}
+
+impl<T: AsyncRead + Unpin> AsyncRead for TimedIo<T> {
+    fn poll_read(self: Pin<&mut Self>, cx: &mut Context<'_>, buf: &mut ReadBuf<'_>) -> Poll<io::Result<()>> {
+        let this = self.get_mut();
+        // A head whose request has started is complete: its timer stops.
+        if let Timer::Head { started } = this.timer
+            && this.requests.started.load(Ordering::Acquire) != started
+        {
+            this.timer = Timer::Idle;
+        }
+        if matches!(this.timer, Timer::FirstByte | Timer::Head { .. }) && this.deadline.as_mut().poll(cx).is_ready() {
+            let what = if matches!(this.timer, Timer::FirstByte) {
+                "no request within keepalive_idle"
+            } else {
+                "request head not complete within header_read_timeout"
+            };
+            return Poll::Ready(Err(io::Error::new(io::ErrorKind::TimedOut, what)));
+        }
+        let before = buf.filled().len();
+        let polled = Pin::new(&mut this.inner).poll_read(cx, buf);
+        if let Poll::Ready(Ok(())) = polled
+            && buf.filled().len() > before
+        {
+            this.on_read(&buf.filled()[before..]);
+        }
+        polled
+    }
+}
+
+impl<T: AsyncWrite + Unpin> AsyncWrite for TimedIo<T> {
+    fn poll_write(self: Pin<&mut Self>, cx: &mut Context<'_>, data: &[u8]) -> Poll<io::Result<usize>> {
+        Pin::new(&mut self.get_mut().inner).poll_write(cx, data)
+    }
+
+    fn poll_flush(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        Pin::new(&mut self.get_mut().inner).poll_flush(cx)
+    }
+
+    fn poll_shutdown(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        Pin::new(&mut self.get_mut().inner).poll_shutdown(cx)
+    }
+
+    fn poll_write_vectored(self: Pin<&mut Self>, cx: &mut Context<'_>, bufs: &[io::IoSlice<'_>]) -> Poll<io::Result<usize>> {
+        Pin::new(&mut self.get_mut().inner).poll_write_vectored(cx, bufs)
+    }
+
+    fn is_write_vectored(&self) -> bool {
+        self.inner.is_write_vectored()
+    }
+}
+
+/// A response body that ends its request (for the timers) when it ends or is dropped.
+pub struct Tracked<B> {
+    inner: B,
+    _active: Active,
+}
+
+impl<B> Tracked<B> {
+    pub fn new(inner: B, active: Active) -> Tracked<B> {
+        Tracked { inner, _active: active }
+    }
+}
+
+impl<B: Body<Data = Bytes> + Unpin> Body for Tracked<B> {
+    type Data = Bytes;
+    type Error = B::Error;
+
+    fn poll_frame(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Option<Result<Frame<Bytes>, B::Error>>> {
+        Pin::new(&mut self.get_mut().inner).poll_frame(cx)
+    }
+
+    fn is_end_stream(&self) -> bool {
+        self.inner.is_end_stream()
+    }
+
+    fn size_hint(&self) -> SizeHint {
+        self.inner.size_hint()
+    }
+}
