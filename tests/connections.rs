@@ -106,3 +106,33 @@ async fn connections_that_send_nothing_are_closed_after_keepalive_idle() {
     }
     assert_eq!(closed, 2000, "of 2,000 silent connections (half on each listener), closed within keepalive_idle + 2 s");
 }
+
+#[tokio::test]
+async fn serve_raises_the_open_file_soft_limit_to_the_hard_limit() {
+    let origin = Origin::start().await;
+    let (port, admin_port) = (support::free_port(), support::free_port());
+    let config =
+        TestConfig::new(&origin.url()).server("listen", format!("127.0.0.1:{port}")).server("admin_listen", format!("127.0.0.1:{admin_port}")).to_toml();
+    let path = std::env::temp_dir().join(format!("bulwark-nofile-{}-{port}.toml", std::process::id()));
+    std::fs::write(&path, config).expect("write config");
+    // Started with a soft limit of 512, as many hosts set it.
+    let mut child = Command::new("sh")
+        .args(["-c", "ulimit -S -n 512 && exec \"$0\" serve --config \"$1\"", env!("CARGO_BIN_EXE_bulwark")])
+        .arg(&path)
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .expect("spawn bulwark serve");
+    let health = format!("http://127.0.0.1:{admin_port}/healthz");
+    support::eventually("bulwark serve is up", std::time::Duration::from_secs(10), async || support::client().get(health.parse().expect("uri")).await.is_ok())
+        .await;
+    let limits = std::fs::read_to_string(format!("/proc/{}/limits", child.id())).expect("limits of the child");
+    let _ = child.kill();
+    let _ = child.wait();
+    let _ = std::fs::remove_file(&path);
+    let line = limits.lines().find(|l| l.starts_with("Max open files")).expect("a Max open files line");
+    let fields: Vec<&str> = line.split_whitespace().collect();
+    let (soft, hard) = (fields[3], fields[4]);
+    assert_ne!(soft, "512", "{line}");
+    assert_eq!(soft, hard, "{line}");
+}
