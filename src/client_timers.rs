@@ -63,6 +63,9 @@ impl Drop for Active {
 enum Timer {
     /// Nothing read yet: the first byte must come within `keepalive_idle`.
     FirstByte,
+    /// What was read so far is the start of the HTTP/2 preface (`matched` bytes of it):
+    /// still the first-byte deadline, until the preface is whole or turns out not to be.
+    Preface { matched: usize },
     /// An HTTP/1.1 head has begun (`started` requests had started then): it must be
     /// complete by the deadline.
     Head { started: u64 },
@@ -94,10 +97,18 @@ impl<T> TimedIo<T> {
     fn on_read(&mut self, read: &[u8]) {
         let started = self.requests.started.load(Ordering::Acquire);
         match self.timer {
-            // A client that sends its preface in pieces gets the head timer until its
-            // first stream starts; clients send it whole.
-            Timer::FirstByte if read.starts_with(H2_PREFACE) => self.timer = Timer::H2,
-            Timer::FirstByte => self.arm_head(started),
+            Timer::FirstByte | Timer::Preface { .. } => {
+                let matched = if let Timer::Preface { matched } = self.timer { matched } else { 0 };
+                let rest = &H2_PREFACE[matched..];
+                let n = read.len().min(rest.len());
+                if read[..n] != rest[..n] {
+                    self.arm_head(started);
+                } else if matched + n == H2_PREFACE.len() {
+                    self.timer = Timer::H2;
+                } else {
+                    self.timer = Timer::Preface { matched: matched + n };
+                }
+            }
             Timer::Idle if self.requests.active.load(Ordering::Acquire) == 0 => self.arm_head(started),
             Timer::Head { .. } | Timer::Idle | Timer::H2 => {}
         }
@@ -118,8 +129,8 @@ impl<T: AsyncRead + Unpin> AsyncRead for TimedIo<T> {
         {
             this.timer = Timer::Idle;
         }
-        if matches!(this.timer, Timer::FirstByte | Timer::Head { .. }) && this.deadline.as_mut().poll(cx).is_ready() {
-            let what = if matches!(this.timer, Timer::FirstByte) {
+        if matches!(this.timer, Timer::FirstByte | Timer::Preface { .. } | Timer::Head { .. }) && this.deadline.as_mut().poll(cx).is_ready() {
+            let what = if matches!(this.timer, Timer::FirstByte | Timer::Preface { .. }) {
                 "no request within keepalive_idle"
             } else {
                 "request head not complete within header_read_timeout"
@@ -185,5 +196,47 @@ impl<B: Body<Data = Bytes> + Unpin> Body for Tracked<B> {
 
     fn size_hint(&self) -> SizeHint {
         self.inner.size_hint()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn io() -> TimedIo<()> {
+        TimedIo::new((), Limits { keepalive_idle: Duration::from_secs(75), header_read_timeout: Duration::from_secs(10) }, Arc::default())
+    }
+
+    #[tokio::test]
+    async fn an_h2_preface_read_in_pieces_is_still_h2_and_a_post_is_not() {
+        let mut pieces = io();
+        for piece in [&b"PR"[..], b"I * HTTP", b"/2.0\r\n\r\nSM\r\n\r\n"] {
+            pieces.on_read(piece);
+        }
+        assert!(matches!(pieces.timer, Timer::H2), "a preface in three reads");
+        let mut post = io();
+        post.on_read(b"P");
+        assert!(matches!(post.timer, Timer::Preface { matched: 1 }));
+        post.on_read(b"OST /upload HTTP/1.1\r\n");
+        assert!(matches!(post.timer, Timer::Head { .. }), "a request line starting with P gets the head timer");
+        let mut get = io();
+        get.on_read(b"GET / HTTP/1.1\r\n");
+        assert!(matches!(get.timer, Timer::Head { .. }));
+    }
+
+    #[tokio::test]
+    async fn a_started_request_stops_the_head_timer_and_the_next_head_rearms_it() {
+        let mut conn = io();
+        conn.on_read(b"GET / HTTP/1.1\r\n\r\n");
+        let active = conn.requests.start();
+        // As poll_read sees it next: the request has started.
+        let Timer::Head { started } = conn.timer else { panic!("head timer armed") };
+        assert_ne!(conn.requests.started.load(Ordering::Acquire), started);
+        conn.timer = Timer::Idle;
+        conn.on_read(b"body bytes while the request runs");
+        assert!(matches!(conn.timer, Timer::Idle), "no head timer inside a request");
+        drop(active);
+        conn.on_read(b"GET /next HTTP/1.1\r\n");
+        assert!(matches!(conn.timer, Timer::Head { .. }), "the next head is timed");
     }
 }
