@@ -39,7 +39,7 @@ pub enum ProxyError {
 impl ProxyError {
     pub fn source_kind(&self) -> ErrorSource {
         match self {
-            ProxyError::BadRequest(_) | ProxyError::Origin { source: OriginError::ClientBody(_), .. } => ErrorSource::Client,
+            ProxyError::BadRequest(_) | ProxyError::Origin { source: OriginError::ClientBody(_) | OriginError::UploadTimeout(_), .. } => ErrorSource::Client,
             ProxyError::Origin { .. } | ProxyError::OriginStatus { .. } => ErrorSource::Upstream,
             ProxyError::NotCached | ProxyError::Internal(_) => ErrorSource::Internal,
         }
@@ -62,6 +62,7 @@ impl ProxyError {
                 OriginError::Timeout(_) => StatusCode::GATEWAY_TIMEOUT,
                 OriginError::Connect(_) | OriginError::Request(_) | OriginError::Body(_) => StatusCode::BAD_GATEWAY,
                 OriginError::ClientBody(_) => StatusCode::BAD_REQUEST,
+                OriginError::UploadTimeout(_) => StatusCode::REQUEST_TIMEOUT,
             },
             ProxyError::OriginStatus { status, .. } => *status,
             ProxyError::NotCached => StatusCode::GATEWAY_TIMEOUT,

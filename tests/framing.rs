@@ -92,6 +92,7 @@ async fn spellings_of_one_host_share_a_key() {
     let origin = Origin::start().await;
     let bulwark = Bulwark::start(&TestConfig::new(&origin.url()).to_toml()).await;
     assert_eq!(bulwark.get_with("/h", &[("host", "Shop.Example.:080")]).await.cache_status(), "bulwark; fwd=miss; stored");
+    assert_eq!(origin.last_request().0.headers.get("host").and_then(|v| v.to_str().ok()), Some("shop.example"), "the origin gets the key's spelling");
     for host in ["shop.example", "shop.example.", "SHOP.example:80"] {
         assert_eq!(bulwark.get_with("/h", &[("host", host)]).await.cache_status(), "bulwark; hit; detail=l1", "{host}");
     }
@@ -150,6 +151,22 @@ async fn a_broken_chunked_upload_is_the_clients_error_not_the_origins() {
     for status in ["error", "5xx", "timeout", "connect_error"] {
         assert_eq!(bulwark.metric("bulwark_origin_requests_total", &[("status", status)]).await, 0.0, "{status}");
     }
+    assert_eq!(bulwark.metric("bulwark_origin_breaker_open", &[("origin", "catalog")]).await, 0.0);
+    assert_eq!(bulwark.get("/after").await.status, 200, "the origin is still used");
+}
+
+#[tokio::test]
+async fn a_slow_upload_is_the_clients_timeout_not_a_breaker_failure() {
+    let origin = Origin::start().await;
+    let config =
+        TestConfig::new(&origin.url()).origin("timeout", "500ms").origin("breaker_consecutive_failures", 1).origin("breaker_min_requests", 1).to_toml();
+    let bulwark = Bulwark::start(&config).await;
+    let mut stream = TcpStream::connect(bulwark.addr).await.expect("connect");
+    stream.write_all(b"POST /upload HTTP/1.1\r\nHost: shop.example\r\nContent-Length: 100\r\n\r\nfirst bytes").await.expect("write");
+    // The rest never comes.
+    let (status, _, _) = read_response(&mut stream, &mut Vec::new()).await;
+    assert_eq!(status, 408);
+    assert_eq!(bulwark.metric("bulwark_origin_requests_total", &[("status", "timeout")]).await, 0.0);
     assert_eq!(bulwark.metric("bulwark_origin_breaker_open", &[("origin", "catalog")]).await, 0.0);
     assert_eq!(bulwark.get("/after").await.status, 200, "the origin is still used");
 }

@@ -196,3 +196,28 @@ async fn a_pass_through_route_never_looks_up_stores_or_coalesces() {
     assert_eq!(bulwark.get("/other").await.cache_status(), "bulwark; fwd=miss; stored");
     assert_eq!(bulwark.get("/other").await.cache_status(), "bulwark; hit; detail=l1");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_clients_no_store_on_a_route_that_ignores_it_does_not_switch_caching_off() {
+    let origin = Origin::start().await;
+    origin.set(|_| Reply::ok("page").header("cache-control", "max-age=60").delay(std::time::Duration::from_millis(300)));
+    let bulwark = std::sync::Arc::new(Bulwark::start(&TestConfig::new(&origin.url()).route("ignore_request_cache_control", true).to_toml()).await);
+    let herd = herd_behind(&bulwark, "/pdp", &[("cache-control", "no-store")]).await;
+    assert!(herd.iter().all(|(status, cache)| *status == 200 && cache == "bulwark; fwd=miss; collapsed"), "{herd:?}");
+    assert_eq!(origin.total(), 1, "the leader's answer was stored for everyone");
+    assert_eq!(bulwark.get("/pdp").await.cache_status(), "bulwark; hit; detail=l1");
+}
+
+#[tokio::test]
+async fn an_authenticated_answer_marked_shared_gets_no_guessed_lifetime() {
+    let origin = Origin::start().await;
+    origin.set(|parts| {
+        let who = parts.headers.get("authorization").and_then(|v| v.to_str().ok()).unwrap_or("anonymous").to_owned();
+        Reply::ok(format!("page of {who}")).header("cache-control", "must-revalidate")
+    });
+    let bulwark = Bulwark::start(&TestConfig::new(&origin.url()).to_toml()).await;
+    let alice = bulwark.get_with("/me", &[("authorization", "Bearer alice")]).await;
+    assert_eq!(alice.cache_status(), "bulwark; fwd=miss; detail=authorization", "must-revalidate says shareable, not for how long");
+    let anonymous = bulwark.get("/me").await;
+    assert_eq!(anonymous.text(), "page of anonymous");
+}

@@ -35,6 +35,57 @@ pub type OutgoingBody = BoxBody<Bytes, Box<dyn std::error::Error + Send + Sync>>
 #[error("the client's request body failed")]
 pub struct ClientBodyError(#[source] pub hyper::Error);
 
+/// A client's request body on its way to the origin: its errors become
+/// [`ClientBodyError`], and the request's extensions carry [`UploadDone`] so that a
+/// timeout while the client is still sending is told apart from a slow origin.
+pub struct Upload {
+    inner: hyper::body::Incoming,
+    done: UploadDone,
+}
+
+/// Whether an upload has been sent whole (a request extension).
+#[derive(Clone, Debug, Default)]
+pub struct UploadDone(std::sync::Arc<std::sync::atomic::AtomicBool>);
+
+impl UploadDone {
+    fn get(&self) -> bool {
+        self.0.load(std::sync::atomic::Ordering::Acquire)
+    }
+}
+
+impl Upload {
+    /// The body to send, and the flag to put into the request's extensions.
+    pub fn new(inner: hyper::body::Incoming) -> (Upload, UploadDone) {
+        let done = UploadDone::default();
+        (Upload { inner, done: done.clone() }, done)
+    }
+}
+
+impl http_body::Body for Upload {
+    type Data = Bytes;
+    type Error = Box<dyn std::error::Error + Send + Sync>;
+
+    fn poll_frame(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Option<Result<http_body::Frame<Bytes>, Self::Error>>> {
+        let polled = Pin::new(&mut self.inner).poll_frame(cx);
+        match polled {
+            Poll::Ready(None) => {
+                self.done.0.store(true, std::sync::atomic::Ordering::Release);
+                Poll::Ready(None)
+            }
+            Poll::Ready(Some(Err(err))) => Poll::Ready(Some(Err(Box::new(ClientBodyError(err))))),
+            other => other.map(|frame| frame.map(|f| f.map_err(|err| -> Self::Error { Box::new(ClientBodyError(err)) }))),
+        }
+    }
+
+    fn is_end_stream(&self) -> bool {
+        self.inner.is_end_stream()
+    }
+
+    fn size_hint(&self) -> http_body::SizeHint {
+        self.inner.size_hint()
+    }
+}
+
 /// Whether `err` (an origin request's failure) was caused by the client's body.
 fn caused_by_client_body(err: &(dyn std::error::Error + 'static)) -> bool {
     let mut cause: Option<&(dyn std::error::Error + 'static)> = Some(err);
@@ -81,13 +132,17 @@ pub enum OriginError {
     /// abandoned; nothing is counted against the origin.
     #[error("the client's request body failed")]
     ClientBody(#[source] hyper_util::client::legacy::Error),
+    /// The client was still sending its body when the origin's `timeout` ran out: the
+    /// client's slowness, not the origin's.
+    #[error("the request body did not arrive within {0:?}")]
+    UploadTimeout(std::time::Duration),
 }
 
 impl OriginError {
     /// The `status` label of `bulwark_origin_requests_total`, when the origin was tried.
     pub fn metric_status(&self) -> Option<OriginStatus> {
         match self {
-            OriginError::Shed(_) | OriginError::BreakerOpen | OriginError::ClientBody(_) => None,
+            OriginError::Shed(_) | OriginError::BreakerOpen | OriginError::ClientBody(_) | OriginError::UploadTimeout(_) => None,
             OriginError::Timeout(_) => Some(OriginStatus::Timeout),
             OriginError::Connect(_) => Some(OriginStatus::ConnectError),
             OriginError::Request(_) | OriginError::Body(_) => Some(OriginStatus::Error),
@@ -149,6 +204,7 @@ impl Origin {
         };
         let inflight = Inflight::new(&self.metrics, slot);
         let start = Instant::now();
+        let upload = req.extensions().get::<UploadDone>().cloned();
         let result = tokio::time::timeout(self.config.timeout, self.client.request(req)).await;
         self.metrics.duration.record(start.elapsed().as_secs_f64());
         if let Some(timings) = timings {
@@ -159,6 +215,10 @@ impl Origin {
             Ok(Err(err)) if caused_by_client_body(&err) => {
                 drop(permit);
                 return Err(OriginError::ClientBody(err));
+            }
+            Err(_) if upload.is_some_and(|done| !done.get()) => {
+                drop(permit);
+                return Err(OriginError::UploadTimeout(self.config.timeout));
             }
             other => other,
         };

@@ -147,9 +147,13 @@ async fn validate_with_head(job: FetchJob, stored: &Entry) -> Decision {
                 // up does not leave it half done.
                 let _ = tokio::spawn(async move { pool.purge(&target, true).await }).await;
             }
+            job.route.metrics.not_stored(NotStored::Purged);
             Decision::new(Serve::Streamed(parts, ProxyBody::empty()), Outcome::Miss(Store::Not(NotStored::Purged)))
         }
-        Ok(HeadAnswer::Other(parts, reason)) => Decision::new(Serve::Streamed(parts, ProxyBody::empty()), Outcome::Miss(Store::Not(reason))),
+        Ok(HeadAnswer::Other(parts, reason)) => {
+            job.route.metrics.not_stored(reason);
+            Decision::new(Serve::Streamed(parts, ProxyBody::empty()), Outcome::Miss(Store::Not(reason)))
+        }
         Err(err) => Decision::failed(err),
     }
 }

@@ -23,9 +23,7 @@ use crate::cache::{CacheKey, Encodings, Entry, Pool, Stored};
 use crate::config::{Priority, StaleOnError};
 use crate::error::ProxyError;
 use crate::metrics::OriginStatus;
-use crate::origin::{ClientBodyError, OriginBody, OriginError, OutgoingBody, Timings};
-
-type BoxError = Box<dyn std::error::Error + Send + Sync>;
+use crate::origin::{OriginBody, OriginError, OutgoingBody, Timings, Upload};
 use crate::runtime::RouteRuntime;
 
 /// What the origin's answer became.
@@ -110,12 +108,18 @@ fn origin_headers(job: &FetchJob) -> HeaderMap {
     headers
 }
 
-/// The request as the storage policy sees it: a GET with the origin's headers.
+/// The request as the storage policy sees it: a GET with the origin's headers, without
+/// its `Cache-Control` and `Pragma` when the route ignores them (or a client's `no-store`
+/// would make the answer unstorable, and the key hit-for-miss, for everyone).
 fn policy_request(job: &FetchJob, headers: &HeaderMap) -> request::Parts {
     let mut req = Request::new(());
     *req.method_mut() = Method::GET;
     *req.uri_mut() = job.parts.uri.clone();
     *req.headers_mut() = headers.clone();
+    if job.route.config.cache.ignore_request_cache_control {
+        req.headers_mut().remove(http::header::CACHE_CONTROL);
+        req.headers_mut().remove(http::header::PRAGMA);
+    }
     req.into_parts().0
 }
 
@@ -352,8 +356,17 @@ pub(super) async fn pass_through(
 ) -> Result<(response::Parts, ProxyBody), ProxyError> {
     let route = &ctx.route;
     let origin = &route.origin.config;
-    let body = body.map_or_else(empty_body, |body| body.map_err(|err| -> BoxError { Box::new(ClientBodyError(err)) }).boxed());
+    let (body, upload) = match body {
+        Some(body) => {
+            let (upload, done) = Upload::new(body);
+            (upload.boxed(), Some(done))
+        }
+        None => (empty_body(), None),
+    };
     let mut req = Request::new(body);
+    if let Some(done) = upload {
+        req.extensions_mut().insert(done);
+    }
     *req.method_mut() = parts.method.clone();
     *req.uri_mut() = origin_uri(origin, &parts.uri)?;
     *req.version_mut() = Version::HTTP_11;

@@ -130,11 +130,12 @@ pub fn forward_headers(parts: &request::Parts, client: &ClientInfo, origin: &Ori
         Some(host) => {
             headers.insert(HOST, host.clone());
         }
-        // The target's authority is the host (as for the key): the origin gets it, not
-        // another `Host` the client may have sent beside it.
+        // The host as the key has it (the target's authority if there is one, lowercase,
+        // no trailing dot, no default port): an answer rendered for one spelling is
+        // stored under the key every spelling shares, so the origin sees that one.
         None => {
-            if let Some(authority) = parts.uri.authority().and_then(|a| HeaderValue::from_str(a.as_str()).ok()) {
-                headers.insert(HOST, authority);
+            if let Ok(host) = HeaderValue::from_str(&client.host) {
+                headers.insert(HOST, host);
             }
         }
     }

@@ -218,21 +218,27 @@ pub fn evaluate(
         return Err(NotStored::NoCacheNoValidator);
     }
     let date = http_date(&res.headers, DATE);
-    let forced = route.rules.force_ttl.filter(|_| res.status.as_u16() < 400);
+    let forced = route.rules.force_ttl.filter(|_| res.status.as_u16() < 400 && !req.headers.contains_key(AUTHORIZATION));
     // A request with `Cookie` (the ones the route ignores already removed) may get a page
     // rendered for its session: only the origin's explicit word (or the route's
     // `force_ttl`) makes such an answer shareable, never a guess. Keying on `Cookie`
-    // lifts the rule: each session then has its own copy.
-    let cookie_bound = req.headers.contains_key(COOKIE) && !route.rules.key_headers.contains(&COOKIE);
+    // lifts the rule: each session then has its own copy. An authenticated request's
+    // answer gets no guessed lifetime either (`public` or `must-revalidate` alone say it
+    // may be shared, not for how long), and `force_ttl` never applies to it (above).
+    let personal = if req.headers.contains_key(AUTHORIZATION) {
+        Some(NotStored::Authorization)
+    } else {
+        (req.headers.contains_key(COOKIE) && !route.rules.key_headers.contains(&COOKIE)).then_some(NotStored::CookieHeuristic)
+    };
     let lifetime = match forced {
         Some(ttl) => ttl,
         None if cc.no_cache => Duration::ZERO,
         None => match explicit_lifetime(&cc, &headers, date.unwrap_or(response_time)) {
             Some(explicit) => explicit,
-            None => match heuristic_lifetime(res, &cc, pool, route.negative_ttl, date.unwrap_or(response_time)) {
-                Some(_) if cookie_bound => return Err(NotStored::CookieHeuristic),
-                Some(heuristic) => heuristic,
-                None => return Err(NotStored::NoFreshness),
+            None => match (heuristic_lifetime(res, &cc, pool, route.negative_ttl, date.unwrap_or(response_time)), personal) {
+                (Some(_), Some(reason)) => return Err(reason),
+                (Some(heuristic), None) => heuristic,
+                (None, _) => return Err(NotStored::NoFreshness),
             },
         },
     };
