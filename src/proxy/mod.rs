@@ -109,15 +109,15 @@ impl Proxy {
         // no needless percent-encoding), so a path cannot mean one thing to the router or
         // the key and another to the origin.
         if let Err(err) = target::normalise(&mut parts) {
-            return self.finish(error_response(&err), version);
+            return self.finish(error_response(&err), version, false);
         }
         // RFC 9112 section 3.2: a request with more than one Host field is a 400.
         if parts.headers.get_all(HOST).iter().nth(1).is_some() {
-            return self.finish(error_response(&ProxyError::BadRequest("more than one Host field")), version);
+            return self.finish(error_response(&ProxyError::BadRequest("more than one Host field")), version, false);
         }
         let client = match ClientInfo::read(&parts, peer, &runtime.config.server.trusted_proxies) {
             Ok(client) => client,
-            Err(err) => return self.finish(error_response(&err), version),
+            Err(err) => return self.finish(error_response(&err), version, false),
         };
         let log = self.access_log.as_ref().filter(|log| log.sampled());
         let timings: Option<Arc<crate::origin::Timings>> = log.map(|_| Arc::default());
@@ -132,7 +132,7 @@ impl Proxy {
         let Some(index) = runtime.router.route(client.host_without_port(), parts.uri.path()) else {
             runtime.unrouted.increment(1);
             let text = format!("no route matches {}{}\n", client.host, parts.uri.path());
-            return self.finish(plain_response(StatusCode::NOT_FOUND, text), version);
+            return self.finish(plain_response(StatusCode::NOT_FOUND, text), version, false);
         };
         let route = &runtime.routes[index];
         let ctx = RequestContext { route: route.clone(), mode: route.mode(), client, timings, head: parts.method == Method::HEAD };
@@ -152,16 +152,14 @@ impl Proxy {
         let outcome = decision.outcome;
         let res = respond::render(&ctx, decision, conditional.as_ref(), ctx.now());
         let record = record::Record { route: ctx.route, outcome, status: res.status().as_u16(), start, logged };
-        let mut res = res.map(|body| record.when_done(body));
-        if !in_step && version <= Version::HTTP_11 {
-            res.headers_mut().insert(CONNECTION, HeaderValue::from_static("close"));
-        }
-        self.finish(res, version)
+        let res = res.map(|body| record.when_done(body));
+        self.finish(res, version, !in_step)
     }
 
-    /// Last touch on every response: while draining, HTTP/1 clients are told to close.
-    fn finish(&self, mut res: Response<ProxyBody>, version: Version) -> Response<ProxyBody> {
-        if self.is_draining() && version <= Version::HTTP_11 {
+    /// Last touch on every response: HTTP/1 clients are told to close while draining, or
+    /// when `close` (their connection is out of step).
+    fn finish(&self, mut res: Response<ProxyBody>, version: Version, close: bool) -> Response<ProxyBody> {
+        if (close || self.is_draining()) && version <= Version::HTTP_11 {
             res.headers_mut().insert(CONNECTION, HeaderValue::from_static("close"));
         }
         res
