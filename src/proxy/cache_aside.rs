@@ -14,8 +14,8 @@ use super::fetch::{self, FetchJob, HeadAnswer};
 use super::{flight, target, trust};
 use crate::body::ProxyBody;
 use crate::cache::key::{normalise_query, url_part};
-use crate::cache::policy::RequestDirectives;
 use crate::cache::policy::reuse::{Choice, choose, should_refresh_early};
+use crate::cache::policy::{self, RequestDirectives};
 use crate::cache::{CacheKey, Encodings, Entry, Found, Pool, PurgeTarget};
 use crate::config::{CacheRules, RouteMode};
 use crate::error::ProxyError;
@@ -77,7 +77,7 @@ pub(super) async fn cache_aside(ctx: &RequestContext, pool: &Arc<Pool>, mut part
     let lookup = pool.lookup(&primary, &parts.headers, &rules.key_headers).await;
     // RFC 9111 section 3.5: a stored response serves a request with `Authorization` only
     // when it says it is shared; any other is, for this request, not there.
-    let found = lookup.found.filter(|found| flight::may_serve(&parts.headers, &found.entry, rules));
+    let found = lookup.found.filter(|found| policy::may_serve(&parts.headers, &found.entry.headers, rules));
     let now = ctx.now();
     if cache_only {
         // The operator chose stored copies over the origin: any copy still kept is

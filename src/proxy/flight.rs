@@ -3,7 +3,8 @@
 //!
 //! The fetch runs in its own task, so a leader whose client goes away neither cancels
 //! it nor strands its waiters. Waiters get the stored entry (`collapsed`), are released
-//! together to ask the origin themselves when the answer may not be stored, share the
+//! together to ask the origin themselves when the answer may not be stored for a reason
+//! in the response, join a new fetch when the answer was the leader's own, share the
 //! origin's answer when it failed, and after `lock_timeout` take a stale copy or, one of
 //! them, take over the flight.
 
@@ -20,7 +21,7 @@ use super::fetch::{FetchJob, Fetched};
 use crate::body::ProxyBody;
 use crate::cache::coalesce::{Answer, Failure, Fill, FlightGuard, Join};
 use crate::cache::lease::{PeerOutcome, PeerWait};
-use crate::cache::policy::shared_with_authenticated;
+use crate::cache::policy::may_serve;
 use crate::cache::{CacheKey, Entry, Stored};
 use crate::error::ProxyError;
 use crate::origin::is_failure_status;
@@ -41,13 +42,6 @@ fn peer_wait(job: &FetchJob) -> PeerWait<'_> {
         lease_ttl: job.route.origin.config.timeout + job.pool.config.lock_timeout,
         accept_recent: job.background || job.stale_on_wait,
     }
-}
-
-/// Whether `entry` may answer a request with these headers: always, except that a
-/// request with `Authorization` gets only responses that say they are shared (RFC 9111
-/// section 3.5).
-pub fn may_serve(request: &http::HeaderMap, entry: &Entry, rules: &crate::config::CacheRules) -> bool {
-    !request.contains_key(AUTHORIZATION) || shared_with_authenticated(&entry.headers, rules)
 }
 
 /// This job's key for a stored response: its variant key when the response varies,
@@ -112,7 +106,7 @@ pub async fn miss(job: FetchJob, stale: Option<Arc<Entry>>) -> Decision {
         match fill {
             // A fill this request may not have (it carries `Authorization`, the fill does not
             // say it is shared): asked for alone.
-            Fill::Stored(stored) if !may_serve(&job.parts.headers, &stored.entry, &job.route.config.cache) => return direct(&job).await,
+            Fill::Stored(stored) if !may_serve(&job.parts.headers, &stored.entry.headers, &job.route.config.cache) => return direct(&job).await,
             Fill::Stored(stored) => {
                 let mine = key_for(&job, &stored);
                 if mine.hash == stored.key.hash {
@@ -187,8 +181,8 @@ async fn lead(job: FetchJob, guard: FlightGuard, stale: Option<Arc<Entry>>) -> D
     }
 }
 
-/// Fetches without coalescing (keys recently answered with something not storable,
-/// authenticated requests) and stores the answer if it may be stored.
+/// Fetches without coalescing (keys recently answered with something not storable, and
+/// waiters a flight could not serve) and stores the answer if it may be stored.
 pub async fn direct(job: &FetchJob) -> Decision {
     let result = job.fetch().await;
     if let Ok(Fetched::Storable { stored, .. }) = &result {
@@ -233,7 +227,7 @@ async fn run_flight(job: FetchJob, guard: FlightGuard, leader: Option<oneshot::S
     let pool = job.pool.clone();
     let mut lease = None;
     match pool.hold_back_for_peers(&peer_wait(&job)).await {
-        PeerOutcome::Filled(stored) if may_serve(&job.parts.headers, &stored.entry, &job.route.config.cache) => {
+        PeerOutcome::Filled(stored) if may_serve(&job.parts.headers, &stored.entry.headers, &job.route.config.cache) => {
             pool.store_local(&job.primary, &stored).await;
             guard.complete(Fill::Stored(stored.clone()));
             if let Some(tx) = leader {

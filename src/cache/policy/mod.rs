@@ -66,6 +66,12 @@ pub struct Directives {
 }
 
 impl Directives {
+    /// Whether a response may be stored for, and served to, requests with
+    /// `Authorization` (RFC 9111 section 3.5): `public`, `s-maxage` or `must-revalidate`.
+    pub fn shared_with_authenticated(&self) -> bool {
+        self.public || self.s_maxage.is_some() || self.must_revalidate
+    }
+
     /// Parses every `Cache-Control` field line. A directive that appears twice with
     /// different values, or with an invalid value, is treated as `0` (RFC 9111 section
     /// 4.2.1: the most restrictive reading).
@@ -151,12 +157,11 @@ pub fn effective_headers<'a>(headers: &'a HeaderMap, rules: &CacheRules) -> std:
     }
 }
 
-/// Whether a stored response may be served to a request with `Authorization` (RFC 9111
-/// section 3.5): only when it says it is shared (`public`, `s-maxage`,
-/// `must-revalidate`, in the field that applies to this cache).
-pub fn shared_with_authenticated(headers: &HeaderMap, rules: &CacheRules) -> bool {
-    let cc = Directives::parse(&effective_headers(headers, rules));
-    cc.public || cc.s_maxage.is_some() || cc.must_revalidate
+/// Whether a stored response, with these header fields, may answer a request with these:
+/// always, except that a request with `Authorization` gets only responses that say they
+/// are shared (RFC 9111 section 3.5; in the field that applies to this cache).
+pub fn may_serve(request: &HeaderMap, stored: &HeaderMap, rules: &CacheRules) -> bool {
+    !request.contains_key(AUTHORIZATION) || Directives::parse(&effective_headers(stored, rules)).shared_with_authenticated()
 }
 
 /// Decides whether `res`, the answer to `req`, may be stored, and its freshness.
@@ -185,7 +190,7 @@ pub fn evaluate(
     if cc.private {
         return Err(NotStored::Private);
     }
-    if req.headers.contains_key(AUTHORIZATION) && !shared_with_authenticated(&res.headers, route.rules) {
+    if req.headers.contains_key(AUTHORIZATION) && !cc.shared_with_authenticated() {
         return Err(NotStored::Authorization);
     }
     let policy = match &headers {
