@@ -67,14 +67,10 @@ impl http_body::Body for Upload {
 
     fn poll_frame(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Option<Result<http_body::Frame<Bytes>, Self::Error>>> {
         let polled = Pin::new(&mut self.inner).poll_frame(cx);
-        match polled {
-            Poll::Ready(None) => {
-                self.done.0.store(true, std::sync::atomic::Ordering::Release);
-                Poll::Ready(None)
-            }
-            Poll::Ready(Some(Err(err))) => Poll::Ready(Some(Err(Box::new(ClientBodyError(err))))),
-            other => other.map(|frame| frame.map(|f| f.map_err(|err| -> Self::Error { Box::new(ClientBodyError(err)) }))),
+        if let Poll::Ready(None) = polled {
+            self.done.0.store(true, std::sync::atomic::Ordering::Release);
         }
+        polled.map(|frame| frame.map(|f| f.map_err(|err| -> Self::Error { Box::new(ClientBodyError(err)) })))
     }
 
     fn is_end_stream(&self) -> bool {
