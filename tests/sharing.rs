@@ -221,3 +221,89 @@ async fn an_authenticated_answer_marked_shared_gets_no_guessed_lifetime() {
     let anonymous = bulwark.get("/me").await;
     assert_eq!(anonymous.text(), "page of anonymous");
 }
+
+/// Sends `n` requests for `path` with `headers` at once; returns their statuses, bodies
+/// and Cache-Status values.
+async fn at_once(
+    bulwark: &std::sync::Arc<Bulwark>,
+    n: usize,
+    path: &'static str,
+    headers: &'static [(&'static str, &'static str)],
+) -> Vec<(u16, String, String)> {
+    let tasks: Vec<_> = (0..n)
+        .map(|_| {
+            let b = bulwark.clone();
+            tokio::spawn(async move { b.get_with(path, headers).await })
+        })
+        .collect();
+    let mut out = Vec::new();
+    for task in tasks {
+        let got = task.await.expect("task");
+        out.push((got.status.as_u16(), got.text().to_owned(), got.cache_status().to_owned()));
+    }
+    out
+}
+
+const NO_STORE: &[(&str, &str)] = &[("cache-control", "no-store")];
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_herd_of_no_store_requests_is_one_origin_request_and_stores_nothing() {
+    let origin = Origin::start().await;
+    origin.set(|_| Reply::ok("page").header("cache-control", "max-age=60").delay(std::time::Duration::from_millis(500)));
+    let bulwark = std::sync::Arc::new(Bulwark::start(&TestConfig::new(&origin.url()).to_toml()).await);
+    let herd = at_once(&bulwark, 100, "/pdp", NO_STORE).await;
+    assert!(herd.iter().all(|(status, body, cache)| (*status, body.as_str(), cache.as_str()) == (200, "page", "bulwark; fwd=bypass")), "{herd:?}");
+    assert_eq!(origin.total(), 1, "the herd shared one origin request");
+    support::eventually("every request is recorded", std::time::Duration::from_secs(5), async || {
+        bulwark.metric("bulwark_requests_total", &[("cache", "bypass")]).await == 100.0
+    })
+    .await;
+    assert_eq!(bulwark.metric("bulwark_not_stored_total", &[]).await, 0.0, "a bypass is not a fill that was not stored");
+    assert_eq!(bulwark.get("/pdp").await.cache_status(), "bulwark; fwd=miss; stored", "nothing of the no-store requests was stored");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn no_store_requests_never_join_a_fill_that_stores_nor_lend_theirs_to_one() {
+    let origin = Origin::start().await;
+    origin.set(|_| Reply::ok("page").header("cache-control", "max-age=60").delay(std::time::Duration::from_millis(400)));
+    let bulwark = std::sync::Arc::new(Bulwark::start(&TestConfig::new(&origin.url()).to_toml()).await);
+    let plain = {
+        let b = bulwark.clone();
+        tokio::spawn(async move { at_once(&b, 10, "/pdp", &[]).await })
+    };
+    let unstored = at_once(&bulwark, 10, "/pdp", NO_STORE).await;
+    let plain = plain.await.expect("plain requests");
+    assert!(unstored.iter().all(|(_, _, cache)| cache == "bulwark; fwd=bypass"), "{unstored:?}");
+    let stored = plain.iter().filter(|(_, _, cache)| cache == "bulwark; fwd=miss; stored").count();
+    let collapsed = plain.iter().filter(|(_, _, cache)| cache == "bulwark; fwd=miss; collapsed").count();
+    assert_eq!((stored, collapsed), (1, 9), "{plain:?}");
+    assert_eq!(origin.total(), 2, "one fill that stores, one that does not");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_private_answer_to_a_no_store_request_is_never_shared_with_another() {
+    let origin = Origin::start().await;
+    let seen = std::sync::Arc::new(std::sync::atomic::AtomicUsize::new(0));
+    let counter = seen.clone();
+    origin.set(move |_| {
+        let n = counter.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+        Reply::ok(format!("page {n}")).header("cache-control", "private").delay(std::time::Duration::from_millis(300))
+    });
+    let bulwark = std::sync::Arc::new(Bulwark::start(&TestConfig::new(&origin.url()).to_toml()).await);
+    let herd = at_once(&bulwark, 10, "/me", NO_STORE).await;
+    let mut bodies: Vec<_> = herd.iter().map(|(_, body, _)| body.clone()).collect();
+    bodies.sort();
+    bodies.dedup();
+    assert_eq!(bodies.len(), 10, "each its own answer: {herd:?}");
+    assert!(herd.iter().all(|(_, _, cache)| cache == "bulwark; fwd=bypass"), "{herd:?}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn no_store_requests_share_the_origins_failure_without_storing_or_blaming_the_cache() {
+    let origin = Origin::start().await;
+    origin.set(|_| Reply::ok("down").status(503).delay(std::time::Duration::from_millis(300)));
+    let bulwark = std::sync::Arc::new(Bulwark::start(&TestConfig::new(&origin.url()).to_toml()).await);
+    let herd = at_once(&bulwark, 20, "/pdp", NO_STORE).await;
+    assert!(herd.iter().all(|(status, body, cache)| (*status, body.as_str(), cache.as_str()) == (503, "down", "bulwark; fwd=bypass")), "{herd:?}");
+    assert_eq!(origin.total(), 1);
+}

@@ -190,6 +190,14 @@ impl CacheKey {
         CacheKey { text, hash }
     }
 
+    /// The key of the flight that coalesces requests `no-store` for this key: apart from
+    /// the flight of requests that may store what they fetch.
+    pub fn unstored_flight(&self) -> CacheKey {
+        let text = format!("{}\nno-store", self.text);
+        let hash = xxh3_128(text.as_bytes());
+        CacheKey { text, hash }
+    }
+
     /// The primary key text (without any variant part).
     pub fn primary_text(&self) -> &str {
         self.text.find(VARIANT_MARK).map_or(self.text.as_str(), |i| &self.text[..i])

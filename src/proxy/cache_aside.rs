@@ -19,7 +19,7 @@ use crate::cache::policy::{self, RequestDirectives};
 use crate::cache::{CacheKey, Encodings, Entry, Found, Pool, PurgeTarget};
 use crate::config::{CacheRules, RouteMode};
 use crate::error::ProxyError;
-use crate::outcome::{NotStored, Outcome, StaleReason, Store};
+use crate::outcome::{BypassReason, NotStored, Outcome, StaleReason, Store};
 
 /// Applies the route's rules to a cacheable request: headers that `Connection` names
 /// removed before anything is keyed on them, cookies stripped (or the ignored ones) if asked, unkeyed headers
@@ -42,14 +42,65 @@ pub(super) fn prepare(rules: &CacheRules, parts: &mut request::Parts, trusted: b
     Ok(query.into_owned())
 }
 
+/// A cacheable request with the route's rules applied, and its primary key (URL and
+/// `Accept-Encoding` group).
+struct Keyed {
+    query: String,
+    encodings: Encodings,
+    primary: CacheKey,
+}
+
+impl Keyed {
+    fn new(ctx: &RequestContext, parts: &mut request::Parts) -> Result<Keyed, ProxyError> {
+        let (route, client) = (&ctx.route, &ctx.client);
+        let query = prepare(&route.config.cache, parts, client.trusted)?;
+        let encodings = Encodings::from_headers(parts.headers.get_all(ACCEPT_ENCODING)).within(route.origin.config.content_codings);
+        let primary = CacheKey::from_normalised(client.scheme, &client.host, parts.uri.path(), &query, encodings);
+        Ok(Keyed { query, encodings, primary })
+    }
+
+    /// The fetch of this request's key (`key`, else the primary key), made conditional by
+    /// `stored`, storing what it may.
+    fn job(&self, ctx: &RequestContext, pool: &Arc<Pool>, parts: request::Parts, key: Option<CacheKey>, stored: Option<Arc<Entry>>) -> FetchJob {
+        FetchJob {
+            route: ctx.route.clone(),
+            pool: pool.clone(),
+            parts: target::for_origin(parts, &self.query),
+            key: key.unwrap_or_else(|| self.primary.clone()),
+            client: ctx.client.clone(),
+            timings: ctx.timings.clone(),
+            primary: self.primary.clone(),
+            replaces: stored.is_some(),
+            stored,
+            encodings: self.encodings,
+            background: false,
+            stale_on_wait: true,
+            store: true,
+        }
+    }
+}
+
+/// A request `no-store` (RFC 9111 section 5.2.1.5) on a caching route: never looked up
+/// and nothing of it stored, but coalesced with the concurrent `no-store` requests for
+/// its key, each served as `bypass`.
+pub(super) async fn unstored(ctx: &RequestContext, pool: &Arc<Pool>, mut parts: request::Parts) -> Decision {
+    let keyed = match Keyed::new(ctx, &mut parts) {
+        Ok(keyed) => keyed,
+        Err(err) => return Decision::failed(err),
+    };
+    let flight = keyed.primary.unstored_flight();
+    let job = FetchJob { store: false, stale_on_wait: false, ..keyed.job(ctx, pool, parts, Some(flight), None) };
+    flight::miss(job, None).await.counted_as_bypass(BypassReason::RequestNoStore)
+}
+
 /// Prepare, key, lookup, choose; then a stored copy, a background refresh, a
 /// validation, or a coalesced fetch, with the one stale-on-error rule applied to what
 /// the origin answered.
 pub(super) async fn cache_aside(ctx: &RequestContext, pool: &Arc<Pool>, mut parts: request::Parts) -> Decision {
-    let (route, client, mode) = (&ctx.route, &ctx.client, ctx.mode);
+    let (route, mode) = (&ctx.route, ctx.mode);
     let rules = &route.config.cache;
-    let query = match prepare(rules, &mut parts, client.trusted) {
-        Ok(query) => query,
+    let keyed = match Keyed::new(ctx, &mut parts) {
+        Ok(keyed) => keyed,
         Err(err) => return Decision::failed(err),
     };
     let directives = if rules.ignore_request_cache_control || !parts.headers.contains_key(CACHE_CONTROL) {
@@ -57,24 +108,9 @@ pub(super) async fn cache_aside(ctx: &RequestContext, pool: &Arc<Pool>, mut part
     } else {
         RequestDirectives::parse(&parts.headers)
     };
-    let encodings = Encodings::from_headers(parts.headers.get_all(ACCEPT_ENCODING)).within(route.origin.config.content_codings);
-    let primary = CacheKey::from_normalised(client.scheme, &client.host, parts.uri.path(), &query, encodings);
-    let job = |parts: request::Parts, key: Option<CacheKey>, stored: Option<Arc<Entry>>| FetchJob {
-        route: route.clone(),
-        pool: pool.clone(),
-        parts: target::for_origin(parts, &query),
-        key: key.unwrap_or_else(|| primary.clone()),
-        client: client.clone(),
-        timings: ctx.timings.clone(),
-        primary: primary.clone(),
-        replaces: stored.is_some(),
-        stored,
-        encodings,
-        background: false,
-        stale_on_wait: !directives.constrains(),
-    };
+    let job = |parts, key, stored| FetchJob { stale_on_wait: !directives.constrains(), ..keyed.job(ctx, pool, parts, key, stored) };
     let cache_only = mode == RouteMode::CacheOnly;
-    let lookup = pool.lookup(&primary, &parts.headers, &rules.key_headers).await;
+    let lookup = pool.lookup(&keyed.primary, &parts.headers, &rules.key_headers).await;
     // RFC 9111 section 3.5: a stored response serves a request with `Authorization` only
     // when it says it is shared; any other is, for this request, not there.
     let found = lookup.found.filter(|found| policy::may_serve(&parts.headers, &found.entry.headers, rules));

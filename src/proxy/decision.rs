@@ -13,7 +13,7 @@ use crate::cache::coalesce::Answer;
 use crate::config::Fallback;
 use crate::error::ProxyError;
 use crate::origin::is_failure_status;
-use crate::outcome::{Outcome, StaleReason};
+use crate::outcome::{BypassReason, Outcome, StaleReason};
 use crate::runtime::RouteRuntime;
 
 /// What to serve.
@@ -72,6 +72,16 @@ impl Decision {
             Some(fallback) => Decision::new(Serve::Fallback(fallback.clone()), Outcome::Fallback),
             None => Decision::failed(ProxyError::NotCached),
         }
+    }
+
+    /// The decision of a request that skipped the cache (a request `no-store` coalesced
+    /// with others): an origin answer, shared or not, is `bypass`; a request that got no
+    /// answer keeps its failure outcome.
+    pub fn counted_as_bypass(mut self, reason: BypassReason) -> Decision {
+        if matches!(self.outcome, Outcome::Miss(_) | Outcome::Collapsed) {
+            self.outcome = Outcome::Bypass(reason);
+        }
+        self
     }
 
     /// Whether this reports the origin failing (a failure status, or an upstream error):

@@ -62,15 +62,21 @@ pub struct FetchJob {
     /// Whether a stale copy may answer a request that waited `lock_timeout` (not when the
     /// request itself demanded validation: `no-cache`, `max-age`, `min-fresh`).
     pub stale_on_wait: bool,
+    /// Whether the answer may be stored: false for a request `no-store`, whose fetch is
+    /// shared with concurrent `no-store` requests and kept by none.
+    pub store: bool,
 }
 
 impl FetchJob {
     /// Fetches at the route's priority, or at `low` for a background refresh.
-    /// An answer that is not stored is counted here, once per fill, with its reason.
+    /// An answer that is not stored is counted here, once per fill, with its reason
+    /// (none for a request `no-store`: it is a bypass, not a miss).
     pub async fn fetch(&self) -> Result<Fetched, ProxyError> {
         let priority = if self.background { Priority::Low } else { self.route.config.priority };
         let fetched = fetch(self, priority).await;
-        if let Ok(Fetched::Streamed(_, _, reason)) = &fetched {
+        if let Ok(Fetched::Streamed(_, _, reason)) = &fetched
+            && self.store
+        {
             self.route.metrics.not_stored(*reason);
         }
         fetched
@@ -110,13 +116,14 @@ fn origin_headers(job: &FetchJob) -> HeaderMap {
 
 /// The request as the storage policy sees it: a GET with the origin's headers, without
 /// its `Cache-Control` and `Pragma` when the route ignores them (or a client's `no-store`
-/// would make the answer unstorable, and the key hit-for-miss, for everyone).
+/// would make the answer unstorable, and the key hit-for-miss, for everyone), and for a
+/// request `no-store` (whether its answer may be shared is the response's to say).
 fn policy_request(job: &FetchJob, headers: &HeaderMap) -> request::Parts {
     let mut req = Request::new(());
     *req.method_mut() = Method::GET;
     *req.uri_mut() = job.parts.uri.clone();
     *req.headers_mut() = headers.clone();
-    if job.route.config.cache.ignore_request_cache_control {
+    if job.route.config.cache.ignore_request_cache_control || !job.store {
         req.headers_mut().remove(http::header::CACHE_CONTROL);
         req.headers_mut().remove(http::header::PRAGMA);
     }

@@ -72,7 +72,7 @@ enum LeaderResult {
 /// coalescing and decide what to serve. The caller applies stale-if-error to it.
 pub async fn miss(job: FetchJob, stale: Option<Arc<Entry>>) -> Decision {
     let pool = job.pool.clone();
-    if pool.is_hit_for_miss(&job.key).await {
+    if job.store && pool.is_hit_for_miss(&job.key).await {
         return direct(&job).await;
     }
     let lock_timeout = pool.config.lock_timeout;
@@ -112,7 +112,8 @@ pub async fn miss(job: FetchJob, stale: Option<Arc<Entry>>) -> Decision {
                 if mine.hash == stored.key.hash {
                     return Decision::entry(stored.entry, Outcome::Collapsed);
                 }
-                if rejoined {
+                // A request `no-store` joins no other flight: it must not be stored.
+                if rejoined || !job.store {
                     return direct(&job).await;
                 }
                 rejoined = true;
@@ -185,7 +186,9 @@ async fn lead(job: FetchJob, guard: FlightGuard, stale: Option<Arc<Entry>>) -> D
 /// waiters a flight could not serve) and stores the answer if it may be stored.
 pub async fn direct(job: &FetchJob) -> Decision {
     let result = job.fetch().await;
-    if let Ok(Fetched::Storable { stored, .. }) = &result {
+    if let Ok(Fetched::Storable { stored, .. }) = &result
+        && job.store
+    {
         job.pool.forget_uncacheable(&job.key).await;
         job.pool.store(&job.primary, stored, job.replaces).await;
     }
@@ -226,22 +229,27 @@ fn serve_stale(stale: Option<&Arc<Entry>>, now: SystemTime) -> Option<Decision> 
 async fn run_flight(job: FetchJob, guard: FlightGuard, leader: Option<oneshot::Sender<LeaderResult>>) {
     let pool = job.pool.clone();
     let mut lease = None;
-    match pool.hold_back_for_peers(&peer_wait(&job)).await {
-        PeerOutcome::Filled(stored) if may_serve(&job.parts.headers, &stored.entry.headers, &job.route.config.cache) => {
-            pool.store_local(&job.primary, &stored).await;
-            guard.complete(Fill::Stored(stored.clone()));
-            if let Some(tx) = leader {
-                let _ = tx.send(LeaderResult::FromPeer(stored));
+    // A fetch for requests `no-store` stores nothing, so no replica waits for it.
+    if job.store {
+        match pool.hold_back_for_peers(&peer_wait(&job)).await {
+            PeerOutcome::Filled(stored) if may_serve(&job.parts.headers, &stored.entry.headers, &job.route.config.cache) => {
+                pool.store_local(&job.primary, &stored).await;
+                guard.complete(Fill::Stored(stored.clone()));
+                if let Some(tx) = leader {
+                    let _ = tx.send(LeaderResult::FromPeer(stored));
+                }
+                return;
             }
-            return;
+            PeerOutcome::Lease(token) => lease = Some(token),
+            // Another replica's fill this request may not have, or no word from the peers.
+            PeerOutcome::Filled(_) | PeerOutcome::FetchAnyway => {}
         }
-        PeerOutcome::Lease(token) => lease = Some(token),
-        // Another replica's fill this request may not have, or no word from the peers.
-        PeerOutcome::Filled(_) | PeerOutcome::FetchAnyway => {}
     }
     let (fill, result) = match job.fetch().await {
         Ok(Fetched::Storable { stored, revalidated }) => {
-            pool.store_local(&job.primary, &stored).await;
+            if job.store {
+                pool.store_local(&job.primary, &stored).await;
+            }
             (Fill::Stored(stored.clone()), LeaderResult::Fetched(Ok(Fetched::Storable { stored, revalidated })))
         }
         Ok(Fetched::Streamed(parts, body, reason)) if is_failure_status(parts.status) => {
@@ -257,7 +265,9 @@ async fn run_flight(job: FetchJob, guard: FlightGuard, leader: Option<oneshot::S
             (Fill::Personal, LeaderResult::Fetched(Ok(Fetched::Streamed(parts, body, reason))))
         }
         Ok(streamed @ Fetched::Streamed(..)) => {
-            pool.remember_uncacheable(&job.key).await;
+            if job.store {
+                pool.remember_uncacheable(&job.key).await;
+            }
             (Fill::Uncacheable, LeaderResult::Fetched(Ok(streamed)))
         }
         // A background refresh queues at low priority; requests that joined it must not be
@@ -273,7 +283,9 @@ async fn run_flight(job: FetchJob, guard: FlightGuard, leader: Option<oneshot::S
     if let Some(tx) = leader {
         let _ = tx.send(result);
     }
-    pool.finish_flight(&job.primary, &job.key, lease, &fill, job.replaces).await;
+    if job.store {
+        pool.finish_flight(&job.primary, &job.key, lease, &fill, job.replaces).await;
+    }
 }
 
 /// Whether an answer that is not stored is the leader's own, not the key's: a 4xx (a

@@ -190,6 +190,9 @@ async fn serve(ctx: &RequestContext, parts: request::Parts, body: Option<Incomin
     }
     let reason = match (&route.pool, bypass_reason(&parts, route.config.cache.ignore_request_cache_control)) {
         (Some(pool), None) if route.config.cacheable => return cache_aside::cache_aside(ctx, pool, parts).await,
+        (Some(pool), Some(BypassReason::RequestNoStore)) if route.config.cacheable && mode == RouteMode::Normal => {
+            return cache_aside::unstored(ctx, pool, parts).await;
+        }
         (_, Some(reason)) => reason,
         // A pass-through route (`cache = false`): never looked up, stored or coalesced.
         (_, None) => BypassReason::Route,
