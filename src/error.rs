@@ -39,7 +39,8 @@ pub enum ProxyError {
 impl ProxyError {
     pub fn source_kind(&self) -> ErrorSource {
         match self {
-            ProxyError::BadRequest(_) | ProxyError::Origin { source: OriginError::ClientBody(_) | OriginError::UploadTimeout(_), .. } => ErrorSource::Client,
+            ProxyError::BadRequest(_)
+            | ProxyError::Origin { source: OriginError::ClientBody(_) | OriginError::UploadTimeout(_) | OriginError::Unwanted, .. } => ErrorSource::Client,
             ProxyError::Origin { .. } | ProxyError::OriginStatus { .. } => ErrorSource::Upstream,
             ProxyError::NotCached | ProxyError::Internal(_) => ErrorSource::Internal,
         }
@@ -54,11 +55,16 @@ impl ProxyError {
         matches!(self, ProxyError::Origin { source: OriginError::Shed(_) | OriginError::BreakerOpen, .. })
     }
 
+    /// Whether everyone who wanted the answer went away before the request was sent.
+    pub fn is_unwanted(&self) -> bool {
+        matches!(self, ProxyError::Origin { source: OriginError::Unwanted, .. })
+    }
+
     pub fn status(&self) -> StatusCode {
         match self {
             ProxyError::BadRequest(_) => StatusCode::BAD_REQUEST,
             ProxyError::Origin { source, .. } => match source {
-                OriginError::Shed(_) | OriginError::BreakerOpen => StatusCode::SERVICE_UNAVAILABLE,
+                OriginError::Shed(_) | OriginError::BreakerOpen | OriginError::Unwanted => StatusCode::SERVICE_UNAVAILABLE,
                 OriginError::Timeout(_) => StatusCode::GATEWAY_TIMEOUT,
                 OriginError::Connect(_) | OriginError::Request(_) | OriginError::Body(_) => StatusCode::BAD_GATEWAY,
                 OriginError::ClientBody(_) => StatusCode::BAD_REQUEST,

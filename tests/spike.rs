@@ -453,3 +453,50 @@ async fn breaker_opens_answers_fast_without_the_origin_and_closes_after_a_probe(
     assert_eq!(bulwark.metric("bulwark_origin_breaker_open", &[("origin", "catalog")]).await, 0.0);
     assert_eq!(bulwark.get("/after").await.status, 200);
 }
+
+/// Opens an h2c connection to `addr` and sends `streams` GETs with random queries at
+/// once, each reset (its future dropped) after `reset_after`.
+async fn reset_h2c_streams(addr: std::net::SocketAddr, streams: usize, reset_after: Duration) {
+    let tcp = tokio::net::TcpStream::connect(addr).await.expect("connect");
+    let (sender, conn) =
+        hyper::client::conn::http2::handshake(hyper_util::rt::TokioExecutor::new(), hyper_util::rt::TokioIo::new(tcp)).await.expect("h2c handshake");
+    tokio::spawn(conn);
+    let tasks: Vec<_> = (0..streams)
+        .map(|_| {
+            let mut sender = sender.clone();
+            tokio::spawn(async move {
+                let uri = format!("http://shop.example/products/1?q={}", fastrand::u64(..));
+                let req = Request::get(uri).body(Full::<Bytes>::default()).expect("request");
+                let _ = tokio::time::timeout(reset_after, async move {
+                    if sender.ready().await.is_ok() {
+                        let _ = sender.send_request(req).await;
+                    }
+                })
+                .await;
+            })
+        })
+        .collect();
+    for task in tasks {
+        task.await.expect("stream task");
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn fetches_whose_clients_reset_before_an_origin_slot_never_reach_the_origin() {
+    let origin = Origin::start().await;
+    origin.set(|_| Reply::ok("page").delay(Duration::from_secs(1)));
+    let config = TestConfig::new(&origin.url()).origin("max_concurrency", 8).origin("queue_timeout", "5s").to_toml();
+    let bulwark = Arc::new(Bulwark::start(&config).await);
+    // 1,000 streams on five connections (the server admits 200 at a time on each).
+    let resets: Vec<_> = (0..5).map(|_| tokio::spawn(reset_h2c_streams(bulwark.addr, 200, Duration::from_millis(50)))).collect();
+    for reset in resets {
+        reset.await.expect("connection task");
+    }
+    // A buyer arriving while the first eight still hold every slot.
+    let buyer = bulwark.get("/products/2").await;
+    assert_eq!((buyer.status.as_u16(), buyer.text()), (200, "page"), "not shed behind fetches nobody wants");
+    let reached = origin.total();
+    assert!(reached <= 8 + 1, "the reset streams stopped at the queue: the origin saw {reached} requests");
+    tokio::time::sleep(Duration::from_millis(1500)).await;
+    assert_eq!(origin.total(), reached, "nothing left in the queue reaches the origin later");
+}

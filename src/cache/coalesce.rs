@@ -18,6 +18,7 @@ use moka::future::Cache;
 use tokio::sync::watch;
 
 use crate::error::ProxyError;
+use crate::origin::{Holder, Interest};
 use crate::outcome::Outcome;
 /// How long a key whose answer was not storable skips coalescing.
 pub const HIT_FOR_MISS: Duration = Duration::from_secs(5);
@@ -81,6 +82,9 @@ struct Flight {
     /// Takeovers that led to this flight.
     generation: u32,
     tx: watch::Sender<Option<Fill>>,
+    /// Held by the leader's request and each waiter: a fetch nobody wants leaves the
+    /// origin's queue.
+    interest: Interest,
 }
 
 /// Which part a request plays in a key's flight.
@@ -93,6 +97,7 @@ pub enum Join {
 pub struct Waiting {
     pub flight_id: u64,
     rx: watch::Receiver<Option<Fill>>,
+    _wants: Holder,
 }
 
 impl Waiting {
@@ -122,6 +127,11 @@ pub struct FlightGuard {
 }
 
 impl FlightGuard {
+    /// Who wants this flight's answer; the leader's request holds it while it waits.
+    pub fn interest(&self) -> &Interest {
+        &self.flight.interest
+    }
+
     pub fn complete(mut self, fill: Fill) {
         self.finish(fill);
     }
@@ -178,13 +188,13 @@ impl Coalescer {
 
     fn lead(self: &Arc<Self>, flights: &mut HashMap<u128, Arc<Flight>>, key: u128, generation: u32) -> Join {
         let (tx, _) = watch::channel(None);
-        let flight = Arc::new(Flight { id: self.next_id.fetch_add(1, Ordering::Relaxed), generation, tx });
+        let flight = Arc::new(Flight { id: self.next_id.fetch_add(1, Ordering::Relaxed), generation, tx, interest: Interest::default() });
         flights.insert(key, flight.clone());
         Join::Leader(FlightGuard { coalescer: self.clone(), key, flight, done: false })
     }
 
     fn wait_on(flight: &Flight) -> Join {
-        Join::Waiter(Waiting { flight_id: flight.id, rx: flight.tx.subscribe() })
+        Join::Waiter(Waiting { flight_id: flight.id, rx: flight.tx.subscribe(), _wants: flight.interest.hold() })
     }
 
     /// Leads a new flight for `key`, or waits on the one in progress.

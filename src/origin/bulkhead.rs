@@ -7,10 +7,11 @@
 //! So when an origin is saturated, `low` routes are shed first and `critical` last.
 
 use std::collections::VecDeque;
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::{Duration, Instant};
 
-use tokio::sync::oneshot;
+use tokio::sync::{Notify, oneshot};
 
 use crate::config::Priority;
 
@@ -26,6 +27,63 @@ pub enum Shed {
 }
 
 const PRIORITIES: usize = 3;
+
+/// Who still wants the answer of a request (a request extension): a coalesced fetch
+/// runs in its own task, so its leader's client and its waiters hold it, and when the
+/// last of them is gone while the request waits for a slot, the request leaves the queue
+/// unsent ([`crate::origin::OriginError::Unwanted`]). A request without one (a
+/// background refresh) is always wanted.
+#[derive(Clone, Default)]
+pub struct Interest(Arc<InterestState>);
+
+#[derive(Default)]
+struct InterestState {
+    holders: AtomicUsize,
+    /// Wanted for good: no longer tied to any holder.
+    kept: AtomicBool,
+    gone: Notify,
+}
+
+/// One holder of an [`Interest`]; lets go when dropped.
+pub struct Holder(Interest);
+
+impl Interest {
+    pub fn hold(&self) -> Holder {
+        self.0.holders.fetch_add(1, Ordering::AcqRel);
+        Holder(self.clone())
+    }
+
+    /// Resolves once nobody holds it, unless it is kept.
+    pub async fn gone(&self) {
+        loop {
+            // Created before the check, so a release between the two is not missed.
+            let released = self.0.gone.notified();
+            if self.0.kept.load(Ordering::Acquire) {
+                return std::future::pending().await;
+            }
+            if self.0.holders.load(Ordering::Acquire) == 0 {
+                return;
+            }
+            released.await;
+        }
+    }
+}
+
+impl Holder {
+    /// Keeps the request wanted whoever lets go (a leader served a stale copy: its
+    /// fetch goes on as a refresh).
+    pub fn keep(self) {
+        self.0.0.kept.store(true, Ordering::Release);
+    }
+}
+
+impl Drop for Holder {
+    fn drop(&mut self) {
+        if self.0.0.holders.fetch_sub(1, Ordering::AcqRel) == 1 {
+            self.0.0.gone.notify_waiters();
+        }
+    }
+}
 
 fn rank(priority: Priority) -> usize {
     match priority {
@@ -170,6 +228,17 @@ impl Bulkhead {
         }
     }
 
+    /// Waits for a slot like [`Bulkhead::acquire`], giving up (`None`) when `interest`
+    /// is gone first: nobody wants the answer any more.
+    pub async fn acquire_while_wanted(&self, priority: Priority, interest: Option<&Interest>) -> Option<Result<(Slot, Duration), Shed>> {
+        let Some(interest) = interest else { return Some(self.acquire(priority).await) };
+        tokio::select! {
+            biased;
+            acquired = self.acquire(priority) => Some(acquired),
+            () = interest.gone() => None,
+        }
+    }
+
     /// Requests waiting for a slot now.
     pub fn waiting(&self) -> usize {
         self.shared.lock().waiting
@@ -234,6 +303,32 @@ mod tests {
         tokio::time::sleep(Duration::from_millis(20)).await;
         drop(held);
         assert!(next.await.expect("task").is_ok(), "the queue still admits a waiter");
+    }
+
+    #[tokio::test]
+    async fn a_queued_request_nobody_wants_leaves_the_queue_and_a_kept_one_stays() {
+        let bulkhead = Arc::new(Bulkhead::new(1, 4, Duration::from_secs(5)));
+        let (held, _) = bulkhead.acquire(Priority::Normal).await.expect("free slot");
+        let queue = |interest: Interest| {
+            let b = bulkhead.clone();
+            tokio::spawn(async move { b.acquire_while_wanted(Priority::Normal, Some(&interest)).await.map(|acquired| acquired.is_ok()) })
+        };
+        let (abandoned, kept) = (Interest::default(), Interest::default());
+        let (leader, waiter) = (abandoned.hold(), abandoned.hold());
+        let first = queue(abandoned.clone());
+        let keeper = kept.hold();
+        let second = queue(kept.clone());
+        tokio::time::sleep(Duration::from_millis(20)).await;
+        assert_eq!(bulkhead.waiting(), 2);
+        drop(leader);
+        tokio::time::sleep(Duration::from_millis(20)).await;
+        assert_eq!(bulkhead.waiting(), 2, "a waiter still wants it");
+        drop(waiter);
+        assert_eq!(first.await.expect("task"), None, "nobody wants it: it left the queue");
+        assert_eq!(bulkhead.waiting(), 1);
+        keeper.keep();
+        drop(held);
+        assert_eq!(second.await.expect("task"), Some(true), "kept: it got the slot");
     }
 
     #[tokio::test]

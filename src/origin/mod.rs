@@ -10,7 +10,7 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::task::{Context, Poll};
 use std::time::{Duration, Instant};
 
-pub use bulkhead::Shed;
+pub use bulkhead::{Holder, Interest, Shed};
 use bytes::Bytes;
 use http::{Request, Response};
 use http_body::{Body, Frame, SizeHint};
@@ -132,13 +132,17 @@ pub enum OriginError {
     /// client's slowness, not the origin's.
     #[error("the request body did not arrive within {0:?}")]
     UploadTimeout(std::time::Duration),
+    /// Everyone who wanted the answer went away while the request waited for a slot:
+    /// it was never sent.
+    #[error("nobody wanted the answer any more")]
+    Unwanted,
 }
 
 impl OriginError {
     /// The `status` label of `bulwark_origin_requests_total`, when the origin was tried.
     pub fn metric_status(&self) -> Option<OriginStatus> {
         match self {
-            OriginError::Shed(_) | OriginError::BreakerOpen | OriginError::ClientBody(_) | OriginError::UploadTimeout(_) => None,
+            OriginError::Shed(_) | OriginError::BreakerOpen | OriginError::ClientBody(_) | OriginError::UploadTimeout(_) | OriginError::Unwanted => None,
             OriginError::Timeout(_) => Some(OriginStatus::Timeout),
             OriginError::Connect(_) => Some(OriginStatus::ConnectError),
             OriginError::Request(_) | OriginError::Body(_) => Some(OriginStatus::Error),
@@ -191,7 +195,9 @@ impl Origin {
             return Err(OriginError::BreakerOpen);
         }
         let queued_at = Instant::now();
-        let acquired = self.bulkhead.acquire(priority).await;
+        let Some(acquired) = self.bulkhead.acquire_while_wanted(priority, req.extensions().get::<Interest>()).await else {
+            return Err(OriginError::Unwanted);
+        };
         let waited = queued_at.elapsed();
         self.metrics.queue_wait.record(waited.as_secs_f64());
         let (slot, _) = acquired?;

@@ -76,6 +76,7 @@ impl Keyed {
             background: false,
             stale_on_wait: true,
             store: true,
+            interest: None,
         }
     }
 }

@@ -23,7 +23,7 @@ use crate::cache::{CacheKey, Encodings, Entry, Pool, Stored};
 use crate::config::{Priority, StaleOnError};
 use crate::error::ProxyError;
 use crate::metrics::OriginStatus;
-use crate::origin::{OriginBody, OriginError, OutgoingBody, Timings, Upload};
+use crate::origin::{Interest, OriginBody, OriginError, OutgoingBody, Timings, Upload};
 use crate::runtime::RouteRuntime;
 
 /// What the origin's answer became.
@@ -65,6 +65,9 @@ pub struct FetchJob {
     /// Whether the answer may be stored: false for a request `no-store`, whose fetch is
     /// shared with concurrent `no-store` requests and kept by none.
     pub store: bool,
+    /// Who wants the answer, for a fetch run in a flight's task: when they are all gone
+    /// while it waits for an origin slot, it is never sent. None for a background refresh.
+    pub interest: Option<Interest>,
 }
 
 impl FetchJob {
@@ -137,6 +140,9 @@ fn origin_request(job: &FetchJob, method: Method, headers: HeaderMap) -> Result<
     *req.uri_mut() = origin_uri(&job.route.origin.config, &job.parts.uri)?;
     *req.version_mut() = Version::HTTP_11;
     *req.headers_mut() = headers;
+    if let Some(interest) = &job.interest {
+        req.extensions_mut().insert(interest.clone());
+    }
     Ok(req)
 }
 

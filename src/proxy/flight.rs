@@ -158,17 +158,24 @@ pub fn refresh_in_background(mut job: FetchJob) {
 
 /// Leads the flight: runs it in its own task and answers from its result. With a stale
 /// copy at hand, waits no longer than `lock_timeout` for it, like the waiters.
-async fn lead(job: FetchJob, guard: FlightGuard, stale: Option<Arc<Entry>>) -> Decision {
+async fn lead(mut job: FetchJob, guard: FlightGuard, stale: Option<Arc<Entry>>) -> Decision {
     let (tx, rx) = oneshot::channel();
     let lock_timeout = job.pool.config.lock_timeout;
     let stale_on_wait = job.stale_on_wait;
     let clock = job.pool.clock.clone();
+    // This request wants the answer until it has one or its client is gone.
+    let wants = guard.interest().hold();
+    job.interest = Some(guard.interest().clone());
     tokio::spawn(run_flight(job, guard, Some(tx)));
     let now = clock.now();
     let result = if stale_on_wait && stale.as_ref().is_some_and(|e| e.within_stale_while_revalidate(now) || e.within_stale_if_error(now)) {
         match tokio::time::timeout(lock_timeout, rx).await {
             Ok(result) => result,
-            Err(_) => return serve_stale(stale.as_ref(), clock.now()).unwrap_or_else(|| Decision::failed(ProxyError::Internal("stale copy vanished"))),
+            Err(_) => {
+                // Served stale: the fetch goes on as a refresh of the copy.
+                wants.keep();
+                return serve_stale(stale.as_ref(), clock.now()).unwrap_or_else(|| Decision::failed(ProxyError::Internal("stale copy vanished")));
+            }
         }
     } else {
         rx.await
@@ -271,8 +278,10 @@ async fn run_flight(job: FetchJob, guard: FlightGuard, leader: Option<oneshot::S
             (Fill::Uncacheable, LeaderResult::Fetched(Ok(streamed)))
         }
         // A background refresh queues at low priority; requests that joined it must not be
-        // shed for that: they join again, and one of them asks at its own priority.
-        Err(err) if job.background && err.is_shed() => (Fill::Abandoned, LeaderResult::Fetched(Err(err))),
+        // shed for that: they join again, and one of them asks at its own priority. A
+        // fetch that everyone gave up on while it queued was never sent: anyone who
+        // joined since joins again.
+        Err(err) if (job.background && err.is_shed()) || err.is_unwanted() => (Fill::Abandoned, LeaderResult::Fetched(Err(err))),
         Err(err) => {
             let err = Arc::new(err);
             let outcome = failure_outcome(&err);
