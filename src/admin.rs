@@ -8,6 +8,7 @@ use std::convert::Infallible;
 use std::future::Future;
 use std::sync::Arc;
 
+use crate::connections::Connections;
 use bytes::Bytes;
 use http::header::{AUTHORIZATION, CONTENT_TYPE};
 use http::{HeaderValue, Method, Request, Response, StatusCode};
@@ -16,7 +17,6 @@ use hyper::body::Incoming;
 use hyper::service::service_fn;
 use hyper_util::rt::{TokioExecutor, TokioIo};
 use hyper_util::server::conn::auto;
-use hyper_util::server::graceful::GracefulShutdown;
 use tokio::net::TcpListener;
 
 use crate::cache::PurgeTarget;
@@ -32,11 +32,11 @@ type AdminResponse = Response<Full<Bytes>>;
 pub async fn serve(listener: TcpListener, proxy: Arc<Proxy>, stop: impl Future<Output = ()>) {
     let token: Option<Arc<str>> = std::env::var(ADMIN_TOKEN_ENV).ok().map(|t| t.trim().to_owned()).filter(|t| !t.is_empty()).map(Into::into);
     let server = proxy.runtime().config.server.clone();
-    let limits = Limits { keepalive_idle: server.keepalive_idle, header_read_timeout: server.header_read_timeout };
+    let limits = Limits::of(&server);
     let mut builder = auto::Builder::new(TokioExecutor::new());
     // hyper's own HTTP/1.1 timer bounds idle keep-alive, as on the proxy listener.
     builder.http1().timer(hyper_util::rt::TokioTimer::new()).header_read_timeout(server.keepalive_idle);
-    let graceful = GracefulShutdown::new();
+    let connections = Connections::default();
     tokio::pin!(stop);
     loop {
         tokio::select! {
@@ -48,19 +48,19 @@ pub async fn serve(listener: TcpListener, proxy: Arc<Proxy>, stop: impl Future<O
                 };
                 let (proxy, token) = (proxy.clone(), token.clone());
                 let requests = Arc::new(Requests::default());
+                let requests_of_conn = requests.clone();
                 let io = TimedIo::new(stream, limits, requests.clone());
                 let service = service_fn(move |req| {
                     let (proxy, token, active) = (proxy.clone(), token.clone(), requests.start());
                     async move { Ok::<_, Infallible>(handle(&proxy, token.as_deref(), req).await.map(|body| Tracked::new(body, active))) }
                 });
-                let conn = graceful.watch(builder.serve_connection(TokioIo::new(io), service).into_owned());
-                tokio::spawn(conn);
+                connections.serve(builder.serve_connection(TokioIo::new(io), service).into_owned(), requests_of_conn, limits.keepalive_idle);
             }
             () = &mut stop => break,
         }
     }
     drop(listener);
-    let _ = tokio::time::timeout(std::time::Duration::from_secs(1), graceful.shutdown()).await;
+    let _ = tokio::time::timeout(std::time::Duration::from_secs(1), connections.shutdown()).await;
 }
 
 async fn handle(proxy: &Proxy, token: Option<&str>, req: Request<Incoming>) -> AdminResponse {

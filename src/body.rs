@@ -5,10 +5,15 @@
 
 use std::collections::VecDeque;
 use std::pin::Pin;
-use std::task::{Context, Poll};
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::task::{Context, Poll, ready};
+use std::time::Duration;
 
 use bytes::Bytes;
 use http_body::{Body, Frame, SizeHint};
+use http_body_util::BodyExt;
+use tokio::sync::mpsc;
 
 use crate::origin::{OriginBody, OriginBodyError};
 
@@ -33,8 +38,27 @@ pub struct ProxyBody {
 
 enum Kind {
     Full(Option<Bytes>),
-    Stream { prefix: VecDeque<Bytes>, rest: Box<OriginBody> },
+    Stream {
+        prefix: VecDeque<Bytes>,
+        rest: Box<OriginBody>,
+    },
+    /// A stream read by a pump task ([`ProxyBody::with_send_timeout`]).
+    Pumped(Pumped),
 }
+
+/// The client's end of a pumped stream.
+struct Pumped {
+    rx: mpsc::Receiver<Result<Frame<Bytes>, OriginBodyError>>,
+    /// Set by the pump when it gave up on a client that took nothing for `send_timeout`.
+    abandoned: Arc<AtomicBool>,
+    limit: Duration,
+    /// What the stream said of its size when the pump took it, less what was sent since.
+    hint: SizeHint,
+    done: bool,
+}
+
+/// Frames a pump reads ahead of the client.
+const PUMP_FRAMES: usize = 2;
 
 impl ProxyBody {
     pub fn empty() -> ProxyBody {
@@ -48,6 +72,25 @@ impl ProxyBody {
 
     pub fn stream(prefix: VecDeque<Bytes>, rest: OriginBody) -> ProxyBody {
         ProxyBody { kind: Kind::Stream { prefix, rest: Box::new(rest) }, on_end: None }
+    }
+
+    /// This body with its sending bounded (for a body streamed from an origin; any other
+    /// is returned as it is): a pump task reads the origin body a few frames ahead of the
+    /// client, and when the client has taken nothing for `limit`, drops it (its origin slot
+    /// is released at once) and the client's response is aborted, never cut short looking
+    /// complete. hyper has no write timeout, and a stalled h2 stream never blocks the
+    /// socket, so the bound lives here; a timer is armed only when a send would wait.
+    pub fn with_send_timeout(mut self, limit: Duration) -> ProxyBody {
+        if !matches!(self.kind, Kind::Stream { .. }) {
+            return self;
+        }
+        let on_end = self.on_end.take();
+        let Kind::Stream { prefix, rest } = std::mem::replace(&mut self.kind, Kind::Full(None)) else { return self };
+        let hint = Kind::stream_hint(&prefix, &rest);
+        let (tx, rx) = mpsc::channel(PUMP_FRAMES);
+        let abandoned = Arc::new(AtomicBool::new(false));
+        tokio::spawn(pump(Kind::Stream { prefix, rest }, tx, limit, abandoned.clone()));
+        ProxyBody { kind: Kind::Pumped(Pumped { rx, abandoned, limit, hint, done: false }), on_end }
     }
 
     /// This body, telling `on_end` how it ended.
@@ -75,6 +118,27 @@ impl Body for ProxyBody {
                 Some(chunk) => Poll::Ready(Some(Ok(Frame::data(chunk)))),
                 None => Pin::new(rest.as_mut()).poll_frame(cx),
             },
+            Kind::Pumped(pumped) => match ready!(pumped.rx.poll_recv(cx)) {
+                Some(frame) => {
+                    if let Ok(data) = frame.as_ref().map(Frame::data_ref)
+                        && let Some(data) = data
+                    {
+                        pumped.sent(data.len() as u64);
+                    }
+                    Poll::Ready(Some(frame))
+                }
+                None if pumped.abandoned.load(Ordering::Acquire) => {
+                    // The client's own doing: counted as its abort, not an origin failure.
+                    let limit = pumped.limit;
+                    pumped.done = true;
+                    this.end(BodyEnd::Aborted);
+                    return Poll::Ready(Some(Err(OriginBodyError::NotTaken(limit))));
+                }
+                None => {
+                    pumped.done = true;
+                    Poll::Ready(None)
+                }
+            },
         };
         match &polled {
             Poll::Ready(None) => this.end(BodyEnd::Complete),
@@ -88,22 +152,67 @@ impl Body for ProxyBody {
         match &self.kind {
             Kind::Full(bytes) => bytes.is_none(),
             Kind::Stream { prefix, rest } => prefix.is_empty() && rest.is_end_stream(),
+            Kind::Pumped(pumped) => pumped.done,
         }
     }
 
     fn size_hint(&self) -> SizeHint {
         match &self.kind {
             Kind::Full(bytes) => SizeHint::with_exact(bytes.as_ref().map_or(0, |b| b.len() as u64)),
-            Kind::Stream { prefix, rest } => {
-                let buffered: u64 = prefix.iter().map(|b| b.len() as u64).sum();
-                let inner = rest.size_hint();
-                let mut hint = SizeHint::new();
-                hint.set_lower(inner.lower() + buffered);
-                if let Some(upper) = inner.upper() {
-                    hint.set_upper(upper + buffered);
+            Kind::Stream { prefix, rest } => Kind::stream_hint(prefix, rest),
+            Kind::Pumped(pumped) => pumped.hint,
+        }
+    }
+}
+
+impl Kind {
+    fn stream_hint(prefix: &VecDeque<Bytes>, rest: &OriginBody) -> SizeHint {
+        let buffered: u64 = prefix.iter().map(|b| b.len() as u64).sum();
+        let inner = rest.size_hint();
+        let mut hint = SizeHint::new();
+        hint.set_lower(inner.lower() + buffered);
+        if let Some(upper) = inner.upper() {
+            hint.set_upper(upper + buffered);
+        }
+        hint
+    }
+}
+
+impl Pumped {
+    fn sent(&mut self, n: u64) {
+        let mut hint = SizeHint::new();
+        hint.set_lower(self.hint.lower().saturating_sub(n));
+        if let Some(upper) = self.hint.upper() {
+            hint.set_upper(upper.saturating_sub(n));
+        }
+        self.hint = hint;
+    }
+}
+
+/// Reads `stream` (a [`Kind::Stream`]) into `tx`, a slot reserved before each read so
+/// at most [`PUMP_FRAMES`] are read ahead of the client. Ends when the stream does (or
+/// fails: the error is passed on), when the client's body is dropped, or when the client
+/// has taken nothing for `limit`: the stream is then dropped, releasing its origin slot.
+async fn pump(stream: Kind, tx: mpsc::Sender<Result<Frame<Bytes>, OriginBodyError>>, limit: Duration, abandoned: Arc<AtomicBool>) {
+    let mut body = ProxyBody { kind: stream, on_end: None };
+    loop {
+        let permit = match tx.try_reserve() {
+            Ok(permit) => permit,
+            Err(mpsc::error::TrySendError::Closed(())) => return,
+            Err(mpsc::error::TrySendError::Full(())) => match tokio::time::timeout(limit, tx.reserve()).await {
+                Ok(Ok(permit)) => permit,
+                Ok(Err(_closed)) => return,
+                Err(_) => {
+                    tracing::debug!(?limit, "client took nothing of its response for send_timeout: origin body abandoned");
+                    abandoned.store(true, Ordering::Release);
+                    return;
                 }
-                hint
-            }
+            },
+        };
+        match body.frame().await {
+            Some(Ok(frame)) => permit.send(Ok(frame)),
+            Some(Err(err)) => return permit.send(Err(err)),
+            None => return,
         }
     }
 }

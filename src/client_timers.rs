@@ -7,6 +7,11 @@
 //! - a head timer: once the first byte of an HTTP/1.1 request head has arrived, the head
 //!   must be complete within `header_read_timeout`, however slowly it is dribbled.
 //!
+//! - a send timer: a connection whose writes make no progress for `send_timeout` is
+//!   closed (armed only when a write would wait);
+//! - an idle timer for HTTP/2 ([`Requests::h2_idle`]): no open stream for
+//!   `keepalive_idle`, and [`crate::connections`] sends GOAWAY.
+//!
 //! The timers live in the connection's IO ([`TimedIo`]); the service tells them when a
 //! request head is complete and when its response has ended ([`Requests`]). An h2c
 //! connection (its preface is the first thing read) gets the first-byte timer only.
@@ -15,7 +20,7 @@ use std::future::Future;
 use std::io;
 use std::pin::Pin;
 use std::sync::Arc;
-use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::task::{Context, Poll};
 use std::time::Duration;
 
@@ -29,17 +34,63 @@ use tokio::time::{Instant, Sleep};
 pub struct Limits {
     pub keepalive_idle: Duration,
     pub header_read_timeout: Duration,
+    pub send_timeout: Duration,
+}
+
+impl Limits {
+    pub fn of(server: &crate::config::ServerConfig) -> Limits {
+        Limits { keepalive_idle: server.keepalive_idle, header_read_timeout: server.header_read_timeout, send_timeout: server.send_timeout }
+    }
 }
 
 /// What the service tells a connection's timers: requests in progress (head received,
 /// response not yet ended), and how many have started.
-#[derive(Debug, Default)]
+#[derive(Debug)]
 pub struct Requests {
     active: AtomicUsize,
     started: AtomicU64,
+    /// The connection speaks HTTP/2 (its preface was read).
+    h2: AtomicBool,
+    opened: Instant,
+    /// HTTP/2: when the last open stream ended, in milliseconds since `opened`.
+    idle_since_ms: AtomicU64,
+}
+
+impl Default for Requests {
+    fn default() -> Self {
+        Requests {
+            active: AtomicUsize::new(0),
+            started: AtomicU64::new(0),
+            h2: AtomicBool::new(false),
+            opened: Instant::now(),
+            idle_since_ms: AtomicU64::new(0),
+        }
+    }
 }
 
 impl Requests {
+    fn elapsed_ms(&self) -> u64 {
+        u64::try_from(self.opened.elapsed().as_millis()).unwrap_or(u64::MAX)
+    }
+
+    /// Resolves once the connection is HTTP/2 and has had no open stream for `limit`
+    /// (from when it opened, if it never had one); never for HTTP/1.1, whose idle time
+    /// hyper bounds. Wakes once per `limit` at most.
+    pub async fn h2_idle(&self, limit: Duration) {
+        let limit_ms = u64::try_from(limit.as_millis()).unwrap_or(u64::MAX).max(1);
+        loop {
+            let mut wait = limit_ms;
+            if self.h2.load(Ordering::Acquire) && self.active.load(Ordering::Acquire) == 0 {
+                let idle = self.elapsed_ms().saturating_sub(self.idle_since_ms.load(Ordering::Acquire));
+                if idle >= limit_ms {
+                    return;
+                }
+                wait = limit_ms - idle;
+            }
+            tokio::time::sleep(Duration::from_millis(wait)).await;
+        }
+    }
+
     /// A request head is complete: its head timer stops. The guard ends the request
     /// when dropped (with the response body, see [`Tracked`]).
     pub fn start(self: &Arc<Self>) -> Active {
@@ -55,7 +106,10 @@ pub struct Active(Arc<Requests>);
 
 impl Drop for Active {
     fn drop(&mut self) {
-        self.0.active.fetch_sub(1, Ordering::AcqRel);
+        let requests = &self.0;
+        if requests.active.fetch_sub(1, Ordering::AcqRel) == 1 && requests.h2.load(Ordering::Relaxed) {
+            requests.idle_since_ms.store(requests.elapsed_ms(), Ordering::Release);
+        }
     }
 }
 
@@ -82,6 +136,10 @@ pub struct TimedIo<T> {
     requests: Arc<Requests>,
     timer: Timer,
     deadline: Pin<Box<Sleep>>,
+    /// Armed when a write would wait (made once, on the first such write): a client that
+    /// takes nothing for `send_timeout` loses its connection.
+    stall: Option<Pin<Box<Sleep>>>,
+    stalled: bool,
 }
 
 /// The client preface of HTTP/2 (RFC 9113 section 3.4), as far as it tells.
@@ -90,7 +148,25 @@ const H2_PREFACE: &[u8] = b"PRI * HTTP/2.0";
 impl<T> TimedIo<T> {
     pub fn new(inner: T, limits: Limits, requests: Arc<Requests>) -> TimedIo<T> {
         let deadline = Box::pin(tokio::time::sleep(limits.keepalive_idle));
-        TimedIo { inner, limits, requests, timer: Timer::FirstByte, deadline }
+        TimedIo { inner, limits, requests, timer: Timer::FirstByte, deadline, stall: None, stalled: false }
+    }
+
+    /// Passes a write's result on, timing how long writes have been waiting.
+    fn on_write<R>(&mut self, cx: &mut Context<'_>, polled: Poll<io::Result<R>>) -> Poll<io::Result<R>> {
+        if polled.is_ready() {
+            self.stalled = false;
+            return polled;
+        }
+        let limit = self.limits.send_timeout;
+        let stall = self.stall.get_or_insert_with(|| Box::pin(tokio::time::sleep(limit)));
+        if !self.stalled {
+            self.stalled = true;
+            stall.as_mut().reset(Instant::now() + limit);
+        }
+        match stall.as_mut().poll(cx) {
+            Poll::Ready(()) => Poll::Ready(Err(io::Error::new(io::ErrorKind::TimedOut, "the client took nothing within send_timeout"))),
+            Poll::Pending => Poll::Pending,
+        }
     }
 
     /// Updates the timer after bytes arrived (`read`: what this read returned).
@@ -105,6 +181,7 @@ impl<T> TimedIo<T> {
                     self.arm_head(started);
                 } else if matched + n == H2_PREFACE.len() {
                     self.timer = Timer::H2;
+                    self.requests.h2.store(true, Ordering::Release);
                 } else {
                     self.timer = Timer::Preface { matched: matched + n };
                 }
@@ -150,11 +227,15 @@ impl<T: AsyncRead + Unpin> AsyncRead for TimedIo<T> {
 
 impl<T: AsyncWrite + Unpin> AsyncWrite for TimedIo<T> {
     fn poll_write(self: Pin<&mut Self>, cx: &mut Context<'_>, data: &[u8]) -> Poll<io::Result<usize>> {
-        Pin::new(&mut self.get_mut().inner).poll_write(cx, data)
+        let this = self.get_mut();
+        let polled = Pin::new(&mut this.inner).poll_write(cx, data);
+        this.on_write(cx, polled)
     }
 
     fn poll_flush(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
-        Pin::new(&mut self.get_mut().inner).poll_flush(cx)
+        let this = self.get_mut();
+        let polled = Pin::new(&mut this.inner).poll_flush(cx);
+        this.on_write(cx, polled)
     }
 
     fn poll_shutdown(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
@@ -162,7 +243,9 @@ impl<T: AsyncWrite + Unpin> AsyncWrite for TimedIo<T> {
     }
 
     fn poll_write_vectored(self: Pin<&mut Self>, cx: &mut Context<'_>, bufs: &[io::IoSlice<'_>]) -> Poll<io::Result<usize>> {
-        Pin::new(&mut self.get_mut().inner).poll_write_vectored(cx, bufs)
+        let this = self.get_mut();
+        let polled = Pin::new(&mut this.inner).poll_write_vectored(cx, bufs);
+        this.on_write(cx, polled)
     }
 
     fn is_write_vectored(&self) -> bool {
@@ -204,7 +287,11 @@ mod tests {
     use super::*;
 
     fn io() -> TimedIo<()> {
-        TimedIo::new((), Limits { keepalive_idle: Duration::from_secs(75), header_read_timeout: Duration::from_secs(10) }, Arc::default())
+        TimedIo::new(
+            (),
+            Limits { keepalive_idle: Duration::from_secs(75), header_read_timeout: Duration::from_secs(10), send_timeout: Duration::from_secs(30) },
+            Arc::default(),
+        )
     }
 
     #[tokio::test]

@@ -55,6 +55,7 @@ pub mod cli;
 pub mod client_timers;
 pub mod clock;
 pub mod config;
+pub mod connections;
 pub mod control;
 pub mod encodings;
 pub mod error;

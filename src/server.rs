@@ -14,13 +14,13 @@ use std::time::Duration;
 use hyper::service::service_fn;
 use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
 use hyper_util::server::conn::auto;
-use hyper_util::server::graceful::GracefulShutdown;
 use tokio::net::TcpListener;
 
 use crate::admin;
 use crate::client_timers::{Limits, Requests, TimedIo, Tracked};
 use crate::clock::Clock;
 use crate::config::{Config, ServerConfig};
+use crate::connections::Connections;
 use crate::proxy::Proxy;
 use crate::runtime::BuildError;
 
@@ -150,18 +150,18 @@ async fn serve(listeners: Listeners, proxy: Arc<Proxy>, shutdown: impl Future<Ou
         .keep_alive_interval(Some(Duration::from_secs(20)))
         .keep_alive_timeout(Duration::from_secs(20))
         .max_header_list_size(u32::try_from(server_config.max_header_bytes).unwrap_or(u32::MAX));
-    let limits = Limits { keepalive_idle: server_config.keepalive_idle, header_read_timeout: server_config.header_read_timeout };
-    let acceptor = Acceptor { listener: listeners.proxy, limits, builder, proxy: proxy.clone(), graceful: GracefulShutdown::new() };
+    let limits = Limits::of(&server_config);
+    let acceptor = Acceptor { listener: listeners.proxy, limits, builder, proxy: proxy.clone(), connections: Connections::default() };
     tracing::info!(addr = ?acceptor.listener.local_addr().ok(), "serving");
 
     acceptor.accept_until(shutdown).await;
     tracing::info!(drain_delay = ?server_config.drain_delay, "shutdown requested: draining");
     proxy.start_draining();
     acceptor.accept_until(tokio::time::sleep(server_config.drain_delay)).await;
-    let Acceptor { listener, graceful, .. } = acceptor;
+    let Acceptor { listener, connections, .. } = acceptor;
     drop(listener);
     tracing::info!("listener closed; waiting for in-flight requests");
-    if tokio::time::timeout(server_config.shutdown_timeout, graceful.shutdown()).await.is_err() {
+    if tokio::time::timeout(server_config.shutdown_timeout, connections.shutdown()).await.is_err() {
         tracing::warn!(timeout = ?server_config.shutdown_timeout, "in-flight requests still running at shutdown timeout");
     }
     let _ = admin_stop.send(());
@@ -176,7 +176,7 @@ struct Acceptor {
     limits: Limits,
     builder: auto::Builder<TokioExecutor>,
     proxy: Arc<Proxy>,
-    graceful: GracefulShutdown,
+    connections: Connections,
 }
 
 impl Acceptor {
@@ -202,17 +202,13 @@ impl Acceptor {
         let _ = stream.set_nodelay(true);
         let proxy = self.proxy.clone();
         let requests = Arc::new(Requests::default());
+        let requests_of_conn = requests.clone();
         let io = TimedIo::new(stream, self.limits, requests.clone());
         let service = service_fn(move |req| {
             let (proxy, active) = (proxy.clone(), requests.start());
             async move { Ok::<_, Infallible>(proxy.handle(req, peer).await.map(|body| Tracked::new(body, active))) }
         });
         let conn = self.builder.serve_connection(TokioIo::new(io), service).into_owned();
-        let conn = self.graceful.watch(conn);
-        tokio::spawn(async move {
-            if let Err(err) = conn.await {
-                tracing::debug!(error = %err, %peer, "client connection ended with an error");
-            }
-        });
+        self.connections.serve(conn, requests_of_conn, self.limits.keepalive_idle);
     }
 }

@@ -136,3 +136,127 @@ async fn serve_raises_the_open_file_soft_limit_to_the_hard_limit() {
     assert_ne!(soft, "512", "{line}");
     assert_eq!(soft, hard, "{line}");
 }
+
+/// Connects to `addr` with a 4 KiB receive buffer, sends a GET for `path` and never reads.
+async fn never_reading(addr: std::net::SocketAddr, path: &str) -> tokio::net::TcpStream {
+    use tokio::io::AsyncWriteExt;
+    let socket = tokio::net::TcpSocket::new_v4().expect("socket");
+    socket.set_recv_buffer_size(4096).expect("SO_RCVBUF");
+    let mut stream = socket.connect(addr).await.expect("connect");
+    stream.write_all(format!("GET {path} HTTP/1.1\r\nHost: shop.example\r\n\r\n").as_bytes()).await.expect("write");
+    stream
+}
+
+/// A 64 MiB answer that may not be stored: streamed through as the client takes it.
+fn huge_unstored(origin: &Origin) {
+    let huge = bytes::Bytes::from(vec![b'x'; 64 << 20]);
+    origin.set(
+        move |parts| {
+            if parts.uri.path() == "/huge" { support::Reply::ok(huge.clone()).header("cache-control", "no-store") } else { support::Reply::ok("small") }
+        },
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn clients_that_never_read_hold_their_origin_slots_at_most_send_timeout() {
+    use std::time::{Duration, Instant};
+    let origin = Origin::start().await;
+    huge_unstored(&origin);
+    let config = TestConfig::new(&origin.url()).server("send_timeout", "1s").origin("max_concurrency", 2).origin("queue_timeout", "10s").to_toml();
+    let bulwark = support::Bulwark::start(&config).await;
+    // Both origin slots taken by clients that read nothing: one HTTP/1.1, with a tiny
+    // receive buffer, and one h2c stream whose flow-control window is never opened.
+    let _h1 = never_reading(bulwark.addr, "/huge").await;
+    let tcp = tokio::net::TcpStream::connect(bulwark.addr).await.expect("connect");
+    let (mut h2, conn) =
+        hyper::client::conn::http2::handshake(hyper_util::rt::TokioExecutor::new(), hyper_util::rt::TokioIo::new(tcp)).await.expect("h2c handshake");
+    tokio::spawn(conn);
+    let req = http::Request::get("http://shop.example/huge").body(http_body_util::Full::<bytes::Bytes>::default()).expect("request");
+    let stalled = h2.send_request(req).await.expect("h2c response head");
+    assert_eq!(stalled.status(), 200);
+    support::eventually("both slots are taken", Duration::from_secs(5), async || bulwark.metric("bulwark_origin_inflight", &[]).await == 2.0).await;
+    let start = Instant::now();
+    let next = bulwark.get("/small").await;
+    let waited = start.elapsed();
+    assert_eq!((next.status.as_u16(), next.text()), (200, "small"), "the next request got a slot");
+    assert!(waited < Duration::from_secs(5), "the slots came free after send_timeout (1 s), not after {waited:?}");
+    support::eventually("no origin body is held for the silent clients", Duration::from_secs(5), async || {
+        bulwark.metric("bulwark_origin_inflight", &[]).await == 0.0
+    })
+    .await;
+    // The stalled h2 response is aborted, never ends looking complete.
+    let body = tokio::time::timeout(Duration::from_secs(5), http_body_util::BodyExt::collect(stalled.into_body())).await.expect("the body ends");
+    assert!(body.is_err(), "an abandoned response is an aborted one");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_connection_whose_client_takes_nothing_is_closed_after_send_timeout() {
+    use std::time::Duration;
+    use tokio::io::AsyncReadExt;
+    let origin = Origin::start().await;
+    huge_unstored(&origin);
+    let config = TestConfig::new(&origin.url()).server("send_timeout", "1s").to_toml();
+    let bulwark = support::Bulwark::start(&config).await;
+    let mut stream = never_reading(bulwark.addr, "/huge").await;
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    // Reading now finds what was buffered, then the end: the server gave up on it.
+    let mut buf = vec![0u8; 1 << 20];
+    let mut total = 0usize;
+    let ended = tokio::time::timeout(Duration::from_secs(10), async {
+        loop {
+            match stream.read(&mut buf).await {
+                Ok(0) | Err(_) => return,
+                Ok(n) => total += n,
+            }
+        }
+    })
+    .await;
+    assert!(ended.is_ok(), "the connection was closed");
+    assert!(total < 64 << 20, "and the response cut short: {total} bytes");
+}
+
+/// Opens an h2c connection to `addr` and sends one GET for `path`; returns the response
+/// status and the connection task, which ends when the server closes the connection (the
+/// sender, returned too, keeps the client from closing it).
+async fn h2c_once(
+    addr: std::net::SocketAddr,
+    path: &str,
+) -> (u16, tokio::task::JoinHandle<()>, hyper::client::conn::http2::SendRequest<http_body_util::Full<bytes::Bytes>>) {
+    let tcp = tokio::net::TcpStream::connect(addr).await.expect("connect");
+    let (mut sender, conn) =
+        hyper::client::conn::http2::handshake(hyper_util::rt::TokioExecutor::new(), hyper_util::rt::TokioIo::new(tcp)).await.expect("h2c handshake");
+    let conn = tokio::spawn(async move {
+        let _ = conn.await;
+    });
+    let req = http::Request::get(format!("http://shop.example{path}")).body(http_body_util::Full::<bytes::Bytes>::default()).expect("request");
+    let res = sender.send_request(req).await.expect("h2c response");
+    let status = res.status().as_u16();
+    http_body_util::BodyExt::collect(res.into_body()).await.expect("body");
+    (status, conn, sender)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_h2c_connection_with_no_open_stream_is_closed_after_keepalive_idle() {
+    use std::time::{Duration, Instant};
+    let origin = Origin::start().await;
+    origin.set(|parts| {
+        let reply = support::Reply::ok("page").header("cache-control", "no-store");
+        if parts.uri.path() == "/slow" { reply.delay(Duration::from_millis(3500)) } else { reply }
+    });
+    let config = TestConfig::new(&origin.url()).server("keepalive_idle", "2s").to_toml();
+    let bulwark = support::Bulwark::start(&config).await;
+    let start = Instant::now();
+    let ((proxy, idle_proxy, _p), (admin, idle_admin, _a), (slow, slow_conn, _s)) =
+        tokio::join!(h2c_once(bulwark.addr, "/p"), h2c_once(bulwark.admin_addr, "/healthz"), h2c_once(bulwark.addr, "/slow"));
+    assert_eq!((proxy, admin), (200, 200));
+    assert_eq!(slow, 200, "a stream open for longer than keepalive_idle is not cut");
+    let slow_ended = start.elapsed();
+    assert!(slow_ended >= Duration::from_millis(3500));
+    for (listener, conn) in [("proxy", idle_proxy), ("admin", idle_admin)] {
+        assert!(conn.is_finished(), "{listener}: an idle h2c connection is closed after keepalive_idle (2 s), still open after {slow_ended:?}");
+    }
+    assert!(!slow_conn.is_finished(), "the connection whose stream just ended is not idle yet");
+    tokio::time::timeout(Duration::from_secs(4), slow_conn).await.expect("idle since its slow stream ended, that connection is closed too").expect("task");
+    let closed_after = start.elapsed() - slow_ended;
+    assert!(closed_after >= Duration::from_millis(1500), "closed {closed_after:?} after its last stream, keepalive_idle 2 s");
+}

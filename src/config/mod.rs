@@ -51,6 +51,10 @@ pub struct ServerConfig {
     pub keepalive_idle: Duration,
     /// HTTP/1.1: a request head must be complete this long after its first byte.
     pub header_read_timeout: Duration,
+    /// An origin body the client has not taken for this long is abandoned (its origin slot
+    /// released, the client's response aborted); a client connection whose writes make no
+    /// progress for this long is closed.
+    pub send_timeout: Duration,
     /// Accept queue of both listeners (the kernel caps it at `net.core.somaxconn`): a
     /// burst of new connections beyond it loses SYNs, which clients retry after 1 s.
     pub listen_backlog: u32,

@@ -31,6 +31,7 @@ pub struct RawServer {
     pub keepalive_idle: Option<Spanned<ConfigDuration>>,
     pub listen_backlog: Option<Spanned<i64>>,
     pub header_read_timeout: Option<Spanned<ConfigDuration>>,
+    pub send_timeout: Option<Spanned<ConfigDuration>>,
     pub drain_delay: Option<ConfigDuration>,
     pub shutdown_timeout: Option<ConfigDuration>,
     pub max_header_bytes: Option<ByteSize>,

@@ -150,6 +150,7 @@ fn server(raw: raw::RawServer) -> Result<ServerConfig> {
         keepalive_idle: nonzero_dur(raw.keepalive_idle, Duration::from_secs(75), "keepalive_idle")?,
         listen_backlog,
         header_read_timeout: nonzero_dur(raw.header_read_timeout, Duration::from_secs(10), "header_read_timeout")?,
+        send_timeout: nonzero_dur(raw.send_timeout, Duration::from_secs(30), "send_timeout")?,
         drain_delay: dur(raw.drain_delay, Duration::from_secs(5)),
         shutdown_timeout: dur(raw.shutdown_timeout, Duration::from_secs(30)),
         max_header_bytes: usize::try_from(max_header_bytes).unwrap_or(usize::MAX).max(8192),

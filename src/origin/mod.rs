@@ -278,6 +278,9 @@ pub enum OriginBodyError {
     Idle(Duration),
     #[error("origin body failed")]
     Hyper(#[from] hyper::Error),
+    /// The client took nothing of it for `send_timeout`: abandoned.
+    #[error("the client took nothing for {0:?}: response abandoned")]
+    NotTaken(Duration),
 }
 
 impl Body for OriginBody {

@@ -20,6 +20,8 @@ pub(super) struct RequestContext {
     pub timings: Option<Arc<Timings>>,
     /// A HEAD request: the response carries headers only.
     pub head: bool,
+    /// `[server] send_timeout`: how long a streamed response may wait for the client.
+    pub send_timeout: std::time::Duration,
 }
 
 impl RequestContext {

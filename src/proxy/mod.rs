@@ -135,7 +135,14 @@ impl Proxy {
             return self.finish(plain_response(StatusCode::NOT_FOUND, text), version, false);
         };
         let route = &runtime.routes[index];
-        let ctx = RequestContext { route: route.clone(), mode: route.mode(), client, timings, head: parts.method == Method::HEAD };
+        let ctx = RequestContext {
+            route: route.clone(),
+            mode: route.mode(),
+            client,
+            timings,
+            head: parts.method == Method::HEAD,
+            send_timeout: runtime.config.server.send_timeout,
+        };
         let conditional = crate::cache::revalidate::Conditional::from_request(&parts.method, &parts.headers);
         // A GET or HEAD body has no meaning (RFC 9110 section 9.3.1): never sent on, so the
         // origin connection cannot get out of step; read and dropped so the client's can

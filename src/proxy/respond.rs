@@ -29,7 +29,9 @@ pub(super) fn render(ctx: &RequestContext, decision: Decision, conditional: Opti
     let mut res = match serve {
         Serve::Entry { entry, age } => from_entry(&entry, age, now),
         Serve::Answer(answer) => from_answer(&answer),
-        Serve::Streamed(parts, body) => Response::from_parts(parts, body),
+        // A HEAD sends no body: nothing to bound.
+        Serve::Streamed(parts, body) if ctx.head => Response::from_parts(parts, body),
+        Serve::Streamed(parts, body) => Response::from_parts(parts, body.with_send_timeout(ctx.send_timeout)),
         Serve::Fallback(fallback) => from_fallback(fallback),
         Serve::Off => off(),
         Serve::Error(err) => error_response(&err),
