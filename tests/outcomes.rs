@@ -120,12 +120,16 @@ async fn cache_only_within_the_stale_windows_is_still_stale_cache_only() {
 }
 
 #[tokio::test]
-async fn cache_only_never_calls_the_origin_for_an_authenticated_request() {
+async fn cache_only_never_calls_the_origin_whatever_the_method_or_headers() {
     let origin = Origin::start().await;
     let bulwark = Bulwark::start(&simple_config(&origin.url(), None, "")).await;
     set_mode(&bulwark, "cache-only").await;
     let got = bulwark.get_with("/account/orders", &[("authorization", "Bearer alice")]).await;
     assert_eq!((got.status.as_u16(), got.cache_status()), (504, "bulwark; fwd=miss; detail=error"));
+    let no_store = bulwark.get_with("/products/1", &[("cache-control", "no-store")]).await;
+    assert_eq!(no_store.status.as_u16(), 504, "a request no-store is not sent either");
+    let post = bulwark.request(Request::post(bulwark.url("/cart")).body(Full::new(Bytes::from_static(b"item=1"))).expect("request")).await;
+    assert_eq!(post.status.as_u16(), 504, "nor a POST");
     assert_eq!(origin.total(), 0, "cache-only: the origin rests, whoever asks");
 }
 
@@ -193,5 +197,20 @@ async fn cache_only_serves_a_stored_copy_to_only_if_cached_as_stale_cache_only()
     assert_eq!((served.status.as_u16(), served.text(), served.cache_status()), (200, "kept", "bulwark; hit; detail=stale-cache-only"));
     let max_stale = bulwark.get_with("/products/6", &[("cache-control", "max-stale")]).await;
     assert_eq!(max_stale.cache_status(), "bulwark; hit; detail=stale-cache-only", "stale, whatever the request accepts");
+    assert_eq!(origin.total(), 1);
+}
+
+#[tokio::test]
+async fn cache_only_serves_an_s_maxage_copy_past_its_freshness_instead_of_504() {
+    let origin = Origin::start().await;
+    // s-maxage implies proxy-revalidate (RFC 9111 section 5.2.2.10): no stale window
+    // applies to it, so only the switch to cache-only may serve it stale.
+    origin.set(|_| Reply::ok("pdp").header("cache-control", "public, s-maxage=5"));
+    let bulwark = Bulwark::start(&simple_config(&origin.url(), None, "")).await;
+    assert_eq!(bulwark.get("/products/9").await.cache_status(), "bulwark; fwd=miss; stored");
+    set_mode(&bulwark, "cache-only").await;
+    bulwark.advance(Duration::from_secs(30));
+    let served = bulwark.get("/products/9").await;
+    assert_eq!((served.status.as_u16(), served.text(), served.cache_status()), (200, "pdp", "bulwark; hit; detail=stale-cache-only"));
     assert_eq!(origin.total(), 1);
 }
