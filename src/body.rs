@@ -6,7 +6,7 @@
 use std::collections::VecDeque;
 use std::pin::Pin;
 use std::sync::Arc;
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicU8, Ordering};
 use std::task::{Context, Poll, ready};
 use std::time::Duration;
 
@@ -49,13 +49,19 @@ enum Kind {
 /// The client's end of a pumped stream.
 struct Pumped {
     rx: mpsc::Receiver<Result<Frame<Bytes>, OriginBodyError>>,
-    /// Set by the pump when it gave up on a client that took nothing for `send_timeout`.
-    abandoned: Arc<AtomicBool>,
+    /// How the pump ended ([`PUMPING`] while it runs): only [`FINISHED`] is a whole body.
+    state: Arc<AtomicU8>,
     limit: Duration,
     /// What the stream said of its size when the pump took it, less what was sent since.
     hint: SizeHint,
     done: bool,
 }
+
+/// A pump's state: running (or gone without a word, say by a panic), the origin body read
+/// to its end, or given up on a client that took nothing for `send_timeout`.
+const PUMPING: u8 = 0;
+const FINISHED: u8 = 1;
+const NOT_TAKEN: u8 = 2;
 
 /// Frames a pump reads ahead of the client.
 const PUMP_FRAMES: usize = 2;
@@ -88,9 +94,9 @@ impl ProxyBody {
         let Kind::Stream { prefix, rest } = std::mem::replace(&mut self.kind, Kind::Full(None)) else { return self };
         let hint = Kind::stream_hint(&prefix, &rest);
         let (tx, rx) = mpsc::channel(PUMP_FRAMES);
-        let abandoned = Arc::new(AtomicBool::new(false));
-        tokio::spawn(pump(Kind::Stream { prefix, rest }, tx, limit, abandoned.clone()));
-        ProxyBody { kind: Kind::Pumped(Pumped { rx, abandoned, limit, hint, done: false }), on_end }
+        let state = Arc::new(AtomicU8::new(PUMPING));
+        tokio::spawn(pump(Kind::Stream { prefix, rest }, tx, limit, state.clone()));
+        ProxyBody { kind: Kind::Pumped(Pumped { rx, state, limit, hint, done: false }), on_end }
     }
 
     /// This body, telling `on_end` how it ended.
@@ -127,16 +133,19 @@ impl Body for ProxyBody {
                     }
                     Poll::Ready(Some(frame))
                 }
-                None if pumped.abandoned.load(Ordering::Acquire) => {
-                    // The client's own doing: counted as its abort, not an origin failure.
-                    let limit = pumped.limit;
-                    pumped.done = true;
-                    this.end(BodyEnd::Aborted);
-                    return Poll::Ready(Some(Err(OriginBodyError::NotTaken(limit))));
-                }
                 None => {
                     pumped.done = true;
-                    Poll::Ready(None)
+                    match pumped.state.load(Ordering::Acquire) {
+                        FINISHED => Poll::Ready(None),
+                        NOT_TAKEN => {
+                            // The client's own doing: counted as its abort, not an origin failure.
+                            let limit = pumped.limit;
+                            this.end(BodyEnd::Aborted);
+                            return Poll::Ready(Some(Err(OriginBodyError::NotTaken(limit))));
+                        }
+                        // Never a short body that looks complete.
+                        _ => Poll::Ready(Some(Err(OriginBodyError::Interrupted))),
+                    }
                 }
             },
         };
@@ -152,7 +161,8 @@ impl Body for ProxyBody {
         match &self.kind {
             Kind::Full(bytes) => bytes.is_none(),
             Kind::Stream { prefix, rest } => prefix.is_empty() && rest.is_end_stream(),
-            Kind::Pumped(pumped) => pumped.done,
+            // hyper drops a body whose declared length is sent without polling it again.
+            Kind::Pumped(pumped) => pumped.done || pumped.hint.exact() == Some(0),
         }
     }
 
@@ -193,7 +203,7 @@ impl Pumped {
 /// at most [`PUMP_FRAMES`] are read ahead of the client. Ends when the stream does (or
 /// fails: the error is passed on), when the client's body is dropped, or when the client
 /// has taken nothing for `limit`: the stream is then dropped, releasing its origin slot.
-async fn pump(stream: Kind, tx: mpsc::Sender<Result<Frame<Bytes>, OriginBodyError>>, limit: Duration, abandoned: Arc<AtomicBool>) {
+async fn pump(stream: Kind, tx: mpsc::Sender<Result<Frame<Bytes>, OriginBodyError>>, limit: Duration, state: Arc<AtomicU8>) {
     let mut body = ProxyBody { kind: stream, on_end: None };
     loop {
         let permit = match tx.try_reserve() {
@@ -204,15 +214,21 @@ async fn pump(stream: Kind, tx: mpsc::Sender<Result<Frame<Bytes>, OriginBodyErro
                 Ok(Err(_closed)) => return,
                 Err(_) => {
                     tracing::debug!(?limit, "client took nothing of its response for send_timeout: origin body abandoned");
-                    abandoned.store(true, Ordering::Release);
+                    state.store(NOT_TAKEN, Ordering::Release);
                     return;
                 }
             },
         };
-        match body.frame().await {
+        // A client that goes away while the origin is slow to send releases the origin
+        // at once, not at its next frame.
+        let frame = tokio::select! {
+            frame = body.frame() => frame,
+            () = tx.closed() => return,
+        };
+        match frame {
             Some(Ok(frame)) => permit.send(Ok(frame)),
             Some(Err(err)) => return permit.send(Err(err)),
-            None => return,
+            None => return state.store(FINISHED, Ordering::Release),
         }
     }
 }

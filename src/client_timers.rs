@@ -107,10 +107,19 @@ pub struct Active(Arc<Requests>);
 impl Drop for Active {
     fn drop(&mut self) {
         let requests = &self.0;
-        if requests.active.fetch_sub(1, Ordering::AcqRel) == 1 && requests.h2.load(Ordering::Relaxed) {
+        // Stored before the count drops, so an idle check that sees no open stream
+        // sees when the last one ended.
+        if requests.h2.load(Ordering::Relaxed) {
             requests.idle_since_ms.store(requests.elapsed_ms(), Ordering::Release);
         }
+        requests.active.fetch_sub(1, Ordering::AcqRel);
     }
+}
+
+/// The instant `limit` from now (far in the future for a limit beyond any clock).
+fn after(limit: Duration) -> Instant {
+    let now = Instant::now();
+    now.checked_add(limit).unwrap_or_else(|| now + Duration::from_secs(1 << 30))
 }
 
 /// Which timer runs.
@@ -161,7 +170,7 @@ impl<T> TimedIo<T> {
         let stall = self.stall.get_or_insert_with(|| Box::pin(tokio::time::sleep(limit)));
         if !self.stalled {
             self.stalled = true;
-            stall.as_mut().reset(Instant::now() + limit);
+            stall.as_mut().reset(after(limit));
         }
         match stall.as_mut().poll(cx) {
             Poll::Ready(()) => Poll::Ready(Err(io::Error::new(io::ErrorKind::TimedOut, "the client took nothing within send_timeout"))),
@@ -193,7 +202,7 @@ impl<T> TimedIo<T> {
 
     fn arm_head(&mut self, started: u64) {
         self.timer = Timer::Head { started };
-        self.deadline.as_mut().reset(Instant::now() + self.limits.header_read_timeout);
+        self.deadline.as_mut().reset(after(self.limits.header_read_timeout));
     }
 }
 

@@ -214,3 +214,31 @@ async fn cache_only_serves_an_s_maxage_copy_past_its_freshness_instead_of_504() 
     assert_eq!((served.status.as_u16(), served.text(), served.cache_status()), (200, "pdp", "bulwark; hit; detail=stale-cache-only"));
     assert_eq!(origin.total(), 1);
 }
+
+#[tokio::test]
+async fn a_streamed_answer_with_a_content_length_sent_whole_is_not_a_client_abort() {
+    let origin = Origin::start().await;
+    origin.set(|_| Reply::ok("z".repeat(100_000)).header("cache-control", "no-store"));
+    let bulwark = Bulwark::start(&simple_config(&origin.url(), None, "")).await;
+    let got = bulwark.get("/feeds/sized").await;
+    assert_eq!((got.status.as_u16(), got.body.len(), got.header("content-length")), (200, 100_000, Some("100000")));
+    support::eventually("the request is recorded", Duration::from_secs(5), async || {
+        bulwark.metric("bulwark_requests_total", &[("route", "all"), ("cache", "miss")]).await == 1.0
+    })
+    .await;
+    assert_eq!(bulwark.metric("bulwark_client_aborts_total", &[("route", "all")]).await, 0.0);
+}
+
+#[tokio::test]
+async fn a_client_gone_mid_body_releases_its_origin_slot_before_the_origins_next_chunk() {
+    let origin = Origin::start().await;
+    origin.set(|_| Reply::ok("y".repeat(4_000)).header("cache-control", "no-store").chunked(4, Duration::from_secs(4)));
+    let bulwark = Bulwark::start(&simple_config(&origin.url(), None, "")).await;
+    let res = support::client().request(Request::get(bulwark.url("/feeds/slow")).body(Full::<Bytes>::default()).expect("request")).await.expect("head");
+    let mut body = res.into_body();
+    let first = http_body_util::BodyExt::frame(&mut body).await.expect("a first frame").expect("frame");
+    assert!(first.is_data());
+    assert_eq!(bulwark.metric("bulwark_origin_inflight", &[]).await, 1.0);
+    drop(body);
+    support::eventually("the origin slot is released", Duration::from_secs(2), async || bulwark.metric("bulwark_origin_inflight", &[]).await == 0.0).await;
+}

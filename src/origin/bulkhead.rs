@@ -58,10 +58,12 @@ impl Interest {
         loop {
             // Created before the check, so a release between the two is not missed.
             let released = self.0.gone.notified();
-            if self.0.kept.load(Ordering::Acquire) {
-                return std::future::pending().await;
-            }
+            // Holders first: `keep` marks before its holder lets go, so once the count is
+            // seen at 0 a keep before it is seen too.
             if self.0.holders.load(Ordering::Acquire) == 0 {
+                if self.0.kept.load(Ordering::Acquire) {
+                    return std::future::pending().await;
+                }
                 return;
             }
             released.await;

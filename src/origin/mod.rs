@@ -281,6 +281,9 @@ pub enum OriginBodyError {
     /// The client took nothing of it for `send_timeout`: abandoned.
     #[error("the client took nothing for {0:?}: response abandoned")]
     NotTaken(Duration),
+    /// The task reading it ended without reaching its end.
+    #[error("origin body interrupted")]
+    Interrupted,
 }
 
 impl Body for OriginBody {
