@@ -143,6 +143,17 @@ impl Pool {
         }
     }
 
+    /// Whether L1 holds a copy for `key` (under `primary`) that arrived after `than`: a
+    /// refresh that ended just as a request found the old copy and asked for another.
+    pub async fn has_newer_local(&self, primary: &CacheKey, key: &CacheKey, than: std::time::SystemTime) -> bool {
+        let entry = match self.l1.get_slot(primary.hash).await {
+            Some(Slot::Entry(entry)) if entry.key == primary.text => Some(entry),
+            Some(Slot::Variants(v)) if v.marker.key == primary.text => v.find(key),
+            _ => None,
+        };
+        entry.is_some_and(|entry| entry.response_time > than)
+    }
+
     /// The request's entry in L2 (variant-aware), all of it within one `redis_timeout`.
     /// `known` is the variant key and marker when L1 already knows the URL varies. A
     /// `recheck` right after a lookup does not report a corrupt entry a second time.

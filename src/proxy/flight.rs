@@ -152,7 +152,16 @@ fn failure_serve(job: &FetchJob, failure: Failure) -> Serve {
 pub fn refresh_in_background(mut job: FetchJob) {
     job.background = true;
     if let Some(guard) = job.pool.try_lead_flight(&job.key) {
-        tokio::spawn(run_flight(job, guard, None));
+        tokio::spawn(async move {
+            // The request found the old copy just before a refresh stored a new one and
+            // ended its flight: nothing left to refresh (the guard ends this one unused).
+            if let Some(old) = &job.stored
+                && job.pool.has_newer_local(&job.primary, &job.key, old.response_time).await
+            {
+                return;
+            }
+            run_flight(job, guard, None).await;
+        });
     }
 }
 
