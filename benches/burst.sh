@@ -39,6 +39,7 @@ ulimit -n "$(ulimit -Hn)"
 free_port() { python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",0)); print(s.getsockname()[1])'; }
 # Waits until something accepts on PORT (without asking for any key).
 wait_port() { for _ in $(seq 100); do (exec 3<>"/dev/tcp/127.0.0.1/$1") 2>/dev/null && return 0; sleep 0.05; done; echo "nothing listens on $1" >&2; return 1; }
+# Stops a server this shell started and waits until it has exited.
 stop() { kill "$1" 2>/dev/null || true; wait "$1" 2>/dev/null || true; }
 
 (cd "$HERE" && cargo build --release --quiet && cargo bench --quiet --bench burst --no-run 2>/dev/null)
@@ -75,7 +76,7 @@ PY
 python3 "$WORK/origin.py" "$ORIGIN_PORT" & PIDS+=($!)
 wait_port "$ORIGIN_PORT"
 
-# Starts a fresh bulwark on PORT; prints its pid.
+# Starts a fresh bulwark on PORT; sets SERVER_PID.
 start_bulwark() {
     local port=$1 admin
     admin=$(free_port)
@@ -97,10 +98,10 @@ pool = "pdp"
 origin = "origin"
 TOML
     taskset -c "$SERVER_CPU" "$BULWARK" serve --config "$WORK/bulwark.toml" >/dev/null 2>>"$WORK/bulwark.log" &
-    echo $!
+    SERVER_PID=$!
 }
 
-# Starts a fresh nginx on PORT (one worker, as bulwark gets one core); prints its pid.
+# Starts a fresh nginx on PORT (one worker, as bulwark gets one core); sets SERVER_PID.
 start_nginx() {
     local port=$1
     rm -rf "$WORK/nginx"; mkdir -p "$WORK/nginx/cache"
@@ -130,20 +131,20 @@ http {
 }
 CONF
     taskset -c "$SERVER_CPU" "$NGINX" -p "$WORK/nginx" -c "$WORK/nginx/nginx.conf" >/dev/null 2>>"$WORK/nginx.log" &
-    echo $!
+    SERVER_PID=$!
 }
 
-# One burst at a freshly started SERVER (bulwark or nginx); prints "p50 p99 max failures".
+# One burst at a freshly started SERVER (bulwark or nginx); writes "p50 p99 max
+# failures" to $WORK/burst.out. Runs in this shell, so the server is its child.
 burst() {
-    local server=$1 clients=$2 run=$3 port pid out
+    local server=$1 clients=$2 run=$3 port
     port=$(free_port)
-    pid=$("start_$server" "$port")
-    PIDS+=("$pid")
+    "start_$server" "$port"
+    PIDS+=("$SERVER_PID")
     wait_port "$port"
     sleep 0.2
-    out=$(taskset -c "$LOAD_CPU" "$BURST" "127.0.0.1:$port" "$clients" "$KEYS" "$run")
-    stop "$pid"
-    echo "$out"
+    taskset -c "$LOAD_CPU" "$BURST" "127.0.0.1:$port" "$clients" "$KEYS" "$run" > "$WORK/burst.out"
+    stop "$SERVER_PID"
 }
 
 median() { sort -g | awk '{a[NR]=$1} END {print (NR % 2) ? a[(NR+1)/2] : (a[NR/2] + a[NR/2+1]) / 2}'; }
@@ -156,7 +157,8 @@ for clients in $CLIENTS; do
     for run in $(seq "$RUNS"); do
         order="bulwark nginx"; [ $((run % 2)) -eq 0 ] && order="nginx bulwark"
         for server in $order; do
-            read -r p50 p99 max failed <<<"$(burst "$server" "$clients" "$server-$clients-$run")"
+            burst "$server" "$clients" "$server-$clients-$run"
+            read -r p50 p99 max failed < "$WORK/burst.out"
             printf '%-8s %-4s %-8s %8s %8s %8s %9s\n' "$clients" "$run" "$server" "$p50" "$p99" "$max" "$failed"
             echo "$p99" >> "$WORK/${server:0:1}.p99"
         done
