@@ -1,8 +1,10 @@
 //! Property tests for the parsing and normalisation that decide what is cached under
 //! which key: `Cache-Control` (response, request and targeted), `Vary`, paths, queries
 //! and variant keys. Arbitrary input never panics, and equivalent requests get the same
-//! key while different ones do not.
+//! key while different ones do not. Entries read from Redis are input too: no bytes
+//! make the decoder panic.
 
+use bulwark::cache::Entry;
 use bulwark::cache::key::{BadTarget, CacheKey, Vary, normalise_path, normalise_query};
 use bulwark::cache::policy::{Directives, RequestDirectives, effective_headers};
 use bulwark::config::{CacheRules, ParamPattern};
@@ -209,4 +211,66 @@ proptest! {
         prop_assert!(key.text.starts_with(&primary.text));
         prop_assert_eq!(key.primary(), primary);
     }
+
+    #[test]
+    fn arbitrary_bytes_with_a_valid_checksum_never_panic_the_entry_decoder(body in proptest::collection::vec(any::<u8>(), 0..400)) {
+        let mut bytes = b"BWK\x02".to_vec();
+        bytes.extend_from_slice(&body);
+        let _ = Entry::decode(&with_checksum(bytes));
+    }
+
+    #[test]
+    fn mutated_entries_with_a_valid_checksum_decode_or_are_corrupt(edits in proptest::collection::vec((any::<usize>(), any::<u8>()), 1..12), cut in any::<usize>()) {
+        let mut headers = HeaderMap::new();
+        headers.insert("content-type", HeaderValue::from_static("text/html"));
+        headers.append("x-multi", HeaderValue::from_static("a"));
+        let mut entry = Entry::decode(&bulwark_entry(headers)).expect("a valid entry");
+        entry.tags = vec!["t1".into(), "t2".into()];
+        let mut bytes = entry.encode().to_vec();
+        bytes.truncate(bytes.len() - 8);
+        for (at, value) in edits {
+            let at = 4 + at % (bytes.len() - 4);
+            bytes[at] = value;
+        }
+        if cut % 3 == 0 {
+            bytes.truncate(4 + cut % (bytes.len() - 3));
+        }
+        bytes.extend_from_slice(&[0; 8]);
+        if let Ok(decoded) = Entry::decode(&with_checksum(bytes)) {
+            prop_assert_eq!(Entry::decode(&decoded.encode()), Ok(decoded));
+        }
+    }
+}
+
+/// `bytes` with its last 8 bytes replaced by a valid checksum (or 8 added when shorter).
+fn with_checksum(mut bytes: Vec<u8>) -> bytes::Bytes {
+    let keep = bytes.len().saturating_sub(8).max(4).min(bytes.len());
+    bytes.truncate(keep);
+    let checksum = xxhash_rust::xxh3::xxh3_64(&bytes);
+    bytes.extend_from_slice(&checksum.to_be_bytes());
+    bytes::Bytes::from(bytes)
+}
+
+/// A valid encoded entry with `headers`.
+fn bulwark_entry(headers: HeaderMap) -> bytes::Bytes {
+    let now = std::time::UNIX_EPOCH + std::time::Duration::from_secs(1_700_000_000);
+    Entry {
+        key: "http://shop.example/p\nae=identity".into(),
+        status: http::StatusCode::OK,
+        headers,
+        body: bytes::Bytes::from_static(b"body"),
+        request_time: now,
+        response_time: now,
+        initial_age: std::time::Duration::ZERO,
+        freshness_lifetime: std::time::Duration::from_secs(60),
+        stale_while_revalidate: std::time::Duration::ZERO,
+        stale_if_error: std::time::Duration::ZERO,
+        no_stale: false,
+        stale_on_error_always: false,
+        tags: Vec::new(),
+        invalidated: false,
+        keep_for_revalidation: std::time::Duration::ZERO,
+        variants: false,
+    }
+    .encode()
 }

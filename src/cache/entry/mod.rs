@@ -205,18 +205,21 @@ impl Entry {
         let keep_for_revalidation = Duration::from_millis(get_u64(&mut buf)?);
         let flags = get_u8(&mut buf)?;
         let key = String::from_utf8(get_bytes32(&mut buf)?.to_vec()).map_err(|_| Corrupt("key is not UTF-8"))?;
+        // Counts read from Redis are input: no capacity beyond what the bytes left can hold
+        // (a field takes at least 7 bytes, a tag 2), and no field beyond what a HeaderMap
+        // holds (`append` panics past it).
         let count = get_u16(&mut buf)?;
-        let mut headers = HeaderMap::with_capacity(usize::from(count));
+        let mut headers = HeaderMap::try_with_capacity(usize::from(count).min(buf.remaining() / 7)).map_err(|_| Corrupt("too many header fields"))?;
         for _ in 0..count {
             let name_len = usize::from(get_u16(&mut buf)?);
             let name = take(&mut buf, name_len)?;
             let name = HeaderName::from_bytes(&name).map_err(|_| Corrupt("bad header name"))?;
             let value = get_bytes32(&mut buf)?;
             let value = HeaderValue::from_maybe_shared(value).map_err(|_| Corrupt("bad header value"))?;
-            headers.append(name, value);
+            headers.try_append(name, value).map_err(|_| Corrupt("too many header fields"))?;
         }
         let tag_count = get_u16(&mut buf)?;
-        let mut tags = Vec::with_capacity(usize::from(tag_count));
+        let mut tags = Vec::with_capacity(usize::from(tag_count).min(buf.remaining() / 2));
         for _ in 0..tag_count {
             let len = usize::from(get_u16(&mut buf)?);
             let tag = take(&mut buf, len)?;
@@ -339,6 +342,56 @@ pub(crate) mod tests {
             assert!(Entry::decode(&good.slice(..len)).is_err(), "truncated to {len}");
         }
         assert!(matches!(Entry::decode(&Bytes::from_static(b"garbage")), Err(DecodeError::Corrupt(_))));
+    }
+
+    /// Re-encodes `entry`'s bytes with a valid checksum after `edit`, the way a crafted
+    /// value planted in Redis would look.
+    pub(crate) fn with_valid_checksum(mut bytes: Vec<u8>) -> Bytes {
+        bytes.truncate(bytes.len() - 8);
+        let checksum = xxh3_64(&bytes);
+        bytes.extend_from_slice(&checksum.to_be_bytes());
+        Bytes::from(bytes)
+    }
+
+    /// The header count sits right after the key.
+    fn header_count_offset(entry: &Entry) -> usize {
+        4 + 2 + 7 * 8 + 1 + 4 + entry.key.len()
+    }
+
+    #[test]
+    fn a_crafted_header_count_is_corrupt_not_a_panic_or_a_huge_allocation() {
+        let entry = sample();
+        let at = header_count_offset(&entry);
+        let mut bytes = entry.encode().to_vec();
+        assert_eq!(u16::from_be_bytes([bytes[at], bytes[at + 1]]), 3, "the count is where the test expects it");
+        bytes[at..at + 2].copy_from_slice(&0xFFFFu16.to_be_bytes());
+        assert!(matches!(Entry::decode(&with_valid_checksum(bytes)), Err(DecodeError::Corrupt(_))));
+        // The 80-byte value of the report: magic, version, a count of 0xFFFF, nothing else.
+        let mut tiny = vec![0u8; at + 2 + 8];
+        tiny[..4].copy_from_slice(b"BWK\x02");
+        tiny[4..6].copy_from_slice(&200u16.to_be_bytes());
+        tiny[at..at + 2].copy_from_slice(&0xFFFFu16.to_be_bytes());
+        let key_len_at = at - entry.key.len() - 4;
+        tiny[key_len_at..key_len_at + 4].copy_from_slice(&u32::try_from(entry.key.len()).expect("short key").to_be_bytes());
+        assert_eq!(Entry::decode(&with_valid_checksum(tiny)), Err(DecodeError::Corrupt("truncated")));
+    }
+
+    #[test]
+    fn more_fields_than_a_header_map_holds_are_corrupt() {
+        // 40,000 one-byte-name fields: past http's limit of 32,768 entries.
+        let mut entry = sample();
+        entry.headers = HeaderMap::new();
+        let mut bytes = entry.encode().to_vec();
+        let at = header_count_offset(&entry);
+        let mut fields = Vec::new();
+        for _ in 0..40_000u32 {
+            fields.extend_from_slice(&1u16.to_be_bytes());
+            fields.push(b'x');
+            fields.extend_from_slice(&0u32.to_be_bytes());
+        }
+        bytes[at..at + 2].copy_from_slice(&40_000u16.to_be_bytes());
+        bytes.splice(at + 2..at + 2, fields);
+        assert_eq!(Entry::decode(&with_valid_checksum(bytes)), Err(DecodeError::Corrupt("too many header fields")));
     }
 
     #[test]
