@@ -206,3 +206,48 @@ async fn a_silently_dead_connection_is_replaced() {
     .await;
     assert!(fresh.metric("bulwark_redis_errors_total", &[("pool", "pdp")]).await >= 3.0, "deadline misses are counted");
 }
+
+/// An entry for `path` whose header count says 0xFFFF, with a valid checksum: the crafted
+/// value that once panicked the decoder (`HeaderMap::with_capacity` beyond its limit).
+fn crafted_header_count(path: &str) -> Vec<u8> {
+    let key = format!("http://shop.example{path}\nae=identity");
+    let mut bytes = support::fresh_entry(&key, http::HeaderMap::new(), b"x").encode().to_vec();
+    let at = 4 + 2 + 7 * 8 + 1 + 4 + key.len();
+    bytes[at..at + 2].copy_from_slice(&0xFFFFu16.to_be_bytes());
+    bytes.truncate(bytes.len() - 8);
+    let checksum = xxhash_rust::xxh3::xxh3_64(&bytes);
+    bytes.extend_from_slice(&checksum.to_be_bytes());
+    bytes
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_crafted_entry_or_a_huge_value_in_redis_is_a_miss_deleted_and_counted() {
+    let redis = RedisServer::start();
+    let origin = Origin::start().await;
+    // Answers not stored, so nothing is written back under the planted keys.
+    origin.set(|parts| support::Reply::ok(format!("body of {}", parts.uri.path())).header("cache-control", "no-store"));
+    let bulwark = Bulwark::start(&simple_config(&origin.url(), Some(&redis.url()), "")).await;
+    let mut conn = redis.conn();
+    redis::cmd("SET").arg(redis_key("/crafted")).arg(crafted_header_count("/crafted")).query::<()>(&mut conn).expect("plant");
+    // 100 MiB under a pool whose entries are at most max_object_bytes (8 MiB) + overhead.
+    redis::cmd("SET").arg(redis_key("/huge")).arg(vec![b'B'; 100 << 20]).query::<()>(&mut conn).expect("plant");
+    let sent_before = net_output_bytes(&mut conn);
+    for path in ["/crafted", "/huge"] {
+        let got = bulwark.get_with(path, &HOST).await;
+        assert_eq!((got.status.as_u16(), got.text()), (200, format!("body of {path}").as_str()), "a miss served by the origin");
+    }
+    assert_eq!(bulwark.metric("bulwark_l2_corrupt_entries_total", &[("pool", "pdp")]).await, 2.0);
+    let sent = net_output_bytes(&mut conn) - sent_before;
+    assert!(sent < 20 << 20, "Redis sent {sent} bytes: the huge value was not read whole");
+    support::eventually("both planted values deleted", Duration::from_secs(2), async || {
+        let exists: i64 = redis::cmd("EXISTS").arg(redis_key("/crafted")).arg(redis_key("/huge")).query(&mut conn).expect("EXISTS");
+        exists == 0
+    })
+    .await;
+}
+
+/// Redis's `total_net_output_bytes`.
+fn net_output_bytes(conn: &mut redis::Connection) -> u64 {
+    let info: String = redis::cmd("INFO").arg("stats").query(conn).expect("INFO");
+    info.lines().find_map(|l| l.strip_prefix("total_net_output_bytes:")).and_then(|v| v.trim().parse().ok()).expect("total_net_output_bytes")
+}

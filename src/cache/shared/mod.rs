@@ -55,6 +55,13 @@ redis.call('set', KEYS[1], ARGV[1], 'PX', ttl) return 1";
 
 /// Deletes a key only if it still holds the given (corrupt) value, so a fresh entry
 /// written meanwhile, here or by another replica, survives.
+/// Deletes KEYS[1] if it is still longer than ARGV[1] bytes.
+const DELETE_IF_OVERSIZED: &str = "if redis.call('strlen', KEYS[1]) > tonumber(ARGV[1]) then return redis.call('del', KEYS[1]) else return 0 end";
+
+/// What an entry may hold beyond its body (key, header fields, tags, fixed fields): with
+/// `max_object_bytes`, the most of a value read from Redis.
+pub const ENTRY_OVERHEAD_BYTES: usize = 1 << 20;
+
 const DELETE_IF_UNCHANGED: &str = "if redis.call('get', KEYS[1]) == ARGV[1] then return redis.call('del', KEYS[1]) else return 0 end";
 
 /// Errors setting up the shared tier.
@@ -84,6 +91,8 @@ pub struct SharedTier {
     metrics: Arc<PoolMetrics>,
     /// Bounds the background writes in flight (see [`MAX_PENDING_WRITES`]).
     pending_writes: Arc<Semaphore>,
+    /// The longest value this pool writes, and so reads: anything longer is corrupt.
+    max_entry_bytes: usize,
     events: Arc<Events>,
     channel: String,
     /// Dropped with the tier, which stops the subscriber task.
@@ -95,7 +104,14 @@ pub struct SharedTier {
 impl SharedTier {
     /// Creates the tier without connecting: connections are made on first use and
     /// re-made after failures, so a Redis that is down at start-up delays nothing.
-    pub fn new(pool: &str, config: &SharedTierConfig, prefix: String, metrics: Arc<PoolMetrics>, clock: Clock) -> Result<SharedTier, SharedTierError> {
+    pub fn new(
+        pool: &str,
+        config: &SharedTierConfig,
+        prefix: String,
+        max_object_bytes: usize,
+        metrics: Arc<PoolMetrics>,
+        clock: Clock,
+    ) -> Result<SharedTier, SharedTierError> {
         let wrap = |source| SharedTierError { pool: pool.to_owned(), source };
         let urls = match &config.endpoint {
             crate::config::RedisEndpoint::Single(url) => vec![url.clone()],
@@ -119,6 +135,7 @@ impl SharedTier {
             metrics,
             clock,
             pending_writes: Arc::new(Semaphore::new(MAX_PENDING_WRITES)),
+            max_entry_bytes: max_object_bytes.saturating_add(ENTRY_OVERHEAD_BYTES),
             events: Arc::new(Events::new()),
             _stop_events: stop_tx,
             stop_events: Mutex::new(Some(stop_rx)),
@@ -173,15 +190,18 @@ impl SharedTier {
         let touched = if soft {
             let mut touched = 0;
             for key in &members {
-                let Some(Ok(Some(payload))) = self.guarded(&self.writes, deadline, conn.get::<_, Option<Vec<u8>>>(key)).await else { continue };
-                let Ok(entry) = Entry::decode(&Bytes::from(payload.clone())) else { continue };
+                let Some(Ok(Some(payload))) = self.get_bounded(&self.writes, key, deadline).await else { continue };
+                if payload.len() > self.max_entry_bytes {
+                    continue;
+                }
+                let Ok(entry) = Entry::decode(&payload) else { continue };
                 touched += 1;
                 if entry.invalidated {
                     continue;
                 }
                 let script = redis::Script::new(SET_IF_UNCHANGED);
                 let mut invocation = script.key(key);
-                invocation.arg(payload).arg(entry.soft_purged().encode().as_ref());
+                invocation.arg(payload.as_ref()).arg(entry.soft_purged().encode().as_ref());
                 if !matches!(self.guarded(&self.writes, deadline, invocation.invoke_async::<i64>(&mut conn)).await, Some(Ok(_))) {
                     return Err(PurgeError::Unavailable);
                 }
@@ -240,8 +260,7 @@ impl SharedTier {
         if self.health.is_open() {
             return None;
         }
-        let mut conn = self.reads.conn();
-        let payload: Vec<u8> = match self.guarded(&self.reads, deadline, conn.get::<_, Option<Vec<u8>>>(&redis_key)).await {
+        let payload = match self.get_bounded(&self.reads, &redis_key, deadline).await {
             Some(Ok(Some(payload))) => payload,
             Some(Ok(None)) => return None,
             Some(Err(err)) => {
@@ -254,7 +273,14 @@ impl SharedTier {
                 return None;
             }
         };
-        let payload = Bytes::from(payload);
+        if payload.len() > self.max_entry_bytes {
+            if report_corrupt {
+                tracing::warn!(key = %redis_key, limit = self.max_entry_bytes, "value in Redis longer than any entry of this pool, deleting it");
+                self.metrics.l2_corrupt.increment(1);
+                self.delete_if_oversized(redis_key);
+            }
+            return None;
+        }
         match Entry::decode(&payload) {
             Ok(entry) if entry.key == key.text => Some(entry),
             // Same hash, another key: a miss; the entry belongs to that other key.
@@ -267,6 +293,31 @@ impl SharedTier {
                 None
             }
         }
+    }
+
+    /// The value at `redis_key`, at most `max_entry_bytes + 1` bytes of it: redis-rs reads
+    /// a whole bulk string before it returns, so the bound is in the command (`GETRANGE`;
+    /// an absent key reads as empty, and no entry is empty).
+    async fn get_bounded(&self, link: &Arc<Link>, redis_key: &str, deadline: Duration) -> Option<redis::RedisResult<Option<Bytes>>> {
+        let mut cmd = redis::cmd("GETRANGE");
+        cmd.arg(redis_key).arg(0).arg(self.max_entry_bytes);
+        let mut conn = link.conn();
+        let read = self.guarded(link, deadline, cmd.query_async::<Vec<u8>>(&mut conn)).await?;
+        Some(read.map(|value| (!value.is_empty()).then(|| Bytes::from(value))))
+    }
+
+    fn delete_if_oversized(&self, redis_key: String) {
+        let (writes, health) = (self.writes.clone(), self.health.clone());
+        let (timeout, metrics, limit) = (self.timeout, self.metrics.clone(), self.max_entry_bytes);
+        tokio::spawn(async move {
+            let script = redis::Script::new(DELETE_IF_OVERSIZED);
+            let mut invocation = script.key(&redis_key);
+            invocation.arg(limit);
+            let mut conn = writes.conn();
+            if !matches!(guarded(&health, &writes, timeout, invocation.invoke_async::<i64>(&mut conn)).await, Some(Ok(_))) {
+                metrics.redis_error(RedisOp::Del);
+            }
+        });
     }
 
     /// Deadline of a write: `redis_timeout`, plus time to move a large value at 64 MB/s.
@@ -288,10 +339,10 @@ impl SharedTier {
         let redis_key = self.entry_key(key);
         let (writes, metrics, health, prefix) = (self.writes.clone(), self.metrics.clone(), self.health.clone(), self.prefix.clone());
         let deadline = self.write_deadline(entry.body.len());
-        let (channel, sender, clock) = (self.channel.clone(), self.events.instance, self.clock.clone());
+        let (channel, sender, clock, max_entry_bytes) = (self.channel.clone(), self.events.instance, self.clock.clone(), self.max_entry_bytes);
         tokio::spawn(async move {
             let _permit = permit;
-            if !write(&health, &writes, deadline, &prefix, &redis_key, &entry, &metrics, clock.now()).await {
+            if !write(&health, &writes, deadline, &prefix, &redis_key, &entry, max_entry_bytes, &metrics, clock.now()).await {
                 metrics.redis_error(RedisOp::Set);
                 return;
             }
@@ -314,6 +365,7 @@ impl SharedTier {
             &self.prefix,
             &self.entry_key(key),
             entry,
+            self.max_entry_bytes,
             &self.metrics,
             self.clock.now(),
         )
@@ -420,6 +472,7 @@ async fn write(
     prefix: &str,
     redis_key: &str,
     entry: &Entry,
+    max_entry_bytes: usize,
     metrics: &PoolMetrics,
     now: SystemTime,
 ) -> bool {
@@ -428,11 +481,17 @@ async fn write(
     if ttl_ms == 0 {
         return true;
     }
+    let payload = entry.encode();
+    if payload.len() > max_entry_bytes {
+        // It would read back as corrupt: L1 keeps it alone.
+        tracing::debug!(key = %redis_key, len = payload.len(), "entry longer than the pool reads back; not written to Redis");
+        return false;
+    }
     let expires_ms = unix_millis(now).saturating_add(ttl_ms);
     let set = if entry.variants {
-        redis::cmd("EVAL").arg(SET_MARKER).arg(1).arg(redis_key).arg(entry.encode().as_ref()).arg(ttl_ms).clone()
+        redis::cmd("EVAL").arg(SET_MARKER).arg(1).arg(redis_key).arg(payload.as_ref()).arg(ttl_ms).clone()
     } else {
-        redis::Cmd::pset_ex(redis_key, entry.encode().as_ref(), ttl_ms)
+        redis::Cmd::pset_ex(redis_key, payload.as_ref(), ttl_ms)
     };
     let indexes: Vec<redis::Cmd> = PurgeTarget::of_entry(&entry.key, &entry.tags)
         .iter()
