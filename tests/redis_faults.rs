@@ -251,3 +251,35 @@ fn net_output_bytes(conn: &mut redis::Connection) -> u64 {
     let info: String = redis::cmd("INFO").arg("stats").query(conn).expect("INFO");
     info.lines().find_map(|l| l.strip_prefix("total_net_output_bytes:")).and_then(|v| v.trim().parse().ok()).expect("total_net_output_bytes")
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_cold_replica_reads_a_hot_key_from_redis_once_for_all_its_requests() {
+    let redis = RedisServer::start();
+    let origin = Origin::start().await;
+    let page = bytes::Bytes::from(vec![b'p'; 1 << 20]);
+    origin.set(move |_| support::Reply::ok(page.clone()).header("cache-control", "public, max-age=600"));
+    // A deadline long enough to outlast the pause below.
+    let config = simple_config(&origin.url(), Some(&redis.url()), "redis_timeout = \"3s\"");
+    let warm = Bulwark::start(&config).await;
+    assert_eq!(warm.get_with("/hot", &HOST).await.cache_status(), "bulwark; fwd=miss; stored");
+    support::eventually("the entry is in Redis", Duration::from_secs(2), async || redis.entries("bulwark:pdp:").len() == 1).await;
+    // A new pod: its L1 is empty, Redis holds the key. Redis holds every command for
+    // 500 ms, so all 200 requests are looking the key up at once.
+    let cold = std::sync::Arc::new(Bulwark::start(&config).await);
+    let mut conn = redis.conn();
+    let sent_before = net_output_bytes(&mut conn);
+    redis::cmd("CLIENT").arg("PAUSE").arg(500).arg("ALL").query::<()>(&mut conn).expect("CLIENT PAUSE");
+    let requests: Vec<_> = (0..200)
+        .map(|_| {
+            let cold = cold.clone();
+            tokio::spawn(async move { cold.get_with("/hot", &HOST).await })
+        })
+        .collect();
+    for request in requests {
+        let got = request.await.expect("request");
+        assert_eq!((got.status.as_u16(), got.body.len()), (200, 1 << 20));
+    }
+    let sent = net_output_bytes(&mut conn) - sent_before;
+    assert!(sent < 4 << 20, "Redis sent {} MiB for 200 requests of a 1 MiB key", sent >> 20);
+    assert_eq!(origin.total(), 1);
+}

@@ -11,12 +11,13 @@ mod events;
 mod health;
 mod link;
 
-use std::sync::{Arc, Mutex};
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::{Duration, SystemTime};
 
 use bytes::Bytes;
 use redis::AsyncCommands;
-use tokio::sync::{Semaphore, oneshot};
+use tokio::sync::{Semaphore, oneshot, watch};
 
 pub use events::{Announcement, Lease, Notice, NoticeHandler, Watch};
 
@@ -29,6 +30,27 @@ use crate::metrics::{PoolMetrics, RedisOp};
 use events::{Events, RELEASE_LEASE};
 use health::Health;
 use link::Link;
+
+/// Reads in progress by key hash, each telling its waiters what it read (`Some` once
+/// done: the entry, or `None` for none).
+type Reads = Mutex<HashMap<u128, watch::Receiver<Option<Option<Entry>>>>>;
+
+/// A read of one key in progress; ends it (in the map) however the read ends.
+struct ReadInProgress<'a> {
+    reading: &'a Reads,
+    hash: u128,
+}
+
+impl Drop for ReadInProgress<'_> {
+    fn drop(&mut self) {
+        lock(self.reading).remove(&self.hash);
+    }
+}
+
+/// A std mutex held for one map operation; a panic elsewhere cannot leave it half done.
+fn lock<T>(mutex: &Mutex<T>) -> MutexGuard<'_, T> {
+    mutex.lock().unwrap_or_else(|poisoned| poisoned.into_inner())
+}
 
 /// Background writes allowed in flight per pool; beyond this a write is dropped (and
 /// counted), since a cache write is worth less than the memory of an unbounded backlog.
@@ -93,6 +115,8 @@ pub struct SharedTier {
     pending_writes: Arc<Semaphore>,
     /// The longest value this pool writes, and so reads: anything longer is corrupt.
     max_entry_bytes: usize,
+    /// Reads in progress by key hash: concurrent lookups of one key share one read.
+    reading: Arc<Reads>,
     events: Arc<Events>,
     channel: String,
     /// Dropped with the tier, which stops the subscriber task.
@@ -136,6 +160,7 @@ impl SharedTier {
             clock,
             pending_writes: Arc::new(Semaphore::new(MAX_PENDING_WRITES)),
             max_entry_bytes: max_object_bytes.saturating_add(ENTRY_OVERHEAD_BYTES),
+            reading: Arc::default(),
             events: Arc::new(Events::new()),
             _stop_events: stop_tx,
             stop_events: Mutex::new(Some(stop_rx)),
@@ -256,10 +281,52 @@ impl SharedTier {
     }
 
     async fn read(&self, key: &CacheKey, report_corrupt: bool, deadline: Duration) -> Option<Entry> {
-        let redis_key = self.entry_key(key);
         if self.health.is_open() {
             return None;
         }
+        let entry = self.read_coalesced(key, report_corrupt, deadline).await?;
+        // Same hash, another key: a miss; the entry belongs to that other key.
+        (entry.key == key.text).then_some(entry)
+    }
+
+    /// One read of a key at a time in this process: with a cold L1 (a restart, a new pod)
+    /// a hot key is wanted by many requests at once, and its value (maybe megabytes) is
+    /// read from Redis once for all of them. A waiter waits no longer than its own
+    /// deadline, and reads for itself if the reader went away without an answer.
+    async fn read_coalesced(&self, key: &CacheKey, report_corrupt: bool, deadline: Duration) -> Option<Entry> {
+        let waiting = {
+            let mut reading = lock(&self.reading);
+            match reading.get(&key.hash) {
+                Some(rx) => Err(rx.clone()),
+                None => {
+                    let (tx, rx) = watch::channel(None);
+                    reading.insert(key.hash, rx);
+                    Ok(tx)
+                }
+            }
+        };
+        match waiting {
+            Ok(tx) => {
+                let done = ReadInProgress { reading: &self.reading, hash: key.hash };
+                let entry = self.read_once(key, report_corrupt, deadline).await;
+                drop(done);
+                tx.send_replace(Some(entry.clone()));
+                entry
+            }
+            Err(mut rx) => {
+                let read = tokio::time::timeout(deadline, rx.wait_for(Option::is_some)).await.map(|read| read.map(|entry| entry.clone().flatten()));
+                match read {
+                    Ok(Ok(entry)) => entry,
+                    Ok(Err(_)) => self.read_once(key, report_corrupt, deadline).await,
+                    Err(_) => None,
+                }
+            }
+        }
+    }
+
+    /// Reads and decodes the entry stored under `key`'s hash (whatever key it is for).
+    async fn read_once(&self, key: &CacheKey, report_corrupt: bool, deadline: Duration) -> Option<Entry> {
+        let redis_key = self.entry_key(key);
         let payload = match self.get_bounded(&self.reads, &redis_key, deadline).await {
             Some(Ok(Some(payload))) => payload,
             Some(Ok(None)) => return None,
@@ -282,9 +349,8 @@ impl SharedTier {
             return None;
         }
         match Entry::decode(&payload) {
-            Ok(entry) if entry.key == key.text => Some(entry),
-            // Same hash, another key: a miss; the entry belongs to that other key.
-            Ok(_) | Err(DecodeError::OtherVersion(_)) => None,
+            Ok(entry) => Some(entry),
+            Err(DecodeError::OtherVersion(_)) => None,
             Err(DecodeError::Corrupt(_)) if !report_corrupt => None,
             Err(DecodeError::Corrupt(why)) => {
                 tracing::warn!(key = %redis_key, why, "corrupt entry in Redis, deleting it");
