@@ -283,3 +283,39 @@ async fn a_cold_replica_reads_a_hot_key_from_redis_once_for_all_its_requests() {
     assert!(sent < 4 << 20, "Redis sent {} MiB for 200 requests of a 1 MiB key", sent >> 20);
     assert_eq!(origin.total(), 1);
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_lease_set_by_hand_and_never_released_holds_nobody_up() {
+    let redis = RedisServer::start();
+    let origin = Origin::start().await;
+    let bulwark = Bulwark::start(&simple_config(&origin.url(), Some(&redis.url()), "lock_timeout = \"1s\"")).await;
+    bulwark.wait_for_subscription().await;
+    let hash = CacheKey::new("http", "shop.example", "/held", None, Encodings::IDENTITY).hash;
+    let mut conn = redis.conn();
+    redis::cmd("SET").arg(format!("bulwark:pdp:v2:lease:{hash:032x}")).arg("x").arg("PX").arg(15_000).query::<()>(&mut conn).expect("plant");
+    let start = Instant::now();
+    let got = bulwark.get_with("/held", &HOST).await;
+    assert_eq!((got.status.as_u16(), got.text()), (200, "body of /held"));
+    assert!(start.elapsed() < Duration::from_secs(2), "answered after {:?}: lock_timeout is 1 s", start.elapsed());
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_live_fetch_longer_than_lock_timeout_keeps_its_lease() {
+    let redis = RedisServer::start();
+    let origin = Origin::start().await;
+    origin.set(|parts| support::Reply::ok(format!("body of {}", parts.uri.path())).delay(Duration::from_millis(2000)));
+    let config = simple_config(&origin.url(), Some(&redis.url()), "lock_timeout = \"400ms\"");
+    let (holder, peer) = (std::sync::Arc::new(Bulwark::start(&config).await), Bulwark::start(&config).await);
+    holder.wait_for_subscription().await;
+    peer.wait_for_subscription().await;
+    let first = {
+        let holder = holder.clone();
+        tokio::spawn(async move { holder.get_with("/slow", &HOST).await })
+    };
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    // Waits past lock_timeout several times: the holder renews, so the peer never takes over.
+    let second = peer.get_with("/slow", &HOST).await;
+    assert_eq!(second.text(), "body of /slow");
+    assert_eq!(first.await.expect("holder").cache_status(), "bulwark; fwd=miss; stored");
+    assert_eq!(origin.total(), 1, "one fetch across both replicas");
+}

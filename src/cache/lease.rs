@@ -45,6 +45,31 @@ pub enum PeerOutcome {
 pub struct LeaseToken(String);
 
 impl Pool {
+    /// Runs `work` (the fetch of a lease's holder) while renewing the lease every third
+    /// of `lock_timeout`, so that a live fetch never loses it however long it queues or
+    /// reads, and a dead holder's lease is taken over `lock_timeout` after it stopped.
+    /// The renewals run beside `work` in the same task, never pausing it.
+    pub async fn renewing<T>(&self, key: &CacheKey, lease: Option<&LeaseToken>, ttl: Duration, work: impl std::future::Future<Output = T>) -> T {
+        let (Some(l2), Some(LeaseToken(token))) = (&self.l2, lease) else { return work.await };
+        let every = (self.config.lock_timeout / 3).max(Duration::from_millis(10));
+        let renew = async {
+            let mut tick = tokio::time::interval_at(tokio::time::Instant::now() + every, every);
+            tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+            loop {
+                tick.tick().await;
+                if !l2.renew_lease(key, token, ttl).await {
+                    tracing::debug!(key = %key.text, "lease not renewed");
+                }
+            }
+        };
+        tokio::pin!(work);
+        tokio::select! {
+            biased;
+            out = &mut work => out,
+            () = renew => work.await,
+        }
+    }
+
     /// Asks for the key's lease; while another replica holds it, waits for its
     /// announcement (`lock_timeout` at a time, then asks again: a lease expires with a
     /// dead holder). After a failure announcement the replicas compete again, so one of
@@ -55,7 +80,7 @@ impl Pool {
         let give_up = Instant::now() + wait.lease_ttl + lock_timeout;
         loop {
             let mut watch = l2.watch_fill(wait.key);
-            match l2.acquire_lease(wait.key, wait.lease_ttl).await {
+            match l2.acquire_lease(wait.key, wait.lease_ttl, lock_timeout).await {
                 Lease::Unavailable => {
                     l2.unwatch_fill(&watch);
                     return PeerOutcome::FetchAnyway;

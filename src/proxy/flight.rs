@@ -261,7 +261,9 @@ async fn run_flight(job: FetchJob, guard: FlightGuard, leader: Option<oneshot::S
             PeerOutcome::Filled(_) | PeerOutcome::FetchAnyway => {}
         }
     }
-    let (fill, result) = match job.fetch().await {
+    // The lease is renewed while the fetch runs: queue wait, headers and body.
+    let fetched = pool.renewing(&job.key, lease.as_ref(), peer_wait(&job).lease_ttl, job.fetch()).await;
+    let (fill, result) = match fetched {
         Ok(Fetched::Storable { stored, revalidated }) => {
             if job.store {
                 pool.store_local(&job.primary, &stored).await;

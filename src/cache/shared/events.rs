@@ -143,8 +143,30 @@ pub enum Lease {
     Unavailable,
 }
 
-/// Deletes the lease only if it still holds our token.
-pub const RELEASE_LEASE: &str = "if redis.call('get', KEYS[1]) == ARGV[1] then return redis.call('del', KEYS[1]) else return 0 end";
+/// A lease's value is `<token>:<ms>`: the holder's token (`bwl:<16 hex digits>`) and when,
+/// by Redis's own clock, it last renewed the lease. Deletes the lease (KEYS[1]) only if it
+/// still holds our token (ARGV[1]).
+pub const RELEASE_LEASE: &str = "local cur = redis.call('get', KEYS[1]) \
+if cur and string.sub(cur, 1, string.len(ARGV[1]) + 1) == ARGV[1] .. ':' then return redis.call('del', KEYS[1]) end return 0";
+
+/// Takes the lease KEYS[1] for token ARGV[1] for ARGV[2] ms, unless a holder of this fleet
+/// renewed it less than ARGV[3] ms ago: a value that is not a token of ours, or a holder
+/// that stopped renewing (it died mid-fetch), is taken over. 1 when taken.
+pub const ACQUIRE_LEASE: &str = "local t = redis.call('time') \
+local now = t[1] * 1000 + math.floor(t[2] / 1000) \
+local cur = redis.call('get', KEYS[1]) \
+if cur then \
+  local at = tonumber(string.match(cur, '^bwl:%x+:(%d+)$')) \
+  if at and now - at < tonumber(ARGV[3]) then return 0 end \
+end \
+redis.call('set', KEYS[1], ARGV[1] .. ':' .. string.format('%d', now), 'PX', ARGV[2]) return 1";
+
+/// Renews the lease KEYS[1] for ARGV[2] ms if it still holds our token ARGV[1].
+pub const RENEW_LEASE: &str = "local cur = redis.call('get', KEYS[1]) \
+if cur and string.sub(cur, 1, string.len(ARGV[1]) + 1) == ARGV[1] .. ':' then \
+  local t = redis.call('time') \
+  redis.call('set', KEYS[1], ARGV[1] .. ':' .. string.format('%d', t[1] * 1000 + math.floor(t[2] / 1000)), 'PX', ARGV[2]) return 1 \
+end return 0";
 
 type Waiters = HashMap<u128, Vec<(u64, oneshot::Sender<Announcement>)>>;
 

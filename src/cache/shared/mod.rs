@@ -27,7 +27,7 @@ use super::purge::PurgeTarget;
 use crate::clock::Clock;
 use crate::config::SharedTierConfig;
 use crate::metrics::{PoolMetrics, RedisOp};
-use events::{Events, RELEASE_LEASE};
+use events::{ACQUIRE_LEASE, Events, RELEASE_LEASE, RENEW_LEASE};
 use health::Health;
 use link::Link;
 
@@ -480,19 +480,20 @@ impl SharedTier {
         self.events.unwatch(watch.hash, watch.id());
     }
 
-    /// Asks for `key`'s lease for `ttl`.
-    pub async fn acquire_lease(&self, key: &CacheKey, ttl: Duration) -> Lease {
+    /// Asks for `key`'s lease for `ttl`; a lease its holder has not renewed for
+    /// `stale_after` (or one that holds no token of this fleet) is taken over.
+    pub async fn acquire_lease(&self, key: &CacheKey, ttl: Duration, stale_after: Duration) -> Lease {
         if !self.events_up() || self.health.is_open() {
             return Lease::Unavailable;
         }
-        let token = format!("{:016x}", fastrand::u64(..));
-        let ttl_ms = u64::try_from(ttl.as_millis()).unwrap_or(u64::MAX).max(1);
-        let mut cmd = redis::cmd("SET");
-        cmd.arg(self.lease_key(key)).arg(&token).arg("NX").arg("PX").arg(ttl_ms);
+        let token = format!("bwl:{:016x}", fastrand::u64(..));
+        let script = redis::Script::new(ACQUIRE_LEASE);
+        let mut acquire = script.key(self.lease_key(key));
+        acquire.arg(&token).arg(millis(ttl)).arg(millis(stale_after));
         let mut conn = self.reads.conn();
-        match self.guarded(&self.reads, self.timeout, cmd.query_async::<Option<String>>(&mut conn)).await {
-            Some(Ok(Some(_))) => Lease::Acquired(token),
-            Some(Ok(None)) => Lease::Held,
+        match self.guarded(&self.reads, self.timeout, acquire.invoke_async::<i64>(&mut conn)).await {
+            Some(Ok(1)) => Lease::Acquired(token),
+            Some(Ok(_)) => Lease::Held,
             Some(Err(_)) => {
                 self.metrics.redis_error(RedisOp::Set);
                 Lease::Unavailable
@@ -502,6 +503,16 @@ impl SharedTier {
                 Lease::Uncertain(token)
             }
         }
+    }
+
+    /// Renews a lease we hold for another `ttl` (marking it renewed now); false when it
+    /// is no longer ours or Redis did not answer.
+    pub async fn renew_lease(&self, key: &CacheKey, token: &str, ttl: Duration) -> bool {
+        let script = redis::Script::new(RENEW_LEASE);
+        let mut renew = script.key(self.lease_key(key));
+        renew.arg(token).arg(millis(ttl));
+        let mut conn = self.reads.conn();
+        matches!(self.guarded(&self.reads, self.timeout, renew.invoke_async::<i64>(&mut conn)).await, Some(Ok(1)))
     }
 
     /// Releases a lease we hold and announces how the fetch ended.
@@ -588,6 +599,11 @@ async fn write(
         metrics.redis_error(RedisOp::Set);
     }
     true
+}
+
+/// Whole milliseconds of `d`, at least 1 (a Redis `PX` of 0 is an error).
+fn millis(d: Duration) -> u64 {
+    u64::try_from(d.as_millis()).unwrap_or(u64::MAX).max(1)
 }
 
 fn unix_millis(time: SystemTime) -> u64 {
