@@ -59,6 +59,7 @@ pub mod connections;
 pub mod control;
 pub mod encodings;
 pub mod error;
+pub mod memory;
 pub mod metrics;
 pub mod origin;
 pub mod outcome;

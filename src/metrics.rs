@@ -28,6 +28,7 @@ pub const REDIS_BREAKER_OPEN: &str = "bulwark_redis_breaker_open";
 pub const L1_BYTES: &str = "bulwark_l1_bytes";
 pub const L1_ENTRIES: &str = "bulwark_l1_entries";
 pub const L2_CORRUPT_TOTAL: &str = "bulwark_l2_corrupt_entries_total";
+pub const REDIS_WRITES_DROPPED_TOTAL: &str = "bulwark_redis_writes_dropped_total";
 pub const REDIS_EVENTS_SUBSCRIBED: &str = "bulwark_redis_events_subscribed";
 pub const CONFIG_RELOADS_TOTAL: &str = "bulwark_config_reloads_total";
 pub const ACCESS_LOG_DROPPED_TOTAL: &str = "bulwark_access_log_dropped_total";
@@ -73,6 +74,19 @@ impl RedisOp {
     fn index(self) -> usize {
         self as usize
     }
+}
+
+/// Why a Redis write was dropped, the `reason` label of `bulwark_redis_writes_dropped_total`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum WriteDropped {
+    /// `redis_write_queue_bytes` was full.
+    Queue,
+    /// The write did not finish within its deadline.
+    Deadline,
+}
+
+impl WriteDropped {
+    const LABELS: [&'static str; 2] = ["queue", "deadline"];
 }
 
 /// The recorder of one server instance.
@@ -133,6 +147,7 @@ impl Registry {
             l1_bytes: self.gauge(L1_BYTES, &labels),
             l1_entries: self.gauge(L1_ENTRIES, &labels),
             l2_corrupt: self.counter(L2_CORRUPT_TOTAL, &labels),
+            writes_dropped: WriteDropped::LABELS.map(|reason| self.counter(REDIS_WRITES_DROPPED_TOTAL, &[("pool", pool), ("reason", reason)])),
             events_subscribed: self.gauge(REDIS_EVENTS_SUBSCRIBED, &labels),
         }
     }
@@ -217,6 +232,7 @@ pub struct PoolMetrics {
     pub l1_bytes: Gauge,
     pub l1_entries: Gauge,
     pub l2_corrupt: Counter,
+    writes_dropped: [Counter; WriteDropped::LABELS.len()],
     /// 1 while the pool's Redis event subscription (fills, leases) is up.
     pub events_subscribed: Gauge,
 }
@@ -224,6 +240,10 @@ pub struct PoolMetrics {
 impl PoolMetrics {
     pub fn redis_error(&self, op: RedisOp) {
         self.redis_errors[op.index()].increment(1);
+    }
+
+    pub fn write_dropped(&self, why: WriteDropped) {
+        self.writes_dropped[why as usize].increment(1);
     }
 }
 

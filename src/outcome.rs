@@ -45,11 +45,13 @@ pub enum NotStored {
     StaleOnArrival,
     /// A HEAD found another representation: the URL's stored copies were soft-purged.
     Purged,
+    /// The process's `max_inflight_body_bytes` was spent: streamed through, not kept.
+    Memory,
 }
 
 impl NotStored {
     /// Every reason label, in a fixed order; [`NotStored::index`] points into it.
-    pub const LABELS: [&'static str; 13] = [
+    pub const LABELS: [&'static str; 14] = [
         "no-store",
         "private",
         "set-cookie",
@@ -63,6 +65,7 @@ impl NotStored {
         "too-large",
         "stale-on-arrival",
         "purged",
+        "memory",
     ];
 
     pub fn index(self) -> usize {
@@ -89,6 +92,7 @@ impl NotStored {
             NotStored::TooLarge => "bulwark; fwd=miss; detail=too-large",
             NotStored::StaleOnArrival => "bulwark; fwd=miss; detail=stale-on-arrival",
             NotStored::Purged => "bulwark; fwd=miss; detail=purged",
+            NotStored::Memory => "bulwark; fwd=miss; detail=memory",
         }
     }
 }
@@ -247,6 +251,7 @@ mod tests {
             TooLarge,
             StaleOnArrival,
             Purged,
+            Memory,
         ];
         assert_eq!(all.len(), NotStored::LABELS.len(), "one label per reason");
         for (i, reason) in all.iter().enumerate() {

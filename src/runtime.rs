@@ -17,6 +17,7 @@ use crate::cache::Pool;
 use crate::cache::shared::SharedTierError;
 use crate::clock::Clock;
 use crate::config::{Config, RouteConfig, RouteMode};
+use crate::memory::ByteBudget;
 use crate::metrics::{Registry, RouteMetrics};
 use crate::origin::Origin;
 use crate::router::Router;
@@ -39,6 +40,8 @@ pub struct RouteRuntime {
     pub metrics: RouteMetrics,
     /// The wall time the route's requests go by (its pool's, when it has one).
     pub clock: Clock,
+    /// The process's budget for storable bodies being read (`max_inflight_body_bytes`).
+    pub body_budget: Arc<ByteBudget>,
     /// The route's current mode: read by every request, written by the admin API and
     /// the control channel. An atomic because it is one small value that changes rarely.
     mode: std::sync::atomic::AtomicU8,
@@ -74,6 +77,7 @@ pub struct Runtime {
     pub pools: Vec<Arc<Pool>>,
     pub origins: Vec<Arc<Origin>>,
     pub(crate) unrouted: metrics::Counter,
+    body_budget: Arc<ByteBudget>,
 }
 
 impl Runtime {
@@ -104,6 +108,8 @@ impl Runtime {
                 None => Origin::new(o.clone(), registry.origin(&o.name)).map(Arc::new),
             })
             .collect::<Result<Vec<_>, _>>()?;
+        // Per process: kept through reloads (its size is read at start).
+        let body_budget = previous.map_or_else(|| ByteBudget::new(config.server.max_inflight_body_bytes), |old| old.body_budget.clone());
         let kept_mode = |r: &RouteConfig| {
             let old = previous.and_then(|old| old.routes.iter().find(|or| or.config.name == r.name))?;
             (!r.mode_from_file && (old.mode() != RouteMode::Fallback || r.fallback.is_some())).then(|| old.mode())
@@ -118,11 +124,12 @@ impl Runtime {
                     origin: origins[r.origin].clone(),
                     metrics: registry.route(&r.name, r.pool.map_or("", |p| config.pools[p].name.as_str()), &config.origins[r.origin].name),
                     clock: clock.clone(),
+                    body_budget: body_budget.clone(),
                     mode: std::sync::atomic::AtomicU8::new(kept_mode(r).unwrap_or(r.mode).as_u8()),
                 })
             })
             .collect();
-        Ok(Runtime { router: Router::new(&config.routes), routes, pools, origins, unrouted: registry.unrouted(), config })
+        Ok(Runtime { router: Router::new(&config.routes), routes, pools, origins, unrouted: registry.unrouted(), body_budget, config })
     }
 }
 

@@ -94,7 +94,15 @@ impl Pool {
     pub fn new(config: PoolConfig, metrics: PoolMetrics, clock: Clock) -> Result<Pool, SharedTierError> {
         let metrics = Arc::new(metrics);
         let l2 = match &config.shared {
-            Some(shared) => Some(SharedTier::new(&config.name, shared, config.key_prefix.clone(), config.max_object_bytes, metrics.clone(), clock.clone())?),
+            Some(shared) => Some(SharedTier::new(
+                &config.name,
+                shared,
+                config.key_prefix.clone(),
+                config.max_object_bytes,
+                config.redis_write_queue_bytes,
+                metrics.clone(),
+                clock.clone(),
+            )?),
             None => None,
         };
         Ok(Pool { l1: LocalTier::new(config.l1_max_bytes, clock.clone()), l2, metrics, coalescer: coalesce::Coalescer::new(), config, clock })

@@ -63,6 +63,9 @@ pub struct ServerConfig {
     /// After the drain: how long in-flight requests get to finish before the process exits.
     pub shutdown_timeout: Duration,
     pub max_header_bytes: usize,
+    /// Storable bodies being read from origins, in bytes, per process; beyond it a
+    /// response is streamed through unstored (reason `memory`).
+    pub max_inflight_body_bytes: usize,
     pub trusted_proxies: Vec<Cidr>,
     pub access_log: AccessLog,
     pub access_log_sample: f64,
@@ -96,6 +99,8 @@ pub struct PoolConfig {
     pub shared: Option<SharedTierConfig>,
     pub key_prefix: String,
     pub max_object_bytes: usize,
+    /// Pending Redis writes, in bytes; beyond it a write is dropped and counted.
+    pub redis_write_queue_bytes: usize,
     pub default_ttl: Duration,
     pub stale_while_revalidate: Duration,
     pub stale_if_error: Duration,

@@ -35,6 +35,7 @@ pub struct RawServer {
     pub drain_delay: Option<ConfigDuration>,
     pub shutdown_timeout: Option<ConfigDuration>,
     pub max_header_bytes: Option<ByteSize>,
+    pub max_inflight_body_bytes: Option<Spanned<ByteSize>>,
     #[serde(default)]
     pub trusted_proxies: Vec<Spanned<String>>,
     pub access_log: Option<AccessLog>,
@@ -72,6 +73,7 @@ pub struct RawPool {
     pub redis_timeout: Option<Spanned<ConfigDuration>>,
     pub key_prefix: Option<Spanned<String>>,
     pub max_object_bytes: Option<Spanned<ByteSize>>,
+    pub redis_write_queue_bytes: Option<Spanned<ByteSize>>,
     pub default_ttl: Option<ConfigDuration>,
     pub stale_while_revalidate: Option<ConfigDuration>,
     pub stale_if_error: Option<ConfigDuration>,

@@ -42,6 +42,15 @@ fn nonzero_dur(value: Option<Spanned<ConfigDuration>>, default: Duration, key: &
     }
 }
 
+/// A byte count of at least 1 KiB, `default` when not set.
+fn at_least_1kib(value: Option<Spanned<super::units::ByteSize>>, default: usize, key: &str) -> Result<usize> {
+    match value {
+        None => Ok(default),
+        Some(s) if s.get_ref().0 >= 1024 => Ok(usize::try_from(s.get_ref().0).unwrap_or(usize::MAX)),
+        Some(s) => err(s.span(), format!("{key} must be at least 1KiB")),
+    }
+}
+
 /// An IP network such as `10.0.0.0/8` or `::1/128`; a bare address is a /32 or /128.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct Cidr {
@@ -154,6 +163,7 @@ fn server(raw: raw::RawServer) -> Result<ServerConfig> {
         drain_delay: dur(raw.drain_delay, Duration::from_secs(5)),
         shutdown_timeout: dur(raw.shutdown_timeout, Duration::from_secs(30)),
         max_header_bytes: usize::try_from(max_header_bytes).unwrap_or(usize::MAX).max(8192),
+        max_inflight_body_bytes: at_least_1kib(raw.max_inflight_body_bytes, 256 << 20, "max_inflight_body_bytes")?,
         trusted_proxies,
         access_log: raw.access_log.unwrap_or_default(),
         access_log_sample,
@@ -294,6 +304,7 @@ fn pool(raw: raw::RawPool) -> Result<PoolConfig> {
         shared,
         key_prefix,
         max_object_bytes,
+        redis_write_queue_bytes: at_least_1kib(raw.redis_write_queue_bytes, 64 << 20, "redis_write_queue_bytes")?,
         default_ttl: dur(raw.default_ttl, Duration::from_secs(60)),
         stale_while_revalidate: dur(raw.stale_while_revalidate, Duration::from_secs(30)),
         stale_if_error: dur(raw.stale_if_error, Duration::from_secs(600)),

@@ -22,6 +22,7 @@ use crate::cache::revalidate::{self, HeadUpdate};
 use crate::cache::{CacheKey, Encodings, Entry, Pool, Stored};
 use crate::config::{Priority, StaleOnError};
 use crate::error::ProxyError;
+use crate::memory::Reservation;
 use crate::metrics::OriginStatus;
 use crate::origin::{Interest, OriginBody, OriginError, OutgoingBody, Timings, Upload};
 use crate::runtime::RouteRuntime;
@@ -250,11 +251,18 @@ async fn store_or_stream(
     if declared_len.is_some_and(|len| len > pool.max_object_bytes as u64) {
         return Ok(Fetched::Streamed(res_parts, ProxyBody::stream(VecDeque::new(), body), NotStored::TooLarge));
     }
-    let read = tokio::time::timeout(origin.timeout, read_up_to(body, pool.max_object_bytes)).await;
+    // The bytes read are drawn from the process's budget (all of a declared length at
+    // once): a burst of large misses streams through rather than holding them all.
+    let mut reservation = route.body_budget.reservation();
+    let declared = declared_len.map_or(0, |len| usize::try_from(len).unwrap_or(usize::MAX));
+    if !reservation.grow(declared) {
+        return Ok(Fetched::Streamed(res_parts, ProxyBody::stream(VecDeque::new(), body), NotStored::Memory));
+    }
+    let read = tokio::time::timeout(origin.timeout, read_up_to(body, pool.max_object_bytes, &mut reservation, declared)).await;
     let body = match read {
         Err(_) => return Err(origin_error(route, OriginError::Timeout(origin.timeout))),
         Ok(Err(err)) => return Err(origin_error(route, OriginError::Body(err))),
-        Ok(Ok(BodyRead::TooLarge(prefix, rest))) => return Ok(Fetched::Streamed(res_parts, ProxyBody::stream(prefix, rest), NotStored::TooLarge)),
+        Ok(Ok(BodyRead::Unstored(prefix, rest, reason))) => return Ok(Fetched::Streamed(res_parts, ProxyBody::stream(prefix, rest), reason)),
         Ok(Ok(BodyRead::Complete(body))) => body,
     };
     // Purge tags are for this cache only: taken out of the stored response.
@@ -332,20 +340,28 @@ fn origin_error(route: &RouteRuntime, source: OriginError) -> ProxyError {
 
 enum BodyRead {
     Complete(Bytes),
-    /// Over the limit: what was read so far, and the rest still to stream.
-    TooLarge(VecDeque<Bytes>, OriginBody),
+    /// Over `max_object_bytes` (`TooLarge`) or the memory budget (`Memory`): what was
+    /// read so far, and the rest still to stream.
+    Unstored(VecDeque<Bytes>, OriginBody, NotStored),
 }
 
-/// Reads a body whole if it is at most `limit` bytes.
-async fn read_up_to(mut body: OriginBody, limit: usize) -> Result<BodyRead, crate::origin::OriginBodyError> {
+/// Reads a body whole if it is at most `limit` bytes, drawing what it reads beyond the
+/// `reserved` bytes from `reservation`.
+async fn read_up_to(mut body: OriginBody, limit: usize, reservation: &mut Reservation, reserved: usize) -> Result<BodyRead, crate::origin::OriginBodyError> {
     let mut chunks = VecDeque::new();
-    let mut total = 0usize;
+    let (mut total, mut reserved) = (0usize, reserved);
     while let Some(frame) = body.frame().await {
         let Ok(data) = frame?.into_data() else { continue };
         total += data.len();
         chunks.push_back(data);
         if total > limit {
-            return Ok(BodyRead::TooLarge(chunks, body));
+            return Ok(BodyRead::Unstored(chunks, body, NotStored::TooLarge));
+        }
+        if total > reserved {
+            if !reservation.grow(total - reserved) {
+                return Ok(BodyRead::Unstored(chunks, body, NotStored::Memory));
+            }
+            reserved = total;
         }
     }
     Ok(BodyRead::Complete(match chunks.len() {

@@ -315,7 +315,8 @@ async fn run_flight(job: FetchJob, guard: FlightGuard, leader: Option<oneshot::S
 /// making the key hit-for-miss.
 fn leaders_own(job: &FetchJob, parts: &http::response::Parts, reason: NotStored) -> bool {
     parts.status.is_client_error()
-        || matches!(reason, NotStored::Authorization | NotStored::CookieHeuristic)
+        // The process's memory budget is no reason in the response: nothing remembered.
+        || matches!(reason, NotStored::Authorization | NotStored::CookieHeuristic | NotStored::Memory)
         || job.parts.headers.contains_key(COOKIE)
         || job.parts.headers.contains_key(AUTHORIZATION)
 }

@@ -133,10 +133,12 @@ impl Entry {
         self.freshness_lifetime.saturating_add(self.stale_window()).saturating_sub(self.age(now))
     }
 
-    /// Bytes this entry occupies, for the L1 weigher.
+    /// Bytes this entry occupies, for the L1 weigher: everything it holds (body, header
+    /// fields, key, tags) and the bookkeeping around them.
     pub fn weight(&self) -> u32 {
         let headers: usize = self.headers.iter().map(|(n, v)| n.as_str().len() + v.len() + 32).sum();
-        let total = self.body.len() + headers + self.key.len() + std::mem::size_of::<Entry>();
+        let tags: usize = self.tags.iter().map(|t| t.len() + std::mem::size_of::<String>()).sum();
+        let total = self.body.len() + headers + self.key.len() + tags + std::mem::size_of::<Entry>();
         u32::try_from(total).unwrap_or(u32::MAX)
     }
 
@@ -404,6 +406,14 @@ pub(crate) mod tests {
         assert_eq!(entry.age(later), Duration::MAX);
         assert_eq!(entry.keep_for(later), Duration::ZERO);
         assert!(Entry::decode(&entry.encode()).is_ok());
+    }
+
+    #[test]
+    fn the_weight_counts_tags_too() {
+        let mut entry = sample();
+        let without = entry.weight();
+        entry.tags = (0..1000).map(|i| format!("tag-{i:04}")).collect();
+        assert!(entry.weight() >= without + 1000 * 8, "1,000 tags of 8 bytes weigh at least 8,000 bytes");
     }
 
     #[test]

@@ -17,7 +17,7 @@ use std::time::{Duration, SystemTime};
 
 use bytes::Bytes;
 use redis::AsyncCommands;
-use tokio::sync::{Semaphore, oneshot, watch};
+use tokio::sync::{oneshot, watch};
 
 pub use events::{Announcement, Lease, Notice, NoticeHandler, Watch};
 
@@ -26,7 +26,8 @@ use super::key::CacheKey;
 use super::purge::PurgeTarget;
 use crate::clock::Clock;
 use crate::config::SharedTierConfig;
-use crate::metrics::{PoolMetrics, RedisOp};
+use crate::memory::ByteBudget;
+use crate::metrics::{PoolMetrics, RedisOp, WriteDropped};
 use events::{ACQUIRE_LEASE, Events, RELEASE_LEASE, RENEW_LEASE};
 use health::Health;
 use link::Link;
@@ -51,10 +52,6 @@ impl Drop for ReadInProgress<'_> {
 fn lock<T>(mutex: &Mutex<T>) -> MutexGuard<'_, T> {
     mutex.lock().unwrap_or_else(|poisoned| poisoned.into_inner())
 }
-
-/// Background writes allowed in flight per pool; beyond this a write is dropped (and
-/// counted), since a cache write is worth less than the memory of an unbounded backlog.
-const MAX_PENDING_WRITES: usize = 1024;
 
 /// Rewrites a key (keeping its expiry) only if it still holds the value read: a soft
 /// purge never overwrites a newer entry, nor recreates an expired one.
@@ -111,8 +108,10 @@ pub struct SharedTier {
     /// The time entries are written and purged by (their Redis TTL and index scores).
     clock: Clock,
     metrics: Arc<PoolMetrics>,
-    /// Bounds the background writes in flight (see [`MAX_PENDING_WRITES`]).
-    pending_writes: Arc<Semaphore>,
+    /// Bytes of background writes in flight (`redis_write_queue_bytes`): beyond it a
+    /// write is dropped and counted, since a cache write is worth less than the memory
+    /// of an unbounded backlog.
+    write_queue: Arc<ByteBudget>,
     /// The longest value this pool writes, and so reads: anything longer is corrupt.
     max_entry_bytes: usize,
     /// Reads in progress by key hash: concurrent lookups of one key share one read.
@@ -133,6 +132,7 @@ impl SharedTier {
         config: &SharedTierConfig,
         prefix: String,
         max_object_bytes: usize,
+        write_queue_bytes: usize,
         metrics: Arc<PoolMetrics>,
         clock: Clock,
     ) -> Result<SharedTier, SharedTierError> {
@@ -158,7 +158,7 @@ impl SharedTier {
             prefix,
             metrics,
             clock,
-            pending_writes: Arc::new(Semaphore::new(MAX_PENDING_WRITES)),
+            write_queue: ByteBudget::new(write_queue_bytes),
             max_entry_bytes: max_object_bytes.saturating_add(ENTRY_OVERHEAD_BYTES),
             reading: Arc::default(),
             events: Arc::new(Events::new()),
@@ -398,8 +398,8 @@ impl SharedTier {
         if self.health.is_open() {
             return;
         }
-        let Ok(permit) = self.pending_writes.clone().try_acquire_owned() else {
-            self.metrics.redis_error(RedisOp::Set);
+        let Some(permit) = self.write_queue.reserve(queued_bytes(&entry)) else {
+            self.metrics.write_dropped(WriteDropped::Queue);
             return;
         };
         let redis_key = self.entry_key(key);
@@ -409,7 +409,6 @@ impl SharedTier {
         tokio::spawn(async move {
             let _permit = permit;
             if !write(&health, &writes, deadline, &prefix, &redis_key, &entry, max_entry_bytes, &metrics, clock.now()).await {
-                metrics.redis_error(RedisOp::Set);
                 return;
             }
             if let Some(message) = announce.and_then(|(hash, variant)| Notice::Replaced { hash, variant, response_time: entry.response_time }.message(sender)) {
@@ -419,12 +418,17 @@ impl SharedTier {
         });
     }
 
-    /// Writes `entry` now (lease holders, whose peers read it right after).
+    /// Writes `entry` now (a flight's fill, off the requests' path; lease holders' peers
+    /// read it right after). It draws from the write queue like a background write.
     pub async fn put(&self, key: &CacheKey, entry: &Entry) -> bool {
         if self.health.is_open() {
             return false;
         }
-        let ok = write(
+        let Some(_queued) = self.write_queue.reserve(queued_bytes(entry)) else {
+            self.metrics.write_dropped(WriteDropped::Queue);
+            return false;
+        };
+        write(
             &self.health,
             &self.writes,
             self.write_deadline(entry.body.len()),
@@ -435,11 +439,7 @@ impl SharedTier {
             &self.metrics,
             self.clock.now(),
         )
-        .await;
-        if !ok {
-            self.metrics.redis_error(RedisOp::Set);
-        }
-        ok
+        .await
     }
 
     fn delete_if_unchanged(&self, redis_key: String, payload: Bytes) {
@@ -539,8 +539,9 @@ pub enum PurgeError {
 }
 
 /// `SET key payload PX ttl` on the write link, then the entry's purge indexes (its URL,
-/// path and tags). False when the entry itself was not written; index failures are
-/// counted but do not undo a stored entry. `now` is the pool's clock.
+/// path and tags). False when the entry itself was not written, counted as a dropped
+/// write when it ran out of time and as an error otherwise; index failures are counted
+/// but do not undo a stored entry. `now` is the pool's clock.
 #[allow(clippy::too_many_arguments)]
 async fn write(
     health: &Arc<Health>,
@@ -562,6 +563,7 @@ async fn write(
     if payload.len() > max_entry_bytes {
         // It would read back as corrupt: L1 keeps it alone.
         tracing::debug!(key = %redis_key, len = payload.len(), "entry longer than the pool reads back; not written to Redis");
+        metrics.redis_error(RedisOp::Set);
         return false;
     }
     let expires_ms = unix_millis(now).saturating_add(ttl_ms);
@@ -585,20 +587,37 @@ async fn write(
             Some(Ok(_)) => true,
             // The pipeline's first reply tells whether the entry landed; an index error
             // alone fails the whole exec, so check the entry.
-            _ => {
-                metrics.redis_error(RedisOp::Set);
+            failed => {
                 let mut conn = link.conn();
-                matches!(link.call(deadline, redis::cmd("EXISTS").arg(redis_key).query_async::<i64>(&mut conn)).await, Some(Ok(1)))
+                let landed = matches!(link.call(deadline, redis::cmd("EXISTS").arg(redis_key).query_async::<i64>(&mut conn)).await, Some(Ok(1)));
+                match failed {
+                    None if !landed => metrics.write_dropped(WriteDropped::Deadline),
+                    _ => metrics.redis_error(RedisOp::Set),
+                }
+                landed
             }
         };
     }
-    if !matches!(guarded(health, link, deadline, set.query_async::<()>(&mut link.conn())).await, Some(Ok(()))) {
-        return false;
+    match guarded(health, link, deadline, set.query_async::<()>(&mut link.conn())).await {
+        Some(Ok(())) => {}
+        None => {
+            metrics.write_dropped(WriteDropped::Deadline);
+            return false;
+        }
+        Some(Err(_)) => {
+            metrics.redis_error(RedisOp::Set);
+            return false;
+        }
     }
     if !matches!(guarded(health, link, deadline, exec(link, &indexes)).await, Some(Ok(_))) {
         metrics.redis_error(RedisOp::Set);
     }
     true
+}
+
+/// What a pending write holds: the entry, and its encoding.
+fn queued_bytes(entry: &Entry) -> usize {
+    usize::try_from(entry.weight()).unwrap_or(usize::MAX).saturating_mul(2)
 }
 
 /// Whole milliseconds of `d`, at least 1 (a Redis `PX` of 0 is an error).
