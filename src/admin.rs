@@ -224,13 +224,18 @@ async fn purge(proxy: &Proxy, req: Request<Incoming>) -> AdminResponse {
                     total.l1 += count.l1;
                     total.l2 += count.l2;
                     total.all_replicas &= count.all_replicas;
+                    if count.error.is_some() {
+                        // Stop at the first failure: the answer says what was done.
+                        total.error = count.error;
+                        break;
+                    }
                 }
                 (pool.config.name.clone(), pool.l2.is_some(), total)
             })
         })
         .collect();
     let (mut l1, mut l2, mut purged) = (0, 0, 0);
-    let mut local_only = Vec::new();
+    let (mut local_only, mut errors, mut untold) = (Vec::new(), Vec::new(), Vec::new());
     for task in tasks {
         let Ok((name, shared, count)) = task.await else {
             return json(StatusCode::INTERNAL_SERVER_ERROR, serde_json::json!({ "error": "a purge task failed" }));
@@ -239,16 +244,28 @@ async fn purge(proxy: &Proxy, req: Request<Incoming>) -> AdminResponse {
         l2 += count.l2;
         // An entry counts once: from Redis where the pool has it, else from this L1.
         purged += if shared { count.l2 } else { count.l1 };
-        if !count.all_replicas {
+        if let Some(error) = count.error {
+            errors.push(format!("pool {name}: {error}"));
+            untold.push(name);
+        } else if !count.all_replicas {
             local_only.push(name);
         }
     }
-    let replicas = if local_only.is_empty() {
+    let replicas = if !untold.is_empty() {
+        format!("none for pools whose purge did not complete: {}", untold.join(", "))
+    } else if local_only.is_empty() {
         "all replicas".to_owned()
     } else {
         format!("this replica only for pools without a reachable Redis: {}", local_only.join(", "))
     };
-    json(StatusCode::OK, serde_json::json!({ "purged": purged, "l1": l1, "l2": l2, "soft": request.soft, "replicas": replicas }))
+    let mut answer = serde_json::json!({ "purged": purged, "l1": l1, "l2": l2, "soft": request.soft, "replicas": replicas, "complete": errors.is_empty() });
+    if errors.is_empty() {
+        return json(StatusCode::OK, answer);
+    }
+    // Redis failed part way: what was done, and that the rest was not (no replica was
+    // told to drop what Redis still holds).
+    answer["error"] = serde_json::Value::from(errors.join("; "));
+    json(StatusCode::SERVICE_UNAVAILABLE, answer)
 }
 
 fn json(status: StatusCode, value: serde_json::Value) -> AdminResponse {

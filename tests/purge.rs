@@ -237,3 +237,59 @@ async fn a_subscription_that_goes_silent_is_noticed_and_replaced() {
     let (got, _) = until_not_l1(&through_relay, "/products/3", &HOST).await;
     assert_eq!(got.text(), "/products/3 v3");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_tag_purge_over_300_000_entries_completes_in_batches_and_counts_them() {
+    let redis = RedisServer::start();
+    let origin = Origin::start().await;
+    // A short Redis deadline: one command over all 300,000 members would never finish in it.
+    let bulwark = Bulwark::start(&simple_config(&origin.url(), Some(&redis.url()), "redis_timeout = \"50ms\"")).await;
+    bulwark.wait_for_subscription().await;
+    // 300,000 entries indexed under one tag, planted directly (their contents do not matter
+    // to a hard purge).
+    let mut conn = redis.conn();
+    let far_future: u64 = 4_000_000_000_000;
+    for chunk in (0..300_000).collect::<Vec<u32>>().chunks(10_000) {
+        let mut pipe = redis::pipe();
+        for i in chunk {
+            let key = format!("bulwark:pdp:v2:{i:032x}");
+            pipe.cmd("SET").arg(&key).arg("x").ignore();
+            pipe.cmd("ZADD").arg("bulwark:pdp:v2:idx:tag:sale").arg(far_future).arg(&key).ignore();
+        }
+        pipe.query::<()>(&mut conn).expect("plant");
+    }
+    let answer = purge(&bulwark, r#"{"tags": ["sale"]}"#).await;
+    assert_eq!(answer.status.as_u16(), 200, "{}", answer.text());
+    let counts: serde_json::Value = serde_json::from_slice(&answer.body).expect("json");
+    assert_eq!((counts["purged"].as_u64(), counts["complete"].as_bool()), (Some(300_000), Some(true)), "{counts}");
+    let left: i64 = redis::cmd("DBSIZE").query(&mut conn).expect("DBSIZE");
+    assert!(left < 10, "{left} keys left in Redis");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_purge_redis_cannot_complete_says_so_and_leaves_every_l1_as_redis_is() {
+    let redis = RedisServer::start();
+    let origin = Origin::start().await;
+    versioned_origin(&origin);
+    let (one, two) = two_warm_replicas(&origin, &redis, &["/products/1"]).await;
+    redis.stall();
+    let answer = purge(&one, r#"{"tags": ["product"]}"#).await;
+    redis.resume();
+    assert_eq!(answer.status.as_u16(), 503, "{}", answer.text());
+    let counts: serde_json::Value = serde_json::from_slice(&answer.body).expect("json");
+    assert_eq!(counts["complete"].as_bool(), Some(false), "{counts}");
+    assert!(counts["replicas"].as_str().is_some_and(|r| r.starts_with("none")), "{counts}");
+    assert!(counts["error"].as_str().is_some_and(|e| e.contains("pdp")), "{counts}");
+    // Redis still holds the entry: no replica dropped its copy (it would read the same
+    // one back from Redis and the purge would look done).
+    for replica in [&one, &two] {
+        assert_eq!(replica.get_with("/products/1", &HOST).await.cache_status(), "bulwark; hit; detail=l1");
+    }
+    // Once Redis answers, the purge goes through everywhere.
+    let retried = purge(&one, r#"{"tags": ["product"]}"#).await;
+    assert_eq!(retried.status.as_u16(), 200, "{}", retried.text());
+    for replica in [&one, &two] {
+        let (got, _) = until_not_l1(replica, "/products/1", &HOST).await;
+        assert_ne!(got.cache_status(), "bulwark; hit; detail=l1");
+    }
+}

@@ -37,6 +37,8 @@ pub struct PurgeCount {
     pub l2: usize,
     /// Whether it reached Redis and was broadcast to every replica.
     pub all_replicas: bool,
+    /// What kept the purge from completing, if anything did.
+    pub error: Option<&'static str>,
 }
 
 /// A stored entry found by a lookup, and the tier it came from.
@@ -220,17 +222,26 @@ impl Pool {
         }
     }
 
-    /// Purges `target` here, in Redis, and (through the event channel) on every replica
-    /// sharing this pool's Redis.
+    /// Purges `target` in Redis, then here and (through the event channel) on every
+    /// replica sharing this pool's Redis. When Redis fails part way nobody's L1 is
+    /// touched and nothing is broadcast: an L1 copy dropped while Redis still holds the
+    /// entry would be read back from Redis, and the purge would look done while the old
+    /// copy lives on. A pool without Redis purges this L1 only.
     pub async fn purge(&self, target: &PurgeTarget, soft: bool) -> PurgeCount {
-        let before = self.clock.now();
-        let local = self.l1.purge(target, soft, before).await;
         let Some(l2) = &self.l2 else {
-            return PurgeCount { l1: local, l2: 0, all_replicas: false };
+            let local = self.l1.purge(target, soft, self.clock.now()).await;
+            return PurgeCount { l1: local, l2: 0, all_replicas: false, error: None };
         };
-        let shared = l2.purge(target, soft).await;
+        let shared = match l2.purge(target, soft).await {
+            Ok(n) => n,
+            Err(err) => return PurgeCount { l1: 0, l2: err.done, all_replicas: false, error: Some(err.why) },
+        };
+        // Everything stored here before now, Redis's part done: a copy read from Redis
+        // while it ran goes too.
+        let local = self.l1.purge(target, soft, self.clock.now()).await;
         let broadcast = l2.publish(&shared::Notice::Purge { target: target.clone(), soft }).await;
-        PurgeCount { l1: local, l2: shared.unwrap_or(0), all_replicas: shared.is_ok() && broadcast }
+        let error = (!broadcast).then_some("purged in Redis and here, but the other replicas could not be told");
+        PurgeCount { l1: local, l2: shared, all_replicas: broadcast, error }
     }
 
     /// Stores in L1 only (a copy read from L2, or a fill while the lease holder writes

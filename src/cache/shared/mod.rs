@@ -195,55 +195,81 @@ impl SharedTier {
     }
 
     /// Purges what `target` covers from Redis: deleted, or for a soft purge rewritten as
-    /// stale (only if unchanged meanwhile). Returns how many entries it touched.
+    /// stale (only if unchanged meanwhile), in batches of [`PURGE_BATCH`] index members,
+    /// each within the Redis deadline, however many the index holds; the whole purge
+    /// within [`PURGE_DEADLINE`]. Returns how many entries it touched, or, when Redis
+    /// failed part way, how many it had touched by then.
     pub async fn purge(&self, target: &PurgeTarget, soft: bool) -> Result<usize, PurgeError> {
         if self.health.is_open() {
-            return Err(PurgeError::Unavailable);
+            return Err(PurgeError { done: 0, why: "the pool's Redis is unavailable" });
         }
         let index = self.index_key(target);
         let deadline = self.timeout * 4;
+        let started = std::time::Instant::now();
         let now_ms = unix_millis(self.clock.now());
         let mut conn = self.writes.conn();
-        let range = redis::cmd("ZRANGEBYSCORE").arg(&index).arg(now_ms).arg("+inf").clone();
-        let members: Vec<String> = match self.guarded(&self.writes, deadline, range.query_async(&mut conn)).await {
-            Some(Ok(members)) => members,
-            _ => return Err(PurgeError::Unavailable),
-        };
-        if members.is_empty() {
-            return Ok(0);
-        }
-        let touched = if soft {
-            let mut touched = 0;
-            for key in &members {
-                let Some(Ok(Some(payload))) = self.get_bounded(&self.writes, key, deadline).await else { continue };
-                if payload.len() > self.max_entry_bytes {
-                    continue;
-                }
-                let Ok(entry) = Entry::decode(&payload) else { continue };
-                touched += 1;
-                if entry.invalidated {
-                    continue;
-                }
-                let script = redis::Script::new(SET_IF_UNCHANGED);
-                let mut invocation = script.key(key);
-                invocation.arg(payload.as_ref()).arg(entry.soft_purged().encode().as_ref());
-                if !matches!(self.guarded(&self.writes, deadline, invocation.invoke_async::<i64>(&mut conn)).await, Some(Ok(_))) {
-                    return Err(PurgeError::Unavailable);
+        let (mut done, mut offset) = (0, 0);
+        loop {
+            if started.elapsed() > PURGE_DEADLINE {
+                return Err(PurgeError { done, why: "the purge ran out of time" });
+            }
+            // A hard purge removes each batch from the index, so the next one starts at 0;
+            // a soft purge leaves the members indexed (the entries stay) and moves on.
+            let mut range = redis::cmd("ZRANGEBYSCORE");
+            range.arg(&index).arg(now_ms).arg("+inf").arg("LIMIT").arg(offset).arg(PURGE_BATCH);
+            let members: Vec<String> = match self.guarded(&self.writes, deadline, range.query_async(&mut conn)).await {
+                Some(Ok(members)) => members,
+                _ => return Err(PurgeError { done, why: "the pool's Redis failed while purging" }),
+            };
+            if members.is_empty() {
+                return Ok(done);
+            }
+            let last = members.len() < PURGE_BATCH;
+            if soft {
+                done += self.soft_purge_batch(&members, deadline).await.map_err(|()| PurgeError { done, why: "the pool's Redis failed while purging" })?;
+                offset += members.len();
+            } else {
+                let deletes: Vec<redis::Cmd> = members.iter().map(redis::Cmd::del).collect();
+                let deleted = match self.guarded(&self.writes, deadline, exec(&self.writes, &deletes)).await {
+                    Some(Ok(deleted)) => deleted.iter().filter(|n| matches!(n, redis::Value::Int(1..))).count(),
+                    _ => return Err(PurgeError { done, why: "the pool's Redis failed while purging" }),
+                };
+                done += deleted;
+                // Remove exactly the members purged: one indexed meanwhile stays findable.
+                let mut zrem = redis::cmd("ZREM");
+                zrem.arg(&index).arg(&members);
+                if !matches!(self.guarded(&self.writes, deadline, zrem.query_async::<i64>(&mut conn)).await, Some(Ok(_))) {
+                    return Err(PurgeError { done, why: "the pool's Redis failed while purging" });
                 }
             }
-            touched
-        } else {
-            let deletes: Vec<redis::Cmd> = members.iter().map(redis::Cmd::del).collect();
-            let deleted = match self.guarded(&self.writes, deadline, exec(&self.writes, &deletes)).await {
-                Some(Ok(deleted)) => deleted.iter().filter(|n| matches!(n, redis::Value::Int(1..))).count(),
-                _ => return Err(PurgeError::Unavailable),
-            };
-            // Remove exactly the members purged: one indexed meanwhile stays findable.
-            let mut zrem = redis::cmd("ZREM");
-            zrem.arg(&index).arg(&members);
-            let _ = self.guarded(&self.writes, deadline, zrem.query_async::<i64>(&mut conn)).await;
-            deleted
-        };
+            if last {
+                return Ok(done);
+            }
+        }
+    }
+
+    /// Marks the entries at `members` soft-purged (each only if unchanged meanwhile);
+    /// returns how many it found.
+    async fn soft_purge_batch(&self, members: &[String], deadline: Duration) -> Result<usize, ()> {
+        let mut touched = 0;
+        let mut conn = self.writes.conn();
+        for key in members {
+            let Some(Ok(Some(payload))) = self.get_bounded(&self.writes, key, deadline).await else { continue };
+            if payload.len() > self.max_entry_bytes {
+                continue;
+            }
+            let Ok(entry) = Entry::decode(&payload) else { continue };
+            touched += 1;
+            if entry.invalidated {
+                continue;
+            }
+            let script = redis::Script::new(SET_IF_UNCHANGED);
+            let mut invocation = script.key(key);
+            invocation.arg(payload.as_ref()).arg(entry.soft_purged().encode().as_ref());
+            if !matches!(self.guarded(&self.writes, deadline, invocation.invoke_async::<i64>(&mut conn)).await, Some(Ok(_))) {
+                return Err(());
+            }
+        }
         Ok(touched)
     }
 
@@ -531,12 +557,19 @@ impl SharedTier {
     }
 }
 
-/// Why a purge could not reach Redis.
+/// A purge that Redis could not complete: what it had done, and what failed.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, thiserror::Error)]
-pub enum PurgeError {
-    #[error("the pool's Redis is unavailable")]
-    Unavailable,
+#[error("{why} ({done} entries purged by then)")]
+pub struct PurgeError {
+    pub done: usize,
+    pub why: &'static str,
 }
+
+/// Index members purged per batch.
+const PURGE_BATCH: usize = 1000;
+
+/// The longest one target's purge may run (a soft purge rewrites each entry).
+const PURGE_DEADLINE: Duration = Duration::from_secs(60);
 
 /// `SET key payload PX ttl` on the write link, then the entry's purge indexes (its URL,
 /// path and tags). False when the entry itself was not written, counted as a dropped
