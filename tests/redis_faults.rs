@@ -319,3 +319,68 @@ async fn a_live_fetch_longer_than_lock_timeout_keeps_its_lease() {
     assert_eq!(first.await.expect("holder").cache_status(), "bulwark; fwd=miss; stored");
     assert_eq!(origin.total(), 1, "one fetch across both replicas");
 }
+
+/// Waits until `bulwark`'s event subscription has gone down and come back up, then makes
+/// sure its read connection has noticed too (a few lookups of other keys).
+async fn until_resubscribed(bulwark: &Bulwark) {
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while bulwark.metric("bulwark_redis_events_subscribed", &[("pool", "pdp")]).await == 1.0 {
+        assert!(Instant::now() < deadline, "the subscription never noticed the gap");
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    bulwark.wait_for_subscription().await;
+    for i in 0..4 {
+        bulwark.get_with(&format!("/warm-up/{i}"), &HOST).await;
+    }
+    support::eventually("the Redis breaker is closed", Duration::from_secs(5), async || {
+        bulwark.metric("bulwark_redis_breaker_open", &[("pool", "pdp")]).await == 0.0
+    })
+    .await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_gap_in_the_event_link_keeps_l1_and_confirms_each_copy_cheaply() {
+    let redis = RedisServer::start();
+    let origin = Origin::start().await;
+    let page = bytes::Bytes::from(vec![b'k'; 200 << 10]);
+    origin.set(move |_| support::Reply::ok(page.clone()).header("cache-control", "public, max-age=600"));
+    let bulwark = Bulwark::start(&simple_config(&origin.url(), Some(&redis.url()), "")).await;
+    bulwark.wait_for_subscription().await;
+    let paths: Vec<String> = (0..10).map(|i| format!("/kept/{i}")).collect();
+    for path in &paths {
+        bulwark.get_with(path, &HOST).await;
+    }
+    support::eventually("the entries are in Redis", Duration::from_secs(2), async || redis.entries("bulwark:pdp:").len() >= 10).await;
+    let mut conn = redis.conn();
+    // The subscription killed by Redis (a failover does the same), then Redis frozen for
+    // 3 s (a fork, a slow script): each is a gap in which invalidations may be missed.
+    for gap in ["kill", "stall"] {
+        if gap == "kill" {
+            let killed: i64 = redis::cmd("CLIENT").arg("KILL").arg("TYPE").arg("pubsub").query(&mut conn).expect("CLIENT KILL");
+            assert_eq!(killed, 1);
+            until_resubscribed(&bulwark).await;
+        } else {
+            redis.stall();
+            tokio::time::sleep(Duration::from_secs(3)).await;
+            redis.resume();
+            // Whether the heartbeat (a PING every 2 s, 2 s to answer) saw the stall as a
+            // gap depends on where in its cycle it came: either way the copies stay.
+            tokio::time::sleep(Duration::from_millis(2500)).await;
+            bulwark.wait_for_subscription().await;
+            for i in 4..8 {
+                bulwark.get_with(&format!("/warm-up/{i}"), &HOST).await;
+            }
+        }
+        let sent_before = net_output_bytes(&mut conn);
+        for path in &paths {
+            let got = bulwark.get_with(path, &HOST).await;
+            assert_eq!((got.status.as_u16(), got.cache_status()), (200, "bulwark; hit; detail=l1"), "{gap}: {path} kept in L1");
+        }
+        let sent = net_output_bytes(&mut conn) - sent_before;
+        // Ten checks of an entry's head, not ten 200 KiB values.
+        assert!(sent < 100 << 10, "{gap}: Redis sent {sent} bytes to confirm 10 copies");
+    }
+    for path in &paths {
+        assert_eq!(origin.count(path), 1, "{path} never went to the origin again");
+    }
+}

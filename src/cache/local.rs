@@ -2,6 +2,7 @@
 //! entry expiring when its freshness and stale windows have run out.
 
 use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::{Duration, Instant, SystemTime};
 
 use moka::Expiry;
@@ -78,21 +79,52 @@ struct KeepWhileUseful {
 
 const LONGEST_KEEP: Duration = Duration::from_secs(365 * 24 * 3600);
 
-impl Expiry<u128, Slot> for KeepWhileUseful {
-    fn expire_after_create(&self, _key: &u128, slot: &Slot, _created_at: Instant) -> Option<Duration> {
-        Some(slot.keep_for(self.clock.now()).min(LONGEST_KEEP))
+impl Expiry<u128, Held> for KeepWhileUseful {
+    fn expire_after_create(&self, _key: &u128, held: &Held, _created_at: Instant) -> Option<Duration> {
+        Some(held.slot.keep_for(self.clock.now()).min(LONGEST_KEEP))
     }
 
-    fn expire_after_update(&self, _key: &u128, slot: &Slot, _updated_at: Instant, _until_expiry: Option<Duration>) -> Option<Duration> {
-        Some(slot.keep_for(self.clock.now()).min(LONGEST_KEEP))
+    fn expire_after_update(&self, _key: &u128, held: &Held, _updated_at: Instant, _until_expiry: Option<Duration>) -> Option<Duration> {
+        Some(held.slot.keep_for(self.clock.now()).min(LONGEST_KEEP))
     }
+}
+
+/// A slot, and the link generation it was stored or last confirmed in: after a gap in
+/// the pool's event link (invalidations may have been missed), a slot of an older
+/// generation is checked against Redis before it is reused.
+#[derive(Debug, Clone)]
+struct Held {
+    slot: Slot,
+    generation: u64,
+}
+
+/// Whether two slots are the same stored values (not merely equal ones).
+fn same(a: &Slot, b: &Slot) -> bool {
+    match (a, b) {
+        (Slot::Entry(a), Slot::Entry(b)) => Arc::ptr_eq(a, b),
+        (Slot::Variants(a), Slot::Variants(b)) => Arc::ptr_eq(a, b),
+        _ => false,
+    }
+}
+
+/// How a slot kept through a link gap stands.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Standing {
+    /// Stored or confirmed since the last gap.
+    Confirmed,
+    /// Kept through a gap; `predates_restart` when Redis has since come back empty.
+    Unconfirmed { predates_restart: bool },
 }
 
 /// The L1 tier of one pool, keyed by primary key hash. Cloning shares the same cache.
 #[derive(Clone)]
 pub struct LocalTier {
-    cache: Cache<u128, Slot>,
+    cache: Cache<u128, Held>,
     clock: Clock,
+    /// The link generation: one more after every (re)subscription of the event link.
+    generation: Arc<AtomicU64>,
+    /// The generation in which Redis was found restarted (a new `run_id`).
+    restarted: Arc<AtomicU64>,
 }
 
 impl LocalTier {
@@ -100,22 +132,99 @@ impl LocalTier {
     pub fn new(max_bytes: u64, clock: Clock) -> LocalTier {
         let cache = Cache::builder()
             .max_capacity(max_bytes)
-            .weigher(|_key: &u128, slot: &Slot| slot.weight())
+            .weigher(|_key: &u128, held: &Held| held.slot.weight())
             .expire_after(KeepWhileUseful { clock: clock.clone() })
             .support_invalidation_closures()
             .build();
-        LocalTier { cache, clock }
+        LocalTier { cache, clock, generation: Arc::default(), restarted: Arc::default() }
+    }
+
+    fn generation(&self) -> u64 {
+        self.generation.load(Ordering::Acquire)
     }
 
     /// What is held under a primary key.
     pub async fn get_slot(&self, primary_hash: u128) -> Option<Slot> {
-        self.cache.get(&primary_hash).await
+        self.cache.get(&primary_hash).await.map(|held| held.slot)
+    }
+
+    /// What is held under a primary key, and whether it must be checked against Redis.
+    pub async fn get_standing(&self, primary_hash: u128) -> Option<(Slot, Standing)> {
+        let held = self.cache.get(&primary_hash).await?;
+        let now = self.generation();
+        let standing = if held.generation == now {
+            Standing::Confirmed
+        } else {
+            Standing::Unconfirmed { predates_restart: held.generation < self.restarted.load(Ordering::Acquire) }
+        };
+        Some((held.slot, standing))
+    }
+
+    /// The event link is (re)subscribed: everything held now may have missed
+    /// invalidations and is checked before reuse; `restarted` when Redis came back with
+    /// a new `run_id` (empty).
+    pub fn begin_generation(&self, restarted: bool) {
+        let generation = self.generation.fetch_add(1, Ordering::AcqRel) + 1;
+        if restarted {
+            self.restarted.store(generation, Ordering::Release);
+        }
+    }
+
+    /// Replaces `seen` (if it is still what is held) by `slot`, confirmed; `None`
+    /// removes it.
+    async fn settle(&self, hash: u128, seen: &Slot, slot: Option<Slot>) {
+        let generation = self.generation();
+        self.cache
+            .entry(hash)
+            .and_compute_with(|current| {
+                let op = match (current.as_ref().map(|c| &c.value().slot), slot) {
+                    (Some(now), Some(slot)) if same(now, seen) => moka::ops::compute::Op::Put(Held { slot, generation }),
+                    (Some(now), None) if same(now, seen) => moka::ops::compute::Op::Remove,
+                    _ => moka::ops::compute::Op::Nop,
+                };
+                std::future::ready(op)
+            })
+            .await;
+    }
+
+    /// `seen`, checked against Redis, is current: kept as confirmed. Of a URL's variants
+    /// only the one checked is kept (the others are read from Redis again when asked for).
+    pub async fn confirm(&self, hash: u128, seen: &Slot, variant: Option<&CacheKey>) {
+        let slot = match (seen, variant) {
+            (Slot::Variants(v), Some(key)) => match v.find(key) {
+                Some(entry) => Slot::Variants(Arc::new(Variants { marker: v.marker.clone(), names: v.names.clone(), entries: vec![(key.hash, entry)] })),
+                None => return,
+            },
+            _ => seen.clone(),
+        };
+        self.settle(hash, seen, Some(slot)).await;
+    }
+
+    /// `seen` is outdated (purged, replaced, expired or evicted in Redis): dropped.
+    pub async fn forget(&self, hash: u128, seen: &Slot) {
+        self.settle(hash, seen, None).await;
+    }
+
+    /// `seen` outlived a Redis that came back empty: kept as soft-purged (served within
+    /// its stale windows while one refresh runs), confirmed. Returns what is held now.
+    pub async fn keep_as_soft_purged(&self, hash: u128, seen: &Slot) -> Slot {
+        let mark = |e: &Arc<Entry>| if e.invalidated { e.clone() } else { Arc::new(e.soft_purged()) };
+        let marked = match seen {
+            Slot::Entry(entry) => Slot::Entry(mark(entry)),
+            Slot::Variants(v) => Slot::Variants(Arc::new(Variants {
+                marker: v.marker.clone(),
+                names: v.names.clone(),
+                entries: v.entries.iter().map(|(h, e)| (*h, mark(e))).collect(),
+            })),
+        };
+        self.settle(hash, seen, Some(marked.clone())).await;
+        marked
     }
 
     /// The (non-varying) entry stored under a primary `key`, if any (a hash collision is
     /// a miss).
     pub async fn get(&self, key: &CacheKey) -> Option<Arc<Entry>> {
-        match self.cache.get(&key.hash).await? {
+        match self.cache.get(&key.hash).await?.slot {
             Slot::Entry(entry) if entry.key == key.text => Some(entry),
             _ => None,
         }
@@ -123,7 +232,7 @@ impl LocalTier {
 
     /// Stores a response that does not vary under its primary key.
     pub async fn insert(&self, key: &CacheKey, entry: Arc<Entry>) {
-        self.cache.insert(key.hash, Slot::Entry(entry)).await;
+        self.cache.insert(key.hash, Held { slot: Slot::Entry(entry), generation: self.generation() }).await;
     }
 
     /// Stores a variant with its marker. A URL holds at most `max` variants at once: a
@@ -132,12 +241,16 @@ impl LocalTier {
     /// headers (the origin changed its `Vary`) starts afresh.
     pub async fn insert_variant(&self, primary: &CacheKey, marker: Arc<Entry>, key: &CacheKey, entry: Arc<Entry>, max: usize) {
         let now = self.clock.now();
+        let generation = self.generation();
         self.cache
             .entry(primary.hash)
             .and_compute_with(|current| {
+                // Joining variants kept through a gap leaves the slot unconfirmed.
+                let generation = current.as_ref().map_or(generation, |c| c.value().generation.min(generation));
+                let current = current.as_ref().map(|c| &c.value().slot);
                 let same_names =
                     |v: &Variants| v.marker.key == marker.key && v.marker.headers.get(http::header::VARY) == marker.headers.get(http::header::VARY);
-                let mut entries: Vec<(u128, Arc<Entry>)> = match current.as_ref().map(|c| c.value()) {
+                let mut entries: Vec<(u128, Arc<Entry>)> = match current {
                     Some(Slot::Variants(v)) if same_names(v) => {
                         v.entries.iter().filter(|(h, e)| *h != key.hash && !e.keep_for(now).is_zero()).cloned().collect()
                     }
@@ -148,11 +261,12 @@ impl LocalTier {
                     entries.swap_remove(oldest);
                 }
                 entries.push((key.hash, entry.clone()));
-                let names = match current.as_ref().map(|c| c.value()) {
+                let names = match current {
                     Some(Slot::Variants(v)) if same_names(v) => v.names.clone(),
                     _ => super::marker_names(&marker).into(),
                 };
-                std::future::ready(moka::ops::compute::Op::Put(Slot::Variants(Arc::new(Variants { marker: marker.clone(), names, entries }))))
+                let slot = Slot::Variants(Arc::new(Variants { marker: marker.clone(), names, entries }));
+                std::future::ready(moka::ops::compute::Op::Put(Held { slot, generation }))
             })
             .await;
     }
@@ -176,7 +290,7 @@ impl LocalTier {
         if let Some(hashes) = target.variant_hashes() {
             let mut touched = 0;
             for hash in hashes {
-                let Some(slot) = self.cache.get(&hash).await.filter(|slot| slot.purged_by(target, before)) else { continue };
+                let Some(slot) = self.cache.get(&hash).await.map(|held| held.slot).filter(|slot| slot.purged_by(target, before)) else { continue };
                 touched += 1;
                 self.purge_one(hash, &slot, soft, target, before).await;
             }
@@ -184,13 +298,14 @@ impl LocalTier {
         }
         if !soft {
             let target = target.clone();
-            let registered = self.cache.invalidate_entries_if(move |_, slot| slot.purged_by(&target, before));
+            let registered = self.cache.invalidate_entries_if(move |_, held| held.slot.purged_by(&target, before));
             if registered.is_err() {
                 tracing::warn!("cannot register an L1 purge");
             }
             return 0;
         }
-        let matching: Vec<(u128, Slot)> = self.cache.iter().filter(|(_, slot)| slot.purged_by(target, before)).map(|(hash, slot)| (*hash, slot)).collect();
+        let matching: Vec<(u128, Slot)> =
+            self.cache.iter().filter(|(_, held)| held.slot.purged_by(target, before)).map(|(hash, held)| (*hash, held.slot.clone())).collect();
         for (hash, slot) in &matching {
             self.purge_one(*hash, slot, true, target, before).await;
         }
@@ -217,12 +332,11 @@ impl LocalTier {
         self.cache
             .entry(hash)
             .and_compute_with(|current| {
-                let unchanged = match (current.as_ref().map(|c| c.value()), seen) {
-                    (Some(Slot::Entry(a)), Slot::Entry(b)) => Arc::ptr_eq(a, b),
-                    (Some(Slot::Variants(a)), Slot::Variants(b)) => Arc::ptr_eq(a, b),
-                    _ => false,
+                let op = match current.as_ref().map(|c| c.value()) {
+                    Some(held) if same(&held.slot, seen) => moka::ops::compute::Op::Put(Held { slot: marked, generation: held.generation }),
+                    _ => moka::ops::compute::Op::Nop,
                 };
-                std::future::ready(if unchanged { moka::ops::compute::Op::Put(marked) } else { moka::ops::compute::Op::Nop })
+                std::future::ready(op)
             })
             .await;
     }
@@ -230,7 +344,7 @@ impl LocalTier {
     /// Drops the copy another replica replaced with a newer one: under `hash`, or for a
     /// URL whose responses vary only its `variant`, if older than `response_time`.
     pub async fn drop_if_older(&self, hash: u128, variant: Option<u128>, response_time: SystemTime) {
-        let Some(slot) = self.cache.get(&hash).await else { return };
+        let Some(slot) = self.cache.get(&hash).await.map(|held| held.slot) else { return };
         match (&slot, variant) {
             (Slot::Variants(v), Some(variant)) => {
                 if !v.entries.iter().any(|(h, e)| *h == variant && e.response_time < response_time) {
@@ -241,16 +355,13 @@ impl LocalTier {
                     .entry(hash)
                     .and_compute_with(|current| {
                         let op = match current.as_ref().map(|c| c.value()) {
-                            Some(Slot::Variants(now)) if Arc::ptr_eq(now, &seen) => {
+                            Some(Held { slot: Slot::Variants(now), generation }) if Arc::ptr_eq(now, &seen) => {
                                 let entries: Vec<(u128, Arc<Entry>)> = now.entries.iter().filter(|(h, _)| *h != variant).cloned().collect();
                                 if entries.is_empty() {
                                     moka::ops::compute::Op::Remove
                                 } else {
-                                    moka::ops::compute::Op::Put(Slot::Variants(Arc::new(Variants {
-                                        marker: now.marker.clone(),
-                                        names: now.names.clone(),
-                                        entries,
-                                    })))
+                                    let slot = Slot::Variants(Arc::new(Variants { marker: now.marker.clone(), names: now.names.clone(), entries }));
+                                    moka::ops::compute::Op::Put(Held { slot, generation: *generation })
                                 }
                             }
                             _ => moka::ops::compute::Op::Nop,

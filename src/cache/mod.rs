@@ -27,8 +27,8 @@ use crate::clock::Clock;
 use crate::config::PoolConfig;
 use crate::metrics::PoolMetrics;
 use crate::outcome::Tier;
-use local::LocalTier;
-use shared::{SharedTier, SharedTierError};
+use local::{LocalTier, Standing};
+use shared::{Confirmation, SharedTier, SharedTierError};
 
 /// What a purge touched in one pool.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
@@ -117,7 +117,12 @@ impl Pool {
     /// route's `key_headers`), the request's variant is looked up: its key is returned
     /// even on a miss, so a fetch coalesces with requests for the same variant only.
     pub async fn lookup(&self, primary: &CacheKey, headers: &HeaderMap, key_headers: &[HeaderName]) -> Lookup {
-        let (local, marker, key) = match self.l1.get_slot(primary.hash).await {
+        let held = self.l1.get_standing(primary.hash).await;
+        let (slot, standing) = match held {
+            Some((slot, standing)) => (Some(slot), standing),
+            None => (None, Standing::Confirmed),
+        };
+        let (mut local, marker, key) = match slot.clone() {
             Some(Slot::Entry(entry)) if entry.key == primary.text && key_headers.is_empty() => (Some(entry), None, None),
             Some(Slot::Variants(v)) if v.marker.key == primary.text => {
                 let key = if key_headers.is_empty() {
@@ -131,6 +136,30 @@ impl Pool {
             _ if !key_headers.is_empty() => (None, None, Some(primary.variant(&key::merge_names(&[], key_headers), headers))),
             _ => (None, None, None),
         };
+        if let (Some(entry), Some(slot), Standing::Unconfirmed { predates_restart }, Some(l2)) = (&local, &slot, standing, &self.l2) {
+            // Kept through a gap in the event link: checked against Redis first.
+            match l2.confirm(key.as_ref().unwrap_or(primary), entry).await {
+                Confirmation::Same => self.l1.confirm(primary.hash, slot, key.as_ref()).await,
+                // No answer: served as it would be without a gap.
+                Confirmation::Unknown => {}
+                // Redis came back empty: kept, as soft-purged (stale while one refresh runs).
+                Confirmation::Absent if predates_restart => {
+                    self.metrics.post_gap_refreshes.increment(1);
+                    let kept = self.l1.keep_as_soft_purged(primary.hash, slot).await;
+                    let entry = match (&kept, &key) {
+                        (Slot::Variants(v), Some(key)) => v.find(key),
+                        (Slot::Entry(entry), None) => Some(entry.clone()),
+                        _ => None,
+                    };
+                    return Lookup { found: entry.map(|entry| Found { entry, tier: Tier::L1 }), key };
+                }
+                // Purged, replaced, expired or evicted while the link was down.
+                Confirmation::Absent | Confirmation::Differs => {
+                    self.l1.forget(primary.hash, slot).await;
+                    local = None;
+                }
+            }
+        }
         let now = self.clock.now();
         if let Some(entry) = &local
             && (entry.is_fresh(now) || self.l2.is_none())
@@ -201,7 +230,20 @@ impl Pool {
     pub fn start(&self) {
         if let Some(l2) = &self.l2 {
             let (l1, clock) = (self.l1.clone(), self.clock.clone());
+            // The last run_id Redis told, to know it restarted (empty) when it changes.
+            let last_run_id: Arc<std::sync::Mutex<Option<String>>> = Arc::default();
             let handler: shared::NoticeHandler = Arc::new(move |notice| {
+                if let shared::Notice::Resubscribed { run_id } = &notice {
+                    // Here, not in the task below: before any request can store anew.
+                    let mut last = last_run_id.lock().unwrap_or_else(|p| p.into_inner());
+                    let restarted = matches!((&*last, run_id), (Some(old), Some(new)) if old != new);
+                    tracing::info!(restarted, "event subscription up: L1 kept, each copy confirmed against Redis before its next use");
+                    l1.begin_generation(restarted);
+                    if run_id.is_some() {
+                        last.clone_from(run_id);
+                    }
+                    return;
+                }
                 let (l1, clock) = (l1.clone(), clock.clone());
                 tokio::spawn(async move {
                     match notice {
@@ -211,10 +253,7 @@ impl Pool {
                             l1.purge(&target, soft, clock.now()).await;
                         }
                         shared::Notice::Replaced { hash, variant, response_time } => l1.drop_if_older(hash, variant, response_time).await,
-                        shared::Notice::Resubscribed => {
-                            tracing::info!("event subscription restored: clearing L1, invalidations may have been missed");
-                            l1.clear();
-                        }
+                        shared::Notice::Resubscribed { .. } => {}
                     }
                 });
             });

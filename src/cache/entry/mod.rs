@@ -25,6 +25,9 @@ mod build;
 pub use build::{StoreFor, set_date_if_missing, take_tags};
 
 pub const FORMAT_VERSION: u8 = 2;
+
+/// Bytes of [`Entry::encoded_head`]: magic, version, status, seven times, flags.
+pub const HEAD_LEN: usize = 3 + 1 + 2 + 7 * 8 + 1;
 const MAGIC: &[u8; 3] = b"BWK";
 const FLAG_NO_STALE: u8 = 1;
 const FLAG_STALE_ON_ERROR_ALWAYS: u8 = 2;
@@ -142,9 +145,11 @@ impl Entry {
         u32::try_from(total).unwrap_or(u32::MAX)
     }
 
-    pub fn encode(&self) -> Bytes {
-        let headers_len: usize = self.headers.iter().map(|(n, v)| 6 + n.as_str().len() + v.len()).sum();
-        let mut out = BytesMut::with_capacity(64 + self.key.len() + headers_len + self.body.len());
+    /// The fixed-size head of the encoding: format, status, times, windows and flags.
+    /// Two encodings with the same head are the same stored response as far as a replica
+    /// checking its copy after a link gap is concerned (the same fill, purged or not).
+    pub fn encoded_head(&self) -> [u8; HEAD_LEN] {
+        let mut out = BytesMut::with_capacity(HEAD_LEN);
         out.put_slice(MAGIC);
         out.put_u8(FORMAT_VERSION);
         out.put_u16(self.status.as_u16());
@@ -160,6 +165,15 @@ impl Entry {
             | if self.invalidated { FLAG_INVALIDATED } else { 0 }
             | if self.variants { FLAG_VARIANTS } else { 0 };
         out.put_u8(flags);
+        let mut head = [0u8; HEAD_LEN];
+        head.copy_from_slice(&out);
+        head
+    }
+
+    pub fn encode(&self) -> Bytes {
+        let headers_len: usize = self.headers.iter().map(|(n, v)| 6 + n.as_str().len() + v.len()).sum();
+        let mut out = BytesMut::with_capacity(64 + self.key.len() + headers_len + self.body.len());
+        out.put_slice(&self.encoded_head());
         put_bytes32(&mut out, self.key.as_bytes());
         let count = u16::try_from(self.headers.len()).unwrap_or(u16::MAX);
         out.put_u16(count);
@@ -323,6 +337,13 @@ pub(crate) mod tests {
     fn round_trip() {
         let entry = sample();
         assert_eq!(Entry::decode(&entry.encode()), Ok(entry));
+    }
+
+    #[test]
+    fn the_head_is_the_start_of_the_encoding_and_tells_a_soft_purge() {
+        let entry = sample();
+        assert_eq!(&entry.encode()[..HEAD_LEN], &entry.encoded_head());
+        assert_ne!(entry.soft_purged().encoded_head(), entry.encoded_head());
     }
 
     #[test]

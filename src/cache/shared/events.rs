@@ -29,8 +29,9 @@ pub enum Notice {
     /// A replica stored a newer copy of what is held under this (primary) key, or of
     /// one of its variants: drop older ones.
     Replaced { hash: u128, variant: Option<u128>, response_time: std::time::SystemTime },
-    /// The subscription came back after a gap: messages may have been lost.
-    Resubscribed,
+    /// The subscription is up (also the first time: notices sent before it were
+    /// missed), with the server's `run_id` if it told it.
+    Resubscribed { run_id: Option<String> },
 }
 
 impl Notice {
@@ -52,7 +53,7 @@ impl Notice {
                     None => format!("inv:{sender:016x}:{hash:032x}:{ms}"),
                 })
             }
-            Notice::Resubscribed => None,
+            Notice::Resubscribed { .. } => None,
         }
     }
 
@@ -91,6 +92,17 @@ impl Notice {
 const HEARTBEAT: Duration = Duration::from_secs(2);
 
 /// Receives the notices of a pool's event channel.
+/// The server's `run_id`, on a connection of its own (a subscribed one cannot ask), or
+/// none when it does not answer within a heartbeat.
+async fn run_id(client: &redis::Client) -> Option<String> {
+    let ask = async {
+        let mut conn = client.get_multiplexed_async_connection().await.ok()?;
+        let info: String = redis::cmd("INFO").arg("server").query_async(&mut conn).await.ok()?;
+        info.lines().find_map(|line| line.strip_prefix("run_id:")).map(|id| id.trim().to_owned())
+    };
+    tokio::time::timeout(HEARTBEAT, ask).await.ok().flatten()
+}
+
 pub type NoticeHandler = std::sync::Arc<dyn Fn(Notice) + Send + Sync>;
 
 /// What a lease holder announces when its fetch is over.
@@ -262,10 +274,11 @@ impl Events {
             let session = async {
                 let mut pubsub = client.get_async_pubsub().await?;
                 pubsub.subscribe(&channel).await?;
+                let run_id = run_id(client).await;
                 self.subscribed.store(true, Ordering::Release);
                 metrics.events_subscribed.set(1.0);
                 // Also on the first subscription: notices sent before it were missed.
-                handler(Notice::Resubscribed);
+                handler(Notice::Resubscribed { run_id });
                 let (mut sink, mut messages) = pubsub.split();
                 // A subscription on a half-open socket hears nothing and reports no
                 // error: PING it, and start over when a PING goes unanswered.

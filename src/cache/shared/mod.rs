@@ -12,6 +12,7 @@ mod health;
 mod link;
 
 use std::collections::HashMap;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::{Duration, SystemTime};
 
@@ -175,6 +176,18 @@ impl SharedTier {
         // Start connecting now (a cluster connection is made in the background), so the
         // first requests do not find it missing.
         let _ = (self.reads.conn(), self.writes.conn());
+        // After a gap (not the first subscription) the other connections may sit on the
+        // same dead path (a failover, a lost NAT entry): made anew at once, so the checks
+        // of L1's copies are answered instead of timing out first.
+        let (reads, writes) = (self.reads.clone(), self.writes.clone());
+        let subscribed_before = AtomicBool::new(false);
+        let handler: NoticeHandler = Arc::new(move |notice| {
+            if matches!(notice, Notice::Resubscribed { .. }) && subscribed_before.swap(true, Ordering::AcqRel) {
+                reads.reset();
+                writes.reset();
+            }
+            handler(notice);
+        });
         let task = self.events.clone().run(self.event_clients.clone(), self.channel.clone(), self.metrics.clone(), handler, stop);
         tokio::spawn(task);
     }
@@ -387,6 +400,37 @@ impl SharedTier {
         }
     }
 
+    /// Checks a copy kept through a link gap against Redis, reading only the head of the
+    /// stored entry ([`Entry::encoded_head`]): one small read per entry.
+    pub async fn confirm(&self, key: &CacheKey, entry: &Entry) -> Confirmation {
+        if self.health.is_open() {
+            return Confirmation::Unknown;
+        }
+        let mut cmd = redis::cmd("GETRANGE");
+        cmd.arg(self.entry_key(key)).arg(0).arg(super::entry::HEAD_LEN - 1);
+        let mut conn = self.reads.conn();
+        match self.guarded(&self.reads, self.timeout, cmd.query_async::<Vec<u8>>(&mut conn)).await {
+            Some(Ok(head)) if head.is_empty() => Confirmation::Absent,
+            Some(Ok(head)) if head == entry.encoded_head() => Confirmation::Same,
+            Some(Ok(_)) => Confirmation::Differs,
+            Some(Err(_)) | None => {
+                self.metrics.redis_error(RedisOp::Get);
+                Confirmation::Unknown
+            }
+        }
+    }
+
+    /// The server's `run_id` (`INFO server`): a new one means Redis restarted (empty,
+    /// without persistence).
+    pub async fn run_id(&self) -> Option<String> {
+        if self.health.is_open() {
+            return None;
+        }
+        let mut conn = self.reads.conn();
+        let info = self.guarded(&self.reads, self.timeout, redis::cmd("INFO").arg("server").query_async::<String>(&mut conn)).await?.ok()?;
+        info.lines().find_map(|line| line.strip_prefix("run_id:")).map(|id| id.trim().to_owned())
+    }
+
     /// The value at `redis_key`, at most `max_entry_bytes + 1` bytes of it: redis-rs reads
     /// a whole bulk string before it returns, so the bound is in the command (`GETRANGE`;
     /// an absent key reads as empty, and no entry is empty).
@@ -555,6 +599,19 @@ impl SharedTier {
             self.metrics.redis_error(RedisOp::Set);
         }
     }
+}
+
+/// What Redis holds for a copy kept through a link gap.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Confirmation {
+    /// The same stored response: serve it.
+    Same,
+    /// Another one (replaced, or soft-purged meanwhile): this copy is outdated.
+    Differs,
+    /// None (purged, expired or evicted; or Redis restarted empty).
+    Absent,
+    /// No answer: serve as without a gap.
+    Unknown,
 }
 
 /// A purge that Redis could not complete: what it had done, and what failed.
