@@ -331,3 +331,28 @@ async fn a_purge_redis_cannot_complete_says_so_and_leaves_every_l1_as_redis_is()
         assert_ne!(got.cache_status(), "bulwark; hit; detail=l1");
     }
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_fill_that_started_before_a_purge_is_neither_stored_nor_joined_after_it() {
+    let origin = Origin::start().await;
+    let served = Arc::new(AtomicUsize::new(0));
+    let counter = served.clone();
+    origin.set(move |_| {
+        let n = counter.fetch_add(1, Ordering::SeqCst) + 1;
+        Reply::ok(format!("v{n}")).header("cache-control", "max-age=600").delay(Duration::from_millis(800))
+    });
+    let bulwark = Arc::new(Bulwark::start(&simple_config(&origin.url(), None, "")).await);
+    let before = {
+        let bulwark = bulwark.clone();
+        tokio::spawn(async move { bulwark.get_with("/p", &HOST).await })
+    };
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    // The price changed: purged while the old page is still being fetched.
+    assert_eq!(purge(&bulwark, r#"{"urls": ["/p"]}"#).await.status.as_u16(), 200);
+    let after = bulwark.get_with("/p", &HOST).await;
+    assert_eq!((after.text(), after.cache_status()), ("v2", "bulwark; fwd=miss; stored"), "asked after the purge: not the fill from before it");
+    let before = before.await.expect("request");
+    assert_eq!((before.text(), before.cache_status()), ("v1", "bulwark; fwd=miss; detail=purged"), "its own answer, not stored");
+    let next = bulwark.get_with("/p", &HOST).await;
+    assert_eq!((next.text(), next.cache_status()), ("v2", "bulwark; hit; detail=l1"), "the page from after the purge is the one kept");
+}

@@ -17,6 +17,7 @@ use http::StatusCode;
 use moka::future::Cache;
 use tokio::sync::watch;
 
+use super::purge::PurgeLog;
 use crate::error::ProxyError;
 use crate::origin::{Holder, Interest};
 use crate::outcome::Outcome;
@@ -85,6 +86,8 @@ struct Flight {
     /// Held by the leader's request and each waiter: a fetch nobody wants leaves the
     /// origin's queue.
     interest: Interest,
+    /// The pool's purge epoch when it started.
+    epoch: u64,
 }
 
 /// Which part a request plays in a key's flight.
@@ -171,11 +174,14 @@ pub struct Coalescer {
     next_id: AtomicU64,
     /// Keys recently answered with something not storable.
     hit_for_miss: Cache<u128, ()>,
+    /// The pool's purges: flights that started before one covering them are not joined.
+    purges: Arc<PurgeLog>,
 }
 
 impl Coalescer {
-    pub fn new() -> Arc<Coalescer> {
+    pub fn new(purges: Arc<PurgeLog>) -> Arc<Coalescer> {
         Arc::new(Coalescer {
+            purges,
             flights: Mutex::new(HashMap::new()),
             next_id: AtomicU64::new(1),
             hit_for_miss: Cache::builder().max_capacity(100_000).time_to_live(HIT_FOR_MISS).build(),
@@ -188,7 +194,8 @@ impl Coalescer {
 
     fn lead(self: &Arc<Self>, flights: &mut HashMap<u128, Arc<Flight>>, key: u128, generation: u32) -> Join {
         let (tx, _) = watch::channel(None);
-        let flight = Arc::new(Flight { id: self.next_id.fetch_add(1, Ordering::Relaxed), generation, tx, interest: Interest::default() });
+        let epoch = self.purges.epoch();
+        let flight = Arc::new(Flight { id: self.next_id.fetch_add(1, Ordering::Relaxed), generation, tx, interest: Interest::default(), epoch });
         flights.insert(key, flight.clone());
         Join::Leader(FlightGuard { coalescer: self.clone(), key, flight, done: false })
     }
@@ -197,12 +204,15 @@ impl Coalescer {
         Join::Waiter(Waiting { flight_id: flight.id, rx: flight.tx.subscribe(), _wants: flight.interest.hold() })
     }
 
-    /// Leads a new flight for `key`, or waits on the one in progress.
-    pub fn join(self: &Arc<Self>, key: u128) -> Join {
+    /// Leads a new flight for `key` (whose text is `text`), or waits on the one in
+    /// progress, unless that one started before a purge that may cover it: then a new
+    /// flight takes its place (its own answer will not be stored, see
+    /// [`PurgeLog::covering_since`]).
+    pub fn join(self: &Arc<Self>, key: u128, text: &str) -> Join {
         let mut flights = self.lock();
         match flights.get(&key) {
-            Some(flight) => Self::wait_on(flight),
-            None => self.lead(&mut flights, key, 0),
+            Some(flight) if self.purges.covering_since(flight.epoch, text, None).is_none() => Self::wait_on(flight),
+            _ => self.lead(&mut flights, key, 0),
         }
     }
 
@@ -257,10 +267,10 @@ mod tests {
 
     #[tokio::test]
     async fn one_leader_many_waiters_and_single_takeover() {
-        let c = Coalescer::new();
-        let Join::Leader(guard) = c.join(1) else { panic!("first is leader") };
+        let c = Coalescer::new(Arc::default());
+        let Join::Leader(guard) = c.join(1, "k") else { panic!("first is leader") };
         let mut waiters: Vec<Waiting> = (0..10)
-            .map(|_| match c.join(1) {
+            .map(|_| match c.join(1, "k") {
                 Join::Waiter(w) => w,
                 Join::Leader(_) => panic!("only one leader"),
             })
@@ -281,9 +291,9 @@ mod tests {
 
     #[tokio::test]
     async fn takeovers_are_bounded_and_a_late_fill_reaches_the_new_flight() {
-        let c = Coalescer::new();
-        let Join::Leader(first) = c.join(9) else { panic!("leader") };
-        let mut id = match c.join(9) {
+        let c = Coalescer::new(Arc::default());
+        let Join::Leader(first) = c.join(9, "k") else { panic!("leader") };
+        let mut id = match c.join(9, "k") {
             Join::Waiter(w) => w.flight_id,
             Join::Leader(_) => panic!("waiter"),
         };
@@ -298,7 +308,7 @@ mod tests {
             }
         }
         assert_eq!(leaders.len() as u32, MAX_TAKEOVERS);
-        let Join::Waiter(mut late) = c.join(9) else { panic!("waiter") };
+        let Join::Waiter(mut late) = c.join(9, "k") else { panic!("waiter") };
         let entry = Arc::new(crate::cache::entry::tests::sample());
         let key = crate::cache::CacheKey::new("http", "h", "/", None, crate::cache::Encodings::IDENTITY);
         first.complete(Fill::Stored(crate::cache::Stored { key, entry, marker: None }));
@@ -307,10 +317,10 @@ mod tests {
 
     #[tokio::test]
     async fn dropped_leader_abandons_and_try_lead_respects_flights() {
-        let c = Coalescer::new();
+        let c = Coalescer::new(Arc::default());
         let guard = c.try_lead(7).expect("no flight yet");
         assert!(c.try_lead(7).is_none());
-        let Join::Waiter(mut w) = c.join(7) else { panic!("waiter") };
+        let Join::Waiter(mut w) = c.join(7, "k") else { panic!("waiter") };
         drop(guard);
         assert!(matches!(w.wait(Duration::from_millis(5)).await, Some(Fill::Abandoned)));
         assert!(c.try_lead(7).is_some());

@@ -88,6 +88,8 @@ pub struct Pool {
     pub metrics: Arc<PoolMetrics>,
     /// Flights in progress for this pool's keys (reached through the flight methods).
     coalescer: Arc<coalesce::Coalescer>,
+    /// Purges applied to this pool, here or told by other replicas.
+    pub purges: Arc<purge::PurgeLog>,
     /// The wall time this pool's freshness decisions, `Age` and tier lifetimes go by.
     pub clock: Clock,
 }
@@ -95,6 +97,7 @@ pub struct Pool {
 impl Pool {
     pub fn new(config: PoolConfig, metrics: PoolMetrics, clock: Clock) -> Result<Pool, SharedTierError> {
         let metrics = Arc::new(metrics);
+        let purges = Arc::new(purge::PurgeLog::default());
         let l2 = match &config.shared {
             Some(shared) => Some(SharedTier::new(
                 &config.name,
@@ -107,7 +110,15 @@ impl Pool {
             )?),
             None => None,
         };
-        Ok(Pool { l1: LocalTier::new(config.l1_max_bytes, clock.clone()), l2, metrics, coalescer: coalesce::Coalescer::new(), config, clock })
+        Ok(Pool {
+            l1: LocalTier::new(config.l1_max_bytes, clock.clone()),
+            l2,
+            metrics,
+            coalescer: coalesce::Coalescer::new(purges.clone()),
+            purges,
+            config,
+            clock,
+        })
     }
 
     /// L1, then L2 (all of it within one `redis_timeout`); an L2 hit is promoted to L1.
@@ -229,7 +240,7 @@ impl Pool {
     /// and replacements are applied to this pool's L1.
     pub fn start(&self) {
         if let Some(l2) = &self.l2 {
-            let (l1, clock) = (self.l1.clone(), self.clock.clone());
+            let (l1, clock, purges) = (self.l1.clone(), self.clock.clone(), self.purges.clone());
             // The last run_id Redis told, to know it restarted (empty) when it changes.
             let last_run_id: Arc<std::sync::Mutex<Option<String>>> = Arc::default();
             let handler: shared::NoticeHandler = Arc::new(move |notice| {
@@ -243,6 +254,9 @@ impl Pool {
                         last.clone_from(run_id);
                     }
                     return;
+                }
+                if let shared::Notice::Purge { target, .. } = &notice {
+                    purges.record(target);
                 }
                 let (l1, clock) = (l1.clone(), clock.clone());
                 tokio::spawn(async move {
@@ -268,6 +282,7 @@ impl Pool {
     /// copy lives on. A pool without Redis purges this L1 only.
     pub async fn purge(&self, target: &PurgeTarget, soft: bool) -> PurgeCount {
         let Some(l2) = &self.l2 else {
+            self.purges.record(target);
             let local = self.l1.purge(target, soft, self.clock.now()).await;
             return PurgeCount { l1: local, l2: 0, all_replicas: false, error: None };
         };
@@ -276,7 +291,8 @@ impl Pool {
             Err(err) => return PurgeCount { l1: 0, l2: err.done, all_replicas: false, error: Some(err.why) },
         };
         // Everything stored here before now, Redis's part done: a copy read from Redis
-        // while it ran goes too.
+        // while it ran goes too, and a fetch that started before now stores nothing.
+        self.purges.record(target);
         let local = self.l1.purge(target, soft, self.clock.now()).await;
         let broadcast = l2.publish(&shared::Notice::Purge { target: target.clone(), soft }).await;
         let error = (!broadcast).then_some("purged in Redis and here, but the other replicas could not be told");
@@ -328,7 +344,7 @@ impl Pool {
 
     /// Leads a new flight for `key`, or waits on the one in progress.
     pub fn join_flight(&self, key: &CacheKey) -> coalesce::Join {
-        self.coalescer.join(key.hash)
+        self.coalescer.join(key.hash, &key.text)
     }
 
     /// After waiting too long on flight `stale_id`: one caller leads a new flight, the

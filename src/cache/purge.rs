@@ -126,3 +126,90 @@ mod purge_tests {
         assert!(indexed.contains(&url) && indexed.contains(&path) && indexed.contains(&PurgeTarget::Tag("t".into())));
     }
 }
+
+/// Purges recently applied to a pool (here, or told by another replica), numbered by an
+/// epoch: a fetch that started before a purge covering its answer does not store that
+/// answer after it, and a request that arrives after such a purge does not join a fill
+/// that started before it. Only misses look here; hits never do.
+#[derive(Debug, Default)]
+pub struct PurgeLog {
+    epoch: std::sync::atomic::AtomicU64,
+    recent: std::sync::Mutex<std::collections::VecDeque<(u64, PurgeTarget)>>,
+}
+
+/// Purges remembered; a fetch older than all of them counts as covered by one.
+const PURGES_REMEMBERED: usize = 4096;
+
+impl PurgeLog {
+    /// The epoch now: the number of purges applied so far.
+    pub fn epoch(&self) -> u64 {
+        self.epoch.load(std::sync::atomic::Ordering::Acquire)
+    }
+
+    /// Records a purge of `target`, applied from now on.
+    pub fn record(&self, target: &PurgeTarget) {
+        let mut recent = self.lock();
+        let epoch = self.epoch.fetch_add(1, std::sync::atomic::Ordering::AcqRel) + 1;
+        recent.push_back((epoch, target.clone()));
+        if recent.len() > PURGES_REMEMBERED {
+            recent.pop_front();
+        }
+    }
+
+    /// The newest purge since `since` that covers a response stored under `key_text`
+    /// with `tags` (any tag purge, when the tags are not known yet), or `None`.
+    pub fn covering_since(&self, since: u64, key_text: &str, tags: Option<&[String]>) -> Option<u64> {
+        if self.epoch() == since {
+            return None;
+        }
+        let recent = self.lock();
+        // Older than everything remembered: assume the worst.
+        if recent.front().is_some_and(|(oldest, _)| *oldest > since + 1) {
+            return Some(self.epoch());
+        }
+        recent.iter().rev().take_while(|(epoch, _)| *epoch > since).find(|(_, target)| covers(target, key_text, tags)).map(|(epoch, _)| *epoch)
+    }
+
+    fn lock(&self) -> std::sync::MutexGuard<'_, std::collections::VecDeque<(u64, PurgeTarget)>> {
+        self.recent.lock().unwrap_or_else(|poisoned| poisoned.into_inner())
+    }
+}
+
+fn covers(target: &PurgeTarget, key_text: &str, tags: Option<&[String]>) -> bool {
+    match (target, tags) {
+        (PurgeTarget::Tag(_), None) => true,
+        (target, tags) => target.matches(key_text, tags.unwrap_or_default()),
+    }
+}
+
+#[cfg(test)]
+mod log_tests {
+    use super::*;
+
+    #[test]
+    fn a_purge_covers_fetches_started_before_it_only() {
+        let log = PurgeLog::default();
+        let before = log.epoch();
+        let key = "http://shop.example/p/1\nae=identity";
+        log.record(&PurgeTarget::Url("http://shop.example/p/2".into()));
+        assert_eq!(log.covering_since(before, key, Some(&[])), None, "another URL");
+        log.record(&PurgeTarget::Url("http://shop.example/p/1".into()));
+        assert_eq!(log.covering_since(before, key, Some(&[])), Some(2));
+        assert_eq!(log.covering_since(log.epoch(), key, Some(&[])), None, "started after it");
+        let after = log.epoch();
+        log.record(&PurgeTarget::tag("sale").expect("tag"));
+        assert_eq!(log.covering_since(after, key, Some(&["other".into()])), None);
+        assert_eq!(log.covering_since(after, key, Some(&["sale".into()])), Some(3));
+        assert_eq!(log.covering_since(after, key, None), Some(3), "tags not known yet: any tag purge may cover it");
+    }
+
+    #[test]
+    fn a_fetch_older_than_everything_remembered_counts_as_covered() {
+        let log = PurgeLog::default();
+        for i in 0..(PURGES_REMEMBERED + 10) {
+            log.record(&PurgeTarget::Url(format!("http://shop.example/other/{i}")));
+        }
+        assert!(log.covering_since(0, "http://shop.example/p/1\nae=identity", Some(&[])).is_some());
+        assert_eq!(log.covering_since(log.epoch() - 1, "http://shop.example/p/1\nae=identity", Some(&[])), None);
+    }
+}

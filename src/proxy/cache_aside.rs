@@ -77,6 +77,7 @@ impl Keyed {
             stale_on_wait: true,
             store: true,
             interest: None,
+            purge_epoch: pool.purges.epoch(),
         }
     }
 }

@@ -69,6 +69,17 @@ pub struct FetchJob {
     /// Who wants the answer, for a fetch run in a flight's task: when they are all gone
     /// while it waits for an origin slot, it is never sent. None for a background refresh.
     pub interest: Option<Interest>,
+    /// The pool's purge epoch when the request asked: an answer a purge since then
+    /// covers is not stored.
+    pub purge_epoch: u64,
+}
+
+impl FetchJob {
+    /// Whether a purge since this job began covers `stored`: storing it now would bring
+    /// back what was purged.
+    pub fn purged_since(&self, stored: &Stored) -> bool {
+        self.pool.purges.covering_since(self.purge_epoch, &stored.entry.key, Some(&stored.entry.tags)).is_some()
+    }
 }
 
 impl FetchJob {

@@ -204,6 +204,13 @@ pub async fn direct(job: &FetchJob) -> Decision {
     let result = job.fetch().await;
     if let Ok(Fetched::Storable { stored, .. }) = &result
         && job.store
+        && job.purged_since(stored)
+    {
+        job.route.metrics.not_stored(NotStored::Purged);
+        return Decision::new(Serve::Entry { entry: stored.entry.clone(), age: false }, Outcome::Miss(Store::Not(NotStored::Purged)));
+    }
+    if let Ok(Fetched::Storable { stored, .. }) = &result
+        && job.store
     {
         job.pool.forget_uncacheable(&job.key).await;
         job.pool.store(&job.primary, stored, job.replaces).await;
@@ -264,6 +271,14 @@ async fn run_flight(job: FetchJob, guard: FlightGuard, leader: Option<oneshot::S
     // The lease is renewed while the fetch runs: queue wait, headers and body.
     let fetched = pool.renewing(&job.key, lease.as_ref(), peer_wait(&job).lease_ttl, job.fetch()).await;
     let (fill, result) = match fetched {
+        // Purged while it was fetched: not stored, and not handed to the waiters (those
+        // who asked after the purge are in a flight of their own; the others fetch anew).
+        Ok(Fetched::Storable { stored, .. }) if job.store && job.purged_since(&stored) => {
+            job.route.metrics.not_stored(NotStored::Purged);
+            let entry = &stored.entry;
+            let answer = Arc::new(Answer { status: entry.status, headers: entry.headers.clone(), body: entry.body.clone() });
+            (Fill::Personal, LeaderResult::Answer(answer, NotStored::Purged))
+        }
         Ok(Fetched::Storable { stored, revalidated }) => {
             if job.store {
                 pool.store_local(&job.primary, &stored).await;
