@@ -15,6 +15,7 @@ use http_body::{Body, Frame, SizeHint};
 use http_body_util::BodyExt;
 use tokio::sync::mpsc;
 
+use crate::memory::Reservation;
 use crate::origin::{OriginBody, OriginBodyError};
 
 /// How a response body ended.
@@ -41,6 +42,8 @@ enum Kind {
     Stream {
         prefix: VecDeque<Bytes>,
         rest: Box<OriginBody>,
+        /// The memory budget the prefix was read under, given back with the body.
+        held: Option<Reservation>,
     },
     /// A stream read by a pump task ([`ProxyBody::with_send_timeout`]).
     Pumped(Pumped),
@@ -77,7 +80,13 @@ impl ProxyBody {
     }
 
     pub fn stream(prefix: VecDeque<Bytes>, rest: OriginBody) -> ProxyBody {
-        ProxyBody { kind: Kind::Stream { prefix, rest: Box::new(rest) }, on_end: None }
+        ProxyBody { kind: Kind::Stream { prefix, rest: Box::new(rest), held: None }, on_end: None }
+    }
+
+    /// [`ProxyBody::stream`] whose `prefix` was read under `held`, which it keeps until
+    /// the body is done with (the prefix can wait on a slow client that long).
+    pub fn stream_holding(prefix: VecDeque<Bytes>, rest: OriginBody, held: Reservation) -> ProxyBody {
+        ProxyBody { kind: Kind::Stream { prefix, rest: Box::new(rest), held: Some(held) }, on_end: None }
     }
 
     /// This body with its sending bounded (for a body streamed from an origin; any other
@@ -91,11 +100,11 @@ impl ProxyBody {
             return self;
         }
         let on_end = self.on_end.take();
-        let Kind::Stream { prefix, rest } = std::mem::replace(&mut self.kind, Kind::Full(None)) else { return self };
+        let Kind::Stream { prefix, rest, held } = std::mem::replace(&mut self.kind, Kind::Full(None)) else { return self };
         let hint = Kind::stream_hint(&prefix, &rest);
         let (tx, rx) = mpsc::channel(PUMP_FRAMES);
         let state = Arc::new(AtomicU8::new(PUMPING));
-        tokio::spawn(pump(Kind::Stream { prefix, rest }, tx, limit, state.clone()));
+        tokio::spawn(pump(Kind::Stream { prefix, rest, held }, tx, limit, state.clone()));
         ProxyBody { kind: Kind::Pumped(Pumped { rx, state, limit, hint, done: false }), on_end }
     }
 
@@ -120,8 +129,14 @@ impl Body for ProxyBody {
         let this = self.get_mut();
         let polled = match &mut this.kind {
             Kind::Full(bytes) => Poll::Ready(bytes.take().map(|b| Ok(Frame::data(b)))),
-            Kind::Stream { prefix, rest } => match prefix.pop_front() {
-                Some(chunk) => Poll::Ready(Some(Ok(Frame::data(chunk)))),
+            Kind::Stream { prefix, rest, held } => match prefix.pop_front() {
+                Some(chunk) => {
+                    if prefix.is_empty() {
+                        // The prefix is on its way: its budget is free again.
+                        held.take();
+                    }
+                    Poll::Ready(Some(Ok(Frame::data(chunk))))
+                }
                 None => Pin::new(rest.as_mut()).poll_frame(cx),
             },
             Kind::Pumped(pumped) => match ready!(pumped.rx.poll_recv(cx)) {
@@ -160,7 +175,7 @@ impl Body for ProxyBody {
     fn is_end_stream(&self) -> bool {
         match &self.kind {
             Kind::Full(bytes) => bytes.is_none(),
-            Kind::Stream { prefix, rest } => prefix.is_empty() && rest.is_end_stream(),
+            Kind::Stream { prefix, rest, .. } => prefix.is_empty() && rest.is_end_stream(),
             // hyper drops a body whose declared length is sent without polling it again.
             Kind::Pumped(pumped) => pumped.done || pumped.hint.exact() == Some(0),
         }
@@ -169,7 +184,7 @@ impl Body for ProxyBody {
     fn size_hint(&self) -> SizeHint {
         match &self.kind {
             Kind::Full(bytes) => SizeHint::with_exact(bytes.as_ref().map_or(0, |b| b.len() as u64)),
-            Kind::Stream { prefix, rest } => Kind::stream_hint(prefix, rest),
+            Kind::Stream { prefix, rest, .. } => Kind::stream_hint(prefix, rest),
             Kind::Pumped(pumped) => pumped.hint,
         }
     }

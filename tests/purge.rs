@@ -115,6 +115,8 @@ async fn soft_purge_serves_stale_while_refreshing() {
     version.store(2, Ordering::SeqCst);
     let answer = purge(&one, r#"{"urls": ["/products/1"], "soft": true}"#).await;
     assert_eq!(answer.status, 200);
+    let counts: serde_json::Value = serde_json::from_slice(&answer.body).expect("json");
+    assert_eq!(counts["l2"].as_u64(), Some(1), "the entry in Redis was marked: {counts}");
     let (got, took) = until_not_l1(&two, "/products/1", &HOST).await;
     assert_eq!((got.cache_status(), got.text()), ("bulwark; hit; fwd=stale; detail=stale-while-revalidate", "/products/1 v1"));
     assert!(took < Duration::from_millis(500), "{took:?}");

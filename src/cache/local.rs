@@ -123,7 +123,7 @@ pub struct LocalTier {
     clock: Clock,
     /// The link generation: one more after every (re)subscription of the event link.
     generation: Arc<AtomicU64>,
-    /// The generation in which Redis was found restarted (a new `run_id`).
+    /// The generation in which Redis was found to have lost its data (a new data epoch).
     restarted: Arc<AtomicU64>,
 }
 
@@ -155,14 +155,17 @@ impl LocalTier {
         let standing = if held.generation == now {
             Standing::Confirmed
         } else {
-            Standing::Unconfirmed { predates_restart: held.generation < self.restarted.load(Ordering::Acquire) }
+            // Trusted only until the next gap: a copy missing after that one may have
+            // been purged meanwhile.
+            let restarted = self.restarted.load(Ordering::Acquire);
+            Standing::Unconfirmed { predates_restart: held.generation < restarted && restarted == now }
         };
         Some((held.slot, standing))
     }
 
     /// The event link is (re)subscribed: everything held now may have missed
     /// invalidations and is checked before reuse; `restarted` when Redis came back with
-    /// a new `run_id` (empty).
+    /// a new data epoch (it lost its data).
     pub fn begin_generation(&self, restarted: bool) {
         let generation = self.generation.fetch_add(1, Ordering::AcqRel) + 1;
         if restarted {
@@ -245,9 +248,10 @@ impl LocalTier {
         self.cache
             .entry(primary.hash)
             .and_compute_with(|current| {
-                // Joining variants kept through a gap leaves the slot unconfirmed.
-                let generation = current.as_ref().map_or(generation, |c| c.value().generation.min(generation));
-                let current = current.as_ref().map(|c| &c.value().slot);
+                // Variants kept through a gap, not yet checked, are not joined: a new
+                // variant starts the URL's slot afresh, confirmed (the others are read from
+                // Redis again when asked for).
+                let current = current.as_ref().filter(|c| c.value().generation == generation).map(|c| &c.value().slot);
                 let same_names =
                     |v: &Variants| v.marker.key == marker.key && v.marker.headers.get(http::header::VARY) == marker.headers.get(http::header::VARY);
                 let mut entries: Vec<(u128, Arc<Entry>)> = match current {

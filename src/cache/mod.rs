@@ -241,17 +241,17 @@ impl Pool {
     pub fn start(&self) {
         if let Some(l2) = &self.l2 {
             let (l1, clock, purges) = (self.l1.clone(), self.clock.clone(), self.purges.clone());
-            // The last run_id Redis told, to know it restarted (empty) when it changes.
-            let last_run_id: Arc<std::sync::Mutex<Option<String>>> = Arc::default();
+            // The last data epoch Redis told, to know it lost its data when it changes.
+            let last_epoch: Arc<std::sync::Mutex<Option<String>>> = Arc::default();
             let handler: shared::NoticeHandler = Arc::new(move |notice| {
-                if let shared::Notice::Resubscribed { run_id } = &notice {
+                if let shared::Notice::Resubscribed { data_epoch } = &notice {
                     // Here, not in the task below: before any request can store anew.
-                    let mut last = last_run_id.lock().unwrap_or_else(|p| p.into_inner());
-                    let restarted = matches!((&*last, run_id), (Some(old), Some(new)) if old != new);
+                    let mut last = last_epoch.lock().unwrap_or_else(|p| p.into_inner());
+                    let restarted = matches!((&*last, data_epoch), (Some(old), Some(new)) if old != new);
                     tracing::info!(restarted, "event subscription up: L1 kept, each copy confirmed against Redis before its next use");
                     l1.begin_generation(restarted);
-                    if run_id.is_some() {
-                        last.clone_from(run_id);
+                    if data_epoch.is_some() {
+                        last.clone_from(data_epoch);
                     }
                     return;
                 }

@@ -273,7 +273,9 @@ async fn store_or_stream(
     let body = match read {
         Err(_) => return Err(origin_error(route, OriginError::Timeout(origin.timeout))),
         Ok(Err(err)) => return Err(origin_error(route, OriginError::Body(err))),
-        Ok(Ok(BodyRead::Unstored(prefix, rest, reason))) => return Ok(Fetched::Streamed(res_parts, ProxyBody::stream(prefix, rest), reason)),
+        Ok(Ok(BodyRead::Unstored(prefix, rest, reason))) => {
+            return Ok(Fetched::Streamed(res_parts, ProxyBody::stream_holding(prefix, rest, reservation), reason));
+        }
         Ok(Ok(BodyRead::Complete(body))) => body,
     };
     // Purge tags are for this cache only: taken out of the stored response.

@@ -30,8 +30,8 @@ pub enum Notice {
     /// one of its variants: drop older ones.
     Replaced { hash: u128, variant: Option<u128>, response_time: std::time::SystemTime },
     /// The subscription is up (also the first time: notices sent before it were
-    /// missed), with the server's `run_id` if it told it.
-    Resubscribed { run_id: Option<String> },
+    /// missed), with the pool's data epoch if Redis told it.
+    Resubscribed { data_epoch: Option<String> },
 }
 
 impl Notice {
@@ -92,13 +92,22 @@ impl Notice {
 const HEARTBEAT: Duration = Duration::from_secs(2);
 
 /// Receives the notices of a pool's event channel.
-/// The server's `run_id`, on a connection of its own (a subscribed one cannot ask), or
-/// none when it does not answer within a heartbeat.
-async fn run_id(client: &redis::Client) -> Option<String> {
+/// Reads the pool's data epoch (KEYS[1]), setting it to ARGV[1] if there is none.
+const DATA_EPOCH: &str = "local v = redis.call('get', KEYS[1]) if v then return v end redis.call('set', KEYS[1], ARGV[1]) return ARGV[1]";
+
+/// The pool's data epoch: a random value kept under `key`, set when it is missing. It
+/// changes only when Redis lost its data (a restart without persistence), not on a
+/// failover to a replica or a restart that reloads its data, which a changed `run_id`
+/// would not tell apart. Asked on a connection of its own (a subscribed one cannot);
+/// none when it does not answer within a heartbeat (or, in a cluster, when the key is
+/// on another node: then no copy is ever kept on the strength of a restart).
+async fn data_epoch(client: &redis::Client, key: &str) -> Option<String> {
     let ask = async {
         let mut conn = client.get_multiplexed_async_connection().await.ok()?;
-        let info: String = redis::cmd("INFO").arg("server").query_async(&mut conn).await.ok()?;
-        info.lines().find_map(|line| line.strip_prefix("run_id:")).map(|id| id.trim().to_owned())
+        let script = redis::Script::new(DATA_EPOCH);
+        let mut invocation = script.key(key);
+        invocation.arg(format!("{:016x}", fastrand::u64(..)));
+        invocation.invoke_async::<String>(&mut conn).await.ok()
     };
     tokio::time::timeout(HEARTBEAT, ask).await.ok().flatten()
 }
@@ -258,6 +267,7 @@ impl Events {
         self: std::sync::Arc<Self>,
         clients: Vec<redis::Client>,
         channel: String,
+        epoch_key: String,
         metrics: std::sync::Arc<PoolMetrics>,
         handler: NoticeHandler,
         mut stop: oneshot::Receiver<()>,
@@ -274,11 +284,11 @@ impl Events {
             let session = async {
                 let mut pubsub = client.get_async_pubsub().await?;
                 pubsub.subscribe(&channel).await?;
-                let run_id = run_id(client).await;
+                let data_epoch = data_epoch(client, &epoch_key).await;
                 self.subscribed.store(true, Ordering::Release);
                 metrics.events_subscribed.set(1.0);
                 // Also on the first subscription: notices sent before it were missed.
-                handler(Notice::Resubscribed { run_id });
+                handler(Notice::Resubscribed { data_epoch });
                 let (mut sink, mut messages) = pubsub.split();
                 // A subscription on a half-open socket hears nothing and reports no
                 // error: PING it, and start over when a PING goes unanswered.

@@ -188,7 +188,8 @@ impl SharedTier {
             }
             handler(notice);
         });
-        let task = self.events.clone().run(self.event_clients.clone(), self.channel.clone(), self.metrics.clone(), handler, stop);
+        let epoch_key = format!("{}epoch", self.prefix);
+        let task = self.events.clone().run(self.event_clients.clone(), self.channel.clone(), epoch_key, self.metrics.clone(), handler, stop);
         tokio::spawn(task);
     }
 
@@ -220,16 +221,18 @@ impl SharedTier {
         let deadline = self.timeout * 4;
         let started = std::time::Instant::now();
         let now_ms = unix_millis(self.clock.now());
+        if soft {
+            return self.soft_purge(&index, now_ms, deadline, started).await;
+        }
         let mut conn = self.writes.conn();
-        let (mut done, mut offset) = (0, 0);
+        let mut done = 0;
         loop {
             if started.elapsed() > PURGE_DEADLINE {
                 return Err(PurgeError { done, why: "the purge ran out of time" });
             }
-            // A hard purge removes each batch from the index, so the next one starts at 0;
-            // a soft purge leaves the members indexed (the entries stay) and moves on.
+            // Each batch leaves the index as it is purged: the next one starts at 0.
             let mut range = redis::cmd("ZRANGEBYSCORE");
-            range.arg(&index).arg(now_ms).arg("+inf").arg("LIMIT").arg(offset).arg(PURGE_BATCH);
+            range.arg(&index).arg(now_ms).arg("+inf").arg("LIMIT").arg(0).arg(PURGE_BATCH);
             let members: Vec<String> = match self.guarded(&self.writes, deadline, range.query_async(&mut conn)).await {
                 Some(Ok(members)) => members,
                 _ => return Err(PurgeError { done, why: "the pool's Redis failed while purging" }),
@@ -238,10 +241,7 @@ impl SharedTier {
                 return Ok(done);
             }
             let last = members.len() < PURGE_BATCH;
-            if soft {
-                done += self.soft_purge_batch(&members, deadline).await.map_err(|()| PurgeError { done, why: "the pool's Redis failed while purging" })?;
-                offset += members.len();
-            } else {
+            {
                 let deletes: Vec<redis::Cmd> = members.iter().map(redis::Cmd::del).collect();
                 let deleted = match self.guarded(&self.writes, deadline, exec(&self.writes, &deletes)).await {
                     Some(Ok(deleted)) => deleted.iter().filter(|n| matches!(n, redis::Value::Int(1..))).count(),
@@ -261,13 +261,47 @@ impl SharedTier {
         }
     }
 
+    /// A soft purge leaves the members indexed (the entries stay, marked): it walks the
+    /// index with `ZSCAN`, which returns every member present throughout at least once
+    /// however other replicas change the index meanwhile (positions would shift under a
+    /// paged range); members seen twice are marked once.
+    async fn soft_purge(&self, index: &str, now_ms: u64, deadline: Duration, started: std::time::Instant) -> Result<usize, PurgeError> {
+        let mut conn = self.writes.conn();
+        let (mut done, mut cursor) = (0, 0u64);
+        let mut seen = std::collections::HashSet::new();
+        loop {
+            if started.elapsed() > PURGE_DEADLINE {
+                return Err(PurgeError { done, why: "the purge ran out of time" });
+            }
+            let mut scan = redis::cmd("ZSCAN");
+            scan.arg(index).arg(cursor).arg("COUNT").arg(PURGE_BATCH);
+            let (next, pairs): (u64, Vec<(String, f64)>) = match self.guarded(&self.writes, deadline, scan.query_async(&mut conn)).await {
+                Some(Ok(page)) => page,
+                _ => return Err(PurgeError { done, why: "the pool's Redis failed while purging" }),
+            };
+            // Live members only (the score is the entry's expiry), each once.
+            let members: Vec<String> =
+                pairs.into_iter().filter(|(_, expires)| *expires >= now_ms as f64).map(|(m, _)| m).filter(|m| seen.insert(m.clone())).collect();
+            done += self.soft_purge_batch(&members, deadline).await.map_err(|()| PurgeError { done, why: "the pool's Redis failed while purging" })?;
+            if next == 0 {
+                return Ok(done);
+            }
+            cursor = next;
+        }
+    }
+
     /// Marks the entries at `members` soft-purged (each only if unchanged meanwhile);
     /// returns how many it found.
     async fn soft_purge_batch(&self, members: &[String], deadline: Duration) -> Result<usize, ()> {
         let mut touched = 0;
         let mut conn = self.writes.conn();
         for key in members {
-            let Some(Ok(Some(payload))) = self.get_bounded(&self.writes, key, deadline).await else { continue };
+            let payload = match self.get_bounded(&self.writes, key, deadline).await {
+                Some(Ok(Some(payload))) => payload,
+                // Gone meanwhile (expired, purged): nothing to mark.
+                Some(Ok(None)) => continue,
+                Some(Err(_)) | None => return Err(()),
+            };
             if payload.len() > self.max_entry_bytes {
                 continue;
             }
@@ -418,17 +452,6 @@ impl SharedTier {
                 Confirmation::Unknown
             }
         }
-    }
-
-    /// The server's `run_id` (`INFO server`): a new one means Redis restarted (empty,
-    /// without persistence).
-    pub async fn run_id(&self) -> Option<String> {
-        if self.health.is_open() {
-            return None;
-        }
-        let mut conn = self.reads.conn();
-        let info = self.guarded(&self.reads, self.timeout, redis::cmd("INFO").arg("server").query_async::<String>(&mut conn)).await?.ok()?;
-        info.lines().find_map(|line| line.strip_prefix("run_id:")).map(|id| id.trim().to_owned())
     }
 
     /// The value at `redis_key`, at most `max_entry_bytes + 1` bytes of it: redis-rs reads
