@@ -30,6 +30,7 @@ pub const L1_ENTRIES: &str = "bulwark_l1_entries";
 pub const L2_CORRUPT_TOTAL: &str = "bulwark_l2_corrupt_entries_total";
 pub const REDIS_WRITES_DROPPED_TOTAL: &str = "bulwark_redis_writes_dropped_total";
 pub const POST_GAP_REFRESHES_TOTAL: &str = "bulwark_post_gap_refreshes_total";
+pub const L1_UNCONFIRMED: &str = "bulwark_l1_unconfirmed";
 pub const REDIS_EVENTS_SUBSCRIBED: &str = "bulwark_redis_events_subscribed";
 pub const CONFIG_RELOADS_TOTAL: &str = "bulwark_config_reloads_total";
 pub const ACCESS_LOG_DROPPED_TOTAL: &str = "bulwark_access_log_dropped_total";
@@ -149,6 +150,7 @@ impl Registry {
             l1_entries: self.gauge(L1_ENTRIES, &labels),
             l2_corrupt: self.counter(L2_CORRUPT_TOTAL, &labels),
             post_gap_refreshes: self.counter(POST_GAP_REFRESHES_TOTAL, &labels),
+            l1_unconfirmed: self.gauge(L1_UNCONFIRMED, &labels),
             writes_dropped: WriteDropped::LABELS.map(|reason| self.counter(REDIS_WRITES_DROPPED_TOTAL, &[("pool", pool), ("reason", reason)])),
             events_subscribed: self.gauge(REDIS_EVENTS_SUBSCRIBED, &labels),
         }
@@ -237,6 +239,8 @@ pub struct PoolMetrics {
     writes_dropped: [Counter; WriteDropped::LABELS.len()],
     /// Copies kept through a Redis that came back empty, served stale while refreshed.
     pub post_gap_refreshes: Counter,
+    /// Copies kept through a link gap, not yet checked against Redis.
+    pub l1_unconfirmed: Gauge,
     /// 1 while the pool's Redis event subscription (fills, leases) is up.
     pub events_subscribed: Gauge,
 }

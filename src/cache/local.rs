@@ -2,7 +2,7 @@
 //! entry expiring when its freshness and stale windows have run out.
 
 use std::sync::Arc;
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::time::{Duration, Instant, SystemTime};
 
 use moka::Expiry;
@@ -125,6 +125,8 @@ pub struct LocalTier {
     generation: Arc<AtomicU64>,
     /// The generation in which Redis was found to have lost its data (a new data epoch).
     restarted: Arc<AtomicU64>,
+    /// No copy from before the last gap is left (so counting them needs no scan).
+    all_confirmed: Arc<AtomicBool>,
 }
 
 impl LocalTier {
@@ -136,7 +138,7 @@ impl LocalTier {
             .expire_after(KeepWhileUseful { clock: clock.clone() })
             .support_invalidation_closures()
             .build();
-        LocalTier { cache, clock, generation: Arc::default(), restarted: Arc::default() }
+        LocalTier { cache, clock, generation: Arc::default(), restarted: Arc::default(), all_confirmed: Arc::new(AtomicBool::new(true)) }
     }
 
     fn generation(&self) -> u64 {
@@ -167,6 +169,7 @@ impl LocalTier {
     /// invalidations and is checked before reuse; `restarted` when Redis came back with
     /// a new data epoch (it lost its data).
     pub fn begin_generation(&self, restarted: bool) {
+        self.all_confirmed.store(false, Ordering::Release);
         let generation = self.generation.fetch_add(1, Ordering::AcqRel) + 1;
         if restarted {
             self.restarted.store(generation, Ordering::Release);
@@ -273,6 +276,20 @@ impl LocalTier {
                 std::future::ready(moka::ops::compute::Op::Put(Held { slot, generation }))
             })
             .await;
+    }
+
+    /// Copies kept through the last gap and not checked since (`bulwark_l1_unconfirmed`):
+    /// a scan of L1, made only while some may be left.
+    pub fn unconfirmed(&self) -> u64 {
+        if self.all_confirmed.load(Ordering::Acquire) {
+            return 0;
+        }
+        let now = self.generation();
+        let left = self.cache.iter().filter(|(_, held)| held.generation != now).count() as u64;
+        if left == 0 && self.generation() == now {
+            self.all_confirmed.store(true, Ordering::Release);
+        }
+        left
     }
 
     /// Bytes held, by the weigher's count (updated by moka's housekeeping).

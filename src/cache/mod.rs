@@ -376,5 +376,6 @@ impl Pool {
         self.l1.sync().await;
         self.metrics.l1_bytes.set(self.l1.weighted_size() as f64);
         self.metrics.l1_entries.set(self.l1.entry_count() as f64);
+        self.metrics.l1_unconfirmed.set(self.l1.unconfirmed() as f64);
     }
 }
