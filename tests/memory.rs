@@ -35,13 +35,17 @@ async fn storable_bodies_beyond_max_inflight_body_bytes_stream_through_unstored(
         assert_eq!((got.status.as_u16(), got.body.len()), (200, 700 << 10), "every client gets the whole page");
         statuses.push((got.cache_status().to_owned(), path));
     }
-    statuses.sort();
-    let found: Vec<&str> = statuses.iter().map(|(status, _)| status.as_str()).collect();
-    assert_eq!(found, ["bulwark; fwd=miss; detail=memory", "bulwark; fwd=miss; stored"], "1.4 MiB at once does not fit in 1 MiB");
-    assert_eq!(bulwark.metric("bulwark_not_stored_total", &[("reason", "memory")]).await, 1.0);
-    // The budget comes back: the page that streamed is stored when asked for alone (and
+    // 1.4 MiB at once does not fit in 1 MiB: at least one streams through unstored
+    // (both can, when the first one's prefix still holds its bytes as the second grows).
+    let unstored: Vec<&str> = statuses.iter().filter(|(status, _)| status == "bulwark; fwd=miss; detail=memory").map(|(_, path)| *path).collect();
+    assert!(!unstored.is_empty(), "{statuses:?}");
+    assert!(statuses.iter().all(|(status, _)| status == "bulwark; fwd=miss; detail=memory" || status == "bulwark; fwd=miss; stored"), "{statuses:?}");
+    assert_eq!(bulwark.metric("bulwark_not_stored_total", &[("reason", "memory")]).await, unstored.len() as f64);
+    // The budget comes back: a page that streamed is stored when asked for alone (and
     // nothing was remembered against it).
-    assert_eq!(bulwark.get_with(statuses[0].1, &HOST).await.cache_status(), "bulwark; fwd=miss; stored");
+    for path in unstored {
+        assert_eq!(bulwark.get_with(path, &HOST).await.cache_status(), "bulwark; fwd=miss; stored", "{path}");
+    }
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
