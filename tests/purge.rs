@@ -188,26 +188,6 @@ async fn purge_requests_are_validated_and_local_pools_say_so() {
     }
 }
 
-/// Waits until `bulwark`'s event subscription has gone down and come back up.
-async fn until_resubscribed(bulwark: &Bulwark) {
-    let deadline = Instant::now() + Duration::from_secs(10);
-    while bulwark.metric("bulwark_redis_events_subscribed", &[("pool", "pdp")]).await == 1.0 {
-        assert!(Instant::now() < deadline, "the subscription never noticed the gap");
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
-    bulwark.wait_for_subscription().await;
-    // The read connection may not have noticed yet (a timeout or an I/O error replaces
-    // it): a few lookups of other keys make sure it has, so that the checks below are
-    // answered rather than served as with an unreachable Redis.
-    for i in 0..4 {
-        bulwark.get_with(&format!("/warm-up/{i}"), &HOST).await;
-    }
-    support::eventually("the Redis breaker is closed", Duration::from_secs(5), async || {
-        bulwark.metric("bulwark_redis_breaker_open", &[("pool", "pdp")]).await == 0.0
-    })
-    .await;
-}
-
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_redis_restarted_empty_leaves_l1_serving_stale_copies_refreshed_once_each() {
     let mut redis = RedisServer::start();
@@ -221,7 +201,7 @@ async fn a_redis_restarted_empty_leaves_l1_serving_stale_copies_refreshed_once_e
     assert_eq!(bulwark.get_with("/products/1", &HOST).await.cache_status(), "bulwark; hit; detail=l1");
     redis.restart();
     version.store(2, Ordering::SeqCst);
-    until_resubscribed(&bulwark).await;
+    bulwark.until_resubscribed().await;
     // Redis lost everything; this L1 did not: its copies are served at once, as stale
     // copies, while one refresh per key runs. No client waits for the origin.
     for i in 0..5 {
@@ -263,7 +243,7 @@ async fn a_subscription_that_goes_silent_is_replaced_and_l1_confirmed_against_re
     let purged = purge(&direct, r#"{"urls": ["http://shop.example/products/2"]}"#).await;
     assert_eq!(purged.status.as_u16(), 200);
     // The heartbeat notices within a few seconds and resubscribes on a new connection.
-    until_resubscribed(&through_relay).await;
+    through_relay.until_resubscribed().await;
     // Its copies were kept, and each is checked against Redis before its next use: the
     // one Redis still holds is served from L1, the one purged meanwhile is not.
     assert_eq!(through_relay.get_with("/products/1", &HOST).await.cache_status(), "bulwark; hit; detail=l1");

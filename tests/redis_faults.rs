@@ -320,24 +320,6 @@ async fn a_live_fetch_longer_than_lock_timeout_keeps_its_lease() {
     assert_eq!(origin.total(), 1, "one fetch across both replicas");
 }
 
-/// Waits until `bulwark`'s event subscription has gone down and come back up, then makes
-/// sure its read connection has noticed too (a few lookups of other keys).
-async fn until_resubscribed(bulwark: &Bulwark) {
-    let deadline = Instant::now() + Duration::from_secs(10);
-    while bulwark.metric("bulwark_redis_events_subscribed", &[("pool", "pdp")]).await == 1.0 {
-        assert!(Instant::now() < deadline, "the subscription never noticed the gap");
-        tokio::time::sleep(Duration::from_millis(10)).await;
-    }
-    bulwark.wait_for_subscription().await;
-    for i in 0..4 {
-        bulwark.get_with(&format!("/warm-up/{i}"), &HOST).await;
-    }
-    support::eventually("the Redis breaker is closed", Duration::from_secs(5), async || {
-        bulwark.metric("bulwark_redis_breaker_open", &[("pool", "pdp")]).await == 0.0
-    })
-    .await;
-}
-
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_gap_in_the_event_link_keeps_l1_and_confirms_each_copy_cheaply() {
     let redis = RedisServer::start();
@@ -358,7 +340,7 @@ async fn a_gap_in_the_event_link_keeps_l1_and_confirms_each_copy_cheaply() {
         if gap == "kill" {
             let killed: i64 = redis::cmd("CLIENT").arg("KILL").arg("TYPE").arg("pubsub").query(&mut conn).expect("CLIENT KILL");
             assert_eq!(killed, 1);
-            until_resubscribed(&bulwark).await;
+            bulwark.until_resubscribed().await;
         } else {
             redis.stall();
             tokio::time::sleep(Duration::from_secs(3)).await;

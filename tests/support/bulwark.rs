@@ -141,6 +141,25 @@ impl Bulwark {
         .await;
     }
 
+    /// Waits until the pool `pdp`'s event subscription has gone down and come back up
+    /// (a gap), then until its read connection has noticed too: a few lookups of other
+    /// keys (a timeout or an I/O error replaces a dead connection) and the Redis breaker
+    /// closed, so that checks of L1's copies are answered rather than served as with an
+    /// unreachable Redis.
+    pub async fn until_resubscribed(&self) {
+        let deadline = std::time::Instant::now() + Duration::from_secs(10);
+        while self.metric("bulwark_redis_events_subscribed", &[("pool", "pdp")]).await == 1.0 {
+            assert!(std::time::Instant::now() < deadline, "the subscription never noticed the gap");
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+        self.wait_for_subscription().await;
+        for i in 0..4 {
+            self.get_with(&format!("/warm-up/{i}"), &[("host", "shop.example")]).await;
+        }
+        eventually("the Redis breaker is closed", Duration::from_secs(5), async || self.metric("bulwark_redis_breaker_open", &[("pool", "pdp")]).await == 0.0)
+            .await;
+    }
+
     pub async fn metric(&self, name: &str, labels: &[(&str, &str)]) -> f64 {
         metric_value(&self.metrics().await, name, labels)
     }
