@@ -235,7 +235,7 @@ impl SharedTier {
             range.arg(&index).arg(now_ms).arg("+inf").arg("LIMIT").arg(0).arg(PURGE_BATCH);
             let members: Vec<String> = match self.guarded(&self.writes, deadline, range.query_async(&mut conn)).await {
                 Some(Ok(members)) => members,
-                _ => return Err(PurgeError { done, why: "the pool's Redis failed while purging" }),
+                _ => return Err(PurgeError::failed(done)),
             };
             if members.is_empty() {
                 return Ok(done);
@@ -245,14 +245,14 @@ impl SharedTier {
                 let deletes: Vec<redis::Cmd> = members.iter().map(redis::Cmd::del).collect();
                 let deleted = match self.guarded(&self.writes, deadline, exec(&self.writes, &deletes)).await {
                     Some(Ok(deleted)) => deleted.iter().filter(|n| matches!(n, redis::Value::Int(1..))).count(),
-                    _ => return Err(PurgeError { done, why: "the pool's Redis failed while purging" }),
+                    _ => return Err(PurgeError::failed(done)),
                 };
                 done += deleted;
                 // Remove exactly the members purged: one indexed meanwhile stays findable.
                 let mut zrem = redis::cmd("ZREM");
                 zrem.arg(&index).arg(&members);
                 if !matches!(self.guarded(&self.writes, deadline, zrem.query_async::<i64>(&mut conn)).await, Some(Ok(_))) {
-                    return Err(PurgeError { done, why: "the pool's Redis failed while purging" });
+                    return Err(PurgeError::failed(done));
                 }
             }
             if last {
@@ -277,12 +277,12 @@ impl SharedTier {
             scan.arg(index).arg(cursor).arg("COUNT").arg(PURGE_BATCH);
             let (next, pairs): (u64, Vec<(String, f64)>) = match self.guarded(&self.writes, deadline, scan.query_async(&mut conn)).await {
                 Some(Ok(page)) => page,
-                _ => return Err(PurgeError { done, why: "the pool's Redis failed while purging" }),
+                _ => return Err(PurgeError::failed(done)),
             };
             // Live members only (the score is the entry's expiry), each once.
             let members: Vec<String> =
                 pairs.into_iter().filter(|(_, expires)| *expires >= now_ms as f64).map(|(m, _)| m).filter(|m| seen.insert(m.clone())).collect();
-            done += self.soft_purge_batch(&members, deadline).await.map_err(|()| PurgeError { done, why: "the pool's Redis failed while purging" })?;
+            done += self.soft_purge_batch(&members, deadline).await.map_err(|()| PurgeError::failed(done))?;
             if next == 0 {
                 return Ok(done);
             }
@@ -417,7 +417,7 @@ impl SharedTier {
             if report_corrupt {
                 tracing::warn!(key = %redis_key, limit = self.max_entry_bytes, "value in Redis longer than any entry of this pool, deleting it");
                 self.metrics.l2_corrupt.increment(1);
-                self.delete_if_oversized(redis_key);
+                self.delete_corrupt(redis_key, DELETE_IF_OVERSIZED, self.max_entry_bytes.to_string().into_bytes());
             }
             return None;
         }
@@ -428,7 +428,7 @@ impl SharedTier {
             Err(DecodeError::Corrupt(why)) => {
                 tracing::warn!(key = %redis_key, why, "corrupt entry in Redis, deleting it");
                 self.metrics.l2_corrupt.increment(1);
-                self.delete_if_unchanged(redis_key, payload);
+                self.delete_corrupt(redis_key, DELETE_IF_UNCHANGED, payload.to_vec());
                 None
             }
         }
@@ -463,20 +463,6 @@ impl SharedTier {
         let mut conn = link.conn();
         let read = self.guarded(link, deadline, cmd.query_async::<Vec<u8>>(&mut conn)).await?;
         Some(read.map(|value| (!value.is_empty()).then(|| Bytes::from(value))))
-    }
-
-    fn delete_if_oversized(&self, redis_key: String) {
-        let (writes, health) = (self.writes.clone(), self.health.clone());
-        let (timeout, metrics, limit) = (self.timeout, self.metrics.clone(), self.max_entry_bytes);
-        tokio::spawn(async move {
-            let script = redis::Script::new(DELETE_IF_OVERSIZED);
-            let mut invocation = script.key(&redis_key);
-            invocation.arg(limit);
-            let mut conn = writes.conn();
-            if !matches!(guarded(&health, &writes, timeout, invocation.invoke_async::<i64>(&mut conn)).await, Some(Ok(_))) {
-                metrics.redis_error(RedisOp::Del);
-            }
-        });
     }
 
     /// Deadline of a write: `redis_timeout`, plus time to move a large value at 64 MB/s.
@@ -535,13 +521,16 @@ impl SharedTier {
         .await
     }
 
-    fn delete_if_unchanged(&self, redis_key: String, payload: Bytes) {
+    /// Deletes a corrupt entry in the background with `script` (its one argument `arg`:
+    /// the payload it must still hold, or the length it must still exceed), so that
+    /// nothing written meanwhile is deleted.
+    fn delete_corrupt(&self, redis_key: String, script: &'static str, arg: Vec<u8>) {
         let (writes, health) = (self.writes.clone(), self.health.clone());
         let (timeout, metrics) = (self.timeout, self.metrics.clone());
         tokio::spawn(async move {
-            let script = redis::Script::new(DELETE_IF_UNCHANGED);
+            let script = redis::Script::new(script);
             let mut invocation = script.key(&redis_key);
-            invocation.arg(payload.as_ref());
+            invocation.arg(arg);
             let mut conn = writes.conn();
             if !matches!(guarded(&health, &writes, timeout, invocation.invoke_async::<i64>(&mut conn)).await, Some(Ok(_))) {
                 metrics.redis_error(RedisOp::Del);
@@ -643,6 +632,13 @@ pub enum Confirmation {
 pub struct PurgeError {
     pub done: usize,
     pub why: &'static str,
+}
+
+impl PurgeError {
+    /// Redis failed (or did not answer) after `done` entries were purged.
+    fn failed(done: usize) -> PurgeError {
+        PurgeError { done, why: "the pool's Redis failed while purging" }
+    }
 }
 
 /// Index members purged per batch.
