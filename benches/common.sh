@@ -1,7 +1,21 @@
-# Shared by the scripts that compare two bulwark builds on the cached-hit path
-# (compare-builds.sh, callgrind-hit.sh): sourced, not run.
+# Shared by the bench scripts (compare-builds.sh, callgrind-hit.sh, burst.sh,
+# memory-burst.sh): sourced, not run.
 
 free_port() { python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",0)); print(s.getsockname()[1])'; }
+# Waits until something accepts on PORT (without asking for any key).
+wait_port() { for _ in $(seq 100); do (exec 3<>"/dev/tcp/127.0.0.1/$1") 2>/dev/null && return 0; sleep 0.05; done; echo "nothing listens on $1" >&2; return 1; }
+
+# Builds this tree's release binary and the burst client (benches/burst.rs); sets BURST
+# to the client's path. Run it as: "$BURST" ADDR CLIENTS KEYS RUN
+build_burst_client() {
+    (cd "$HERE" && cargo build --release --quiet && cargo bench --quiet --bench burst --no-run 2>/dev/null)
+    BURST=$(cd "$HERE" && cargo bench --bench burst --no-run --message-format=json 2>/dev/null | python3 -c '
+import json, sys
+for line in sys.stdin:
+    m = json.loads(line)
+    if m.get("reason") == "compiler-artifact" and m.get("target", {}).get("name") == "burst" and m.get("executable"):
+        print(m["executable"])')
+}
 
 # Writes the origin: every GET answers a 2 KiB body, public for an hour, with an ETag.
 # Run it as: python3 FILE PORT

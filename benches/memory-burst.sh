@@ -21,17 +21,11 @@ cleanup() {
 trap cleanup EXIT
 ulimit -n "$(ulimit -Hn)"
 
-free_port() { python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",0)); print(s.getsockname()[1])'; }
-wait_port() { for _ in $(seq 100); do (exec 3<>"/dev/tcp/127.0.0.1/$1") 2>/dev/null && return 0; sleep 0.05; done; echo "nothing listens on $1" >&2; return 1; }
 
-(cd "$HERE" && cargo build --release --quiet && cargo bench --quiet --bench burst --no-run 2>/dev/null)
+# shellcheck source=benches/common.sh
+source "$HERE/benches/common.sh"
+build_burst_client
 BULWARK=${BULWARK:-$HERE/target/release/bulwark}
-BURST=$(cd "$HERE" && cargo bench --bench burst --no-run --message-format=json 2>/dev/null | python3 -c '
-import json, sys
-for line in sys.stdin:
-    m = json.loads(line)
-    if m.get("reason") == "compiler-artifact" and m.get("target", {}).get("name") == "burst" and m.get("executable"):
-        print(m["executable"])')
 
 ORIGIN_PORT=$(free_port); PORT=$(free_port); ADMIN=$(free_port)
 cat > "$WORK/origin.py" <<'PY'
