@@ -151,14 +151,20 @@ async fn set_mode(proxy: &Proxy, route: &str, req: Request<Incoming>) -> AdminRe
         return json(StatusCode::CONFLICT, serde_json::json!({ "error": err.to_string(), "route": route }));
     }
     tracing::info!(route, mode = mode.as_str(), "route mode switched through the admin API");
-    let applied_to = match proxy.control.get() {
-        None => "this replica only: no control_redis_url is configured".to_owned(),
-        Some(control) => match control.set_mode(route, mode).await {
-            Ok(()) => "all replicas".to_owned(),
-            Err(err) => format!("this replica only: the control Redis failed ({err})"),
-        },
+    let Some(control) = proxy.control.get() else {
+        return json(StatusCode::OK, serde_json::json!({ "route": route, "mode": mode.as_str(), "scope": "this replica" }));
     };
-    json(StatusCode::OK, serde_json::json!({ "route": route, "mode": mode.as_str(), "applied_to": applied_to }))
+    match control.set_mode(route, mode).await {
+        Ok(acks) => {
+            let status = if acks.missing.is_empty() { StatusCode::OK } else { StatusCode::ACCEPTED };
+            json(status, serde_json::json!({ "route": route, "mode": mode.as_str(), "confirmed": acks.confirmed, "missing": acks.missing }))
+        }
+        // Applied here; whether any other replica has it is unknown.
+        Err(err) => json(
+            StatusCode::ACCEPTED,
+            serde_json::json!({ "route": route, "mode": mode.as_str(), "scope": "this replica", "confirmed": [control.replica()], "error": err.to_string() }),
+        ),
+    }
 }
 
 /// `POST /admin/reload`: the same as SIGHUP.

@@ -129,7 +129,7 @@ async fn serve(listeners: Listeners, proxy: Arc<Proxy>, shutdown: impl Future<Ou
         pool.start();
     }
     if let Some(url) = &server_config.control_redis_url {
-        match crate::control::Control::new(url) {
+        match crate::control::Control::new(url, &server_config.replica_id) {
             Ok(control) => {
                 let _ = proxy.control.set(control.clone());
                 control.start(proxy.live.clone()).await;
@@ -163,6 +163,9 @@ async fn serve(listeners: Listeners, proxy: Arc<Proxy>, shutdown: impl Future<Ou
     tracing::info!("listener closed; waiting for in-flight requests");
     if tokio::time::timeout(server_config.shutdown_timeout, connections.shutdown()).await.is_err() {
         tracing::warn!(timeout = ?server_config.shutdown_timeout, "in-flight requests still running at shutdown timeout");
+    }
+    if let Some(control) = proxy.control.get() {
+        control.leave().await;
     }
     let _ = admin_stop.send(());
     let _ = admin_task.await;

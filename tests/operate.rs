@@ -52,7 +52,7 @@ async fn each_route_mode_takes_effect_on_the_next_request_under_load() {
 
     let answer = set_mode(&bulwark, "search", "off").await;
     assert_eq!(answer.status, 200);
-    assert!(answer.text().contains("this replica only"), "{}", answer.text());
+    assert!(answer.text().contains(r#""scope":"this replica""#), "{}", answer.text());
     let off = bulwark.get("/search?q=shoes").await;
     assert_eq!((off.status.as_u16(), off.cache_status()), (503, "bulwark; detail=off"));
     assert!(off.header("retry-after").is_some());
@@ -86,28 +86,67 @@ async fn each_route_mode_takes_effect_on_the_next_request_under_load() {
     assert_eq!(failures.load(Ordering::Relaxed), 0);
 }
 
+/// The body of a mode-change answer as JSON.
+fn answer_json(got: &support::Got) -> serde_json::Value {
+    serde_json::from_str(got.text()).unwrap_or_else(|_| panic!("a JSON answer: {}", got.text()))
+}
+
+fn ids(answer: &serde_json::Value, field: &str) -> Vec<String> {
+    answer[field].as_array().unwrap_or_else(|| panic!("{field} in {answer}")).iter().map(|v| v.as_str().expect("an id").to_owned()).collect()
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn with_a_control_redis_modes_reach_every_replica_and_new_ones_start_in_them() {
     let redis = RedisServer::start();
     let origin = Origin::start().await;
-    let text = config(&origin.url(), Some(&redis.url())).to_toml();
-    let one = Bulwark::start(&text).await;
-    let two = Bulwark::start(&text).await;
-    // Give the control subscriptions a moment to come up.
-    tokio::time::sleep(Duration::from_millis(300)).await;
+    let text = |id: &str| config(&origin.url(), Some(&redis.url())).server("replica_id", id).to_toml();
+    let one = Bulwark::start(&text("one")).await;
+    let two = Bulwark::start(&text("two")).await;
     let answer = set_mode(&one, "search", "off").await;
-    assert!(answer.text().contains("all replicas"), "{}", answer.text());
+    let body = answer_json(&answer);
+    assert_eq!(answer.status, 200, "{body}");
+    assert_eq!(ids(&body, "confirmed"), ["one", "two"]);
+    assert!(ids(&body, "missing").is_empty());
+    // Confirmed means applied: replica two refuses at once.
+    assert_eq!(two.get("/search?q=x").await.status, 503);
+    let three = Bulwark::start(&text("three")).await;
+    assert_eq!(three.get("/search?q=x").await.status, 503, "a new replica did not start in the current mode");
+    // Without a control Redis the answer says where it applied.
+    let alone = Bulwark::start(&config(&origin.url(), None).to_toml()).await;
+    let answer = answer_json(&set_mode(&alone, "search", "off").await);
+    assert_eq!(answer["scope"], "this replica", "{answer}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_replica_whose_control_connection_went_silent_is_listed_missing_then_catches_up() {
+    let redis = RedisServer::start();
+    let relay = support::BlackholeRelay::start(redis.port).await;
+    let origin = Origin::start().await;
+    let direct = Bulwark::start(&config(&origin.url(), Some(&redis.url())).server("replica_id", "direct").to_toml()).await;
+    let relayed = Bulwark::start(&config(&origin.url(), Some(&relay.url())).server("replica_id", "relayed").to_toml()).await;
+    assert_eq!(set_mode(&direct, "search", "cache-only").await.status, 200);
+
+    // Every connection of the relayed replica to the control Redis goes silent, with no
+    // error: only a heartbeat can tell.
+    relay.blackhole_existing();
+    let answer = set_mode(&direct, "search", "off").await;
+    let body = answer_json(&answer);
+    assert_eq!(answer.status, 202, "{body}");
+    assert_eq!(ids(&body, "confirmed"), ["direct"]);
+    assert_eq!(ids(&body, "missing"), ["relayed"]);
+
+    // It notices within 3 s (1 s heartbeat), subscribes again and reads the modes back.
     let start = Instant::now();
-    while two.get("/search?q=x").await.status != 503 {
-        assert!(start.elapsed() < Duration::from_secs(1), "replica two did not switch within a second");
-        tokio::time::sleep(Duration::from_millis(20)).await;
+    while relayed.get("/search?q=x").await.status != 503 {
+        assert!(start.elapsed() < Duration::from_secs(6), "the relayed replica never applied the change made while it was cut off");
+        tokio::time::sleep(Duration::from_millis(50)).await;
     }
-    let three = Bulwark::start(&text).await;
-    let deadline = Instant::now() + Duration::from_secs(2);
-    while three.get("/search?q=x").await.status != 503 {
-        assert!(Instant::now() < deadline, "a new replica did not start in the current mode");
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
+    // Its read-back acknowledges: the next change is confirmed by both.
+    let answer = set_mode(&direct, "search", "normal").await;
+    let body = answer_json(&answer);
+    assert_eq!(answer.status, 200, "{body}");
+    assert_eq!(ids(&body, "confirmed"), ["direct", "relayed"]);
+    assert_eq!(relayed.get("/search?q=x").await.status, 200);
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

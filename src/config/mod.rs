@@ -70,6 +70,9 @@ pub struct ServerConfig {
     pub access_log: AccessLog,
     pub access_log_sample: f64,
     pub control_redis_url: Option<String>,
+    /// How this replica names itself to the others (mode acknowledgements): the
+    /// config's `replica_id`, else `HOSTNAME`, else a random id.
+    pub replica_id: String,
 }
 
 #[derive(Debug, Clone, PartialEq)]

@@ -41,6 +41,7 @@ pub struct RawServer {
     pub access_log: Option<AccessLog>,
     pub access_log_sample: Option<Spanned<f64>>,
     pub control_redis_url: Option<Spanned<String>>,
+    pub replica_id: Option<Spanned<String>>,
 }
 
 #[derive(Debug, Deserialize)]

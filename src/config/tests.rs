@@ -184,3 +184,11 @@ fn a_zero_queue_timeout_or_breaker_open_for_is_refused_at_its_line() {
     let no_queue = parse(&format!("{origins}max_queue = 0\n{rest}")).expect("max_queue = 0 means no queue");
     assert_eq!(no_queue.origins[0].max_queue, 0);
 }
+
+#[test]
+fn a_replica_id_with_spaces_is_rejected_and_a_given_one_is_kept() {
+    let message = error_of(&format!("[server]\nreplica_id = \"pod a\"\n{MINIMAL}"));
+    assert!(message.contains("bulwark.toml:2") && message.contains("replica_id"), "{message}");
+    let config = parse(&format!("[server]\nreplica_id = \"web-7f9c\"\n{MINIMAL}")).expect("valid");
+    assert_eq!(config.server.replica_id, "web-7f9c");
+}

@@ -148,6 +148,13 @@ fn server(raw: raw::RawServer) -> Result<ServerConfig> {
         None => None,
         Some(url) => Some(redis_url(&url)?),
     };
+    let replica_id = match raw.replica_id {
+        Some(id) if id.get_ref().is_empty() || id.get_ref().len() > 253 || id.get_ref().chars().any(|c| c.is_whitespace() || c.is_control()) => {
+            return err(id.span(), "replica_id must be 1 to 253 characters with no spaces");
+        }
+        Some(id) => id.into_inner(),
+        None => std::env::var("HOSTNAME").ok().filter(|h| !h.is_empty()).unwrap_or_else(|| format!("bulwark-{:08x}", fastrand::u32(..))),
+    };
     let max_header_bytes = raw.max_header_bytes.map_or(64 * 1024, |s| s.0);
     let listen_backlog = match raw.listen_backlog {
         None => 4096,
@@ -168,6 +175,7 @@ fn server(raw: raw::RawServer) -> Result<ServerConfig> {
         access_log: raw.access_log.unwrap_or_default(),
         access_log_sample,
         control_redis_url,
+        replica_id,
     })
 }
 

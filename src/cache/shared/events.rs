@@ -90,6 +90,8 @@ impl Notice {
 
 /// How often the subscription is checked with a PING (and how long the PING may take).
 const HEARTBEAT: Duration = Duration::from_secs(2);
+/// Connecting and subscribing must be done within this.
+const CONNECT_DEADLINE: Duration = Duration::from_secs(2);
 
 /// Receives the notices of a pool's event channel.
 /// Reads the pool's data epoch (KEYS[1]), setting it to ARGV[1] if there is none.
@@ -282,8 +284,16 @@ impl Events {
             let client = &clients[attempt % clients.len()];
             attempt += 1;
             let session = async {
-                let mut pubsub = client.get_async_pubsub().await?;
-                pubsub.subscribe(&channel).await?;
+                let connect = async {
+                    let mut pubsub = client.get_async_pubsub().await?;
+                    pubsub.subscribe(&channel).await?;
+                    Ok::<_, redis::RedisError>(pubsub)
+                };
+                // A Redis that accepts the connection and then says nothing must not hold the
+                // subscriber (and every entry waiting on it) forever.
+                let pubsub = tokio::time::timeout(CONNECT_DEADLINE, connect)
+                    .await
+                    .map_err(|_| redis::RedisError::from((redis::ErrorKind::Io, "subscribing took too long")))??;
                 let data_epoch = data_epoch(client, &epoch_key).await;
                 self.subscribed.store(true, Ordering::Release);
                 metrics.events_subscribed.set(1.0);

@@ -9,7 +9,7 @@
 
 mod events;
 mod health;
-mod link;
+pub(crate) mod link;
 mod purge;
 
 use std::collections::HashMap;
