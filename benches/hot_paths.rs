@@ -35,6 +35,7 @@ fn entry(key: &CacheKey, body_len: usize) -> Entry {
         invalidated: false,
         keep_for_revalidation: Duration::ZERO,
         variants: false,
+        last_used: Default::default(),
     }
 }
 

@@ -5,7 +5,8 @@
 //! the current one behind an `ArcSwap`: each request takes one snapshot and finishes on
 //! it, so a reload never changes a request half-way. A reload builds a new runtime that
 //! keeps every pool and origin whose settings did not change (their L1, Redis
-//! connections, bulkheads and breakers) and each route's runtime mode.
+//! connections, bulkheads and breakers) and each route's runtime mode; a pool whose
+//! other settings changed gets a new L1 of its new size holding the old one's entries.
 
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
@@ -97,7 +98,11 @@ impl Runtime {
             .iter()
             .map(|p| match previous.and_then(|old| old.pools.iter().find(|op| op.config == *p)) {
                 Some(same) => Ok(same.clone()),
-                None => Pool::new(p.clone(), registry.pool(&p.name), clock.clone()).map(Arc::new),
+                None => match previous.and_then(|old| old.pools.iter().find(|op| op.same_store(p))) {
+                    // Its L1 contents are moved in by the reload (see `Live::reload`).
+                    Some(before) => Pool::succeeding(before, p.clone(), registry.pool(&p.name), clock.clone()).map(Arc::new),
+                    None => Pool::new(p.clone(), registry.pool(&p.name), clock.clone()).map(Arc::new),
+                },
             })
             .collect::<Result<Vec<_>, _>>()?;
         let origins = config
@@ -180,7 +185,7 @@ impl Live {
     /// nothing. Requests in flight finish on the configuration they started with.
     pub async fn reload(&self) -> Result<(), ReloadError> {
         let _one_at_a_time = self.reload_lock.lock().await;
-        let result = self.reload_locked();
+        let result = self.reload_locked().await;
         match &result {
             Ok(()) => {
                 self.reloads[0].increment(1);
@@ -194,7 +199,7 @@ impl Live {
         result
     }
 
-    fn reload_locked(&self) -> Result<(), ReloadError> {
+    async fn reload_locked(&self) -> Result<(), ReloadError> {
         let path = self.config_path.as_deref().ok_or(ReloadError::NoFile)?;
         let config = Config::load(path)?;
         let old = self.runtime.load_full();
@@ -202,12 +207,25 @@ impl Live {
             tracing::warn!("listen addresses changed in the file; they take effect on restart only");
         }
         let runtime = Runtime::build_from(config, &self.registry, Some(&old), &self.clock)?;
+        // Pools whose sizes, freshness or deadlines changed keep their L1 contents;
+        // purges that reach the old pool while they move are applied again after the swap.
+        let mut moved = Vec::new();
         for pool in &runtime.pools {
-            if !old.pools.iter().any(|p| Arc::ptr_eq(p, pool)) {
-                pool.start();
+            if old.pools.iter().any(|p| Arc::ptr_eq(p, pool)) {
+                continue;
             }
+            if let Some(before) = old.pools.iter().find(|p| p.same_store(&pool.config)) {
+                let epoch = before.purges.epoch();
+                let kept = pool.take_over(before).await;
+                tracing::info!(pool = pool.config.name, kept, "pool settings changed: L1 contents kept");
+                moved.push((pool.clone(), epoch));
+            }
+            pool.start();
         }
         self.runtime.store(Arc::new(runtime));
+        for (pool, epoch) in moved {
+            pool.apply_purges_since(epoch).await;
+        }
         Ok(())
     }
 }

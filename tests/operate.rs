@@ -315,3 +315,100 @@ async fn access_log_json_text_and_sampling() {
     assert!(text.iter().all(|l| l.contains(" GET ") && l.contains("route=products") && l.contains("cache=")), "{:?}", text.first());
     assert!(access_log_lines(&origin, "", 20, 10).await.is_empty(), "off by default");
 }
+
+/// A config file of its own, removed on drop.
+struct ConfigFile(std::path::PathBuf);
+
+impl ConfigFile {
+    fn new(text: &str) -> ConfigFile {
+        let path = std::env::temp_dir().join(format!("bulwark-operate-{}-{}.toml", std::process::id(), support::free_port()));
+        std::fs::write(&path, text).expect("write config");
+        ConfigFile(path)
+    }
+
+    fn write(&self, text: &str) {
+        std::fs::write(&self.0, text).expect("write config");
+    }
+}
+
+impl Drop for ConfigFile {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_file(&self.0);
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_reload_that_shrinks_l1_keeps_the_most_recently_used_entries_and_drops_none_needlessly() {
+    let origin = Origin::start().await;
+    origin.set(|_| Reply::ok("x".repeat(10_000)));
+    let text = |l1: &str, ttl: &str| config(&origin.url(), None).pool("l1_max_bytes", l1).pool("default_ttl", ttl).to_toml();
+    let file = ConfigFile::new(&text("1MiB", "10m"));
+    let bulwark = Bulwark::start_with_file(&file.0).await;
+    for i in 0..20 {
+        assert_eq!(bulwark.get(&format!("/products/{i}")).await.cache_status(), "bulwark; fwd=miss; stored");
+    }
+    // Five of them used again, later than the others.
+    bulwark.advance(Duration::from_secs(5));
+    for i in 15..20 {
+        assert_eq!(bulwark.get(&format!("/products/{i}")).await.cache_status(), "bulwark; hit; detail=l1");
+    }
+
+    // Freshness changed only: everything kept.
+    file.write(&text("1MiB", "20m"));
+    assert_eq!(bulwark.admin_send(Method::POST, "/admin/reload", "").await.status, 200);
+    for i in 0..20 {
+        assert_eq!(bulwark.get(&format!("/products/{i}")).await.cache_status(), "bulwark; hit; detail=l1", "/products/{i}");
+    }
+    bulwark.advance(Duration::from_secs(5));
+    for i in 15..20 {
+        bulwark.get(&format!("/products/{i}")).await;
+    }
+
+    // L1 shrunk to room for about nine of the twenty: the five used last are among them.
+    file.write(&text("100KiB", "20m"));
+    assert_eq!(bulwark.admin_send(Method::POST, "/admin/reload", "").await.status, 200);
+    for i in 15..20 {
+        assert_eq!(bulwark.get(&format!("/products/{i}")).await.cache_status(), "bulwark; hit; detail=l1", "/products/{i}");
+    }
+    let kept = (0..15).filter(|i| origin.count(&format!("/products/{i}")) == 1).count();
+    let mut refetched = 0;
+    for i in 0..15 {
+        if bulwark.get(&format!("/products/{i}")).await.cache_status() != "bulwark; hit; detail=l1" {
+            refetched += 1;
+        }
+    }
+    assert_eq!(kept, 15, "nothing refetched before these requests");
+    assert!(refetched >= 10, "L1 did not shrink: only {refetched} of 15 older entries were dropped");
+    assert!(refetched < 15, "room was left over but no older entry kept");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_reload_that_changes_freshness_keeps_l1_and_confirms_each_entry_against_redis() {
+    let redis = RedisServer::start();
+    let origin = Origin::start().await;
+    let text = |ttl: &str| config(&origin.url(), None).redis(&redis.url()).pool("default_ttl", ttl).to_toml();
+    let file = ConfigFile::new(&text("10m"));
+    let bulwark = Bulwark::start_with_file(&file.0).await;
+    bulwark.wait_for_subscription().await;
+    for i in 0..5 {
+        assert_eq!(bulwark.get(&format!("/products/{i}")).await.cache_status(), "bulwark; fwd=miss; stored");
+    }
+    support::eventually("five entries in Redis", Duration::from_secs(5), async || redis.entries("bulwark:pdp:").len() == 5).await;
+    file.write(&text("20m"));
+    assert_eq!(bulwark.admin_send(Method::POST, "/admin/reload", "").await.status, 200);
+    // Gone from Redis while the new pool's link was not yet up (a purge it could have
+    // missed): the L1 copy is not served.
+    let mut conn = redis.conn();
+    for key in redis.entries("bulwark:pdp:") {
+        let value: Vec<u8> = redis::cmd("GET").arg(&key).query(&mut conn).expect("GET");
+        if value.windows(11).any(|w| w == b"/products/3") {
+            let _: i64 = redis::cmd("DEL").arg(&key).query(&mut conn).expect("DEL");
+        }
+    }
+    for i in [0, 1, 2, 4] {
+        assert_eq!(bulwark.get(&format!("/products/{i}")).await.cache_status(), "bulwark; hit; detail=l1", "/products/{i}");
+        assert_eq!(origin.count(&format!("/products/{i}")), 1);
+    }
+    assert_eq!(bulwark.get("/products/3").await.cache_status(), "bulwark; fwd=miss; stored");
+    assert_eq!(origin.count("/products/3"), 2);
+}

@@ -271,6 +271,7 @@ fn bulwark_entry(headers: HeaderMap) -> bytes::Bytes {
         invalidated: false,
         keep_for_revalidation: std::time::Duration::ZERO,
         variants: false,
+        last_used: Default::default(),
     }
     .encode()
 }

@@ -56,6 +56,14 @@ impl Slot {
         }
     }
 
+    /// When the slot was last served (a URL's variants go by their marker).
+    fn last_used(&self) -> &super::entry::LastUsed {
+        match self {
+            Slot::Entry(entry) => &entry.last_used,
+            Slot::Variants(v) => &v.marker.last_used,
+        }
+    }
+
     fn entries(&self) -> impl Iterator<Item = &Arc<Entry>> {
         let (one, many) = match self {
             Slot::Entry(entry) => (Some(entry), None),
@@ -153,6 +161,7 @@ impl LocalTier {
     /// What is held under a primary key, and whether it must be checked against Redis.
     pub async fn get_standing(&self, primary_hash: u128) -> Option<(Slot, Standing)> {
         let held = self.cache.get(&primary_hash).await?;
+        held.slot.last_used().touch(self.clock.now().duration_since(std::time::UNIX_EPOCH).map_or(0, |d| d.as_secs()));
         let now = self.generation();
         let standing = if held.generation == now {
             Standing::Confirmed
@@ -163,6 +172,41 @@ impl LocalTier {
             Standing::Unconfirmed { predates_restart: held.generation < restarted && restarted == now }
         };
         Some((held.slot, standing))
+    }
+
+    /// Fills this (new, empty) L1 with what `old` holds, as far as it fits in this one's
+    /// `max_bytes`, the most recently used first, leaving out entries over
+    /// `max_object_bytes`. Entries are shared, not copied, and keep their standing; with
+    /// `unconfirmed` all of them are checked against Redis before their next use (a
+    /// new event subscription may have missed what the old one heard). Returns how many
+    /// slots were kept.
+    pub async fn take_over(&self, old: &LocalTier, max_bytes: u64, max_object_bytes: usize, unconfirmed: bool) -> usize {
+        self.generation.store(old.generation(), Ordering::Release);
+        self.restarted.store(old.restarted.load(Ordering::Acquire), Ordering::Release);
+        self.all_confirmed.store(old.all_confirmed.load(Ordering::Acquire), Ordering::Release);
+        old.cache.run_pending_tasks().await;
+        let mut held: Vec<(u128, Held)> = old.cache.iter().map(|(hash, held)| (*hash, held)).collect();
+        held.sort_unstable_by_key(|(_, h)| std::cmp::Reverse(h.slot.last_used().get()));
+        let mut room = max_bytes;
+        let mut kept = 0;
+        for (hash, h) in held {
+            let weight = u64::from(h.slot.weight());
+            if weight > room || h.slot.entries().any(|e| e.body.len() > max_object_bytes) {
+                continue;
+            }
+            room -= weight;
+            self.cache.insert(hash, h).await;
+            kept += 1;
+            if kept % 1024 == 0 {
+                // A large L1 must not hold a worker for the whole move.
+                tokio::task::yield_now().await;
+            }
+        }
+        if unconfirmed {
+            self.begin_generation(false);
+        }
+        self.cache.run_pending_tasks().await;
+        kept
     }
 
     /// The event link is (re)subscribed: everything held now may have missed

@@ -96,8 +96,46 @@ pub struct Pool {
 
 impl Pool {
     pub fn new(config: PoolConfig, metrics: PoolMetrics, clock: Clock) -> Result<Pool, SharedTierError> {
+        Pool::with_purge_log(config, metrics, clock, Arc::default())
+    }
+
+    /// A pool that replaces `previous` on a reload: it shares its purge log, and
+    /// [`Pool::take_over`] then moves `previous`'s L1 contents into it.
+    pub fn succeeding(previous: &Pool, config: PoolConfig, metrics: PoolMetrics, clock: Clock) -> Result<Pool, SharedTierError> {
+        Pool::with_purge_log(config, metrics, clock, previous.purges.clone())
+    }
+
+    /// Whether a pool of `config` can keep what a pool of `self.config` holds: the same
+    /// pool, Redis endpoint and key prefix (sizes, freshness and deadlines may differ).
+    pub fn same_store(&self, config: &PoolConfig) -> bool {
+        let endpoint = |c: &PoolConfig| c.shared.as_ref().map(|s| s.endpoint.clone());
+        self.config.name == config.name && self.config.key_prefix == config.key_prefix && endpoint(&self.config) == endpoint(config)
+    }
+
+    /// Moves `previous`'s L1 contents into this pool's (new, empty) L1: see
+    /// [`LocalTier::take_over`]. With Redis, every entry moved is confirmed against it
+    /// before its next use.
+    pub async fn take_over(&self, previous: &Pool) -> usize {
+        self.l1.take_over(&previous.l1, self.config.l1_max_bytes, self.config.max_object_bytes, self.l2.is_some()).await
+    }
+
+    /// Applies to L1 the purges recorded since `epoch` (those that reached the pool this
+    /// one replaced while its entries were being moved), or drops all of L1 when they
+    /// are no longer all remembered.
+    pub async fn apply_purges_since(&self, epoch: u64) {
+        let now = self.clock.now();
+        match self.purges.since(epoch) {
+            Some(targets) => {
+                for target in targets {
+                    self.l1.purge(&target, false, now).await;
+                }
+            }
+            None => self.l1.clear(),
+        }
+    }
+
+    fn with_purge_log(config: PoolConfig, metrics: PoolMetrics, clock: Clock, purges: Arc<purge::PurgeLog>) -> Result<Pool, SharedTierError> {
         let metrics = Arc::new(metrics);
-        let purges = Arc::new(purge::PurgeLog::default());
         let l2 = match &config.shared {
             Some(shared) => Some(SharedTier::new(
                 &config.name,

@@ -170,6 +170,15 @@ impl PurgeLog {
         recent.iter().rev().take_while(|(epoch, _)| *epoch > since).find(|(_, target)| covers(target, key_text, tags)).map(|(epoch, _)| *epoch)
     }
 
+    /// The purges recorded since `since`; `None` when some of them are no longer remembered.
+    pub fn since(&self, since: u64) -> Option<Vec<PurgeTarget>> {
+        let recent = self.lock();
+        if self.epoch() > since && recent.front().is_none_or(|(oldest, _)| *oldest > since + 1) {
+            return None;
+        }
+        Some(recent.iter().filter(|(epoch, _)| *epoch > since).map(|(_, target)| target.clone()).collect())
+    }
+
     fn lock(&self) -> std::sync::MutexGuard<'_, std::collections::VecDeque<(u64, PurgeTarget)>> {
         self.recent.lock().unwrap_or_else(|poisoned| poisoned.into_inner())
     }

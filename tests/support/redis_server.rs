@@ -33,6 +33,7 @@ pub fn fresh_entry(key: &str, headers: HeaderMap, body: &'static [u8]) -> bulwar
         invalidated: false,
         keep_for_revalidation: Duration::ZERO,
         variants: false,
+        last_used: Default::default(),
     }
 }
 

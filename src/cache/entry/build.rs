@@ -69,6 +69,7 @@ impl Stored {
             invalidated: false,
             keep_for_revalidation: to.keep_for_revalidation,
             variants: false,
+            last_used: super::LastUsed::default(),
         });
         let marker = (!names.is_empty()).then(|| Arc::new(Entry::variants_marker(to.primary.text.clone(), &names, &entry)));
         Stored { key, entry, marker }

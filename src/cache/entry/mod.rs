@@ -64,6 +64,39 @@ pub struct Entry {
     /// Not a response: the marker stored under a primary key whose responses vary,
     /// naming (in its `Vary` header) the request headers that select a variant.
     pub variants: bool,
+    /// When L1 last served it (not stored in Redis, not part of its value).
+    pub last_used: LastUsed,
+}
+
+/// When an entry was last served from L1, in seconds of the pool's clock: what a reload
+/// that shrinks L1 keeps first. A clone copies the time; it never makes two entries differ.
+#[derive(Debug, Default)]
+pub struct LastUsed(std::sync::atomic::AtomicU64);
+
+impl LastUsed {
+    pub fn get(&self) -> u64 {
+        self.0.load(std::sync::atomic::Ordering::Relaxed)
+    }
+
+    /// Records a use at `secs` (a store only once per second per entry, so hot entries
+    /// do not bounce a cache line between cores on every hit).
+    pub fn touch(&self, secs: u64) {
+        if self.get() < secs {
+            self.0.store(secs, std::sync::atomic::Ordering::Relaxed);
+        }
+    }
+}
+
+impl Clone for LastUsed {
+    fn clone(&self) -> LastUsed {
+        LastUsed(std::sync::atomic::AtomicU64::new(self.get()))
+    }
+}
+
+impl PartialEq for LastUsed {
+    fn eq(&self, _: &LastUsed) -> bool {
+        true
+    }
 }
 
 /// Why a payload could not be decoded.
@@ -262,6 +295,7 @@ impl Entry {
             invalidated: flags & FLAG_INVALIDATED != 0,
             keep_for_revalidation,
             variants: flags & FLAG_VARIANTS != 0,
+            last_used: LastUsed::default(),
         })
     }
 }
@@ -330,6 +364,7 @@ pub(crate) mod tests {
             invalidated: false,
             keep_for_revalidation: Duration::from_secs(600),
             variants: false,
+            last_used: LastUsed::default(),
         }
     }
 
