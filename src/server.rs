@@ -97,6 +97,9 @@ pub async fn run_with(
 }
 
 /// Reloads when the file's content changes (whatever way it was replaced).
+/// How long a changed config file must stay unchanged before it is applied.
+const SETTLE: Duration = Duration::from_millis(300);
+
 async fn watch_file(proxy: Arc<Proxy>, path: std::path::PathBuf) {
     let fingerprint = |bytes: &[u8]| xxhash_rust::xxh3::xxh3_64(bytes);
     let mut seen = tokio::fs::read(&path).await.map(|b| fingerprint(&b)).ok();
@@ -104,11 +107,23 @@ async fn watch_file(proxy: Arc<Proxy>, path: std::path::PathBuf) {
     loop {
         tick.tick().await;
         let Ok(bytes) = tokio::fs::read(&path).await else { continue };
-        let now = Some(fingerprint(&bytes));
-        if now != seen {
-            seen = now;
-            let _ = proxy.reload().await;
+        let mut now = fingerprint(&bytes);
+        if Some(now) == seen {
+            continue;
         }
+        // Changed: applied once it has stopped changing, so a file caught while it is
+        // being written (a slow editor, a copy) is never applied half written.
+        loop {
+            tokio::time::sleep(SETTLE).await;
+            let Ok(bytes) = tokio::fs::read(&path).await else { break };
+            let again = fingerprint(&bytes);
+            if again == now {
+                break;
+            }
+            now = again;
+        }
+        seen = Some(now);
+        let _ = proxy.reload().await;
     }
 }
 

@@ -412,3 +412,21 @@ async fn a_reload_that_changes_freshness_keeps_l1_and_confirms_each_entry_agains
     assert_eq!(bulwark.get("/products/3").await.cache_status(), "bulwark; fwd=miss; stored");
     assert_eq!(origin.count("/products/3"), 2);
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_config_file_still_being_written_is_not_applied_until_it_settles() {
+    let origin = Origin::start().await;
+    let file = ConfigFile::new(&config(&origin.url(), None).to_toml());
+    let bulwark = Bulwark::start_with_file(&file.0).await;
+    // A slow writer: the file changes every 100 ms for 2.5 s, each version valid on its
+    // own (a file cut short often is), then its final version.
+    let partial = config(&origin.url(), None).with_route("name = \"partial\"\npath_prefix = \"/partial\"\npool = \"pdp\"\norigin = \"catalog\"");
+    for n in 0..25 {
+        file.write(&format!("{}\n# written so far: {n}\n", partial.to_toml()));
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    let done = config(&origin.url(), None).with_route("name = \"cart\"\npath_prefix = \"/cart\"\npool = \"pdp\"\norigin = \"catalog\"");
+    file.write(&done.to_toml());
+    support::eventually("the final version applied", Duration::from_secs(5), async || bulwark.get("/cart").await.status == 200).await;
+    assert_eq!(bulwark.metric("bulwark_config_reloads_total", &[("result", "ok")]).await, 1.0, "a version caught mid-write was applied");
+}
