@@ -338,3 +338,41 @@ async fn a_fill_that_started_before_a_purge_is_neither_stored_nor_joined_after_i
     let next = bulwark.get_with("/p", &HOST).await;
     assert_eq!((next.text(), next.cache_status()), ("v2", "bulwark; hit; detail=l1"), "the page from after the purge is the one kept");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_purge_of_ten_thousand_tags_takes_effect_at_once_and_spares_the_rest() {
+    let origin = Origin::start().await;
+    origin.set(|parts| {
+        let path = parts.uri.path().to_owned();
+        let n = path.trim_start_matches("/p/").to_owned();
+        Reply::ok(path).header("surrogate-key", &format!("t{n} all")).header("cache-control", "max-age=600, stale-while-revalidate=600")
+    });
+    let bulwark = Bulwark::start(&simple_config(&origin.url(), None, "")).await;
+    for i in 0..300 {
+        assert_eq!(bulwark.get_with(&format!("/p/{i}"), &HOST).await.cache_status(), "bulwark; fwd=miss; stored");
+    }
+    let tags = |held: std::ops::Range<usize>, soft: bool| {
+        let tags: Vec<String> = held.map(|i| format!("t{i}")).chain((0..9_900).map(|i| format!("unused-{i}"))).collect();
+        serde_json::json!({ "tags": tags, "soft": soft }).to_string()
+    };
+    // Hard: tags of the first 100 entries among 10,000. Each is gone at once, whether the
+    // background sweep has reached it yet or not; the others are still hits.
+    assert_eq!(purge(&bulwark, &tags(0..100, false)).await.status, 200);
+    for i in (0..300).rev() {
+        let got = bulwark.get_with(&format!("/p/{i}"), &HOST).await;
+        let expected = if i < 100 { "bulwark; fwd=miss; stored" } else { "bulwark; hit; detail=l1" };
+        assert_eq!(got.cache_status(), expected, "/p/{i}");
+    }
+    // Soft: the next hundred are served stale while one refresh each runs.
+    assert_eq!(purge(&bulwark, &tags(100..200, true)).await.status, 200);
+    for i in (100..300).rev() {
+        let got = bulwark.get_with(&format!("/p/{i}"), &HOST).await;
+        let expected = if i < 200 { "bulwark; hit; fwd=stale; detail=stale-while-revalidate" } else { "bulwark; hit; detail=l1" };
+        assert_eq!(got.cache_status(), expected, "/p/{i}");
+    }
+    assert_eq!(origin.count("/p/250"), 1);
+    // Entries stored after the purges are not touched by them.
+    for i in 0..100 {
+        assert_eq!(bulwark.get_with(&format!("/p/{i}"), &HOST).await.cache_status(), "bulwark; hit; detail=l1", "/p/{i}");
+    }
+}

@@ -13,6 +13,7 @@ use crate::clock::Clock;
 use super::entry::Entry;
 use super::key::CacheKey;
 use super::purge::PurgeTarget;
+use super::sweep::{Pending, Verdict};
 
 /// What L1 holds under a primary key: one response, or the variants of a URL whose
 /// responses vary. Keeping a URL's variants together means a purge of the URL drops
@@ -53,6 +54,19 @@ impl Slot {
         match self {
             Slot::Entry(entry) => entry.keep_for(now),
             Slot::Variants(v) => v.entries.iter().map(|(_, e)| e.keep_for(now)).max().unwrap_or_default(),
+        }
+    }
+
+    /// This slot with the entries `purged` picks marked soft-purged (the others shared).
+    fn soft_purged_where(&self, purged: impl Fn(&Entry) -> bool) -> Slot {
+        let mark = |e: &Arc<Entry>| if !e.invalidated && purged(e) { Arc::new(e.soft_purged()) } else { e.clone() };
+        match self {
+            Slot::Entry(entry) => Slot::Entry(mark(entry)),
+            Slot::Variants(v) => Slot::Variants(Arc::new(Variants {
+                marker: v.marker.clone(),
+                names: v.names.clone(),
+                entries: v.entries.iter().map(|(h, e)| (*h, mark(e))).collect(),
+            })),
         }
     }
 
@@ -135,6 +149,8 @@ pub struct LocalTier {
     restarted: Arc<AtomicU64>,
     /// No copy from before the last gap is left (so counting them needs no scan).
     all_confirmed: Arc<AtomicBool>,
+    /// Path and tag purges not yet swept through (checked by every read meanwhile).
+    pending: Arc<Pending>,
 }
 
 impl LocalTier {
@@ -144,9 +160,81 @@ impl LocalTier {
             .max_capacity(max_bytes)
             .weigher(|_key: &u128, held: &Held| held.slot.weight())
             .expire_after(KeepWhileUseful { clock: clock.clone() })
-            .support_invalidation_closures()
             .build();
-        LocalTier { cache, clock, generation: Arc::default(), restarted: Arc::default(), all_confirmed: Arc::new(AtomicBool::new(true)) }
+        LocalTier {
+            cache,
+            clock,
+            generation: Arc::default(),
+            restarted: Arc::default(),
+            all_confirmed: Arc::new(AtomicBool::new(true)),
+            pending: Arc::default(),
+        }
+    }
+
+    /// What is held under `hash`, with the pending path and tag purges applied to it
+    /// first (the one check a read pays while a sweep runs).
+    async fn read(&self, hash: u128) -> Option<Held> {
+        let held = self.cache.get(&hash).await?;
+        if self.pending.is_empty() {
+            return Some(held);
+        }
+        self.apply_pending(hash, held).await
+    }
+
+    /// Applies the pending purges to `held`, stored under `hash`; what is left of it.
+    async fn apply_pending(&self, hash: u128, held: Held) -> Option<Held> {
+        match self.pending.verdict(held.slot.entries()) {
+            Verdict::Keep => Some(held),
+            Verdict::Remove => {
+                self.replace(hash, &held.slot, None).await;
+                None
+            }
+            Verdict::Mark => {
+                let marked = held.slot.soft_purged_where(|e| self.pending.marks(e));
+                self.replace(hash, &held.slot, Some(marked.clone())).await;
+                Some(Held { slot: marked, generation: held.generation })
+            }
+        }
+    }
+
+    /// Replaces `seen` (if it is still what is held) by `slot`, keeping its standing;
+    /// `None` removes it.
+    async fn replace(&self, hash: u128, seen: &Slot, slot: Option<Slot>) {
+        self.cache
+            .entry(hash)
+            .and_compute_with(|current| {
+                let op = match (current.as_ref().map(|c| c.value()), slot) {
+                    (Some(held), Some(slot)) if same(&held.slot, seen) => moka::ops::compute::Op::Put(Held { slot, generation: held.generation }),
+                    (Some(held), None) if same(&held.slot, seen) => moka::ops::compute::Op::Remove,
+                    _ => moka::ops::compute::Op::Nop,
+                };
+                std::future::ready(op)
+            })
+            .await;
+    }
+
+    /// Sweeps the pending purges through L1 until none is left: one task per L1, in
+    /// chunks, yielding between them.
+    fn start_sweep(&self) {
+        let tier = self.clone();
+        tokio::spawn(async move {
+            loop {
+                let seq = tier.pending.seq();
+                let mut seen = 0u32;
+                for (hash, held) in tier.cache.iter() {
+                    if tier.pending.verdict(held.slot.entries()) != Verdict::Keep {
+                        tier.apply_pending(*hash, held).await;
+                    }
+                    seen += 1;
+                    if seen.is_multiple_of(512) {
+                        tokio::task::yield_now().await;
+                    }
+                }
+                if tier.pending.swept(seq) {
+                    return;
+                }
+            }
+        });
     }
 
     fn generation(&self) -> u64 {
@@ -155,12 +243,12 @@ impl LocalTier {
 
     /// What is held under a primary key.
     pub async fn get_slot(&self, primary_hash: u128) -> Option<Slot> {
-        self.cache.get(&primary_hash).await.map(|held| held.slot)
+        self.read(primary_hash).await.map(|held| held.slot)
     }
 
     /// What is held under a primary key, and whether it must be checked against Redis.
     pub async fn get_standing(&self, primary_hash: u128) -> Option<(Slot, Standing)> {
-        let held = self.cache.get(&primary_hash).await?;
+        let held = self.read(primary_hash).await?;
         held.slot.last_used().touch(self.clock.now().duration_since(std::time::UNIX_EPOCH).map_or(0, |d| d.as_secs()));
         let now = self.generation();
         let standing = if held.generation == now {
@@ -258,15 +346,7 @@ impl LocalTier {
     /// `seen` outlived a Redis that came back empty: kept as soft-purged (served within
     /// its stale windows while one refresh runs), confirmed. Returns what is held now.
     pub async fn keep_as_soft_purged(&self, hash: u128, seen: &Slot) -> Slot {
-        let mark = |e: &Arc<Entry>| if e.invalidated { e.clone() } else { Arc::new(e.soft_purged()) };
-        let marked = match seen {
-            Slot::Entry(entry) => Slot::Entry(mark(entry)),
-            Slot::Variants(v) => Slot::Variants(Arc::new(Variants {
-                marker: v.marker.clone(),
-                names: v.names.clone(),
-                entries: v.entries.iter().map(|(h, e)| (*h, mark(e))).collect(),
-            })),
-        };
+        let marked = seen.soft_purged_where(|_| true);
         self.settle(hash, seen, Some(marked.clone())).await;
         marked
     }
@@ -274,7 +354,7 @@ impl LocalTier {
     /// The (non-varying) entry stored under a primary `key`, if any (a hash collision is
     /// a miss).
     pub async fn get(&self, key: &CacheKey) -> Option<Arc<Entry>> {
-        match self.cache.get(&key.hash).await?.slot {
+        match self.read(key.hash).await?.slot {
             Slot::Entry(entry) if entry.key == key.text => Some(entry),
             _ => None,
         }
@@ -302,9 +382,14 @@ impl LocalTier {
                 let same_names =
                     |v: &Variants| v.marker.key == marker.key && v.marker.headers.get(http::header::VARY) == marker.headers.get(http::header::VARY);
                 let mut entries: Vec<(u128, Arc<Entry>)> = match current {
-                    Some(Slot::Variants(v)) if same_names(v) => {
-                        v.entries.iter().filter(|(h, e)| *h != key.hash && !e.keep_for(now).is_zero()).cloned().collect()
-                    }
+                    // Variants a pending purge covers are left out (never merged back).
+                    Some(Slot::Variants(v)) if same_names(v) => v
+                        .entries
+                        .iter()
+                        .filter(|(h, e)| *h != key.hash && !e.keep_for(now).is_zero())
+                        .filter(|(_, e)| self.pending.is_empty() || self.pending.verdict(std::iter::once(e)) == Verdict::Keep)
+                        .cloned()
+                        .collect(),
                     _ => Vec::new(),
                 };
                 while entries.len() >= max.max(1) {
@@ -348,8 +433,8 @@ impl LocalTier {
     /// Purges the entries `target` covers that were stored before `before`: removed, or
     /// for a soft purge replaced by a stale-marked copy. A URL's slots (one per
     /// `Accept-Encoding` group, each holding all its variants) are looked up directly;
-    /// path and tag purges of whole entries are registered with moka, which applies them
-    /// lazily (no scan on this task); soft path and tag purges scan.
+    /// path and tag purges are registered, applied by every read at once and swept
+    /// through L1 in the background (see [`super::sweep`]).
     /// Returns how many slots it touched (registered purges count as 0 here).
     pub async fn purge(&self, target: &PurgeTarget, soft: bool, before: SystemTime) -> usize {
         if let Some(hashes) = target.variant_hashes() {
@@ -361,20 +446,10 @@ impl LocalTier {
             }
             return touched;
         }
-        if !soft {
-            let target = target.clone();
-            let registered = self.cache.invalidate_entries_if(move |_, held| held.slot.purged_by(&target, before));
-            if registered.is_err() {
-                tracing::warn!("cannot register an L1 purge");
-            }
-            return 0;
+        if self.pending.register(target, soft, before) {
+            self.start_sweep();
         }
-        let matching: Vec<(u128, Slot)> =
-            self.cache.iter().filter(|(_, held)| held.slot.purged_by(target, before)).map(|(hash, held)| (*hash, held.slot.clone())).collect();
-        for (hash, slot) in &matching {
-            self.purge_one(*hash, slot, true, target, before).await;
-        }
-        matching.len()
+        0
     }
 
     async fn purge_one(&self, hash: u128, seen: &Slot, soft: bool, target: &PurgeTarget, before: SystemTime) {
@@ -382,28 +457,9 @@ impl LocalTier {
             self.cache.invalidate(&hash).await;
             return;
         }
-        let mark = |e: &Arc<Entry>| {
-            if !e.invalidated && e.response_time <= before && target.matches(&e.key, &e.tags) { Arc::new(e.soft_purged()) } else { e.clone() }
-        };
-        let marked = match seen {
-            Slot::Entry(entry) => Slot::Entry(mark(entry)),
-            Slot::Variants(v) => Slot::Variants(Arc::new(Variants {
-                marker: v.marker.clone(),
-                names: v.names.clone(),
-                entries: v.entries.iter().map(|(h, e)| (*h, mark(e))).collect(),
-            })),
-        };
         // Mark only the copy we saw: a newer one stored meanwhile stays fresh.
-        self.cache
-            .entry(hash)
-            .and_compute_with(|current| {
-                let op = match current.as_ref().map(|c| c.value()) {
-                    Some(held) if same(&held.slot, seen) => moka::ops::compute::Op::Put(Held { slot: marked, generation: held.generation }),
-                    _ => moka::ops::compute::Op::Nop,
-                };
-                std::future::ready(op)
-            })
-            .await;
+        let marked = seen.soft_purged_where(|e| e.response_time <= before && target.matches(&e.key, &e.tags));
+        self.replace(hash, seen, Some(marked)).await;
     }
 
     /// Drops the copy another replica replaced with a newer one: under `hash`, or for a

@@ -12,6 +12,7 @@ pub mod policy;
 pub mod purge;
 pub mod revalidate;
 pub mod shared;
+mod sweep;
 
 use std::sync::Arc;
 
