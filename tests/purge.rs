@@ -376,3 +376,65 @@ async fn a_purge_of_ten_thousand_tags_takes_effect_at_once_and_spares_the_rest()
         assert_eq!(bulwark.get_with(&format!("/p/{i}"), &HOST).await.cache_status(), "bulwark; hit; detail=l1", "/p/{i}");
     }
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_async_purge_answers_at_once_and_reports_progress_then_its_outcome() {
+    let redis = RedisServer::start();
+    let origin = Origin::start().await;
+    let bulwark = Bulwark::start(&simple_config(&origin.url(), Some(&redis.url()), "redis_timeout = \"50ms\"")).await;
+    bulwark.wait_for_subscription().await;
+    let mut conn = redis.conn();
+    for chunk in (0..100_000).collect::<Vec<u32>>().chunks(10_000) {
+        let mut pipe = redis::pipe();
+        for i in chunk {
+            let key = format!("bulwark:pdp:v2:{i:032x}");
+            pipe.cmd("SET").arg(&key).arg("x").ignore();
+            pipe.cmd("ZADD").arg("bulwark:pdp:v2:idx:tag:sale").arg(4_000_000_000_000u64).arg(&key).ignore();
+        }
+        pipe.query::<()>(&mut conn).expect("plant");
+    }
+    let started = Instant::now();
+    let answer = purge(&bulwark, r#"{"tags": ["sale"], "async": true}"#).await;
+    assert_eq!(answer.status.as_u16(), 202, "{}", answer.text());
+    assert!(started.elapsed() < Duration::from_millis(500), "an async purge waited for the purge: {:?}", started.elapsed());
+    let id = serde_json::from_slice::<serde_json::Value>(&answer.body).expect("json")["id"].as_str().expect("an id").to_owned();
+    let status = |id: String| {
+        let bulwark = &bulwark;
+        async move {
+            let got = bulwark.admin(&format!("/admin/purge/{id}")).await;
+            (got.status.as_u16(), serde_json::from_slice::<serde_json::Value>(&got.body).expect("json"))
+        }
+    };
+    let done = loop {
+        let (code, body) = status(id.clone()).await;
+        if body["running"] == false {
+            break (code, body);
+        }
+        assert_eq!((code, &body["complete"]), (200, &serde_json::Value::from(false)), "{body}");
+        assert!(body["l2"].as_u64().is_some_and(|n| n <= 100_000), "{body}");
+        assert!(started.elapsed() < Duration::from_secs(30), "still running: {body}");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    };
+    assert_eq!(done.0, 200, "{}", done.1);
+    assert_eq!((done.1["purged"].as_u64(), done.1["complete"].as_bool(), done.1["id"].as_str()), (Some(100_000), Some(true), Some(id.as_str())), "{}", done.1);
+    let left: i64 = redis::cmd("DBSIZE").query(&mut conn).expect("DBSIZE");
+    assert!(left < 10, "{left} keys left in Redis");
+
+    // One Redis could not finish: 202 at once, then 503 with what was done.
+    redis.stall();
+    let answer = purge(&bulwark, r#"{"tags": ["other"], "async": true}"#).await;
+    assert_eq!(answer.status.as_u16(), 202, "{}", answer.text());
+    let id = serde_json::from_slice::<serde_json::Value>(&answer.body).expect("json")["id"].as_str().expect("an id").to_owned();
+    let failed = loop {
+        let (code, body) = status(id.clone()).await;
+        if body["running"] == false {
+            break (code, body);
+        }
+        assert!(started.elapsed() < Duration::from_secs(30), "still running: {body}");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    };
+    redis.resume();
+    assert_eq!((failed.0, failed.1["complete"].as_bool()), (503, Some(false)), "{}", failed.1);
+    assert!(failed.1["error"].as_str().is_some_and(|e| e.contains("pdp")), "{}", failed.1);
+    assert_eq!(status("0123456789abcdef".into()).await.0, 404);
+}

@@ -19,7 +19,6 @@ use hyper_util::rt::{TokioExecutor, TokioIo};
 use hyper_util::server::conn::auto;
 use tokio::net::TcpListener;
 
-use crate::cache::PurgeTarget;
 use crate::client_timers::{Limits, Requests, TimedIo, Tracked};
 use crate::config::RouteMode;
 use crate::proxy::Proxy;
@@ -27,6 +26,9 @@ use crate::proxy::Proxy;
 pub const ADMIN_TOKEN_ENV: &str = "BULWARK_ADMIN_TOKEN";
 
 type AdminResponse = Response<Full<Bytes>>;
+
+mod purge;
+pub use purge::PurgeJobs;
 
 /// Serves the admin endpoints until `stop` completes.
 pub async fn serve(listener: TcpListener, proxy: Arc<Proxy>, stop: impl Future<Output = ()>) {
@@ -85,7 +87,8 @@ async fn handle(proxy: &Proxy, token: Option<&str>, req: Request<Incoming>) -> A
         (&Method::GET, "/readyz") => text(StatusCode::OK, "ready\n"),
         (&Method::GET, "/metrics") => metrics(proxy).await,
         (&Method::GET, "/admin/routes") => routes(proxy),
-        (&Method::POST, "/admin/purge") => purge(proxy, req).await,
+        (&Method::POST, "/admin/purge") => purge::purge(proxy, req).await,
+        (&Method::GET, _) if path.starts_with("/admin/purge/") => purge::progress(proxy, &path["/admin/purge/".len()..]),
         (_, "/healthz" | "/readyz" | "/metrics" | "/admin/routes" | "/admin/purge" | "/admin/reload") => {
             text(StatusCode::METHOD_NOT_ALLOWED, "method not allowed\n")
         }
@@ -178,103 +181,7 @@ async fn reload(proxy: &Proxy) -> AdminResponse {
     }
 }
 
-/// Largest purge request body accepted.
-const MAX_PURGE_BODY: usize = 1 << 20;
-/// Most URLs or tags in one purge request.
-const MAX_PURGE_ITEMS: usize = 10_000;
-
-#[derive(serde::Deserialize)]
-#[serde(deny_unknown_fields)]
-struct PurgeRequest {
-    #[serde(default)]
-    urls: Vec<String>,
-    #[serde(default)]
-    tags: Vec<String>,
-    #[serde(default)]
-    soft: bool,
-}
-
-/// `POST /admin/purge`: `{"urls": [...]}` or `{"tags": [...]}`, optional `"soft": true`,
-/// applied to every pool and, through Redis, to every replica.
-async fn purge(proxy: &Proxy, req: Request<Incoming>) -> AdminResponse {
-    use http_body_util::BodyExt;
-    let body = match http_body_util::Limited::new(req.into_body(), MAX_PURGE_BODY).collect().await {
-        Ok(body) => body.to_bytes(),
-        Err(_) => return json(StatusCode::PAYLOAD_TOO_LARGE, serde_json::json!({ "error": "purge request body over 1 MiB" })),
-    };
-    let request: PurgeRequest = match serde_json::from_slice(&body) {
-        Ok(r) => r,
-        Err(e) => return json(StatusCode::BAD_REQUEST, serde_json::json!({ "error": format!("invalid purge request: {e}") })),
-    };
-    let targets: Result<Vec<PurgeTarget>, String> = match (request.urls.is_empty(), request.tags.is_empty()) {
-        (false, true) => request.urls.iter().map(|u| PurgeTarget::from_url(u)).collect(),
-        (true, false) => request.tags.iter().map(|t| PurgeTarget::tag(t)).collect(),
-        _ => Err("give either \"urls\" or \"tags\", not both and not neither".to_owned()),
-    };
-    let targets = match targets {
-        Ok(t) if t.len() <= MAX_PURGE_ITEMS => t,
-        Ok(_) => return json(StatusCode::BAD_REQUEST, serde_json::json!({ "error": format!("at most {MAX_PURGE_ITEMS} urls or tags per request") })),
-        Err(e) => return json(StatusCode::BAD_REQUEST, serde_json::json!({ "error": e })),
-    };
-    let runtime = proxy.runtime();
-    // One task per pool, awaited: a client that hangs up does not leave a purge half done.
-    let tasks: Vec<_> = runtime
-        .pools
-        .iter()
-        .map(|pool| {
-            let (pool, targets, soft) = (pool.clone(), targets.clone(), request.soft);
-            tokio::spawn(async move {
-                let mut total = crate::cache::PurgeCount { all_replicas: true, ..Default::default() };
-                for target in &targets {
-                    let count = pool.purge(target, soft).await;
-                    total.l1 += count.l1;
-                    total.l2 += count.l2;
-                    total.all_replicas &= count.all_replicas;
-                    if count.error.is_some() {
-                        // Stop at the first failure: the answer says what was done.
-                        total.error = count.error;
-                        break;
-                    }
-                }
-                (pool.config.name.clone(), pool.l2.is_some(), total)
-            })
-        })
-        .collect();
-    let (mut l1, mut l2, mut purged) = (0, 0, 0);
-    let (mut local_only, mut errors, mut untold) = (Vec::new(), Vec::new(), Vec::new());
-    for task in tasks {
-        let Ok((name, shared, count)) = task.await else {
-            return json(StatusCode::INTERNAL_SERVER_ERROR, serde_json::json!({ "error": "a purge task failed" }));
-        };
-        l1 += count.l1;
-        l2 += count.l2;
-        // An entry counts once: from Redis where the pool has it, else from this L1.
-        purged += if shared { count.l2 } else { count.l1 };
-        if let Some(error) = count.error {
-            errors.push(format!("pool {name}: {error}"));
-            untold.push(name);
-        } else if !count.all_replicas {
-            local_only.push(name);
-        }
-    }
-    let replicas = if !untold.is_empty() {
-        format!("none for pools whose purge did not complete: {}", untold.join(", "))
-    } else if local_only.is_empty() {
-        "all replicas".to_owned()
-    } else {
-        format!("this replica only for pools without a reachable Redis: {}", local_only.join(", "))
-    };
-    let mut answer = serde_json::json!({ "purged": purged, "l1": l1, "l2": l2, "soft": request.soft, "replicas": replicas, "complete": errors.is_empty() });
-    if errors.is_empty() {
-        return json(StatusCode::OK, answer);
-    }
-    // Redis failed part way: what was done, and that the rest was not (no replica was
-    // told to drop what Redis still holds).
-    answer["error"] = serde_json::Value::from(errors.join("; "));
-    json(StatusCode::SERVICE_UNAVAILABLE, answer)
-}
-
-fn json(status: StatusCode, value: serde_json::Value) -> AdminResponse {
+pub(crate) fn json(status: StatusCode, value: serde_json::Value) -> AdminResponse {
     let mut res = Response::new(Full::new(Bytes::from(value.to_string())));
     *res.status_mut() = status;
     res.headers_mut().insert(CONTENT_TYPE, HeaderValue::from_static("application/json"));

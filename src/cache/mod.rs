@@ -320,12 +320,17 @@ impl Pool {
     /// entry would be read back from Redis, and the purge would look done while the old
     /// copy lives on. A pool without Redis purges this L1 only.
     pub async fn purge(&self, target: &PurgeTarget, soft: bool) -> PurgeCount {
+        self.purge_counting(target, soft, &std::sync::atomic::AtomicUsize::new(0)).await
+    }
+
+    /// [`Pool::purge`], counting in `progress` the Redis entries purged as it goes.
+    pub async fn purge_counting(&self, target: &PurgeTarget, soft: bool, progress: &std::sync::atomic::AtomicUsize) -> PurgeCount {
         let Some(l2) = &self.l2 else {
             self.purges.record(target);
             let local = self.l1.purge(target, soft, self.clock.now()).await;
             return PurgeCount { l1: local, l2: 0, all_replicas: false, error: None };
         };
-        let shared = match l2.purge(target, soft).await {
+        let shared = match l2.purge(target, soft, progress).await {
             Ok(n) => n,
             Err(err) => return PurgeCount { l1: 0, l2: err.done, all_replicas: false, error: Some(err.why) },
         };

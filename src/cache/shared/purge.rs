@@ -1,6 +1,7 @@
 //! Purges in the shared tier: what a target covers, found through its Redis index and
 //! deleted (or marked soft-purged) in bounded batches.
 
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::Duration;
 
 use super::{SET_IF_UNCHANGED, SharedTier, exec, unix_millis};
@@ -16,8 +17,9 @@ impl SharedTier {
     /// stale (only if unchanged meanwhile), in batches of [`PURGE_BATCH`] index members,
     /// each within the Redis deadline, however many the index holds; the whole purge
     /// within [`PURGE_DEADLINE`]. Returns how many entries it touched, or, when Redis
-    /// failed part way, how many it had touched by then.
-    pub async fn purge(&self, target: &PurgeTarget, soft: bool) -> Result<usize, PurgeError> {
+    /// failed part way, how many it had touched by then; `progress` counts them as
+    /// each batch is done.
+    pub async fn purge(&self, target: &PurgeTarget, soft: bool, progress: &AtomicUsize) -> Result<usize, PurgeError> {
         if self.health.is_open() {
             return Err(PurgeError { done: 0, why: "the pool's Redis is unavailable" });
         }
@@ -26,7 +28,7 @@ impl SharedTier {
         let started = std::time::Instant::now();
         let now_ms = unix_millis(self.clock.now());
         if soft {
-            return self.soft_purge(&index, now_ms, deadline, started).await;
+            return self.soft_purge(&index, now_ms, deadline, started, progress).await;
         }
         let mut conn = self.writes.conn();
         let mut done = 0;
@@ -52,6 +54,7 @@ impl SharedTier {
                     _ => return Err(PurgeError::failed(done)),
                 };
                 done += deleted;
+                progress.fetch_add(deleted, Ordering::Relaxed);
                 // Remove exactly the members purged: one indexed meanwhile stays findable.
                 let mut zrem = redis::cmd("ZREM");
                 zrem.arg(&index).arg(&members);
@@ -69,7 +72,7 @@ impl SharedTier {
     /// index with `ZSCAN`, which returns every member present throughout at least once
     /// however other replicas change the index meanwhile (positions would shift under a
     /// paged range); members seen twice are marked once.
-    async fn soft_purge(&self, index: &str, now_ms: u64, deadline: Duration, started: std::time::Instant) -> Result<usize, PurgeError> {
+    async fn soft_purge(&self, index: &str, now_ms: u64, deadline: Duration, started: std::time::Instant, progress: &AtomicUsize) -> Result<usize, PurgeError> {
         let mut conn = self.writes.conn();
         let (mut done, mut cursor) = (0, 0u64);
         let mut seen = std::collections::HashSet::new();
@@ -86,7 +89,9 @@ impl SharedTier {
             // Live members only (the score is the entry's expiry), each once.
             let members: Vec<String> =
                 pairs.into_iter().filter(|(_, expires)| *expires >= now_ms as f64).map(|(m, _)| m).filter(|m| seen.insert(m.clone())).collect();
-            done += self.soft_purge_batch(&members, deadline).await.map_err(|()| PurgeError::failed(done))?;
+            let touched = self.soft_purge_batch(&members, deadline).await.map_err(|()| PurgeError::failed(done))?;
+            done += touched;
+            progress.fetch_add(touched, Ordering::Relaxed);
             if next == 0 {
                 return Ok(done);
             }
