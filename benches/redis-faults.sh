@@ -1,14 +1,17 @@
 #!/usr/bin/env bash
 # Pool isolation under Redis faults: two pools, each with its own redis-server, both
-# under load (wrk, random keys, a mix of hits and misses), through four phases: healthy,
-# pool A's Redis killed (kill -9), restarted, and stalled (SIGSTOP). Prints requests/s,
-# p99 and failed responses per pool per phase.
+# under load (wrk, random keys over 3,000 pages), through the phases: healthy, pool A's
+# pub/sub connections killed (CLIENT KILL TYPE pubsub), its Redis killed (kill -9),
+# restarted empty, and stalled (SIGSTOP). Prints requests/s, p99, failed responses, hit
+# ratio and origin requests per pool per phase.
 #
-#   benches/redis-faults.sh               # 10 s per phase
-#   PHASE=20s benches/redis-faults.sh
+#   benches/redis-faults.sh               # 10 s per phase, L1 holding the working set
+#   PHASE=8s benches/redis-faults.sh
+#   L1=1MiB benches/redis-faults.sh       # L1 too small: L2 serves much of the load
 set -euo pipefail
 
 PHASE=${PHASE:-10s}
+L1=${L1:-64MiB}
 HERE=$(cd "$(dirname "$0")/.." && pwd)
 WORK=$(mktemp -d /tmp/bulwark-faults.XXXXXX)
 PIDS=()
@@ -61,12 +64,12 @@ name = "origin"
 url = "http://127.0.0.1:$ORIGIN_PORT"
 [[pools]]
 name = "a"
-l1_max_bytes = "1MiB"
+l1_max_bytes = "$L1"
 redis_url = "redis://127.0.0.1:$RA/0"
 redis_timeout = "50ms"
 [[pools]]
 name = "b"
-l1_max_bytes = "1MiB"
+l1_max_bytes = "$L1"
 redis_url = "redis://127.0.0.1:$RB/0"
 redis_timeout = "50ms"
 [[routes]]
@@ -83,54 +86,56 @@ TOML
 "$HERE/target/release/bulwark" serve --config "$WORK/bulwark.toml" 2>"$WORK/bulwark.log" & PIDS+=($!)
 for _ in $(seq 100); do curl -fsS -o /dev/null "http://127.0.0.1:$ADMIN/healthz" 2>/dev/null && break; sleep 0.1; done
 
-# Random keys over 3000 pages; L1 is small (1 MiB), so L2 serves much of the load.
+# Random keys over 3000 pages (about 6 MiB).
 cat > "$WORK/random.lua" <<'LUA'
 local prefix
 function init(args) prefix = args[1]; math.randomseed(os.time() + #prefix) end
 function request() return wrk.format("GET", prefix .. math.random(1, 3000), { Host = "shop.example" }) end
 LUA
 
-# "hits total" of a pool so far, from /metrics.
+# "hits total origin_requests" of a pool (and its route, of the same name) so far, from /metrics.
 counts() {
     curl -fsS "http://127.0.0.1:$ADMIN/metrics" | awk -v pool="$1" '
         /^bulwark_requests_total/ && index($0, "pool=\"" pool "\"") {
             total += $NF
             if ($0 ~ /cache="(hit_l1|hit_l2|collapsed|revalidated|stale_while_revalidate|stale_if_error)"/) hits += $NF
         }
-        END { printf "%d %d\n", hits, total }'
+        /^bulwark_origin_requests_total/ && index($0, "route=\"" pool "\"") { origin += $NF }
+        END { printf "%d %d %d\n", hits, total, origin }'
 }
 
-# One phase: both pools loaded at once; prints "pool rps p99_ms failed hit_ratio" for
-# a, then b.
+# One phase: both pools loaded at once, BEFORE (a command) run as it starts; prints
+# "pool rps p99_ms failed hit_ratio origin_requests" for a, then b.
 phase() {
-    read -r a_hits0 a_total0 <<<"$(counts a)"; read -r b_hits0 b_total0 <<<"$(counts b)"
+    read -r a_hits0 a_total0 a_origin0 <<<"$(counts a)"; read -r b_hits0 b_total0 b_origin0 <<<"$(counts b)"
     wrk -t1 -c16 -d"$PHASE" --latency -s "$WORK/random.lua" "http://127.0.0.1:$PORT" -- /a/ > "$WORK/a.out" &
     local a=$!
+    [ -z "${1:-}" ] || eval "$1"
     wrk -t1 -c16 -d"$PHASE" --latency -s "$WORK/random.lua" "http://127.0.0.1:$PORT" -- /b/ > "$WORK/b.out"
     wait $a
-    read -r a_hits1 a_total1 <<<"$(counts a)"; read -r b_hits1 b_total1 <<<"$(counts b)"
+    read -r a_hits1 a_total1 a_origin1 <<<"$(counts a)"; read -r b_hits1 b_total1 b_origin1 <<<"$(counts b)"
     local a_ratio b_ratio
     a_ratio=$(awk -v h=$((a_hits1 - a_hits0)) -v t=$((a_total1 - a_total0)) 'BEGIN{printf "%.1f%%", t ? 100*h/t : 0}')
     b_ratio=$(awk -v h=$((b_hits1 - b_hits0)) -v t=$((b_total1 - b_total0)) 'BEGIN{printf "%.1f%%", t ? 100*h/t : 0}')
     for pool in a b; do
-        ratio=$a_ratio; [ "$pool" = b ] && ratio=$b_ratio
-        awk -v ratio="$ratio" '/^Requests\/sec/ {rps=$2}
+        ratio=$a_ratio; origin=$((a_origin1 - a_origin0))
+        [ "$pool" = b ] && { ratio=$b_ratio; origin=$((b_origin1 - b_origin0)); }
+        awk -v ratio="$ratio" -v origin="$origin" '/^Requests\/sec/ {rps=$2}
              $1 == "99%" {v=$2; if (v ~ /us$/) {sub(/us/,"",v); v/=1000} else if (v ~ /ms$/) {sub(/ms/,"",v)} else if (v ~ /s$/) {sub(/s/,"",v); v*=1000}; p99=v}
              /Non-2xx/ {bad=$NF} /Socket errors/ {bad+=0}
-             END {printf "%s %.0f %.2f %d %s\n", pool, rps, p99, bad+0, ratio}' pool="$pool" "$WORK/$pool.out"
+             END {printf "%s %.0f %.2f %d %s %d\n", pool, rps, p99, bad+0, ratio, origin}' pool="$pool" "$WORK/$pool.out"
     done
 }
 
-printf '%-24s %-5s %12s %10s %8s %10s\n' phase pool "requests/s" "p99 ms" failed "hit ratio"
-report() { while read -r pool rps p99 bad ratio; do printf '%-24s %-5s %12s %10s %8s %10s\n' "$1" "$pool" "$rps" "$p99" "$bad" "$ratio"; done; }
+printf '%-28s %-5s %12s %10s %8s %10s %8s\n' phase pool "requests/s" "p99 ms" failed "hit ratio" origin
+report() { while read -r pool rps p99 bad ratio origin; do printf '%-28s %-5s %12s %10s %8s %10s %8s\n' "$1" "$pool" "$rps" "$p99" "$bad" "$ratio" "$origin"; done; }
 phase | report "warm-up"
 phase | report "healthy"
-kill -9 "$RA_PID"
-phase | report "pool a Redis killed"
-RA_PID=$(start_redis "$RA"); PIDS+=("$RA_PID"); sleep 1
-phase | report "pool a Redis restarted"
-kill -STOP "$RA_PID"
-phase | report "pool a Redis stalled"
+phase "redis-cli -p $RA CLIENT KILL TYPE pubsub >/dev/null" | report "pool a pub/sub killed"
+phase "kill -9 $RA_PID" | report "pool a Redis killed"
+RA_PID=$(start_redis "$RA"); PIDS+=("$RA_PID")
+phase | report "pool a Redis restarted empty"
+phase "kill -STOP $RA_PID" | report "pool a Redis stalled"
 kill -CONT "$RA_PID"
 echo
 curl -fsS "http://127.0.0.1:$ADMIN/metrics" | grep -E '^bulwark_redis_(errors_total|breaker_open)' | grep -v ' 0$' || true
