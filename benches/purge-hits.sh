@@ -1,8 +1,8 @@
 #!/usr/bin/env bash
-# L1 hits while bulk tag purges run: p99 and requests/s of a cached hit (wrk on one
-# core, the server pinned to the other), first with no purge, then while purges of
-# 10,000 tags in one request are sent back to back, then while 10,000 purges of one tag
-# each are sent. L1 holds ENTRIES tagged entries (half of them covered by the purges).
+# L1 hits around bulk tag purges: p99 and requests/s of a cached hit (wrk on one core,
+# the server pinned to the other), first with no purge, then right after one purge of
+# 10,000 tags, then while such purges are sent back to back, then while 10,000 purges
+# of one tag each are sent. L1 holds ENTRIES tagged entries (the purges cover half).
 # With OLD_BINARY, both builds are measured in the same run, one after the other.
 #
 #   benches/purge-hits.sh [OLD_BINARY]
@@ -37,6 +37,7 @@ import http.server, sys
 BODY = b"x" * 2048
 class Handler(http.server.BaseHTTPRequestHandler):
     protocol_version = "HTTP/1.1"
+    disable_nagle_algorithm = True
     def do_GET(self):
         tags = "t" + self.path[3:] + " all" if self.path.startswith("/p/") else "hot"
         self.send_response(200)
@@ -50,7 +51,7 @@ class Handler(http.server.BaseHTTPRequestHandler):
 http.server.ThreadingHTTPServer(("127.0.0.1", int(sys.argv[1])), Handler).serve_forever()
 PY
 
-# python3 client.py warm PORT ENTRIES | bulk ADMIN_PORT SECONDS | single ADMIN_PORT COUNT
+# python3 client.py warm PORT ENTRIES | once ADMIN_PORT | bulk ADMIN_PORT SECONDS | single ADMIN_PORT COUNT
 cat > "$WORK/client.py" <<'PY'
 import http.client, json, sys, time
 mode, port = sys.argv[1], int(sys.argv[2])
@@ -62,6 +63,8 @@ def purge(tags):
 if mode == "warm":
     for n in range(int(sys.argv[3])):
         conn.request("GET", "/p/%d" % n); conn.getresponse().read()
+elif mode == "once":
+    purge(["t%d" % n for n in range(5000)] + ["unused-%d" % n for n in range(5000)])
 elif mode == "bulk":
     end, sent = time.time() + float(sys.argv[3]), 0
     while time.time() < end:
@@ -97,13 +100,16 @@ measure() { # NAME BINARY
     python3 "$WORK/client.py" warm "$port" "$ENTRIES"
     curl -fsS -o /dev/null "http://127.0.0.1:$port/hot"
     report "$1" "no purge" "$(load "$port")"
+    python3 "$WORK/client.py" once "$admin"
+    report "$1" "after a 10,000-tag purge" "$(load "$port")"
+    python3 "$WORK/client.py" warm "$port" "$ENTRIES"
     python3 "$WORK/client.py" bulk "$admin" "$seconds" > "$WORK/bulk.count" &
     out=$(load "$port"); wait $!
-    report "$1" "10,000-tag purges" "$out" "($(cat "$WORK/bulk.count") purges of 10,000 tags)"
+    report "$1" "10,000-tag purges meanwhile" "$out" "($(cat "$WORK/bulk.count") purges of 10,000 tags)"
     python3 "$WORK/client.py" warm "$port" "$ENTRIES"
     python3 "$WORK/client.py" single "$admin" 10000 > "$WORK/single.count" &
     out=$(load "$port"); wait $!
-    report "$1" "one-tag purges" "$out" "($(cat "$WORK/single.count") one-tag purges, not all within the run)"
+    report "$1" "one-tag purges meanwhile" "$out" "($(cat "$WORK/single.count") one-tag purges, not all within the run)"
     kill "$pid"; wait "$pid" 2>/dev/null || true
 }
 
