@@ -28,7 +28,7 @@ pub const ADMIN_TOKEN_ENV: &str = "BULWARK_ADMIN_TOKEN";
 type AdminResponse = Response<Full<Bytes>>;
 
 mod purge;
-pub use purge::PurgeJobs;
+use purge::PurgeJobs;
 
 /// Serves the admin endpoints until `stop` completes.
 pub async fn serve(listener: TcpListener, proxy: Arc<Proxy>, stop: impl Future<Output = ()>) {
@@ -39,6 +39,8 @@ pub async fn serve(listener: TcpListener, proxy: Arc<Proxy>, stop: impl Future<O
     // hyper's own HTTP/1.1 timer bounds idle keep-alive, as on the proxy listener.
     builder.http1().timer(hyper_util::rt::TokioTimer::new()).header_read_timeout(server.keepalive_idle);
     let connections = Connections::default();
+    // Purges run with `"async": true`, for `GET /admin/purge/{id}`.
+    let jobs = Arc::new(PurgeJobs::default());
     tokio::pin!(stop);
     loop {
         tokio::select! {
@@ -48,13 +50,13 @@ pub async fn serve(listener: TcpListener, proxy: Arc<Proxy>, stop: impl Future<O
                     tokio::time::sleep(std::time::Duration::from_millis(20)).await;
                     continue;
                 };
-                let (proxy, token) = (proxy.clone(), token.clone());
+                let (proxy, token, jobs) = (proxy.clone(), token.clone(), jobs.clone());
                 let requests = Arc::new(Requests::default());
                 let requests_of_conn = requests.clone();
                 let io = TimedIo::new(stream, limits, requests.clone());
                 let service = service_fn(move |req| {
-                    let (proxy, token, active) = (proxy.clone(), token.clone(), requests.start());
-                    async move { Ok::<_, Infallible>(handle(&proxy, token.as_deref(), req).await.map(|body| Tracked::new(body, active))) }
+                    let (proxy, token, jobs, active) = (proxy.clone(), token.clone(), jobs.clone(), requests.start());
+                    async move { Ok::<_, Infallible>(handle(&proxy, &jobs, token.as_deref(), req).await.map(|body| Tracked::new(body, active))) }
                 });
                 connections.serve(builder.serve_connection(TokioIo::new(io), service).into_owned(), requests_of_conn, limits.keepalive_idle);
             }
@@ -65,7 +67,7 @@ pub async fn serve(listener: TcpListener, proxy: Arc<Proxy>, stop: impl Future<O
     let _ = tokio::time::timeout(std::time::Duration::from_secs(1), connections.shutdown()).await;
 }
 
-async fn handle(proxy: &Proxy, token: Option<&str>, req: Request<Incoming>) -> AdminResponse {
+async fn handle(proxy: &Proxy, jobs: &PurgeJobs, token: Option<&str>, req: Request<Incoming>) -> AdminResponse {
     let path = req.uri().path();
     if path.starts_with("/admin/")
         && let Some(token) = token
@@ -87,8 +89,8 @@ async fn handle(proxy: &Proxy, token: Option<&str>, req: Request<Incoming>) -> A
         (&Method::GET, "/readyz") => text(StatusCode::OK, "ready\n"),
         (&Method::GET, "/metrics") => metrics(proxy).await,
         (&Method::GET, "/admin/routes") => routes(proxy),
-        (&Method::POST, "/admin/purge") => purge::purge(proxy, req).await,
-        (&Method::GET, _) if path.starts_with("/admin/purge/") => purge::progress(proxy, &path["/admin/purge/".len()..]),
+        (&Method::POST, "/admin/purge") => purge::purge(proxy, jobs, req).await,
+        (&Method::GET, _) if path.starts_with("/admin/purge/") => purge::progress(jobs, &path["/admin/purge/".len()..]),
         (_, "/healthz" | "/readyz" | "/metrics" | "/admin/routes" | "/admin/purge" | "/admin/reload") => {
             text(StatusCode::METHOD_NOT_ALLOWED, "method not allowed\n")
         }

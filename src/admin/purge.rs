@@ -69,7 +69,7 @@ struct Job {
 
 /// `POST /admin/purge`: `{"urls": [...]}` or `{"tags": [...]}`, optional `"soft": true`
 /// and `"async": true`, applied to every pool and, through Redis, to every replica.
-pub async fn purge(proxy: &Proxy, req: Request<Incoming>) -> AdminResponse {
+pub async fn purge(proxy: &Proxy, jobs: &PurgeJobs, req: Request<Incoming>) -> AdminResponse {
     use http_body_util::BodyExt;
     let body = match http_body_util::Limited::new(req.into_body(), MAX_PURGE_BODY).collect().await {
         Ok(body) => body.to_bytes(),
@@ -107,7 +107,7 @@ pub async fn purge(proxy: &Proxy, req: Request<Incoming>) -> AdminResponse {
         })
     };
     if request.run_async {
-        proxy.purge_jobs.add(job.clone());
+        jobs.add(job.clone());
         return json(StatusCode::ACCEPTED, serde_json::json!({ "id": job.id, "soft": job.soft, "complete": false, "running": true }));
     }
     match task.await {
@@ -118,8 +118,8 @@ pub async fn purge(proxy: &Proxy, req: Request<Incoming>) -> AdminResponse {
 
 /// `GET /admin/purge/{id}`: an asynchronous purge's answer once done (as the synchronous
 /// one, with its id and `"running": false`), or its progress while it runs.
-pub fn progress(proxy: &Proxy, id: &str) -> AdminResponse {
-    let Some(job) = proxy.purge_jobs.find(id) else {
+pub fn progress(jobs: &PurgeJobs, id: &str) -> AdminResponse {
+    let Some(job) = jobs.find(id) else {
         return json(StatusCode::NOT_FOUND, serde_json::json!({ "error": format!("no purge with id {id:?} (kept: the last {JOBS_KEPT})") }));
     };
     if let Some((status, answer)) = job.outcome.get() {

@@ -51,8 +51,6 @@ pub struct Proxy {
     access_log: Option<Arc<crate::access_log::AccessLog>>,
     /// The control channel, when `control_redis_url` is set (set once at start).
     pub control: std::sync::OnceLock<Arc<crate::control::Control>>,
-    /// Purges run with `"async": true`, for `GET /admin/purge/{id}`.
-    pub purge_jobs: crate::admin::PurgeJobs,
 }
 
 impl Proxy {
@@ -70,7 +68,7 @@ impl Proxy {
         let live = Live::new(config, config_path, clock)?;
         let server = &live.runtime().config.server;
         let access_log = crate::access_log::AccessLog::start(server.access_log, server.access_log_sample, live.registry.access_log_dropped()).map(Arc::new);
-        Ok(Proxy { live: Arc::new(live), draining: AtomicBool::new(false), access_log, control: std::sync::OnceLock::new(), purge_jobs: Default::default() })
+        Ok(Proxy { live: Arc::new(live), draining: AtomicBool::new(false), access_log, control: std::sync::OnceLock::new() })
     }
 
     /// Writes out buffered access log lines (at shutdown).
