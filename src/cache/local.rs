@@ -226,7 +226,7 @@ impl LocalTier {
                         tier.apply_pending(*hash, held).await;
                     }
                     seen += 1;
-                    if seen.is_multiple_of(512) {
+                    if seen.is_multiple_of(64) {
                         tokio::task::yield_now().await;
                     }
                 }
