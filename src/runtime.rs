@@ -229,3 +229,34 @@ impl Live {
         Ok(())
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use std::path::Path;
+
+    use super::*;
+    use crate::cache::{CacheKey, Entry, PurgeTarget};
+    use crate::encodings::Encodings;
+
+    fn config(l1: &str) -> Config {
+        let text = format!(
+            "[[origins]]\nname = \"o\"\nurl = \"http://127.0.0.1:9\"\n[[pools]]\nname = \"p\"\nl1_max_bytes = \"{l1}\"\n[[routes]]\nname = \"r\"\npath_prefix = \"/\"\npool = \"p\"\norigin = \"o\"\n"
+        );
+        Config::parse(&text, Path::new("bulwark.toml")).expect("valid")
+    }
+
+    #[tokio::test]
+    async fn a_purge_through_a_pool_a_reload_replaced_reaches_the_l1_that_took_over() {
+        let (registry, clock) = (Registry::new(), Clock::system());
+        let old = Runtime::build(config("1MiB"), &registry, &clock).expect("build");
+        let key = CacheKey::new("http", "shop.example", "/products/1", None, Encodings::IDENTITY);
+        old.pools[0].l1.insert(&key, Arc::new(Entry { key: key.text.clone(), response_time: clock.now(), ..crate::cache::entry::tests::sample() })).await;
+        let new = Runtime::build_from(config("2MiB"), &registry, Some(&old), &clock).expect("build");
+        assert!(!Arc::ptr_eq(&old.pools[0], &new.pools[0]), "a new size makes a new pool");
+        assert_eq!(new.pools[0].take_over(&old.pools[0]).await, 1);
+        assert!(new.pools[0].l1.get(&key).await.is_some(), "moved");
+        // A purge that began on the old runtime (an admin purge in progress at the reload).
+        old.pools[0].purge(&PurgeTarget::from_url("http://shop.example/products/1").expect("url"), false).await;
+        assert!(new.pools[0].l1.get(&key).await.is_none(), "the purge missed the L1 that took over");
+    }
+}

@@ -93,6 +93,10 @@ pub struct Pool {
     pub purges: Arc<purge::PurgeLog>,
     /// The wall time this pool's freshness decisions, `Age` and tier lifetimes go by.
     pub clock: Clock,
+    /// The pool that replaced this one on a reload (and took over its L1): purges still
+    /// made through this one (by a request or purge that began before the reload) reach
+    /// its L1 too.
+    successor: std::sync::OnceLock<std::sync::Weak<Pool>>,
 }
 
 impl Pool {
@@ -113,10 +117,22 @@ impl Pool {
         self.config.name == config.name && self.config.key_prefix == config.key_prefix && endpoint(&self.config) == endpoint(config)
     }
 
+    /// Purges this pool's L1 and those of the pools that replaced it since.
+    async fn purge_l1(&self, target: &PurgeTarget, soft: bool) -> usize {
+        let mut touched = self.l1.purge(target, soft, self.clock.now()).await;
+        let mut next = self.successor.get().and_then(std::sync::Weak::upgrade);
+        while let Some(pool) = next {
+            touched += pool.l1.purge(target, soft, pool.clock.now()).await;
+            next = pool.successor.get().and_then(std::sync::Weak::upgrade);
+        }
+        touched
+    }
+
     /// Moves `previous`'s L1 contents into this pool's (new, empty) L1: see
     /// [`LocalTier::take_over`]. With Redis, every entry moved is confirmed against it
     /// before its next use.
-    pub async fn take_over(&self, previous: &Pool) -> usize {
+    pub async fn take_over(self: &Arc<Self>, previous: &Pool) -> usize {
+        let _ = previous.successor.set(Arc::downgrade(self));
         self.l1.take_over(&previous.l1, self.config.l1_max_bytes, self.config.max_object_bytes, self.l2.is_some()).await
     }
 
@@ -157,6 +173,7 @@ impl Pool {
             purges,
             config,
             clock,
+            successor: std::sync::OnceLock::new(),
         })
     }
 
@@ -327,7 +344,7 @@ impl Pool {
     pub async fn purge_counting(&self, target: &PurgeTarget, soft: bool, progress: &std::sync::atomic::AtomicUsize) -> PurgeCount {
         let Some(l2) = &self.l2 else {
             self.purges.record(target);
-            let local = self.l1.purge(target, soft, self.clock.now()).await;
+            let local = self.purge_l1(target, soft).await;
             return PurgeCount { l1: local, l2: 0, all_replicas: false, error: None };
         };
         let shared = match l2.purge(target, soft, progress).await {
@@ -337,7 +354,7 @@ impl Pool {
         // Everything stored here before now, Redis's part done: a copy read from Redis
         // while it ran goes too, and a fetch that started before now stores nothing.
         self.purges.record(target);
-        let local = self.l1.purge(target, soft, self.clock.now()).await;
+        let local = self.purge_l1(target, soft).await;
         let broadcast = l2.publish(&shared::Notice::Purge { target: target.clone(), soft }).await;
         let error = (!broadcast).then_some("purged in Redis and here, but the other replicas could not be told");
         PurgeCount { l1: local, l2: shared, all_replicas: broadcast, error }
