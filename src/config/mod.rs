@@ -260,6 +260,21 @@ impl Config {
                 ));
             }
         }
+        for pool in &self.pools {
+            if pool.max_object_bytes > self.server.max_inflight_body_bytes {
+                out.push(format!(
+                    "pool {:?}: max_object_bytes ({} bytes) is over [server] max_inflight_body_bytes ({} bytes): responses between the two are never stored",
+                    pool.name, pool.max_object_bytes, self.server.max_inflight_body_bytes
+                ));
+            }
+            // A write holds the encoded entry twice (the command and its buffer).
+            if pool.shared.is_some() && pool.redis_write_queue_bytes < pool.max_object_bytes.saturating_mul(2) {
+                out.push(format!(
+                    "pool {:?}: redis_write_queue_bytes ({} bytes) is under twice max_object_bytes ({} bytes): the largest entries are never written to Redis",
+                    pool.name, pool.redis_write_queue_bytes, pool.max_object_bytes
+                ));
+            }
+        }
         out
     }
 

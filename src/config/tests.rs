@@ -192,3 +192,14 @@ fn a_replica_id_with_spaces_is_rejected_and_a_given_one_is_kept() {
     let config = parse(&format!("[server]\nreplica_id = \"web-7f9c\"\n{MINIMAL}")).expect("valid");
     assert_eq!(config.server.replica_id, "web-7f9c");
 }
+
+#[test]
+fn check_warns_of_objects_that_could_never_be_stored_or_written() {
+    let text = MINIMAL
+        .replace("name = \"pdp\"", "name = \"pdp\"\nmax_object_bytes = \"8MiB\"\nredis_url = \"redis://127.0.0.1:6379\"\nredis_write_queue_bytes = \"10MiB\"");
+    let config = parse(&format!("[server]\nmax_inflight_body_bytes = \"4MiB\"\n{text}")).expect("valid");
+    let warnings = config.warnings();
+    assert!(warnings.iter().any(|w| w.contains("max_inflight_body_bytes")), "{warnings:?}");
+    assert!(warnings.iter().any(|w| w.contains("redis_write_queue_bytes")), "{warnings:?}");
+    assert!(parse(MINIMAL).expect("valid").warnings().is_empty(), "the defaults warn of nothing");
+}
