@@ -87,6 +87,8 @@ pub struct Acks {
     pub confirmed: Vec<String>,
     /// Seen in the last 10 s, not confirmed.
     pub missing: Vec<String>,
+    /// Why the acknowledgements could not be read (the change was stored and published).
+    pub unknown: Option<String>,
 }
 
 impl Control {
@@ -116,13 +118,17 @@ impl Control {
             None => return Err(ControlError::Timeout),
             Some(result) => result?,
         };
-        let mut acks = Acks::default();
+        let mut acks = Acks { unknown: Some("the control Redis did not answer in time".to_owned()), ..Acks::default() };
         loop {
             let left = (start + ANSWER_WITHIN).saturating_duration_since(Instant::now());
-            if let Some(now) = self.status(&ack_key, left).await? {
-                acks = now;
+            match self.status(&ack_key, left).await {
+                Ok(Some(now)) => acks = now,
+                Ok(None) => {}
+                // Stored and published: only who applied it is not known.
+                Err(err) if acks.unknown.is_some() => acks.unknown = Some(err.to_string()),
+                Err(_) => {}
             }
-            if acks.missing.is_empty() || start.elapsed() >= ACKS_AWAITED_FOR {
+            if (acks.unknown.is_none() && acks.missing.is_empty()) || start.elapsed() >= ACKS_AWAITED_FOR {
                 return Ok(acks);
             }
             tokio::time::sleep(Duration::from_millis(50)).await;
@@ -141,7 +147,7 @@ impl Control {
         let (seen, acked) = result?;
         let confirmed: BTreeSet<String> = acked.into_iter().collect();
         let missing = seen.into_iter().filter(|id| !confirmed.contains(id)).collect::<BTreeSet<_>>().into_iter().collect();
-        Ok(Some(Acks { confirmed: confirmed.into_iter().collect(), missing }))
+        Ok(Some(Acks { confirmed: confirmed.into_iter().collect(), missing, unknown: None }))
     }
 
     /// Acknowledges changes `ids` for this replica.

@@ -161,8 +161,13 @@ async fn set_mode(proxy: &Proxy, route: &str, req: Request<Incoming>) -> AdminRe
     };
     match control.set_mode(route, mode).await {
         Ok(acks) => {
-            let status = if acks.missing.is_empty() { StatusCode::OK } else { StatusCode::ACCEPTED };
-            json(status, serde_json::json!({ "route": route, "mode": mode.as_str(), "confirmed": acks.confirmed, "missing": acks.missing }))
+            let status = if acks.missing.is_empty() && acks.unknown.is_none() { StatusCode::OK } else { StatusCode::ACCEPTED };
+            let mut answer = serde_json::json!({ "route": route, "mode": mode.as_str(), "confirmed": acks.confirmed, "missing": acks.missing });
+            if let Some(why) = acks.unknown {
+                // Stored and published to every replica; who applied it is not known.
+                answer["error"] = format!("acknowledgements could not be read: {why}").into();
+            }
+            json(status, answer)
         }
         // Applied here; whether any other replica has it is unknown.
         Err(err) => json(
