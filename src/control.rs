@@ -71,6 +71,8 @@ pub struct Control {
     /// Commands (not the subscription); replaced when it stops answering.
     link: Link,
     replica: String,
+    /// The heartbeat and the subscription, stopped by [`Control::leave`].
+    tasks: std::sync::Mutex<Vec<tokio::task::JoinHandle<()>>>,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -96,7 +98,7 @@ impl Control {
     pub fn new(url: &str, replica: &str) -> Result<Arc<Control>, redis::RedisError> {
         let client = redis::Client::open(url)?;
         let link = Link::new(&Endpoint::Single(url.to_owned()), TIMEOUT)?;
-        Ok(Arc::new(Control { client, link, replica: replica.to_owned() }))
+        Ok(Arc::new(Control { client, link, replica: replica.to_owned(), tasks: std::sync::Mutex::default() }))
     }
 
     pub fn replica(&self) -> &str {
@@ -177,8 +179,15 @@ impl Control {
         }
     }
 
-    /// Takes this replica off the list of those expected to acknowledge (at shutdown).
+    /// Stops following changes and takes this replica off the list of those expected to
+    /// acknowledge them (at shutdown).
     pub async fn leave(&self) {
+        let tasks: Vec<_> = self.tasks.lock().unwrap_or_else(|p| p.into_inner()).drain(..).collect();
+        for task in tasks {
+            // Stopped before the removal, so no heartbeat adds this replica back.
+            task.abort();
+            let _ = task.await;
+        }
         let mut conn = self.link.conn();
         let _ = self.link.call(Duration::from_millis(500), redis::cmd("ZREM").arg(REPLICAS_KEY).arg(&self.replica).query_async::<i64>(&mut conn)).await;
     }
@@ -204,7 +213,7 @@ impl Control {
         self.heartbeat().await;
         self.apply_stored(&live).await;
         let me = self.clone();
-        tokio::spawn(async move {
+        let heartbeat = tokio::spawn(async move {
             let mut tick = tokio::time::interval(HEARTBEAT);
             tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
             loop {
@@ -212,12 +221,13 @@ impl Control {
                 me.heartbeat().await;
             }
         });
-        tokio::spawn(async move {
+        let me = self.clone();
+        let follow = tokio::spawn(async move {
             let mut backoff = Duration::from_millis(100);
             let mut sessions = 0u64;
             loop {
                 sessions += 1;
-                match self.follow(&live, sessions > 1).await {
+                match me.follow(&live, sessions > 1).await {
                     Err(err) => tracing::warn!(error = %err, "control channel failed; subscribing again"),
                     Ok(()) => backoff = Duration::from_millis(100),
                 }
@@ -225,6 +235,7 @@ impl Control {
                 backoff = (backoff * 2).min(Duration::from_secs(5));
             }
         });
+        self.tasks.lock().unwrap_or_else(|p| p.into_inner()).extend([heartbeat, follow]);
     }
 
     /// One subscription: made within [`CONNECT_DEADLINE`], followed until it drops or a

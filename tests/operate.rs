@@ -111,6 +111,14 @@ async fn with_a_control_redis_modes_reach_every_replica_and_new_ones_start_in_th
     assert_eq!(two.get("/search?q=x").await.status, 503);
     let three = Bulwark::start(&text("three")).await;
     assert_eq!(three.get("/search?q=x").await.status, 503, "a new replica did not start in the current mode");
+    // A replica that shut down is not waited for, nor listed missing (its heartbeat
+    // stopped before it left).
+    three.stop().await.expect("stop");
+    tokio::time::sleep(Duration::from_millis(1500)).await;
+    let answer = set_mode(&one, "search", "normal").await;
+    let body = answer_json(&answer);
+    assert_eq!(answer.status, 200, "{body}");
+    assert_eq!(ids(&body, "confirmed"), ["one", "two"]);
     // Without a control Redis the answer says where it applied.
     let alone = Bulwark::start(&config(&origin.url(), None).to_toml()).await;
     let answer = answer_json(&set_mode(&alone, "search", "off").await);
