@@ -113,17 +113,21 @@ async fn watch_file(proxy: Arc<Proxy>, path: std::path::PathBuf) {
         }
         // Changed: applied once it has stopped changing, so a file caught while it is
         // being written (a slow editor, a copy) is never applied half written.
-        loop {
+        let settled = loop {
             tokio::time::sleep(SETTLE).await;
-            let Ok(bytes) = tokio::fs::read(&path).await else { break };
+            // Gone for a moment (an editor deleting and writing it anew): looked at again
+            // on the next tick, as not yet seen.
+            let Ok(bytes) = tokio::fs::read(&path).await else { break false };
             let again = fingerprint(&bytes);
             if again == now {
-                break;
+                break true;
             }
             now = again;
+        };
+        if settled {
+            seen = Some(now);
+            let _ = proxy.reload().await;
         }
-        seen = Some(now);
-        let _ = proxy.reload().await;
     }
 }
 
