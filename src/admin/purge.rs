@@ -40,14 +40,16 @@ pub struct PurgeJobs {
 }
 
 impl PurgeJobs {
-    fn add(&self, job: Arc<Job>) {
+    /// Keeps `job`, forgetting the oldest finished one when full; `false` when every
+    /// kept job is still running (the purge is then refused).
+    fn add(&self, job: Arc<Job>) -> bool {
         let mut jobs = self.jobs.lock().unwrap_or_else(|p| p.into_inner());
-        if jobs.len() >= JOBS_KEPT
-            && let Some(oldest_done) = jobs.iter().position(|j| j.outcome.get().is_some())
-        {
+        if jobs.len() >= JOBS_KEPT {
+            let Some(oldest_done) = jobs.iter().position(|j| j.outcome.get().is_some()) else { return false };
             jobs.remove(oldest_done);
         }
         jobs.push_back(job);
+        true
     }
 
     fn find(&self, id: &str) -> Option<Arc<Job>> {
@@ -61,6 +63,10 @@ struct Job {
     soft: bool,
     /// Redis entries purged so far, over every pool.
     l2: AtomicUsize,
+    /// L1 slots purged so far (URL targets), over every pool.
+    l1: AtomicUsize,
+    /// The L1 part of `purged` so far: pools without Redis.
+    purged_local: AtomicUsize,
     /// Pools whose part is done.
     pools_done: AtomicUsize,
     pools: usize,
@@ -94,10 +100,15 @@ pub async fn purge(proxy: &Proxy, jobs: &PurgeJobs, req: Request<Incoming>) -> A
         id: format!("{:016x}", fastrand::u64(..)),
         soft: request.soft,
         l2: AtomicUsize::new(0),
+        l1: AtomicUsize::new(0),
+        purged_local: AtomicUsize::new(0),
         pools_done: AtomicUsize::new(0),
         pools: runtime.pools.len(),
         outcome: OnceLock::new(),
     });
+    if request.run_async && !jobs.add(job.clone()) {
+        return json(StatusCode::SERVICE_UNAVAILABLE, serde_json::json!({ "error": format!("{JOBS_KEPT} async purges are still running here; retry later") }));
+    }
     // Its own task, awaited or not: a client that hangs up does not leave it half done.
     let task = {
         let job = job.clone();
@@ -107,7 +118,6 @@ pub async fn purge(proxy: &Proxy, jobs: &PurgeJobs, req: Request<Incoming>) -> A
         })
     };
     if request.run_async {
-        jobs.add(job.clone());
         return json(StatusCode::ACCEPTED, serde_json::json!({ "id": job.id, "soft": job.soft, "complete": false, "running": true }));
     }
     match task.await {
@@ -132,6 +142,8 @@ pub fn progress(jobs: &PurgeJobs, id: &str) -> AdminResponse {
         StatusCode::OK,
         serde_json::json!({
             "id": job.id,
+            "purged": job.l2.load(Ordering::Relaxed) + job.purged_local.load(Ordering::Relaxed),
+            "l1": job.l1.load(Ordering::Relaxed),
             "l2": job.l2.load(Ordering::Relaxed),
             "soft": job.soft,
             "pools_done": job.pools_done.load(Ordering::Relaxed),
@@ -154,6 +166,10 @@ async fn run(runtime: &Arc<Runtime>, targets: &[PurgeTarget], job: &Arc<Job>) ->
                 let mut total = crate::cache::PurgeCount { all_replicas: true, ..Default::default() };
                 for target in &targets {
                     let count = pool.purge_counting(target, job.soft, &job.l2).await;
+                    job.l1.fetch_add(count.l1, Ordering::Relaxed);
+                    if pool.l2.is_none() {
+                        job.purged_local.fetch_add(count.l1, Ordering::Relaxed);
+                    }
                     total.l1 += count.l1;
                     total.l2 += count.l2;
                     total.all_replicas &= count.all_replicas;
