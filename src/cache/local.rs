@@ -120,6 +120,21 @@ struct Held {
     generation: u64,
 }
 
+/// A running sweep: should its task end without finishing (a panic), the next purge
+/// registered starts another (reads go on checking the pending purges meanwhile).
+struct Sweeping {
+    pending: Arc<Pending>,
+    done: bool,
+}
+
+impl Drop for Sweeping {
+    fn drop(&mut self) {
+        if !self.done {
+            self.pending.abandoned();
+        }
+    }
+}
+
 /// Whether two slots are the same stored values (not merely equal ones).
 fn same(a: &Slot, b: &Slot) -> bool {
     match (a, b) {
@@ -214,12 +229,15 @@ impl LocalTier {
     }
 
     /// Sweeps the pending purges through L1 until none is left: one task per L1, in
-    /// chunks, yielding between them.
+    /// chunks, yielding between them. While purges keep arriving, it rests as long as
+    /// its last pass took (at most a second) before the next, so a steady stream of
+    /// purges over a large L1 takes at most half a core.
     fn start_sweep(&self) {
         let tier = self.clone();
         tokio::spawn(async move {
+            let mut sweep = Sweeping { pending: tier.pending.clone(), done: false };
             loop {
-                let seq = tier.pending.seq();
+                let (seq, began) = (tier.pending.seq(), std::time::Instant::now());
                 let mut seen = 0u32;
                 for (hash, held) in tier.cache.iter() {
                     if tier.pending.verdict(held.slot.entries()) != Verdict::Keep {
@@ -231,8 +249,10 @@ impl LocalTier {
                     }
                 }
                 if tier.pending.swept(seq) {
+                    sweep.done = true;
                     return;
                 }
+                tokio::time::sleep(began.elapsed().min(Duration::from_secs(1))).await;
             }
         });
     }

@@ -110,6 +110,11 @@ impl Pending {
         true
     }
 
+    /// The sweep stopped before it was done: the next registration starts another.
+    pub fn abandoned(&self) {
+        self.sweeping.store(false, Ordering::Release);
+    }
+
     /// The verdict on a slot's entries.
     pub fn verdict<'a>(&self, entries: impl Iterator<Item = &'a std::sync::Arc<Entry>>) -> Verdict {
         let set = self.read();
