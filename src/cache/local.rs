@@ -237,7 +237,8 @@ impl LocalTier {
         tokio::spawn(async move {
             let mut sweep = Sweeping { pending: tier.pending.clone(), done: false };
             loop {
-                let (seq, began) = (tier.pending.seq(), std::time::Instant::now());
+                tier.pending.begin_pass();
+                let began = std::time::Instant::now();
                 let mut seen = 0u32;
                 for (hash, held) in tier.cache.iter() {
                     if tier.pending.verdict(held.slot.entries()) != Verdict::Keep {
@@ -248,7 +249,7 @@ impl LocalTier {
                         tokio::task::yield_now().await;
                     }
                 }
-                if tier.pending.swept(seq) {
+                if tier.pending.end_pass() {
                     sweep.done = true;
                     return;
                 }

@@ -29,13 +29,27 @@ pub struct Pending {
     set: RwLock<Set>,
 }
 
+/// Two generations of pending purges, so that ending a pass is a swap under the lock,
+/// never a walk over millions of targets while reads wait.
 #[derive(Debug, Default)]
 struct Set {
+    /// Registered before the pass under way began: done when it ends.
+    swept: Covers,
+    /// Registered since: for the next pass.
+    fresh: Covers,
+}
+
+#[derive(Debug, Default)]
+struct Covers {
     tags: HashMap<String, Cover>,
     /// By hash of `/path?query`, as [`PurgeTarget::Path`].
     paths: HashMap<u128, Cover>,
-    /// Bumped by each registration: a sweep forgets only what was registered before it began.
-    seq: u64,
+}
+
+impl Covers {
+    fn is_empty(&self) -> bool {
+        self.tags.is_empty() && self.paths.is_empty()
+    }
 }
 
 /// What purges of one tag or path cover.
@@ -45,15 +59,17 @@ struct Cover {
     hard: Option<SystemTime>,
     /// Entries stored at or before this are marked stale (soft-purged).
     soft: Option<SystemTime>,
-    /// The registration that last added to it.
-    seq: u64,
 }
 
 impl Cover {
-    fn add(&mut self, soft: bool, before: SystemTime, seq: u64) {
+    fn add(&mut self, soft: bool, before: SystemTime) {
         let until = if soft { &mut self.soft } else { &mut self.hard };
         *until = Some(until.map_or(before, |b| b.max(before)));
-        self.seq = seq;
+    }
+
+    fn merge(&mut self, other: Cover) {
+        self.hard = self.hard.max(other.hard);
+        self.soft = self.soft.max(other.soft);
     }
 }
 
@@ -77,11 +93,9 @@ impl Pending {
     pub fn register(&self, target: &PurgeTarget, soft: bool, before: SystemTime) -> bool {
         {
             let mut set = self.write();
-            set.seq += 1;
-            let seq = set.seq;
             match target {
-                PurgeTarget::Tag(tag) => set.tags.entry(tag.clone()).or_default().add(soft, before, seq),
-                PurgeTarget::Path(hash) => set.paths.entry(*hash).or_default().add(soft, before, seq),
+                PurgeTarget::Tag(tag) => set.fresh.tags.entry(tag.clone()).or_default().add(soft, before),
+                PurgeTarget::Path(hash) => set.fresh.paths.entry(*hash).or_default().add(soft, before),
                 PurgeTarget::Url(_) => return false,
             }
             self.any.store(true, Ordering::Release);
@@ -89,25 +103,39 @@ impl Pending {
         !self.sweeping.swap(true, Ordering::AcqRel)
     }
 
-    /// The registration a sweep starting now covers.
-    pub fn seq(&self) -> u64 {
-        self.read().seq
+    /// A pass over L1 begins: it covers what was registered so far.
+    pub fn begin_pass(&self) {
+        let mut set = self.write();
+        let fresh = std::mem::take(&mut set.fresh);
+        if set.swept.is_empty() {
+            set.swept = fresh;
+            return;
+        }
+        // An abandoned pass left its part: it is covered by this one too (rare: a merge).
+        for (tag, cover) in fresh.tags {
+            set.swept.tags.entry(tag).or_default().merge(cover);
+        }
+        for (hash, cover) in fresh.paths {
+            set.swept.paths.entry(hash).or_default().merge(cover);
+        }
     }
 
-    /// A sweep that began at `seq` is done: forgets what it covered. Returns whether it
-    /// may stop (nothing registered meanwhile), then marked stopped.
-    pub fn swept(&self, seq: u64) -> bool {
+    /// The pass that began last is done: forgets what it covered. Returns whether the
+    /// sweep may stop (nothing registered meanwhile), then marked stopped.
+    pub fn end_pass(&self) -> bool {
         let mut set = self.write();
-        set.tags.retain(|_, cover| cover.seq > seq);
-        set.paths.retain(|_, cover| cover.seq > seq);
-        if !set.tags.is_empty() || !set.paths.is_empty() {
-            return false;
+        let done = std::mem::take(&mut set.swept);
+        let stop = set.fresh.is_empty();
+        if stop {
+            // Under the lock: a registration either came before (and is in `fresh`) or
+            // comes after, and then starts a sweep of its own.
+            self.any.store(false, Ordering::Release);
+            self.sweeping.store(false, Ordering::Release);
         }
-        // Under the lock: a registration either came before (and is kept above) or
-        // comes after, and then starts a sweep of its own.
-        self.any.store(false, Ordering::Release);
-        self.sweeping.store(false, Ordering::Release);
-        true
+        drop(set);
+        // Freed with no lock held: it may hold millions of targets.
+        drop(done);
+        stop
     }
 
     /// The sweep stopped before it was done: the next registration starts another.
@@ -150,13 +178,15 @@ impl Set {
             hard = hard.max(cover.hard);
             soft = soft.max(cover.soft);
         };
-        if !self.tags.is_empty() {
-            entry.tags.iter().filter_map(|tag| self.tags.get(tag)).for_each(&mut consider);
-        }
-        if !self.paths.is_empty()
-            && let Some(cover) = self.paths.get(&xxh3_128(path_part(&entry.key).as_bytes()))
-        {
-            consider(cover);
+        for covers in [&self.swept, &self.fresh] {
+            if !covers.tags.is_empty() {
+                entry.tags.iter().filter_map(|tag| covers.tags.get(tag)).for_each(&mut consider);
+            }
+            if !covers.paths.is_empty()
+                && let Some(cover) = covers.paths.get(&xxh3_128(path_part(&entry.key).as_bytes()))
+            {
+                consider(cover);
+            }
         }
         if hard.is_some_and(|until| entry.response_time <= until) {
             Verdict::Remove
@@ -197,19 +227,23 @@ mod tests {
     }
 
     #[test]
-    fn a_sweep_forgets_only_what_was_registered_before_it_began() {
+    fn a_pass_forgets_only_what_was_registered_before_it_began() {
         let pending = Pending::default();
         let now = SystemTime::now();
         let path = PurgeTarget::from_url("/p/1").expect("path");
         assert!(pending.register(&path, false, now));
-        let seq = pending.seq();
-        // Registered while the sweep runs: still pending after it.
+        pending.begin_pass();
+        // Registered while the pass runs: still pending after it.
         pending.register(&PurgeTarget::tag("late").expect("tag"), false, now);
-        assert!(!pending.swept(seq));
-        assert!(!pending.is_empty());
         let entry = stored_at("https://b/p/1\nae=gzip", &["late"], now);
+        let other_host = stored_at("https://c/p/1\nae=gzip", &[], now);
+        assert_eq!(pending.verdict([&other_host].into_iter()), Verdict::Remove, "a path covers every host");
+        assert!(!pending.end_pass());
+        assert!(!pending.is_empty());
+        assert_eq!(pending.verdict([&other_host].into_iter()), Verdict::Keep, "swept: forgotten");
         assert_eq!(pending.verdict([&entry].into_iter()), Verdict::Remove);
-        assert!(pending.swept(pending.seq()));
+        pending.begin_pass();
+        assert!(pending.end_pass());
         assert!(pending.is_empty());
         assert_eq!(pending.verdict([&entry].into_iter()), Verdict::Keep);
         assert!(pending.register(&path, false, now), "a sweep ended: the next registration starts one");
