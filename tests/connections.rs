@@ -260,3 +260,24 @@ async fn an_h2c_connection_with_no_open_stream_is_closed_after_keepalive_idle() 
     let closed_after = start.elapsed() - slow_ended;
     assert!(closed_after >= Duration::from_millis(1500), "closed {closed_after:?} after its last stream, keepalive_idle 2 s");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn origin_connections_are_retired_after_connection_max_age_even_when_never_idle() {
+    // Keep-alive under steady load never idles: without a maximum age one connection
+    // would carry everything for good, and a new address behind the name never gets any.
+    let (aged, lasting) = (Origin::start().await, Origin::start().await);
+    for origin in [&aged, &lasting] {
+        origin.set(|_| support::Reply::ok("x").header("cache-control", "no-store"));
+    }
+    let short = support::Bulwark::start(&TestConfig::new(&aged.url()).origin("connection_max_age", "1s").to_toml()).await;
+    let default = support::Bulwark::start(&TestConfig::new(&lasting.url()).to_toml()).await;
+    let start = std::time::Instant::now();
+    while start.elapsed() < std::time::Duration::from_millis(3_500) {
+        assert_eq!(short.get("/p").await.status, 200);
+        assert_eq!(default.get("/p").await.status, 200);
+        tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+    }
+    let (retired, kept) = (aged.connections_accepted(), lasting.connections_accepted());
+    assert!((3..=6).contains(&retired), "connection_max_age = 1s over 3.5 s of load: {retired} connections");
+    assert_eq!(kept, 1, "the default (60 s) kept one connection");
+}

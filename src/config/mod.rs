@@ -84,6 +84,9 @@ pub struct OriginConfig {
     pub timeout: Duration,
     pub connect_timeout: Duration,
     pub pool_idle_timeout: Duration,
+    /// Pooled connections are retired once this old (less up to 10% at random), so
+    /// that a changed DNS answer or a new pod behind a Service gets traffic.
+    pub connection_max_age: Duration,
     pub max_concurrency: usize,
     pub max_queue: usize,
     pub queue_timeout: Duration,

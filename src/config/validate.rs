@@ -222,6 +222,7 @@ fn origin(raw: raw::RawOrigin) -> Result<OriginConfig> {
         timeout: nonzero_dur(raw.timeout, Duration::from_secs(10), "timeout")?,
         connect_timeout: nonzero_dur(raw.connect_timeout, Duration::from_secs(2), "connect_timeout")?,
         pool_idle_timeout: dur(raw.pool_idle_timeout, Duration::from_secs(4)),
+        connection_max_age: nonzero_dur(raw.connection_max_age, Duration::from_secs(60), "connection_max_age")?,
         max_concurrency: positive(raw.max_concurrency, 256, "max_concurrency")?,
         max_queue: match raw.max_queue {
             None => 1024,

@@ -1,6 +1,7 @@
 //! Origins: a pooled keep-alive client per origin (http and https), the concurrency
 //! limit and queue in front of it ([`bulkhead`]), timeouts, and error classification.
 
+mod aged;
 pub mod breaker;
 pub mod bulkhead;
 
@@ -152,7 +153,7 @@ impl OriginError {
 
 pub struct Origin {
     pub config: OriginConfig,
-    client: Client<HttpsConnector<HttpConnector>, OutgoingBody>,
+    client: Client<aged::AgedConnector<HttpsConnector<HttpConnector>>, OutgoingBody>,
     bulkhead: bulkhead::Bulkhead,
     breaker: Breaker,
     pub metrics: OriginMetrics,
@@ -180,7 +181,7 @@ impl Origin {
             .pool_timer(TokioTimer::new())
             .pool_max_idle_per_host(config.max_concurrency)
             .set_host(false)
-            .build(connector);
+            .build(aged::AgedConnector::new(connector, config.connection_max_age));
         let bulkhead = bulkhead::Bulkhead::new(config.max_concurrency, config.max_queue, config.queue_timeout);
         let breaker = Breaker::new(config.breaker);
         Ok(Origin { config, client, bulkhead, breaker, metrics })
@@ -189,7 +190,7 @@ impl Origin {
     /// Sends `req` (whose URI must already point at this origin) once a slot is free and
     /// the breaker lets it through. The slot is held until the response body is finished
     /// or dropped.
-    pub async fn send(&self, req: Request<OutgoingBody>, priority: Priority, timings: Option<&Timings>) -> Result<Response<OriginBody>, OriginError> {
+    pub async fn send(&self, mut req: Request<OutgoingBody>, priority: Priority, timings: Option<&Timings>) -> Result<Response<OriginBody>, OriginError> {
         // An open breaker answers at once, without queueing for a slot first.
         if self.breaker.is_open_now() {
             return Err(OriginError::BreakerOpen);
@@ -207,7 +208,9 @@ impl Origin {
         let inflight = Inflight::new(&self.metrics, slot);
         let start = Instant::now();
         let upload = req.extensions().get::<UploadDone>().cloned();
+        let connection = hyper_util::client::legacy::connect::capture_connection(&mut req);
         let result = tokio::time::timeout(self.config.timeout, self.client.request(req)).await;
+        aged::retire_if_old(&connection);
         self.metrics.duration.record(start.elapsed().as_secs_f64());
         if let Some(timings) = timings {
             timings.record(waited, start.elapsed());

@@ -127,6 +127,11 @@ impl Origin {
         *self.behaviour.lock().expect("behaviour lock") = Arc::new(behaviour);
     }
 
+    /// Connections accepted so far.
+    pub fn connections_accepted(&self) -> usize {
+        self.connections.lock().expect("connections lock").len()
+    }
+
     pub fn total(&self) -> usize {
         self.log.total.load(Ordering::SeqCst)
     }
