@@ -23,6 +23,7 @@ pub const ORIGIN_DURATION: &str = "bulwark_origin_duration_seconds";
 pub const ORIGIN_QUEUE_WAIT: &str = "bulwark_origin_queue_wait_seconds";
 pub const ORIGIN_INFLIGHT: &str = "bulwark_origin_inflight";
 pub const ORIGIN_BREAKER_OPEN: &str = "bulwark_origin_breaker_open";
+pub const ORIGIN_RETRIES_TOTAL: &str = "bulwark_origin_retries_total";
 pub const REDIS_ERRORS_TOTAL: &str = "bulwark_redis_errors_total";
 pub const REDIS_BREAKER_OPEN: &str = "bulwark_redis_breaker_open";
 pub const L1_BYTES: &str = "bulwark_l1_bytes";
@@ -138,6 +139,7 @@ impl Registry {
             queue_wait: self.histogram(ORIGIN_QUEUE_WAIT, &labels),
             inflight: self.gauge(ORIGIN_INFLIGHT, &labels),
             breaker_open: self.gauge(ORIGIN_BREAKER_OPEN, &labels),
+            retries: self.counter(ORIGIN_RETRIES_TOTAL, &labels),
         }
     }
 
@@ -227,6 +229,8 @@ pub struct OriginMetrics {
     pub queue_wait: Histogram,
     pub inflight: Gauge,
     pub breaker_open: Gauge,
+    /// Attempts made again after one got no answer.
+    pub retries: Counter,
 }
 
 /// Pre-registered handles of one pool.

@@ -281,3 +281,59 @@ async fn origin_connections_are_retired_after_connection_max_age_even_when_never
     assert!((3..=6).contains(&retired), "connection_max_age = 1s over 3.5 s of load: {retired} connections");
     assert_eq!(kept, 1, "the default (60 s) kept one connection");
 }
+
+/// A front for an origin that closes, unanswered, each connection `drop` picks (by its
+/// number, from 0) once it has read the request head, and relays the others.
+async fn dropping_front(origin: std::net::SocketAddr, drop: impl Fn(usize) -> bool + Send + Sync + 'static) -> String {
+    use tokio::io::AsyncReadExt;
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.expect("bind");
+    let addr = listener.local_addr().expect("addr");
+    tokio::spawn(async move {
+        for n in 0.. {
+            let Ok((mut client, _)) = listener.accept().await else { continue };
+            if drop(n) {
+                tokio::spawn(async move {
+                    let mut head = [0u8; 1024];
+                    let _ = client.read(&mut head).await;
+                    // Closed before any status line.
+                });
+                continue;
+            }
+            tokio::spawn(async move {
+                if let Ok(mut server) = tokio::net::TcpStream::connect(origin).await {
+                    let _ = tokio::io::copy_bidirectional(&mut client, &mut server).await;
+                }
+            });
+        }
+    });
+    format!("http://{addr}")
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_get_that_got_no_answer_is_retried_once_and_a_post_never() {
+    let origin = Origin::start().await;
+    origin.set(|_| support::Reply::ok("fine").header("cache-control", "no-store"));
+    // The first connection is closed unanswered (a pod going away): the GET is tried
+    // again on a new one.
+    let first_dropped = dropping_front(origin.addr, |n| n == 0).await;
+    let bulwark = support::Bulwark::start(&TestConfig::new(&first_dropped).to_toml()).await;
+    let got = bulwark.get("/p").await;
+    assert_eq!((got.status.as_u16(), got.text()), (200, "fine"));
+    assert_eq!(bulwark.metric("bulwark_origin_retries_total", &[("origin", "catalog")]).await, 1.0);
+    assert_eq!(origin.count("/p"), 1);
+
+    // Every connection closed unanswered: a POST is not retried (it may have been acted
+    // on), a GET once, then it fails.
+    let all_dropped = dropping_front(origin.addr, |_| true).await;
+    let bulwark = support::Bulwark::start(&TestConfig::new(&all_dropped).to_toml()).await;
+    let post =
+        bulwark.request(http::Request::post(bulwark.url("/p")).body(http_body_util::Full::new(bytes::Bytes::from_static(b"order"))).expect("request")).await;
+    assert_eq!(post.status.as_u16(), 502);
+    assert_eq!(bulwark.metric("bulwark_origin_retries_total", &[("origin", "catalog")]).await, 0.0, "a POST was retried");
+    assert_eq!(bulwark.get("/q").await.status.as_u16(), 502);
+    assert_eq!(bulwark.metric("bulwark_origin_retries_total", &[("origin", "catalog")]).await, 1.0);
+    // With retries = 0, none.
+    let none = support::Bulwark::start(&TestConfig::new(&all_dropped).origin("retries", 0).to_toml()).await;
+    assert_eq!(none.get("/q").await.status.as_u16(), 502);
+    assert_eq!(none.metric("bulwark_origin_retries_total", &[("origin", "catalog")]).await, 0.0);
+}

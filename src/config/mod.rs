@@ -87,6 +87,8 @@ pub struct OriginConfig {
     /// Pooled connections are retired once this old (less up to 10% at random), so
     /// that a changed DNS answer or a new pod behind a Service gets traffic.
     pub connection_max_age: Duration,
+    /// Further attempts of a GET or HEAD that got no answer at all (within the budget).
+    pub retries: u32,
     pub max_concurrency: usize,
     pub max_queue: usize,
     pub queue_timeout: Duration,

@@ -53,6 +53,7 @@ pub struct RawOrigin {
     pub connect_timeout: Option<Spanned<ConfigDuration>>,
     pub pool_idle_timeout: Option<ConfigDuration>,
     pub connection_max_age: Option<Spanned<ConfigDuration>>,
+    pub retries: Option<Spanned<i64>>,
     pub max_concurrency: Option<Spanned<i64>>,
     pub max_queue: Option<Spanned<i64>>,
     pub queue_timeout: Option<Spanned<ConfigDuration>>,

@@ -223,6 +223,10 @@ fn origin(raw: raw::RawOrigin) -> Result<OriginConfig> {
         connect_timeout: nonzero_dur(raw.connect_timeout, Duration::from_secs(2), "connect_timeout")?,
         pool_idle_timeout: dur(raw.pool_idle_timeout, Duration::from_secs(4)),
         connection_max_age: nonzero_dur(raw.connection_max_age, Duration::from_secs(60), "connection_max_age")?,
+        retries: match raw.retries {
+            None => 1,
+            Some(r) => u32::try_from(*r.get_ref()).ok().filter(|r| *r <= 5).map_or_else(|| err(r.span(), "retries must be between 0 and 5"), Ok)?,
+        },
         max_concurrency: positive(raw.max_concurrency, 256, "max_concurrency")?,
         max_queue: match raw.max_queue {
             None => 1024,

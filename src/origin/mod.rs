@@ -4,6 +4,7 @@
 mod aged;
 pub mod breaker;
 pub mod bulkhead;
+mod retry;
 
 use std::future::Future;
 use std::pin::Pin;
@@ -156,6 +157,7 @@ pub struct Origin {
     client: Client<aged::AgedConnector<HttpsConnector<HttpConnector>>, OutgoingBody>,
     bulkhead: bulkhead::Bulkhead,
     breaker: Breaker,
+    retries: retry::RetryBudget,
     pub metrics: OriginMetrics,
 }
 
@@ -184,13 +186,13 @@ impl Origin {
             .build(aged::AgedConnector::new(connector, config.connection_max_age));
         let bulkhead = bulkhead::Bulkhead::new(config.max_concurrency, config.max_queue, config.queue_timeout);
         let breaker = Breaker::new(config.breaker);
-        Ok(Origin { config, client, bulkhead, breaker, metrics })
+        Ok(Origin { config, client, bulkhead, breaker, retries: retry::RetryBudget::default(), metrics })
     }
 
     /// Sends `req` (whose URI must already point at this origin) once a slot is free and
     /// the breaker lets it through. The slot is held until the response body is finished
     /// or dropped.
-    pub async fn send(&self, mut req: Request<OutgoingBody>, priority: Priority, timings: Option<&Timings>) -> Result<Response<OriginBody>, OriginError> {
+    pub async fn send(&self, req: Request<OutgoingBody>, priority: Priority, timings: Option<&Timings>) -> Result<Response<OriginBody>, OriginError> {
         // An open breaker answers at once, without queueing for a slot first.
         if self.breaker.is_open_now() {
             return Err(OriginError::BreakerOpen);
@@ -208,9 +210,7 @@ impl Origin {
         let inflight = Inflight::new(&self.metrics, slot);
         let start = Instant::now();
         let upload = req.extensions().get::<UploadDone>().cloned();
-        let connection = hyper_util::client::legacy::connect::capture_connection(&mut req);
-        let result = tokio::time::timeout(self.config.timeout, self.client.request(req)).await;
-        aged::retire_if_old(&connection);
+        let result = tokio::time::timeout(self.config.timeout, self.attempts(req)).await;
         self.metrics.duration.record(start.elapsed().as_secs_f64());
         if let Some(timings) = timings {
             timings.record(waited, start.elapsed());
@@ -235,6 +235,42 @@ impl Origin {
             Ok(Err(err)) if err.is_connect() => Err(OriginError::Connect(err)),
             Ok(Err(err)) => Err(OriginError::Request(err)),
             Ok(Ok(res)) => Ok(res.map(|body| OriginBody::new(body, inflight, self.config.timeout))),
+        }
+    }
+}
+
+impl Origin {
+    /// Sends `req`, and for a GET or HEAD whose attempt never got an answer (see
+    /// [`retry::never_answered`]) tries again, up to `retries` times while the origin's
+    /// retry budget allows; the caller's deadline covers every attempt.
+    async fn attempts(&self, mut req: Request<OutgoingBody>) -> Result<Response<Incoming>, hyper_util::client::legacy::Error> {
+        let again = (self.config.retries > 0 && matches!(*req.method(), http::Method::GET | http::Method::HEAD))
+            .then(|| (req.method().clone(), req.uri().clone(), req.version(), req.headers().clone()));
+        self.retries.request();
+        let mut left = self.config.retries;
+        loop {
+            let connection = hyper_util::client::legacy::connect::capture_connection(&mut req);
+            let result = self.client.request(req).await;
+            aged::retire_if_old(&connection);
+            let Some((method, uri, version, headers)) = &again else { return result };
+            match result {
+                Err(err) if left > 0 && retry::never_answered(&err) && self.retries.try_retry() => {
+                    tracing::debug!(origin = self.config.name, error = %err, "origin attempt got no answer; retrying");
+                    self.metrics.retries.increment(1);
+                    left -= 1;
+                    // A GET or HEAD sent on carries no body.
+                    req =
+                        Request::new(http_body_util::BodyExt::boxed(http_body_util::BodyExt::map_err(
+                            http_body_util::Empty::<Bytes>::new(),
+                            |never| match never {},
+                        )));
+                    *req.method_mut() = method.clone();
+                    *req.uri_mut() = uri.clone();
+                    *req.version_mut() = *version;
+                    *req.headers_mut() = headers.clone();
+                }
+                other => return other,
+            }
         }
     }
 }
