@@ -24,6 +24,7 @@ pub const ORIGIN_QUEUE_WAIT: &str = "bulwark_origin_queue_wait_seconds";
 pub const ORIGIN_INFLIGHT: &str = "bulwark_origin_inflight";
 pub const ORIGIN_BREAKER_OPEN: &str = "bulwark_origin_breaker_open";
 pub const ORIGIN_RETRIES_TOTAL: &str = "bulwark_origin_retries_total";
+pub const ORIGIN_CONCURRENCY_LIMIT: &str = "bulwark_origin_concurrency_limit";
 pub const REDIS_ERRORS_TOTAL: &str = "bulwark_redis_errors_total";
 pub const REDIS_BREAKER_OPEN: &str = "bulwark_redis_breaker_open";
 pub const L1_BYTES: &str = "bulwark_l1_bytes";
@@ -140,6 +141,7 @@ impl Registry {
             inflight: self.gauge(ORIGIN_INFLIGHT, &labels),
             breaker_open: self.gauge(ORIGIN_BREAKER_OPEN, &labels),
             retries: self.counter(ORIGIN_RETRIES_TOTAL, &labels),
+            concurrency_limit: self.gauge(ORIGIN_CONCURRENCY_LIMIT, &labels),
         }
     }
 
@@ -231,6 +233,8 @@ pub struct OriginMetrics {
     pub breaker_open: Gauge,
     /// Attempts made again after one got no answer.
     pub retries: Counter,
+    /// The concurrency limit in force (this replica's).
+    pub concurrency_limit: Gauge,
 }
 
 /// Pre-registered handles of one pool.

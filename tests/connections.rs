@@ -175,6 +175,7 @@ async fn clients_that_never_read_hold_their_origin_slots_at_most_send_timeout() 
     let stalled = h2.send_request(req).await.expect("h2c response head");
     assert_eq!(stalled.status(), 200);
     support::eventually("both slots are taken", Duration::from_secs(5), async || bulwark.metric("bulwark_origin_inflight", &[]).await == 2.0).await;
+    assert_eq!(bulwark.metric("bulwark_origin_concurrency_limit", &[("origin", "catalog")]).await, 2.0, "the limit the in-flight count is held to");
     let start = Instant::now();
     let next = bulwark.get("/small").await;
     let waited = start.elapsed();

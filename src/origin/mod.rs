@@ -186,6 +186,7 @@ impl Origin {
             .build(aged::AgedConnector::new(connector, config.connection_max_age));
         let bulkhead = bulkhead::Bulkhead::new(config.max_concurrency, config.max_queue, config.queue_timeout);
         let breaker = Breaker::new(config.breaker);
+        metrics.concurrency_limit.set(config.max_concurrency as f64);
         Ok(Origin { config, client, bulkhead, breaker, retries: retry::RetryBudget::default(), metrics })
     }
 
