@@ -5,8 +5,8 @@
 //! a Service would never get its traffic. Each connection is given a time to retire when
 //! it is made (its `connection_max_age`, less up to 10% at random, so a pool's
 //! connections do not all go at once); a response that arrives on a connection past it
-//! poisons the connection, so the pool closes it once that response is done instead of
-//! reusing it. hyper-util's pool has no maximum age of its own.
+//! (one in four is looked at) poisons the connection, so the pool closes it once that
+//! response is done instead of reusing it. hyper-util's pool has no maximum age of its own.
 
 use std::future::Future;
 use std::pin::Pin;

@@ -250,9 +250,13 @@ impl Origin {
         self.retries.request();
         let mut left = self.config.retries;
         loop {
-            let connection = hyper_util::client::legacy::connect::capture_connection(&mut req);
+            // One response in four looks at its connection's age (a channel and an
+            // allocation each): an old busy connection is retired a few responses late.
+            let connection = (fastrand::u8(..) < 64).then(|| hyper_util::client::legacy::connect::capture_connection(&mut req));
             let result = self.client.request(req).await;
-            aged::retire_if_old(&connection);
+            if let Some(connection) = &connection {
+                aged::retire_if_old(connection);
+            }
             let Some((method, uri, version, headers)) = &again else { return result };
             match result {
                 Err(err) if left > 0 && retry::never_answered(&err) && self.retries.try_retry() => {
