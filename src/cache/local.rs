@@ -215,11 +215,19 @@ impl LocalTier {
     /// Replaces `seen` (if it is still what is held) by `slot`, keeping its standing;
     /// `None` removes it.
     async fn replace(&self, hash: u128, seen: &Slot, slot: Option<Slot>) {
+        self.replace_as(hash, seen, slot, None).await;
+    }
+
+    /// Replaces `seen` (if it is still what is held) by `slot`, in `generation` or, when
+    /// none is given, in the one it was held in; `None` removes it.
+    async fn replace_as(&self, hash: u128, seen: &Slot, slot: Option<Slot>, generation: Option<u64>) {
         self.cache
             .entry(hash)
             .and_compute_with(|current| {
                 let op = match (current.as_ref().map(|c| c.value()), slot) {
-                    (Some(held), Some(slot)) if same(&held.slot, seen) => moka::ops::compute::Op::Put(Held { slot, generation: held.generation }),
+                    (Some(held), Some(slot)) if same(&held.slot, seen) => {
+                        moka::ops::compute::Op::Put(Held { slot, generation: generation.unwrap_or(held.generation) })
+                    }
                     (Some(held), None) if same(&held.slot, seen) => moka::ops::compute::Op::Remove,
                     _ => moka::ops::compute::Op::Nop,
                 };
@@ -334,18 +342,7 @@ impl LocalTier {
     /// Replaces `seen` (if it is still what is held) by `slot`, confirmed; `None`
     /// removes it.
     async fn settle(&self, hash: u128, seen: &Slot, slot: Option<Slot>) {
-        let generation = self.generation();
-        self.cache
-            .entry(hash)
-            .and_compute_with(|current| {
-                let op = match (current.as_ref().map(|c| &c.value().slot), slot) {
-                    (Some(now), Some(slot)) if same(now, seen) => moka::ops::compute::Op::Put(Held { slot, generation }),
-                    (Some(now), None) if same(now, seen) => moka::ops::compute::Op::Remove,
-                    _ => moka::ops::compute::Op::Nop,
-                };
-                std::future::ready(op)
-            })
-            .await;
+        self.replace_as(hash, seen, slot, Some(self.generation())).await;
     }
 
     /// `seen`, checked against Redis, is current: kept as confirmed. Of a URL's variants
