@@ -31,6 +31,12 @@ use bulkhead::Slot;
 /// Body of a request sent to an origin.
 pub type OutgoingBody = BoxBody<Bytes, Box<dyn std::error::Error + Send + Sync>>;
 
+/// No body (a GET, HEAD or conditional request sent on).
+pub fn empty_body() -> OutgoingBody {
+    use http_body_util::BodyExt;
+    http_body_util::Empty::<Bytes>::new().map_err(|never| match never {}).boxed()
+}
+
 /// The client's request body failed while it was being sent on (a bad chunk, a hang-up
 /// mid-upload): the client's fault, never the origin's.
 #[derive(Debug, thiserror::Error)]
@@ -264,11 +270,7 @@ impl Origin {
                     self.metrics.retries.increment(1);
                     left -= 1;
                     // A GET or HEAD sent on carries no body.
-                    req =
-                        Request::new(http_body_util::BodyExt::boxed(http_body_util::BodyExt::map_err(
-                            http_body_util::Empty::<Bytes>::new(),
-                            |never| match never {},
-                        )));
+                    req = Request::new(empty_body());
                     *req.method_mut() = method.clone();
                     *req.uri_mut() = uri.clone();
                     *req.version_mut() = *version;

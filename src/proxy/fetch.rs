@@ -10,7 +10,7 @@ use std::time::SystemTime;
 use bytes::Bytes;
 use http::header::{ACCEPT_ENCODING, AGE, CONTENT_LENGTH, IF_MATCH, IF_MODIFIED_SINCE, IF_NONE_MATCH, IF_RANGE, IF_UNMODIFIED_SINCE, RANGE, SET_COOKIE};
 use http::{HeaderMap, Method, Request, Response, StatusCode, Version, request, response};
-use http_body_util::{BodyExt, Empty};
+use http_body_util::BodyExt;
 
 use super::context::RequestContext;
 use super::forward::{ClientInfo, forward_headers, origin_uri};
@@ -24,7 +24,7 @@ use crate::config::{Priority, StaleOnError};
 use crate::error::ProxyError;
 use crate::memory::Reservation;
 use crate::metrics::OriginStatus;
-use crate::origin::{Interest, OriginBody, OriginError, OutgoingBody, Timings, Upload};
+use crate::origin::{Interest, OriginBody, OriginError, OutgoingBody, Timings, Upload, empty_body};
 use crate::runtime::RouteRuntime;
 
 /// What the origin's answer became.
@@ -112,10 +112,6 @@ pub async fn send(route: &RouteRuntime, req: Request<OutgoingBody>, priority: Pr
             Err(ProxyError::Origin { origin: route.origin.config.name.clone(), source })
         }
     }
-}
-
-fn empty_body() -> OutgoingBody {
-    Empty::<Bytes>::new().map_err(|never| match never {}).boxed()
 }
 
 /// The headers sent to the origin for a cacheable request: the client's conditional
