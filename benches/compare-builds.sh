@@ -30,7 +30,7 @@ cleanup() {
 }
 trap cleanup EXIT
 
-command -v wrk >/dev/null 2>&1 || { apt-get install -y wrk >/dev/null 2>&1 || { apt-get update >/dev/null && apt-get install -y wrk >/dev/null; }; }
+need_wrk
 if [ -z "$NEW" ]; then
     (cd "$HERE" && cargo build --release --quiet)
     NEW="$HERE/target/release/bulwark"
@@ -59,7 +59,6 @@ for name in old new; do
 done
 
 median() { sort -g | awk '{a[NR]=$1} END {print (NR % 2) ? a[(NR+1)/2] : (a[NR/2] + a[NR/2+1]) / 2}'; }
-to_ms() { awk '{v=$1; if (v ~ /us$/) {sub(/us$/,"",v); print v/1000} else if (v ~ /ms$/) {sub(/ms$/,"",v); print v} else {sub(/s$/,"",v); print v*1000}}'; }
 TICK=$(getconf CLK_TCK)
 for round in $(seq "$ROUNDS"); do
     for name in old new; do

@@ -27,7 +27,7 @@ cleanup() {
 }
 trap cleanup EXIT
 
-command -v wrk >/dev/null 2>&1 || { apt-get install -y wrk >/dev/null 2>&1 || { apt-get update >/dev/null && apt-get install -y wrk >/dev/null; }; }
+need_wrk
 (cd "$HERE" && cargo build --release --quiet)
 NEW="$HERE/target/release/bulwark"
 
@@ -79,7 +79,6 @@ PY
 
 ORIGIN_PORT=$(free_port)
 python3 "$WORK/origin.py" "$ORIGIN_PORT" & PIDS+=($!)
-to_ms() { awk '{v=$1; if (v ~ /us$/) {sub(/us$/,"",v); print v/1000} else if (v ~ /ms$/) {sub(/ms$/,"",v); print v} else {sub(/s$/,"",v); print v*1000}}'; }
 seconds=${DURATION%s}
 
 load() { taskset -c "$LOAD_CPU" wrk -t1 -c"$CONNECTIONS" -d"$DURATION" --latency "http://127.0.0.1:$1/hot"; }
