@@ -64,7 +64,7 @@ impl ProxyError {
         match self {
             ProxyError::BadRequest(_) => StatusCode::BAD_REQUEST,
             ProxyError::Origin { source, .. } => match source {
-                OriginError::Shed(_) | OriginError::BreakerOpen | OriginError::Unwanted => StatusCode::SERVICE_UNAVAILABLE,
+                OriginError::Shed(_) | OriginError::BreakerOpen | OriginError::Unwanted | OriginError::NoEndpoints => StatusCode::SERVICE_UNAVAILABLE,
                 OriginError::Timeout(_) => StatusCode::GATEWAY_TIMEOUT,
                 OriginError::Connect(_) | OriginError::Request(_) | OriginError::Body(_) => StatusCode::BAD_GATEWAY,
                 OriginError::ClientBody(_) => StatusCode::BAD_REQUEST,

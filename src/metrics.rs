@@ -25,6 +25,10 @@ pub const ORIGIN_INFLIGHT: &str = "bulwark_origin_inflight";
 pub const ORIGIN_BREAKER_OPEN: &str = "bulwark_origin_breaker_open";
 pub const ORIGIN_RETRIES_TOTAL: &str = "bulwark_origin_retries_total";
 pub const ORIGIN_CONCURRENCY_LIMIT: &str = "bulwark_origin_concurrency_limit";
+pub const ORIGIN_EJECTIONS_TOTAL: &str = "bulwark_origin_ejections_total";
+pub const ORIGIN_ENDPOINTS: &str = "bulwark_origin_endpoints";
+/// The `state` label of `bulwark_origin_endpoints`.
+pub const ENDPOINT_STATES: [&str; 5] = ["healthy", "ejected", "unhealthy", "slow_start", "draining"];
 pub const REDIS_ERRORS_TOTAL: &str = "bulwark_redis_errors_total";
 pub const REDIS_BREAKER_OPEN: &str = "bulwark_redis_breaker_open";
 pub const L1_BYTES: &str = "bulwark_l1_bytes";
@@ -142,6 +146,8 @@ impl Registry {
             breaker_open: self.gauge(ORIGIN_BREAKER_OPEN, &labels),
             retries: self.counter(ORIGIN_RETRIES_TOTAL, &labels),
             concurrency_limit: self.gauge(ORIGIN_CONCURRENCY_LIMIT, &labels),
+            ejections: self.counter(ORIGIN_EJECTIONS_TOTAL, &labels),
+            endpoints: ENDPOINT_STATES.map(|state| self.gauge(ORIGIN_ENDPOINTS, &[("origin", origin), ("state", state)])),
         }
     }
 
@@ -235,6 +241,9 @@ pub struct OriginMetrics {
     pub retries: Counter,
     /// The concurrency limit in force (this replica's).
     pub concurrency_limit: Gauge,
+    pub ejections: Counter,
+    /// Endpoints per state, in the order of [`ENDPOINT_STATES`].
+    pub endpoints: [Gauge; 5],
 }
 
 /// Pre-registered handles of one pool.

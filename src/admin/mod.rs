@@ -89,9 +89,10 @@ async fn handle(proxy: &Proxy, jobs: &PurgeJobs, token: Option<&str>, req: Reque
         (&Method::GET, "/readyz") => text(StatusCode::OK, "ready\n"),
         (&Method::GET, "/metrics") => metrics(proxy).await,
         (&Method::GET, "/admin/routes") => routes(proxy),
+        (&Method::GET, "/admin/origins") => origins(proxy),
         (&Method::POST, "/admin/purge") => purge::purge(proxy, jobs, req).await,
         (&Method::GET, _) if path.starts_with("/admin/purge/") => purge::progress(jobs, &path["/admin/purge/".len()..]),
-        (_, "/healthz" | "/readyz" | "/metrics" | "/admin/routes" | "/admin/purge" | "/admin/reload") => {
+        (_, "/healthz" | "/readyz" | "/metrics" | "/admin/routes" | "/admin/origins" | "/admin/purge" | "/admin/reload") => {
             text(StatusCode::METHOD_NOT_ALLOWED, "method not allowed\n")
         }
         _ => text(StatusCode::NOT_FOUND, "not found\n"),
@@ -125,6 +126,40 @@ fn routes(proxy: &Proxy) -> AdminResponse {
         })
         .collect();
     let mut res = Response::new(Full::new(Bytes::from(serde_json::json!({ "routes": routes }).to_string())));
+    res.headers_mut().insert(CONTENT_TYPE, HeaderValue::from_static("application/json"));
+    res
+}
+
+/// `GET /admin/origins`: every origin's endpoints and their states.
+fn origins(proxy: &Proxy) -> AdminResponse {
+    let runtime = proxy.runtime();
+    let origins: Vec<serde_json::Value> = runtime
+        .origins
+        .iter()
+        .map(|o| {
+            let endpoints: Vec<serde_json::Value> = o
+                .endpoints
+                .report_all()
+                .into_iter()
+                .map(|e| {
+                    serde_json::json!({
+                        "address": e.address,
+                        "state": e.state.label(),
+                        "inflight": e.inflight,
+                        "failure_rate_1m": e.failure_rate_1m,
+                        "weight": e.weight,
+                    })
+                })
+                .collect();
+            serde_json::json!({
+                "name": o.config.name,
+                "max_concurrency": o.config.max_concurrency,
+                "fleet_share": serde_json::Value::Null,
+                "endpoints": endpoints,
+            })
+        })
+        .collect();
+    let mut res = Response::new(Full::new(Bytes::from(serde_json::json!({ "origins": origins }).to_string())));
     res.headers_mut().insert(CONTENT_TYPE, HeaderValue::from_static("application/json"));
     res
 }

@@ -78,9 +78,18 @@ pub struct ServerConfig {
 #[derive(Debug, Clone, PartialEq)]
 pub struct OriginConfig {
     pub name: String,
-    /// Scheme and authority of the origin, plus an optional base path.
+    /// Scheme and authority of the origin, plus an optional base path (with `endpoints`,
+    /// the first of them).
     pub url: Uri,
     pub base_path: String,
+    /// Where requests go: `url` itself, a static list, or every address its host resolves to.
+    pub endpoints: EndpointSource,
+    /// The name TLS sends and checks, instead of the host requests are addressed to.
+    pub tls_server_name: Option<String>,
+    pub health_check: Option<HealthCheck>,
+    pub ejection: Ejection,
+    /// How long a new or returning endpoint's share takes to ramp up (zero: at once).
+    pub slow_start: Duration,
     pub timeout: Duration,
     pub connect_timeout: Duration,
     pub pool_idle_timeout: Duration,
@@ -99,6 +108,41 @@ pub struct OriginConfig {
     pub content_codings: crate::encodings::Encodings,
     pub breaker: BreakerConfig,
 }
+
+/// The endpoints of an origin.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum EndpointSource {
+    /// `url` alone: one endpoint, its host resolved for each new connection.
+    Url,
+    /// `endpoints`: these authorities, in rotation together.
+    Static(Vec<http::uri::Authority>),
+    /// `discovery = "dns"`: every address `host` resolves to (A records, else AAAA), on `port`.
+    Dns { host: String, port: u16, interval: Duration },
+}
+
+/// An origin's active health check (`health_check`).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct HealthCheck {
+    pub path: http::uri::PathAndQuery,
+    pub interval: Duration,
+    pub timeout: Duration,
+    pub unhealthy_after: u32,
+    pub healthy_after: u32,
+}
+
+/// Passive ejection of failing endpoints.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Ejection {
+    /// Failures in a row (connect errors, resets, timeouts, 502/503/504) that eject.
+    pub after_failures: u32,
+    /// The first ejection's length; doubled on each ejection in a row, at most five minutes.
+    pub duration: Duration,
+    /// At most this share of the endpoints (rounded down) is ejected at once.
+    pub max_percent: u32,
+}
+
+/// No ejection lasts longer, however often it is doubled.
+pub const MAX_EJECTION: Duration = Duration::from_secs(300);
 
 #[derive(Debug, Clone, PartialEq)]
 pub struct PoolConfig {

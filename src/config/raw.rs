@@ -48,7 +48,16 @@ pub struct RawServer {
 #[serde(deny_unknown_fields)]
 pub struct RawOrigin {
     pub name: Spanned<String>,
-    pub url: Spanned<String>,
+    pub url: Option<Spanned<String>>,
+    pub endpoints: Option<Spanned<Vec<Spanned<String>>>>,
+    pub discovery: Option<Spanned<String>>,
+    pub resolve_interval: Option<Spanned<ConfigDuration>>,
+    pub health_check: Option<Spanned<RawHealthCheck>>,
+    pub eject_after_failures: Option<Spanned<i64>>,
+    pub eject_for: Option<Spanned<ConfigDuration>>,
+    pub max_ejected_percent: Option<Spanned<i64>>,
+    pub slow_start: Option<ConfigDuration>,
+    pub tls_server_name: Option<Spanned<String>>,
     pub timeout: Option<Spanned<ConfigDuration>>,
     pub connect_timeout: Option<Spanned<ConfigDuration>>,
     pub pool_idle_timeout: Option<ConfigDuration>,
@@ -64,6 +73,16 @@ pub struct RawOrigin {
     pub breaker_min_requests: Option<Spanned<i64>>,
     pub breaker_window: Option<ConfigDuration>,
     pub breaker_open_for: Option<Spanned<ConfigDuration>>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawHealthCheck {
+    pub path: Spanned<String>,
+    pub interval: Option<Spanned<ConfigDuration>>,
+    pub timeout: Option<Spanned<ConfigDuration>>,
+    pub unhealthy_after: Option<Spanned<i64>>,
+    pub healthy_after: Option<Spanned<i64>>,
 }
 
 #[derive(Debug, Deserialize)]

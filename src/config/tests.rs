@@ -203,3 +203,64 @@ fn check_warns_of_objects_that_could_never_be_stored_or_written() {
     assert!(warnings.iter().any(|w| w.contains("redis_write_queue_bytes")), "{warnings:?}");
     assert!(parse(MINIMAL).expect("valid").warnings().is_empty(), "the defaults warn of nothing");
 }
+
+#[test]
+fn origin_endpoints_health_check_and_ejection_are_read_with_their_defaults() {
+    let config = parse(MINIMAL).expect("valid");
+    let origin = &config.origins[0];
+    assert_eq!(origin.endpoints, EndpointSource::Url);
+    assert!(origin.health_check.is_none());
+    assert_eq!(origin.ejection, Ejection { after_failures: 5, duration: Duration::from_secs(10), max_percent: 50 });
+    assert_eq!(origin.slow_start, Duration::from_secs(30));
+
+    let listed = MINIMAL.replace(
+        "url = \"http://127.0.0.1:8081\"",
+        "endpoints = [\"http://10.0.0.5:8080\", \"http://10.0.0.6:8080\"]\nhealth_check = { path = \"/healthz\" }\nmax_ejected_percent = 34",
+    );
+    let origin = parse(&listed).expect("valid").origins.remove(0);
+    let addresses: Vec<String> = match &origin.endpoints {
+        EndpointSource::Static(list) => list.iter().map(ToString::to_string).collect(),
+        other => panic!("{other:?}"),
+    };
+    assert_eq!(addresses, ["10.0.0.5:8080", "10.0.0.6:8080"]);
+    let check = origin.health_check.expect("health check");
+    assert_eq!(
+        (check.path.as_str(), check.interval, check.timeout, check.unhealthy_after, check.healthy_after),
+        ("/healthz", Duration::from_secs(2), Duration::from_secs(1), 3, 2)
+    );
+    assert_eq!(origin.ejection.max_percent, 34);
+
+    let dns = MINIMAL.replace("url = \"http://127.0.0.1:8081\"", "url = \"https://catalog.shop.svc\"\ndiscovery = \"dns\"\nresolve_interval = \"2s\"");
+    let origin = parse(&dns).expect("valid").origins.remove(0);
+    assert_eq!(origin.endpoints, EndpointSource::Dns { host: "catalog.shop.svc".into(), port: 443, interval: Duration::from_secs(2) });
+}
+
+#[test]
+fn bad_endpoints_are_rejected_at_their_line() {
+    let cases = [
+        ("endpoints = [\"http://10.0.0.5:8080\"]", "url or endpoints, not both"),
+        ("discovery = \"srv\"", "unknown discovery"),
+        ("discovery = \"dns\"", "needs a host name in url"),
+        ("health_check = { path = \"healthz\" }", "health_check.path must be a path"),
+        ("health_check = { path = \"/h\", interval = \"1s\", timeout = \"2s\" }", "not be longer than its interval"),
+        ("health_check = { path = \"/h\", healthy_after = 0 }", "health_check.healthy_after must be a positive integer"),
+        ("eject_after_failures = 0", "eject_after_failures must be a positive integer"),
+        ("max_ejected_percent = 101", "between 0 and 100"),
+        ("eject_for = \"10m\"", "at most 5m"),
+        ("tls_server_name = \"not a name\"", "tls_server_name"),
+    ];
+    for (line, expected) in cases {
+        let text = MINIMAL.replace("url = \"http://127.0.0.1:8081\"", &format!("url = \"http://127.0.0.1:8081\"\n{line}"));
+        let message = error_of(&text);
+        assert!(message.starts_with("bulwark.toml:5:") || message.starts_with("bulwark.toml:4:"), "{line}: {message}");
+        assert!(message.contains(expected), "{line}: {message}");
+    }
+    let listed = |list: &str| MINIMAL.replace("url = \"http://127.0.0.1:8081\"", &format!("endpoints = {list}"));
+    assert!(error_of(&listed("[]")).contains("endpoints must not be empty"));
+    assert!(error_of(&listed("[\"http://a:1\", \"https://b:1\"]")).contains("same scheme"));
+    assert!(error_of(&listed("[\"http://a:1/v1\"]")).contains("has no path"));
+    assert!(error_of(&listed("[\"http://a:1\", \"http://a:1\"]")).contains("listed twice"));
+    let neither = MINIMAL.replace("url = \"http://127.0.0.1:8081\"\n", "");
+    let message = error_of(&neither);
+    assert!(message.starts_with("bulwark.toml:3:") && message.contains("needs url or endpoints"), "{message}");
+}

@@ -12,8 +12,8 @@ use toml::Spanned;
 use super::raw::{self, RawConfig};
 use super::units::ConfigDuration;
 use super::{
-    BreakerConfig, CacheRules, Config, Fallback, HostMatch, OriginConfig, ParamPattern, PoolConfig, RedisEndpoint, RouteConfig, RouteMode, ServerConfig,
-    SharedTierConfig,
+    BreakerConfig, CacheRules, Config, Ejection, EndpointSource, Fallback, HealthCheck, HostMatch, MAX_EJECTION, OriginConfig, ParamPattern, PoolConfig,
+    RedisEndpoint, RouteConfig, RouteMode, ServerConfig, SharedTierConfig,
 };
 use crate::encodings::Encodings;
 
@@ -197,20 +197,130 @@ fn positive(value: Option<Spanned<i64>>, default: usize, key: &str) -> Result<us
     }
 }
 
-fn origin(raw: raw::RawOrigin) -> Result<OriginConfig> {
-    let url_span = raw.url.span();
-    let uri: Uri = raw.url.get_ref().parse().or_else(|e| err(url_span.clone(), format!("invalid origin url: {e}")))?;
+/// An origin's `url` or one of its `endpoints`: http or https, a host, no query.
+fn origin_url(text: &Spanned<String>, key: &str) -> Result<Uri> {
+    let span = text.span();
+    let uri: Uri = text.get_ref().parse().or_else(|e| err(span.clone(), format!("invalid origin {key}: {e}")))?;
     match uri.scheme_str() {
         Some("http") | Some("https") => {}
-        _ => return err(url_span, "origin url must start with http:// or https://"),
+        _ => return err(span, format!("origin {key} must start with http:// or https://")),
     }
     if uri.host().is_none_or(str::is_empty) {
-        return err(url_span, "origin url must name a host");
+        return err(span, format!("origin {key} must name a host"));
     }
     if uri.query().is_some() {
-        return err(url_span, "origin url must not have a query string");
+        return err(span, format!("origin {key} must not have a query string"));
     }
+    Ok(uri)
+}
+
+/// `url`, `endpoints` and `discovery`: the origin's base URL and where its requests go.
+fn origin_endpoints(raw: &raw::RawOrigin) -> Result<(Uri, EndpointSource)> {
+    let interval = nonzero_dur(raw.resolve_interval.clone(), Duration::from_secs(5), "resolve_interval")?;
+    match (&raw.url, &raw.endpoints) {
+        (Some(_), Some(list)) => err(list.span(), "an origin has url or endpoints, not both"),
+        (None, None) => err(raw.name.span(), "an origin needs url or endpoints"),
+        (None, Some(list)) => {
+            if let Some(discovery) = &raw.discovery {
+                return err(discovery.span(), "discovery = \"dns\" resolves url's host: give url instead of endpoints");
+            }
+            let Some(first) = list.get_ref().first() else { return err(list.span(), "endpoints must not be empty") };
+            let first = origin_url(first, "endpoint")?;
+            let mut authorities = Vec::new();
+            for text in list.get_ref() {
+                let uri = origin_url(text, "endpoint")?;
+                if uri.scheme() != first.scheme() {
+                    return err(text.span(), "every endpoint of an origin has the same scheme");
+                }
+                if !matches!(uri.path(), "" | "/") {
+                    return err(text.span(), "an endpoint has no path (put a base path in url instead)");
+                }
+                let Some(authority) = uri.authority().cloned() else { return err(text.span(), "origin endpoint must name a host") };
+                if authorities.contains(&authority) {
+                    return err(text.span(), format!("endpoint {authority} is listed twice"));
+                }
+                authorities.push(authority);
+            }
+            Ok((first, EndpointSource::Static(authorities)))
+        }
+        (Some(url), None) => {
+            let uri = origin_url(url, "url")?;
+            let source = match &raw.discovery {
+                None => EndpointSource::Url,
+                Some(d) if d.get_ref() == "dns" => {
+                    let host = uri.host().unwrap_or_default().trim_start_matches('[').trim_end_matches(']').to_owned();
+                    if host.parse::<IpAddr>().is_ok() {
+                        return err(url.span(), "discovery = \"dns\" needs a host name in url, not an address");
+                    }
+                    let port = uri.port_u16().unwrap_or(if uri.scheme_str() == Some("https") { 443 } else { 80 });
+                    EndpointSource::Dns { host, port, interval }
+                }
+                Some(d) => return err(d.span(), format!("unknown discovery {:?} (only \"dns\")", d.get_ref())),
+            };
+            Ok((uri, source))
+        }
+    }
+}
+
+fn health_check(raw: Option<&Spanned<raw::RawHealthCheck>>) -> Result<Option<HealthCheck>> {
+    let Some(raw) = raw else { return Ok(None) };
+    let raw = raw.get_ref();
+    let path = raw.path.get_ref();
+    let path = match path.parse::<http::uri::PathAndQuery>() {
+        Ok(p) if path.starts_with('/') => p,
+        _ => return err(raw.path.span(), "health_check.path must be a path starting with /"),
+    };
+    let count = |value: &Option<Spanned<i64>>, default: u32, key: &str| match value {
+        None => Ok(default),
+        Some(v) => {
+            u32::try_from(*v.get_ref()).ok().filter(|n| *n > 0).map_or_else(|| err(v.span(), format!("health_check.{key} must be a positive integer")), Ok)
+        }
+    };
+    let interval = nonzero_dur(raw.interval.clone(), Duration::from_secs(2), "health_check.interval")?;
+    let timeout = nonzero_dur(raw.timeout.clone(), Duration::from_secs(1), "health_check.timeout")?;
+    if timeout > interval
+        && let Some(t) = &raw.timeout
+    {
+        return err(t.span(), "health_check.timeout must not be longer than its interval");
+    }
+    Ok(Some(HealthCheck {
+        path,
+        interval,
+        timeout,
+        unhealthy_after: count(&raw.unhealthy_after, 3, "unhealthy_after")?,
+        healthy_after: count(&raw.healthy_after, 2, "healthy_after")?,
+    }))
+}
+
+fn ejection(raw: &raw::RawOrigin) -> Result<Ejection> {
+    let after_failures = match &raw.eject_after_failures {
+        None => 5,
+        Some(v) => u32::try_from(*v.get_ref()).ok().filter(|n| *n > 0).map_or_else(|| err(v.span(), "eject_after_failures must be a positive integer"), Ok)?,
+    };
+    let max_percent = match &raw.max_ejected_percent {
+        None => 50,
+        Some(v) => u32::try_from(*v.get_ref()).ok().filter(|n| *n <= 100).map_or_else(|| err(v.span(), "max_ejected_percent must be between 0 and 100"), Ok)?,
+    };
+    let duration = nonzero_dur(raw.eject_for.clone(), Duration::from_secs(10), "eject_for")?;
+    if duration > MAX_EJECTION
+        && let Some(d) = &raw.eject_for
+    {
+        return err(d.span(), "eject_for must be at most 5m");
+    }
+    Ok(Ejection { after_failures, duration, max_percent })
+}
+
+fn origin(raw: raw::RawOrigin) -> Result<OriginConfig> {
+    let (uri, endpoints) = origin_endpoints(&raw)?;
     let base_path = uri.path().trim_end_matches('/').to_owned();
+    let (health_check, ejection) = (health_check(raw.health_check.as_ref())?, ejection(&raw)?);
+    let tls_server_name = match &raw.tls_server_name {
+        None => None,
+        Some(name) => match rustls::pki_types::ServerName::try_from(name.get_ref().as_str()) {
+            Ok(_) => Some(name.get_ref().clone()),
+            Err(_) => return err(name.span(), format!("tls_server_name {:?} is not a DNS name or an address", name.get_ref())),
+        },
+    };
     let host_header = match raw.host_header {
         None => None,
         Some(h) => Some(HeaderValue::from_str(h.get_ref()).or_else(|_| err(h.span(), "host_header is not a valid header value"))?),
@@ -219,6 +329,11 @@ fn origin(raw: raw::RawOrigin) -> Result<OriginConfig> {
         name: raw.name.into_inner(),
         url: uri,
         base_path,
+        endpoints,
+        tls_server_name,
+        health_check,
+        ejection,
+        slow_start: dur(raw.slow_start, Duration::from_secs(30)),
         timeout: nonzero_dur(raw.timeout, Duration::from_secs(10), "timeout")?,
         connect_timeout: nonzero_dur(raw.connect_timeout, Duration::from_secs(2), "connect_timeout")?,
         pool_idle_timeout: dur(raw.pool_idle_timeout, Duration::from_secs(4)),

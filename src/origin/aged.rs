@@ -10,6 +10,8 @@
 
 use std::future::Future;
 use std::pin::Pin;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::task::{Context, Poll};
 use std::time::Duration;
 
@@ -22,11 +24,22 @@ use tokio::time::Instant;
 pub struct AgedConnector<C> {
     inner: C,
     max_age: Duration,
+    open: Arc<AtomicUsize>,
 }
 
 impl<C> AgedConnector<C> {
-    pub fn new(inner: C, max_age: Duration) -> AgedConnector<C> {
-        AgedConnector { inner, max_age }
+    /// `open` counts the connections it made that are still open.
+    pub fn new(inner: C, max_age: Duration, open: Arc<AtomicUsize>) -> AgedConnector<C> {
+        AgedConnector { inner, max_age, open }
+    }
+}
+
+/// Counts one open connection until dropped.
+struct Open(Arc<AtomicUsize>);
+
+impl Drop for Open {
+    fn drop(&mut self) {
+        self.0.fetch_sub(1, Ordering::Relaxed);
     }
 }
 
@@ -38,6 +51,7 @@ struct RetireAt(Instant);
 pub struct Aged<T> {
     inner: T,
     retire_at: Instant,
+    _open: Open,
 }
 
 impl<C> tower_service::Service<http::Uri> for AgedConnector<C>
@@ -56,9 +70,11 @@ where
     fn call(&mut self, uri: http::Uri) -> Self::Future {
         let connecting = self.inner.call(uri);
         let lifetime = self.max_age.mul_f64(1.0 - fastrand::f64() * 0.1);
+        let open = self.open.clone();
         Box::pin(async move {
             let inner = connecting.await?;
-            Ok(Aged { inner, retire_at: Instant::now() + lifetime })
+            open.fetch_add(1, Ordering::Relaxed);
+            Ok(Aged { inner, retire_at: Instant::now() + lifetime, _open: Open(open) })
         })
     }
 }
@@ -97,10 +113,16 @@ impl<T: Write + Unpin> Write for Aged<T> {
     }
 }
 
-/// After a response: the connection it came on is not reused if it is past its time.
-pub fn retire_if_old(captured: &CaptureConnection) {
+/// After a response: the connection it came on is not reused if it is past its time, or
+/// if `surplus` (the origin has more connections open than it may use at once, idle ones
+/// on endpoints that had traffic before).
+pub fn retire_if_old(captured: &CaptureConnection, surplus: bool) {
     let metadata = captured.connection_metadata();
     let Some(connected) = metadata.as_ref() else { return };
+    if surplus {
+        connected.poison();
+        return;
+    }
     let mut extras = http::Extensions::new();
     connected.get_extras(&mut extras);
     if extras.get::<RetireAt>().is_some_and(|at| Instant::now() >= at.0) {

@@ -4,17 +4,21 @@
 mod aged;
 pub mod breaker;
 pub mod bulkhead;
+pub mod discovery;
+pub mod endpoints;
 mod retry;
 
 use std::future::Future;
 use std::pin::Pin;
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::task::{Context, Poll};
 use std::time::{Duration, Instant};
 
 pub use bulkhead::{Holder, Interest, Shed};
 use bytes::Bytes;
-use http::{Request, Response};
+use http::uri::Authority;
+use http::{Request, Response, Uri};
 use http_body::{Body, Frame, SizeHint};
 use http_body_util::combinators::BoxBody;
 use hyper::body::Incoming;
@@ -23,7 +27,7 @@ use hyper_util::client::legacy::Client;
 use hyper_util::client::legacy::connect::HttpConnector;
 use hyper_util::rt::{TokioExecutor, TokioTimer};
 
-use crate::config::{OriginConfig, Priority};
+use crate::config::{EndpointSource, HealthCheck, OriginConfig, Priority};
 use crate::metrics::{OriginMetrics, OriginStatus};
 use breaker::Breaker;
 use bulkhead::Slot;
@@ -144,13 +148,21 @@ pub enum OriginError {
     /// it was never sent.
     #[error("nobody wanted the answer any more")]
     Unwanted,
+    /// The origin has no endpoints (its host resolves to nothing).
+    #[error("origin has no endpoints")]
+    NoEndpoints,
 }
 
 impl OriginError {
     /// The `status` label of `bulwark_origin_requests_total`, when the origin was tried.
     pub fn metric_status(&self) -> Option<OriginStatus> {
         match self {
-            OriginError::Shed(_) | OriginError::BreakerOpen | OriginError::ClientBody(_) | OriginError::UploadTimeout(_) | OriginError::Unwanted => None,
+            OriginError::Shed(_)
+            | OriginError::BreakerOpen
+            | OriginError::ClientBody(_)
+            | OriginError::UploadTimeout(_)
+            | OriginError::Unwanted
+            | OriginError::NoEndpoints => None,
             OriginError::Timeout(_) => Some(OriginStatus::Timeout),
             OriginError::Connect(_) => Some(OriginStatus::ConnectError),
             OriginError::Request(_) | OriginError::Body(_) => Some(OriginStatus::Error),
@@ -164,6 +176,14 @@ pub struct Origin {
     bulkhead: bulkhead::Bulkhead,
     breaker: Breaker,
     retries: retry::RetryBudget,
+    pub endpoints: endpoints::Endpoints,
+    /// Whether requests can be sent: the endpoints have been looked up once and, with a
+    /// health check, checked once (until then requests wait rather than fail).
+    ready: tokio::sync::watch::Sender<bool>,
+    /// Asks for a round of health checks now (new endpoints were found).
+    check_now: tokio::sync::Notify,
+    /// Connections open to the origin, over all its endpoints.
+    open_connections: Arc<AtomicUsize>,
     pub metrics: OriginMetrics,
 }
 
@@ -172,8 +192,22 @@ pub fn is_failure_status(status: http::StatusCode) -> bool {
     matches!(status.as_u16(), 500 | 502 | 503 | 504)
 }
 
+/// Statuses that say an endpoint, not a URL, is failing (for ejection).
+fn is_gateway_failure(status: http::StatusCode) -> bool {
+    matches!(status.as_u16(), 502..=504)
+}
+
+/// Why an attempt got no response.
+enum AttemptError {
+    Client(hyper_util::client::legacy::Error),
+    NoEndpoints,
+}
+
+/// The endpoint an attempt in progress went to, and when (read when the deadline ends it).
+type Current = std::sync::Mutex<Option<(Arc<endpoints::Endpoint>, Instant)>>;
+
 impl Origin {
-    pub fn new(config: OriginConfig, metrics: OriginMetrics) -> Result<Origin, rustls::Error> {
+    pub fn new(config: OriginConfig, metrics: OriginMetrics) -> Result<Arc<Origin>, rustls::Error> {
         let mut http = HttpConnector::new();
         http.set_nodelay(true);
         http.enforce_http(false);
@@ -183,17 +217,58 @@ impl Origin {
             .with_safe_default_protocol_versions()?
             .with_root_certificates(rustls::RootCertStore { roots: webpki_roots::TLS_SERVER_ROOTS.to_vec() })
             .with_no_client_auth();
-        let connector = hyper_rustls::HttpsConnectorBuilder::new().with_tls_config(tls).https_or_http().enable_http1().wrap_connector(http);
+        let builder = hyper_rustls::HttpsConnectorBuilder::new().with_tls_config(tls).https_or_http();
+        // Requests are addressed to an endpoint's address: TLS names the host the
+        // certificate is for (`tls_server_name`, else the url's host with DNS discovery).
+        let server_name = match (&config.tls_server_name, &config.endpoints) {
+            (Some(name), _) => Some(name.clone()),
+            (None, EndpointSource::Dns { host, .. }) => Some(host.clone()),
+            (None, _) => None,
+        };
+        let builder = match server_name.map(rustls::pki_types::ServerName::try_from) {
+            Some(Ok(name)) => builder.with_server_name_resolver(hyper_rustls::FixedServerNameResolver::new(name.to_owned())),
+            _ => builder,
+        };
+        let connector = builder.enable_http1().wrap_connector(http);
+        let open_connections = Arc::new(AtomicUsize::new(0));
         let client = Client::builder(TokioExecutor::new())
             .pool_idle_timeout(config.pool_idle_timeout)
             .pool_timer(TokioTimer::new())
             .pool_max_idle_per_host(config.max_concurrency)
             .set_host(false)
-            .build(aged::AgedConnector::new(connector, config.connection_max_age));
+            .build(aged::AgedConnector::new(connector, config.connection_max_age, open_connections.clone()));
         let bulkhead = bulkhead::Bulkhead::new(config.max_concurrency, config.max_queue, config.queue_timeout);
         let breaker = Breaker::new(config.breaker);
         metrics.concurrency_limit.set(config.max_concurrency as f64);
-        Ok(Origin { config, client, bulkhead, breaker, retries: retry::RetryBudget::default(), metrics })
+        let endpoints = endpoints::Endpoints::new(&config.name, config.ejection, config.slow_start, config.health_check.is_some(), metrics.ejections.clone());
+        let (ready, _) = tokio::sync::watch::channel(false);
+        match &config.endpoints {
+            EndpointSource::Url => endpoints.set(config.url.authority().map(std::slice::from_ref).unwrap_or_default()),
+            EndpointSource::Static(list) => endpoints.set(list),
+            EndpointSource::Dns { .. } => false,
+        };
+        if !matches!(config.endpoints, EndpointSource::Dns { .. }) && config.health_check.is_none() {
+            ready.send_replace(true);
+        }
+        let origin = Arc::new(Origin {
+            config,
+            client,
+            bulkhead,
+            breaker,
+            retries: retry::RetryBudget::default(),
+            endpoints,
+            ready,
+            check_now: tokio::sync::Notify::new(),
+            open_connections,
+            metrics,
+        });
+        discovery::start(&origin);
+        Ok(origin)
+    }
+
+    /// Requests may be sent from now on.
+    fn ready(&self) {
+        self.ready.send_if_modified(|done| !std::mem::replace(done, true));
     }
 
     /// Sends `req` (whose URI must already point at this origin) once a slot is free and
@@ -214,17 +289,17 @@ impl Origin {
         let Some(permit) = self.breaker.admit() else {
             return Err(OriginError::BreakerOpen);
         };
-        let inflight = Inflight::new(&self.metrics, slot);
         let start = Instant::now();
         let upload = req.extensions().get::<UploadDone>().cloned();
-        let result = tokio::time::timeout(self.config.timeout, self.attempts(req)).await;
+        let current = Current::default();
+        let result = tokio::time::timeout(self.config.timeout, self.attempts(req, &current)).await;
         self.metrics.duration.record(start.elapsed().as_secs_f64());
         if let Some(timings) = timings {
             timings.record(waited, start.elapsed());
         }
         let result = match result {
             // Says nothing about the origin: the breaker is not told (a probe is handed back).
-            Ok(Err(err)) if caused_by_client_body(&err) => {
+            Ok(Err(AttemptError::Client(err))) if caused_by_client_body(&err) => {
                 drop(permit);
                 return Err(OriginError::ClientBody(err));
             }
@@ -232,43 +307,83 @@ impl Origin {
                 drop(permit);
                 return Err(OriginError::UploadTimeout(self.config.timeout));
             }
-            other => other,
+            Ok(Err(AttemptError::NoEndpoints)) => {
+                drop(permit);
+                return Err(OriginError::NoEndpoints);
+            }
+            Err(elapsed) => {
+                // The deadline ended an attempt: a timeout of the endpoint it was on.
+                if let Some((endpoint, began)) = current.lock().unwrap_or_else(std::sync::PoisonError::into_inner).take() {
+                    self.endpoints.report(&endpoint, endpoints::Verdict::Failed, began.elapsed());
+                }
+                Err(elapsed)
+            }
+            Ok(other) => Ok(other),
         };
-        let success = matches!(&result, Ok(Ok(res)) if !is_failure_status(res.status()));
+        let success = matches!(&result, Ok(Ok((res, _))) if !is_failure_status(res.status()));
         let open = permit.record(success);
         self.metrics.breaker_open.set(if open { 1.0 } else { 0.0 });
         match result {
             Err(_) => Err(OriginError::Timeout(self.config.timeout)),
-            Ok(Err(err)) if err.is_connect() => Err(OriginError::Connect(err)),
-            Ok(Err(err)) => Err(OriginError::Request(err)),
-            Ok(Ok(res)) => Ok(res.map(|body| OriginBody::new(body, inflight, self.config.timeout))),
+            Ok(Err(AttemptError::Client(err))) if err.is_connect() => Err(OriginError::Connect(err)),
+            Ok(Err(AttemptError::Client(err))) => Err(OriginError::Request(err)),
+            Ok(Err(AttemptError::NoEndpoints)) => Err(OriginError::NoEndpoints),
+            Ok(Ok((res, load))) => {
+                let inflight = Inflight::new(&self.metrics, slot, load);
+                Ok(res.map(|body| OriginBody::new(body, inflight, self.config.timeout)))
+            }
         }
     }
-}
 
-impl Origin {
-    /// Sends `req`, and for a GET or HEAD whose attempt never got an answer (see
-    /// [`retry::never_answered`]) tries again, up to `retries` times while the origin's
-    /// retry budget allows; the caller's deadline covers every attempt.
-    async fn attempts(&self, mut req: Request<OutgoingBody>) -> Result<Response<Incoming>, hyper_util::client::legacy::Error> {
+    /// Sends `req` to an endpoint, and for a GET or HEAD whose attempt never got an answer
+    /// (see [`retry::never_answered`]) tries again on another endpoint, up to `retries`
+    /// times while the origin's retry budget allows; the caller's deadline covers every
+    /// attempt. `current` names the endpoint of the attempt in progress.
+    async fn attempts(&self, mut req: Request<OutgoingBody>, current: &Current) -> Result<(Response<Incoming>, endpoints::Load), AttemptError> {
         let again = (self.config.retries > 0 && matches!(*req.method(), http::Method::GET | http::Method::HEAD))
             .then(|| (req.method().clone(), req.uri().clone(), req.version(), req.headers().clone()));
         self.retries.request();
         let mut left = self.config.retries;
+        let mut tried: Option<Arc<endpoints::Endpoint>> = None;
+        if !*self.ready.borrow() {
+            // Waits for the first DNS answer and health checks (within the caller's deadline).
+            let _ = self.ready.subscribe().wait_for(|done| *done).await;
+        }
         loop {
+            let Some(load) = self.endpoints.pick(tried.as_deref()) else { return Err(AttemptError::NoEndpoints) };
+            let endpoint = load.endpoint().clone();
+            if !matches!(self.config.endpoints, EndpointSource::Url) {
+                *req.uri_mut() = addressed(req.uri(), &endpoint.authority);
+            }
             // One response in four looks at its connection's age (a channel and an
             // allocation each): an old busy connection is retired a few responses late.
-            let connection = (fastrand::u8(..) < 64).then(|| hyper_util::client::legacy::connect::capture_connection(&mut req));
+            // Every one does while the origin has more connections open than it may use.
+            let surplus = self.open_connections.load(std::sync::atomic::Ordering::Relaxed) > self.config.max_concurrency;
+            let connection = (surplus || fastrand::u8(..) < 64).then(|| hyper_util::client::legacy::connect::capture_connection(&mut req));
+            let began = Instant::now();
+            *current.lock().unwrap_or_else(std::sync::PoisonError::into_inner) = Some((endpoint.clone(), began));
             let result = self.client.request(req).await;
+            current.lock().unwrap_or_else(std::sync::PoisonError::into_inner).take();
             if let Some(connection) = &connection {
-                aged::retire_if_old(connection);
+                aged::retire_if_old(connection, surplus);
             }
-            let Some((method, uri, version, headers)) = &again else { return result };
+            let verdict = match &result {
+                Ok(res) if is_gateway_failure(res.status()) => endpoints::Verdict::Failed,
+                Ok(_) => endpoints::Verdict::Answered,
+                Err(err) if caused_by_client_body(err) => endpoints::Verdict::Neither,
+                Err(_) => endpoints::Verdict::Failed,
+            };
+            // A fast failure looks cheap to the balancer, so a dead endpoint gets the
+            // attempts that eject it soon (and each one that fails is retried elsewhere).
+            self.endpoints.report(&endpoint, verdict, began.elapsed());
+            let Some((method, uri, version, headers)) = &again else { return result.map(|res| (res, load)).map_err(AttemptError::Client) };
             match result {
                 Err(err) if left > 0 && retry::never_answered(&err) && self.retries.try_retry() => {
-                    tracing::debug!(origin = self.config.name, error = %err, "origin attempt got no answer; retrying");
+                    tracing::debug!(origin = self.config.name, endpoint = %endpoint.authority, error = %err, "origin attempt got no answer; retrying");
                     self.metrics.retries.increment(1);
                     left -= 1;
+                    drop(load);
+                    tried = Some(endpoint);
                     // A GET or HEAD sent on carries no body.
                     req = Request::new(empty_body());
                     *req.method_mut() = method.clone();
@@ -276,22 +391,58 @@ impl Origin {
                     *req.version_mut() = *version;
                     *req.headers_mut() = headers.clone();
                 }
-                other => return other,
+                other => return other.map(|res| (res, load)).map_err(AttemptError::Client),
             }
         }
     }
+
+    /// One active health check of `endpoint`: GET `path` with the origin's `Host`; a
+    /// 2xx or 3xx within `timeout` passes.
+    async fn health_check(&self, endpoint: &Authority, config: &HealthCheck) -> bool {
+        let Some(scheme) = self.config.url.scheme() else { return false };
+        let Ok(uri) = Uri::builder().scheme(scheme.clone()).authority(endpoint.clone()).path_and_query(config.path.clone()).build() else { return false };
+        let host = match &self.config.host_header {
+            Some(host) => host.clone(),
+            None => match self.config.url.authority().map(|a| http::HeaderValue::from_str(a.as_str())) {
+                Some(Ok(host)) => host,
+                _ => return false,
+            },
+        };
+        let mut req = Request::new(empty_body());
+        *req.uri_mut() = uri;
+        req.headers_mut().insert(http::header::HOST, host);
+        req.headers_mut().insert(http::header::USER_AGENT, http::HeaderValue::from_static("bulwark-health-check"));
+        let check = async {
+            let res = self.client.request(req).await.ok()?;
+            let passed = res.status().is_success() || res.status().is_redirection();
+            // Read to its end, so the connection can be used again.
+            use http_body_util::BodyExt;
+            let _ = http_body_util::Limited::new(res.into_body(), 64 << 10).collect().await;
+            Some(passed)
+        };
+        tokio::time::timeout(config.timeout, check).await.ok().flatten().unwrap_or(false)
+    }
 }
 
-/// Marks a request in flight: holds its bulkhead slot and the in-flight gauge.
+/// `uri` sent to `authority` instead of the host it names.
+fn addressed(uri: &Uri, authority: &Authority) -> Uri {
+    let mut parts = uri.clone().into_parts();
+    parts.authority = Some(authority.clone());
+    Uri::from_parts(parts).unwrap_or_else(|_| uri.clone())
+}
+
+/// Marks a request in flight: holds its bulkhead slot, the in-flight gauge and its
+/// endpoint's load.
 struct Inflight {
     gauge: metrics::Gauge,
     _slot: Slot,
+    _load: endpoints::Load,
 }
 
 impl Inflight {
-    fn new(metrics: &OriginMetrics, slot: Slot) -> Inflight {
+    fn new(metrics: &OriginMetrics, slot: Slot, load: endpoints::Load) -> Inflight {
         metrics.inflight.increment(1.0);
-        Inflight { gauge: metrics.inflight.clone(), _slot: slot }
+        Inflight { gauge: metrics.inflight.clone(), _slot: slot, _load: load }
     }
 }
 

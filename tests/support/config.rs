@@ -46,6 +46,13 @@ impl TestConfig {
         self.pool("redis_cluster_nodes", nodes).pool("redis_timeout", "100ms")
     }
 
+    /// The origin `catalog` on these endpoints instead of one `url`.
+    pub fn endpoints(mut self, urls: &[String]) -> TestConfig {
+        self.origin.remove("url");
+        self.origin.insert("endpoints".to_owned(), Value::Array(urls.iter().map(|u| Value::from(u.as_str())).collect()));
+        self
+    }
+
     pub fn server(mut self, key: &str, value: impl Into<Value>) -> TestConfig {
         self.server.insert(key.to_owned(), value.into());
         self
@@ -70,6 +77,12 @@ impl TestConfig {
     /// Sets every key of `fragment` (TOML `key = value` lines) in `[server]`.
     pub fn server_toml(mut self, fragment: &str) -> TestConfig {
         self.server.extend(parse_fragment(fragment));
+        self
+    }
+
+    /// Sets every key of `fragment` in the origin `catalog`.
+    pub fn origin_toml(mut self, fragment: &str) -> TestConfig {
+        self.origin.extend(parse_fragment(fragment));
         self
     }
 
