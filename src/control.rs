@@ -4,6 +4,7 @@
 //! - `modes`: route name to mode, so a restarted or new replica starts in the current modes;
 //! - `changes`: route name to the id of its latest change;
 //! - `replicas`: replica id to when it was last seen (Redis' clock, in ms), written every second;
+//!   those seen in the last 3 s share each origin's `fleet_max_concurrency`;
 //! - `ack:<change id>`: the replicas that applied that change (kept for 10 minutes).
 //!
 //! A change is published on `bulwark:control:events` twice: as `mode:<mode>:<route>` (what
@@ -52,13 +53,18 @@ redis.call('publish', ARGV[5], 'mode:' .. ARGV[2] .. ':' .. ARGV[1])
 redis.call('publish', ARGV[5], 'change:' .. ARGV[3] .. ':' .. ARGV[2] .. ':' .. ARGV[1])
 return 1";
 
-/// Marks replica ARGV[1] seen now in KEYS[1], forgetting replicas not seen for an hour.
+/// Marks replica ARGV[1] seen now in KEYS[1], forgetting replicas not seen for an hour;
+/// answers how many were seen in the last ARGV[2] ms (the ones alive, this one included).
 const HEARTBEAT_SCRIPT: &str = r"
 local t = redis.call('time')
 local ms = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
 redis.call('zadd', KEYS[1], ms, ARGV[1])
 redis.call('zremrangebyscore', KEYS[1], '-inf', ms - 3600000)
-return 1";
+return redis.call('zcount', KEYS[1], ms - tonumber(ARGV[2]), '+inf')";
+
+/// A replica not seen for this long no longer counts as alive for fleet budgets (three
+/// heartbeats missed; one shutting down leaves at once).
+const ALIVE_FOR: Duration = Duration::from_secs(3);
 
 /// The replicas seen in the last 10 s (KEYS[1]) and those that acknowledged (KEYS[2]).
 const STATUS: &str = r"
@@ -168,14 +174,16 @@ impl Control {
         }
     }
 
-    /// Says this replica is alive.
-    async fn heartbeat(&self) {
+    /// Says this replica is alive, and has every origin with a fleet budget take its
+    /// share of it among the replicas alive (kept as it was while the Redis fails).
+    async fn heartbeat(&self, live: &Live) {
         let script = redis::Script::new(HEARTBEAT_SCRIPT);
         let mut invocation = script.key(REPLICAS_KEY);
-        invocation.arg(&self.replica);
+        invocation.arg(&self.replica).arg(ALIVE_FOR.as_millis() as u64);
         let mut conn = self.link.conn();
-        if !matches!(self.link.call(HEARTBEAT, invocation.invoke_async::<i64>(&mut conn)).await, Some(Ok(_))) {
-            tracing::debug!("control Redis heartbeat failed");
+        match self.link.call(HEARTBEAT, invocation.invoke_async::<i64>(&mut conn)).await {
+            Some(Ok(alive)) => live.set_replicas(usize::try_from(alive).unwrap_or(1).max(1)),
+            _ => tracing::debug!("control Redis heartbeat failed"),
         }
     }
 
@@ -210,15 +218,15 @@ impl Control {
 
     /// Applies the stored modes now, then follows changes until the process ends.
     pub async fn start(self: Arc<Self>, live: Arc<Live>) {
-        self.heartbeat().await;
+        self.heartbeat(&live).await;
         self.apply_stored(&live).await;
-        let me = self.clone();
+        let (me, alive) = (self.clone(), live.clone());
         let heartbeat = tokio::spawn(async move {
             let mut tick = tokio::time::interval(HEARTBEAT);
             tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
             loop {
                 tick.tick().await;
-                me.heartbeat().await;
+                me.heartbeat(&alive).await;
             }
         });
         let me = self.clone();

@@ -160,6 +160,8 @@ pub struct Live {
     reloads: [metrics::Counter; 2],
     /// The clock every pool built here decides by, reloads included.
     clock: Clock,
+    /// Replicas alive in the control Redis, this one included (0: not known).
+    replicas: std::sync::atomic::AtomicUsize,
 }
 
 impl Live {
@@ -169,7 +171,24 @@ impl Live {
         let registry = Arc::new(Registry::new());
         let runtime = Runtime::build(config, &registry, &clock)?;
         let reloads = registry.reloads();
-        Ok(Live { runtime: ArcSwap::from_pointee(runtime), registry, config_path, reload_lock: tokio::sync::Mutex::new(()), reloads, clock })
+        Ok(Live {
+            runtime: ArcSwap::from_pointee(runtime),
+            registry,
+            config_path,
+            reload_lock: tokio::sync::Mutex::new(()),
+            reloads,
+            clock,
+            replicas: std::sync::atomic::AtomicUsize::new(0),
+        })
+    }
+
+    /// `replicas` are alive in the control Redis: every origin with a fleet budget takes
+    /// its share of it.
+    pub fn set_replicas(&self, replicas: usize) {
+        self.replicas.store(replicas, Ordering::Relaxed);
+        for origin in &self.runtime().origins {
+            origin.set_fleet(replicas);
+        }
     }
 
     /// The current runtime: a snapshot that stays whole whatever reloads happen.
@@ -221,6 +240,10 @@ impl Live {
                 moved.push((pool.clone(), epoch));
             }
             pool.start();
+        }
+        // Origins built anew take their fleet share before their first request.
+        for origin in &runtime.origins {
+            origin.set_fleet(self.replicas.load(Ordering::Relaxed));
         }
         self.runtime.store(Arc::new(runtime));
         for (pool, epoch) in moved {

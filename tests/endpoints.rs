@@ -271,3 +271,60 @@ async fn with_every_endpoint_refusing_a_post_is_never_retried_and_gets_within_bu
     // 20% of the requests in the last ten seconds, and never fewer than three.
     assert!((1.0..=0.2 * 101.0 + 3.0).contains(&retries), "{retries} retries for 101 requests");
 }
+
+/// This replica's share of the fleet budget in `GET /admin/origins`.
+async fn fleet_share(bulwark: &Bulwark) -> Option<u64> {
+    let doc: serde_json::Value = serde_json::from_slice(&bulwark.admin("/admin/origins").await.body).expect("origins JSON");
+    doc["origins"][0]["fleet_share"].as_u64()
+}
+
+async fn shares(replicas: &[Arc<Bulwark>]) -> Vec<Option<u64>> {
+    let mut all = Vec::new();
+    for replica in replicas {
+        all.push(fleet_share(replica).await);
+    }
+    all
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn replicas_share_the_fleet_budget_and_follow_replicas_joining_and_leaving() {
+    let redis = support::RedisServer::start();
+    let origin = Origin::start().await;
+    origin.set(|_| Reply::ok("slow").header("cache-control", "no-store").delay(Duration::from_millis(200)));
+    let config = |id: &str| {
+        TestConfig::new(&origin.url())
+            .server("control_redis_url", redis.url())
+            .server("replica_id", id)
+            .origin("fleet_max_concurrency", 12)
+            .origin("max_concurrency", 64)
+            .origin("queue_timeout", "3s")
+            .to_toml()
+    };
+    let mut replicas = Vec::new();
+    for id in ["r1", "r2", "r3"] {
+        replicas.push(Arc::new(Bulwark::start(&config(id)).await));
+    }
+    eventually("every replica takes 12 / 3", Duration::from_secs(5), async || shares(&replicas).await == [Some(4); 3]).await;
+    assert_eq!(replicas[0].metric("bulwark_origin_concurrency_limit", &[("origin", "catalog")]).await, 4.0);
+    // 24 clients against a budget of 12.
+    let traffic: Vec<Traffic> = replicas.iter().map(|r| Traffic::start(r, 8)).collect();
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    let peak = origin.log.max_inflight.load(Ordering::SeqCst);
+    eprintln!("three replicas, fleet budget 12: at most {peak} requests in flight at the origin");
+    assert!((10..=12).contains(&peak), "{peak} requests in flight at once for a budget of 12");
+
+    let fourth = Arc::new(Bulwark::start(&config("r4")).await);
+    replicas.push(fourth.clone());
+    eventually("every share lowered to 12 / 4", Duration::from_secs(5), async || shares(&replicas).await == [Some(3); 4]).await;
+    replicas.pop();
+    Arc::try_unwrap(fourth).ok().expect("the fourth replica is not shared").stop().await.expect("stop");
+    eventually("every share raised to 12 / 3 again", Duration::from_secs(5), async || shares(&replicas).await == [Some(4); 3]).await;
+    for traffic in traffic {
+        let (sent, failed) = traffic.stop().await;
+        assert!(failed.is_empty(), "{} of {sent} failed: {failed:?}", failed.len());
+    }
+    // Without a control Redis, max_concurrency alone.
+    let alone = Bulwark::start(&TestConfig::new(&origin.url()).origin("fleet_max_concurrency", 12).origin("max_concurrency", 64).to_toml()).await;
+    assert_eq!(fleet_share(&alone).await, None);
+    assert_eq!(alone.metric("bulwark_origin_concurrency_limit", &[("origin", "catalog")]).await, 64.0);
+}

@@ -154,7 +154,7 @@ fn origins(proxy: &Proxy) -> AdminResponse {
             serde_json::json!({
                 "name": o.config.name,
                 "max_concurrency": o.config.max_concurrency,
-                "fleet_share": serde_json::Value::Null,
+                "fleet_share": o.fleet_share(),
                 "endpoints": endpoints,
             })
         })

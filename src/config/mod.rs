@@ -99,6 +99,8 @@ pub struct OriginConfig {
     /// Further attempts of a GET or HEAD that got no answer at all (within the budget).
     pub retries: u32,
     pub max_concurrency: usize,
+    /// The origin's budget across every replica: each takes its share of it.
+    pub fleet_max_concurrency: Option<usize>,
     pub max_queue: usize,
     pub queue_timeout: Duration,
     /// Sent as `Host` instead of the client's.

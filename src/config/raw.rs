@@ -64,6 +64,7 @@ pub struct RawOrigin {
     pub connection_max_age: Option<Spanned<ConfigDuration>>,
     pub retries: Option<Spanned<i64>>,
     pub max_concurrency: Option<Spanned<i64>>,
+    pub fleet_max_concurrency: Option<Spanned<i64>>,
     pub max_queue: Option<Spanned<i64>>,
     pub queue_timeout: Option<Spanned<ConfigDuration>>,
     pub host_header: Option<Spanned<String>>,

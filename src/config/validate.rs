@@ -343,6 +343,10 @@ fn origin(raw: raw::RawOrigin) -> Result<OriginConfig> {
             Some(r) => u32::try_from(*r.get_ref()).ok().filter(|r| *r <= 5).map_or_else(|| err(r.span(), "retries must be between 0 and 5"), Ok)?,
         },
         max_concurrency: positive(raw.max_concurrency, 256, "max_concurrency")?,
+        fleet_max_concurrency: match raw.fleet_max_concurrency {
+            None => None,
+            Some(v) => Some(positive(Some(v), 0, "fleet_max_concurrency")?),
+        },
         max_queue: match raw.max_queue {
             None => 1024,
             Some(q) => usize::try_from(*q.get_ref()).or_else(|_| err(q.span(), "max_queue must not be negative"))?,

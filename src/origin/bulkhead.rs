@@ -103,6 +103,10 @@ struct Waiter {
 struct State {
     /// Free slots.
     available: usize,
+    /// The limit in force (`max_concurrency`, or the fleet share).
+    limit: usize,
+    /// Slots to take back as they are freed (the limit was lowered below those in use).
+    owed: usize,
     /// Waiters per priority rank, oldest first.
     queues: [VecDeque<Waiter>; PRIORITIES],
     waiting: usize,
@@ -126,6 +130,10 @@ impl Shared {
     /// Hands a freed slot to the best waiter still waiting, or returns it to the pool.
     fn release(self: &Arc<Self>) {
         let mut state = self.lock();
+        if state.owed > 0 {
+            state.owed -= 1;
+            return;
+        }
         loop {
             let Some(waiter) = (0..PRIORITIES).rev().find_map(|p| state.queues[p].pop_front()) else {
                 state.available += 1;
@@ -181,7 +189,7 @@ pub struct Bulkhead {
 
 impl Bulkhead {
     pub fn new(max_concurrency: usize, max_queue: usize, queue_timeout: Duration) -> Bulkhead {
-        let state = State { available: max_concurrency, queues: Default::default(), waiting: 0, next_id: 0 };
+        let state = State { available: max_concurrency, limit: max_concurrency, owed: 0, queues: Default::default(), waiting: 0, next_id: 0 };
         Bulkhead { shared: Arc::new(Shared { state: Mutex::new(state), max_queue }), queue_timeout }
     }
 
@@ -241,6 +249,29 @@ impl Bulkhead {
         }
     }
 
+    /// Changes the number of slots: a raised limit hands the new slots to waiters at
+    /// once; a lowered one takes free slots back now and busy ones as they are freed.
+    pub fn set_limit(&self, limit: usize) {
+        let mut state = self.shared.lock();
+        if limit >= state.limit {
+            let mut grown = limit - state.limit;
+            state.limit = limit;
+            let paid = grown.min(state.owed);
+            state.owed -= paid;
+            grown -= paid;
+            drop(state);
+            for _ in 0..grown {
+                self.shared.release();
+            }
+        } else {
+            let shrunk = state.limit - limit;
+            state.limit = limit;
+            let taken = shrunk.min(state.available);
+            state.available -= taken;
+            state.owed += shrunk - taken;
+        }
+    }
+
     /// Requests waiting for a slot now.
     pub fn waiting(&self) -> usize {
         self.shared.lock().waiting
@@ -250,6 +281,34 @@ impl Bulkhead {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[tokio::test]
+    async fn a_lowered_limit_takes_busy_slots_back_as_they_are_freed_and_a_raised_one_serves_waiters() {
+        let bulkhead = Bulkhead::new(4, 8, Duration::from_secs(5));
+        let mut held = Vec::new();
+        for _ in 0..3 {
+            held.push(bulkhead.acquire(Priority::Normal).await.expect("free slot").0);
+        }
+        bulkhead.set_limit(2);
+        let refused = tokio::time::timeout(Duration::from_millis(50), bulkhead.acquire(Priority::Normal)).await;
+        assert!(refused.is_err(), "a fourth request got a slot under a limit of 2");
+        held.pop();
+        held.pop();
+        // One of the two freed slots was owed: one request may go now, not two.
+        let (one, _) = bulkhead.acquire(Priority::Normal).await.expect("a slot");
+        assert!(tokio::time::timeout(Duration::from_millis(50), bulkhead.acquire(Priority::Normal)).await.is_err());
+        let waiter = tokio::spawn({
+            let shared = bulkhead.shared.clone();
+            async move {
+                let bulkhead = Bulkhead { shared, queue_timeout: Duration::from_secs(5) };
+                bulkhead.acquire(Priority::Normal).await.map(|(slot, _)| drop(slot))
+            }
+        });
+        tokio::time::sleep(Duration::from_millis(20)).await;
+        bulkhead.set_limit(3);
+        tokio::time::timeout(Duration::from_secs(1), waiter).await.expect("the waiter got the new slot").expect("task").expect("slot");
+        drop(one);
+    }
 
     #[tokio::test]
     async fn max_queue_zero_means_no_queue_at_all() {

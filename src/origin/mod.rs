@@ -184,6 +184,8 @@ pub struct Origin {
     check_now: tokio::sync::Notify,
     /// Connections open to the origin, over all its endpoints.
     open_connections: Arc<AtomicUsize>,
+    /// This replica's share of `fleet_max_concurrency` (0: none).
+    fleet_share: AtomicUsize,
     pub metrics: OriginMetrics,
 }
 
@@ -260,10 +262,29 @@ impl Origin {
             ready,
             check_now: tokio::sync::Notify::new(),
             open_connections,
+            fleet_share: AtomicUsize::new(0),
             metrics,
         });
         discovery::start(&origin);
         Ok(origin)
+    }
+
+    /// Takes this replica's share of `fleet_max_concurrency` now that `replicas` are alive
+    /// (this one included; 0 when unknown): the budget divided by them, at least 1 and at
+    /// most `max_concurrency`.
+    pub fn set_fleet(&self, replicas: usize) {
+        let Some(fleet) = self.config.fleet_max_concurrency else { return };
+        let share = (fleet / replicas.max(1)).clamp(1, self.config.max_concurrency);
+        if self.fleet_share.swap(share, Ordering::Relaxed) != share {
+            self.bulkhead.set_limit(share);
+            self.metrics.concurrency_limit.set(share as f64);
+            tracing::info!(origin = self.config.name, share, replicas, fleet, "origin concurrency share of the fleet budget");
+        }
+    }
+
+    /// This replica's share of the fleet budget, if the origin has one and it is known.
+    pub fn fleet_share(&self) -> Option<usize> {
+        Some(self.fleet_share.load(Ordering::Relaxed)).filter(|share| *share > 0)
     }
 
     /// Requests may be sent from now on.
