@@ -86,6 +86,8 @@ pub struct OriginConfig {
     pub endpoints: EndpointSource,
     /// The name TLS sends and checks, instead of the host requests are addressed to.
     pub tls_server_name: Option<String>,
+    /// Extra trusted roots (`ca_file`) and a client certificate (`client_cert`, `client_key`).
+    pub tls: OriginTls,
     pub health_check: Option<HealthCheck>,
     pub ejection: Ejection,
     /// How long a new or returning endpoint's share takes to ramp up (zero: at once).
@@ -120,6 +122,29 @@ pub enum EndpointSource {
     Static(Vec<http::uri::Authority>),
     /// `discovery = "dns"`: every address `host` resolves to (A records, else AAAA), on `port`.
     Dns { host: String, port: u16, interval: Duration },
+}
+
+/// TLS material of an origin, as read from its files: a reload that finds them changed
+/// builds the origin anew (with the new roots or certificate).
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct OriginTls {
+    pub ca: Option<PemFile>,
+    /// The certificate chain and its private key.
+    pub client: Option<(PemFile, PemFile)>,
+}
+
+/// A PEM file and what it held when the configuration was read.
+#[derive(Clone, PartialEq, Eq)]
+pub struct PemFile {
+    pub path: PathBuf,
+    pub pem: Vec<u8>,
+}
+
+impl fmt::Debug for PemFile {
+    // Never the contents: one of them is a private key.
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("PemFile").field("path", &self.path).field("bytes", &self.pem.len()).finish()
+    }
 }
 
 /// An origin's active health check (`health_check`).

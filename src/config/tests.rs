@@ -264,3 +264,17 @@ fn bad_endpoints_are_rejected_at_their_line() {
     let message = error_of(&neither);
     assert!(message.starts_with("bulwark.toml:3:") && message.contains("needs url or endpoints"), "{message}");
 }
+
+#[test]
+fn origin_tls_files_are_read_and_checked_with_the_configuration() {
+    let with = |lines: &str| MINIMAL.replace("url = \"http://127.0.0.1:8081\"", &format!("url = \"https://127.0.0.1:8443\"\n{lines}"));
+    let message = error_of(&with("ca_file = \"/nonexistent/ca.pem\""));
+    assert!(message.starts_with("bulwark.toml:5:") && message.contains("ca_file: cannot read /nonexistent/ca.pem"), "{message}");
+    let not_pem = std::env::temp_dir().join(format!("bulwark-not-pem-{}", std::process::id()));
+    std::fs::write(&not_pem, "hello").expect("write");
+    let message = error_of(&with(&format!("ca_file = {:?}", not_pem.display().to_string())));
+    assert!(message.contains("holds no PEM certificate"), "{message}");
+    let message = error_of(&with(&format!("client_cert = {:?}", not_pem.display().to_string())));
+    assert!(message.contains("client_cert and client_key go together"), "{message}");
+    let _ = std::fs::remove_file(&not_pem);
+}

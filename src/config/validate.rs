@@ -12,8 +12,8 @@ use toml::Spanned;
 use super::raw::{self, RawConfig};
 use super::units::ConfigDuration;
 use super::{
-    BreakerConfig, CacheRules, Config, Ejection, EndpointSource, Fallback, HealthCheck, HostMatch, MAX_EJECTION, OriginConfig, ParamPattern, PoolConfig,
-    RedisEndpoint, RouteConfig, RouteMode, ServerConfig, SharedTierConfig,
+    BreakerConfig, CacheRules, Config, Ejection, EndpointSource, Fallback, HealthCheck, HostMatch, MAX_EJECTION, OriginConfig, OriginTls, ParamPattern,
+    PemFile, PoolConfig, RedisEndpoint, RouteConfig, RouteMode, ServerConfig, SharedTierConfig,
 };
 use crate::encodings::Encodings;
 
@@ -310,10 +310,44 @@ fn ejection(raw: &raw::RawOrigin) -> Result<Ejection> {
     Ok(Ejection { after_failures, duration, max_percent })
 }
 
+/// Reads the PEM file a key names, and checks it holds what it must.
+fn pem_file(value: &Spanned<String>, key: &str, check: impl Fn(&[u8]) -> std::result::Result<(), String>) -> Result<PemFile> {
+    let path = std::path::PathBuf::from(value.get_ref());
+    let pem = std::fs::read(&path).or_else(|e| err(value.span(), format!("{key}: cannot read {}: {e}", path.display())))?;
+    check(&pem).or_else(|why| err(value.span(), format!("{key}: {}: {why}", path.display())))?;
+    Ok(PemFile { path, pem })
+}
+
+fn certificates(pem: &[u8]) -> std::result::Result<(), String> {
+    use rustls::pki_types::{CertificateDer, pem::PemObject};
+    let certs: std::result::Result<Vec<_>, _> = CertificateDer::pem_slice_iter(pem).collect();
+    match certs {
+        Ok(certs) if !certs.is_empty() => Ok(()),
+        Ok(_) => Err("holds no PEM certificate".into()),
+        Err(e) => Err(format!("not a PEM certificate: {e}")),
+    }
+}
+
+fn private_key(pem: &[u8]) -> std::result::Result<(), String> {
+    use rustls::pki_types::{PrivateKeyDer, pem::PemObject};
+    PrivateKeyDer::from_pem_slice(pem).map(drop).map_err(|e| format!("holds no PEM private key: {e}"))
+}
+
+fn origin_tls(raw: &raw::RawOrigin) -> Result<OriginTls> {
+    let ca = raw.ca_file.as_ref().map(|f| pem_file(f, "ca_file", certificates)).transpose()?;
+    let client = match (&raw.client_cert, &raw.client_key) {
+        (None, None) => None,
+        (Some(cert), Some(key)) => Some((pem_file(cert, "client_cert", certificates)?, pem_file(key, "client_key", private_key)?)),
+        (Some(v), None) | (None, Some(v)) => return err(v.span(), "client_cert and client_key go together"),
+    };
+    Ok(OriginTls { ca, client })
+}
+
 fn origin(raw: raw::RawOrigin) -> Result<OriginConfig> {
     let (uri, endpoints) = origin_endpoints(&raw)?;
     let base_path = uri.path().trim_end_matches('/').to_owned();
     let (health_check, ejection) = (health_check(raw.health_check.as_ref())?, ejection(&raw)?);
+    let tls = origin_tls(&raw)?;
     let tls_server_name = match &raw.tls_server_name {
         None => None,
         Some(name) => match rustls::pki_types::ServerName::try_from(name.get_ref().as_str()) {
@@ -331,6 +365,7 @@ fn origin(raw: raw::RawOrigin) -> Result<OriginConfig> {
         base_path,
         endpoints,
         tls_server_name,
+        tls,
         health_check,
         ejection,
         slow_start: dur(raw.slow_start, Duration::from_secs(30)),

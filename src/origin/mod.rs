@@ -215,10 +215,7 @@ impl Origin {
         http.enforce_http(false);
         http.set_connect_timeout(Some(config.connect_timeout));
         http.set_keepalive(Some(std::time::Duration::from_secs(30)));
-        let tls = rustls::ClientConfig::builder_with_provider(rustls::crypto::ring::default_provider().into())
-            .with_safe_default_protocol_versions()?
-            .with_root_certificates(rustls::RootCertStore { roots: webpki_roots::TLS_SERVER_ROOTS.to_vec() })
-            .with_no_client_auth();
+        let tls = tls_config(&config.tls)?;
         let builder = hyper_rustls::HttpsConnectorBuilder::new().with_tls_config(tls).https_or_http();
         // Requests are addressed to an endpoint's address: TLS names the host the
         // certificate is for (`tls_server_name`, else the url's host with DNS discovery).
@@ -442,6 +439,31 @@ impl Origin {
             Some(passed)
         };
         tokio::time::timeout(config.timeout, check).await.ok().flatten().unwrap_or(false)
+    }
+}
+
+/// The TLS settings of an origin: WebPKI roots plus `ca_file`'s, and the client
+/// certificate if it has one (the files were checked when the configuration was read).
+fn tls_config(files: &crate::config::OriginTls) -> Result<rustls::ClientConfig, rustls::Error> {
+    use rustls::pki_types::{CertificateDer, PrivateKeyDer, pem::PemObject};
+    let bad = |what: &str, err: &dyn std::fmt::Display| rustls::Error::General(format!("{what}: {err}"));
+    let mut roots = rustls::RootCertStore { roots: webpki_roots::TLS_SERVER_ROOTS.to_vec() };
+    if let Some(ca) = &files.ca {
+        for cert in CertificateDer::pem_slice_iter(&ca.pem) {
+            let cert = cert.map_err(|e| bad(&ca.path.display().to_string(), &e))?;
+            roots.add(cert)?;
+        }
+    }
+    let builder = rustls::ClientConfig::builder_with_provider(rustls::crypto::ring::default_provider().into())
+        .with_safe_default_protocol_versions()?
+        .with_root_certificates(roots);
+    match &files.client {
+        None => Ok(builder.with_no_client_auth()),
+        Some((cert, key)) => {
+            let chain = CertificateDer::pem_slice_iter(&cert.pem).collect::<Result<Vec<_>, _>>().map_err(|e| bad(&cert.path.display().to_string(), &e))?;
+            let key = PrivateKeyDer::from_pem_slice(&key.pem).map_err(|e| bad(&key.path.display().to_string(), &e))?;
+            builder.with_client_auth_cert(chain, key)
+        }
     }
 }
 
