@@ -12,7 +12,9 @@ use hyper_util::rt::TokioExecutor;
 use serde::Serialize;
 
 use super::scrape::{self, Sample};
-use crate::metrics::{ORIGIN_REQUESTS_TOTAL, REDIS_BREAKER_OPEN, REQUEST_DURATION, REQUESTS_TOTAL};
+use crate::metrics::{
+    ENDPOINT_STATES, ORIGIN_CONCURRENCY_LIMIT, ORIGIN_ENDPOINTS, ORIGIN_INFLIGHT, ORIGIN_REQUESTS_TOTAL, REDIS_BREAKER_OPEN, REQUEST_DURATION, REQUESTS_TOTAL,
+};
 
 /// Totals of one route (counters since each replica started, summed).
 #[derive(Debug, Default, Clone, Serialize, PartialEq)]
@@ -49,6 +51,18 @@ pub struct Snapshot {
     pub pools: BTreeMap<String, PoolTotals>,
     /// Origins whose breaker is open, and on how many replicas.
     pub origin_breakers_open: BTreeMap<String, f64>,
+    pub origins: BTreeMap<String, OriginView>,
+}
+
+/// One origin as the replicas see it.
+#[derive(Debug, Default, Clone, Serialize, PartialEq)]
+pub struct OriginView {
+    /// Requests in flight, and the limits in force, summed over the replicas.
+    pub inflight: f64,
+    pub limit: f64,
+    /// Endpoints per state: the fewest and the most any replica counts (replicas see
+    /// the same endpoints, but may judge them apart).
+    pub endpoints: BTreeMap<String, (f64, f64)>,
 }
 
 impl Snapshot {
@@ -90,6 +104,20 @@ impl Snapshot {
         }
         for route in snap.routes.values_mut() {
             route.buckets.sort_by(|a, b| a.0.total_cmp(&b.0));
+        }
+        for s in per_replica.iter().flatten() {
+            if !matches!(s.name.as_str(), ORIGIN_INFLIGHT | ORIGIN_CONCURRENCY_LIMIT | ORIGIN_ENDPOINTS) {
+                continue;
+            }
+            let view = snap.origins.entry(label(s, "origin")).or_default();
+            match s.name.as_str() {
+                ORIGIN_INFLIGHT => view.inflight += s.value,
+                ORIGIN_CONCURRENCY_LIMIT => view.limit += s.value,
+                _ => {
+                    let range = view.endpoints.entry(label(s, "state")).or_insert((s.value, s.value));
+                    *range = (range.0.min(s.value), range.1.max(s.value));
+                }
+            }
         }
         let owned: Vec<Sample> = samples.into_iter().cloned().collect();
         // Pass-through routes (`cache = false`, pool label "") have no pool to show.
@@ -254,6 +282,23 @@ pub fn render(now: &Snapshot, rates: Option<(&Snapshot, f64)>) -> String {
             if pool.redis_breakers_open > 0.0 { format!("OPEN on {}", pool.redis_breakers_open) } else { "closed".into() }
         );
     }
+    let _ = write!(out, "\n{:<20} {:>16}", "origin", "in flight/limit");
+    for state in ENDPOINT_STATES {
+        let _ = write!(out, " {state:>10}");
+    }
+    let _ = writeln!(out);
+    for (name, origin) in &now.origins {
+        let _ = write!(out, "{:<20} {:>16}", name, format!("{:.0}/{:.0}", origin.inflight, origin.limit));
+        for state in ENDPOINT_STATES {
+            let cell = match origin.endpoints.get(state) {
+                None => "-".to_owned(),
+                Some((low, high)) if low == high => format!("{low:.0}"),
+                Some((low, high)) => format!("{low:.0}-{high:.0}"),
+            };
+            let _ = write!(out, " {cell:>10}");
+        }
+        let _ = writeln!(out);
+    }
     let open: Vec<String> = now.origin_breakers_open.iter().filter(|(_, n)| **n > 0.0).map(|(o, n)| format!("{o} (on {n})")).collect();
     let _ = writeln!(out, "\norigin breakers open: {}", if open.is_empty() { "none".into() } else { open.join(", ") });
     out
@@ -262,6 +307,29 @@ pub fn render(now: &Snapshot, rates: Option<(&Snapshot, f64)>) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    fn sample(name: &str, labels: &[(&str, &str)], value: f64) -> Sample {
+        Sample { name: name.into(), labels: labels.iter().map(|(k, v)| ((*k).to_owned(), (*v).to_owned())).collect(), value }
+    }
+
+    #[test]
+    fn endpoints_per_state_show_where_replicas_disagree() {
+        let replica = |ejected: f64| {
+            vec![
+                sample(ORIGIN_INFLIGHT, &[("origin", "catalog")], 3.0),
+                sample(ORIGIN_CONCURRENCY_LIMIT, &[("origin", "catalog")], 4.0),
+                sample(ORIGIN_ENDPOINTS, &[("origin", "catalog"), ("state", "healthy")], 3.0 - ejected),
+                sample(ORIGIN_ENDPOINTS, &[("origin", "catalog"), ("state", "ejected")], ejected),
+            ]
+        };
+        let snap = Snapshot::from_samples(&[replica(0.0), replica(1.0), replica(0.0)]);
+        let catalog = &snap.origins["catalog"];
+        assert_eq!((catalog.inflight, catalog.limit), (9.0, 12.0));
+        assert_eq!(catalog.endpoints["ejected"], (0.0, 1.0));
+        let text = render(&snap, None);
+        let row = text.lines().find(|l| l.starts_with("catalog")).expect("origin row");
+        assert!(row.contains("9/12") && row.contains("2-3") && row.contains("0-1"), "{row}");
+    }
 
     #[test]
     fn quantiles_from_buckets() {
