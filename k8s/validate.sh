@@ -6,7 +6,7 @@ set -euo pipefail
 cd "$(dirname "$0")"
 
 # Built-in kinds only: ServiceMonitor and PrometheusRule are CRDs with no schema here.
-BUILTIN=(configmap.yaml deployment.yaml service.yaml hpa.yaml pdb.yaml ingress.yaml redis.yaml)
+BUILTIN=(configmap.yaml deployment.yaml service.yaml origin-services.yaml hpa.yaml pdb.yaml ingress.yaml redis.yaml)
 kubernetes-validate --strict --quiet "${BUILTIN[@]}"
 echo "kubernetes-validate --strict: ${#BUILTIN[@]} files passed"
 
