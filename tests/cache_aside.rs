@@ -347,6 +347,24 @@ async fn a_stalled_origin_body_is_cut_and_frees_its_slot() {
 }
 
 #[tokio::test]
+async fn a_small_unstored_answer_stalling_mid_body_is_a_clean_502_not_a_truncated_200() {
+    // Declared small and not stored: read whole before it is sent, so a stall is an
+    // failed answer the client is told of (or a stale copy serves), never a cut body.
+    let origin = Origin::start().await;
+    origin.set(|_| Reply::ok(vec![b'a'; 100]).header("cache-control", "no-store").header("content-length", "100").chunked(2, Duration::from_secs(30)));
+    let bulwark = Bulwark::start(&TestConfig::new(&origin.url()).origin("timeout", "300ms").to_toml()).await;
+    let start = std::time::Instant::now();
+    let got = bulwark.get("/stall").await;
+    assert_eq!(got.status, 502, "{}", got.text());
+    assert!(start.elapsed() < Duration::from_millis(1500), "{:?}", start.elapsed());
+    assert_eq!(bulwark.metric("bulwark_origin_inflight", &[("origin", "catalog")]).await, 0.0);
+    // Whole, it arrives as it was sent.
+    origin.set(|_| Reply::ok(vec![b'b'; 100]).header("cache-control", "no-store").header("content-length", "100").chunked(4, Duration::from_millis(20)));
+    let got = bulwark.get("/slow-but-whole").await;
+    assert_eq!((got.status.as_u16(), got.body.len()), (200, 100));
+}
+
+#[tokio::test]
 async fn an_authenticated_answer_is_stored_only_when_the_origin_allows_it() {
     let origin = Origin::start().await;
     origin.set(|parts| {

@@ -251,7 +251,8 @@ async fn store_or_stream(
         Ok(freshness) => freshness,
         Err(reason) => {
             tracing::trace!(?reason, key = %job.key.text, "response not stored");
-            return Ok(Fetched::Streamed(res_parts, ProxyBody::stream(VecDeque::new(), body), reason));
+            let body = unstored_body(route, &res_parts, body).await?;
+            return Ok(Fetched::Streamed(res_parts, body, reason));
         }
     };
     let declared_len = res_parts.headers.get(CONTENT_LENGTH).and_then(|v| v.to_str().ok()).and_then(|v| v.parse::<u64>().ok());
@@ -354,6 +355,32 @@ enum BodyRead {
     Unstored(VecDeque<Bytes>, OriginBody, NotStored),
 }
 
+/// Answers that are not stored and declare at most this length are read whole before
+/// they are sent on.
+const READ_WHOLE_BYTES: usize = 16 * 1024;
+
+/// The body of an answer that is not stored, as its client gets it. One that declares a
+/// small length is read whole first, within the origin's `timeout` and from the body
+/// budget: the client gets its head and body in one write, with no task to stream it
+/// (most uncacheable answers, API calls and personal pages, are small), and an origin
+/// failing mid-body is a clean 502 rather than an aborted response. Any other is streamed.
+async fn unstored_body(route: &RouteRuntime, res_parts: &response::Parts, body: OriginBody) -> Result<ProxyBody, ProxyError> {
+    let declared = res_parts.headers.get(CONTENT_LENGTH).and_then(|v| v.to_str().ok()).and_then(|v| v.parse::<usize>().ok());
+    let Some(declared) = declared.filter(|len| *len <= READ_WHOLE_BYTES) else { return Ok(ProxyBody::stream(VecDeque::new(), body)) };
+    let mut reservation = route.body_budget.reservation();
+    if !reservation.grow(declared) {
+        return Ok(ProxyBody::stream(VecDeque::new(), body));
+    }
+    let timeout = route.origin.config.timeout;
+    match tokio::time::timeout(timeout, read_up_to(body, READ_WHOLE_BYTES, &mut reservation, declared)).await {
+        Err(_) => Err(origin_error(route, OriginError::Timeout(timeout))),
+        Ok(Err(err)) => Err(origin_error(route, OriginError::Body(err))),
+        Ok(Ok(BodyRead::Complete(whole))) => Ok(ProxyBody::full(whole)),
+        // Longer than it said, or the budget ran out: the rest streams.
+        Ok(Ok(BodyRead::Unstored(prefix, rest, _))) => Ok(ProxyBody::stream_holding(prefix, rest, reservation)),
+    }
+}
+
 /// Reads a body whole if it is at most `limit` bytes, drawing what it reads beyond the
 /// `reserved` bytes from `reservation`.
 async fn read_up_to(mut body: OriginBody, limit: usize, reservation: &mut Reservation, reserved: usize) -> Result<BodyRead, crate::origin::OriginBodyError> {
@@ -412,5 +439,6 @@ pub(super) async fn pass_through(
     let res = send(route, req, route.config.priority, ctx.timings.as_deref()).await?;
     let (mut res_parts, body) = res.into_parts();
     strip_hop_by_hop(&mut res_parts.headers);
-    Ok((res_parts, ProxyBody::stream(VecDeque::new(), body)))
+    let body = unstored_body(route, &res_parts, body).await?;
+    Ok((res_parts, body))
 }
