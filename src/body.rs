@@ -35,6 +35,9 @@ pub type OnEnd = Box<dyn FnOnce(BodyEnd) + Send>;
 pub struct ProxyBody {
     kind: Kind,
     on_end: Option<OnEnd>,
+    /// The body budget a whole body read from an origin was drawn from, kept until the
+    /// client has it.
+    held: Option<Reservation>,
 }
 
 enum Kind {
@@ -71,22 +74,30 @@ const PUMP_FRAMES: usize = 2;
 
 impl ProxyBody {
     pub fn empty() -> ProxyBody {
-        ProxyBody { kind: Kind::Full(None), on_end: None }
+        ProxyBody { kind: Kind::Full(None), on_end: None, held: None }
     }
 
     pub fn full(bytes: impl Into<Bytes>) -> ProxyBody {
         let bytes = bytes.into();
-        ProxyBody { kind: Kind::Full(if bytes.is_empty() { None } else { Some(bytes) }), on_end: None }
+        ProxyBody { kind: Kind::Full(if bytes.is_empty() { None } else { Some(bytes) }), on_end: None, held: None }
     }
 
     pub fn stream(prefix: VecDeque<Bytes>, rest: OriginBody) -> ProxyBody {
-        ProxyBody { kind: Kind::Stream { prefix, rest: Box::new(rest), held: None }, on_end: None }
+        ProxyBody { kind: Kind::Stream { prefix, rest: Box::new(rest), held: None }, on_end: None, held: None }
+    }
+
+    /// [`ProxyBody::full`] read from an origin under `held`, which it keeps until the
+    /// body is done with (a slow client can hold it that long).
+    pub fn full_holding(bytes: Bytes, held: Reservation) -> ProxyBody {
+        let mut body = ProxyBody::full(bytes);
+        body.held = Some(held);
+        body
     }
 
     /// [`ProxyBody::stream`] whose `prefix` was read under `held`, which it keeps until
     /// the body is done with (the prefix can wait on a slow client that long).
     pub fn stream_holding(prefix: VecDeque<Bytes>, rest: OriginBody, held: Reservation) -> ProxyBody {
-        ProxyBody { kind: Kind::Stream { prefix, rest: Box::new(rest), held: Some(held) }, on_end: None }
+        ProxyBody { kind: Kind::Stream { prefix, rest: Box::new(rest), held: Some(held) }, on_end: None, held: None }
     }
 
     /// This body with its sending bounded (for a body streamed from an origin; any other
@@ -105,7 +116,7 @@ impl ProxyBody {
         let (tx, rx) = mpsc::channel(PUMP_FRAMES);
         let state = Arc::new(AtomicU8::new(PUMPING));
         tokio::spawn(pump(Kind::Stream { prefix, rest, held }, tx, limit, state.clone()));
-        ProxyBody { kind: Kind::Pumped(Pumped { rx, state, limit, hint, done: false }), on_end }
+        ProxyBody { kind: Kind::Pumped(Pumped { rx, state, limit, hint, done: false }), on_end, held: self.held.take() }
     }
 
     /// This body, telling `on_end` how it ended.
@@ -219,7 +230,7 @@ impl Pumped {
 /// fails: the error is passed on), when the client's body is dropped, or when the client
 /// has taken nothing for `limit`: the stream is then dropped, releasing its origin slot.
 async fn pump(stream: Kind, tx: mpsc::Sender<Result<Frame<Bytes>, OriginBodyError>>, limit: Duration, state: Arc<AtomicU8>) {
-    let mut body = ProxyBody { kind: stream, on_end: None };
+    let mut body = ProxyBody { kind: stream, on_end: None, held: None };
     loop {
         let permit = match tx.try_reserve() {
             Ok(permit) => permit,

@@ -375,7 +375,7 @@ async fn unstored_body(route: &RouteRuntime, res_parts: &response::Parts, body: 
     match tokio::time::timeout(timeout, read_up_to(body, READ_WHOLE_BYTES, &mut reservation, declared)).await {
         Err(_) => Err(origin_error(route, OriginError::Timeout(timeout))),
         Ok(Err(err)) => Err(origin_error(route, OriginError::Body(err))),
-        Ok(Ok(BodyRead::Complete(whole))) => Ok(ProxyBody::full(whole)),
+        Ok(Ok(BodyRead::Complete(whole))) => Ok(ProxyBody::full_holding(whole, reservation)),
         // Longer than it said, or the budget ran out: the rest streams.
         Ok(Ok(BodyRead::Unstored(prefix, rest, _))) => Ok(ProxyBody::stream_holding(prefix, rest, reservation)),
     }
@@ -439,6 +439,12 @@ pub(super) async fn pass_through(
     let res = send(route, req, route.config.priority, ctx.timings.as_deref()).await?;
     let (mut res_parts, body) = res.into_parts();
     strip_hop_by_hop(&mut res_parts.headers);
-    let body = unstored_body(route, &res_parts, body).await?;
+    // Only for GET and HEAD: another method's answer failing mid-body must not turn into
+    // a 502 that invites resending a request that was acted on.
+    let body = if matches!(parts.method, Method::GET | Method::HEAD) {
+        unstored_body(route, &res_parts, body).await?
+    } else {
+        ProxyBody::stream(VecDeque::new(), body)
+    };
     Ok((res_parts, body))
 }
