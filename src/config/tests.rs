@@ -244,6 +244,7 @@ fn bad_endpoints_are_rejected_at_their_line() {
         ("health_check = { path = \"healthz\" }", "health_check.path must be a path"),
         ("health_check = { path = \"/h\", interval = \"1s\", timeout = \"2s\" }", "not be longer than its interval"),
         ("health_check = { path = \"/h\", healthy_after = 0 }", "health_check.healthy_after must be a positive integer"),
+        ("health_check = { path = \"/h\", interval = \"500ms\" }", "not be longer than its interval"),
         ("eject_after_failures = 0", "eject_after_failures must be a positive integer"),
         ("max_ejected_percent = 101", "between 0 and 100"),
         ("eject_for = \"10m\"", "at most 5m"),

@@ -278,10 +278,9 @@ fn health_check(raw: Option<&Spanned<raw::RawHealthCheck>>) -> Result<Option<Hea
     };
     let interval = nonzero_dur(raw.interval.clone(), Duration::from_secs(2), "health_check.interval")?;
     let timeout = nonzero_dur(raw.timeout.clone(), Duration::from_secs(1), "health_check.timeout")?;
-    if timeout > interval
-        && let Some(t) = &raw.timeout
-    {
-        return err(t.span(), "health_check.timeout must not be longer than its interval");
+    if timeout > interval {
+        let span = raw.timeout.as_ref().map_or_else(|| raw.interval.as_ref().map_or(raw.path.span(), |i| i.span()), |t| t.span());
+        return err(span, format!("health_check.timeout ({timeout:?}) must not be longer than its interval ({interval:?})"));
     }
     Ok(Some(HealthCheck {
         path,
