@@ -323,8 +323,19 @@ async fn replicas_share_the_fleet_budget_and_follow_replicas_joining_and_leaving
         let (sent, failed) = traffic.stop().await;
         assert!(failed.is_empty(), "{} of {sent} failed: {failed:?}", failed.len());
     }
-    // Without a control Redis, max_concurrency alone.
-    let alone = Bulwark::start(&TestConfig::new(&origin.url()).origin("fleet_max_concurrency", 12).origin("max_concurrency", 64).to_toml()).await;
-    assert_eq!(fleet_share(&alone).await, None);
-    assert_eq!(alone.metric("bulwark_origin_concurrency_limit", &[("origin", "catalog")]).await, 64.0);
+    // Without a control Redis, max_concurrency alone, reloads included.
+    let alone = TestConfig::new(&origin.url()).origin("fleet_max_concurrency", 12).origin("max_concurrency", 64);
+    let path = std::env::temp_dir().join(format!("bulwark-fleet-{}.toml", fastrand::u64(..)));
+    std::fs::write(&path, alone.to_toml()).expect("write config");
+    let alone_bulwark = Bulwark::start_with_file(&path).await;
+    assert_eq!(fleet_share(&alone_bulwark).await, None);
+    assert_eq!(alone_bulwark.metric("bulwark_origin_concurrency_limit", &[("origin", "catalog")]).await, 64.0);
+    std::fs::write(&path, alone.origin("timeout", "4s").to_toml()).expect("write config");
+    assert_eq!(alone_bulwark.admin_send(http::Method::POST, "/admin/reload", "").await.status, 200);
+    assert_eq!(
+        alone_bulwark.metric("bulwark_origin_concurrency_limit", &[("origin", "catalog")]).await,
+        64.0,
+        "a reload took the whole fleet budget as the limit"
+    );
+    let _ = std::fs::remove_file(&path);
 }

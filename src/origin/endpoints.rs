@@ -222,6 +222,10 @@ pub struct Report {
 pub struct Endpoints {
     origin: String,
     ejection: Ejection,
+    /// The latency a failure counts as once an endpoint has failed `eject_after_failures`
+    /// times in a row and is still in rotation (ejection refused: too many are ejected, or
+    /// it is the last): failing fast must not make it look cheapest.
+    penalty: Duration,
     slow_start: Duration,
     /// Whether an active health check decides when endpoints enter the rotation.
     checked: bool,
@@ -234,10 +238,11 @@ pub struct Endpoints {
 }
 
 impl Endpoints {
-    pub fn new(origin: &str, ejection: Ejection, slow_start: Duration, checked: bool, ejections: metrics::Counter) -> Endpoints {
+    pub fn new(origin: &str, ejection: Ejection, slow_start: Duration, checked: bool, penalty: Duration, ejections: metrics::Counter) -> Endpoints {
         Endpoints {
             origin: origin.to_owned(),
             ejection,
+            penalty,
             slow_start,
             checked,
             epoch: Instant::now(),
@@ -260,31 +265,33 @@ impl Endpoints {
         self.rotation.load().is_empty()
     }
 
-    /// The endpoint for the next attempt, other than `avoid` when there is another, and
-    /// its load (held until the response is done).
-    pub fn pick(&self, avoid: Option<&Endpoint>) -> Option<Load> {
+    /// The endpoint for the next attempt, one not in `tried` while there is one, and its
+    /// load (held until the response is done).
+    pub fn pick(&self, tried: &[Arc<Endpoint>]) -> Option<Load> {
         let rotation = self.rotation.load();
-        let chosen = match rotation.len() {
+        let untried: Vec<Arc<Endpoint>>;
+        // Retries only (rare): the endpoints not tried yet, or all when every one was.
+        let candidates: &[Arc<Endpoint>] = if tried.is_empty() {
+            &rotation
+        } else {
+            untried = rotation.iter().filter(|e| !tried.iter().any(|t| Arc::ptr_eq(t, e))).cloned().collect();
+            if untried.is_empty() { &rotation } else { &untried }
+        };
+        let chosen = match candidates.len() {
             0 => return None,
-            1 => &rotation[0],
+            1 => &candidates[0],
             n => {
                 let a = fastrand::usize(..n);
                 let mut b = fastrand::usize(..n - 1);
                 if b >= a {
                     b += 1;
                 }
-                let (a, b) = (&rotation[a], &rotation[b]);
-                match avoid {
-                    Some(avoid) if std::ptr::eq(Arc::as_ptr(a), avoid) => b,
-                    Some(avoid) if std::ptr::eq(Arc::as_ptr(b), avoid) => a,
-                    _ => {
-                        let now = self.now_us();
-                        let (cheaper, other) = if b.cost(now) < a.cost(now) { (b, a) } else { (a, b) };
-                        // One ramping up takes its pick only as often as its weight says.
-                        let weight = cheaper.weight(now, self.slow_start);
-                        if weight < 1.0 && fastrand::f64() >= weight { other } else { cheaper }
-                    }
-                }
+                let (a, b) = (&candidates[a], &candidates[b]);
+                let now = self.now_us();
+                let (cheaper, other) = if b.cost(now) < a.cost(now) { (b, a) } else { (a, b) };
+                // One ramping up takes its pick only as often as its weight says.
+                let weight = cheaper.weight(now, self.slow_start);
+                if weight < 1.0 && fastrand::f64() >= weight { other } else { cheaper }
             }
         };
         chosen.inflight.fetch_add(1, Ordering::Relaxed);
@@ -297,8 +304,7 @@ impl Endpoints {
             return;
         }
         let failed = verdict == Verdict::Failed;
-        endpoint.observe(latency, self.now_us());
-        let wants_ejection = {
+        let (wants_ejection, failing) = {
             let mut health = endpoint.health();
             health.count(self.epoch.elapsed().as_secs(), failed);
             if failed {
@@ -306,8 +312,13 @@ impl Endpoints {
             } else {
                 health.failures_in_a_row = 0;
             }
-            failed && health.failures_in_a_row >= self.ejection.after_failures && !health.ejected(Instant::now()) && !health.draining
+            let failing = failed && health.failures_in_a_row >= self.ejection.after_failures;
+            (failing && !health.ejected(Instant::now()) && !health.draining, failing)
         };
+        // A fast failure is taken as it is (a dead endpoint wins the picks that get it
+        // ejected soon, each failure retried elsewhere); one still in rotation after it
+        // should have been ejected counts as slow, so the balancer keeps off it.
+        endpoint.observe(if failing { latency.max(self.penalty) } else { latency }, self.now_us());
         if wants_ejection {
             self.try_eject(endpoint);
         }
@@ -318,6 +329,10 @@ impl Endpoints {
     fn try_eject(&self, endpoint: &Endpoint) {
         let all = self.all();
         let now = Instant::now();
+        // Failures reported at once may each ask: the first ejects, the others find it done.
+        if endpoint.health().ejected(now) {
+            return;
+        }
         let serving: Vec<&Arc<Endpoint>> = all.iter().filter(|e| !e.health().draining).collect();
         let ejected = serving.iter().filter(|e| e.health().ejected(now)).count();
         let allowed = serving.len() * self.ejection.max_percent as usize / 100;
@@ -382,10 +397,24 @@ impl Endpoints {
         }
     }
 
+    /// An endpoint (back) in rotation: what it cost before it left says nothing now (a
+    /// failure's penalty would keep it starved for minutes), so it starts as fast as the
+    /// rotation is on average, and ramps up over `slow_start`.
     fn ramp(&self, endpoint: &Endpoint) {
+        let now = self.now_us();
+        endpoint.latency.store(self.usual_latency(now).to_bits(), Ordering::Relaxed);
+        endpoint.latency_at.store(now, Ordering::Relaxed);
+        endpoint.health().failures_in_a_row = 0;
         if !self.slow_start.is_zero() {
-            endpoint.ramp_since.store(self.now_us() + 1, Ordering::Relaxed);
+            endpoint.ramp_since.store(now + 1, Ordering::Relaxed);
         }
+    }
+
+    /// The mean latency estimate of the rotation (0 when it is empty).
+    fn usual_latency(&self, now_us: u64) -> f64 {
+        let rotation = self.rotation.load();
+        let sum: f64 = rotation.iter().map(|e| e.latency_now(now_us)).sum();
+        if rotation.is_empty() { 0.0 } else { sum / rotation.len() as f64 }
     }
 
     /// Makes `found` the endpoints: new ones join (ramping up), missing ones drain, ones
@@ -397,11 +426,7 @@ impl Endpoints {
         let now = self.now_us();
         // The first endpoints start unmeasured (each is tried at once); one joining later
         // is assumed as fast as those in rotation are on average, not faster.
-        let known_latency = {
-            let rotation = self.rotation.load();
-            let sum: f64 = rotation.iter().map(|e| e.latency_now(now)).sum();
-            if rotation.is_empty() { 0.0 } else { sum / rotation.len() as f64 }
-        };
+        let known_latency = self.usual_latency(now);
         for endpoint in all.iter() {
             let present = found.contains(&endpoint.authority);
             let mut health = endpoint.health();
@@ -509,7 +534,7 @@ mod tests {
 
     fn set(n: usize, max_percent: u32) -> Endpoints {
         let ejection = Ejection { after_failures: 2, duration: Duration::from_secs(10), max_percent };
-        let endpoints = Endpoints::new("o", ejection, Duration::ZERO, false, metrics::Counter::noop());
+        let endpoints = Endpoints::new("o", ejection, Duration::ZERO, false, Duration::from_secs(1), metrics::Counter::noop());
         let found: Vec<Authority> = (0..n).map(|i| format!("10.0.0.{i}:80").parse().expect("authority")).collect();
         endpoints.set(&found);
         endpoints
@@ -563,29 +588,60 @@ mod tests {
             endpoints.report(&all[1], Verdict::Answered, Duration::from_millis(5));
             endpoints.report(&all[2], Verdict::Answered, Duration::from_millis(5));
         }
-        let slow = (0..1000).filter(|_| endpoints.pick(None).is_some_and(|load| Arc::ptr_eq(load.endpoint(), &all[0]))).count();
+        let slow = (0..1000).filter(|_| endpoints.pick(&[]).is_some_and(|load| Arc::ptr_eq(load.endpoint(), &all[0]))).count();
         assert!(slow < 100, "the slow endpoint got {slow} of 1000");
     }
 
     #[test]
-    fn a_retry_avoids_the_endpoint_that_failed() {
+    fn a_retry_avoids_every_endpoint_already_tried_while_another_is_left() {
         let endpoints = set(3, 50);
         let all = endpoints.serving();
         for _ in 0..200 {
-            let load = endpoints.pick(Some(&all[1])).expect("an endpoint");
+            let load = endpoints.pick(&all[1..2]).expect("an endpoint");
             assert!(!Arc::ptr_eq(load.endpoint(), &all[1]));
+            let load = endpoints.pick(&all[..2]).expect("an endpoint");
+            assert!(Arc::ptr_eq(load.endpoint(), &all[2]), "the only one not tried");
         }
+        assert!(endpoints.pick(&all).is_some(), "every one tried: any");
+    }
+
+    #[test]
+    fn failures_reported_at_once_eject_an_endpoint_once() {
+        let endpoints = set(4, 50);
+        let all = endpoints.serving();
+        fail(&endpoints, &all[0], 2);
+        let until = all[0].health().ejected_until;
+        endpoints.try_eject(&all[0]);
+        endpoints.try_eject(&all[0]);
+        assert_eq!(all[0].health().ejected_until, until, "ejected again, for longer");
+        assert_eq!(all[0].health().ejections, 1);
+    }
+
+    #[test]
+    fn a_failing_endpoint_that_cannot_be_ejected_is_kept_off_by_the_balancer() {
+        // Two of three fail fast; only one may be ejected (50% of 3, rounded down).
+        let endpoints = set(3, 50);
+        let all = endpoints.serving();
+        for _ in 0..10 {
+            endpoints.report(&all[2], Verdict::Answered, Duration::from_millis(5));
+        }
+        fail(&endpoints, &all[0], 4);
+        fail(&endpoints, &all[1], 4);
+        let states: Vec<State> = all.iter().map(|e| endpoints.state_of(e)).collect();
+        assert_eq!(states.iter().filter(|s| **s == State::Ejected).count(), 1, "{states:?}");
+        let to_failing = (0..1000).filter(|_| endpoints.pick(&[]).is_some_and(|load| !Arc::ptr_eq(load.endpoint(), &all[2]))).count();
+        assert!(to_failing < 50, "{to_failing} of 1000 picks went to the failing endpoint");
     }
 
     #[test]
     fn gone_endpoints_drain_and_are_forgotten_once_idle() {
         let endpoints = set(2, 50);
-        let held = endpoints.pick(None).expect("an endpoint");
+        let held = endpoints.pick(&[]).expect("an endpoint");
         let kept = endpoints.serving().into_iter().find(|e| !Arc::ptr_eq(e, held.endpoint())).expect("the other");
         endpoints.set(std::slice::from_ref(&kept.authority));
         assert_eq!(endpoints.state_of(held.endpoint()), State::Draining);
         for _ in 0..50 {
-            assert!(Arc::ptr_eq(endpoints.pick(None).expect("kept").endpoint(), &kept));
+            assert!(Arc::ptr_eq(endpoints.pick(&[]).expect("kept").endpoint(), &kept));
         }
         endpoints.tick();
         assert_eq!(endpoints.report_all().len(), 2, "kept while a request is in flight");

@@ -239,7 +239,14 @@ impl Origin {
         let bulkhead = bulkhead::Bulkhead::new(config.max_concurrency, config.max_queue, config.queue_timeout);
         let breaker = Breaker::new(config.breaker);
         metrics.concurrency_limit.set(config.max_concurrency as f64);
-        let endpoints = endpoints::Endpoints::new(&config.name, config.ejection, config.slow_start, config.health_check.is_some(), metrics.ejections.clone());
+        let endpoints = endpoints::Endpoints::new(
+            &config.name,
+            config.ejection,
+            config.slow_start,
+            config.health_check.is_some(),
+            config.timeout,
+            metrics.ejections.clone(),
+        );
         let (ready, _) = tokio::sync::watch::channel(false);
         match &config.endpoints {
             EndpointSource::Url => endpoints.set(config.url.authority().map(std::slice::from_ref).unwrap_or_default()),
@@ -271,7 +278,11 @@ impl Origin {
     /// most `max_concurrency`.
     pub fn set_fleet(&self, replicas: usize) {
         let Some(fleet) = self.config.fleet_max_concurrency else { return };
-        let share = (fleet / replicas.max(1)).clamp(1, self.config.max_concurrency);
+        // Not known (no control Redis, or it never answered): max_concurrency alone.
+        if replicas == 0 {
+            return;
+        }
+        let share = (fleet / replicas).clamp(1, self.config.max_concurrency);
         if self.fleet_share.swap(share, Ordering::Relaxed) != share {
             self.bulkhead.set_limit(share);
             self.metrics.concurrency_limit.set(share as f64);
@@ -296,6 +307,14 @@ impl Origin {
         // An open breaker answers at once, without queueing for a slot first.
         if self.breaker.is_open_now() {
             return Err(OriginError::BreakerOpen);
+        }
+        if !*self.ready.borrow() {
+            // The first DNS answer and health checks, before any slot or breaker permit is
+            // taken (waiting for them says nothing about the origin), within its timeout.
+            let mut ready = self.ready.subscribe();
+            if !matches!(tokio::time::timeout(self.config.timeout, ready.wait_for(|done| *done)).await, Ok(Ok(_))) {
+                return Err(OriginError::NoEndpoints);
+            }
         }
         let queued_at = Instant::now();
         let Some(acquired) = self.bulkhead.acquire_while_wanted(priority, req.extensions().get::<Interest>()).await else {
@@ -362,21 +381,19 @@ impl Origin {
             .then(|| (req.method().clone(), req.uri().clone(), req.version(), req.headers().clone()));
         self.retries.request();
         let mut left = self.config.retries;
-        let mut tried: Option<Arc<endpoints::Endpoint>> = None;
-        if !*self.ready.borrow() {
-            // Waits for the first DNS answer and health checks (within the caller's deadline).
-            let _ = self.ready.subscribe().wait_for(|done| *done).await;
-        }
+        let mut tried: Vec<Arc<endpoints::Endpoint>> = Vec::new();
         loop {
-            let Some(load) = self.endpoints.pick(tried.as_deref()) else { return Err(AttemptError::NoEndpoints) };
+            let Some(load) = self.endpoints.pick(&tried) else { return Err(AttemptError::NoEndpoints) };
             let endpoint = load.endpoint().clone();
             if !matches!(self.config.endpoints, EndpointSource::Url) {
                 *req.uri_mut() = addressed(req.uri(), &endpoint.authority);
             }
             // One response in four looks at its connection's age (a channel and an
             // allocation each): an old busy connection is retired a few responses late.
-            // Every one does while the origin has more connections open than it may use.
-            let surplus = self.open_connections.load(std::sync::atomic::Ordering::Relaxed) > self.config.max_concurrency;
+            // Every one does while the origin has more connections open than twice what it
+            // may use at once (busy ones plus as many idle, over all its endpoints): idle
+            // connections are bounded per origin, not per endpoint.
+            let surplus = self.open_connections.load(std::sync::atomic::Ordering::Relaxed) > 2 * self.config.max_concurrency;
             let connection = (surplus || fastrand::u8(..) < 64).then(|| hyper_util::client::legacy::connect::capture_connection(&mut req));
             let began = Instant::now();
             *current.lock().unwrap_or_else(std::sync::PoisonError::into_inner) = Some((endpoint.clone(), began));
@@ -401,7 +418,7 @@ impl Origin {
                     self.metrics.retries.increment(1);
                     left -= 1;
                     drop(load);
-                    tried = Some(endpoint);
+                    tried.push(endpoint);
                     // A GET or HEAD sent on carries no body.
                     req = Request::new(empty_body());
                     *req.method_mut() = method.clone();
