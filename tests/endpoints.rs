@@ -339,3 +339,21 @@ async fn replicas_share_the_fleet_budget_and_follow_replicas_joining_and_leaving
     );
     let _ = std::fs::remove_file(&path);
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_origin_replaced_by_a_reload_stops_checking_its_endpoints() {
+    let (before, after) = (Origin::start().await, Origin::start().await);
+    let config = |origin: &Origin| TestConfig::new(&origin.url()).origin_toml(HEALTH_CHECK).to_toml();
+    let path = std::env::temp_dir().join(format!("bulwark-replaced-{}.toml", fastrand::u64(..)));
+    std::fs::write(&path, config(&before)).expect("write config");
+    let bulwark = Bulwark::start_with_file(&path).await;
+    eventually("the first origin checked", Duration::from_secs(5), async || before.count("/healthz") >= 2).await;
+    std::fs::write(&path, config(&after)).expect("write config");
+    assert_eq!(bulwark.admin_send(http::Method::POST, "/admin/reload", "").await.status, 200);
+    eventually("the new origin checked", Duration::from_secs(5), async || after.count("/healthz") >= 2).await;
+    // No request holds the old origin: its checks stop (one round may have been on its way).
+    let checked = before.count("/healthz");
+    tokio::time::sleep(Duration::from_millis(1000)).await;
+    assert!(before.count("/healthz") <= checked + 1, "the replaced origin is still checked: {} after {checked}", before.count("/healthz"));
+    let _ = std::fs::remove_file(&path);
+}

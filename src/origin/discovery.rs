@@ -129,16 +129,15 @@ async fn discover(origin: Weak<Origin>, host: String, port: u16, interval: Durat
 }
 
 async fn check(origin: Weak<Origin>) {
-    let Some(interval) = origin.upgrade().and_then(|o| o.config.health_check.as_ref().map(|c| c.interval)) else { return };
+    // Only the notifier is held between rounds, so a replaced origin goes at once.
+    let Some((interval, check_now)) = origin.upgrade().and_then(|o| o.config.health_check.as_ref().map(|c| (c.interval, o.check_now.clone()))) else { return };
     let mut every = tokio::time::interval(interval);
     every.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     loop {
-        let Some(notified) = origin.upgrade() else { return };
         tokio::select! {
             _ = every.tick() => {}
-            () = notified.check_now.notified() => {}
+            () = check_now.notified() => {}
         }
-        drop(notified);
         let Some(origin) = origin.upgrade() else { return };
         let Some(config) = &origin.config.health_check else { return };
         let serving = origin.endpoints.serving();

@@ -181,7 +181,7 @@ pub struct Origin {
     /// health check, checked once (until then requests wait rather than fail).
     ready: tokio::sync::watch::Sender<bool>,
     /// Asks for a round of health checks now (new endpoints were found).
-    check_now: tokio::sync::Notify,
+    check_now: Arc<tokio::sync::Notify>,
     /// Connections open to the origin, over all its endpoints.
     open_connections: Arc<AtomicUsize>,
     /// This replica's share of `fleet_max_concurrency` (0: none).
@@ -264,7 +264,7 @@ impl Origin {
             retries: retry::RetryBudget::default(),
             endpoints,
             ready,
-            check_now: tokio::sync::Notify::new(),
+            check_now: Arc::new(tokio::sync::Notify::new()),
             open_connections,
             fleet_share: AtomicUsize::new(0),
             metrics,
