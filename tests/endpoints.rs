@@ -357,3 +357,23 @@ async fn an_origin_replaced_by_a_reload_stops_checking_its_endpoints() {
     assert!(before.count("/healthz") <= checked + 1, "the replaced origin is still checked: {} after {checked}", before.count("/healthz"));
     let _ = std::fs::remove_file(&path);
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn idle_connections_are_bounded_per_origin_not_per_endpoint() {
+    // max_concurrency 1 over four endpoints: each gets a connection as the balancer
+    // moves between them, but the origin keeps at most twice its concurrency open.
+    let origins = origins(4).await;
+    let urls: Vec<String> = origins.iter().map(Origin::url).collect();
+    let config = TestConfig::new("http://unused").endpoints(&urls).origin("max_concurrency", 1).origin("pool_idle_timeout", "60s");
+    let bulwark = Bulwark::start(&config.to_toml()).await;
+    for i in 0..200 {
+        assert_eq!(bulwark.get(&format!("/p/{i}")).await.status, 200);
+    }
+    assert!(origins.iter().filter(|o| o.total() > 0).count() >= 3, "the test needs the requests spread");
+    let open = || origins.iter().map(|o| o.log.open_connections.load(Ordering::SeqCst)).sum::<usize>();
+    assert_eq!(open(), 4, "the test needs a connection on every endpoint");
+    // Idle for a second, they may be closed: the next response closes those beyond two.
+    tokio::time::sleep(Duration::from_millis(1200)).await;
+    assert_eq!(bulwark.get("/after").await.status, 200);
+    eventually("at most twice max_concurrency open", Duration::from_secs(2), async || open() <= 2).await;
+}

@@ -7,11 +7,16 @@
 //! connections do not all go at once); a response that arrives on a connection past it
 //! (one in four is looked at) poisons the connection, so the pool closes it once that
 //! response is done instead of reusing it. hyper-util's pool has no maximum age of its own.
+//!
+//! The connections of an origin are also counted and known by their last use, over all its
+//! endpoints (hyper-util's pool bounds idle connections per host only): once more are open
+//! than the origin may use at once, plus as many idle, those idle longest are closed (the
+//! next read ends each, so the pool drops it), wherever they are.
 
 use std::future::Future;
 use std::pin::Pin;
 use std::sync::Arc;
-use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::task::{Context, Poll};
 use std::time::Duration;
 
@@ -24,22 +29,70 @@ use tokio::time::Instant;
 pub struct AgedConnector<C> {
     inner: C,
     max_age: Duration,
-    open: Arc<AtomicUsize>,
+    open: Arc<OpenConnections>,
 }
 
 impl<C> AgedConnector<C> {
-    /// `open` counts the connections it made that are still open.
-    pub fn new(inner: C, max_age: Duration, open: Arc<AtomicUsize>) -> AgedConnector<C> {
+    /// `open` keeps track of the connections it made that are still open.
+    pub fn new(inner: C, max_age: Duration, open: Arc<OpenConnections>) -> AgedConnector<C> {
         AgedConnector { inner, max_age, open }
     }
 }
 
-/// Counts one open connection until dropped.
-struct Open(Arc<AtomicUsize>);
+/// A connection idle this long may be closed to bring an origin within its bound (one
+/// used more recently may be about to carry a request).
+const IDLE_BEFORE_CLOSED: Duration = Duration::from_secs(1);
 
-impl Drop for Open {
+/// The open connections of one origin, over all its endpoints.
+#[derive(Default)]
+pub struct OpenConnections {
+    count: AtomicUsize,
+    all: std::sync::Mutex<Vec<std::sync::Weak<Tracked>>>,
+    epoch: std::sync::OnceLock<Instant>,
+}
+
+impl OpenConnections {
+    pub fn count(&self) -> usize {
+        self.count.load(Ordering::Relaxed)
+    }
+
+    fn now_ms(&self) -> u64 {
+        u64::try_from(self.epoch.get_or_init(Instant::now).elapsed().as_millis()).unwrap_or(u64::MAX)
+    }
+
+    /// Closes up to `excess` connections, those idle longest (each at least
+    /// [`IDLE_BEFORE_CLOSED`]).
+    pub fn close_idle(&self, excess: usize) {
+        let mut all = self.all.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
+        all.retain(|weak| weak.strong_count() > 0);
+        let idle_since = self.now_ms().saturating_sub(u64::try_from(IDLE_BEFORE_CLOSED.as_millis()).unwrap_or(0));
+        let mut idle: Vec<Arc<Tracked>> = all
+            .iter()
+            .filter_map(std::sync::Weak::upgrade)
+            .filter(|c| !c.closing.load(Ordering::Relaxed) && c.last_used.load(Ordering::Relaxed) <= idle_since)
+            .collect();
+        idle.sort_by_key(|c| c.last_used.load(Ordering::Relaxed));
+        for connection in idle.iter().take(excess) {
+            connection.closing.store(true, Ordering::Release);
+            connection.reader.wake();
+        }
+    }
+}
+
+/// What the origin knows of one open connection.
+struct Tracked {
+    /// When a request was last written on it, in ms since the origin's epoch.
+    last_used: AtomicU64,
+    /// Set to close it: its next read ends the connection.
+    closing: AtomicBool,
+    /// The task reading it (an idle pooled connection is read by hyper to see it close).
+    reader: futures_util::task::AtomicWaker,
+    open: Arc<OpenConnections>,
+}
+
+impl Drop for Tracked {
     fn drop(&mut self) {
-        self.0.fetch_sub(1, Ordering::Relaxed);
+        self.open.count.fetch_sub(1, Ordering::Relaxed);
     }
 }
 
@@ -51,7 +104,7 @@ struct RetireAt(Instant);
 pub struct Aged<T> {
     inner: T,
     retire_at: Instant,
-    _open: Open,
+    tracked: Arc<Tracked>,
 }
 
 impl<C> tower_service::Service<http::Uri> for AgedConnector<C>
@@ -73,8 +126,15 @@ where
         let open = self.open.clone();
         Box::pin(async move {
             let inner = connecting.await?;
-            open.fetch_add(1, Ordering::Relaxed);
-            Ok(Aged { inner, retire_at: Instant::now() + lifetime, _open: Open(open) })
+            open.count.fetch_add(1, Ordering::Relaxed);
+            let tracked = Arc::new(Tracked {
+                last_used: AtomicU64::new(open.now_ms()),
+                closing: AtomicBool::new(false),
+                reader: futures_util::task::AtomicWaker::new(),
+                open: open.clone(),
+            });
+            open.all.lock().unwrap_or_else(std::sync::PoisonError::into_inner).push(Arc::downgrade(&tracked));
+            Ok(Aged { inner, retire_at: Instant::now() + lifetime, tracked })
         })
     }
 }
@@ -87,12 +147,25 @@ impl<T: Connection> Connection for Aged<T> {
 
 impl<T: Read + Unpin> Read for Aged<T> {
     fn poll_read(mut self: Pin<&mut Self>, cx: &mut Context<'_>, buf: ReadBufCursor<'_>) -> Poll<std::io::Result<()>> {
-        Pin::new(&mut self.inner).poll_read(cx, buf)
+        // Closed to bring the origin within its bound: reads as the peer closing.
+        if self.tracked.closing.load(Ordering::Acquire) {
+            return Poll::Ready(Ok(()));
+        }
+        let polled = Pin::new(&mut self.inner).poll_read(cx, buf);
+        if polled.is_pending() {
+            self.tracked.reader.register(cx.waker());
+            if self.tracked.closing.load(Ordering::Acquire) {
+                return Poll::Ready(Ok(()));
+            }
+        }
+        polled
     }
 }
 
 impl<T: Write + Unpin> Write for Aged<T> {
     fn poll_write(mut self: Pin<&mut Self>, cx: &mut Context<'_>, buf: &[u8]) -> Poll<std::io::Result<usize>> {
+        let now = self.tracked.open.now_ms();
+        self.tracked.last_used.store(now, Ordering::Relaxed);
         Pin::new(&mut self.inner).poll_write(cx, buf)
     }
 
@@ -109,20 +182,16 @@ impl<T: Write + Unpin> Write for Aged<T> {
     }
 
     fn poll_write_vectored(mut self: Pin<&mut Self>, cx: &mut Context<'_>, bufs: &[std::io::IoSlice<'_>]) -> Poll<std::io::Result<usize>> {
+        let now = self.tracked.open.now_ms();
+        self.tracked.last_used.store(now, Ordering::Relaxed);
         Pin::new(&mut self.inner).poll_write_vectored(cx, bufs)
     }
 }
 
-/// After a response: the connection it came on is not reused if it is past its time, or
-/// if `surplus` (the origin has more connections open than it may use at once, idle ones
-/// on endpoints that had traffic before).
-pub fn retire_if_old(captured: &CaptureConnection, surplus: bool) {
+/// After a response: the connection it came on is not reused if it is past its time.
+pub fn retire_if_old(captured: &CaptureConnection) {
     let metadata = captured.connection_metadata();
     let Some(connected) = metadata.as_ref() else { return };
-    if surplus {
-        connected.poison();
-        return;
-    }
     let mut extras = http::Extensions::new();
     connected.get_extras(&mut extras);
     if extras.get::<RetireAt>().is_some_and(|at| Instant::now() >= at.0) {

@@ -183,7 +183,7 @@ pub struct Origin {
     /// Asks for a round of health checks now (new endpoints were found).
     check_now: Arc<tokio::sync::Notify>,
     /// Connections open to the origin, over all its endpoints.
-    open_connections: Arc<AtomicUsize>,
+    open_connections: Arc<aged::OpenConnections>,
     /// This replica's share of `fleet_max_concurrency` (0: none).
     fleet_share: AtomicUsize,
     pub metrics: OriginMetrics,
@@ -229,7 +229,7 @@ impl Origin {
             _ => builder,
         };
         let connector = builder.enable_http1().wrap_connector(http);
-        let open_connections = Arc::new(AtomicUsize::new(0));
+        let open_connections = Arc::new(aged::OpenConnections::default());
         let client = Client::builder(TokioExecutor::new())
             .pool_idle_timeout(config.pool_idle_timeout)
             .pool_timer(TokioTimer::new())
@@ -390,17 +390,20 @@ impl Origin {
             }
             // One response in four looks at its connection's age (a channel and an
             // allocation each): an old busy connection is retired a few responses late.
-            // Every one does while the origin has more connections open than twice what it
-            // may use at once (busy ones plus as many idle, over all its endpoints): idle
-            // connections are bounded per origin, not per endpoint.
-            let surplus = self.open_connections.load(std::sync::atomic::Ordering::Relaxed) > 2 * self.config.max_concurrency;
-            let connection = (surplus || fastrand::u8(..) < 64).then(|| hyper_util::client::legacy::connect::capture_connection(&mut req));
+            let connection = (fastrand::u8(..) < 64).then(|| hyper_util::client::legacy::connect::capture_connection(&mut req));
             let began = Instant::now();
             *current.lock().unwrap_or_else(std::sync::PoisonError::into_inner) = Some((endpoint.clone(), began));
             let result = self.client.request(req).await;
             current.lock().unwrap_or_else(std::sync::PoisonError::into_inner).take();
             if let Some(connection) = &connection {
-                aged::retire_if_old(connection, surplus);
+                aged::retire_if_old(connection);
+            }
+            // More open than the origin may use at once plus as many idle, over all its
+            // endpoints: those idle longest go (idle connections are bounded per origin,
+            // not per endpoint).
+            let (open, bound) = (self.open_connections.count(), 2 * self.config.max_concurrency);
+            if open > bound {
+                self.open_connections.close_idle(open - bound);
             }
             let verdict = match &result {
                 Ok(res) if is_gateway_failure(res.status()) => endpoints::Verdict::Failed,

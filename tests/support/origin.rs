@@ -72,6 +72,8 @@ pub struct OriginLog {
     pub total: AtomicUsize,
     pub inflight: AtomicUsize,
     pub max_inflight: AtomicUsize,
+    /// Connections open now (accepted and not yet closed).
+    pub open_connections: AtomicUsize,
     pub per_path: Mutex<HashMap<String, usize>>,
     pub last_request: Mutex<Option<(http::request::Parts, Bytes)>>,
 }
@@ -107,11 +109,14 @@ impl Origin {
                 let Ok((stream, _)) = listener.accept().await else { continue };
                 let (log, behaviour) = (log2.clone(), behaviour2.clone());
                 let conn = tokio::spawn(async move {
+                    log.open_connections.fetch_add(1, Ordering::SeqCst);
+                    let open = log.clone();
                     let service = service_fn(move |req: Request<Incoming>| {
                         let (log, behaviour) = (log.clone(), behaviour.clone());
                         async move { Ok::<_, Infallible>(answer(req, &log, &behaviour).await) }
                     });
                     let _ = hyper::server::conn::http1::Builder::new().auto_date_header(false).serve_connection(TokioIo::new(stream), service).await;
+                    open.open_connections.fetch_sub(1, Ordering::SeqCst);
                 });
                 conns2.lock().expect("connections lock").push(conn.abort_handle());
             }
