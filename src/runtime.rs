@@ -110,7 +110,7 @@ impl Runtime {
             .iter()
             .map(|o| match previous.and_then(|old| old.origins.iter().find(|oo| oo.config == *o)) {
                 Some(same) => Ok(same.clone()),
-                None => Origin::new(o.clone(), registry.origin(&o.name)),
+                None => Origin::new(o.clone(), config.server.send_timeout, registry.origin(&o.name)),
             })
             .collect::<Result<Vec<_>, _>>()?;
         // Per process: kept through reloads (its size is read at start).

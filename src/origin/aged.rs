@@ -11,7 +11,8 @@
 //! The connections of an origin are also counted and known by their last use, over all its
 //! endpoints (hyper-util's pool bounds idle connections per host only): once more are open
 //! than the origin may use at once, plus as many idle, those idle longest are closed (the
-//! next read ends each, so the pool drops it), wherever they are.
+//! next read ends each, so the pool drops it), wherever they are; only connections silent
+//! longer than any request on them could be, so none in use is ever closed.
 
 use std::future::Future;
 use std::pin::Pin;
@@ -39,40 +40,69 @@ impl<C> AgedConnector<C> {
     }
 }
 
-/// A connection idle this long may be closed to bring an origin within its bound (one
-/// used more recently may be about to carry a request).
-const IDLE_BEFORE_CLOSED: Duration = Duration::from_secs(1);
+/// How often, at most, the connections are walked for idle ones while over the bound.
+const CHECK_EVERY_MS: u64 = 250;
 
 /// The open connections of one origin, over all its endpoints.
-#[derive(Default)]
 pub struct OpenConnections {
     count: AtomicUsize,
     all: std::sync::Mutex<Vec<std::sync::Weak<Tracked>>>,
-    epoch: std::sync::OnceLock<Instant>,
+    epoch: Instant,
+    /// A connection with no read or write for longer than this is idle for sure: one
+    /// carrying a request is never silent that long (the origin's `timeout` bounds the
+    /// wait for a head and each silence in a body; `send_timeout`, a client's pause).
+    idle_after_ms: u64,
+    /// Not walked again before this (ms since the epoch).
+    next_check_ms: AtomicU64,
 }
 
 impl OpenConnections {
+    pub fn new(idle_after: Duration) -> OpenConnections {
+        OpenConnections {
+            count: AtomicUsize::new(0),
+            all: std::sync::Mutex::default(),
+            epoch: Instant::now(),
+            idle_after_ms: u64::try_from(idle_after.as_millis()).unwrap_or(u64::MAX),
+            next_check_ms: AtomicU64::new(0),
+        }
+    }
+
     pub fn count(&self) -> usize {
         self.count.load(Ordering::Relaxed)
     }
 
     fn now_ms(&self) -> u64 {
-        u64::try_from(self.epoch.get_or_init(Instant::now).elapsed().as_millis()).unwrap_or(u64::MAX)
+        u64::try_from(self.epoch.elapsed().as_millis()).unwrap_or(u64::MAX)
     }
 
-    /// Closes up to `excess` connections, those idle longest (each at least
-    /// [`IDLE_BEFORE_CLOSED`]).
-    pub fn close_idle(&self, excess: usize) {
+    fn register(&self, tracked: &Arc<Tracked>) {
+        let mut all = self.all.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
+        // Closed ones are forgotten here too, so the list stays near the open count.
+        if all.len() > 2 * self.count() + 16 {
+            all.retain(|weak| weak.strong_count() > 0);
+        }
+        all.push(Arc::downgrade(tracked));
+    }
+
+    /// Closes connections idle for sure, those idle longest first, until at most `bound`
+    /// are open or being closed; at most every [`CHECK_EVERY_MS`].
+    pub fn close_idle(&self, bound: usize) {
+        let now = self.now_ms();
+        let next = self.next_check_ms.load(Ordering::Relaxed);
+        if now < next || self.next_check_ms.compare_exchange(next, now + CHECK_EVERY_MS, Ordering::Relaxed, Ordering::Relaxed).is_err() {
+            return;
+        }
         let mut all = self.all.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
         all.retain(|weak| weak.strong_count() > 0);
-        let idle_since = self.now_ms().saturating_sub(u64::try_from(IDLE_BEFORE_CLOSED.as_millis()).unwrap_or(0));
-        let mut idle: Vec<Arc<Tracked>> = all
-            .iter()
-            .filter_map(std::sync::Weak::upgrade)
-            .filter(|c| !c.closing.load(Ordering::Relaxed) && c.last_used.load(Ordering::Relaxed) <= idle_since)
-            .collect();
+        let open: Vec<Arc<Tracked>> = all.iter().filter_map(std::sync::Weak::upgrade).collect();
+        drop(all);
+        let closing = open.iter().filter(|c| c.closing.load(Ordering::Relaxed)).count();
+        let excess = open.len().saturating_sub(closing).saturating_sub(bound);
+        let idle_since = now.saturating_sub(self.idle_after_ms);
+        let mut idle: Vec<&Arc<Tracked>> =
+            open.iter().filter(|c| !c.closing.load(Ordering::Relaxed) && c.last_used.load(Ordering::Relaxed) <= idle_since).collect();
         idle.sort_by_key(|c| c.last_used.load(Ordering::Relaxed));
-        for connection in idle.iter().take(excess) {
+        for connection in idle.into_iter().take(excess) {
             connection.closing.store(true, Ordering::Release);
             connection.reader.wake();
         }
@@ -81,7 +111,7 @@ impl OpenConnections {
 
 /// What the origin knows of one open connection.
 struct Tracked {
-    /// When a request was last written on it, in ms since the origin's epoch.
+    /// When it was last read from or written to, in ms since the origin's epoch.
     last_used: AtomicU64,
     /// Set to close it: its next read ends the connection.
     closing: AtomicBool,
@@ -133,7 +163,7 @@ where
                 reader: futures_util::task::AtomicWaker::new(),
                 open: open.clone(),
             });
-            open.all.lock().unwrap_or_else(std::sync::PoisonError::into_inner).push(Arc::downgrade(&tracked));
+            open.register(&tracked);
             Ok(Aged { inner, retire_at: Instant::now() + lifetime, tracked })
         })
     }
@@ -157,6 +187,9 @@ impl<T: Read + Unpin> Read for Aged<T> {
             if self.tracked.closing.load(Ordering::Acquire) {
                 return Poll::Ready(Ok(()));
             }
+        } else {
+            let now = self.tracked.open.now_ms();
+            self.tracked.last_used.store(now, Ordering::Relaxed);
         }
         polled
     }

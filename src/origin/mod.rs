@@ -209,7 +209,9 @@ enum AttemptError {
 type Current = std::sync::Mutex<Option<(Arc<endpoints::Endpoint>, Instant)>>;
 
 impl Origin {
-    pub fn new(config: OriginConfig, metrics: OriginMetrics) -> Result<Arc<Origin>, rustls::Error> {
+    /// `send_timeout` is the server's: the longest a client's pause can leave a connection
+    /// streaming to it silent.
+    pub fn new(config: OriginConfig, send_timeout: Duration, metrics: OriginMetrics) -> Result<Arc<Origin>, rustls::Error> {
         let mut http = HttpConnector::new();
         http.set_nodelay(true);
         http.enforce_http(false);
@@ -229,7 +231,7 @@ impl Origin {
             _ => builder,
         };
         let connector = builder.enable_http1().wrap_connector(http);
-        let open_connections = Arc::new(aged::OpenConnections::default());
+        let open_connections = Arc::new(aged::OpenConnections::new(config.timeout.max(send_timeout) + Duration::from_secs(1)));
         let client = Client::builder(TokioExecutor::new())
             .pool_idle_timeout(config.pool_idle_timeout)
             .pool_timer(TokioTimer::new())
@@ -401,9 +403,9 @@ impl Origin {
             // More open than the origin may use at once plus as many idle, over all its
             // endpoints: those idle longest go (idle connections are bounded per origin,
             // not per endpoint).
-            let (open, bound) = (self.open_connections.count(), 2 * self.config.max_concurrency);
-            if open > bound {
-                self.open_connections.close_idle(open - bound);
+            let bound = 2 * self.config.max_concurrency;
+            if self.open_connections.count() > bound {
+                self.open_connections.close_idle(bound);
             }
             let verdict = match &result {
                 Ok(res) if is_gateway_failure(res.status()) => endpoints::Verdict::Failed,
