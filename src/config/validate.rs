@@ -197,6 +197,14 @@ fn positive(value: Option<Spanned<i64>>, default: usize, key: &str) -> Result<us
     }
 }
 
+/// A whole number within `range` (`message` otherwise), `default` when not set.
+fn number_in(value: Option<&Spanned<i64>>, default: u32, range: std::ops::RangeInclusive<u32>, message: &str) -> Result<u32> {
+    match value {
+        None => Ok(default),
+        Some(v) => u32::try_from(*v.get_ref()).ok().filter(|n| range.contains(n)).map_or_else(|| err(v.span(), message), Ok),
+    }
+}
+
 /// An origin's `url` or one of its `endpoints`: http or https, a host, no query.
 fn origin_url(text: &Spanned<String>, key: &str) -> Result<Uri> {
     let span = text.span();
@@ -270,11 +278,8 @@ fn health_check(raw: Option<&Spanned<raw::RawHealthCheck>>) -> Result<Option<Hea
         Ok(p) if path.starts_with('/') => p,
         _ => return err(raw.path.span(), "health_check.path must be a path starting with /"),
     };
-    let count = |value: &Option<Spanned<i64>>, default: u32, key: &str| match value {
-        None => Ok(default),
-        Some(v) => {
-            u32::try_from(*v.get_ref()).ok().filter(|n| *n > 0).map_or_else(|| err(v.span(), format!("health_check.{key} must be a positive integer")), Ok)
-        }
+    let count = |value: &Option<Spanned<i64>>, default: u32, key: &str| {
+        number_in(value.as_ref(), default, 1..=u32::MAX, &format!("health_check.{key} must be a positive integer"))
     };
     let interval = nonzero_dur(raw.interval.clone(), Duration::from_secs(2), "health_check.interval")?;
     let timeout = nonzero_dur(raw.timeout.clone(), Duration::from_secs(1), "health_check.timeout")?;
@@ -292,14 +297,8 @@ fn health_check(raw: Option<&Spanned<raw::RawHealthCheck>>) -> Result<Option<Hea
 }
 
 fn ejection(raw: &raw::RawOrigin) -> Result<Ejection> {
-    let after_failures = match &raw.eject_after_failures {
-        None => 5,
-        Some(v) => u32::try_from(*v.get_ref()).ok().filter(|n| *n > 0).map_or_else(|| err(v.span(), "eject_after_failures must be a positive integer"), Ok)?,
-    };
-    let max_percent = match &raw.max_ejected_percent {
-        None => 50,
-        Some(v) => u32::try_from(*v.get_ref()).ok().filter(|n| *n <= 100).map_or_else(|| err(v.span(), "max_ejected_percent must be between 0 and 100"), Ok)?,
-    };
+    let after_failures = number_in(raw.eject_after_failures.as_ref(), 5, 1..=u32::MAX, "eject_after_failures must be a positive integer")?;
+    let max_percent = number_in(raw.max_ejected_percent.as_ref(), 50, 0..=100, "max_ejected_percent must be between 0 and 100")?;
     let duration = nonzero_dur(raw.eject_for.clone(), Duration::from_secs(10), "eject_for")?;
     if duration > MAX_EJECTION
         && let Some(d) = &raw.eject_for
@@ -372,15 +371,9 @@ fn origin(raw: raw::RawOrigin) -> Result<OriginConfig> {
         connect_timeout: nonzero_dur(raw.connect_timeout, Duration::from_secs(2), "connect_timeout")?,
         pool_idle_timeout: dur(raw.pool_idle_timeout, Duration::from_secs(4)),
         connection_max_age: nonzero_dur(raw.connection_max_age, Duration::from_secs(60), "connection_max_age")?,
-        retries: match raw.retries {
-            None => 1,
-            Some(r) => u32::try_from(*r.get_ref()).ok().filter(|r| *r <= 5).map_or_else(|| err(r.span(), "retries must be between 0 and 5"), Ok)?,
-        },
+        retries: number_in(raw.retries.as_ref(), 1, 0..=5, "retries must be between 0 and 5")?,
         max_concurrency: positive(raw.max_concurrency, 256, "max_concurrency")?,
-        fleet_max_concurrency: match raw.fleet_max_concurrency {
-            None => None,
-            Some(v) => Some(positive(Some(v), 0, "fleet_max_concurrency")?),
-        },
+        fleet_max_concurrency: raw.fleet_max_concurrency.map(|v| positive(Some(v), 0, "fleet_max_concurrency")).transpose()?,
         max_queue: match raw.max_queue {
             None => 1024,
             Some(q) => usize::try_from(*q.get_ref()).or_else(|_| err(q.span(), "max_queue must not be negative"))?,
