@@ -137,11 +137,13 @@ impl Health {
 }
 
 impl Endpoint {
-    fn new(authority: Authority, latency: f64, passing: Option<bool>, from_start: bool) -> Endpoint {
+    /// Unmeasured: tried at once if in rotation from the start; [`Endpoints::ramp`] gives
+    /// one joining later the rotation's mean.
+    fn new(authority: Authority, passing: Option<bool>, from_start: bool) -> Endpoint {
         Endpoint {
             authority,
             inflight: AtomicUsize::new(0),
-            latency: AtomicU64::new(latency.to_bits()),
+            latency: AtomicU64::new(0f64.to_bits()),
             latency_at: AtomicU64::new(0),
             ramp_since: AtomicU64::new(0),
             health: Mutex::new(Health { passing, from_start, ..Health::default() }),
@@ -423,10 +425,6 @@ impl Endpoints {
     pub fn set(&self, found: &[Authority]) -> bool {
         let mut all = self.all();
         let first = all.is_empty();
-        let now = self.now_us();
-        // The first endpoints start unmeasured (each is tried at once); one joining later
-        // is assumed as fast as those in rotation are on average, not faster.
-        let known_latency = self.usual_latency(now);
         for endpoint in all.iter() {
             let present = found.contains(&endpoint.authority);
             let mut health = endpoint.health();
@@ -446,7 +444,7 @@ impl Endpoints {
                 continue;
             }
             joined = true;
-            let endpoint = Arc::new(Endpoint::new(authority.clone(), known_latency, (!self.checked).then_some(true), first));
+            let endpoint = Arc::new(Endpoint::new(authority.clone(), (!self.checked).then_some(true), first));
             if !first && !self.checked {
                 self.ramp(&endpoint);
             }
