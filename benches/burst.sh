@@ -140,7 +140,6 @@ burst() {
     stop "$SERVER_PID"
 }
 
-median() { sort -g | awk '{a[NR]=$1} END {print (NR % 2) ? a[(NR+1)/2] : (a[NR/2] + a[NR/2+1]) / 2}'; }
 
 echo "burst: clients connecting at once to a freshly started server, $KEYS cold keys, origin latency 200 ms"
 echo "server on CPU $SERVER_CPU, client on CPU $LOAD_CPU; somaxconn $(cat /proc/sys/net/core/somaxconn), tcp_max_syn_backlog $(cat /proc/sys/net/ipv4/tcp_max_syn_backlog)"

@@ -6,6 +6,10 @@ free_port() { python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",
 need_wrk() { command -v wrk >/dev/null 2>&1 || { apt-get install -y wrk >/dev/null 2>&1 || { apt-get update >/dev/null && apt-get install -y wrk >/dev/null; }; }; }
 # A wrk latency ("850.00us", "1.20ms", "2.00s") on stdin, in milliseconds.
 to_ms() { awk '{v=$1; if (v ~ /us$/) {sub(/us$/,"",v); print v/1000} else if (v ~ /ms$/) {sub(/ms$/,"",v); print v} else {sub(/s$/,"",v); print v*1000}}'; }
+# utime + stime of a process and its threads, in clock ticks.
+cpu_ticks() { awk '{print $14 + $15}' "/proc/$1/stat"; }
+# The median of the numbers on stdin, one per line.
+median() { sort -g | awk '{a[NR]=$1} END {print (NR % 2) ? a[(NR+1)/2] : (a[NR/2] + a[NR/2+1]) / 2}'; }
 # Waits until something accepts on PORT (without asking for any key).
 wait_port() { for _ in $(seq 100); do (exec 3<>"/dev/tcp/127.0.0.1/$1") 2>/dev/null && return 0; sleep 0.05; done; echo "nothing listens on $1" >&2; return 1; }
 
@@ -44,8 +48,11 @@ PY
 }
 
 # Writes a config: one in-process pool in front of the origin, one catch-all route.
-# write_hit_config FILE PORT ADMIN_PORT ORIGIN_PORT
+# write_hit_config FILE PORT ADMIN_PORT ORIGIN_PORT [ORIGIN_KEYS]: ORIGIN_KEYS (TOML lines,
+# say an `endpoints` list) stand instead of `url = "http://127.0.0.1:ORIGIN_PORT"`.
 write_hit_config() {
+    local origin="url = \"http://127.0.0.1:$4\""
+    [ -z "${5:-}" ] || origin=$5
     cat > "$1" <<TOML
 [server]
 listen = "127.0.0.1:$2"
@@ -53,7 +60,7 @@ admin_listen = "127.0.0.1:$3"
 drain_delay = "0s"
 [[origins]]
 name = "origin"
-url = "http://127.0.0.1:$4"
+$origin
 [[pools]]
 name = "pdp"
 l1_max_bytes = "64MiB"

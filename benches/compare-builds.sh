@@ -37,7 +37,6 @@ if [ -z "$NEW" ]; then
 fi
 
 wait_http() { for _ in $(seq 100); do curl -fsS -o /dev/null "$1" 2>/dev/null && return 0; sleep 0.1; done; echo "no answer from $1" >&2; return 1; }
-cpu_ticks() { awk '{print $14 + $15}' "/proc/$1/stat"; }
 
 ORIGIN_PORT=$(free_port)
 write_hit_origin "$WORK/origin.py"
@@ -58,7 +57,6 @@ for name in old new; do
     wait_http "http://127.0.0.1:${PORT[$name]}$TARGET"
 done
 
-median() { sort -g | awk '{a[NR]=$1} END {print (NR % 2) ? a[(NR+1)/2] : (a[NR/2] + a[NR/2+1]) / 2}'; }
 TICK=$(getconf CLK_TCK)
 for round in $(seq "$ROUNDS"); do
     for name in old new; do

@@ -36,8 +36,6 @@ trap cleanup EXIT
 need_wrk
 command -v nginx >/dev/null 2>&1 || { apt-get install -y nginx-light >/dev/null 2>&1 || { apt-get update >/dev/null && apt-get install -y nginx-light >/dev/null; }; }
 NGINX=$(command -v nginx || echo /usr/sbin/nginx)
-cpu_ticks() { awk '{print $14 + $15}' "/proc/$1/stat"; }
-median() { sort -g | awk '{a[NR]=$1} END {print (NR % 2) ? a[(NR+1)/2] : (a[NR/2] + a[NR/2+1]) / 2}'; }
 
 (cd "$HERE" && cargo build --release --quiet)
 BULWARK="$HERE/target/release/bulwark"
@@ -94,28 +92,8 @@ http {
 CONF
 taskset -c "$SERVER_CPU" "$NGINX" -p "$WORK/proxy" -c "$WORK/proxy/nginx.conf" & NGINX_PID=$!; PIDS+=($NGINX_PID)
 
-# write_config FILE PORT ADMIN ORIGIN_KEYS
-write_config() {
-    cat > "$1" <<TOML
-[server]
-listen = "127.0.0.1:$2"
-admin_listen = "127.0.0.1:$3"
-drain_delay = "0s"
-[[origins]]
-name = "origin"
-$4
-[[pools]]
-name = "pdp"
-l1_max_bytes = "64MiB"
-[[routes]]
-name = "all"
-path_prefix = "/"
-pool = "pdp"
-origin = "origin"
-TOML
-}
-write_config "$WORK/one.toml" "$B1" "$B1A" "url = \"http://127.0.0.1:$O1\""
-write_config "$WORK/four.toml" "$B4" "$B4A" \
+write_hit_config "$WORK/one.toml" "$B1" "$B1A" "$O1"
+write_hit_config "$WORK/four.toml" "$B4" "$B4A" "$O1" \
     "endpoints = [\"http://127.0.0.1:$O1\", \"http://127.0.0.1:$O2\", \"http://127.0.0.1:$O3\", \"http://127.0.0.1:$O4\"]"
 taskset -c "$SERVER_CPU" "$BULWARK" serve --config "$WORK/one.toml" 2>"$WORK/one.log" & ONE_PID=$!; PIDS+=($ONE_PID)
 taskset -c "$SERVER_CPU" "$BULWARK" serve --config "$WORK/four.toml" 2>"$WORK/four.log" & FOUR_PID=$!; PIDS+=($FOUR_PID)
