@@ -5,16 +5,20 @@
 #
 #   benches/callgrind-hit.sh OLD_BINARY [NEW_BINARY]   # NEW: this tree's release build
 #   REQUESTS=5000 benches/callgrind-hit.sh /tmp/bulwark-old
+#   MODE=miss benches/callgrind-hit.sh /tmp/bulwark-old   # the miss path instead
 #
 # Each server runs under callgrind with instrumentation off while it starts and fills
 # its cache; it is switched on for exactly REQUESTS keep-alive GETs of one stored URL
 # (browser-like headers, as in compare-builds.sh) and off again, so the count is the
 # hit path alone: accept loop, parsing, routing, key, L1 lookup, response, record.
+# With MODE=miss every request is a new path the origin answers `no-store`, so the count
+# is the miss path: lookup, coalescing, the origin request and its answer streamed back.
 set -euo pipefail
 
 OLD=${1:?usage: callgrind-hit.sh OLD_BINARY [NEW_BINARY]}
 NEW=${2:-}
 REQUESTS=${REQUESTS:-5000}
+MODE=${MODE:-hit}
 HERE=$(cd "$(dirname "$0")/.." && pwd)
 # shellcheck source=benches/common.sh
 source "$HERE/benches/common.sh"
@@ -41,13 +45,14 @@ python3 "$WORK/origin.py" "$ORIGIN_PORT" & PIDS+=($!)
 # Sends N keep-alive GETs on one connection and reads each answer whole.
 cat > "$WORK/client.py" <<'PY'
 import http.client, sys
-port, n = int(sys.argv[1]), int(sys.argv[2])
+port, n, mode = int(sys.argv[1]), int(sys.argv[2]), sys.argv[3]
 headers = {"Host": "shop.example", "Accept-Encoding": "gzip, deflate, br, zstd", "Accept-Language": "en-GB,en;q=0.9",
            "Cookie": "session=abc; cart=7", "User-Agent": "Mozilla/5.0 (X11; Linux x86_64) bench",
            "Accept": "text/html,application/xhtml+xml;q=0.9,*/*;q=0.8"}
 conn = http.client.HTTPConnection("127.0.0.1", port, timeout=60)
-for _ in range(n):
-    conn.request("GET", "/products/123?size=m&color=red", headers=headers)
+for i in range(n):
+    path = f"/miss/{mode}/{i}?size=m&color=red" if mode != "hit" else "/products/123?size=m&color=red"
+    conn.request("GET", path, headers=headers)
     res = conn.getresponse()
     res.read()
     if res.status != 200:
@@ -62,10 +67,10 @@ count() {
         "$binary" serve --config "$WORK/$name.toml" 2>"$WORK/$name.log" &
     local pid=$!
     PIDS+=("$pid")
-    for _ in $(seq 300); do python3 "$WORK/client.py" "$port" 10 2>/dev/null && break; sleep 0.2; done
-    python3 "$WORK/client.py" "$port" 100
+    for _ in $(seq 300); do python3 "$WORK/client.py" "$port" 10 warm 2>/dev/null && break; sleep 0.2; done
+    python3 "$WORK/client.py" "$port" 100 "${MODE/miss/warm}"
     callgrind_control -i on "$pid" >/dev/null
-    python3 "$WORK/client.py" "$port" "$REQUESTS"
+    python3 "$WORK/client.py" "$port" "$REQUESTS" "$MODE"
     callgrind_control -i off "$pid" >/dev/null
     kill -INT "$pid"; wait "$pid" 2>/dev/null || true
     local total

@@ -33,11 +33,17 @@ import http.server, sys
 BODY = b"x" * 2048
 class Handler(http.server.BaseHTTPRequestHandler):
     protocol_version = "HTTP/1.1"
+    # One write per answer, sent at once: headers and body apart would wait out the
+    # client's delayed ACK (40 ms) on every keep-alive request.
+    wbufsize = -1
+    disable_nagle_algorithm = True
     def do_GET(self):
         self.send_response(200)
         self.send_header("Content-Type", "text/html")
         self.send_header("Content-Length", str(len(BODY)))
-        self.send_header("Cache-Control", "public, max-age=3600")
+        # /miss/...: an answer never to be stored (the miss path).
+        miss = self.path.startswith("/miss/")
+        self.send_header("Cache-Control", "no-store" if miss else "public, max-age=3600")
         self.send_header("ETag", '"v1"')
         self.end_headers()
         self.wfile.write(BODY)
