@@ -14,15 +14,14 @@ use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::Duration;
 
 use http::StatusCode;
-use moka::future::Cache;
 use tokio::sync::watch;
 
+pub use super::hit_for_miss::HIT_FOR_MISS;
+use super::hit_for_miss::HitForMiss;
 use super::purge::PurgeLog;
 use crate::error::ProxyError;
 use crate::origin::{Holder, Interest};
 use crate::outcome::Outcome;
-/// How long a key whose answer was not storable skips coalescing.
-pub const HIT_FOR_MISS: Duration = Duration::from_secs(5);
 
 /// Takeovers allowed per key while flights keep timing out; after that waiters stay with
 /// the current flight (bounded by the origin's timeouts), so a tiny `lock_timeout` cannot
@@ -173,19 +172,14 @@ pub struct Coalescer {
     flights: Mutex<HashMap<u128, Arc<Flight>>>,
     next_id: AtomicU64,
     /// Keys recently answered with something not storable.
-    hit_for_miss: Cache<u128, ()>,
+    hit_for_miss: HitForMiss,
     /// The pool's purges: flights that started before one covering them are not joined.
     purges: Arc<PurgeLog>,
 }
 
 impl Coalescer {
     pub fn new(purges: Arc<PurgeLog>) -> Arc<Coalescer> {
-        Arc::new(Coalescer {
-            purges,
-            flights: Mutex::new(HashMap::new()),
-            next_id: AtomicU64::new(1),
-            hit_for_miss: Cache::builder().max_capacity(100_000).time_to_live(HIT_FOR_MISS).build(),
-        })
+        Arc::new(Coalescer { purges, flights: Mutex::new(HashMap::new()), next_id: AtomicU64::new(1), hit_for_miss: HitForMiss::default() })
     }
 
     fn lock(&self) -> MutexGuard<'_, HashMap<u128, Arc<Flight>>> {
@@ -243,16 +237,16 @@ impl Coalescer {
         }
     }
 
-    pub async fn is_hit_for_miss(&self, key: u128) -> bool {
-        self.hit_for_miss.contains_key(&key)
+    pub fn is_hit_for_miss(&self, key: u128) -> bool {
+        self.hit_for_miss.contains(key)
     }
 
-    pub async fn remember_uncacheable(&self, key: u128) {
-        self.hit_for_miss.insert(key, ()).await;
+    pub fn remember_uncacheable(&self, key: u128) {
+        self.hit_for_miss.insert(key);
     }
 
-    pub async fn forget_uncacheable(&self, key: u128) {
-        self.hit_for_miss.invalidate(&key).await;
+    pub fn forget_uncacheable(&self, key: u128) {
+        self.hit_for_miss.remove(key);
     }
 
     /// Flights in progress (for tests and metrics).

@@ -5,6 +5,7 @@
 
 pub mod coalesce;
 pub mod entry;
+mod hit_for_miss;
 pub mod key;
 pub mod lease;
 pub mod local;
@@ -420,16 +421,16 @@ impl Pool {
     }
 
     /// Whether `key` was recently answered with something not storable (hit-for-miss).
-    pub async fn is_hit_for_miss(&self, key: &CacheKey) -> bool {
-        self.coalescer.is_hit_for_miss(key.hash).await
+    pub fn is_hit_for_miss(&self, key: &CacheKey) -> bool {
+        self.coalescer.is_hit_for_miss(key.hash)
     }
 
-    pub async fn remember_uncacheable(&self, key: &CacheKey) {
-        self.coalescer.remember_uncacheable(key.hash).await;
+    pub fn remember_uncacheable(&self, key: &CacheKey) {
+        self.coalescer.remember_uncacheable(key.hash);
     }
 
-    pub async fn forget_uncacheable(&self, key: &CacheKey) {
-        self.coalescer.forget_uncacheable(key.hash).await;
+    pub fn forget_uncacheable(&self, key: &CacheKey) {
+        self.coalescer.forget_uncacheable(key.hash);
     }
 
     /// Refreshes the L1 size gauges (called before `/metrics` is rendered).

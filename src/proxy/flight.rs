@@ -72,7 +72,7 @@ enum LeaderResult {
 /// coalescing and decide what to serve. The caller applies stale-if-error to it.
 pub async fn miss(job: FetchJob, stale: Option<Arc<Entry>>) -> Decision {
     let pool = job.pool.clone();
-    if job.store && pool.is_hit_for_miss(&job.key).await {
+    if job.store && pool.is_hit_for_miss(&job.key) {
         return direct(&job).await;
     }
     let lock_timeout = pool.config.lock_timeout;
@@ -212,7 +212,7 @@ pub async fn direct(job: &FetchJob) -> Decision {
     if let Ok(Fetched::Storable { stored, .. }) = &result
         && job.store
     {
-        job.pool.forget_uncacheable(&job.key).await;
+        job.pool.forget_uncacheable(&job.key);
         job.pool.store(&job.primary, stored, job.replaces).await;
     }
     answer(result)
@@ -299,7 +299,7 @@ async fn run_flight(job: FetchJob, guard: FlightGuard, leader: Option<oneshot::S
         }
         Ok(streamed @ Fetched::Streamed(..)) => {
             if job.store {
-                pool.remember_uncacheable(&job.key).await;
+                pool.remember_uncacheable(&job.key);
             }
             (Fill::Uncacheable, LeaderResult::Fetched(Ok(streamed)))
         }
