@@ -254,9 +254,9 @@ async fn run_flight(job: FetchJob, guard: FlightGuard, leader: Option<oneshot::S
     let mut lease = None;
     // A fetch for requests `no-store` stores nothing, so no replica waits for it.
     if job.store {
-        match pool.hold_back_for_peers(&peer_wait(&job)).await {
+        match Box::pin(pool.hold_back_for_peers(&peer_wait(&job))).await {
             PeerOutcome::Filled(stored) if may_serve(&job.parts.headers, &stored.entry.headers, &job.route.config.cache) => {
-                pool.store_local(&job.primary, &stored).await;
+                Box::pin(pool.store_local(&job.primary, &stored)).await;
                 guard.complete(Fill::Stored(stored.clone()));
                 if let Some(tx) = leader {
                     let _ = tx.send(LeaderResult::FromPeer(stored));
@@ -269,7 +269,7 @@ async fn run_flight(job: FetchJob, guard: FlightGuard, leader: Option<oneshot::S
         }
     }
     // The lease is renewed while the fetch runs: queue wait, headers and body.
-    let fetched = pool.renewing(&job.key, lease.as_ref(), peer_wait(&job).lease_ttl, job.fetch()).await;
+    let fetched = Box::pin(pool.renewing(&job.key, lease.as_ref(), peer_wait(&job).lease_ttl, job.fetch())).await;
     let (fill, result) = match fetched {
         // Purged while it was fetched: not stored, and not handed to the waiters (those
         // who asked after the purge are in a flight of their own; the others fetch anew).
@@ -281,7 +281,7 @@ async fn run_flight(job: FetchJob, guard: FlightGuard, leader: Option<oneshot::S
         }
         Ok(Fetched::Storable { stored, revalidated }) => {
             if job.store {
-                pool.store_local(&job.primary, &stored).await;
+                Box::pin(pool.store_local(&job.primary, &stored)).await;
             }
             (Fill::Stored(stored.clone()), LeaderResult::Fetched(Ok(Fetched::Storable { stored, revalidated })))
         }
@@ -289,7 +289,7 @@ async fn run_flight(job: FetchJob, guard: FlightGuard, leader: Option<oneshot::S
             let status = parts.status;
             // The leader's outcome: an origin answer, not stored.
             let outcome = Outcome::Miss(Store::Not(reason));
-            match read_answer(parts, body, reason, job.route.origin.config.timeout).await {
+            match Box::pin(read_answer(parts, body, reason, job.route.origin.config.timeout)).await {
                 Ok(answer) => (Fill::Failed { outcome, failure: Failure::Answer(for_waiters(&answer)) }, LeaderResult::Answer(answer, reason)),
                 Err(result) => (Fill::Failed { outcome, failure: Failure::Status(status) }, LeaderResult::Fetched(Ok(result))),
             }
@@ -319,7 +319,7 @@ async fn run_flight(job: FetchJob, guard: FlightGuard, leader: Option<oneshot::S
         let _ = tx.send(result);
     }
     if job.store {
-        pool.finish_flight(&job.primary, &job.key, lease, &fill, job.replaces).await;
+        Box::pin(pool.finish_flight(&job.primary, &job.key, lease, &fill, job.replaces)).await;
     }
 }
 
