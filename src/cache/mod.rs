@@ -1,6 +1,6 @@
 //! The cache: keys and variant keys ([`key`]), purge targets ([`purge`]), the stored entry and its binary format
 //! ([`entry`]), the RFC 9111 storage policy ([`policy`]), revalidation and the client's
-//! conditionals ([`revalidate`]), the in-process tier ([`local`]), the Redis tier
+//! conditionals ([`revalidate`]), byte ranges of stored bodies ([`range`]), the in-process tier ([`local`]), the Redis tier
 //! ([`shared`]), and the pool that puts both tiers together ([`Pool`]).
 
 pub mod coalesce;
@@ -11,6 +11,7 @@ pub mod lease;
 pub mod local;
 pub mod policy;
 pub mod purge;
+pub mod range;
 pub mod revalidate;
 pub mod shared;
 mod sweep;

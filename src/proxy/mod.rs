@@ -144,6 +144,7 @@ impl Proxy {
             send_timeout: runtime.config.server.send_timeout,
         };
         let conditional = crate::cache::revalidate::Conditional::from_request(&parts.method, &parts.headers);
+        let range = crate::cache::range::RangeRequest::from_request(&parts.method, &parts.headers);
         // A GET or HEAD body has no meaning (RFC 9110 section 9.3.1): never sent on, so the
         // origin connection cannot get out of step; read and dropped so the client's can
         // stay in step too, or the connection is closed after the response.
@@ -157,7 +158,7 @@ impl Proxy {
         };
         let decision = serve(&ctx, parts, body).await;
         let outcome = decision.outcome;
-        let res = respond::render(&ctx, decision, conditional.as_ref(), ctx.now());
+        let res = respond::render(&ctx, decision, conditional.as_ref(), range.as_ref(), ctx.now());
         let record = record::Record { route: ctx.route, outcome, status: res.status().as_u16(), start, logged };
         let res = res.map(|body| record.when_done(body));
         self.finish(res, version, !in_step)

@@ -1,11 +1,12 @@
 //! The render phase: one function turns a [`Decision`] into the response the client
 //! gets, applying everything that does not depend on where the response came from once:
-//! `Age` for stored copies, 304 to the client's conditionals, the targeted cache-control
-//! fields and purge tags removed, `Cache-Status`, and HEAD (headers only).
+//! `Age` for stored copies, 304 to the client's conditionals, 206 or 416 to a `Range` on
+//! a stored body, the targeted cache-control fields and purge tags removed,
+//! `Cache-Status`, and HEAD (headers only).
 
 use std::time::SystemTime;
 
-use http::header::{AGE, CONTENT_LENGTH, ETAG, LAST_MODIFIED, RETRY_AFTER};
+use http::header::{AGE, CONTENT_LENGTH, CONTENT_RANGE, ETAG, LAST_MODIFIED, RETRY_AFTER};
 use http::{HeaderName, HeaderValue, Response, StatusCode};
 use http_body::Body;
 
@@ -14,6 +15,7 @@ use super::decision::{Decision, Serve};
 use crate::body::ProxyBody;
 use crate::cache::Entry;
 use crate::cache::coalesce::Answer;
+use crate::cache::range::{RangeRequest, Resolved};
 use crate::cache::revalidate::{Conditional, NOT_MODIFIED_FIELDS};
 use crate::config::Fallback;
 use crate::error::{error_response, plain_response};
@@ -23,11 +25,24 @@ use crate::outcome::{Outcome, Store};
 pub static CACHE_STATUS: HeaderName = HeaderName::from_static("cache-status");
 
 /// The response for `decision`. `conditional` is the client's, answered with 304 when
-/// the response is a stored one (or was just stored) and the client has it already.
-pub(super) fn render(ctx: &RequestContext, decision: Decision, conditional: Option<&Conditional>, now: SystemTime) -> Response<ProxyBody> {
+/// the response is a stored one (or was just stored) and the client has it already;
+/// then `range`, answered from a stored body (hits, stale copies, revalidated, collapsed
+/// and just-stored answers alike).
+pub(super) fn render(
+    ctx: &RequestContext,
+    decision: Decision,
+    conditional: Option<&Conditional>,
+    range: Option<&RangeRequest>,
+    now: SystemTime,
+) -> Response<ProxyBody> {
     let Decision { serve, outcome } = decision;
+    // A stored body, whole: what a range is cut from.
+    let mut stored_body = None;
     let mut res = match serve {
-        Serve::Entry { entry, age } => from_entry(&entry, age, now),
+        Serve::Entry { entry, age } => {
+            stored_body = Some(entry.body.clone());
+            from_entry(&entry, age, now)
+        }
         Serve::Answer(answer) => from_answer(&answer),
         // A HEAD sends no body: nothing to bound.
         Serve::Streamed(parts, body) if ctx.head => Response::from_parts(parts, body),
@@ -38,6 +53,11 @@ pub(super) fn render(ctx: &RequestContext, decision: Decision, conditional: Opti
     };
     if let Some(conditional) = conditional.filter(|_| outcome.from_store() || outcome == Outcome::Miss(Store::Stored)) {
         res = not_modified_if(res, conditional);
+    }
+    if let (Some(range), Some(body)) = (range, stored_body)
+        && res.status() == StatusCode::OK
+    {
+        res = with_range(res, range, body);
     }
     // Targeted cache-control fields (RFC 9213) and purge tags are for this cache: not
     // passed on, whether the response was stored or not.
@@ -70,6 +90,32 @@ pub fn from_entry(entry: &Entry, with_age: bool, now: SystemTime) -> Response<Pr
         res.headers_mut().insert(AGE, HeaderValue::from(entry.age(now).as_secs()));
     }
     res
+}
+
+/// The part of a stored 200 that `range` asks for: 206 with `Content-Range` and the
+/// part's length, 416 with the body's length when no byte of it is there (a plain
+/// answer: the stored response's caching fields must not make a 416 look storable).
+fn with_range(res: Response<ProxyBody>, range: &RangeRequest, body: bytes::Bytes) -> Response<ProxyBody> {
+    let len = body.len() as u64;
+    match range.resolve(res.headers(), len) {
+        Resolved::Whole => res,
+        Resolved::Part { start, end } => {
+            let (mut parts, _) = res.into_parts();
+            parts.status = StatusCode::PARTIAL_CONTENT;
+            let content_range = HeaderValue::from_str(&format!("bytes {start}-{end}/{len}"));
+            parts.headers.insert(CONTENT_RANGE, content_range.unwrap_or_else(|_| HeaderValue::from_static("bytes */0")));
+            parts.headers.insert(CONTENT_LENGTH, HeaderValue::from(end - start + 1));
+            // Within the body by `resolve`: start <= end < len.
+            let part = body.slice(start as usize..=end as usize);
+            Response::from_parts(parts, ProxyBody::full(part))
+        }
+        Resolved::Unsatisfiable => {
+            let mut out = plain_response(StatusCode::RANGE_NOT_SATISFIABLE, "range not satisfiable\n");
+            let content_range = HeaderValue::from_str(&format!("bytes */{len}")).unwrap_or_else(|_| HeaderValue::from_static("bytes */0"));
+            out.headers_mut().insert(CONTENT_RANGE, content_range);
+            out
+        }
+    }
 }
 
 /// An origin answer shared between a flight's leader and waiters.
