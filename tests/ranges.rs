@@ -138,3 +138,33 @@ async fn a_range_request_and_a_plain_one_for_a_cold_key_share_one_fetch_and_each
     assert_eq!((plain.status.as_u16(), plain.text().len()), (200, 1000));
     assert_eq!(origin.total(), 1, "one fetch for both");
 }
+
+/// An origin that answers ranges itself, with a body that is never stored.
+fn ranging_origin(origin: &Origin) {
+    origin.set(|parts| {
+        let unstored = |reply: Reply| reply.header("cache-control", "no-store").header("etag", "\"v1\"");
+        match parts.headers.get("range").and_then(|v| v.to_str().ok()) {
+            Some("bytes=0-9") => unstored(Reply::ok(part(0, 9))).status(206).header("content-range", "bytes 0-9/1000"),
+            _ => unstored(Reply::ok(body())),
+        }
+    });
+}
+
+#[tokio::test]
+async fn a_range_for_a_key_known_not_to_be_stored_goes_to_the_origin_unchanged() {
+    let origin = Origin::start().await;
+    ranging_origin(&origin);
+    let bulwark = start(&origin).await;
+    let first = bulwark.get_with("/live", &[("range", "bytes=0-9")]).await;
+    assert_eq!((first.status.as_u16(), first.text().len()), (200, 1000), "not known yet: the whole object was asked for");
+    assert_eq!(origin.last_request().0.headers.get("range"), None);
+    // Now hit-for-miss: the client's Range and If-Range go on as they are.
+    let second = bulwark.get_with("/live", &[("range", "bytes=0-9"), ("if-range", "\"v1\"")]).await;
+    assert_eq!((second.status.as_u16(), second.header("content-range"), second.text()), (206, Some("bytes 0-9/1000"), part(0, 9).as_str()));
+    let (asked, _) = origin.last_request();
+    assert_eq!(asked.headers.get("range").map(|v| v.as_bytes()), Some(&b"bytes=0-9"[..]));
+    assert_eq!(asked.headers.get("if-range").map(|v| v.as_bytes()), Some(&b"\"v1\""[..]));
+    let plain = bulwark.get("/live").await;
+    assert_eq!((plain.status.as_u16(), plain.text().len()), (200, 1000), "the origin's 206 was not kept for anyone");
+    assert_eq!(origin.last_request().0.headers.get("range"), None);
+}

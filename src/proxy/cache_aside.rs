@@ -78,6 +78,7 @@ impl Keyed {
             store: true,
             interest: None,
             purge_epoch: pool.purges.epoch(),
+            pass_range: false,
         }
     }
 }

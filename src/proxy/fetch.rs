@@ -72,6 +72,10 @@ pub struct FetchJob {
     /// The pool's purge epoch when the request asked: an answer a purge since then
     /// covers is not stored.
     pub purge_epoch: u64,
+    /// The client's `Range` and `If-Range` go to the origin: the key is known not to be
+    /// stored, so no stored body will answer the range (such a fetch is never shared).
+    /// Otherwise the whole object is asked for, to be stored and cut from.
+    pub pass_range: bool,
 }
 
 impl FetchJob {
@@ -118,8 +122,12 @@ pub async fn send(route: &RouteRuntime, req: Request<OutgoingBody>, priority: Pr
 /// and range headers removed (the cache makes its own), `Accept-Encoding` reduced.
 fn origin_headers(job: &FetchJob) -> HeaderMap {
     let mut headers = forward_headers(&job.parts, &job.client, &job.route.origin.config);
-    for name in [IF_MATCH, IF_NONE_MATCH, IF_MODIFIED_SINCE, IF_UNMODIFIED_SINCE, IF_RANGE, RANGE, ACCEPT_ENCODING] {
+    for name in [IF_MATCH, IF_NONE_MATCH, IF_MODIFIED_SINCE, IF_UNMODIFIED_SINCE, ACCEPT_ENCODING] {
         headers.remove(name);
+    }
+    if !job.pass_range {
+        headers.remove(RANGE);
+        headers.remove(IF_RANGE);
     }
     headers.insert(ACCEPT_ENCODING, job.encodings.header_value());
     headers

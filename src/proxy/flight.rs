@@ -70,13 +70,13 @@ enum LeaderResult {
 
 /// A miss (or a stale entry past its stale-while-revalidate window): fetch under
 /// coalescing and decide what to serve. The caller applies stale-if-error to it.
-pub async fn miss(job: FetchJob, stale: Option<Arc<Entry>>) -> Decision {
+pub async fn miss(mut job: FetchJob, stale: Option<Arc<Entry>>) -> Decision {
     let pool = job.pool.clone();
     if job.store && pool.is_hit_for_miss(&job.key) {
+        job.pass_range = true;
         return direct(&job).await;
     }
     let lock_timeout = pool.config.lock_timeout;
-    let mut job = job;
     let mut join = pool.join_flight(&job.key);
     // A fill for another variant sends a waiter to its own variant's flight, once.
     let mut rejoined = false;
@@ -120,7 +120,10 @@ pub async fn miss(job: FetchJob, stale: Option<Arc<Entry>>) -> Decision {
                 job.key = mine;
                 join = pool.join_flight(&job.key);
             }
-            Fill::Uncacheable => return direct(&job).await,
+            Fill::Uncacheable => {
+                job.pass_range = true;
+                return direct(&job).await;
+            }
             // The leader's own answer: a new fetch among the waiters, once; then alone.
             Fill::Personal if refetched => return direct(&job).await,
             Fill::Personal => {
