@@ -41,6 +41,8 @@
 //! | RFC 9111 5.2.2.4 | `no-cache` stored, revalidated before every reuse | `rfc9111_5_2_2_4_no_cache_is_stored_and_revalidated_before_every_reuse` ✗ |
 //! | RFC 9111 5.2.2.4 | `no-cache="field"` | `rfc9111_5_2_2_4_qualified_no_cache_fields_are_not_stored` ✗ |
 //! | RFC 9111 5.2.2.5, 5.2.2.7 | `no-store`, `private` | `rfc9111_5_2_2_5_and_5_2_2_7_no_store_and_private_are_not_stored` ✗ |
+//! | RFC 9110 5.6.7, RFC 9111 4.2 | all three HTTP-date formats, names in any case, GMT only | `rfc9110_5_6_7_all_three_date_formats_are_accepted` ✗ |
+//! | RFC 9111 4.3.2 | `If-Modified-Since` without `Last-Modified` judged by `Date` | `rfc9111_4_3_2_if_modified_since_without_last_modified_uses_date` |
 //! | RFC 9110 6.6.1 | stored responses get a `Date` | `rfc9110_6_6_1_stored_responses_get_a_date` |
 //! | RFC 9110 9.3.2 | HEAD from a stored GET | `rfc9110_9_3_2_head_is_answered_from_a_stored_get` |
 //! | RFC 9110 15.1 | heuristically cacheable statuses; negative caching | `rfc9110_15_1_heuristically_cacheable_statuses` ✗ |
@@ -1167,4 +1169,74 @@ async fn rfc9211_cache_status_members() {
     let bulwark = start(&origin, "", "").await;
     assert_eq!(bulwark.get("/cs").await.cache_status(), "origin-cache; hit, bulwark; fwd=miss; stored");
     assert_eq!(bulwark.get("/cs").await.cache_status(), "origin-cache; hit, bulwark; hit; detail=l1");
+}
+
+// --- Dates (RFC 9110 section 5.6.7) ---------------------------------------------------
+
+/// `offset_secs` from now in the obsolete RFC 850 form: `Sunday, 06-Nov-94 08:49:37 GMT`.
+fn rfc850_date(offset_secs: i64) -> String {
+    let imf = http_date(offset_secs);
+    let fields: Vec<&str> = imf.split([',', ' ']).filter(|f| !f.is_empty()).collect();
+    let long = ["Monday", "Tuesday", "Wednesday", "Thursday", "Friday", "Saturday", "Sunday"];
+    let day = long.iter().find(|d| d.starts_with(fields[0])).expect("weekday");
+    format!("{day}, {}-{}-{} {} GMT", fields[1], fields[2], &fields[3][2..], fields[4])
+}
+
+/// `offset_secs` from now in asctime form: `Sun Nov  6 08:49:37 1994`.
+fn asctime_date(offset_secs: i64) -> String {
+    let imf = http_date(offset_secs);
+    let fields: Vec<&str> = imf.split([',', ' ']).filter(|f| !f.is_empty()).collect();
+    let day: u32 = fields[1].parse().expect("day");
+    format!("{} {} {day:>2} {} {}", fields[0], fields[2], fields[4], fields[3])
+}
+
+/// RFC 9110 section 5.6.7: a recipient accepts all three HTTP-date formats; RFC 9111
+/// section 4.2: names in any case. A zone other than GMT makes `Expires` invalid, which
+/// means already expired.
+#[tokio::test]
+async fn rfc9110_5_6_7_all_three_date_formats_are_accepted() {
+    let origin = Origin::start().await;
+    let (rfc850, asctime, upper, utc) = (rfc850_date(3600), asctime_date(3600), http_date(3600).to_uppercase(), http_date(3600).replace("GMT", "UTC"));
+    let in_an_hour = http_date(3600);
+    let other_day = if in_an_hour.starts_with("Mon") { "Tue" } else { "Mon" };
+    let wrong_weekday = format!("{other_day}{}", &in_an_hour[3..]);
+    origin.set(move |parts| {
+        let reply = Reply::ok("x").without_header("cache-control");
+        match parts.uri.path() {
+            "/rfc850" => reply.header("expires", &rfc850),
+            "/asctime" => reply.header("expires", &asctime),
+            "/upper" => reply.header("expires", &upper),
+            "/wrong-weekday" => reply.header("expires", &wrong_weekday),
+            "/utc" => reply.header("expires", &utc),
+            _ => reply,
+        }
+    });
+    let bulwark = start(&origin, "default_ttl = \"0s\"", "").await;
+    for path in ["/rfc850", "/asctime", "/upper", "/wrong-weekday"] {
+        assert!(stored_after_one(&bulwark, path).await, "{path}: Expires an hour ahead was not honoured");
+    }
+    assert!(!stored_after_one(&bulwark, "/utc").await, "an Expires in UTC is invalid: already expired");
+    // The client's If-Modified-Since in the RFC 850 form is understood too.
+    let modified = http_date(-3600);
+    origin.set(move |_| Reply::ok("page").header("cache-control", "max-age=600").header("last-modified", &modified));
+    bulwark.get("/page").await;
+    let conditional = bulwark.get_with("/page", &[("if-modified-since", &rfc850_date(-60))]).await;
+    assert_eq!(conditional.status, 304);
+    let asctime_conditional = bulwark.get_with("/page", &[("if-modified-since", &asctime_date(-60))]).await;
+    assert_eq!(asctime_conditional.status, 304);
+}
+
+/// RFC 9111 section 4.3.2: with no `Last-Modified`, `If-Modified-Since` is evaluated
+/// against the stored response's `Date`.
+#[tokio::test]
+async fn rfc9111_4_3_2_if_modified_since_without_last_modified_uses_date() {
+    let origin = Origin::start().await;
+    let date = http_date(-120);
+    origin.set(move |_| Reply::ok("page").header("cache-control", "max-age=600").header("date", &date));
+    let bulwark = start(&origin, "", "").await;
+    bulwark.get("/d").await;
+    let after = bulwark.get_with("/d", &[("if-modified-since", &http_date(-60))]).await;
+    assert_eq!(after.status, 304, "the client has it since after the response's Date");
+    let before = bulwark.get_with("/d", &[("if-modified-since", &http_date(-600))]).await;
+    assert_eq!((before.status.as_u16(), before.text()), (200, "page"));
 }

@@ -4,6 +4,7 @@
 //! ([`shared`]), and the pool that puts both tiers together ([`Pool`]).
 
 pub mod coalesce;
+pub mod date;
 pub mod entry;
 mod hit_for_miss;
 pub mod key;

@@ -115,7 +115,7 @@ fn parse_if_range(value: &[u8]) -> IfRange {
     if trimmed.starts_with(b"\"") || trimmed.starts_with(b"W/") {
         return IfRange::ETag(trimmed.to_vec());
     }
-    match std::str::from_utf8(trimmed).ok().and_then(|t| httpdate::parse_http_date(t).ok()) {
+    match std::str::from_utf8(trimmed).ok().and_then(super::date::parse) {
         Some(date) => IfRange::Date(date),
         None => IfRange::Invalid,
     }
@@ -132,7 +132,7 @@ fn if_range_matches(if_range: &IfRange, headers: &HeaderMap) -> bool {
             !tag.starts_with(b"W/") && !etag.starts_with(b"W/") && etag == tag.as_slice()
         }
         IfRange::Date(date) => {
-            let parsed = |name| headers.get(name).and_then(|v| v.to_str().ok()).and_then(|t| httpdate::parse_http_date(t.trim()).ok());
+            let parsed = |name| headers.get(name).and_then(|v| v.to_str().ok()).and_then(super::date::parse);
             let (Some(modified), Some(sent)) = (parsed(LAST_MODIFIED), parsed(DATE)) else { return false };
             modified == *date && modified + Duration::from_secs(1) <= sent
         }

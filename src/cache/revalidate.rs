@@ -5,7 +5,7 @@
 
 use std::time::SystemTime;
 
-use http::header::{CONTENT_ENCODING, CONTENT_LENGTH, CONTENT_RANGE, ETAG, IF_MODIFIED_SINCE, IF_NONE_MATCH, LAST_MODIFIED, TRANSFER_ENCODING};
+use http::header::{CONTENT_ENCODING, CONTENT_LENGTH, CONTENT_RANGE, DATE, ETAG, IF_MODIFIED_SINCE, IF_NONE_MATCH, LAST_MODIFIED, TRANSFER_ENCODING};
 use http::{HeaderMap, Method, StatusCode};
 
 use super::Entry;
@@ -92,11 +92,8 @@ impl Conditional {
             return None;
         }
         let if_none_match = joined(headers, &IF_NONE_MATCH);
-        let if_modified_since = if if_none_match.is_some() {
-            None
-        } else {
-            headers.get(IF_MODIFIED_SINCE).and_then(|v| v.to_str().ok()).and_then(|t| httpdate::parse_http_date(t.trim()).ok())
-        };
+        let if_modified_since =
+            if if_none_match.is_some() { None } else { headers.get(IF_MODIFIED_SINCE).and_then(|v| v.to_str().ok()).and_then(super::date::parse) };
         (if_none_match.is_some() || if_modified_since.is_some()).then_some(Conditional { if_none_match, if_modified_since })
     }
 
@@ -109,9 +106,12 @@ impl Conditional {
             let Some(etag) = headers.get(ETAG) else { return false };
             return if_none_match_hits(list, etag.as_bytes());
         }
-        let (Some(since), Some(modified)) = (self.if_modified_since, headers.get(LAST_MODIFIED)) else { return false };
-        let modified = modified.to_str().ok().and_then(|t| httpdate::parse_http_date(t.trim()).ok());
-        modified.is_some_and(|m| m <= since)
+        let Some(since) = self.if_modified_since else { return false };
+        // RFC 9111 section 4.3.2: a stored response without `Last-Modified` is judged by
+        // its `Date` (every stored response has one: the time it arrived, if it came
+        // without).
+        let date = |name| headers.get(name).and_then(|v| v.to_str().ok()).and_then(super::date::parse);
+        date(LAST_MODIFIED).or_else(|| date(DATE)).is_some_and(|modified| modified <= since)
     }
 }
 

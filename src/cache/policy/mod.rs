@@ -276,7 +276,7 @@ fn explicit_lifetime(cc: &Directives, headers: &HeaderMap, date: SystemTime) -> 
     }
     let expires = headers.get(EXPIRES)?;
     // An invalid Expires (such as "0") means already expired.
-    let expires = expires.to_str().ok().and_then(|t| httpdate::parse_http_date(t).ok());
+    let expires = expires.to_str().ok().and_then(crate::cache::date::parse);
     let lifetime = expires.and_then(|e| e.duration_since(date).ok()).unwrap_or_default();
     Some(lifetime.min(Duration::from_secs(MAX_DELTA_SECONDS)))
 }
@@ -310,7 +310,7 @@ pub fn initial_age(headers: &HeaderMap, date: Option<SystemTime>, request_time: 
 }
 
 pub fn http_date(headers: &HeaderMap, name: http::HeaderName) -> Option<SystemTime> {
-    headers.get(name)?.to_str().ok().and_then(|t| httpdate::parse_http_date(t).ok())
+    headers.get(name)?.to_str().ok().and_then(crate::cache::date::parse)
 }
 
 /// The request's cache directives (RFC 9111 section 5.2.1).
