@@ -43,6 +43,7 @@
 //! | RFC 9111 5.2.2.5, 5.2.2.7 | `no-store`, `private` | `rfc9111_5_2_2_5_and_5_2_2_7_no_store_and_private_are_not_stored` ✗ |
 //! | RFC 9110 5.6.7, RFC 9111 4.2 | all three HTTP-date formats, names in any case, GMT only | `rfc9110_5_6_7_all_three_date_formats_are_accepted` ✗ |
 //! | RFC 9111 4.3.2 | `If-Modified-Since` without `Last-Modified` judged by `Date` | `rfc9111_4_3_2_if_modified_since_without_last_modified_uses_date` |
+//! | RFC 9111 4.4 | a method of unknown safety invalidates | `rfc9111_4_4_a_method_of_unknown_safety_invalidates` |
 //! | RFC 9110 6.6.1 | stored responses get a `Date` | `rfc9110_6_6_1_stored_responses_get_a_date` |
 //! | RFC 9110 9.3.2 | HEAD from a stored GET | `rfc9110_9_3_2_head_is_answered_from_a_stored_get` |
 //! | RFC 9110 15.1 | heuristically cacheable statuses; negative caching | `rfc9110_15_1_heuristically_cacheable_statuses` ✗ |
@@ -1171,7 +1172,7 @@ async fn rfc9211_cache_status_members() {
     assert_eq!(bulwark.get("/cs").await.cache_status(), "origin-cache; hit, bulwark; hit; detail=l1");
 }
 
-// --- Dates (RFC 9110 section 5.6.7) ---------------------------------------------------
+// --- Dates (RFC 9110 section 5.6.7) and invalidation by unknown methods ---------------
 
 /// `offset_secs` from now in the obsolete RFC 850 form: `Sunday, 06-Nov-94 08:49:37 GMT`.
 fn rfc850_date(offset_secs: i64) -> String {
@@ -1239,4 +1240,22 @@ async fn rfc9111_4_3_2_if_modified_since_without_last_modified_uses_date() {
     assert_eq!(after.status, 304, "the client has it since after the response's Date");
     let before = bulwark.get_with("/d", &[("if-modified-since", &http_date(-600))]).await;
     assert_eq!((before.status.as_u16(), before.text()), (200, "page"));
+}
+
+/// RFC 9111 section 4.4: a successful response to a method whose safety is unknown
+/// invalidates the target URI, as an unsafe one does; OPTIONS and TRACE are safe.
+#[tokio::test]
+async fn rfc9111_4_4_a_method_of_unknown_safety_invalidates() {
+    let origin = Origin::start().await;
+    origin.set(|_| Reply::ok("x").header("cache-control", "max-age=600"));
+    let bulwark = start(&origin, "", "").await;
+    let send = |method: &'static [u8]| {
+        let method = http::Method::from_bytes(method).expect("method");
+        Request::builder().method(method).uri(bulwark.url("/doc")).body(Full::default()).expect("request")
+    };
+    assert_eq!(bulwark.get("/doc").await.cache_status(), STORED);
+    assert_eq!(bulwark.request(send(b"OPTIONS")).await.status, 200);
+    assert_eq!(bulwark.get("/doc").await.cache_status(), HIT, "OPTIONS is safe: nothing invalidated");
+    assert_eq!(bulwark.request(send(b"REPORT")).await.status, 200);
+    assert_eq!(bulwark.get("/doc").await.cache_status(), STORED, "REPORT is of unknown safety: the stored copy was dropped");
 }

@@ -208,7 +208,9 @@ async fn serve(ctx: &RequestContext, parts: request::Parts, body: Option<Incomin
     if mode == RouteMode::CacheOnly {
         return Decision::cache_only_miss(route);
     }
-    let unsafe_method = matches!(parts.method, Method::POST | Method::PUT | Method::PATCH | Method::DELETE);
+    // RFC 9111 section 4.4: unsafe methods, and those whose safety is unknown (anything
+    // but the safe GET, HEAD, OPTIONS and TRACE), invalidate their target.
+    let unsafe_method = !matches!(parts.method, Method::GET | Method::HEAD | Method::OPTIONS | Method::TRACE);
     let target = unsafe_method.then(|| {
         // The URL as the key has it: without the route's ignored parameters.
         let ignored = &route.config.cache.ignore_query_params;
