@@ -168,3 +168,36 @@ async fn a_range_for_a_key_known_not_to_be_stored_goes_to_the_origin_unchanged()
     assert_eq!((plain.status.as_u16(), plain.text().len()), (200, 1000), "the origin's 206 was not kept for anyone");
     assert_eq!(origin.last_request().0.headers.get("range"), None);
 }
+
+#[tokio::test]
+async fn a_conditional_that_matches_wins_over_the_range() {
+    let origin = Origin::start().await;
+    object_origin(&origin);
+    let bulwark = start(&origin).await;
+    bulwark.get("/o").await;
+    let got = bulwark.get_with("/o", &[("range", "bytes=0-9"), ("if-none-match", "\"v1\"")]).await;
+    assert_eq!(got.status, 304);
+}
+
+#[tokio::test]
+async fn if_range_with_the_stored_last_modified_gives_the_part() {
+    let origin = Origin::start().await;
+    let modified = httpdate::fmt_http_date(std::time::SystemTime::now() - Duration::from_secs(3600));
+    let stored = modified.clone();
+    origin.set(move |_| Reply::ok(body()).header("cache-control", "max-age=60").header("last-modified", &stored));
+    let bulwark = start(&origin).await;
+    bulwark.get("/m").await;
+    let got = bulwark.get_with("/m", &[("range", "bytes=0-9"), ("if-range", &modified)]).await;
+    assert_eq!((got.status.as_u16(), got.text()), (206, part(0, 9).as_str()));
+}
+
+#[tokio::test]
+async fn a_part_carries_no_digest_of_the_whole() {
+    let origin = Origin::start().await;
+    origin.set(|_| Reply::ok(body()).header("cache-control", "max-age=60").header("content-digest", "sha-256=:AAAA:"));
+    let bulwark = start(&origin).await;
+    bulwark.get("/d").await;
+    let got = bulwark.get_with("/d", &[("range", "bytes=0-9")]).await;
+    assert_eq!((got.status.as_u16(), got.header("content-digest")), (206, None));
+    assert_eq!(bulwark.get("/d").await.header("content-digest"), Some("sha-256=:AAAA:"), "the whole keeps it");
+}

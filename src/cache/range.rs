@@ -71,7 +71,8 @@ impl RangeRequest {
             Spec::From { first, .. } if first >= len => Resolved::Unsatisfiable,
             Spec::From { first, last } => Resolved::Part { start: first, end: last.map_or(len - 1, |last| last.min(len - 1)) },
             Spec::Suffix(0) => Resolved::Unsatisfiable,
-            Spec::Suffix(_) if len == 0 => Resolved::Unsatisfiable,
+            // Satisfiable, but no 206 can carry zero bytes: the (empty) whole.
+            Spec::Suffix(_) if len == 0 => Resolved::Whole,
             Spec::Suffix(n) => Resolved::Part { start: len.saturating_sub(n), end: len - 1 },
         }
     }
@@ -122,8 +123,8 @@ fn parse_if_range(value: &[u8]) -> IfRange {
 }
 
 /// Section 13.1.5: an entity tag matches by the strong comparison (weak tags never
-/// match); a date matches a `Last-Modified` equal to it that is strong, at least one
-/// second before the response's `Date`.
+/// match); a date matches a `Last-Modified` equal to it that is strong, which for a
+/// cache means at least 60 seconds before the stored `Date` (section 8.8.2.2).
 fn if_range_matches(if_range: &IfRange, headers: &HeaderMap) -> bool {
     match if_range {
         IfRange::ETag(tag) => {
@@ -134,7 +135,7 @@ fn if_range_matches(if_range: &IfRange, headers: &HeaderMap) -> bool {
         IfRange::Date(date) => {
             let parsed = |name| headers.get(name).and_then(|v| v.to_str().ok()).and_then(super::date::parse);
             let (Some(modified), Some(sent)) = (parsed(LAST_MODIFIED), parsed(DATE)) else { return false };
-            modified == *date && modified + Duration::from_secs(1) <= sent
+            modified == *date && modified + Duration::from_secs(60) <= sent
         }
         IfRange::Invalid => false,
     }
@@ -177,7 +178,7 @@ mod tests {
         assert_eq!(resolve("bytes=99999999999999999999999-", 1000), Some(Resolved::Unsatisfiable));
         assert_eq!(resolve("bytes=-0", 1000), Some(Resolved::Unsatisfiable));
         assert_eq!(resolve("bytes=0-", 0), Some(Resolved::Unsatisfiable));
-        assert_eq!(resolve("bytes=-5", 0), Some(Resolved::Unsatisfiable));
+        assert_eq!(resolve("bytes=-5", 0), Some(Resolved::Whole), "a suffix of an empty body is the empty body");
     }
 
     #[test]
@@ -207,12 +208,12 @@ mod tests {
     #[test]
     fn if_range_with_a_date_needs_a_strong_last_modified() {
         let modified = "Tue, 01 Dec 2026 10:00:00 GMT";
-        let headers = stored(&[("last-modified", modified), ("date", "Tue, 01 Dec 2026 10:00:05 GMT")]);
+        let headers = stored(&[("last-modified", modified), ("date", "Tue, 01 Dec 2026 10:01:00 GMT")]);
         let part = Resolved::Part { start: 0, end: 9 };
         assert_eq!(request("bytes=0-9", Some(modified)).unwrap().resolve(&headers, 100), part);
         assert_eq!(request("bytes=0-9", Some("Tue, 01 Dec 2026 09:00:00 GMT")).unwrap().resolve(&headers, 100), Resolved::Whole);
-        let same_second = stored(&[("last-modified", modified), ("date", modified)]);
-        assert_eq!(request("bytes=0-9", Some(modified)).unwrap().resolve(&same_second, 100), Resolved::Whole, "a weak date validator");
+        let within_a_minute = stored(&[("last-modified", modified), ("date", "Tue, 01 Dec 2026 10:00:59 GMT")]);
+        assert_eq!(request("bytes=0-9", Some(modified)).unwrap().resolve(&within_a_minute, 100), Resolved::Whole, "a weak date validator");
         assert_eq!(request("bytes=0-9", Some("yesterday")).unwrap().resolve(&headers, 100), Resolved::Whole);
     }
 }

@@ -23,6 +23,8 @@ use crate::outcome::{Outcome, Store};
 
 /// The `Cache-Status` field (RFC 9211).
 pub static CACHE_STATUS: HeaderName = HeaderName::from_static("cache-status");
+static CONTENT_DIGEST: HeaderName = HeaderName::from_static("content-digest");
+static CONTENT_MD5: HeaderName = HeaderName::from_static("content-md5");
 
 /// The response for `decision`. `conditional` is the client's, answered with 304 when
 /// the response is a stored one (or was just stored) and the client has it already;
@@ -51,10 +53,12 @@ pub(super) fn render(
         Serve::Off => off(),
         Serve::Error(err) => error_response(&err),
     };
-    if let Some(conditional) = conditional.filter(|_| outcome.from_store() || outcome == Outcome::Miss(Store::Stored)) {
+    // Conditionals and ranges are answered for the cache's own copies.
+    let stored = outcome.from_store() || outcome == Outcome::Miss(Store::Stored);
+    if let Some(conditional) = conditional.filter(|_| stored) {
         res = not_modified_if(res, conditional);
     }
-    if let (Some(range), Some(body)) = (range, stored_body)
+    if let (Some(range), Some(body)) = (range.filter(|_| stored), stored_body)
         && res.status() == StatusCode::OK
     {
         res = with_range(res, range, body);
@@ -100,19 +104,23 @@ fn with_range(res: Response<ProxyBody>, range: &RangeRequest, body: bytes::Bytes
     match range.resolve(res.headers(), len) {
         Resolved::Whole => res,
         Resolved::Part { start, end } => {
+            // Digits, a dash, a slash and a space: always a valid value.
+            let Ok(content_range) = HeaderValue::from_str(&format!("bytes {start}-{end}/{len}")) else { return res };
             let (mut parts, _) = res.into_parts();
             parts.status = StatusCode::PARTIAL_CONTENT;
-            let content_range = HeaderValue::from_str(&format!("bytes {start}-{end}/{len}"));
-            parts.headers.insert(CONTENT_RANGE, content_range.unwrap_or_else(|_| HeaderValue::from_static("bytes */0")));
+            parts.headers.insert(CONTENT_RANGE, content_range);
             parts.headers.insert(CONTENT_LENGTH, HeaderValue::from(end - start + 1));
+            // Digests of the whole content are wrong for a part (RFC 9530 section 2).
+            for name in [&CONTENT_DIGEST, &CONTENT_MD5] {
+                parts.headers.remove(name);
+            }
             // Within the body by `resolve`: start <= end < len.
             let part = body.slice(start as usize..=end as usize);
             Response::from_parts(parts, ProxyBody::full(part))
         }
         Resolved::Unsatisfiable => {
             let mut out = plain_response(StatusCode::RANGE_NOT_SATISFIABLE, "range not satisfiable\n");
-            let content_range = HeaderValue::from_str(&format!("bytes */{len}")).unwrap_or_else(|_| HeaderValue::from_static("bytes */0"));
-            out.headers_mut().insert(CONTENT_RANGE, content_range);
+            out.headers_mut().insert(CONTENT_RANGE, HeaderValue::from_str(&format!("bytes */{len}")).unwrap_or(HeaderValue::from_static("bytes */*")));
             out
         }
     }
