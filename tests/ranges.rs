@@ -170,6 +170,33 @@ async fn a_range_for_a_key_known_not_to_be_stored_goes_to_the_origin_unchanged()
 }
 
 #[tokio::test]
+async fn a_head_for_a_key_known_not_to_be_stored_sends_no_range_and_gets_the_whole_length() {
+    let origin = Origin::start().await;
+    ranging_origin(&origin);
+    let bulwark = start(&origin).await;
+    bulwark.get("/live").await;
+    let head = bulwark.request(http::Request::head(bulwark.url("/live")).header("range", "bytes=0-9").body(Default::default()).expect("request")).await;
+    assert_eq!((head.status.as_u16(), head.header("content-length"), head.header("content-range")), (200, Some("1000"), None));
+    assert_eq!(origin.last_request().0.headers.get("range"), None, "range handling is defined for GET only");
+}
+
+/// Hit-for-miss lasts 5 s from the last answer that was not storable: a key that stays
+/// uncacheable keeps sending its ranges to the origin, not through a flight that would
+/// ask for (and send) the whole object.
+#[tokio::test]
+async fn a_key_that_stays_uncacheable_keeps_passing_ranges_on() {
+    let origin = Origin::start().await;
+    ranging_origin(&origin);
+    let bulwark = start(&origin).await;
+    bulwark.get("/live").await;
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    assert_eq!(bulwark.get("/live").await.status, 200, "answered directly, and remembered again");
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    let seek = bulwark.get_with("/live", &[("range", "bytes=0-9")]).await;
+    assert_eq!((seek.status.as_u16(), seek.text()), (206, part(0, 9).as_str()), "6 s after the first answer, the key is still hit-for-miss");
+}
+
+#[tokio::test]
 async fn a_conditional_that_matches_wins_over_the_range() {
     let origin = Origin::start().await;
     object_origin(&origin);

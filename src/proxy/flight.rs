@@ -73,7 +73,7 @@ enum LeaderResult {
 pub async fn miss(mut job: FetchJob, stale: Option<Arc<Entry>>) -> Decision {
     let pool = job.pool.clone();
     if job.store && pool.is_hit_for_miss(&job.key) {
-        job.pass_range = true;
+        job.pass_range = passes_range(&job);
         return direct(&job).await;
     }
     let lock_timeout = pool.config.lock_timeout;
@@ -121,7 +121,7 @@ pub async fn miss(mut job: FetchJob, stale: Option<Arc<Entry>>) -> Decision {
                 join = pool.join_flight(&job.key);
             }
             Fill::Uncacheable => {
-                job.pass_range = true;
+                job.pass_range = passes_range(&job);
                 return direct(&job).await;
             }
             // The leader's own answer: a new fetch among the waiters, once; then alone.
@@ -201,10 +201,29 @@ async fn lead(mut job: FetchJob, guard: FlightGuard, stale: Option<Arc<Entry>>) 
     }
 }
 
+/// A key known not to be stored sends the client's `Range` on: only for GET, the one
+/// method range handling is defined for (a HEAD is fetched as a GET, and must get the
+/// whole representation's headers).
+fn passes_range(job: &FetchJob) -> bool {
+    job.parts.method == http::Method::GET
+}
+
 /// Fetches without coalescing (keys recently answered with something not storable, and
 /// waiters a flight could not serve) and stores the answer if it may be stored.
 pub async fn direct(job: &FetchJob) -> Decision {
     let result = job.fetch().await;
+    // Still not storable, by the response's own word: remembered again, so a key that
+    // stays uncacheable stays hit-for-miss (and its ranges keep going to the origin)
+    // rather than falling back into a flight every few seconds. A 206 says nothing of
+    // the whole object unless it forbids storing outright.
+    if let Ok(Fetched::Streamed(parts, _, reason)) = &result
+        && job.store
+        && !is_failure_status(parts.status)
+        && !leaders_own(job, parts, *reason)
+        && !(parts.status == http::StatusCode::PARTIAL_CONTENT && *reason == NotStored::Status)
+    {
+        job.pool.remember_uncacheable(&job.key);
+    }
     if let Ok(Fetched::Storable { stored, .. }) = &result
         && job.store
         && job.purged_since(stored)
