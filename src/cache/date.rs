@@ -31,11 +31,11 @@ pub fn parse_at(text: &str, now: SystemTime) -> Option<SystemTime> {
                 if parts.next().is_some() {
                     return None;
                 }
-                let year = match year.len() {
-                    2 => two_digit_year(number(year, 2)?, now),
-                    _ => four_digits(year)?,
-                };
-                civil(year, month_number(month)?, number(day, 2)?, time)
+                let (month, day) = (month_number(month)?, number(day, 2)?);
+                match year.len() {
+                    2 => two_digit_year(number(year, 2)?, month, day, time, now),
+                    _ => civil(four_digits(year)?, month, day, time),
+                }
             }
             _ => None,
         };
@@ -70,12 +70,21 @@ fn four_digits(text: &str) -> Option<i64> {
     (text.len() == 4 && text.bytes().all(|b| b.is_ascii_digit())).then(|| text.parse().ok())?
 }
 
-/// RFC 9110 section 5.6.7: a two-digit year more than 50 years in the future is the
-/// most recent past year with the same last two digits.
-fn two_digit_year(yy: u32, now: SystemTime) -> i64 {
+/// RFC 9110 section 5.6.7: a two-digit year names the time with those digits within 50
+/// years of now; one more than 50 years in the future is the most recent past year
+/// with the same last two digits.
+fn two_digit_year(yy: u32, month: u32, day: u32, time: &str, now: SystemTime) -> Option<SystemTime> {
+    // 50 years of 365.2425 days.
+    const FIFTY_YEARS: Duration = Duration::from_secs(50 * 31_556_952);
     let this_year = year_of(now);
-    let candidate = this_year - this_year.rem_euclid(100) + i64::from(yy);
-    if candidate > this_year + 50 { candidate - 100 } else { candidate }
+    let mut year = this_year - this_year.rem_euclid(100) + i64::from(yy);
+    let at = civil(year, month, day, time)?;
+    if now.checked_add(FIFTY_YEARS).is_some_and(|limit| at > limit) {
+        year -= 100;
+    } else if at.checked_add(FIFTY_YEARS).is_some_and(|end| end <= now) {
+        year += 100;
+    }
+    civil(year, month, day, time)
 }
 
 fn year_of(time: SystemTime) -> i64 {
@@ -181,6 +190,8 @@ mod tests {
             assert_eq!(parse_at(invalid, now), None, "{invalid}");
         }
         assert!(parse_at("Thu, 29 Feb 1996 00:00:00 GMT", now).is_some(), "a leap day");
+        assert!(parse_at("Tue, 29 Feb 2000 00:00:00 GMT", now).is_some(), "divisible by 400: a leap year");
+        assert_eq!(parse_at("Thu, 29 Feb 1900 00:00:00 GMT", now), None, "divisible by 100 only: not a leap year");
     }
 
     #[test]
@@ -188,9 +199,13 @@ mod tests {
         let now = in_year(2026);
         let year = |text: &str| parse_at(text, now).map(year_of);
         assert_eq!(year("Sunday, 06-Nov-94 08:49:37 GMT"), Some(1994));
-        assert_eq!(year("Sunday, 06-Nov-76 08:49:37 GMT"), Some(2076), "exactly 50 years ahead stays ahead");
+        assert_eq!(year("Sunday, 01-Jan-76 00:00:00 GMT"), Some(2076), "less than 50 years ahead stays ahead");
+        assert_eq!(year("Sunday, 06-Nov-76 08:49:37 GMT"), Some(1976), "more than 50 years ahead, by the date, is the past");
         assert_eq!(year("Sunday, 06-Nov-77 08:49:37 GMT"), Some(1977));
         assert_eq!(year("Sunday, 06-Nov-26 08:49:37 GMT"), Some(2026));
+        let later = in_year(2060);
+        assert_eq!(parse_at("Sunday, 06-Nov-05 08:49:37 GMT", later).map(year_of), Some(2105), "the window moves with the present");
+        assert_eq!(parse_at("Sunday, 06-Nov-30 08:49:37 GMT", later).map(year_of), Some(2030));
         assert_eq!(year("Sunday, 06-Nov-1994 08:49:37 GMT"), Some(1994), "a four-digit year is taken as it is");
     }
 
