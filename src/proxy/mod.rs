@@ -208,9 +208,12 @@ async fn serve(ctx: &RequestContext, parts: request::Parts, body: Option<Incomin
     if mode == RouteMode::CacheOnly {
         return Decision::cache_only_miss(route);
     }
-    // RFC 9111 section 4.4: unsafe methods, and those whose safety is unknown (anything
-    // but the safe GET, HEAD, OPTIONS and TRACE), invalidate their target.
-    let unsafe_method = !matches!(parts.method, Method::GET | Method::HEAD | Method::OPTIONS | Method::TRACE);
+    // RFC 9111 section 4.4: unsafe methods, and those whose safety is unknown, invalidate
+    // their target; not the methods registered as safe (GET, HEAD, OPTIONS, TRACE, and
+    // WebDAV's PROPFIND, REPORT and SEARCH, which calendar and file clients poll with),
+    // nor CONNECT, whose target is no stored URL.
+    let unsafe_method = !matches!(parts.method, Method::GET | Method::HEAD | Method::OPTIONS | Method::TRACE | Method::CONNECT)
+        && !matches!(parts.method.as_str(), "PROPFIND" | "REPORT" | "SEARCH");
     let target = unsafe_method.then(|| {
         // The URL as the key has it: without the route's ignored parameters.
         let ignored = &route.config.cache.ignore_query_params;
