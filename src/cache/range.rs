@@ -9,6 +9,8 @@ use std::time::{Duration, SystemTime};
 use http::header::{DATE, ETAG, IF_RANGE, LAST_MODIFIED, RANGE};
 use http::{HeaderMap, Method};
 
+use super::policy::http_date;
+
 /// One requested range, as written: `first-last`, `first-` or `-suffix`.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 enum Spec {
@@ -133,8 +135,7 @@ fn if_range_matches(if_range: &IfRange, headers: &HeaderMap) -> bool {
             !tag.starts_with(b"W/") && !etag.starts_with(b"W/") && etag == tag.as_slice()
         }
         IfRange::Date(date) => {
-            let parsed = |name| headers.get(name).and_then(|v| v.to_str().ok()).and_then(super::date::parse);
-            let (Some(modified), Some(sent)) = (parsed(LAST_MODIFIED), parsed(DATE)) else { return false };
+            let (Some(modified), Some(sent)) = (http_date(headers, LAST_MODIFIED), http_date(headers, DATE)) else { return false };
             modified == *date && modified + Duration::from_secs(60) <= sent
         }
         IfRange::Invalid => false,

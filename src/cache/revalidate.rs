@@ -9,6 +9,7 @@ use http::header::{CONTENT_ENCODING, CONTENT_LENGTH, CONTENT_RANGE, DATE, ETAG, 
 use http::{HeaderMap, Method, StatusCode};
 
 use super::Entry;
+use super::policy::http_date;
 
 /// Adds the stored response's validators to a request to the origin (section 4.3.1).
 pub fn add_conditionals(headers: &mut HeaderMap, stored: &Entry) {
@@ -110,8 +111,8 @@ impl Conditional {
         // RFC 9111 section 4.3.2: a stored response without `Last-Modified` is judged by
         // its `Date` (every stored response has one: the time it arrived, if it came
         // without).
-        let date = |name| headers.get(name).and_then(|v| v.to_str().ok()).and_then(super::date::parse);
-        date(LAST_MODIFIED).or_else(|| date(DATE)).is_some_and(|modified| modified <= since)
+        let modified = http_date(headers, LAST_MODIFIED).or_else(|| http_date(headers, DATE));
+        modified.is_some_and(|modified| modified <= since)
     }
 }
 
