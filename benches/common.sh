@@ -1,9 +1,13 @@
-# Shared by the bench scripts (compare-builds.sh, callgrind-hit.sh, burst.sh,
-# memory-burst.sh): sourced, not run.
+# Shared by the bench scripts (compare-builds.sh, compare-miss.sh, callgrind-hit.sh,
+# burst.sh, memory-burst.sh): sourced, not run.
 
 free_port() { python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",0)); print(s.getsockname()[1])'; }
+# Installs Debian package $2 when command $1 is missing.
+need_package() { command -v "$1" >/dev/null 2>&1 || { apt-get install -y "$2" >/dev/null 2>&1 || { apt-get update >/dev/null && apt-get install -y "$2" >/dev/null; }; }; }
 # Installs wrk when missing.
-need_wrk() { command -v wrk >/dev/null 2>&1 || { apt-get install -y wrk >/dev/null 2>&1 || { apt-get update >/dev/null && apt-get install -y wrk >/dev/null; }; }; }
+need_wrk() { need_package wrk wrk; }
+# Installs nginx when missing and sets NGINX to it.
+need_nginx() { need_package nginx nginx-light; NGINX=$(command -v nginx || echo /usr/sbin/nginx); }
 # A wrk latency ("850.00us", "1.20ms", "2.00s") on stdin, in milliseconds.
 to_ms() { awk '{v=$1; if (v ~ /us$/) {sub(/us$/,"",v); print v/1000} else if (v ~ /ms$/) {sub(/ms$/,"",v); print v} else {sub(/s$/,"",v); print v*1000}}'; }
 # utime + stime of a process and its threads, in clock ticks.

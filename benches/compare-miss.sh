@@ -34,8 +34,7 @@ trap cleanup EXIT
 . "$HERE/benches/common.sh"
 
 need_wrk
-command -v nginx >/dev/null 2>&1 || { apt-get install -y nginx-light >/dev/null 2>&1 || { apt-get update >/dev/null && apt-get install -y nginx-light >/dev/null; }; }
-NGINX=$(command -v nginx || echo /usr/sbin/nginx)
+need_nginx
 
 (cd "$HERE" && cargo build --release --quiet)
 BULWARK="$HERE/target/release/bulwark"
