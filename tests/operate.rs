@@ -132,7 +132,18 @@ async fn a_replica_whose_control_connection_went_silent_is_listed_missing_then_c
     let origin = Origin::start().await;
     let direct = Bulwark::start(&config(&origin.url(), Some(&redis.url())).server("replica_id", "direct").to_toml()).await;
     let relayed = Bulwark::start(&config(&origin.url(), Some(&relay.url())).server("replica_id", "relayed").to_toml()).await;
-    assert_eq!(set_mode(&direct, "search", "cache-only").await.status, 200);
+    // Both known and subscribed before the cut: under a loaded machine the relayed
+    // replica's first heartbeat can land after its start returns.
+    let start = Instant::now();
+    loop {
+        let answer = set_mode(&direct, "search", "cache-only").await;
+        let body = answer_json(&answer);
+        if answer.status == 200 && ids(&body, "confirmed") == ["direct", "relayed"] {
+            break;
+        }
+        assert!(start.elapsed() < Duration::from_secs(10), "the relayed replica never joined: {body}");
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
 
     // Every connection of the relayed replica to the control Redis goes silent, with no
     // error: only a heartbeat can tell.
