@@ -1,6 +1,6 @@
 //! The body of every response bulwark sends: a stored body, an empty one, or an origin
 //! body streamed through (possibly after a prefix already read while deciding whether to
-//! store it). A body may carry a callback told once how it ended (sent whole, abandoned
+//! store it), or a reader of a fill shared with other requests ([`shared`]). A body may carry a callback told once how it ended (sent whole, abandoned
 //! by the client, or failed), so a request is recorded when its response is done.
 
 use std::collections::VecDeque;
@@ -17,6 +17,8 @@ use tokio::sync::mpsc;
 
 use crate::memory::Reservation;
 use crate::origin::{OriginBody, OriginBodyError};
+
+pub mod shared;
 
 /// How a response body ended.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -48,6 +50,8 @@ enum Kind {
         /// The memory budget the prefix was read under, given back with the body.
         held: Option<Reservation>,
     },
+    /// A reader of a fill shared with other requests.
+    Shared(shared::Reader),
     /// A stream read by a pump task ([`ProxyBody::with_send_timeout`]).
     Pumped(Pumped),
 }
@@ -86,6 +90,11 @@ impl ProxyBody {
         ProxyBody { kind: Kind::Stream { prefix, rest: Box::new(rest), held: None }, on_end: None, held: None }
     }
 
+    /// A reader of a shared fill.
+    pub fn shared(reader: shared::Reader) -> ProxyBody {
+        ProxyBody { kind: Kind::Shared(reader), on_end: None, held: None }
+    }
+
     /// [`ProxyBody::full`] read from an origin under `held`, which it keeps until the
     /// body is done with (a slow client can hold it that long).
     pub fn full_holding(bytes: Bytes, held: Reservation) -> ProxyBody {
@@ -100,22 +109,24 @@ impl ProxyBody {
         ProxyBody { kind: Kind::Stream { prefix, rest: Box::new(rest), held: Some(held) }, on_end: None, held: None }
     }
 
-    /// This body with its sending bounded (for a body streamed from an origin; any other
-    /// is returned as it is): a pump task reads the origin body a few frames ahead of the
-    /// client, and when the client has taken nothing for `limit`, drops it (its origin slot
-    /// is released at once) and the client's response is aborted, never cut short looking
-    /// complete. hyper has no write timeout, and a stalled h2 stream never blocks the
-    /// socket, so the bound lives here; a timer is armed only when a send would wait.
+    /// This body with its sending bounded (for a body streamed from an origin or read
+    /// from a shared fill; any other is returned as it is): a pump task reads it a few
+    /// frames ahead of the client, and when the client has taken nothing for `limit`,
+    /// drops it (an origin slot is released at once, a shared fill's reader detached) and
+    /// the client's response is aborted, never cut short looking complete. hyper has no
+    /// write timeout, and a stalled h2 stream never blocks the socket, so the bound lives
+    /// here; a timer is armed only when a send would wait.
     pub fn with_send_timeout(mut self, limit: Duration) -> ProxyBody {
-        if !matches!(self.kind, Kind::Stream { .. }) {
-            return self;
-        }
+        let hint = match &self.kind {
+            Kind::Stream { prefix, rest, .. } => Kind::stream_hint(prefix, rest),
+            Kind::Shared(reader) => reader.size_hint(),
+            Kind::Full(_) | Kind::Pumped(_) => return self,
+        };
         let on_end = self.on_end.take();
-        let Kind::Stream { prefix, rest, held } = std::mem::replace(&mut self.kind, Kind::Full(None)) else { return self };
-        let hint = Kind::stream_hint(&prefix, &rest);
+        let kind = std::mem::replace(&mut self.kind, Kind::Full(None));
         let (tx, rx) = mpsc::channel(PUMP_FRAMES);
         let state = Arc::new(AtomicU8::new(PUMPING));
-        tokio::spawn(pump(Kind::Stream { prefix, rest, held }, tx, limit, state.clone()));
+        tokio::spawn(pump(kind, tx, limit, state.clone()));
         ProxyBody { kind: Kind::Pumped(Pumped { rx, state, limit, hint, done: false }), on_end, held: self.held.take() }
     }
 
@@ -150,6 +161,7 @@ impl Body for ProxyBody {
                 }
                 None => Pin::new(rest.as_mut()).poll_frame(cx),
             },
+            Kind::Shared(reader) => reader.poll_chunk(cx).map(|chunk| chunk.map(|chunk| chunk.map(Frame::data))),
             Kind::Pumped(pumped) => match ready!(pumped.rx.poll_recv(cx)) {
                 Some(frame) => {
                     if let Ok(data) = frame.as_ref().map(Frame::data_ref)
@@ -177,6 +189,8 @@ impl Body for ProxyBody {
         };
         match &polled {
             Poll::Ready(None) => this.end(BodyEnd::Complete),
+            // The client's slowness ended it: its abort, not an origin failure.
+            Poll::Ready(Some(Err(err))) if err.is_clients() => this.end(BodyEnd::Aborted),
             Poll::Ready(Some(Err(_))) => this.end(BodyEnd::Failed),
             _ => {}
         }
@@ -187,6 +201,7 @@ impl Body for ProxyBody {
         match &self.kind {
             Kind::Full(bytes) => bytes.is_none(),
             Kind::Stream { prefix, rest, .. } => prefix.is_empty() && rest.is_end_stream(),
+            Kind::Shared(reader) => reader.is_end_stream(),
             // hyper drops a body whose declared length is sent without polling it again.
             Kind::Pumped(pumped) => pumped.done || pumped.hint.exact() == Some(0),
         }
@@ -196,6 +211,7 @@ impl Body for ProxyBody {
         match &self.kind {
             Kind::Full(bytes) => SizeHint::with_exact(bytes.as_ref().map_or(0, |b| b.len() as u64)),
             Kind::Stream { prefix, rest, .. } => Kind::stream_hint(prefix, rest),
+            Kind::Shared(reader) => reader.size_hint(),
             Kind::Pumped(pumped) => pumped.hint,
         }
     }
@@ -225,7 +241,7 @@ impl Pumped {
     }
 }
 
-/// Reads `stream` (a [`Kind::Stream`]) into `tx`, a slot reserved before each read so
+/// Reads `stream` (a [`Kind::Stream`] or [`Kind::Shared`]) into `tx`, a slot reserved before each read so
 /// at most [`PUMP_FRAMES`] are read ahead of the client. Ends when the stream does (or
 /// fails: the error is passed on), when the client's body is dropped, or when the client
 /// has taken nothing for `limit`: the stream is then dropped, releasing its origin slot.

@@ -58,11 +58,27 @@ impl Failure {
     }
 }
 
-/// How a flight ended, as seen by its waiters.
+/// A storable response whose body is still arriving: its readers share one copy.
+pub struct Streaming {
+    /// The entry as it will be stored, without its body.
+    pub head: super::Stored,
+    pub shared: Arc<crate::body::shared::Shared>,
+}
+
+impl std::fmt::Debug for Streaming {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Streaming").field("key", &self.head.key.text).finish_non_exhaustive()
+    }
+}
+
+/// How a flight ended (or, while its body streams, stands), as seen by its waiters.
 #[derive(Debug, Clone)]
 pub enum Fill {
     /// The response was stored: serve it (to waiters for the same variant).
     Stored(super::Stored),
+    /// The response's head arrived and it will be stored: read its body as it arrives
+    /// (the flight stays open until it is stored).
+    Streaming(Arc<Streaming>),
     /// The response may not be stored, for a reason in the response itself: each waiter
     /// asks the origin itself (and the key is remembered as hit-for-miss).
     Uncacheable,
@@ -136,6 +152,12 @@ impl FlightGuard {
 
     pub fn complete(mut self, fill: Fill) {
         self.finish(fill);
+    }
+
+    /// Tells the waiters (and anyone who joins until the flight ends) how it stands,
+    /// without ending it.
+    pub fn publish(&self, fill: Fill) {
+        self.flight.tx.send_replace(Some(fill));
     }
 
     fn finish(&mut self, fill: Fill) {

@@ -178,6 +178,9 @@ pub struct PoolConfig {
     pub shared: Option<SharedTierConfig>,
     pub key_prefix: String,
     pub max_object_bytes: usize,
+    /// How far behind the fastest reader a streamed fill that is not stored keeps its
+    /// bytes; a reader further behind is cut.
+    pub stream_window: usize,
     /// Pending Redis writes, in bytes; beyond it a write is dropped and counted.
     pub redis_write_queue_bytes: usize,
     pub default_ttl: Duration,

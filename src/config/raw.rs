@@ -99,6 +99,7 @@ pub struct RawPool {
     pub redis_timeout: Option<Spanned<ConfigDuration>>,
     pub key_prefix: Option<Spanned<String>>,
     pub max_object_bytes: Option<Spanned<ByteSize>>,
+    pub stream_window: Option<Spanned<ByteSize>>,
     pub redis_write_queue_bytes: Option<Spanned<ByteSize>>,
     pub default_ttl: Option<ConfigDuration>,
     pub stale_while_revalidate: Option<ConfigDuration>,

@@ -452,6 +452,13 @@ fn pool(raw: raw::RawPool) -> Result<PoolConfig> {
             _ => return err(s.span(), "max_object_bytes must be between 1 byte and 4GiB"),
         },
     };
+    let stream_window = match raw.stream_window {
+        None => 16 << 20,
+        Some(s) => match usize::try_from(s.get_ref().0) {
+            Ok(n) if n >= 1024 && (n as u64) <= u64::from(u32::MAX) => n,
+            _ => return err(s.span(), "stream_window must be between 1KiB and 4GiB"),
+        },
+    };
     let key_prefix = match raw.key_prefix {
         None => format!("bulwark:{name}:"),
         Some(p) if !p.get_ref().is_empty() => p.into_inner(),
@@ -463,6 +470,7 @@ fn pool(raw: raw::RawPool) -> Result<PoolConfig> {
         shared,
         key_prefix,
         max_object_bytes,
+        stream_window,
         redis_write_queue_bytes: at_least_1kib(raw.redis_write_queue_bytes, 64 << 20, "redis_write_queue_bytes")?,
         default_ttl: dur(raw.default_ttl, Duration::from_secs(60)),
         stale_while_revalidate: dur(raw.stale_while_revalidate, Duration::from_secs(30)),

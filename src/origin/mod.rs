@@ -546,6 +546,17 @@ pub enum OriginBodyError {
     /// The task reading it ended without reaching its end.
     #[error("origin body interrupted")]
     Interrupted,
+    /// The client fell more than `stream_window` bytes behind the fastest reader of a
+    /// shared fill: cut.
+    #[error("the client fell more than {0} bytes behind the others: response cut")]
+    Behind(usize),
+}
+
+impl OriginBodyError {
+    /// Whether the client's own slowness ended the body, not the origin.
+    pub fn is_clients(&self) -> bool {
+        matches!(self, OriginBodyError::NotTaken(_) | OriginBodyError::Behind(_))
+    }
 }
 
 impl Body for OriginBody {

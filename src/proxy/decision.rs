@@ -8,6 +8,7 @@ use std::time::SystemTime;
 use http::response;
 
 use crate::body::ProxyBody;
+use crate::body::shared::Reader;
 use crate::cache::Entry;
 use crate::cache::coalesce::Answer;
 use crate::config::Fallback;
@@ -20,6 +21,9 @@ use crate::runtime::RouteRuntime;
 pub(super) enum Serve {
     /// A stored entry, with `Age` when `age`.
     Entry { entry: Arc<Entry>, age: bool },
+    /// An entry being stored, its body read from the fill its readers share as it
+    /// arrives; with `Age` when `age`.
+    Shared { entry: Arc<Entry>, reader: Reader, age: bool },
     /// An origin answer read whole, shared between a flight's leader and its waiters.
     Answer(Arc<Answer>),
     /// An origin response passed on as it streams in.
@@ -91,7 +95,7 @@ impl Decision {
             Serve::Answer(answer) => is_failure_status(answer.status),
             Serve::Streamed(parts, _) => is_failure_status(parts.status),
             Serve::Error(err) => err.allows_stale(),
-            Serve::Entry { .. } | Serve::Fallback(_) | Serve::Off => false,
+            Serve::Entry { .. } | Serve::Shared { .. } | Serve::Fallback(_) | Serve::Off => false,
         }
     }
 }

@@ -8,14 +8,17 @@ use std::sync::Arc;
 use std::time::SystemTime;
 
 use bytes::Bytes;
+use futures_util::FutureExt;
 use http::header::{ACCEPT_ENCODING, AGE, CONTENT_LENGTH, IF_MATCH, IF_MODIFIED_SINCE, IF_NONE_MATCH, IF_RANGE, IF_UNMODIFIED_SINCE, RANGE, SET_COOKIE};
 use http::{HeaderMap, Method, Request, Response, StatusCode, Version, request, response};
 use http_body_util::BodyExt;
 
 use super::context::RequestContext;
+use super::fill::{Filling, Step};
 use super::forward::{ClientInfo, forward_headers, origin_uri};
 use super::trust::strip_hop_by_hop;
 use crate::body::ProxyBody;
+use crate::body::shared::Shared;
 use crate::cache::entry::{StoreFor, set_date_if_missing, take_tags};
 use crate::cache::policy::{self, Freshness, NotStored, RouteRules};
 use crate::cache::revalidate::{self, HeadUpdate};
@@ -34,6 +37,8 @@ pub enum Fetched {
     Storable { stored: Stored, revalidated: bool },
     /// Not storable (or too large), and why: passed through as it streams in.
     Streamed(response::Parts, ProxyBody, NotStored),
+    /// Storable by its head, its body still to read into a copy its readers share.
+    Filling(Filling),
 }
 
 /// Everything a fetch needs, owned, so it can run in its own task.
@@ -253,7 +258,6 @@ async fn store_or_stream(
     response_time: SystemTime,
 ) -> Result<Fetched, ProxyError> {
     let route = &job.route;
-    let origin = &route.origin.config;
     let pool = &job.pool.config;
     let freshness = match policy::evaluate(policy_req, &res_parts, pool, rules(route), request_time, response_time) {
         Ok(freshness) => freshness,
@@ -274,23 +278,29 @@ async fn store_or_stream(
     if !reservation.grow(declared) {
         return Ok(Fetched::Streamed(res_parts, ProxyBody::stream(VecDeque::new(), body), NotStored::Memory));
     }
-    let read = tokio::time::timeout(origin.timeout, read_up_to(body, pool.max_object_bytes, &mut reservation, declared)).await;
-    let body = match read {
-        Err(_) => return Err(origin_error(route, OriginError::Timeout(origin.timeout))),
-        Ok(Err(err)) => return Err(origin_error(route, OriginError::Body(err))),
-        Ok(Ok(BodyRead::Unstored(prefix, rest, reason))) => {
-            return Ok(Fetched::Streamed(res_parts, ProxyBody::stream_holding(prefix, rest, reservation), reason));
-        }
-        Ok(Ok(BodyRead::Complete(body))) => body,
-    };
     // Purge tags are for this cache only: taken out of the stored response.
     let tags = take_tags(&mut res_parts.headers, &pool.tag_header);
-    // hyper hands out slices of its read buffers; a stored entry must own exactly its
-    // bytes, or each small entry would pin a whole buffer beyond what L1 weighs.
-    let body = Bytes::copy_from_slice(&body);
-    let stored = build_stored(job, res_parts, body, freshness, tags, request_time, response_time);
-    Ok(Fetched::Storable { stored, revalidated: false })
+    let head = build_stored(job, res_parts, Bytes::new(), freshness, tags, request_time, response_time);
+    let shared = Shared::new(declared_len, reservation);
+    let mut filling = Filling::new(route, head, body, declared_len, shared, declared);
+    // A small body (most pages) is read whole before anyone gets the head: one write,
+    // no task to stream it. So is any body that has all arrived with its head. Any other
+    // is handed to its readers now and streams.
+    let small = declared_len.is_some_and(|len| len <= READ_WHOLE_STORED as u64);
+    loop {
+        let step = if small { Some(filling.step(route).await) } else { filling.step(route).now_or_never() };
+        match step {
+            Some(Step::More) => {}
+            Some(Step::End) => return Ok(Fetched::Storable { stored: filling.into_stored(), revalidated: false }),
+            Some(Step::Failed(err)) => return Err(err),
+            Some(Step::Unstored) | None => return Ok(Fetched::Filling(filling)),
+        }
+    }
 }
+
+/// Storable answers that declare at most this length are read whole before anyone gets
+/// their head.
+const READ_WHOLE_STORED: usize = 64 * 1024;
 
 /// The entry for a storable response to this job's request.
 fn build_stored(
@@ -358,9 +368,9 @@ fn origin_error(route: &RouteRuntime, source: OriginError) -> ProxyError {
 
 enum BodyRead {
     Complete(Bytes),
-    /// Over `max_object_bytes` (`TooLarge`) or the memory budget (`Memory`): what was
-    /// read so far, and the rest still to stream.
-    Unstored(VecDeque<Bytes>, OriginBody, NotStored),
+    /// Over the limit or the memory budget: what was read so far, and the rest still to
+    /// stream.
+    Unstored(VecDeque<Bytes>, OriginBody),
 }
 
 /// Answers that are not stored and declare at most this length are read whole before
@@ -385,7 +395,7 @@ async fn unstored_body(route: &RouteRuntime, res_parts: &response::Parts, body: 
         Ok(Err(err)) => Err(origin_error(route, OriginError::Body(err))),
         Ok(Ok(BodyRead::Complete(whole))) => Ok(ProxyBody::full_holding(whole, reservation)),
         // Longer than it said, or the budget ran out: the rest streams.
-        Ok(Ok(BodyRead::Unstored(prefix, rest, _))) => Ok(ProxyBody::stream_holding(prefix, rest, reservation)),
+        Ok(Ok(BodyRead::Unstored(prefix, rest))) => Ok(ProxyBody::stream_holding(prefix, rest, reservation)),
     }
 }
 
@@ -399,11 +409,11 @@ async fn read_up_to(mut body: OriginBody, limit: usize, reservation: &mut Reserv
         total += data.len();
         chunks.push_back(data);
         if total > limit {
-            return Ok(BodyRead::Unstored(chunks, body, NotStored::TooLarge));
+            return Ok(BodyRead::Unstored(chunks, body));
         }
         if total > reserved {
             if !reservation.grow(total - reserved) {
-                return Ok(BodyRead::Unstored(chunks, body, NotStored::Memory));
+                return Ok(BodyRead::Unstored(chunks, body));
             }
             reserved = total;
         }

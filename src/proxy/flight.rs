@@ -18,9 +18,11 @@ use tokio::sync::oneshot;
 
 use super::decision::{Decision, Serve, failure_outcome};
 use super::fetch::{FetchJob, Fetched};
+use super::fill::{FillRead, Filling};
 use crate::body::ProxyBody;
-use crate::cache::coalesce::{Answer, Failure, Fill, FlightGuard, Join};
-use crate::cache::lease::{PeerOutcome, PeerWait};
+use crate::body::shared::Reader;
+use crate::cache::coalesce::{Answer, Failure, Fill, FlightGuard, Join, Streaming};
+use crate::cache::lease::{LeaseToken, PeerOutcome, PeerWait};
 use crate::cache::policy::may_serve;
 use crate::cache::{CacheKey, Entry, Stored};
 use crate::error::ProxyError;
@@ -66,6 +68,8 @@ enum LeaderResult {
     Error(Arc<ProxyError>),
     /// Another replica filled the key while we held back.
     FromPeer(Stored),
+    /// A storable answer's head: its body streams to the reader, counted as `outcome`.
+    Streaming(Arc<Streaming>, Reader, Outcome),
 }
 
 /// A miss (or a stale entry past its stale-while-revalidate window): fetch under
@@ -119,6 +123,31 @@ pub async fn miss(mut job: FetchJob, stale: Option<Arc<Entry>>) -> Decision {
                 rejoined = true;
                 job.key = mine;
                 join = pool.join_flight(&job.key);
+            }
+            Fill::Streaming(streaming) if !may_serve(&job.parts.headers, &streaming.head.entry.headers, &job.route.config.cache) => {
+                drop(streaming);
+                return direct(&job).await;
+            }
+            Fill::Streaming(streaming) => {
+                let mine = key_for(&job, &streaming.head);
+                if mine.hash != streaming.head.key.hash {
+                    if rejoined || !job.store {
+                        return direct(&job).await;
+                    }
+                    rejoined = true;
+                    job.key = mine;
+                    join = pool.join_flight(&job.key);
+                    continue;
+                }
+                match streaming.shared.attach() {
+                    Some(reader) => return Decision::new(Serve::Shared { entry: streaming.head.entry.clone(), reader, age: true }, Outcome::Collapsed),
+                    // Its body failed just now: join again (the flight is about to end).
+                    None if abandoned >= 2 => return direct(&job).await,
+                    None => {
+                        abandoned += 1;
+                        join = pool.join_flight(&job.key);
+                    }
+                }
             }
             Fill::Uncacheable => {
                 job.pass_range = passes_range(&job);
@@ -194,6 +223,11 @@ async fn lead(mut job: FetchJob, guard: FlightGuard, stale: Option<Arc<Entry>>) 
     };
     match result {
         Ok(LeaderResult::FromPeer(stored)) => Decision::entry(stored.entry, Outcome::Collapsed),
+        Ok(LeaderResult::Streaming(streaming, reader, outcome)) => {
+            let entry = streaming.head.entry.clone();
+            let age = entry.initial_age >= Duration::from_secs(1);
+            Decision::new(Serve::Shared { entry, reader, age }, outcome)
+        }
         Ok(LeaderResult::Answer(answer, reason)) => Decision::new(Serve::Answer(answer), Outcome::Miss(Store::Not(reason))),
         Ok(LeaderResult::Fetched(result)) => answer(result),
         Ok(LeaderResult::Error(err)) => Decision::failed(err),
@@ -211,7 +245,10 @@ fn passes_range(job: &FetchJob) -> bool {
 /// Fetches without coalescing (keys recently answered with something not storable, and
 /// waiters a flight could not serve) and stores the answer if it may be stored.
 pub async fn direct(job: &FetchJob) -> Decision {
-    let result = job.fetch().await;
+    let result = match job.fetch().await {
+        Ok(Fetched::Filling(filling)) => return stream_alone(job, filling),
+        other => other,
+    };
     // Still not storable, by the response's own word: remembered again, so a key that
     // stays uncacheable stays hit-for-miss (and its ranges keep going to the origin)
     // rather than falling back into a flight every few seconds. A 206 says nothing of
@@ -240,6 +277,43 @@ pub async fn direct(job: &FetchJob) -> Decision {
     answer(result)
 }
 
+/// A storable answer fetched without coalescing: its body is read (and stored) in its
+/// own task, and streamed to the request as it arrives.
+fn stream_alone(job: &FetchJob, filling: Filling) -> Decision {
+    let Some(reader) = filling.attach() else { return Decision::failed(ProxyError::Internal("a new fill refused its reader")) };
+    let entry = filling.head.entry.clone();
+    let store = job.store && !job.purged_since(&filling.head);
+    let outcome = if store || !job.store { Outcome::Miss(Store::Stored) } else { Outcome::Miss(Store::Not(NotStored::Purged)) };
+    if job.store && !store {
+        job.route.metrics.not_stored(NotStored::Purged);
+    }
+    let job = job.clone();
+    tokio::spawn(async move {
+        let shared = filling.shared.clone();
+        match filling.read(&job.route).await {
+            FillRead::Complete(stored) => {
+                if store {
+                    job.pool.forget_uncacheable(&job.key);
+                    job.pool.store(&job.primary, &stored, job.replaces).await;
+                }
+                shared.finish();
+            }
+            FillRead::Unstored(reason, rest) => {
+                if store {
+                    job.route.metrics.not_stored(reason);
+                    if reason == NotStored::TooLarge {
+                        job.pool.remember_uncacheable(&job.key);
+                    }
+                }
+                rest.run().await;
+            }
+            FillRead::Failed(err) => tracing::debug!(error = %err, "origin body failed while streamed"),
+        }
+    });
+    let age = entry.initial_age >= Duration::from_secs(1);
+    Decision::new(Serve::Shared { entry, reader, age }, outcome)
+}
+
 /// What a fetch result serves.
 fn answer(result: Result<Fetched, ProxyError>) -> Decision {
     match result {
@@ -251,6 +325,7 @@ fn answer(result: Result<Fetched, ProxyError>) -> Decision {
             Decision::new(Serve::Entry { entry: stored.entry, age }, Outcome::Miss(Store::Stored))
         }
         Ok(Fetched::Streamed(parts, body, reason)) => Decision::new(Serve::Streamed(parts, body), Outcome::Miss(Store::Not(reason))),
+        Ok(Fetched::Filling(_)) => Decision::failed(ProxyError::Internal("a fill reached the answer unread")),
         Err(err) => Decision::failed(err),
     }
 }
@@ -293,6 +368,7 @@ async fn run_flight(job: FetchJob, guard: FlightGuard, leader: Option<oneshot::S
     // The lease is renewed while the fetch runs: queue wait, headers and body.
     let fetched = Box::pin(pool.renewing(&job.key, lease.as_ref(), peer_wait(&job).lease_ttl, job.fetch())).await;
     let (fill, result) = match fetched {
+        Ok(Fetched::Filling(filling)) => return Box::pin(stream_fill(job, guard, leader, lease, filling)).await,
         // Purged while it was fetched: not stored, and not handed to the waiters (those
         // who asked after the purge are in a flight of their own; the others fetch anew).
         Ok(Fetched::Storable { stored, .. }) if job.store && job.purged_since(&stored) => {
@@ -342,6 +418,75 @@ async fn run_flight(job: FetchJob, guard: FlightGuard, leader: Option<oneshot::S
     }
     if job.store {
         Box::pin(pool.finish_flight(&job.primary, &job.key, lease, &fill, job.replaces)).await;
+    }
+}
+
+/// A storable answer's head came: the leader and the waiters read its body as it
+/// arrives, while the flight reads it whole, stores it in L1 and closes before the last
+/// byte is released, then writes it to Redis. Purged since the request asked, it is
+/// streamed but not stored (the waiters join a new fetch); too large, or over the body
+/// budget, it streams on to those reading it and is not stored; failing part way, it
+/// fails them all and nothing is stored.
+async fn stream_fill(job: FetchJob, guard: FlightGuard, leader: Option<oneshot::Sender<LeaderResult>>, lease: Option<LeaseToken>, filling: Filling) {
+    let pool = job.pool.clone();
+    let purged = job.store && job.purged_since(&filling.head);
+    let streaming = Arc::new(Streaming { head: filling.head.clone(), shared: filling.shared.clone() });
+    let outcome = if purged { Outcome::Miss(Store::Not(NotStored::Purged)) } else { Outcome::Miss(Store::Stored) };
+    if let Some(tx) = leader
+        && let Some(reader) = filling.attach()
+    {
+        let _ = tx.send(LeaderResult::Streaming(streaming.clone(), reader, outcome));
+    }
+    let shared = filling.shared.clone();
+    if purged {
+        job.route.metrics.not_stored(NotStored::Purged);
+        let fill = Fill::Personal;
+        guard.complete(fill.clone());
+        Box::pin(pool.finish_flight(&job.primary, &job.key, lease, &fill, job.replaces)).await;
+        match Box::pin(filling.read(&job.route)).await {
+            FillRead::Complete(_) => shared.finish(),
+            FillRead::Unstored(_, rest) => rest.run().await,
+            FillRead::Failed(_) => {}
+        }
+        return;
+    }
+    guard.publish(Fill::Streaming(streaming));
+    let (fill, rest) = match Box::pin(filling.read(&job.route)).await {
+        FillRead::Complete(stored) => {
+            if job.store {
+                Box::pin(pool.store_local(&job.primary, &stored)).await;
+            }
+            let fill = Fill::Stored(stored);
+            guard.complete(fill.clone());
+            shared.finish();
+            (fill, None)
+        }
+        FillRead::Unstored(reason, rest) => {
+            if job.store {
+                job.route.metrics.not_stored(reason);
+            }
+            // Too large is the response's own doing (hit-for-miss, as before streamed
+            // fills); a spent budget is the process's (the waiters fetch anew).
+            let fill = if reason == NotStored::TooLarge && job.store {
+                pool.remember_uncacheable(&job.key);
+                Fill::Uncacheable
+            } else {
+                Fill::Personal
+            };
+            guard.complete(fill.clone());
+            (fill, Some(rest))
+        }
+        FillRead::Failed(err) => {
+            let fill = Fill::Failed { outcome: Outcome::Error, failure: Failure::Error(Arc::new(err)) };
+            guard.complete(fill.clone());
+            (fill, None)
+        }
+    };
+    if job.store {
+        Box::pin(pool.finish_flight(&job.primary, &job.key, lease, &fill, job.replaces)).await;
+    }
+    if let Some(rest) = rest {
+        rest.run().await;
     }
 }
 

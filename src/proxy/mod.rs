@@ -9,6 +9,7 @@ mod cache_aside;
 mod context;
 mod decision;
 mod fetch;
+mod fill;
 mod flight;
 mod forward;
 mod record;

@@ -13,6 +13,7 @@ use http_body::Body;
 use super::context::RequestContext;
 use super::decision::{Decision, Serve};
 use crate::body::ProxyBody;
+use crate::body::shared::Reader;
 use crate::cache::Entry;
 use crate::cache::coalesce::Answer;
 use crate::cache::range::{RangeRequest, Resolved};
@@ -38,12 +39,17 @@ pub(super) fn render(
     now: SystemTime,
 ) -> Response<ProxyBody> {
     let Decision { serve, outcome } = decision;
-    // A stored body, whole: what a range is cut from.
-    let mut stored_body = None;
+    // A stored body, whole, or one being stored: what a range is cut from.
+    let mut source = None;
     let mut res = match serve {
         Serve::Entry { entry, age } => {
-            stored_body = Some(entry.body.clone());
+            source = Some(Source::Stored(entry.body.clone()));
             from_entry(&entry, age, now)
+        }
+        Serve::Shared { entry, reader, age } => {
+            let res = entry_response(&entry, age, now, ProxyBody::empty());
+            source = Some(Source::Shared(reader));
+            res
         }
         Serve::Answer(answer) => from_answer(&answer),
         // A HEAD sends no body: nothing to bound.
@@ -58,10 +64,24 @@ pub(super) fn render(
     if let Some(conditional) = conditional.filter(|_| stored) {
         res = not_modified_if(res, conditional);
     }
-    if let (Some(range), Some(body)) = (range.filter(|_| stored), stored_body)
-        && res.status() == StatusCode::OK
-    {
-        res = with_range(res, range, body);
+    let range = range.filter(|_| stored && res.status() == StatusCode::OK);
+    match source {
+        Some(Source::Stored(body)) if range.is_some() => {
+            let len = body.len() as u64;
+            res = with_range(res, range, len, body, ProxyBody::full, |body, start, end| ProxyBody::full(body.slice(start as usize..=end as usize)));
+        }
+        // A 304 sends no body: the reader is dropped, and detached from the fill.
+        Some(Source::Shared(_)) if res.status() == StatusCode::NOT_MODIFIED => {}
+        Some(Source::Shared(reader)) => {
+            let send = |reader| if ctx.head { ProxyBody::shared(reader) } else { ProxyBody::shared(reader).with_send_timeout(ctx.send_timeout) };
+            // Without a declared length a range cannot be placed before the end: the
+            // whole body (a server may ignore `Range`, RFC 9110 section 14.2). With one, the
+            // part is cut as it streams.
+            let len = reader.declared();
+            let range = range.filter(|_| len.is_some());
+            res = with_range(res, range, len.unwrap_or(0), reader, send, |reader, start, end| send(reader.range(start, end)));
+        }
+        Some(Source::Stored(_)) | None => {}
     }
     // Targeted cache-control fields (RFC 9213) and purge tags are for this cache: not
     // passed on, whether the response was stored or not.
@@ -85,9 +105,20 @@ fn add_cache_status(res: &mut Response<ProxyBody>, outcome: Outcome) {
     res.headers_mut().insert(CACHE_STATUS.clone(), value);
 }
 
+/// What a range is cut from: a stored body, or a reader of one being stored.
+enum Source {
+    Stored(bytes::Bytes),
+    Shared(Reader),
+}
+
 /// A response built from a stored entry; `Age` is set when `with_age`.
 pub fn from_entry(entry: &Entry, with_age: bool, now: SystemTime) -> Response<ProxyBody> {
-    let mut res = Response::new(ProxyBody::full(entry.body.clone()));
+    entry_response(entry, with_age, now, ProxyBody::full(entry.body.clone()))
+}
+
+/// A stored entry's status and header fields (and `Age` when `with_age`) with `body`.
+fn entry_response(entry: &Entry, with_age: bool, now: SystemTime, body: ProxyBody) -> Response<ProxyBody> {
+    let mut res = Response::new(body);
     *res.status_mut() = entry.status;
     *res.headers_mut() = entry.headers.clone();
     if with_age {
@@ -96,16 +127,25 @@ pub fn from_entry(entry: &Entry, with_age: bool, now: SystemTime) -> Response<Pr
     res
 }
 
-/// The part of a stored 200 that `range` asks for: 206 with `Content-Range` and the
-/// part's length, 416 with the body's length when no byte of it is there (a plain
-/// answer: the stored response's caching fields must not make a 416 look storable).
-fn with_range(res: Response<ProxyBody>, range: &RangeRequest, body: bytes::Bytes) -> Response<ProxyBody> {
-    let len = body.len() as u64;
+/// `res` (a stored 200 of `len` bytes) with the body `source` gives: the whole of it
+/// (`whole`) without `range`, or the part `range` asks for: 206 with `Content-Range`,
+/// the part's length and the body `part` gives for its first and last byte; 416 with
+/// the body's length when no byte of it is there (a plain answer: the stored response's
+/// caching fields must not make a 416 look storable).
+fn with_range<S>(
+    res: Response<ProxyBody>,
+    range: Option<&RangeRequest>,
+    len: u64,
+    source: S,
+    whole: impl FnOnce(S) -> ProxyBody,
+    part: impl FnOnce(S, u64, u64) -> ProxyBody,
+) -> Response<ProxyBody> {
+    let Some(range) = range else { return res.map(|_| whole(source)) };
     match range.resolve(res.headers(), len) {
-        Resolved::Whole => res,
+        Resolved::Whole => res.map(|_| whole(source)),
         Resolved::Part { start, end } => {
             // Digits, a dash, a slash and a space: always a valid value.
-            let Ok(content_range) = HeaderValue::from_str(&format!("bytes {start}-{end}/{len}")) else { return res };
+            let Ok(content_range) = HeaderValue::from_str(&format!("bytes {start}-{end}/{len}")) else { return res.map(|_| whole(source)) };
             let (mut parts, _) = res.into_parts();
             parts.status = StatusCode::PARTIAL_CONTENT;
             parts.headers.insert(CONTENT_RANGE, content_range);
@@ -115,8 +155,7 @@ fn with_range(res: Response<ProxyBody>, range: &RangeRequest, body: bytes::Bytes
                 parts.headers.remove(name);
             }
             // Within the body by `resolve`: start <= end < len.
-            let part = body.slice(start as usize..=end as usize);
-            Response::from_parts(parts, ProxyBody::full(part))
+            Response::from_parts(parts, part(source, start, end))
         }
         Resolved::Unsatisfiable => {
             let mut out = plain_response(StatusCode::RANGE_NOT_SATISFIABLE, "range not satisfiable\n");

@@ -14,6 +14,7 @@ fn pool() -> PoolConfig {
         shared: None,
         key_prefix: "bulwark:p:".into(),
         max_object_bytes: 1 << 20,
+        stream_window: 16 << 20,
         redis_write_queue_bytes: 64 << 20,
         default_ttl: Duration::from_secs(60),
         stale_while_revalidate: Duration::from_secs(30),

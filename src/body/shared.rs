@@ -1,0 +1,478 @@
+//! One origin body read once and sent to every request that shares its fill: the
+//! flight's leader and each coalesced waiter read the same chunks (`Bytes` handles, no
+//! copy per reader), each at its own pace.
+//!
+//! A fill that will be stored keeps every chunk ([`Mode::Keep`]): a reader that joins
+//! late starts from the first byte, and the whole body is there to store. The newest
+//! chunk is held back until [`Shared::finish`], so the entry is stored (and its flight
+//! closed) before any reader gets its last byte. A fill that is not stored
+//! ([`Mode::Window`]) keeps only the chunks some reader still needs: the writer reads
+//! the origin no faster than the fastest reader takes it ([`Shared::wait_for_reader`]),
+//! and a reader that falls more than the window behind the newest chunk is cut.
+//!
+//! A body that fails part way fails every reader ([`Shared::fail`]): their responses are
+//! aborted, never cut short looking complete.
+
+use std::collections::VecDeque;
+use std::sync::{Arc, Mutex, MutexGuard};
+use std::task::{Context, Poll, Waker};
+
+use bytes::Bytes;
+use http_body::SizeHint;
+use tokio::sync::Notify;
+
+use crate::memory::Reservation;
+use crate::origin::OriginBodyError;
+
+/// Every chunk kept (to be stored), or only those within `limit` bytes of the newest.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Mode {
+    Keep,
+    Window(usize),
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum End {
+    Complete,
+    Failed,
+}
+
+/// A reader's place: the absolute index of the next chunk it takes.
+struct Slot {
+    pos: u64,
+    waker: Option<Waker>,
+    /// Fell more than the window behind: its next read fails.
+    cut: bool,
+}
+
+struct State {
+    chunks: VecDeque<Bytes>,
+    /// Absolute index of `chunks[0]` (chunks before it were dropped).
+    base: u64,
+    /// Chunks below this absolute index may be read.
+    visible: u64,
+    /// Bytes in `chunks`.
+    held: usize,
+    mode: Mode,
+    end: Option<End>,
+    readers: Vec<Option<Slot>>,
+    /// Readers attached and not cut.
+    live: usize,
+    /// The body budget the held chunks are drawn from.
+    reservation: Reservation,
+}
+
+/// The shared copy of one origin body.
+pub struct Shared {
+    state: Mutex<State>,
+    /// The body's declared length, if it has one.
+    declared: Option<u64>,
+    /// Wakes the writer of a windowed fill when a reader took a chunk or went away.
+    writer: Notify,
+}
+
+impl Shared {
+    /// A fill that keeps every chunk until [`Shared::finish`] (to be stored), its bytes
+    /// drawn from `reservation` ([`Shared::grow`]).
+    pub fn new(declared: Option<u64>, reservation: Reservation) -> Arc<Shared> {
+        let state = State { chunks: VecDeque::new(), base: 0, visible: 0, held: 0, mode: Mode::Keep, end: None, readers: Vec::new(), live: 0, reservation };
+        Arc::new(Shared { state: Mutex::new(state), declared, writer: Notify::new() })
+    }
+
+    fn lock(&self) -> MutexGuard<'_, State> {
+        self.state.lock().unwrap_or_else(|poisoned| poisoned.into_inner())
+    }
+
+    /// A reader from the first byte; `None` once the first chunk is gone (a windowed
+    /// fill moved on) or the body failed.
+    pub fn attach(self: &Arc<Self>) -> Option<Reader> {
+        let mut state = self.lock();
+        if state.base > 0 || state.end == Some(End::Failed) {
+            return None;
+        }
+        let slot = Slot { pos: 0, waker: None, cut: false };
+        let id = match state.readers.iter().position(Option::is_none) {
+            Some(free) => {
+                state.readers[free] = Some(slot);
+                free
+            }
+            None => {
+                state.readers.push(Some(slot));
+                state.readers.len() - 1
+            }
+        };
+        state.live += 1;
+        Some(Reader { shared: self.clone(), id, skip: 0, left: self.declared, hint_len: self.declared })
+    }
+
+    /// Readers attached and not cut.
+    pub fn readers(&self) -> usize {
+        self.lock().live
+    }
+
+    /// Draws `more` bytes from the body budget for chunks about to be kept.
+    pub fn grow(&self, more: usize) -> bool {
+        self.lock().reservation.grow(more)
+    }
+
+    /// Appends a chunk read from the origin. Keeping, the newest chunk stays hidden until
+    /// [`Shared::finish`]; windowed, readers more than the window behind are cut.
+    pub fn push(&self, chunk: Bytes) {
+        if chunk.is_empty() {
+            return;
+        }
+        let wakers = {
+            let mut state = self.lock();
+            state.held += chunk.len();
+            state.chunks.push_back(chunk);
+            let newest = state.base + state.chunks.len() as u64;
+            match state.mode {
+                Mode::Keep => state.visible = newest - 1,
+                Mode::Window(limit) => {
+                    state.visible = newest;
+                    state.cut_behind(limit);
+                }
+            }
+            state.take_wakers()
+        };
+        wakers.into_iter().for_each(Waker::wake);
+    }
+
+    /// Stops keeping chunks for storing: from now on only `limit` bytes behind the newest
+    /// chunk are kept (and every chunk already read is visible).
+    pub fn to_window(&self, limit: usize) {
+        let wakers = {
+            let mut state = self.lock();
+            state.mode = Mode::Window(limit.max(1));
+            state.visible = state.base + state.chunks.len() as u64;
+            state.cut_behind(limit);
+            state.take_wakers()
+        };
+        wakers.into_iter().for_each(Waker::wake);
+        self.writer.notify_one();
+    }
+
+    /// The whole body, one copy of every chunk (a kept fill, before [`Shared::finish`]).
+    pub fn whole(&self) -> Bytes {
+        let state = self.lock();
+        match state.chunks.len() {
+            0 => Bytes::new(),
+            1 => Bytes::copy_from_slice(&state.chunks[0]),
+            _ => {
+                let mut whole = Vec::with_capacity(state.held);
+                state.chunks.iter().for_each(|c| whole.extend_from_slice(c));
+                Bytes::from(whole)
+            }
+        }
+    }
+
+    /// The body is complete: every chunk visible, readers end after the last.
+    pub fn finish(&self) {
+        self.end(End::Complete);
+    }
+
+    /// The origin body failed: every reader's next read past what it has fails.
+    pub fn fail(&self) {
+        self.end(End::Failed);
+    }
+
+    fn end(&self, end: End) {
+        let wakers = {
+            let mut state = self.lock();
+            state.end = Some(end);
+            if end == End::Complete {
+                state.visible = state.base + state.chunks.len() as u64;
+            }
+            state.take_wakers()
+        };
+        wakers.into_iter().for_each(Waker::wake);
+    }
+
+    /// A windowed fill's writer waits here before each read: until the fastest reader has
+    /// taken every chunk there is. False when no reader is left.
+    pub async fn wait_for_reader(&self) -> bool {
+        loop {
+            let notified = self.writer.notified();
+            tokio::pin!(notified);
+            notified.as_mut().enable();
+            {
+                let state = self.lock();
+                if state.live == 0 {
+                    return false;
+                }
+                let caught_up = state.readers.iter().flatten().any(|slot| !slot.cut && slot.pos >= state.visible);
+                if caught_up || state.mode == Mode::Keep {
+                    return true;
+                }
+            }
+            notified.await;
+        }
+    }
+}
+
+impl State {
+    fn take_wakers(&mut self) -> Vec<Waker> {
+        self.readers.iter_mut().flatten().filter_map(|slot| slot.waker.take()).collect()
+    }
+
+    /// Cuts every reader further than `limit` bytes behind the newest chunk (never the
+    /// newest chunk's own readers), then drops the chunks nobody needs.
+    fn cut_behind(&mut self, limit: usize) {
+        // The lowest index such that the chunks from it to the newest fit in `limit`.
+        let newest = self.base + self.chunks.len() as u64;
+        let mut keep_from = newest.saturating_sub(1);
+        let mut bytes = self.chunks.back().map_or(0, Bytes::len);
+        for chunk in self.chunks.iter().rev().skip(1) {
+            if bytes + chunk.len() > limit {
+                break;
+            }
+            bytes += chunk.len();
+            keep_from -= 1;
+        }
+        let mut cut = 0;
+        for slot in self.readers.iter_mut().flatten() {
+            if !slot.cut && slot.pos < keep_from {
+                slot.cut = true;
+                cut += 1;
+            }
+        }
+        self.live -= cut;
+        self.trim();
+    }
+
+    /// A windowed fill drops the chunks every reader has taken.
+    fn trim(&mut self) {
+        if self.mode == Mode::Keep {
+            return;
+        }
+        let lowest = self.readers.iter().flatten().filter(|slot| !slot.cut).map(|slot| slot.pos).min().unwrap_or(self.visible);
+        while self.base < lowest.min(self.visible) {
+            let Some(chunk) = self.chunks.pop_front() else { break };
+            self.held -= chunk.len();
+            self.base += 1;
+        }
+    }
+}
+
+/// One request's read of a [`Shared`] body.
+pub struct Reader {
+    shared: Arc<Shared>,
+    id: usize,
+    /// Bytes still to skip before the part this reader sends (a range's start).
+    skip: u64,
+    /// Bytes still to send, when known (the declared length, or a range's).
+    left: Option<u64>,
+    /// The length of what this reader sends, when known.
+    hint_len: Option<u64>,
+}
+
+impl Reader {
+    /// Sends only bytes `start..=end` of the body.
+    pub fn range(mut self, start: u64, end: u64) -> Reader {
+        self.skip = start;
+        self.left = Some(end - start + 1);
+        self.hint_len = self.left;
+        self
+    }
+
+    /// The body's declared length, if it has one.
+    pub fn declared(&self) -> Option<u64> {
+        self.shared.declared
+    }
+
+    /// What is left to send, when known.
+    pub fn size_hint(&self) -> SizeHint {
+        match self.left {
+            Some(left) => SizeHint::with_exact(left),
+            None => SizeHint::default(),
+        }
+    }
+
+    pub fn is_end_stream(&self) -> bool {
+        if self.left == Some(0) {
+            return true;
+        }
+        let state = self.shared.lock();
+        state.end == Some(End::Complete) && state.readers[self.id].as_ref().is_some_and(|slot| slot.pos >= state.visible)
+    }
+
+    /// The next chunk: `None` at the end, an error if the body failed or this reader was
+    /// cut, `Pending` (woken by the writer) when it has taken everything there is.
+    pub fn poll_chunk(&mut self, cx: &mut Context<'_>) -> Poll<Option<Result<Bytes, OriginBodyError>>> {
+        loop {
+            if self.left == Some(0) {
+                return Poll::Ready(None);
+            }
+            let (polled, windowed) = {
+                let mut guard = self.shared.lock();
+                let state = &mut *guard;
+                let windowed = state.mode != Mode::Keep;
+                let (visible, base, end, mode) = (state.visible, state.base, state.end, state.mode);
+                let Some(slot) = state.readers[self.id].as_mut() else { return Poll::Ready(Some(Err(OriginBodyError::Interrupted))) };
+                let polled = if slot.cut {
+                    let Mode::Window(limit) = mode else { unreachable!("only a windowed fill cuts") };
+                    Some(Err(OriginBodyError::Behind(limit)))
+                } else if slot.pos < visible {
+                    let at = usize::try_from(slot.pos - base).unwrap_or(usize::MAX);
+                    let was_lowest = slot.pos == base;
+                    slot.pos += 1;
+                    let chunk = state.chunks.get(at).cloned();
+                    if windowed && was_lowest {
+                        state.trim();
+                    }
+                    chunk.map(Ok)
+                } else {
+                    match end {
+                        Some(End::Complete) => return Poll::Ready(None),
+                        Some(End::Failed) => Some(Err(OriginBodyError::Interrupted)),
+                        None => {
+                            slot.waker = Some(cx.waker().clone());
+                            return Poll::Pending;
+                        }
+                    }
+                };
+                (polled, windowed)
+            };
+            if windowed {
+                self.shared.writer.notify_one();
+            }
+            let chunk = match polled {
+                Some(Ok(chunk)) => chunk,
+                Some(Err(err)) => return Poll::Ready(Some(Err(err))),
+                None => return Poll::Ready(Some(Err(OriginBodyError::Interrupted))),
+            };
+            let len = chunk.len() as u64;
+            if len <= self.skip {
+                self.skip -= len;
+                continue;
+            }
+            let from = usize::try_from(self.skip).unwrap_or(usize::MAX);
+            self.skip = 0;
+            let mut part = chunk.slice(from..);
+            if let Some(left) = self.left.as_mut() {
+                if (part.len() as u64) > *left {
+                    part.truncate(usize::try_from(*left).unwrap_or(usize::MAX));
+                }
+                *left -= part.len() as u64;
+            }
+            return Poll::Ready(Some(Ok(part)));
+        }
+    }
+}
+
+impl Drop for Reader {
+    fn drop(&mut self) {
+        {
+            let mut state = self.shared.lock();
+            if let Some(slot) = state.readers[self.id].take()
+                && !slot.cut
+            {
+                state.live -= 1;
+            }
+            state.trim();
+        }
+        self.shared.writer.notify_one();
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::future::poll_fn;
+
+    use super::*;
+    use crate::memory::ByteBudget;
+
+    fn shared(declared: Option<u64>) -> Arc<Shared> {
+        Shared::new(declared, ByteBudget::new(1 << 20).reservation())
+    }
+
+    fn now(reader: &mut Reader) -> Poll<Option<Result<Bytes, OriginBodyError>>> {
+        reader.poll_chunk(&mut Context::from_waker(Waker::noop()))
+    }
+
+    async fn read_all(mut reader: Reader) -> Result<Vec<u8>, OriginBodyError> {
+        let mut out = Vec::new();
+        while let Some(chunk) = poll_fn(|cx| reader.poll_chunk(cx)).await {
+            out.extend_from_slice(&chunk?);
+        }
+        Ok(out)
+    }
+
+    #[tokio::test]
+    async fn a_kept_fill_holds_back_its_newest_chunk_until_finished() {
+        let fill = shared(Some(6));
+        let mut reader = fill.attach().expect("attach");
+        fill.push(Bytes::from_static(b"abc"));
+        assert!(now(&mut reader).is_pending(), "the only chunk is the newest: held back");
+        fill.push(Bytes::from_static(b"def"));
+        assert!(matches!(now(&mut reader), Poll::Ready(Some(Ok(c))) if c == "abc"));
+        assert!(now(&mut reader).is_pending());
+        let late = fill.attach().expect("a kept fill takes late readers from the first byte");
+        assert_eq!(&fill.whole()[..], b"abcdef");
+        fill.finish();
+        assert!(matches!(now(&mut reader), Poll::Ready(Some(Ok(c))) if c == "def"));
+        assert!(matches!(now(&mut reader), Poll::Ready(None)));
+        assert_eq!(read_all(late).await.expect("whole"), b"abcdef");
+    }
+
+    #[tokio::test]
+    async fn a_failed_fill_fails_every_reader_past_what_it_has() {
+        let fill = shared(None);
+        let mut reader = fill.attach().expect("attach");
+        fill.push(Bytes::from_static(b"abc"));
+        fill.push(Bytes::from_static(b"def"));
+        fill.fail();
+        assert!(matches!(now(&mut reader), Poll::Ready(Some(Ok(c))) if c == "abc"));
+        assert!(matches!(now(&mut reader), Poll::Ready(Some(Err(OriginBodyError::Interrupted)))), "never an end that looks complete");
+        assert!(fill.attach().is_none());
+    }
+
+    #[tokio::test]
+    async fn a_range_reader_sends_only_its_part() {
+        let fill = shared(Some(9));
+        let reader = fill.attach().expect("attach").range(2, 6);
+        assert_eq!(reader.size_hint().exact(), Some(5));
+        for chunk in ["abc", "def", "ghi"] {
+            fill.push(Bytes::from_static(chunk.as_bytes()));
+        }
+        fill.finish();
+        assert_eq!(read_all(reader).await.expect("part"), b"cdefg");
+    }
+
+    #[tokio::test]
+    async fn a_windowed_fill_cuts_a_reader_too_far_behind_and_drops_what_all_have_taken() {
+        let fill = shared(None);
+        let mut fast = fill.attach().expect("attach");
+        let mut slow = fill.attach().expect("attach");
+        fill.to_window(8);
+        for _ in 0..2 {
+            assert!(fill.wait_for_reader().await, "nobody has anything to take");
+            fill.push(Bytes::from_static(b"abcd"));
+            assert!(matches!(now(&mut fast), Poll::Ready(Some(Ok(_)))));
+        }
+        assert!(fill.attach().is_some(), "the first chunk is still there");
+        // The slow reader is 8 bytes behind: within the window.
+        assert_eq!(fill.readers(), 2);
+        assert!(fill.wait_for_reader().await);
+        fill.push(Bytes::from_static(b"efgh"));
+        assert_eq!(fill.readers(), 1, "12 bytes behind a window of 8: cut");
+        assert!(matches!(now(&mut slow), Poll::Ready(Some(Err(OriginBodyError::Behind(8))))));
+        assert!(fill.attach().is_none(), "the first chunk is gone: a late reader cannot start");
+        assert!(matches!(now(&mut fast), Poll::Ready(Some(Ok(c))) if c == "efgh"));
+        assert_eq!(fill.lock().held, 0, "every chunk taken by every live reader is dropped");
+        drop(fast);
+        assert!(!fill.wait_for_reader().await, "no reader left: the writer stops");
+    }
+
+    #[tokio::test]
+    async fn the_windowed_writer_waits_for_its_fastest_reader() {
+        let fill = shared(None);
+        let mut reader = fill.attach().expect("attach");
+        fill.to_window(1 << 10);
+        fill.push(Bytes::from_static(b"abcd"));
+        let wait = tokio::time::timeout(std::time::Duration::from_millis(20), fill.wait_for_reader()).await;
+        assert!(wait.is_err(), "the reader has not taken the chunk: the origin is not read further");
+        assert!(matches!(now(&mut reader), Poll::Ready(Some(Ok(_)))));
+        assert!(fill.wait_for_reader().await);
+    }
+}
