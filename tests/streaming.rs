@@ -391,3 +391,33 @@ async fn a_range_and_a_plain_request_for_a_cold_key_share_the_fill_and_each_get_
     }
     assert_eq!(origin.requests(), 1, "the ranges came from the shared fill");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_chunked_answer_over_max_object_bytes_in_its_first_read_still_reaches_its_leader() {
+    // The first 64 KiB may arrive with the head, already over max_object_bytes.
+    let origin = SlowOrigin::start(Send { len: MIB, rate: 4_000_000, break_at: None, chunked: true }).await;
+    let config = TestConfig::new(&origin.url()).pool("max_object_bytes", "16KiB").pool("stream_window", "4KiB").to_toml();
+    let bulwark = Bulwark::start(&config).await;
+    // One client: with a window this small, a second reader a little slower than the
+    // first would rightly be cut.
+    let (got, _) = raw_get(bulwark.addr.port(), "/feed", &[], None, false).await;
+    assert_eq!((got.status, got.body.len(), got.complete), (200, MIB, true), "{}", got.head);
+    assert!(intact(&got.body, 0));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_purge_while_the_body_streams_keeps_it_out_of_the_cache() {
+    let origin = SlowOrigin::start(Send { len: 2 * MIB, rate: 2_000_000, break_at: None, chunked: false }).await;
+    let bulwark = Bulwark::start(&TestConfig::new(&origin.url()).to_toml()).await;
+    let port = bulwark.addr.port();
+    let reading = tokio::spawn(raw_get_owned(port, "/page".to_owned()));
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let purged = bulwark.admin_send(http::Method::POST, "/admin/purge", r#"{"urls": ["/page"]}"#).await;
+    assert_eq!(purged.status, 200, "{}", purged.text());
+    let first = reading.await.expect("reader");
+    assert_eq!((first.body.len(), first.complete), (2 * MIB, true), "the reader that asked before the purge gets its page");
+    let (next, _) = raw_get(port, "/page", &[], None, false).await;
+    assert_eq!(next.header("cache-status"), Some("bulwark; fwd=miss; stored"), "what was purged while it streamed was not stored");
+    assert_eq!(origin.requests(), 2);
+    assert_eq!(bulwark.metric("bulwark_not_stored_total", &[("reason", "purged")]).await, 1.0);
+}

@@ -176,6 +176,12 @@ impl Shared {
         self.end(End::Failed);
     }
 
+    /// Fails the fill when the returned guard is dropped before the body ended (its
+    /// writer's task panicked or was cancelled): its readers must not wait forever.
+    pub fn writer_guard(self: &Arc<Self>) -> WriterGuard {
+        WriterGuard(self.clone())
+    }
+
     fn end(&self, end: End) {
         let wakers = {
             let mut state = self.lock();
@@ -206,6 +212,17 @@ impl Shared {
                 }
             }
             notified.await;
+        }
+    }
+}
+
+/// See [`Shared::writer_guard`].
+pub struct WriterGuard(Arc<Shared>);
+
+impl Drop for WriterGuard {
+    fn drop(&mut self) {
+        if self.0.lock().end.is_none() {
+            self.0.fail();
         }
     }
 }
@@ -425,6 +442,22 @@ mod tests {
         assert!(matches!(now(&mut reader), Poll::Ready(Some(Ok(c))) if c == "abc"));
         assert!(matches!(now(&mut reader), Poll::Ready(Some(Err(OriginBodyError::Interrupted)))), "never an end that looks complete");
         assert!(fill.attach().is_none());
+    }
+
+    #[tokio::test]
+    async fn a_writer_gone_without_an_end_fails_its_readers() {
+        let fill = shared(Some(6));
+        let mut reader = fill.attach().expect("attach");
+        let guard = fill.writer_guard();
+        fill.push(Bytes::from_static(b"abc"));
+        drop(guard);
+        assert!(matches!(now(&mut reader), Poll::Ready(Some(Err(OriginBodyError::Interrupted)))), "never left waiting");
+        let finished = shared(None);
+        let mut reader = finished.attach().expect("attach");
+        let guard = finished.writer_guard();
+        finished.finish();
+        drop(guard);
+        assert!(matches!(now(&mut reader), Poll::Ready(None)), "an ended fill stays ended");
     }
 
     #[tokio::test]

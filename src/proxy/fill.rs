@@ -123,9 +123,10 @@ impl Filling {
         };
         self.shared.push(data);
         let Some(reason) = reason else { return Step::More };
-        // What it holds already stays (its readers need it); a window's worth more if
-        // the budget has it, else only what it holds.
-        let window = if self.window <= self.reserved || self.shared.grow(self.window - self.reserved) { self.window } else { self.reserved.max(1) };
+        // What it holds already stays (its readers, and those yet to join from the
+        // first byte, need it); a window's worth if the budget has it.
+        let window = if self.window <= self.reserved || self.shared.grow(self.window - self.reserved) { self.window } else { self.reserved };
+        let window = window.max(self.total);
         self.shared.to_window(window);
         self.unstored = Some(reason);
         Step::Unstored

@@ -287,10 +287,16 @@ fn stream_alone(job: &FetchJob, filling: Filling) -> Decision {
     if job.store && !store {
         job.route.metrics.not_stored(NotStored::Purged);
     }
+    let filling_head = filling.head.clone();
     let job = job.clone();
     tokio::spawn(async move {
         let shared = filling.shared.clone();
+        let _ends = shared.writer_guard();
         match filling.read(&job.route).await {
+            FillRead::Complete(_) if store && job.purged_since(&filling_head) => {
+                job.route.metrics.not_stored(NotStored::Purged);
+                shared.finish();
+            }
             FillRead::Complete(stored) => {
                 if store {
                     job.pool.forget_uncacheable(&job.key);
@@ -429,13 +435,20 @@ async fn run_flight(job: FetchJob, guard: FlightGuard, leader: Option<oneshot::S
 /// fails them all and nothing is stored.
 async fn stream_fill(job: FetchJob, guard: FlightGuard, leader: Option<oneshot::Sender<LeaderResult>>, lease: Option<LeaseToken>, filling: Filling) {
     let pool = job.pool.clone();
+    let _ends = filling.shared.writer_guard();
     let purged = job.store && job.purged_since(&filling.head);
     let streaming = Arc::new(Streaming { head: filling.head.clone(), shared: filling.shared.clone() });
     let outcome = if purged { Outcome::Miss(Store::Not(NotStored::Purged)) } else { Outcome::Miss(Store::Stored) };
-    if let Some(tx) = leader
-        && let Some(reader) = filling.attach()
-    {
-        let _ = tx.send(LeaderResult::Streaming(streaming.clone(), reader, outcome));
+    if let Some(tx) = leader {
+        let result = match filling.attach() {
+            Some(reader) => LeaderResult::Streaming(streaming.clone(), reader, outcome),
+            // Only a body failed already refuses a reader.
+            None => LeaderResult::Error(Arc::new(ProxyError::Origin {
+                origin: job.route.origin.config.name.clone(),
+                source: crate::origin::OriginError::Body(crate::origin::OriginBodyError::Interrupted),
+            })),
+        };
+        let _ = tx.send(result);
     }
     let shared = filling.shared.clone();
     if purged {
@@ -452,6 +465,15 @@ async fn stream_fill(job: FetchJob, guard: FlightGuard, leader: Option<oneshot::
     }
     guard.publish(Fill::Streaming(streaming));
     let (fill, rest) = match Box::pin(filling.read(&job.route)).await {
+        // Purged while its body came: not stored (storing it would bring back what was
+        // purged, and a flight begun after the purge would be handed it); the waiters
+        // that have not joined fetch anew.
+        FillRead::Complete(stored) if job.store && job.purged_since(&stored) => {
+            job.route.metrics.not_stored(NotStored::Purged);
+            guard.complete(Fill::Personal);
+            shared.finish();
+            (Fill::Personal, None)
+        }
         FillRead::Complete(stored) => {
             if job.store {
                 Box::pin(pool.store_local(&job.primary, &stored)).await;
@@ -482,11 +504,16 @@ async fn stream_fill(job: FetchJob, guard: FlightGuard, leader: Option<oneshot::
             (fill, None)
         }
     };
+    if let Some(rest) = rest {
+        if job.store {
+            Box::pin(pool.finish_flight(&job.primary, &job.key, lease, &fill, job.replaces)).await;
+        }
+        return rest.run().await;
+    }
+    // The readers hold the shared copy as long as they need it; the Redis write does not.
+    drop(shared);
     if job.store {
         Box::pin(pool.finish_flight(&job.primary, &job.key, lease, &fill, job.replaces)).await;
-    }
-    if let Some(rest) = rest {
-        rest.run().await;
     }
 }
 
