@@ -54,6 +54,10 @@ pub struct Requests {
     opened: Instant,
     /// HTTP/2: when the last open stream ended, in milliseconds since `opened`.
     idle_since_ms: AtomicU64,
+    /// Set by [`Closer::close`]: the connection's next write fails, so hyper closes it.
+    closing: AtomicBool,
+    /// Woken by [`Closer::close`]: a write waiting on a client that reads nothing.
+    closing_waker: futures_util::task::AtomicWaker,
 }
 
 impl Default for Requests {
@@ -64,11 +68,34 @@ impl Default for Requests {
             h2: AtomicBool::new(false),
             opened: Instant::now(),
             idle_since_ms: AtomicU64::new(0),
+            closing: AtomicBool::new(false),
+            closing_waker: futures_util::task::AtomicWaker::new(),
         }
     }
 }
 
+/// Closes an HTTP/1.1 connection at once, whatever its writes are waiting for (a
+/// response cut for falling behind a shared fill). An HTTP/2 connection is left alone:
+/// its other streams are not the cut one's doing.
+#[derive(Debug, Clone)]
+pub struct Closer(Arc<Requests>);
+
+impl Closer {
+    pub fn close(&self) {
+        if self.0.h2.load(Ordering::Acquire) {
+            return;
+        }
+        self.0.closing.store(true, Ordering::Release);
+        self.0.closing_waker.wake();
+    }
+}
+
 impl Requests {
+    /// What closes this connection at once (see [`Closer`]).
+    pub fn closer(self: &Arc<Self>) -> Closer {
+        Closer(self.clone())
+    }
+
     fn elapsed_ms(&self) -> u64 {
         u64::try_from(self.opened.elapsed().as_millis()).unwrap_or(u64::MAX)
     }
@@ -160,11 +187,19 @@ impl<T> TimedIo<T> {
         TimedIo { inner, limits, requests, timer: Timer::FirstByte, deadline, stall: None, stalled: false }
     }
 
-    /// Passes a write's result on, timing how long writes have been waiting.
+    /// Passes a write's result on, timing how long writes have been waiting; fails it
+    /// once the connection is being closed ([`Closer`]).
     fn on_write<R>(&mut self, cx: &mut Context<'_>, polled: Poll<io::Result<R>>) -> Poll<io::Result<R>> {
+        if self.requests.closing.load(Ordering::Acquire) {
+            return Poll::Ready(Err(io::Error::new(io::ErrorKind::ConnectionAborted, "response cut: the client fell behind")));
+        }
         if polled.is_ready() {
             self.stalled = false;
             return polled;
+        }
+        self.requests.closing_waker.register(cx.waker());
+        if self.requests.closing.load(Ordering::Acquire) {
+            return Poll::Ready(Err(io::Error::new(io::ErrorKind::ConnectionAborted, "response cut: the client fell behind")));
         }
         let limit = self.limits.send_timeout;
         let stall = self.stall.get_or_insert_with(|| Box::pin(tokio::time::sleep(limit)));

@@ -227,8 +227,8 @@ impl Acceptor {
         let requests_of_conn = requests.clone();
         let io = TimedIo::new(stream, self.limits, requests.clone());
         let service = service_fn(move |req| {
-            let (proxy, active) = (proxy.clone(), requests.start());
-            async move { Ok::<_, Infallible>(proxy.handle(req, peer).await.map(|body| Tracked::new(body, active))) }
+            let (proxy, active, closer) = (proxy.clone(), requests.start(), requests.closer());
+            async move { Ok::<_, Infallible>(proxy.handle(req, peer, Some(closer)).await.map(|body| Tracked::new(body, active))) }
         });
         let conn = self.builder.serve_connection(TokioIo::new(io), service).into_owned();
         self.connections.serve(conn, requests_of_conn, self.limits.keepalive_idle);

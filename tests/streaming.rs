@@ -36,12 +36,15 @@ struct Send {
     break_at: Option<usize>,
     /// Chunked framing instead of `Content-Length`.
     chunked: bool,
+    /// Wait this long before sending the head.
+    head_delay: Duration,
 }
 
 /// A raw HTTP/1.1 origin: one response per connection, then it closes.
 struct SlowOrigin {
     port: u16,
     requests: Arc<AtomicUsize>,
+    heads: Arc<std::sync::Mutex<Vec<String>>>,
     task: tokio::task::JoinHandle<()>,
 }
 
@@ -50,17 +53,23 @@ impl SlowOrigin {
         let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind");
         let port = listener.local_addr().expect("addr").port();
         let requests = Arc::new(AtomicUsize::new(0));
-        let seen = requests.clone();
+        let heads: Arc<std::sync::Mutex<Vec<String>>> = Arc::default();
+        let (seen, kept) = (requests.clone(), heads.clone());
         let task = tokio::spawn(async move {
             loop {
                 let Ok((stream, _)) = listener.accept().await else { continue };
-                let seen = seen.clone();
+                let (seen, kept) = (seen.clone(), kept.clone());
                 tokio::spawn(async move {
-                    let _ = answer(stream, send, &seen).await;
+                    let _ = answer(stream, send, &seen, &kept).await;
                 });
             }
         });
-        SlowOrigin { port, requests, task }
+        SlowOrigin { port, requests, heads, task }
+    }
+
+    /// The request heads received, lower-cased.
+    fn heads(&self) -> Vec<String> {
+        self.heads.lock().expect("heads").clone()
     }
 
     fn url(&self) -> String {
@@ -78,7 +87,7 @@ impl Drop for SlowOrigin {
     }
 }
 
-async fn answer(mut stream: TcpStream, send: Send, seen: &AtomicUsize) -> std::io::Result<()> {
+async fn answer(mut stream: TcpStream, send: Send, seen: &AtomicUsize, heads: &std::sync::Mutex<Vec<String>>) -> std::io::Result<()> {
     stream.set_nodelay(true)?;
     let mut head = Vec::new();
     let mut buf = [0u8; 4096];
@@ -89,7 +98,9 @@ async fn answer(mut stream: TcpStream, send: Send, seen: &AtomicUsize) -> std::i
         }
         head.extend_from_slice(&buf[..n]);
     }
+    heads.lock().expect("heads").push(String::from_utf8_lossy(&head).to_ascii_lowercase());
     seen.fetch_add(1, Ordering::SeqCst);
+    tokio::time::sleep(send.head_delay).await;
     let framing = if send.chunked { "transfer-encoding: chunked".to_owned() } else { format!("content-length: {}", send.len) };
     let response_head = format!("HTTP/1.1 200 OK\r\ncache-control: max-age=60\r\netag: \"v1\"\r\n{framing}\r\nconnection: close\r\n\r\n");
     stream.write_all(response_head.as_bytes()).await?;
@@ -239,7 +250,7 @@ const MIB: usize = 1 << 20;
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn coalesced_waiters_get_body_bytes_while_the_origin_still_sends() {
     // 4 MiB at 2 MB/s: about 2 s from the first byte to the last.
-    let origin = SlowOrigin::start(Send { len: 4 * MIB, rate: 2_000_000, break_at: None, chunked: false }).await;
+    let origin = SlowOrigin::start(Send { len: 4 * MIB, rate: 2_000_000, break_at: None, chunked: false, head_delay: Duration::ZERO }).await;
     let bulwark = Bulwark::start(&TestConfig::new(&origin.url()).origin("timeout", "30s").to_toml()).await;
     let got = concurrent_gets(bulwark.addr.port(), "/video", 100).await;
     assert_eq!(origin.requests(), 1, "one origin request for 100 clients");
@@ -261,7 +272,7 @@ async fn coalesced_waiters_get_body_bytes_while_the_origin_still_sends() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_entry_is_stored_before_the_leaders_last_byte() {
-    let origin = SlowOrigin::start(Send { len: 512 << 10, rate: 4_000_000, break_at: None, chunked: true }).await;
+    let origin = SlowOrigin::start(Send { len: 512 << 10, rate: 4_000_000, break_at: None, chunked: true, head_delay: Duration::ZERO }).await;
     let bulwark = Bulwark::start(&TestConfig::new(&origin.url()).to_toml()).await;
     let (first, _) = raw_get(bulwark.addr.port(), "/doc", &[], None, false).await;
     assert_eq!((first.status, first.body.len(), first.complete), (200, 512 << 10, true));
@@ -275,7 +286,7 @@ async fn the_entry_is_stored_before_the_leaders_last_byte() {
 }
 
 async fn a_body_broken_off_aborts_every_reader(chunked: bool) {
-    let origin = SlowOrigin::start(Send { len: 4 * MIB, rate: 8_000_000, break_at: Some(2 * MIB), chunked }).await;
+    let origin = SlowOrigin::start(Send { len: 4 * MIB, rate: 8_000_000, break_at: Some(2 * MIB), chunked, head_delay: Duration::ZERO }).await;
     let bulwark = Bulwark::start(&TestConfig::new(&origin.url()).to_toml()).await;
     let got = concurrent_gets(bulwark.addr.port(), "/broken", 100).await;
     assert_eq!(origin.requests(), 1);
@@ -314,7 +325,7 @@ async fn an_origin_that_breaks_off_a_chunked_body_leaves_every_reader_without_th
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_reader_that_stops_reading_holds_up_no_other_and_is_cut_after_send_timeout() {
-    let origin = SlowOrigin::start(Send { len: 4 * MIB, rate: 4_000_000, break_at: None, chunked: false }).await;
+    let origin = SlowOrigin::start(Send { len: 4 * MIB, rate: 4_000_000, break_at: None, chunked: false, head_delay: Duration::ZERO }).await;
     let config = TestConfig::new(&origin.url()).server("send_timeout", "2s").to_toml();
     let bulwark = Bulwark::start(&config).await;
     let port = bulwark.addr.port();
@@ -339,7 +350,7 @@ async fn a_reader_that_stops_reading_holds_up_no_other_and_is_cut_after_send_tim
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_waiter_whose_client_goes_away_is_detached_without_touching_the_others() {
-    let origin = SlowOrigin::start(Send { len: 2 * MIB, rate: 4_000_000, break_at: None, chunked: false }).await;
+    let origin = SlowOrigin::start(Send { len: 2 * MIB, rate: 4_000_000, break_at: None, chunked: false, head_delay: Duration::ZERO }).await;
     let bulwark = Bulwark::start(&TestConfig::new(&origin.url()).to_toml()).await;
     let port = bulwark.addr.port();
     let leaving: Vec<_> = (0..5)
@@ -366,7 +377,7 @@ async fn a_waiter_whose_client_goes_away_is_detached_without_touching_the_others
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_range_and_a_plain_request_for_a_cold_key_share_the_fill_and_each_get_theirs() {
-    let origin = SlowOrigin::start(Send { len: MIB, rate: 4_000_000, break_at: None, chunked: false }).await;
+    let origin = SlowOrigin::start(Send { len: MIB, rate: 4_000_000, break_at: None, chunked: false, head_delay: Duration::ZERO }).await;
     let bulwark = Bulwark::start(&TestConfig::new(&origin.url()).to_toml()).await;
     let port = bulwark.addr.port();
     let plain = tokio::spawn(raw_get_owned(port, "/file".to_owned()));
@@ -392,10 +403,110 @@ async fn a_range_and_a_plain_request_for_a_cold_key_share_the_fill_and_each_get_
     assert_eq!(origin.requests(), 1, "the ranges came from the shared fill");
 }
 
+/// An object over `max_object_bytes` (8 MiB by default), sent fast.
+const LARGE: Send = Send { len: 40 * MIB, rate: 400_000_000, break_at: None, chunked: false, head_delay: Duration::ZERO };
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_object_over_max_object_bytes_is_streamed_to_every_waiter_from_one_origin_request() {
+    let origin = SlowOrigin::start(LARGE).await;
+    let bulwark = Bulwark::start(&TestConfig::new(&origin.url()).origin("timeout", "30s").to_toml()).await;
+    let got = concurrent_gets(bulwark.addr.port(), "/video", 20).await;
+    assert_eq!(origin.requests(), 1, "one origin request for 20 clients");
+    for g in &got {
+        assert_eq!((g.status, g.body.len(), g.complete), (200, 40 * MIB, true));
+        assert!(intact(&g.body, 0));
+        assert_eq!(g.header("cache-status"), Some("bulwark; fwd=miss; detail=too-large"), "shared, but not a collapsed hit");
+    }
+    assert_eq!(bulwark.metric("bulwark_not_stored_total", &[("reason", "too-large")]).await, 1.0, "the fill is counted once");
+    // "Stream, don't store": later concurrent requests share one fetch again.
+    let again = concurrent_gets(bulwark.addr.port(), "/video", 5).await;
+    assert!(again.iter().all(|g| g.body.len() == 40 * MIB && g.complete));
+    assert_eq!(origin.requests(), 2);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_reader_more_than_stream_window_behind_a_large_fill_is_cut_at_once() {
+    let origin = SlowOrigin::start(LARGE).await;
+    // A send_timeout far beyond the test: what cuts the stuck reader is the window.
+    let config = TestConfig::new(&origin.url()).origin("timeout", "30s").server("send_timeout", "120s").pool("stream_window", "4MiB").to_toml();
+    let bulwark = Bulwark::start(&config).await;
+    let port = bulwark.addr.port();
+    let (stuck, mut stuck_stream) = raw_get(port, "/video", &[], Some(4096), true).await;
+    assert_eq!(stuck.status, 200);
+    let start = Instant::now();
+    let others = concurrent_gets(port, "/video", 5).await;
+    for g in &others {
+        assert_eq!((g.body.len(), g.complete), (40 * MIB, true), "the others are not held back");
+        assert!(intact(&g.body, 0));
+    }
+    assert_eq!(origin.requests(), 1);
+    support::eventually("the stuck reader's abort counted", Duration::from_secs(10), async || bulwark.metric("bulwark_client_aborts_total", &[]).await >= 1.0)
+        .await;
+    assert!(start.elapsed() < Duration::from_secs(60), "cut by the window, not by send_timeout");
+    // Its connection was closed: reading on, it gets what was in flight, then the end.
+    let mut rest = Vec::new();
+    let _ = tokio::time::timeout(Duration::from_secs(10), stuck_stream.read_to_end(&mut rest)).await.expect("the connection was closed");
+    assert!(rest.len() < 40 * MIB, "cut short: {} bytes", rest.len());
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_range_of_a_key_known_too_large_goes_to_the_origin_unchanged_and_alone() {
+    let origin = SlowOrigin::start(Send { len: 12 * MIB, rate: 400_000_000, break_at: None, chunked: false, head_delay: Duration::ZERO }).await;
+    let bulwark = Bulwark::start(&TestConfig::new(&origin.url()).to_toml()).await;
+    let port = bulwark.addr.port();
+    let (first, _) = raw_get(port, "/big", &[], None, false).await;
+    assert_eq!((first.body.len(), first.header("cache-status")), (12 * MIB, Some("bulwark; fwd=miss; detail=too-large")));
+    // Known too large now: the client's Range goes to the origin as it came. This origin
+    // ignores it and sends all of it, from which the part is cut as it streams.
+    let (ranged, _) = raw_get(port, "/big", &[("range", "bytes=0-99")], None, false).await;
+    assert_eq!(origin.requests(), 2);
+    assert!(origin.heads()[1].contains("range: bytes=0-99"), "{}", origin.heads()[1]);
+    assert_eq!((ranged.status, ranged.header("content-range"), ranged.body.len()), (206, Some("bytes 0-99/12582912"), 100));
+    assert!(intact(&ranged.body, 0));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_range_beyond_max_object_bytes_of_a_cold_large_key_is_asked_again_with_its_range() {
+    // The head comes late enough that all three requests meet on one flight.
+    let origin = SlowOrigin::start(Send { len: 12 * MIB, rate: 12_000_000, break_at: None, chunked: false, head_delay: Duration::from_millis(500) }).await;
+    let bulwark = Bulwark::start(&TestConfig::new(&origin.url()).origin("timeout", "30s").to_toml()).await;
+    let port = bulwark.addr.port();
+    let plain = tokio::spawn(raw_get_owned(port, "/big".to_owned()));
+    tokio::time::sleep(Duration::from_millis(100)).await;
+    let near = tokio::spawn(async move { raw_get(port, "/big", &[("range", "bytes=1000-1099")], None, false).await.0 });
+    let far = tokio::spawn(async move { raw_get(port, "/big", &[("range", "bytes=10000000-10000099")], None, false).await.0 });
+    let (plain, near, far) = (plain.await.expect("plain"), near.await.expect("near"), far.await.expect("far"));
+    assert_eq!((plain.status, plain.body.len()), (200, 12 * MIB));
+    // Within what could be stored: cut from the shared fill as it streams.
+    assert_eq!((near.status, near.header("content-range")), (206, Some("bytes 1000-1099/12582912")), "{}", near.head);
+    assert!(intact(&near.body, 1000) && near.body.len() == 100);
+    // Beyond it: asked of the origin again, with its own Range (this origin sends it all,
+    // and the part is cut from that).
+    assert_eq!(origin.requests(), 2, "{:?}", origin.heads());
+    assert!(!origin.heads()[0].contains("range:"), "the shared fetch asks for the whole object");
+    assert!(origin.heads()[1].contains("range: bytes=10000000-10000099"));
+    assert_eq!((far.status, far.header("content-range")), (206, Some("bytes 10000000-10000099/12582912")));
+    assert!(intact(&far.body, 10_000_000));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_large_fill_that_finds_the_body_budget_spent_is_passed_through_to_each_alone() {
+    let origin = SlowOrigin::start(Send { len: 12 * MIB, rate: 400_000_000, break_at: None, chunked: false, head_delay: Duration::ZERO }).await;
+    let config =
+        TestConfig::new(&origin.url()).server("max_inflight_body_bytes", "2MiB").pool("max_object_bytes", "1MiB").pool("stream_window", "4MiB").to_toml();
+    let bulwark = Bulwark::start(&config).await;
+    let got = concurrent_gets(bulwark.addr.port(), "/big", 3).await;
+    for g in &got {
+        assert_eq!((g.body.len(), g.complete), (12 * MIB, true));
+        assert!(intact(&g.body, 0));
+    }
+    assert_eq!(origin.requests(), 3, "a window does not fit in the budget: not coalesced");
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_chunked_answer_over_max_object_bytes_in_its_first_read_still_reaches_its_leader() {
     // The first 64 KiB may arrive with the head, already over max_object_bytes.
-    let origin = SlowOrigin::start(Send { len: MIB, rate: 4_000_000, break_at: None, chunked: true }).await;
+    let origin = SlowOrigin::start(Send { len: MIB, rate: 4_000_000, break_at: None, chunked: true, head_delay: Duration::ZERO }).await;
     let config = TestConfig::new(&origin.url()).pool("max_object_bytes", "16KiB").pool("stream_window", "4KiB").to_toml();
     let bulwark = Bulwark::start(&config).await;
     // One client: with a window this small, a second reader a little slower than the
@@ -403,11 +514,14 @@ async fn a_chunked_answer_over_max_object_bytes_in_its_first_read_still_reaches_
     let (got, _) = raw_get(bulwark.addr.port(), "/feed", &[], None, false).await;
     assert_eq!((got.status, got.body.len(), got.complete), (200, MIB, true), "{}", got.head);
     assert!(intact(&got.body, 0));
+    // Known too large at head time (the first read came with the head) or once it grew
+    // past the limit: counted once either way.
+    assert_eq!(bulwark.metric("bulwark_not_stored_total", &[("reason", "too-large")]).await, 1.0);
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_purge_while_the_body_streams_keeps_it_out_of_the_cache() {
-    let origin = SlowOrigin::start(Send { len: 2 * MIB, rate: 2_000_000, break_at: None, chunked: false }).await;
+    let origin = SlowOrigin::start(Send { len: 2 * MIB, rate: 2_000_000, break_at: None, chunked: false, head_delay: Duration::ZERO }).await;
     let bulwark = Bulwark::start(&TestConfig::new(&origin.url()).to_toml()).await;
     let port = bulwark.addr.port();
     let reading = tokio::spawn(raw_get_owned(port, "/page".to_owned()));
@@ -420,4 +534,37 @@ async fn a_purge_while_the_body_streams_keeps_it_out_of_the_cache() {
     assert_eq!(next.header("cache-status"), Some("bulwark; fwd=miss; stored"), "what was purged while it streamed was not stored");
     assert_eq!(origin.requests(), 2);
     assert_eq!(bulwark.metric("bulwark_not_stored_total", &[("reason", "purged")]).await, 1.0);
+}
+
+async fn two_replicas(origin: &SlowOrigin, redis: &support::RedisServer) -> (Bulwark, Bulwark) {
+    let config = TestConfig::new(&origin.url()).redis(&redis.url()).pool("redis_timeout", "500ms").origin("timeout", "30s").to_toml();
+    let (a, b) = (Bulwark::start(&config).await, Bulwark::start(&config).await);
+    a.wait_for_subscription().await;
+    b.wait_for_subscription().await;
+    (a, b)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_lease_holder_of_a_large_object_tells_the_other_replicas_at_its_head_to_fetch_for_themselves() {
+    let redis = support::RedisServer::start();
+    // 12 MiB at 6 MB/s: 2 s of body after a 300 ms wait for the head.
+    let origin = SlowOrigin::start(Send { len: 12 * MIB, rate: 6_000_000, break_at: None, chunked: false, head_delay: Duration::from_millis(300) }).await;
+    let (a, b) = two_replicas(&origin, &redis).await;
+    let first = tokio::spawn(raw_get_owned(a.addr.port(), "/film".to_owned()));
+    tokio::time::sleep(Duration::from_millis(100)).await;
+    // B finds A's lease and waits for its word; the word comes with A's head, not after
+    // A's body, so B streams its own fetch.
+    let (second, _) = raw_get(b.addr.port(), "/film", &[], None, false).await;
+    let first = first.await.expect("first");
+    for g in [&first, &second] {
+        assert_eq!((g.body.len(), g.complete), (12 * MIB, true));
+        assert!(intact(&g.body, 0));
+    }
+    assert_eq!(origin.requests(), 2, "one fetch per replica");
+    let waited = second.first_body_byte.expect("a body byte");
+    assert!(waited < Duration::from_millis(1500), "the other replica's first body byte after {waited:?}: it waited for the whole body");
+    // Known too large on both now: no lease is taken, each replica fetches at once.
+    let (a_again, b_again) = tokio::join!(raw_get_owned(a.addr.port(), "/film".to_owned()), raw_get_owned(b.addr.port(), "/film".to_owned()));
+    assert!(a_again.complete && b_again.complete);
+    assert_eq!(origin.requests(), 4);
 }

@@ -6,9 +6,10 @@
 //! late starts from the first byte, and the whole body is there to store. The newest
 //! chunk is held back until [`Shared::finish`], so the entry is stored (and its flight
 //! closed) before any reader gets its last byte. A fill that is not stored
-//! ([`Mode::Window`]) keeps only the chunks some reader still needs: the writer reads
-//! the origin no faster than the fastest reader takes it ([`Shared::wait_for_reader`]),
-//! and a reader that falls more than the window behind the newest chunk is cut.
+//! ([`Mode::Window`]) keeps only the last window's worth of chunks: the writer reads the
+//! origin no faster than the fastest reader takes it ([`Shared::wait_for_reader`]), a
+//! reader that falls more than the window behind the newest chunk is cut, and a reader
+//! can join from the first byte as long as the first chunk is still kept.
 //!
 //! A body that fails part way fails every reader ([`Shared::fail`]): their responses are
 //! aborted, never cut short looking complete.
@@ -37,12 +38,16 @@ enum End {
     Failed,
 }
 
+/// Called when a reader is cut (to close its client's connection at once).
+pub type OnCut = Box<dyn FnOnce() + Send>;
+
 /// A reader's place: the absolute index of the next chunk it takes.
 struct Slot {
     pos: u64,
     waker: Option<Waker>,
     /// Fell more than the window behind: its next read fails.
     cut: bool,
+    on_cut: Option<OnCut>,
 }
 
 struct State {
@@ -90,7 +95,7 @@ impl Shared {
         if state.base > 0 || state.end == Some(End::Failed) {
             return None;
         }
-        let slot = Slot { pos: 0, waker: None, cut: false };
+        let slot = Slot { pos: 0, waker: None, cut: false, on_cut: None };
         let id = match state.readers.iter().position(Option::is_none) {
             Some(free) => {
                 state.readers[free] = Some(slot);
@@ -105,9 +110,20 @@ impl Shared {
         Some(Reader { shared: self.clone(), id, skip: 0, left: self.declared, hint_len: self.declared })
     }
 
+    /// The body's declared length, if it has one.
+    pub fn declared(&self) -> Option<u64> {
+        self.declared
+    }
+
     /// Readers attached and not cut.
     pub fn readers(&self) -> usize {
         self.lock().live
+    }
+
+    /// Whether a reader can still join from the first byte.
+    pub fn joinable(&self) -> bool {
+        let state = self.lock();
+        state.base == 0 && state.end != Some(End::Failed)
     }
 
     /// Draws `more` bytes from the body budget for chunks about to be kept.
@@ -121,34 +137,39 @@ impl Shared {
         if chunk.is_empty() {
             return;
         }
-        let wakers = {
+        let (wakers, cut) = {
             let mut state = self.lock();
             state.held += chunk.len();
             state.chunks.push_back(chunk);
             let newest = state.base + state.chunks.len() as u64;
-            match state.mode {
-                Mode::Keep => state.visible = newest - 1,
+            let cut = match state.mode {
+                Mode::Keep => {
+                    state.visible = newest - 1;
+                    Vec::new()
+                }
                 Mode::Window(limit) => {
                     state.visible = newest;
-                    state.cut_behind(limit);
+                    state.cut_behind(limit)
                 }
-            }
-            state.take_wakers()
+            };
+            (state.take_wakers(), cut)
         };
         wakers.into_iter().for_each(Waker::wake);
+        cut.into_iter().for_each(|on_cut| on_cut());
     }
 
     /// Stops keeping chunks for storing: from now on only `limit` bytes behind the newest
     /// chunk are kept (and every chunk already read is visible).
     pub fn to_window(&self, limit: usize) {
-        let wakers = {
+        let (wakers, cut) = {
             let mut state = self.lock();
             state.mode = Mode::Window(limit.max(1));
             state.visible = state.base + state.chunks.len() as u64;
-            state.cut_behind(limit);
-            state.take_wakers()
+            let cut = state.cut_behind(limit);
+            (state.take_wakers(), cut)
         };
         wakers.into_iter().for_each(Waker::wake);
+        cut.into_iter().for_each(|on_cut| on_cut());
         self.writer.notify_one();
     }
 
@@ -233,8 +254,9 @@ impl State {
     }
 
     /// Cuts every reader further than `limit` bytes behind the newest chunk (never the
-    /// newest chunk's own readers), then drops the chunks nobody needs.
-    fn cut_behind(&mut self, limit: usize) {
+    /// newest chunk's own readers) and drops the chunks before the window; returns what
+    /// to call for the readers cut.
+    fn cut_behind(&mut self, limit: usize) -> Vec<OnCut> {
         // The lowest index such that the chunks from it to the newest fit in `limit`.
         let newest = self.base + self.chunks.len() as u64;
         let mut keep_from = newest.saturating_sub(1);
@@ -246,28 +268,20 @@ impl State {
             bytes += chunk.len();
             keep_from -= 1;
         }
-        let mut cut = 0;
+        let mut cut = Vec::new();
         for slot in self.readers.iter_mut().flatten() {
             if !slot.cut && slot.pos < keep_from {
                 slot.cut = true;
-                cut += 1;
+                self.live -= 1;
+                cut.extend(slot.on_cut.take());
             }
         }
-        self.live -= cut;
-        self.trim();
-    }
-
-    /// A windowed fill drops the chunks every reader has taken.
-    fn trim(&mut self) {
-        if self.mode == Mode::Keep {
-            return;
-        }
-        let lowest = self.readers.iter().flatten().filter(|slot| !slot.cut).map(|slot| slot.pos).min().unwrap_or(self.visible);
-        while self.base < lowest.min(self.visible) {
+        while self.base < keep_from {
             let Some(chunk) = self.chunks.pop_front() else { break };
             self.held -= chunk.len();
             self.base += 1;
         }
+        cut
     }
 }
 
@@ -284,6 +298,14 @@ pub struct Reader {
 }
 
 impl Reader {
+    /// Calls `on_cut` if this reader is cut for falling behind.
+    pub fn on_cut(self, on_cut: OnCut) -> Reader {
+        if let Some(slot) = self.shared.lock().readers[self.id].as_mut() {
+            slot.on_cut = Some(on_cut);
+        }
+        self
+    }
+
     /// Sends only bytes `start..=end` of the body.
     pub fn range(mut self, start: u64, end: u64) -> Reader {
         self.skip = start;
@@ -327,17 +349,12 @@ impl Reader {
                 let (visible, base, end, mode) = (state.visible, state.base, state.end, state.mode);
                 let Some(slot) = state.readers[self.id].as_mut() else { return Poll::Ready(Some(Err(OriginBodyError::Interrupted))) };
                 let polled = if slot.cut {
-                    let Mode::Window(limit) = mode else { unreachable!("only a windowed fill cuts") };
+                    let limit = if let Mode::Window(limit) = mode { limit } else { 0 };
                     Some(Err(OriginBodyError::Behind(limit)))
                 } else if slot.pos < visible {
                     let at = usize::try_from(slot.pos - base).unwrap_or(usize::MAX);
-                    let was_lowest = slot.pos == base;
                     slot.pos += 1;
-                    let chunk = state.chunks.get(at).cloned();
-                    if windowed && was_lowest {
-                        state.trim();
-                    }
-                    chunk.map(Ok)
+                    state.chunks.get(at).cloned().map(Ok)
                 } else {
                     match end {
                         Some(End::Complete) => return Poll::Ready(None),
@@ -386,7 +403,6 @@ impl Drop for Reader {
             {
                 state.live -= 1;
             }
-            state.trim();
         }
         self.shared.writer.notify_one();
     }
@@ -473,10 +489,12 @@ mod tests {
     }
 
     #[tokio::test]
-    async fn a_windowed_fill_cuts_a_reader_too_far_behind_and_drops_what_all_have_taken() {
+    async fn a_windowed_fill_cuts_a_reader_too_far_behind_and_keeps_only_the_window() {
         let fill = shared(None);
         let mut fast = fill.attach().expect("attach");
-        let mut slow = fill.attach().expect("attach");
+        let told = Arc::new(std::sync::atomic::AtomicBool::new(false));
+        let flag = told.clone();
+        let mut slow = fill.attach().expect("attach").on_cut(Box::new(move || flag.store(true, std::sync::atomic::Ordering::SeqCst)));
         fill.to_window(8);
         for _ in 0..2 {
             assert!(fill.wait_for_reader().await, "nobody has anything to take");
@@ -489,10 +507,11 @@ mod tests {
         assert!(fill.wait_for_reader().await);
         fill.push(Bytes::from_static(b"efgh"));
         assert_eq!(fill.readers(), 1, "12 bytes behind a window of 8: cut");
+        assert!(told.load(std::sync::atomic::Ordering::SeqCst), "its connection is closed at once");
         assert!(matches!(now(&mut slow), Poll::Ready(Some(Err(OriginBodyError::Behind(8))))));
         assert!(fill.attach().is_none(), "the first chunk is gone: a late reader cannot start");
         assert!(matches!(now(&mut fast), Poll::Ready(Some(Ok(c))) if c == "efgh"));
-        assert_eq!(fill.lock().held, 0, "every chunk taken by every live reader is dropped");
+        assert_eq!(fill.lock().held, 8, "only the window is kept");
         drop(fast);
         assert!(!fill.wait_for_reader().await, "no reader left: the writer stops");
     }

@@ -17,7 +17,7 @@ use http::StatusCode;
 use tokio::sync::watch;
 
 pub use super::hit_for_miss::HIT_FOR_MISS;
-use super::hit_for_miss::HitForMiss;
+use super::hit_for_miss::{HitForMiss, Remembered};
 use super::purge::PurgeLog;
 use crate::error::ProxyError;
 use crate::origin::{Holder, Interest};
@@ -58,11 +58,14 @@ impl Failure {
     }
 }
 
-/// A storable response whose body is still arriving: its readers share one copy.
+/// A response whose body is still arriving: its readers share one copy.
 pub struct Streaming {
     /// The entry as it will be stored, without its body.
     pub head: super::Stored,
     pub shared: Arc<crate::body::shared::Shared>,
+    /// Why it is not stored, when its head said so (over `max_object_bytes`): its
+    /// readers are `miss` with that reason, not `collapsed`.
+    pub not_stored: Option<crate::outcome::NotStored>,
 }
 
 impl std::fmt::Debug for Streaming {
@@ -76,8 +79,8 @@ impl std::fmt::Debug for Streaming {
 pub enum Fill {
     /// The response was stored: serve it (to waiters for the same variant).
     Stored(super::Stored),
-    /// The response's head arrived and it will be stored: read its body as it arrives
-    /// (the flight stays open until it is stored).
+    /// The response's head arrived: read its body as it arrives (the flight stays open
+    /// until it is stored, or while a reader can still join a fill that is not stored).
     Streaming(Arc<Streaming>),
     /// The response may not be stored, for a reason in the response itself: each waiter
     /// asks the origin itself (and the key is remembered as hit-for-miss).
@@ -269,6 +272,15 @@ impl Coalescer {
 
     pub fn forget_uncacheable(&self, key: u128) {
         self.hit_for_miss.remove(key);
+    }
+
+    /// Whether `key` was lately over `max_object_bytes` ("stream, don't store").
+    pub fn is_streamed(&self, key: u128) -> bool {
+        self.hit_for_miss.get(key) == Some(Remembered::Streamed)
+    }
+
+    pub fn remember_streamed(&self, key: u128) {
+        self.hit_for_miss.insert_as(key, Remembered::Streamed);
     }
 
     /// Flights in progress (for tests and metrics).

@@ -1,5 +1,7 @@
-//! Keys recently answered with something not storable (hit-for-miss): requests for them
-//! skip coalescing for [`HIT_FOR_MISS`].
+//! Keys recently answered with something not storable, for [`HIT_FOR_MISS`]: for a
+//! reason in the response (hit-for-miss: requests for them skip coalescing), or for
+//! being over `max_object_bytes` ("stream, don't store": requests for them still share
+//! one fetch, but skip the cross-replica lease, and their ranges go to the origin).
 //!
 //! A fixed table of two-slot buckets indexed by the key's own bits (keys are already
 //! 128-bit hashes): constant memory (65,536 slots of 32 bytes, 2 MiB a pool) and no
@@ -17,11 +19,22 @@ pub const HIT_FOR_MISS: Duration = Duration::from_secs(5);
 const SHARDS: usize = 64;
 const BUCKETS_PER_SHARD: usize = 512;
 
+/// What is remembered of a key.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum Remembered {
+    /// Not storable for a reason in the response: hit-for-miss.
+    #[default]
+    Uncacheable,
+    /// Over `max_object_bytes`: streamed to everyone who shares its fetch, never stored.
+    Streamed,
+}
+
 /// One remembered key: until when, in milliseconds since the table's start (0 = empty).
 #[derive(Clone, Copy, Default)]
 struct Slot {
     key: u128,
     until_ms: u64,
+    what: Remembered,
 }
 
 /// A shard's buckets, two slots each.
@@ -56,15 +69,26 @@ impl HitForMiss {
         (self.shards[shard].lock().unwrap_or_else(|poisoned| poisoned.into_inner()), bucket)
     }
 
-    pub fn contains(&self, key: u128) -> bool {
+    /// What is remembered of `key`, if anything.
+    pub fn get(&self, key: u128) -> Option<Remembered> {
         let now = self.now_ms();
         let (buckets, at) = self.bucket(key);
-        buckets[at].iter().any(|slot| slot.key == key && slot.until_ms > now)
+        buckets[at].iter().find(|slot| slot.key == key && slot.until_ms > now).map(|slot| slot.what)
     }
 
-    /// Remembers `key` for the table's time to live, in its own slot if it has one, else
-    /// in the bucket's empty or soonest-ending one.
+    /// Whether `key` is remembered as hit-for-miss.
+    pub fn contains(&self, key: u128) -> bool {
+        self.get(key) == Some(Remembered::Uncacheable)
+    }
+
+    /// Remembers `key` as hit-for-miss (see [`HitForMiss::insert_as`]).
     pub fn insert(&self, key: u128) {
+        self.insert_as(key, Remembered::Uncacheable);
+    }
+
+    /// Remembers `key` as `what` for the table's time to live, in its own slot if it has
+    /// one, else in the bucket's empty or soonest-ending one.
+    pub fn insert_as(&self, key: u128, what: Remembered) {
         let now = self.now_ms();
         let until_ms = now.saturating_add(self.ttl_ms);
         let (mut buckets, at) = self.bucket(key);
@@ -74,7 +98,7 @@ impl HitForMiss {
             None if bucket[0].until_ms <= bucket[1].until_ms => 0,
             None => 1,
         };
-        bucket[index] = Slot { key, until_ms };
+        bucket[index] = Slot { key, until_ms, what };
     }
 
     pub fn remove(&self, key: u128) {
@@ -102,6 +126,16 @@ mod tests {
         assert!(table.contains(42));
         table.remove(42);
         assert!(!table.contains(42));
+    }
+
+    #[test]
+    fn a_streamed_key_is_not_hit_for_miss_and_one_kind_replaces_the_other() {
+        let table = HitForMiss::default();
+        table.insert_as(42, Remembered::Streamed);
+        assert_eq!(table.get(42), Some(Remembered::Streamed));
+        assert!(!table.contains(42), "stream, don't store still coalesces");
+        table.insert(42);
+        assert_eq!(table.get(42), Some(Remembered::Uncacheable));
     }
 
     #[test]

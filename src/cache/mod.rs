@@ -435,6 +435,22 @@ impl Pool {
         self.coalescer.forget_uncacheable(key.hash);
     }
 
+    /// Whether `key` was lately over `max_object_bytes`: its requests still share a
+    /// fetch, without the cross-replica lease.
+    pub fn is_streamed(&self, key: &CacheKey) -> bool {
+        self.coalescer.is_streamed(key.hash)
+    }
+
+    /// Remembers why `key`'s answer was not stored, if the reason is the response's own:
+    /// over `max_object_bytes` ("stream, don't store"), or anything else (hit-for-miss).
+    pub fn remember_not_stored(&self, key: &CacheKey, reason: crate::outcome::NotStored) {
+        if reason == crate::outcome::NotStored::TooLarge {
+            self.coalescer.remember_streamed(key.hash);
+        } else {
+            self.coalescer.remember_uncacheable(key.hash);
+        }
+    }
+
     /// Refreshes the L1 size gauges (called before `/metrics` is rendered).
     pub async fn update_gauges(&self) {
         self.l1.sync().await;

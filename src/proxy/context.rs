@@ -22,6 +22,9 @@ pub(super) struct RequestContext {
     pub head: bool,
     /// `[server] send_timeout`: how long a streamed response may wait for the client.
     pub send_timeout: std::time::Duration,
+    /// Closes the client's connection at once (HTTP/1.1), for a response cut because its
+    /// client fell behind a shared fill.
+    pub closer: Option<crate::client_timers::Closer>,
 }
 
 impl RequestContext {

@@ -269,7 +269,16 @@ async fn store_or_stream(
     };
     let declared_len = res_parts.headers.get(CONTENT_LENGTH).and_then(|v| v.to_str().ok()).and_then(|v| v.parse::<u64>().ok());
     if declared_len.is_some_and(|len| len > pool.max_object_bytes as u64) {
-        return Ok(Fetched::Streamed(res_parts, ProxyBody::stream(VecDeque::new(), body), NotStored::TooLarge));
+        // Too large to store: streamed to everyone who shares the fetch, within
+        // `stream_window`, drawn from the body budget; with the budget spent, passed
+        // through to this request alone.
+        let Some(window) = route.body_budget.reserve(pool.stream_window) else {
+            return Ok(Fetched::Streamed(res_parts, ProxyBody::stream(VecDeque::new(), body), NotStored::TooLarge));
+        };
+        let tags = take_tags(&mut res_parts.headers, &pool.tag_header);
+        let head = build_stored(job, res_parts, Bytes::new(), freshness, tags, request_time, response_time);
+        let shared = Shared::new(declared_len, window);
+        return Ok(Fetched::Filling(Filling::new(route, head, body, declared_len, shared, pool.stream_window).too_large()));
     }
     // The bytes read are drawn from the process's budget (all of a declared length at
     // once): a burst of large misses streams through rather than holding them all.

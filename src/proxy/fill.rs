@@ -94,6 +94,19 @@ impl Filling {
         }
     }
 
+    /// This answer, known from its head to be over `max_object_bytes`: streamed within
+    /// `stream_window` (reserved already) and not stored.
+    pub fn too_large(mut self) -> Filling {
+        self.shared.to_window(self.window);
+        self.unstored = Some(NotStored::TooLarge);
+        self
+    }
+
+    /// Why it will not be stored, if that is known yet.
+    pub fn not_stored(&self) -> Option<NotStored> {
+        self.unstored
+    }
+
     /// A reader from the first byte (a kept fill takes one until it fails).
     pub fn attach(&self) -> Option<Reader> {
         self.shared.attach()
@@ -147,6 +160,11 @@ impl Filling {
         }
     }
 
+    /// The rest to stream, of an answer known not to be stored ([`Filling::too_large`]).
+    pub fn into_window(self) -> WindowFill {
+        WindowFill { shared: self.shared, body: self.body }
+    }
+
     /// The entry with the whole body (read to its end by [`Filling::step`]).
     pub fn into_stored(self) -> Stored {
         // A stored entry owns exactly its bytes (one copy, not hyper's read buffers).
@@ -163,26 +181,44 @@ fn failed(shared: &Shared, route: &RouteRuntime, source: OriginError) -> Step {
 }
 
 impl WindowFill {
+    /// Streams the body to the readers while a new one can still join from the first
+    /// byte; false when the body has ended (or no reader is left) before that.
+    pub async fn run_while_joinable(&mut self) -> bool {
+        while self.shared.joinable() {
+            if !self.next().await {
+                return false;
+            }
+        }
+        true
+    }
+
     /// Streams the rest of the body to the readers, reading the origin no faster than
     /// the fastest of them takes it. Stops (releasing the origin) when none is left.
-    pub async fn run(self) {
-        let WindowFill { shared, mut body } = self;
-        loop {
-            if !shared.wait_for_reader().await {
-                tracing::debug!("every reader of a streamed fill went away: origin body dropped");
-                return;
+    pub async fn run(mut self) {
+        while self.next().await {}
+    }
+
+    /// One read, once a reader has taken everything there is; false at the end.
+    async fn next(&mut self) -> bool {
+        if !self.shared.wait_for_reader().await {
+            tracing::debug!("every reader of a streamed fill went away: origin body dropped");
+            return false;
+        }
+        match self.body.frame().await {
+            None => {
+                self.shared.finish();
+                false
             }
-            match body.frame().await {
-                None => return shared.finish(),
-                Some(Err(err)) => {
-                    tracing::debug!(error = %err, "origin body failed while streamed");
-                    return shared.fail();
+            Some(Err(err)) => {
+                tracing::debug!(error = %err, "origin body failed while streamed");
+                self.shared.fail();
+                false
+            }
+            Some(Ok(frame)) => {
+                if let Ok(data) = frame.into_data() {
+                    self.shared.push(data);
                 }
-                Some(Ok(frame)) => {
-                    if let Ok(data) = frame.into_data() {
-                        shared.push(data);
-                    }
-                }
+                true
             }
         }
     }

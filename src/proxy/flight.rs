@@ -18,12 +18,13 @@ use tokio::sync::oneshot;
 
 use super::decision::{Decision, Serve, failure_outcome};
 use super::fetch::{FetchJob, Fetched};
-use super::fill::{FillRead, Filling};
+use super::fill::{FillRead, Filling, WindowFill};
 use crate::body::ProxyBody;
 use crate::body::shared::Reader;
 use crate::cache::coalesce::{Answer, Failure, Fill, FlightGuard, Join, Streaming};
 use crate::cache::lease::{LeaseToken, PeerOutcome, PeerWait};
 use crate::cache::policy::may_serve;
+use crate::cache::range::{RangeRequest, Resolved};
 use crate::cache::{CacheKey, Entry, Stored};
 use crate::error::ProxyError;
 use crate::origin::is_failure_status;
@@ -76,7 +77,9 @@ enum LeaderResult {
 /// coalescing and decide what to serve. The caller applies stale-if-error to it.
 pub async fn miss(mut job: FetchJob, stale: Option<Arc<Entry>>) -> Decision {
     let pool = job.pool.clone();
-    if job.store && pool.is_hit_for_miss(&job.key) {
+    // A key known not to be stored: hit-for-miss asks alone; a ranged request for one
+    // over `max_object_bytes` asks alone with its `Range` (never shared: its 206 is its own).
+    if job.store && (pool.is_hit_for_miss(&job.key) || (pool.is_streamed(&job.key) && asks_range(&job))) {
         job.pass_range = passes_range(&job);
         return direct(&job).await;
     }
@@ -139,8 +142,15 @@ pub async fn miss(mut job: FetchJob, stale: Option<Arc<Entry>>) -> Decision {
                     join = pool.join_flight(&job.key);
                     continue;
                 }
+                // A range beyond what could have been stored, of an answer too large to
+                // store: asked of the origin with its own `Range` rather than read through.
+                if streaming.not_stored.is_some() && range_starts_beyond(&job, &streaming) {
+                    job.pass_range = passes_range(&job);
+                    return direct(&job).await;
+                }
+                let outcome = streaming.not_stored.map_or(Outcome::Collapsed, |reason| Outcome::Miss(Store::Not(reason)));
                 match streaming.shared.attach() {
-                    Some(reader) => return Decision::new(Serve::Shared { entry: streaming.head.entry.clone(), reader, age: true }, Outcome::Collapsed),
+                    Some(reader) => return Decision::new(Serve::Shared { entry: streaming.head.entry.clone(), reader, age: true }, outcome),
                     // Its body failed just now: join again (the flight is about to end).
                     None if abandoned >= 2 => return direct(&job).await,
                     None => {
@@ -242,6 +252,18 @@ fn passes_range(job: &FetchJob) -> bool {
     job.parts.method == http::Method::GET
 }
 
+/// Whether the request asks for a single range bulwark would answer.
+fn asks_range(job: &FetchJob) -> bool {
+    RangeRequest::from_request(&job.parts.method, &job.parts.headers).is_some()
+}
+
+/// Whether the request's range, placed in the streaming answer's declared length, starts
+/// past `max_object_bytes` (reading the shared fill up to it would take longest).
+fn range_starts_beyond(job: &FetchJob, streaming: &Streaming) -> bool {
+    let (Some(range), Some(len)) = (RangeRequest::from_request(&job.parts.method, &job.parts.headers), streaming.shared.declared()) else { return false };
+    matches!(range.resolve(&streaming.head.entry.headers, len), Resolved::Part { start, .. } if start > job.pool.config.max_object_bytes as u64)
+}
+
 /// Fetches without coalescing (keys recently answered with something not storable, and
 /// waiters a flight could not serve) and stores the answer if it may be stored.
 pub async fn direct(job: &FetchJob) -> Decision {
@@ -259,7 +281,7 @@ pub async fn direct(job: &FetchJob) -> Decision {
         && !leaders_own(job, parts, *reason)
         && !(parts.status == http::StatusCode::PARTIAL_CONTENT && *reason == NotStored::Status)
     {
-        job.pool.remember_uncacheable(&job.key);
+        job.pool.remember_not_stored(&job.key, *reason);
     }
     if let Ok(Fetched::Storable { stored, .. }) = &result
         && job.store
@@ -277,16 +299,26 @@ pub async fn direct(job: &FetchJob) -> Decision {
     answer(result)
 }
 
-/// A storable answer fetched without coalescing: its body is read (and stored) in its
-/// own task, and streamed to the request as it arrives.
+/// An answer fetched without coalescing whose body goes through a shared fill: read
+/// (and stored, if it may be) in its own task, and streamed to the request as it arrives.
 fn stream_alone(job: &FetchJob, filling: Filling) -> Decision {
     let Some(reader) = filling.attach() else { return Decision::failed(ProxyError::Internal("a new fill refused its reader")) };
     let entry = filling.head.entry.clone();
-    let store = job.store && !job.purged_since(&filling.head);
-    let outcome = if store || !job.store { Outcome::Miss(Store::Stored) } else { Outcome::Miss(Store::Not(NotStored::Purged)) };
-    if job.store && !store {
-        job.route.metrics.not_stored(NotStored::Purged);
+    let purged = job.store && job.purged_since(&filling.head);
+    let outcome = match (purged, filling.not_stored()) {
+        (true, _) => Outcome::Miss(Store::Not(NotStored::Purged)),
+        (false, Some(reason)) => Outcome::Miss(Store::Not(reason)),
+        (false, None) => Outcome::Miss(Store::Stored),
+    };
+    if let Outcome::Miss(Store::Not(reason)) = outcome
+        && job.store
+    {
+        job.route.metrics.not_stored(reason);
+        if reason == NotStored::TooLarge {
+            job.pool.remember_not_stored(&job.key, reason);
+        }
     }
+    let store = job.store && outcome == Outcome::Miss(Store::Stored);
     let filling_head = filling.head.clone();
     let job = job.clone();
     tokio::spawn(async move {
@@ -305,10 +337,12 @@ fn stream_alone(job: &FetchJob, filling: Filling) -> Decision {
                 shared.finish();
             }
             FillRead::Unstored(reason, rest) => {
+                // Grown past what it may store, or the budget: counted now (one known
+                // too large by its head was counted already).
                 if store {
                     job.route.metrics.not_stored(reason);
                     if reason == NotStored::TooLarge {
-                        job.pool.remember_uncacheable(&job.key);
+                        job.pool.remember_not_stored(&job.key, reason);
                     }
                 }
                 rest.run().await;
@@ -355,8 +389,9 @@ fn serve_stale(stale: Option<&Arc<Entry>>, now: SystemTime) -> Option<Decision> 
 async fn run_flight(job: FetchJob, guard: FlightGuard, leader: Option<oneshot::Sender<LeaderResult>>) {
     let pool = job.pool.clone();
     let mut lease = None;
-    // A fetch for requests `no-store` stores nothing, so no replica waits for it.
-    if job.store {
+    // A fetch for requests `no-store` stores nothing, so no replica waits for it; nor
+    // for a key lately too large to store (each replica streams its own fetch).
+    if job.store && !pool.is_streamed(&job.key) {
         match Box::pin(pool.hold_back_for_peers(&peer_wait(&job))).await {
             PeerOutcome::Filled(stored) if may_serve(&job.parts.headers, &stored.entry.headers, &job.route.config.cache) => {
                 Box::pin(pool.store_local(&job.primary, &stored)).await;
@@ -401,11 +436,11 @@ async fn run_flight(job: FetchJob, guard: FlightGuard, leader: Option<oneshot::S
         Ok(Fetched::Streamed(parts, body, reason)) if leaders_own(&job, &parts, reason) => {
             (Fill::Personal, LeaderResult::Fetched(Ok(Fetched::Streamed(parts, body, reason))))
         }
-        Ok(streamed @ Fetched::Streamed(..)) => {
+        Ok(Fetched::Streamed(parts, body, reason)) => {
             if job.store {
-                pool.remember_uncacheable(&job.key);
+                pool.remember_not_stored(&job.key, reason);
             }
-            (Fill::Uncacheable, LeaderResult::Fetched(Ok(streamed)))
+            (Fill::Uncacheable, LeaderResult::Fetched(Ok(Fetched::Streamed(parts, body, reason))))
         }
         // A background refresh queues at low priority; requests that joined it must not be
         // shed for that: they join again, and one of them asks at its own priority. A
@@ -427,18 +462,25 @@ async fn run_flight(job: FetchJob, guard: FlightGuard, leader: Option<oneshot::S
     }
 }
 
-/// A storable answer's head came: the leader and the waiters read its body as it
-/// arrives, while the flight reads it whole, stores it in L1 and closes before the last
-/// byte is released, then writes it to Redis. Purged since the request asked, it is
-/// streamed but not stored (the waiters join a new fetch); too large, or over the body
-/// budget, it streams on to those reading it and is not stored; failing part way, it
-/// fails them all and nothing is stored.
+/// An answer's head came: the leader and the waiters read its body as it arrives.
+/// A storable one is read whole by the flight, stored in L1 and the flight closed before
+/// the last byte is released, then written to Redis. Purged since the request asked, it
+/// is streamed but not stored (the waiters join a new fetch). Too large to store (by its
+/// head, or once it grows past `max_object_bytes`), it streams to everyone who joins
+/// while its first byte is still kept, the other replicas told at once to fetch for
+/// themselves. Over the body budget, it streams on to those reading it. Failing part
+/// way, it fails them all and nothing is stored.
 async fn stream_fill(job: FetchJob, guard: FlightGuard, leader: Option<oneshot::Sender<LeaderResult>>, lease: Option<LeaseToken>, filling: Filling) {
     let pool = job.pool.clone();
     let _ends = filling.shared.writer_guard();
     let purged = job.store && job.purged_since(&filling.head);
-    let streaming = Arc::new(Streaming { head: filling.head.clone(), shared: filling.shared.clone() });
-    let outcome = if purged { Outcome::Miss(Store::Not(NotStored::Purged)) } else { Outcome::Miss(Store::Stored) };
+    let not_stored = filling.not_stored();
+    let streaming = Arc::new(Streaming { head: filling.head.clone(), shared: filling.shared.clone(), not_stored });
+    let outcome = match (purged, not_stored) {
+        (true, _) => Outcome::Miss(Store::Not(NotStored::Purged)),
+        (false, Some(reason)) => Outcome::Miss(Store::Not(reason)),
+        (false, None) => Outcome::Miss(Store::Stored),
+    };
     if let Some(tx) = leader {
         let result = match filling.attach() {
             Some(reader) => LeaderResult::Streaming(streaming.clone(), reader, outcome),
@@ -451,6 +493,7 @@ async fn stream_fill(job: FetchJob, guard: FlightGuard, leader: Option<oneshot::
         let _ = tx.send(result);
     }
     let shared = filling.shared.clone();
+    let filling_head = filling.head.clone();
     if purged {
         job.route.metrics.not_stored(NotStored::Purged);
         let fill = Fill::Personal;
@@ -463,8 +506,13 @@ async fn stream_fill(job: FetchJob, guard: FlightGuard, leader: Option<oneshot::
         }
         return;
     }
-    guard.publish(Fill::Streaming(streaming));
-    let (fill, rest) = match Box::pin(filling.read(&job.route)).await {
+    if let Some(reason) = not_stored {
+        let rest = filling.into_window();
+        return Box::pin(stream_unstored(&job, guard, lease, streaming, reason, rest)).await;
+    }
+    guard.publish(Fill::Streaming(streaming.clone()));
+    drop(streaming);
+    let fill = match Box::pin(filling.read(&job.route)).await {
         // Purged while its body came: not stored (storing it would bring back what was
         // purged, and a flight begun after the purge would be handed it); the waiters
         // that have not joined fetch anew.
@@ -472,7 +520,7 @@ async fn stream_fill(job: FetchJob, guard: FlightGuard, leader: Option<oneshot::
             job.route.metrics.not_stored(NotStored::Purged);
             guard.complete(Fill::Personal);
             shared.finish();
-            (Fill::Personal, None)
+            Fill::Personal
         }
         FillRead::Complete(stored) => {
             if job.store {
@@ -481,39 +529,56 @@ async fn stream_fill(job: FetchJob, guard: FlightGuard, leader: Option<oneshot::
             let fill = Fill::Stored(stored);
             guard.complete(fill.clone());
             shared.finish();
-            (fill, None)
+            fill
         }
+        // Too large after all: from now on like one known too large by its head (those
+        // reading already keep the outcome their head went out with).
+        FillRead::Unstored(NotStored::TooLarge, rest) => {
+            let streaming = Arc::new(Streaming { head: filling_head, shared, not_stored: Some(NotStored::TooLarge) });
+            return Box::pin(stream_unstored(&job, guard, lease, streaming, NotStored::TooLarge, rest)).await;
+        }
+        // The body budget ran out: the process's doing, nothing remembered; the waiters
+        // that have not joined fetch anew.
         FillRead::Unstored(reason, rest) => {
             if job.store {
                 job.route.metrics.not_stored(reason);
             }
-            // Too large is the response's own doing (hit-for-miss, as before streamed
-            // fills); a spent budget is the process's (the waiters fetch anew).
-            let fill = if reason == NotStored::TooLarge && job.store {
-                pool.remember_uncacheable(&job.key);
-                Fill::Uncacheable
-            } else {
-                Fill::Personal
-            };
+            let fill = Fill::Personal;
             guard.complete(fill.clone());
-            (fill, Some(rest))
+            if job.store {
+                Box::pin(pool.finish_flight(&job.primary, &job.key, lease, &fill, job.replaces)).await;
+            }
+            return rest.run().await;
         }
         FillRead::Failed(err) => {
             let fill = Fill::Failed { outcome: Outcome::Error, failure: Failure::Error(Arc::new(err)) };
             guard.complete(fill.clone());
-            (fill, None)
+            fill
         }
     };
-    if let Some(rest) = rest {
-        if job.store {
-            Box::pin(pool.finish_flight(&job.primary, &job.key, lease, &fill, job.replaces)).await;
-        }
-        return rest.run().await;
-    }
     // The readers hold the shared copy as long as they need it; the Redis write does not.
     drop(shared);
     if job.store {
         Box::pin(pool.finish_flight(&job.primary, &job.key, lease, &fill, job.replaces)).await;
+    }
+}
+
+/// An answer too large to store, streaming: counted once, remembered as "stream, don't
+/// store", the other replicas told to fetch for themselves, and shared with everyone who
+/// joins while its first byte is still kept; then the flight ends (later requests share a
+/// new fetch) and it streams on to its readers.
+async fn stream_unstored(job: &FetchJob, guard: FlightGuard, lease: Option<LeaseToken>, streaming: Arc<Streaming>, reason: NotStored, mut rest: WindowFill) {
+    let pool = &job.pool;
+    if job.store {
+        job.route.metrics.not_stored(reason);
+        pool.remember_not_stored(&job.key, reason);
+        Box::pin(pool.finish_flight(&job.primary, &job.key, lease, &Fill::Uncacheable, false)).await;
+    }
+    guard.publish(Fill::Streaming(streaming.clone()));
+    let more = rest.run_while_joinable().await;
+    guard.complete(Fill::Streaming(streaming));
+    if more {
+        rest.run().await;
     }
 }
 

@@ -100,8 +100,9 @@ impl Proxy {
         self.draining.load(Ordering::Acquire)
     }
 
-    /// Handles one client request, start to finish.
-    pub async fn handle(&self, req: Request<Incoming>, peer: SocketAddr) -> Response<ProxyBody> {
+    /// Handles one client request, start to finish; `closer` closes its connection at once
+    /// (a response cut for falling behind a shared fill).
+    pub async fn handle(&self, req: Request<Incoming>, peer: SocketAddr, closer: Option<crate::client_timers::Closer>) -> Response<ProxyBody> {
         let start = Instant::now();
         let runtime = self.live.runtime();
         let version = req.version();
@@ -143,6 +144,7 @@ impl Proxy {
             timings,
             head: parts.method == Method::HEAD,
             send_timeout: runtime.config.server.send_timeout,
+            closer,
         };
         let conditional = crate::cache::revalidate::Conditional::from_request(&parts.method, &parts.headers);
         let range = crate::cache::range::RangeRequest::from_request(&parts.method, &parts.headers);

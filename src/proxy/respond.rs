@@ -64,7 +64,10 @@ pub(super) fn render(
     if let Some(conditional) = conditional.filter(|_| stored) {
         res = not_modified_if(res, conditional);
     }
-    let range = range.filter(|_| stored && res.status() == StatusCode::OK);
+    // A shared fill answers ranges whether it is stored or not (one too large to store
+    // is fetched whole for everyone who shares it, and each range cut from it).
+    let shared = matches!(source, Some(Source::Shared(_)));
+    let range = range.filter(|_| (stored || shared) && res.status() == StatusCode::OK);
     match source {
         Some(Source::Stored(body)) if range.is_some() => {
             let len = body.len() as u64;
@@ -73,6 +76,12 @@ pub(super) fn render(
         // A 304 sends no body: the reader is dropped, and detached from the fill.
         Some(Source::Shared(_)) if res.status() == StatusCode::NOT_MODIFIED => {}
         Some(Source::Shared(reader)) => {
+            // A client cut for falling behind loses its connection at once, not when it
+            // next reads (HTTP/1.1; an h2 stream is reset when it is next polled).
+            let reader = match ctx.closer.clone() {
+                Some(closer) => reader.on_cut(Box::new(move || closer.close())),
+                None => reader,
+            };
             let send = |reader| if ctx.head { ProxyBody::shared(reader) } else { ProxyBody::shared(reader).with_send_timeout(ctx.send_timeout) };
             // Without a declared length a range cannot be placed before the end: the
             // whole body (a server may ignore `Range`, RFC 9110 section 14.2). With one, the
