@@ -30,6 +30,14 @@ impl ByteBudget {
         reservation.grow(bytes).then_some(reservation)
     }
 
+    /// A reservation of `bytes`, if it leaves at least half the budget for others: what
+    /// a fill that is not stored may take, so stored fills always have the rest.
+    pub fn reserve_from_half(self: &Arc<Self>, bytes: usize) -> Option<Reservation> {
+        let half = self.limit / 2;
+        let taken = self.used.fetch_update(Ordering::AcqRel, Ordering::Acquire, |used| used.checked_add(bytes).filter(|total| *total <= half)).is_ok();
+        taken.then(|| Reservation { budget: self.clone(), bytes })
+    }
+
     /// Bytes reserved now.
     pub fn used(&self) -> usize {
         self.used.load(Ordering::Acquire)
@@ -78,6 +86,10 @@ mod tests {
         assert_eq!(budget.used(), 100);
         drop(first);
         assert_eq!(budget.used(), 0);
+        let half = budget.reserve_from_half(50).expect("half of 100");
+        assert!(budget.reserve_from_half(1).is_none(), "past half: refused");
+        assert!(budget.reserve(50).is_some(), "the other half is for the rest");
+        drop(half);
         assert!(budget.reserve(100).is_some());
         assert!(budget.reserve(usize::MAX).is_none(), "no overflow");
     }

@@ -568,3 +568,15 @@ async fn the_lease_holder_of_a_large_object_tells_the_other_replicas_at_its_head
     assert!(a_again.complete && b_again.complete);
     assert_eq!(origin.requests(), 4);
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_leader_whose_range_starts_past_max_object_bytes_asks_again_with_its_range() {
+    let origin = SlowOrigin::start(Send { len: 12 * MIB, rate: 12_000_000, break_at: None, chunked: false, head_delay: Duration::ZERO }).await;
+    let bulwark = Bulwark::start(&TestConfig::new(&origin.url()).origin("timeout", "30s").to_toml()).await;
+    let (got, _) = raw_get(bulwark.addr.port(), "/seek", &[("range", "bytes=11000000-11000099")], None, false).await;
+    assert_eq!((got.status, got.header("content-range")), (206, Some("bytes 11000000-11000099/12582912")), "{}", got.head);
+    assert!(intact(&got.body, 11_000_000) && got.body.len() == 100);
+    let heads = origin.heads();
+    assert_eq!(heads.len(), 2, "{heads:?}");
+    assert!(!heads[0].contains("range:") && heads[1].contains("range: bytes=11000000-11000099"));
+}

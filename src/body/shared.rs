@@ -58,6 +58,8 @@ struct State {
     visible: u64,
     /// Bytes in `chunks`.
     held: usize,
+    /// Bytes pushed in all.
+    pushed: u64,
     mode: Mode,
     end: Option<End>,
     readers: Vec<Option<Slot>>,
@@ -80,7 +82,8 @@ impl Shared {
     /// A fill that keeps every chunk until [`Shared::finish`] (to be stored), its bytes
     /// drawn from `reservation` ([`Shared::grow`]).
     pub fn new(declared: Option<u64>, reservation: Reservation) -> Arc<Shared> {
-        let state = State { chunks: VecDeque::new(), base: 0, visible: 0, held: 0, mode: Mode::Keep, end: None, readers: Vec::new(), live: 0, reservation };
+        let state =
+            State { chunks: VecDeque::new(), base: 0, visible: 0, held: 0, pushed: 0, mode: Mode::Keep, end: None, readers: Vec::new(), live: 0, reservation };
         Arc::new(Shared { state: Mutex::new(state), declared, writer: Notify::new() })
     }
 
@@ -88,11 +91,11 @@ impl Shared {
         self.state.lock().unwrap_or_else(|poisoned| poisoned.into_inner())
     }
 
-    /// A reader from the first byte; `None` once the first chunk is gone (a windowed
-    /// fill moved on) or the body failed.
+    /// A reader from the first byte; `None` once a windowed fill has moved on (see
+    /// [`Shared::joinable`]) or the body failed.
     pub fn attach(self: &Arc<Self>) -> Option<Reader> {
         let mut state = self.lock();
-        if state.base > 0 || state.end == Some(End::Failed) {
+        if !state.joinable() {
             return None;
         }
         let slot = Slot { pos: 0, waker: None, cut: false, on_cut: None };
@@ -122,8 +125,7 @@ impl Shared {
 
     /// Whether a reader can still join from the first byte.
     pub fn joinable(&self) -> bool {
-        let state = self.lock();
-        state.base == 0 && state.end != Some(End::Failed)
+        self.lock().joinable()
     }
 
     /// Draws `more` bytes from the body budget for chunks about to be kept.
@@ -140,6 +142,7 @@ impl Shared {
         let (wakers, cut) = {
             let mut state = self.lock();
             state.held += chunk.len();
+            state.pushed += chunk.len() as u64;
             state.chunks.push_back(chunk);
             let newest = state.base + state.chunks.len() as u64;
             let cut = match state.mode {
@@ -249,6 +252,17 @@ impl Drop for WriterGuard {
 }
 
 impl State {
+    /// A reader can still join from the first byte: any time while chunks are kept (to be
+    /// stored); a windowed fill, while its first chunk is kept and it has pushed no more
+    /// than half its window (a reader that joins later would soon be cut).
+    fn joinable(&self) -> bool {
+        match self.mode {
+            _ if self.end == Some(End::Failed) => false,
+            Mode::Keep => true,
+            Mode::Window(limit) => self.base == 0 && self.pushed <= (limit / 2) as u64,
+        }
+    }
+
     fn take_wakers(&mut self) -> Vec<Waker> {
         self.readers.iter_mut().flatten().filter_map(|slot| slot.waker.take()).collect()
     }
@@ -496,12 +510,14 @@ mod tests {
         let flag = told.clone();
         let mut slow = fill.attach().expect("attach").on_cut(Box::new(move || flag.store(true, std::sync::atomic::Ordering::SeqCst)));
         fill.to_window(8);
-        for _ in 0..2 {
+        for round in 0..2 {
             assert!(fill.wait_for_reader().await, "nobody has anything to take");
             fill.push(Bytes::from_static(b"abcd"));
             assert!(matches!(now(&mut fast), Poll::Ready(Some(Ok(_)))));
+            // Within half the window a reader may still join from the first byte; past it,
+            // one would soon be cut.
+            assert_eq!(fill.attach().is_some(), round == 0, "round {round}");
         }
-        assert!(fill.attach().is_some(), "the first chunk is still there");
         // The slow reader is 8 bytes behind: within the window.
         assert_eq!(fill.readers(), 2);
         assert!(fill.wait_for_reader().await);

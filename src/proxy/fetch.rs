@@ -270,9 +270,10 @@ async fn store_or_stream(
     let declared_len = res_parts.headers.get(CONTENT_LENGTH).and_then(|v| v.to_str().ok()).and_then(|v| v.parse::<u64>().ok());
     if declared_len.is_some_and(|len| len > pool.max_object_bytes as u64) {
         // Too large to store: streamed to everyone who shares the fetch, within
-        // `stream_window`, drawn from the body budget; with the budget spent, passed
-        // through to this request alone.
-        let Some(window) = route.body_budget.reserve(pool.stream_window) else {
+        // `stream_window`, drawn from (at most half of) the body budget, so such fills
+        // never starve the ones that are stored; past it, passed through to this
+        // request alone.
+        let Some(window) = route.body_budget.reserve_from_half(pool.stream_window) else {
             return Ok(Fetched::Streamed(res_parts, ProxyBody::stream(VecDeque::new(), body), NotStored::TooLarge));
         };
         let tags = take_tags(&mut res_parts.headers, &pool.tag_header);

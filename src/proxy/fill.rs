@@ -202,6 +202,8 @@ impl WindowFill {
     async fn next(&mut self) -> bool {
         if !self.shared.wait_for_reader().await {
             tracing::debug!("every reader of a streamed fill went away: origin body dropped");
+            // Nobody may join what will never be read on: a late one fetches anew.
+            self.shared.fail();
             return false;
         }
         match self.body.frame().await {

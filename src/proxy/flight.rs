@@ -145,6 +145,7 @@ pub async fn miss(mut job: FetchJob, stale: Option<Arc<Entry>>) -> Decision {
                 // A range beyond what could have been stored, of an answer too large to
                 // store: asked of the origin with its own `Range` rather than read through.
                 if streaming.not_stored.is_some() && range_starts_beyond(&job, &streaming) {
+                    drop((streaming, waiting));
                     job.pass_range = passes_range(&job);
                     return direct(&job).await;
                 }
@@ -216,6 +217,8 @@ async fn lead(mut job: FetchJob, guard: FlightGuard, stale: Option<Arc<Entry>>) 
     let clock = job.pool.clock.clone();
     // This request wants the answer until it has one or its client is gone.
     let wants = guard.interest().hold();
+    // A ranged request may have to ask again, alone (see `range_starts_beyond`).
+    let alone = asks_range(&job).then(|| job.clone());
     job.interest = Some(guard.interest().clone());
     tokio::spawn(run_flight(job, guard, Some(tx)));
     let now = clock.now();
@@ -234,6 +237,13 @@ async fn lead(mut job: FetchJob, guard: FlightGuard, stale: Option<Arc<Entry>>) 
     match result {
         Ok(LeaderResult::FromPeer(stored)) => Decision::entry(stored.entry, Outcome::Collapsed),
         Ok(LeaderResult::Streaming(streaming, reader, outcome)) => {
+            if streaming.not_stored.is_some()
+                && let Some(mut job) = alone.filter(|job| range_starts_beyond(job, &streaming))
+            {
+                drop((streaming, reader));
+                job.pass_range = passes_range(&job);
+                return direct(&job).await;
+            }
             let entry = streaming.head.entry.clone();
             let age = entry.initial_age >= Duration::from_secs(1);
             Decision::new(Serve::Shared { entry, reader, age }, outcome)
@@ -252,16 +262,26 @@ fn passes_range(job: &FetchJob) -> bool {
     job.parts.method == http::Method::GET
 }
 
+/// The complete length a 206's `Content-Range` gives (`bytes a-b/N`), if it gives one.
+fn complete_length(headers: &http::HeaderMap) -> Option<u64> {
+    let value = headers.get(http::header::CONTENT_RANGE)?.to_str().ok()?;
+    value.strip_prefix("bytes ")?.rsplit_once('/')?.1.trim().parse().ok()
+}
+
 /// Whether the request asks for a single range bulwark would answer.
 fn asks_range(job: &FetchJob) -> bool {
     RangeRequest::from_request(&job.parts.method, &job.parts.headers).is_some()
 }
 
 /// Whether the request's range, placed in the streaming answer's declared length, starts
-/// past `max_object_bytes` (reading the shared fill up to it would take longest).
+/// past `max_object_bytes` (or half `stream_window`, if less): reading the shared fill up
+/// to it would take longest, and a reader skipping that far ahead would drag the origin
+/// at its pace and leave the others behind the window.
 fn range_starts_beyond(job: &FetchJob, streaming: &Streaming) -> bool {
     let (Some(range), Some(len)) = (RangeRequest::from_request(&job.parts.method, &job.parts.headers), streaming.shared.declared()) else { return false };
-    matches!(range.resolve(&streaming.head.entry.headers, len), Resolved::Part { start, .. } if start > job.pool.config.max_object_bytes as u64)
+    let pool = &job.pool.config;
+    let beyond = pool.max_object_bytes.min(pool.stream_window / 2) as u64;
+    matches!(range.resolve(&streaming.head.entry.headers, len), Resolved::Part { start, .. } if start > beyond)
 }
 
 /// Fetches without coalescing (keys recently answered with something not storable, and
@@ -282,6 +302,16 @@ pub async fn direct(job: &FetchJob) -> Decision {
         && !(parts.status == http::StatusCode::PARTIAL_CONTENT && *reason == NotStored::Status)
     {
         job.pool.remember_not_stored(&job.key, *reason);
+    }
+    // A 206 whose whole is too large to store (`Content-Range: bytes a-b/N`, N over
+    // `max_object_bytes`) keeps its key "stream, don't store", so the next seek into it
+    // goes to the origin with its range again rather than leading a whole fetch.
+    if let Ok(Fetched::Streamed(parts, _, _)) = &result
+        && job.store
+        && parts.status == http::StatusCode::PARTIAL_CONTENT
+        && complete_length(&parts.headers).is_some_and(|len| len > job.pool.config.max_object_bytes as u64)
+    {
+        job.pool.remember_not_stored(&job.key, NotStored::TooLarge);
     }
     if let Ok(Fetched::Storable { stored, .. }) = &result
         && job.store
@@ -572,9 +602,12 @@ async fn stream_unstored(job: &FetchJob, guard: FlightGuard, lease: Option<Lease
     if job.store {
         job.route.metrics.not_stored(reason);
         pool.remember_not_stored(&job.key, reason);
+    }
+    // Published before the Redis round trip: joiners meanwhile get this fill's outcome.
+    guard.publish(Fill::Streaming(streaming.clone()));
+    if job.store {
         Box::pin(pool.finish_flight(&job.primary, &job.key, lease, &Fill::Uncacheable, false)).await;
     }
-    guard.publish(Fill::Streaming(streaming.clone()));
     let more = rest.run_while_joinable().await;
     guard.complete(Fill::Streaming(streaming));
     if more {
