@@ -146,8 +146,11 @@ impl Shared {
             state.chunks.push_back(chunk);
             let newest = state.base + state.chunks.len() as u64;
             let cut = match state.mode {
+                // Only the chunk that may be the last is held back: with a declared
+                // length, the one that reaches it; without, the newest.
                 Mode::Keep => {
-                    state.visible = newest - 1;
+                    let more_to_come = self.declared.is_some_and(|len| state.pushed < len);
+                    state.visible = if more_to_come { newest } else { newest - 1 };
                     Vec::new()
                 }
                 Mode::Window(limit) => {
@@ -447,7 +450,7 @@ mod tests {
 
     #[tokio::test]
     async fn a_kept_fill_holds_back_its_newest_chunk_until_finished() {
-        let fill = shared(Some(6));
+        let fill = shared(None);
         let mut reader = fill.attach().expect("attach");
         fill.push(Bytes::from_static(b"abc"));
         assert!(now(&mut reader).is_pending(), "the only chunk is the newest: held back");
@@ -460,6 +463,19 @@ mod tests {
         assert!(matches!(now(&mut reader), Poll::Ready(Some(Ok(c))) if c == "def"));
         assert!(matches!(now(&mut reader), Poll::Ready(None)));
         assert_eq!(read_all(late).await.expect("whole"), b"abcdef");
+    }
+
+    #[tokio::test]
+    async fn a_kept_fill_of_declared_length_holds_back_only_the_chunk_that_ends_it() {
+        let fill = shared(Some(6));
+        let mut reader = fill.attach().expect("attach");
+        fill.push(Bytes::from_static(b"abc"));
+        assert!(matches!(now(&mut reader), Poll::Ready(Some(Ok(c))) if c == "abc"), "more is to come: sent at once");
+        fill.push(Bytes::from_static(b"def"));
+        assert!(now(&mut reader).is_pending(), "the last chunk waits for the entry to be stored");
+        fill.finish();
+        assert!(matches!(now(&mut reader), Poll::Ready(Some(Ok(c))) if c == "def"));
+        assert!(matches!(now(&mut reader), Poll::Ready(None)));
     }
 
     #[tokio::test]
@@ -481,6 +497,7 @@ mod tests {
         let guard = fill.writer_guard();
         fill.push(Bytes::from_static(b"abc"));
         drop(guard);
+        assert!(matches!(now(&mut reader), Poll::Ready(Some(Ok(_)))));
         assert!(matches!(now(&mut reader), Poll::Ready(Some(Err(OriginBodyError::Interrupted)))), "never left waiting");
         let finished = shared(None);
         let mut reader = finished.attach().expect("attach");
