@@ -14,6 +14,7 @@
 # With MODE=miss every request is a new path the origin answers `no-store`, so the count
 # is the miss path: lookup, coalescing, the origin request and its answer streamed back.
 set -euo pipefail
+# KEEP=1 keeps the callgrind files (their directory is printed) for callgrind_annotate.
 
 OLD=${1:?usage: callgrind-hit.sh OLD_BINARY [NEW_BINARY]}
 NEW=${2:-}
@@ -27,7 +28,7 @@ PIDS=()
 cleanup() {
     for pid in "${PIDS[@]}"; do kill "$pid" 2>/dev/null || true; done
     wait 2>/dev/null || true
-    rm -rf "$WORK"
+    [ -n "${KEEP:-}" ] || rm -rf "$WORK"
 }
 trap cleanup EXIT
 
@@ -81,4 +82,5 @@ count() {
 
 count old "$OLD"
 count new "$NEW"
+[ -z "${KEEP:-}" ] || echo "callgrind files in $WORK"
 awk -v o="$(cat "$WORK/old.total")" -v n="$(cat "$WORK/new.total")" 'BEGIN {printf "ratio new/old instructions per request %.4f\n", n / o}'

@@ -218,7 +218,7 @@ async fn lead(mut job: FetchJob, guard: FlightGuard, stale: Option<Arc<Entry>>) 
     // This request wants the answer until it has one or its client is gone.
     let wants = guard.interest().hold();
     // A ranged request may have to ask again, alone (see `range_starts_beyond`).
-    let alone = asks_range(&job).then(|| job.clone());
+    let alone = asks_range(&job).then(|| Box::new(job.clone()));
     job.interest = Some(guard.interest().clone());
     tokio::spawn(run_flight(job, guard, Some(tx)));
     let now = clock.now();
@@ -242,7 +242,8 @@ async fn lead(mut job: FetchJob, guard: FlightGuard, stale: Option<Arc<Entry>>) 
             {
                 drop((streaming, reader));
                 job.pass_range = passes_range(&job);
-                return direct(&job).await;
+                // Boxed: a rare path, kept out of every request's future.
+                return Box::pin(direct(&job)).await;
             }
             let entry = streaming.head.entry.clone();
             let age = entry.initial_age >= Duration::from_secs(1);
