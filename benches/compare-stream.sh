@@ -10,6 +10,10 @@
 #    at full speed, to LARGE_CLIENTS clients reading at full speed, through a freshly
 #    started bulwark: its resident set before, its peak (VmHWM) after, and the origin
 #    requests.
+# 3. Across replicas: two bulwarks sharing a pool's Redis (a private redis-server), half
+#    the clients on each, for a cold key: a storable 4 MiB at 2 MB/s, and a 12 MiB one
+#    over max_object_bytes at 6 MB/s. Prints the first-body-byte and last-byte times of
+#    each replica's clients and the origin requests.
 #
 #   benches/compare-stream.sh                 # 5 rounds, 100 clients
 #   ROUNDS=9 CLIENTS=200 benches/compare-stream.sh
@@ -155,3 +159,52 @@ peak=$(rss_kib "$LARGE_PID" VmHWM)
 echo "$out"
 echo "origin requests: $(origin_requests "/$LARGE/0/large")"
 echo "resident before: $((before / 1024)) MiB, peak: $((peak / 1024)) MiB, growth: $(((peak - before) / 1024)) MiB (object $((LARGE >> 20)) MiB, stream_window 16 MiB)"
+
+echo
+echo "3. Across replicas: $((CLIENTS / 2)) clients on each of two replicas sharing a Redis, one cold key"
+command -v redis-server >/dev/null 2>&1 || need_package redis-server redis-server
+RP=$(free_port)
+redis-server --port "$RP" --bind 127.0.0.1 --save '' --appendonly no --daemonize no >"$WORK/redis.log" 2>&1 & PIDS+=($!)
+wait_port "$RP"
+for name in r1 r2; do
+    port=$(free_port); admin=$(free_port)
+    cat > "$WORK/$name.toml" <<TOML
+[server]
+listen = "127.0.0.1:$port"
+admin_listen = "127.0.0.1:$admin"
+drain_delay = "0s"
+[[origins]]
+name = "origin"
+url = "http://127.0.0.1:$OP"
+timeout = "30s"
+[[pools]]
+name = "pdp"
+l1_max_bytes = "64MiB"
+redis_url = "redis://127.0.0.1:$RP/0"
+redis_timeout = "500ms"
+[[routes]]
+name = "all"
+path_prefix = "/"
+pool = "pdp"
+origin = "origin"
+TOML
+    "$BULWARK" serve --config "$WORK/$name.toml" 2>"$WORK/$name.log" & PIDS+=($!)
+    eval "${name}_PORT=$port; ${name}_ADMIN=$admin"
+done
+wait_port "$r1_PORT"; wait_port "$r2_PORT"
+# Leases are taken only while the pool's subscription is up.
+for admin in "$r1_ADMIN" "$r2_ADMIN"; do
+    for _ in $(seq 100); do curl -fsS "http://127.0.0.1:$admin/metrics" | grep -q '^bulwark_redis_events_subscribed{[^}]*} 1' && break; sleep 0.1; done
+done
+for case in "$((4 << 20))/2000000/replicas-stored" "$((12 << 20))/6000000/replicas-large"; do
+    "$STREAM" "127.0.0.1:$r1_PORT" "/$case" "$((CLIENTS / 2))" > "$WORK/r1.out" &
+    first=$!
+    sleep 0.05
+    "$STREAM" "127.0.0.1:$r2_PORT" "/$case" "$((CLIENTS / 2))" > "$WORK/r2.out"
+    wait "$first"
+    for name in r1 r2; do
+        out=$(cat "$WORK/$name.out")
+        echo "/$case replica $name: first body byte p50/p90 $(field "$out" first_body_byte_p50_ms)/$(field "$out" first_body_byte_p90_ms) ms, last byte p50 $(field "$out" last_byte_p50_ms) ms, failures $(field "$out" failures)"
+    done
+    echo "/$case origin requests: $(origin_requests "/$case")"
+done
