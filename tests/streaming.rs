@@ -580,3 +580,33 @@ async fn a_leader_whose_range_starts_past_max_object_bytes_asks_again_with_its_r
     assert_eq!(heads.len(), 2, "{heads:?}");
     assert!(!heads[0].contains("range:") && heads[1].contains("range: bytes=11000000-11000099"));
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn h2_streams_on_one_connection_share_a_streamed_fill() {
+    use http_body_util::BodyExt;
+    let origin = SlowOrigin::start(Send { len: 2 * MIB, rate: 4_000_000, break_at: None, chunked: false, head_delay: Duration::ZERO }).await;
+    let bulwark = Bulwark::start(&TestConfig::new(&origin.url()).to_toml()).await;
+    let client =
+        hyper_util::client::legacy::Client::builder(hyper_util::rt::TokioExecutor::new()).http2_only(true).build_http::<http_body_util::Full<bytes::Bytes>>();
+    let tasks: Vec<_> = (0..10)
+        .map(|_| {
+            let (client, url) = (client.clone(), bulwark.url("/h2-clip"));
+            tokio::spawn(async move {
+                let req = http::Request::get(url).body(http_body_util::Full::default()).expect("request");
+                let res = client.request(req).await.expect("h2 request");
+                assert_eq!(res.version(), http::Version::HTTP_2);
+                let status = res.headers()["cache-status"].to_str().expect("ascii").to_owned();
+                (status, res.into_body().collect().await.expect("whole body").to_bytes())
+            })
+        })
+        .collect();
+    let mut statuses = Vec::new();
+    for task in tasks {
+        let (status, body) = task.await.expect("stream");
+        assert_eq!(body.len(), 2 * MIB);
+        assert!(intact(&body, 0));
+        statuses.push(status);
+    }
+    assert_eq!(origin.requests(), 1, "{statuses:?}");
+    assert_eq!(statuses.iter().filter(|s| *s == "bulwark; fwd=miss; collapsed").count(), 9, "{statuses:?}");
+}
