@@ -346,6 +346,13 @@ impl Config {
                     pool.name, pool.max_object_bytes, self.server.max_inflight_body_bytes
                 ));
             }
+            // Fills that are not stored take at most half the body budget.
+            if pool.stream_window > self.server.max_inflight_body_bytes / 2 {
+                out.push(format!(
+                    "pool {:?}: stream_window ({} bytes) is over half of [server] max_inflight_body_bytes ({} bytes): responses over max_object_bytes are never coalesced",
+                    pool.name, pool.stream_window, self.server.max_inflight_body_bytes
+                ));
+            }
             // A write holds the encoded entry twice (the command and its buffer).
             if pool.shared.is_some() && pool.redis_write_queue_bytes < pool.max_object_bytes.saturating_mul(2) {
                 out.push(format!(

@@ -201,7 +201,17 @@ fn check_warns_of_objects_that_could_never_be_stored_or_written() {
     let warnings = config.warnings();
     assert!(warnings.iter().any(|w| w.contains("max_inflight_body_bytes")), "{warnings:?}");
     assert!(warnings.iter().any(|w| w.contains("redis_write_queue_bytes")), "{warnings:?}");
+    assert!(warnings.iter().any(|w| w.contains("stream_window") && w.contains("never coalesced")), "{warnings:?}");
     assert!(parse(MINIMAL).expect("valid").warnings().is_empty(), "the defaults warn of nothing");
+}
+
+#[test]
+fn stream_window_defaults_to_16mib_and_a_bad_one_names_its_line() {
+    assert_eq!(parse(MINIMAL).expect("valid").pools[0].stream_window, 16 << 20);
+    let text = MINIMAL.replace("name = \"pdp\"", "name = \"pdp\"\nstream_window = \"4MiB\"");
+    assert_eq!(parse(&text).expect("valid").pools[0].stream_window, 4 << 20);
+    let refused = error_of(&MINIMAL.replace("name = \"pdp\"", "name = \"pdp\"\nstream_window = \"100B\""));
+    assert!(refused.contains("stream_window must be between 1KiB and 4GiB") && refused.contains("bulwark.toml:"), "{refused}");
 }
 
 #[test]
