@@ -219,29 +219,8 @@ impl RedisCluster {
     pub fn start() -> RedisCluster {
         let dir = std::env::temp_dir().join(format!("bulwark-cluster-{}-{}", std::process::id(), free_port()));
         std::fs::create_dir_all(&dir).expect("cluster dir");
-        let mut nodes = Vec::new();
-        for _ in 0..6 {
-            let port = free_port();
-            let child = Command::new("redis-server")
-                .args(["--port", &port.to_string(), "--bind", "127.0.0.1", "--save", "", "--appendonly", "no"])
-                .args(["--cluster-enabled", "yes", "--cluster-node-timeout", "1000"])
-                .args(["--cluster-config-file", &format!("nodes-{port}.conf")])
-                .arg("--dir")
-                .arg(&dir)
-                .stdout(Stdio::null())
-                .stderr(Stdio::null())
-                .spawn()
-                .expect("spawn redis-server");
-            nodes.push(RedisClusterNode { port, child: Some(child) });
-        }
+        let nodes = (0..6).map(|_| RedisClusterNode::spawn(&dir)).collect();
         let cluster = RedisCluster { nodes, dir };
-        for node in &cluster.nodes {
-            let deadline = Instant::now() + Duration::from_secs(5);
-            while !node.ping() {
-                assert!(Instant::now() < deadline, "cluster node {} did not start", node.port);
-                std::thread::sleep(Duration::from_millis(20));
-            }
-        }
         let addrs: Vec<String> = cluster.nodes.iter().map(|n| format!("127.0.0.1:{}", n.port)).collect();
         let out = Command::new("redis-cli")
             .args(["--cluster", "create"])
@@ -311,6 +290,42 @@ impl RedisCluster {
 }
 
 impl RedisClusterNode {
+    /// A cluster node on a free port, answering PING. Free ports are picked and released,
+    /// so a parallel test can take one (or the cluster bus port, 10000 above it) before
+    /// the node binds it: a node that exits is started again on another port.
+    fn spawn(dir: &std::path::Path) -> RedisClusterNode {
+        for _ in 0..5 {
+            let port = free_port();
+            let child = Command::new("redis-server")
+                .args(["--port", &port.to_string(), "--bind", "127.0.0.1", "--save", "", "--appendonly", "no"])
+                .args(["--cluster-enabled", "yes", "--cluster-node-timeout", "1000"])
+                .args(["--cluster-config-file", &format!("nodes-{port}.conf")])
+                .arg("--dir")
+                .arg(dir)
+                .stdout(Stdio::null())
+                .stderr(Stdio::null())
+                .spawn()
+                .expect("spawn redis-server");
+            let mut node = RedisClusterNode { port, child: Some(child) };
+            let deadline = Instant::now() + Duration::from_secs(5);
+            loop {
+                if node.ping() {
+                    return node;
+                }
+                let exited = node.child.as_mut().is_some_and(|child| matches!(child.try_wait(), Ok(Some(_))));
+                if exited || Instant::now() > deadline {
+                    if let Some(mut child) = node.child.take() {
+                        let _ = child.kill();
+                        let _ = child.wait();
+                    }
+                    break;
+                }
+                std::thread::sleep(Duration::from_millis(20));
+            }
+        }
+        panic!("could not start a redis-server cluster node in 5 tries");
+    }
+
     fn conn(&self) -> redis::Connection {
         redis::Client::open(format!("redis://127.0.0.1:{}/", self.port))
             .and_then(|c| c.get_connection_with_timeout(Duration::from_millis(500)))
