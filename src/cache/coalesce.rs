@@ -17,7 +17,8 @@ use http::StatusCode;
 use tokio::sync::watch;
 
 pub use super::hit_for_miss::HIT_FOR_MISS;
-use super::hit_for_miss::{HitForMiss, Remembered};
+use super::hit_for_miss::HitForMiss;
+pub use super::hit_for_miss::Remembered;
 use super::purge::PurgeLog;
 use crate::error::ProxyError;
 use crate::origin::{Holder, Interest};
@@ -262,25 +263,17 @@ impl Coalescer {
         }
     }
 
-    pub fn is_hit_for_miss(&self, key: u128) -> bool {
-        self.hit_for_miss.contains(key)
+    /// What is remembered of `key`'s last answer not stored, if anything.
+    pub fn remembered(&self, key: u128) -> Option<Remembered> {
+        self.hit_for_miss.get(key)
     }
 
-    pub fn remember_uncacheable(&self, key: u128) {
-        self.hit_for_miss.insert(key);
+    pub fn remember(&self, key: u128, what: Remembered) {
+        self.hit_for_miss.insert(key, what);
     }
 
-    pub fn forget_uncacheable(&self, key: u128) {
+    pub fn forget(&self, key: u128) {
         self.hit_for_miss.remove(key);
-    }
-
-    /// Whether `key` was lately over `max_object_bytes` ("stream, don't store").
-    pub fn is_streamed(&self, key: u128) -> bool {
-        self.hit_for_miss.get(key) == Some(Remembered::Streamed)
-    }
-
-    pub fn remember_streamed(&self, key: u128) {
-        self.hit_for_miss.insert_as(key, Remembered::Streamed);
     }
 
     /// Flights in progress (for tests and metrics).

@@ -76,19 +76,9 @@ impl HitForMiss {
         buckets[at].iter().find(|slot| slot.key == key && slot.until_ms > now).map(|slot| slot.what)
     }
 
-    /// Whether `key` is remembered as hit-for-miss.
-    pub fn contains(&self, key: u128) -> bool {
-        self.get(key) == Some(Remembered::Uncacheable)
-    }
-
-    /// Remembers `key` as hit-for-miss (see [`HitForMiss::insert_as`]).
-    pub fn insert(&self, key: u128) {
-        self.insert_as(key, Remembered::Uncacheable);
-    }
-
     /// Remembers `key` as `what` for the table's time to live, in its own slot if it has
     /// one, else in the bucket's empty or soonest-ending one.
-    pub fn insert_as(&self, key: u128, what: Remembered) {
+    pub fn insert(&self, key: u128, what: Remembered) {
         let now = self.now_ms();
         let until_ms = now.saturating_add(self.ttl_ms);
         let (mut buckets, at) = self.bucket(key);
@@ -113,6 +103,10 @@ impl HitForMiss {
 mod tests {
     use super::*;
 
+    fn hit_for_miss(table: &HitForMiss, key: u128) -> bool {
+        table.get(key) == Some(Remembered::Uncacheable)
+    }
+
     /// Two keys in the same bucket (same shard bits, same bucket bits).
     fn neighbours(n: u128) -> u128 {
         (n << 100) | 7
@@ -121,58 +115,58 @@ mod tests {
     #[test]
     fn remembered_key_is_found_until_removed() {
         let table = HitForMiss::default();
-        assert!(!table.contains(42));
-        table.insert(42);
-        assert!(table.contains(42));
+        assert!(!hit_for_miss(&table, 42));
+        table.insert(42, Remembered::Uncacheable);
+        assert!(hit_for_miss(&table, 42));
         table.remove(42);
-        assert!(!table.contains(42));
+        assert!(!hit_for_miss(&table, 42));
     }
 
     #[test]
     fn a_streamed_key_is_not_hit_for_miss_and_one_kind_replaces_the_other() {
         let table = HitForMiss::default();
-        table.insert_as(42, Remembered::Streamed);
+        table.insert(42, Remembered::Streamed);
         assert_eq!(table.get(42), Some(Remembered::Streamed));
-        assert!(!table.contains(42), "stream, don't store still coalesces");
-        table.insert(42);
+        assert!(!hit_for_miss(&table, 42), "stream, don't store still coalesces");
+        table.insert(42, Remembered::Uncacheable);
         assert_eq!(table.get(42), Some(Remembered::Uncacheable));
     }
 
     #[test]
     fn remembered_key_ends_after_its_time_to_live() {
         let table = HitForMiss::new(Duration::from_millis(30));
-        table.insert(42);
-        assert!(table.contains(42));
+        table.insert(42, Remembered::Uncacheable);
+        assert!(hit_for_miss(&table, 42));
         std::thread::sleep(Duration::from_millis(80));
-        assert!(!table.contains(42));
+        assert!(!hit_for_miss(&table, 42));
     }
 
     #[test]
     fn key_sharing_a_bucket_is_never_taken_for_another() {
         let table = HitForMiss::default();
-        table.insert(neighbours(1));
-        assert!(!table.contains(neighbours(2)), "a different key in the same bucket must not read as remembered");
-        table.insert(neighbours(2));
-        assert!(table.contains(neighbours(1)) && table.contains(neighbours(2)), "a bucket holds two keys");
+        table.insert(neighbours(1), Remembered::Uncacheable);
+        assert!(!hit_for_miss(&table, neighbours(2)), "a different key in the same bucket must not read as remembered");
+        table.insert(neighbours(2), Remembered::Uncacheable);
+        assert!(hit_for_miss(&table, neighbours(1)) && hit_for_miss(&table, neighbours(2)), "a bucket holds two keys");
     }
 
     #[test]
     fn third_key_in_a_bucket_replaces_the_soonest_ending() {
         let table = HitForMiss::default();
-        table.insert(neighbours(1));
+        table.insert(neighbours(1), Remembered::Uncacheable);
         std::thread::sleep(Duration::from_millis(5));
-        table.insert(neighbours(2));
-        table.insert(neighbours(3));
-        assert!(!table.contains(neighbours(1)), "the oldest key gives way");
-        assert!(table.contains(neighbours(2)) && table.contains(neighbours(3)));
+        table.insert(neighbours(2), Remembered::Uncacheable);
+        table.insert(neighbours(3), Remembered::Uncacheable);
+        assert!(!hit_for_miss(&table, neighbours(1)), "the oldest key gives way");
+        assert!(hit_for_miss(&table, neighbours(2)) && hit_for_miss(&table, neighbours(3)));
     }
 
     #[test]
     fn reinserting_a_key_renews_it_in_place() {
         let table = HitForMiss::default();
-        table.insert(neighbours(1));
-        table.insert(neighbours(2));
-        table.insert(neighbours(1));
-        assert!(table.contains(neighbours(1)) && table.contains(neighbours(2)), "renewing must not push out the neighbour");
+        table.insert(neighbours(1), Remembered::Uncacheable);
+        table.insert(neighbours(2), Remembered::Uncacheable);
+        table.insert(neighbours(1), Remembered::Uncacheable);
+        assert!(hit_for_miss(&table, neighbours(1)) && hit_for_miss(&table, neighbours(2)), "renewing must not push out the neighbour");
     }
 }

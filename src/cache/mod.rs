@@ -422,32 +422,29 @@ impl Pool {
         self.coalescer.try_lead(key.hash)
     }
 
-    /// Whether `key` was recently answered with something not storable (hit-for-miss).
-    pub fn is_hit_for_miss(&self, key: &CacheKey) -> bool {
-        self.coalescer.is_hit_for_miss(key.hash)
+    /// What is remembered of `key`'s recent answers not stored: not storable by the
+    /// response's word (hit-for-miss), or over `max_object_bytes` (its requests still
+    /// share a fetch, without the cross-replica lease).
+    pub fn remembered(&self, key: &CacheKey) -> Option<coalesce::Remembered> {
+        self.coalescer.remembered(key.hash)
     }
 
-    pub fn remember_uncacheable(&self, key: &CacheKey) {
-        self.coalescer.remember_uncacheable(key.hash);
+    /// Whether `key` was lately over `max_object_bytes` ("stream, don't store").
+    pub fn is_streamed(&self, key: &CacheKey) -> bool {
+        self.remembered(key) == Some(coalesce::Remembered::Streamed)
     }
 
     pub fn forget_uncacheable(&self, key: &CacheKey) {
-        self.coalescer.forget_uncacheable(key.hash);
-    }
-
-    /// Whether `key` was lately over `max_object_bytes`: its requests still share a
-    /// fetch, without the cross-replica lease.
-    pub fn is_streamed(&self, key: &CacheKey) -> bool {
-        self.coalescer.is_streamed(key.hash)
+        self.coalescer.forget(key.hash);
     }
 
     /// Remembers why `key`'s answer was not stored, if the reason is the response's own:
     /// over `max_object_bytes` ("stream, don't store"), or anything else (hit-for-miss).
     pub fn remember_not_stored(&self, key: &CacheKey, reason: crate::outcome::NotStored) {
         if reason == crate::outcome::NotStored::TooLarge {
-            self.coalescer.remember_streamed(key.hash);
+            self.coalescer.remember(key.hash, coalesce::Remembered::Streamed);
         } else {
-            self.coalescer.remember_uncacheable(key.hash);
+            self.coalescer.remember(key.hash, coalesce::Remembered::Uncacheable);
         }
     }
 

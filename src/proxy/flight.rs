@@ -21,7 +21,7 @@ use super::fetch::{FetchJob, Fetched};
 use super::fill::{FillRead, Filling, WindowFill};
 use crate::body::ProxyBody;
 use crate::body::shared::Reader;
-use crate::cache::coalesce::{Answer, Failure, Fill, FlightGuard, Join, Streaming};
+use crate::cache::coalesce::{Answer, Failure, Fill, FlightGuard, Join, Remembered, Streaming};
 use crate::cache::lease::{LeaseToken, PeerOutcome, PeerWait};
 use crate::cache::policy::may_serve;
 use crate::cache::range::{RangeRequest, Resolved};
@@ -79,7 +79,12 @@ pub async fn miss(mut job: FetchJob, stale: Option<Arc<Entry>>) -> Decision {
     let pool = job.pool.clone();
     // A key known not to be stored: hit-for-miss asks alone; a ranged request for one
     // over `max_object_bytes` asks alone with its `Range` (never shared: its 206 is its own).
-    if job.store && (pool.is_hit_for_miss(&job.key) || (pool.is_streamed(&job.key) && asks_range(&job))) {
+    let alone = match job.store.then(|| pool.remembered(&job.key)).flatten() {
+        Some(Remembered::Uncacheable) => true,
+        Some(Remembered::Streamed) => asks_range(&job),
+        None => false,
+    };
+    if alone {
         job.pass_range = passes_range(&job);
         return direct(&job).await;
     }
