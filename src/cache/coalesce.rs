@@ -97,6 +97,18 @@ pub enum Fill {
     Abandoned,
 }
 
+impl Fill {
+    /// The entry a stored or streaming fill serves (its body, for a streaming one, still
+    /// arriving): what a waiter checks before taking it.
+    pub fn head(&self) -> Option<&super::Stored> {
+        match self {
+            Fill::Stored(stored) => Some(stored),
+            Fill::Streaming(streaming) => Some(&streaming.head),
+            Fill::Uncacheable | Fill::Personal | Fill::Failed { .. } | Fill::Abandoned => None,
+        }
+    }
+}
+
 struct Flight {
     id: u64,
     /// Takeovers that led to this flight.

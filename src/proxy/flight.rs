@@ -115,38 +115,27 @@ pub async fn miss(mut job: FetchJob, stale: Option<Arc<Entry>>) -> Decision {
                 }
             },
         };
-        match fill {
-            // A fill this request may not have (it carries `Authorization`, the fill does not
-            // say it is shared): asked for alone.
-            Fill::Stored(stored) if !may_serve(&job.parts.headers, &stored.entry.headers, &job.route.config.cache) => return direct(&job).await,
-            Fill::Stored(stored) => {
-                let mine = key_for(&job, &stored);
-                if mine.hash == stored.key.hash {
-                    return Decision::entry(stored.entry, Outcome::Collapsed);
-                }
+        // A stored or streaming fill this request may not have (it carries
+        // `Authorization`, the fill does not say it is shared) is asked for alone; one for
+        // another variant sends it to its own variant's flight, once.
+        if let Some(head) = fill.head() {
+            let refused = !may_serve(&job.parts.headers, &head.entry.headers, &job.route.config.cache);
+            let mine = key_for(&job, head);
+            if refused || mine.hash != head.key.hash {
+                drop(fill);
                 // A request `no-store` joins no other flight: it must not be stored.
-                if rejoined || !job.store {
+                if refused || rejoined || !job.store {
                     return direct(&job).await;
                 }
                 rejoined = true;
                 job.key = mine;
                 join = pool.join_flight(&job.key);
+                continue;
             }
-            Fill::Streaming(streaming) if !may_serve(&job.parts.headers, &streaming.head.entry.headers, &job.route.config.cache) => {
-                drop(streaming);
-                return direct(&job).await;
-            }
+        }
+        match fill {
+            Fill::Stored(stored) => return Decision::entry(stored.entry, Outcome::Collapsed),
             Fill::Streaming(streaming) => {
-                let mine = key_for(&job, &streaming.head);
-                if mine.hash != streaming.head.key.hash {
-                    if rejoined || !job.store {
-                        return direct(&job).await;
-                    }
-                    rejoined = true;
-                    job.key = mine;
-                    join = pool.join_flight(&job.key);
-                    continue;
-                }
                 // A range beyond what could have been stored, of an answer too large to
                 // store: asked of the origin with its own `Range` rather than read through.
                 if streaming.not_stored.is_some() && range_starts_beyond(&job, &streaming) {
