@@ -330,11 +330,7 @@ fn stream_alone(job: &FetchJob, filling: Filling) -> Decision {
     let Some(reader) = filling.attach() else { return Decision::failed(ProxyError::Internal("a new fill refused its reader")) };
     let entry = filling.head.entry.clone();
     let purged = job.store && job.purged_since(&filling.head);
-    let outcome = match (purged, filling.not_stored()) {
-        (true, _) => Outcome::Miss(Store::Not(NotStored::Purged)),
-        (false, Some(reason)) => Outcome::Miss(Store::Not(reason)),
-        (false, None) => Outcome::Miss(Store::Stored),
-    };
+    let outcome = head_outcome(purged, filling.not_stored());
     if let Outcome::Miss(Store::Not(reason)) = outcome
         && job.store
     {
@@ -377,6 +373,16 @@ fn stream_alone(job: &FetchJob, filling: Filling) -> Decision {
     });
     let age = entry.initial_age >= Duration::from_secs(1);
     Decision::new(Serve::Shared { entry, reader, age }, outcome)
+}
+
+/// The outcome of a fill's first reader, decided when its head goes out: purged since
+/// the request asked, or known from the head not to be stored (and why), or stored.
+fn head_outcome(purged: bool, not_stored: Option<NotStored>) -> Outcome {
+    match (purged, not_stored) {
+        (true, _) => Outcome::Miss(Store::Not(NotStored::Purged)),
+        (false, Some(reason)) => Outcome::Miss(Store::Not(reason)),
+        (false, None) => Outcome::Miss(Store::Stored),
+    }
 }
 
 /// What a fetch result serves.
@@ -501,11 +507,7 @@ async fn stream_fill(job: FetchJob, guard: FlightGuard, leader: Option<oneshot::
     let purged = job.store && job.purged_since(&filling.head);
     let not_stored = filling.not_stored();
     let streaming = Arc::new(Streaming { head: filling.head.clone(), shared: filling.shared.clone(), not_stored });
-    let outcome = match (purged, not_stored) {
-        (true, _) => Outcome::Miss(Store::Not(NotStored::Purged)),
-        (false, Some(reason)) => Outcome::Miss(Store::Not(reason)),
-        (false, None) => Outcome::Miss(Store::Stored),
-    };
+    let outcome = head_outcome(purged, not_stored);
     if let Some(tx) = leader {
         let result = match filling.attach() {
             Some(reader) => LeaderResult::Streaming(streaming.clone(), reader, outcome),
