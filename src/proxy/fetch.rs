@@ -303,7 +303,7 @@ async fn store_or_stream(
             Some(Step::More) => {}
             Some(Step::End) => return Ok(Fetched::Storable { stored: filling.into_stored(), revalidated: false }),
             Some(Step::Failed(err)) => return Err(err),
-            Some(Step::Unstored) | None => return Ok(Fetched::Filling(filling)),
+            Some(Step::Unstored(_)) | None => return Ok(Fetched::Filling(filling)),
         }
     }
 }

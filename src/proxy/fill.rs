@@ -58,7 +58,8 @@ pub enum FillRead {
 pub enum Step {
     More,
     End,
-    Unstored,
+    /// It will not be stored, and why: the rest streams.
+    Unstored(NotStored),
     Failed(ProxyError),
 }
 
@@ -115,8 +116,8 @@ impl Filling {
     /// Reads one frame into the shared copy, drawing each byte beyond what was reserved
     /// from the body budget.
     pub async fn step(&mut self, route: &RouteRuntime) -> Step {
-        if self.unstored.is_some() {
-            return Step::Unstored;
+        if let Some(reason) = self.unstored {
+            return Step::Unstored(reason);
         }
         let frame = match tokio::time::timeout_at(self.deadline, self.body.frame()).await {
             Err(_) => return failed(&self.shared, route, OriginError::Timeout(self.timeout)),
@@ -142,7 +143,7 @@ impl Filling {
         let window = window.max(self.total);
         self.shared.to_window(window);
         self.unstored = Some(reason);
-        Step::Unstored
+        Step::Unstored(reason)
     }
 
     /// Reads the rest of the body into the shared copy.
@@ -152,10 +153,7 @@ impl Filling {
                 Step::More => {}
                 Step::End => return FillRead::Complete(self.into_stored()),
                 Step::Failed(err) => return FillRead::Failed(err),
-                Step::Unstored => {
-                    let reason = self.unstored.unwrap_or(NotStored::TooLarge);
-                    return FillRead::Unstored(reason, WindowFill { shared: self.shared, body: self.body });
-                }
+                Step::Unstored(reason) => return FillRead::Unstored(reason, WindowFill { shared: self.shared, body: self.body }),
             }
         }
     }
