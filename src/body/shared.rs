@@ -110,7 +110,7 @@ impl Shared {
             }
         };
         state.live += 1;
-        Some(Reader { shared: self.clone(), id, skip: 0, left: self.declared, hint_len: self.declared })
+        Some(Reader { shared: self.clone(), id, skip: 0, left: self.declared })
     }
 
     /// The body's declared length, if it has one.
@@ -310,8 +310,6 @@ pub struct Reader {
     skip: u64,
     /// Bytes still to send, when known (the declared length, or a range's).
     left: Option<u64>,
-    /// The length of what this reader sends, when known.
-    hint_len: Option<u64>,
 }
 
 impl Reader {
@@ -327,7 +325,6 @@ impl Reader {
     pub fn range(mut self, start: u64, end: u64) -> Reader {
         self.skip = start;
         self.left = Some(end - start + 1);
-        self.hint_len = self.left;
         self
     }
 
