@@ -17,17 +17,21 @@ median() { sort -g | awk '{a[NR]=$1} END {print (NR % 2) ? a[(NR+1)/2] : (a[NR/2
 # Waits until something accepts on PORT (without asking for any key).
 wait_port() { for _ in $(seq 100); do (exec 3<>"/dev/tcp/127.0.0.1/$1") 2>/dev/null && return 0; sleep 0.05; done; echo "nothing listens on $1" >&2; return 1; }
 
-# Builds this tree's release binary and the burst client (benches/burst.rs); sets BURST
-# to the client's path. Run it as: "$BURST" ADDR CLIENTS KEYS RUN
-build_burst_client() {
-    (cd "$HERE" && cargo build --release --quiet && cargo bench --quiet --bench burst --no-run 2>/dev/null)
-    BURST=$(cd "$HERE" && cargo bench --bench burst --no-run --message-format=json 2>/dev/null | python3 -c '
+# Builds this tree's release binary and the bench client benches/NAME.rs; prints the
+# client's path.
+build_bench_client() {
+    (cd "$HERE" && cargo build --release --quiet && cargo bench --quiet --bench "$1" --no-run 2>/dev/null) || return 1
+    (cd "$HERE" && cargo bench --bench "$1" --no-run --message-format=json 2>/dev/null) | python3 -c '
 import json, sys
 for line in sys.stdin:
     m = json.loads(line)
-    if m.get("reason") == "compiler-artifact" and m.get("target", {}).get("name") == "burst" and m.get("executable"):
-        print(m["executable"])')
+    if m.get("reason") == "compiler-artifact" and m.get("target", {}).get("name") == sys.argv[1] and m.get("executable"):
+        print(m["executable"])' "$1"
 }
+
+# Builds this tree's release binary and the burst client (benches/burst.rs); sets BURST
+# to the client's path. Run it as: "$BURST" ADDR CLIENTS KEYS RUN
+build_burst_client() { BURST=$(build_bench_client burst); }
 
 # Writes the origin: every GET answers a 2 KiB body, public for an hour, with an ETag.
 # Run it as: python3 FILE PORT
@@ -59,7 +63,9 @@ PY
 
 # Writes a config: one in-process pool in front of the origin, one catch-all route.
 # write_hit_config FILE PORT ADMIN_PORT ORIGIN_PORT [ORIGIN_KEYS]: ORIGIN_KEYS (TOML lines,
-# say an `endpoints` list) stand instead of `url = "http://127.0.0.1:ORIGIN_PORT"`.
+# say an `endpoints` list) stand instead of `url = "http://127.0.0.1:ORIGIN_PORT"`;
+# POOL_KEYS (TOML lines, say a `redis_url`) are added to the pool.
+# write_hit_config FILE PORT ADMIN_PORT ORIGIN_PORT [ORIGIN_KEYS [POOL_KEYS]]
 write_hit_config() {
     local origin="url = \"http://127.0.0.1:$4\""
     [ -z "${5:-}" ] || origin=$5
@@ -74,6 +80,7 @@ $origin
 [[pools]]
 name = "pdp"
 l1_max_bytes = "64MiB"
+${6:-}
 [[routes]]
 name = "all"
 path_prefix = "/"

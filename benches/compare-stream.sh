@@ -35,14 +35,8 @@ trap cleanup EXIT
 . "$HERE/benches/common.sh"
 
 need_nginx
-(cd "$HERE" && cargo build --release --quiet && cargo bench --quiet --bench stream --no-run 2>/dev/null)
+STREAM=$(build_bench_client stream)
 BULWARK="$HERE/target/release/bulwark"
-STREAM=$(cd "$HERE" && cargo bench --bench stream --no-run --message-format=json 2>/dev/null | python3 -c '
-import json, sys
-for line in sys.stdin:
-    m = json.loads(line)
-    if m.get("reason") == "compiler-artifact" and m.get("target", {}).get("name") == "stream" and m.get("executable"):
-        print(m["executable"])')
 
 OP=$(free_port); BP=$(free_port); BA=$(free_port); LP=$(free_port); LA=$(free_port); NP=$(free_port)
 
@@ -168,26 +162,9 @@ redis-server --port "$RP" --bind 127.0.0.1 --save '' --appendonly no --daemonize
 wait_port "$RP"
 for name in r1 r2; do
     port=$(free_port); admin=$(free_port)
-    cat > "$WORK/$name.toml" <<TOML
-[server]
-listen = "127.0.0.1:$port"
-admin_listen = "127.0.0.1:$admin"
-drain_delay = "0s"
-[[origins]]
-name = "origin"
-url = "http://127.0.0.1:$OP"
-timeout = "30s"
-[[pools]]
-name = "pdp"
-l1_max_bytes = "64MiB"
-redis_url = "redis://127.0.0.1:$RP/0"
-redis_timeout = "500ms"
-[[routes]]
-name = "all"
-path_prefix = "/"
-pool = "pdp"
-origin = "origin"
-TOML
+    write_hit_config "$WORK/$name.toml" "$port" "$admin" "$OP" "url = \"http://127.0.0.1:$OP\"
+timeout = \"30s\"" "redis_url = \"redis://127.0.0.1:$RP/0\"
+redis_timeout = \"500ms\""
     "$BULWARK" serve --config "$WORK/$name.toml" 2>"$WORK/$name.log" & PIDS+=($!)
     eval "${name}_PORT=$port; ${name}_ADMIN=$admin"
 done
