@@ -14,6 +14,10 @@ use std::time::{Duration, Instant};
 
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
+#[path = "support/percentile.rs"]
+mod percentile;
+use percentile::percentile;
+
 /// One client: connect, ask, read to the end (the request says `Connection: close`).
 async fn one(addr: SocketAddr, path: String) -> Result<(), String> {
     let mut stream = tokio::net::TcpStream::connect(addr).await.map_err(|e| format!("connect: {e}"))?;
@@ -30,14 +34,6 @@ async fn one(addr: SocketAddr, path: String) -> Result<(), String> {
         return Err(format!("short body: {body} bytes"));
     }
     Ok(())
-}
-
-fn percentile(sorted: &[Duration], p: f64) -> f64 {
-    if sorted.is_empty() {
-        return f64::NAN;
-    }
-    let rank = ((p / 100.0) * sorted.len() as f64).ceil() as usize;
-    sorted[rank.clamp(1, sorted.len()) - 1].as_secs_f64() * 1000.0
 }
 
 fn main() {

@@ -12,6 +12,10 @@ use std::time::{Duration, Instant};
 
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
+#[path = "support/percentile.rs"]
+mod percentile;
+use percentile::percentile;
+
 struct Timing {
     first_body_byte: Duration,
     last_byte: Duration,
@@ -56,14 +60,6 @@ async fn one(addr: SocketAddr, path: &str, start: Instant) -> Result<Timing, Str
         (Some(len), Some(first_body_byte)) if body >= len => Ok(Timing { first_body_byte, last_byte }),
         _ => Err(format!("short body: {body} of {declared:?}")),
     }
-}
-
-fn percentile(sorted: &[Duration], p: f64) -> f64 {
-    if sorted.is_empty() {
-        return f64::NAN;
-    }
-    let rank = ((p / 100.0) * sorted.len() as f64).ceil() as usize;
-    sorted[rank.clamp(1, sorted.len()) - 1].as_secs_f64() * 1000.0
 }
 
 fn main() {
