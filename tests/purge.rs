@@ -252,6 +252,10 @@ async fn a_subscription_that_goes_silent_is_replaced_and_l1_confirmed_against_re
     // After that, purges arrive again.
     through_relay.get_with("/products/3", &HOST).await;
     assert_eq!(through_relay.get_with("/products/3", &HOST).await.cache_status(), "bulwark; hit; detail=l1");
+    // Its write to Redis lands first: this is about the purge reaching the replica, and
+    // a write still retrying on the connection that went silent could land after it.
+    let key = bulwark::cache::CacheKey::new("http", "shop.example", "/products/3", None, bulwark::cache::Encodings::IDENTITY).redis_key("bulwark:pdp:");
+    support::eventually("/products/3 written to Redis", Duration::from_secs(5), async || redis.keys(&key).len() == 1).await;
     version.store(3, Ordering::SeqCst);
     purge(&direct, r#"{"urls": ["http://shop.example/products/3"]}"#).await;
     let (got, _) = until_not_l1(&through_relay, "/products/3", &HOST).await;
