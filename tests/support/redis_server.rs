@@ -71,10 +71,13 @@ impl RedisServer {
             if let Some(child) = self.child.as_mut()
                 && let Ok(Some(_)) = child.try_wait()
             {
+                // Exited (its port was taken meanwhile): reaped, nothing left to signal.
+                self.child = None;
                 return false;
             }
             std::thread::sleep(Duration::from_millis(20));
         }
+        self.kill();
         false
     }
 
@@ -116,26 +119,28 @@ impl RedisServer {
         assert!(self.spawn(), "redis-server did not restart on port {}", self.port);
     }
 
-    fn signal(&self, signal: &str) {
-        if let Some(child) = &self.child {
-            let status = Command::new("kill").args([signal, &child.id().to_string()]).status().expect("kill");
-            assert!(status.success());
+    fn signal(&self, signal: &str) -> bool {
+        match &self.child {
+            Some(child) => Command::new("kill").args([signal, &child.id().to_string()]).status().is_ok_and(|s| s.success()),
+            None => true,
         }
     }
 
     /// Freezes the server (SIGSTOP): connections stay open, nothing is answered.
     pub fn stall(&self) {
-        self.signal("-STOP");
+        assert!(self.signal("-STOP"), "could not stop redis-server on port {}", self.port);
     }
 
     pub fn resume(&self) {
-        self.signal("-CONT");
+        assert!(self.signal("-CONT"), "could not resume redis-server on port {}", self.port);
     }
 }
 
 impl Drop for RedisServer {
     fn drop(&mut self) {
-        self.resume();
+        // A stalled server must be resumed before it can die; failing here must not
+        // panic a test that is already unwinding, nor one whose server already exited.
+        self.signal("-CONT");
         self.kill();
     }
 }
