@@ -50,7 +50,7 @@
 //! | RFC 9211 2 | `Cache-Status` members | `rfc9211_cache_status_members` |
 //! | RFC 9213 2 | `CDN-Cache-Control` precedence, removal, invalid ignored | `rfc9213_cdn_cache_control_takes_precedence_and_is_removed` ✗ |
 //! | RFC 9213 2.2 | `Surrogate-Control` when configured | `rfc9213_surrogate_control_when_configured` ✗ |
-//! | route overrides | `force_ttl`, `ignore_no_cache`, `ignore_query_params`, `key_headers`, `strip_cookies` | `route_*` |
+//! | route overrides | `force_ttl`, `ignore_no_cache`, `ignore_query_params`, `query_params`, `key_headers`, `strip_cookies` | `route_*` |
 //! | poisoning | unkeyed headers, path normalisation, malformed values | `unkeyed_headers_do_not_reach_the_origin` ✗, `paths_are_normalised_consistently` ✗, `malformed_and_oversized_directives_are_survived` |
 //! | coalescing | a shed background refresh does not shed its joiners | `a_request_joining_a_shed_background_refresh_asks_again` |
 //! | coalescing | replicas held back take a peer's fetch, even stale on arrival | `replicas_held_back_take_a_peers_fetch_even_when_it_is_stale_on_arrival` |
@@ -1053,6 +1053,46 @@ async fn route_ignore_query_params() {
     assert_eq!((first.cache_status(), first.text()), (STORED, "body of /p?id=7"));
     assert_eq!(bulwark.get("/p?id=7&utm_campaign=sale").await.cache_status(), HIT);
     assert_eq!(bulwark.get("/p?id=8").await.cache_status(), STORED);
+}
+
+/// `query_params`: an allow-list. Only the listed parameters (or `prefix*`) enter the
+/// key and the request sent to the origin, so a cache-buster's random parameters hit.
+#[tokio::test]
+async fn route_query_params_keep_only_the_listed_parameters() {
+    let origin = Origin::start().await;
+    let bulwark = start(&origin, "", "query_params = [\"page\", \"f_*\"]").await;
+    let first = bulwark.get("/p?x=91&page=2&f_color=red&cb=1").await;
+    assert_eq!((first.cache_status(), first.text()), (STORED, "body of /p?f_color=red&page=2"));
+    assert_eq!(bulwark.get("/p?page=2&f_color=red&x=12345").await.cache_status(), HIT);
+    assert_eq!(bulwark.get("/p?f_color=red&page=2").await.cache_status(), HIT);
+    assert_eq!(bulwark.get("/p?page=3&f_color=red").await.cache_status(), STORED);
+    let bare = bulwark.get("/p?x=1").await;
+    assert_eq!((bare.cache_status(), bare.text()), (STORED, "body of /p"), "no listed parameter: no query at all");
+    assert_eq!(origin.total(), 3);
+}
+
+/// `query_params` applies to what invalidates a URL too: a purge URL and a successful
+/// unsafe request carrying unlisted parameters reach the entry their URL keys to;
+/// a purge that kept them would find nothing, and the stale copy would stay.
+#[tokio::test]
+async fn route_query_params_normalise_purge_urls_and_invalidations() {
+    let origin = Origin::start().await;
+    let bulwark = start(&origin, "", "query_params = [\"page\"]").await;
+    for path in ["/q?page=1", "/q?page=2"] {
+        assert_eq!(bulwark.get(path).await.cache_status(), STORED);
+    }
+    let bulwark = &bulwark;
+    let purge = |body: String| async move { bulwark.admin_send(http::Method::POST, "/admin/purge", &body).await };
+    let answer = purge(format!(r#"{{"urls": ["{}"]}}"#, bulwark.url("/q?page=1&utm_source=mail"))).await;
+    assert_eq!(answer.status, 200, "{}", answer.text());
+    assert_eq!(bulwark.get("/q?page=1").await.cache_status(), STORED, "the URL purge found its entry");
+    let answer = purge(r#"{"urls": ["/q?sid=9&page=1"]}"#.to_owned()).await;
+    assert_eq!(answer.status, 200, "{}", answer.text());
+    assert_eq!(bulwark.get("/q?page=1").await.cache_status(), STORED, "the path purge found its entry");
+    assert_eq!(bulwark.get("/q?page=2").await.cache_status(), HIT, "another page is not purged");
+    let req = http::Request::post(bulwark.url("/q?page=2&token=abc")).body(http_body_util::Full::new(bytes::Bytes::new())).expect("request");
+    assert_eq!(bulwark.request(req).await.status, 200);
+    assert_eq!(bulwark.get("/q?page=2").await.cache_status(), STORED, "the POST invalidated its page");
 }
 
 /// `key_headers`: request headers added to the key, and passed to the origin.

@@ -85,8 +85,9 @@ pub async fn purge(proxy: &Proxy, jobs: &PurgeJobs, req: Request<Incoming>) -> A
         Ok(r) => r,
         Err(e) => return json(StatusCode::BAD_REQUEST, serde_json::json!({ "error": format!("invalid purge request: {e}") })),
     };
+    let runtime = proxy.runtime();
     let targets: Result<Vec<PurgeTarget>, String> = match (request.urls.is_empty(), request.tags.is_empty()) {
-        (false, true) => request.urls.iter().map(|u| PurgeTarget::from_url(u)).collect(),
+        (false, true) => request.urls.iter().map(|u| routed_targets(&runtime, u)).collect::<Result<Vec<_>, _>>().map(|t| t.concat()),
         (true, false) => request.tags.iter().map(|t| PurgeTarget::tag(t)).collect(),
         _ => Err("give either \"urls\" or \"tags\", not both and not neither".to_owned()),
     };
@@ -95,7 +96,6 @@ pub async fn purge(proxy: &Proxy, jobs: &PurgeJobs, req: Request<Incoming>) -> A
         Ok(_) => return json(StatusCode::BAD_REQUEST, serde_json::json!({ "error": format!("at most {MAX_PURGE_ITEMS} urls or tags per request") })),
         Err(e) => return json(StatusCode::BAD_REQUEST, serde_json::json!({ "error": e })),
     };
-    let runtime = proxy.runtime();
     let job = Arc::new(Job {
         id: format!("{:016x}", fastrand::u64(..)),
         soft: request.soft,
@@ -124,6 +124,16 @@ pub async fn purge(proxy: &Proxy, jobs: &PurgeJobs, req: Request<Incoming>) -> A
         Ok((status, answer)) => json(status, answer),
         Err(_) => json(StatusCode::INTERNAL_SERVER_ERROR, serde_json::json!({ "error": "a purge task failed" })),
     }
+}
+
+/// The targets of purge URL `text`, its query normalised as its route normalises
+/// requests' (`query_params`, `ignore_query_params`): for a URL, the route its host and
+/// path take; for a bare path, every route whose prefix matches, on any host.
+fn routed_targets(runtime: &Runtime, text: &str) -> Result<Vec<PurgeTarget>, String> {
+    PurgeTarget::from_url_routed(text, |host, path| match host {
+        Some(host) => runtime.router.route(host, path).map(|i| &runtime.routes[i].config.cache).into_iter().collect(),
+        None => runtime.routes.iter().filter(|r| path.starts_with(r.config.path_prefix.as_str())).map(|r| &r.config.cache).collect(),
+    })
 }
 
 /// `GET /admin/purge/{id}`: an asynchronous purge's answer once done (as the synchronous

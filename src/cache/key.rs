@@ -117,9 +117,13 @@ pub fn normalise_path(path: &str) -> Result<Cow<'_, str>, BadTarget> {
 /// name (parameters with the same name keep their relative order, which can matter to
 /// the origin). Returns the query without `?`; empty when nothing is left.
 pub fn normalise_query<'a>(query: &'a str, ignored: &[ParamPattern]) -> Result<Cow<'a, str>, BadTarget> {
+    normalise_query_by(query, |name| !ignored.iter().any(|pattern| pattern.matches(name)))
+}
+
+/// [`normalise_query`] keeping the parameters whose (normalised) name `keep` accepts.
+pub fn normalise_query_by(query: &str, keep: impl Fn(&str) -> bool) -> Result<Cow<'_, str>, BadTarget> {
     let normalised = normalise_percent(query)?;
-    let mut params: Vec<&str> =
-        normalised.split('&').filter(|p| !p.is_empty()).filter(|p| !ignored.iter().any(|pattern| pattern.matches(param_name(p)))).collect();
+    let mut params: Vec<&str> = normalised.split('&').filter(|p| !p.is_empty()).filter(|p| keep(param_name(p))).collect();
     params.sort_by(|a, b| param_name(a).cmp(param_name(b)));
     let mut out = String::with_capacity(normalised.len());
     for (i, param) in params.iter().enumerate() {
@@ -221,8 +225,8 @@ impl CacheKey {
 
 /// Appends `?` and the normalised query (see [`normalise_query`]); an empty query adds
 /// nothing.
-pub(super) fn push_normalised_query(out: &mut String, query: &str) {
-    let query = normalise_query(query, &[]).unwrap_or(Cow::Borrowed(query));
+pub(super) fn push_normalised_query(out: &mut String, query: &str, keep: impl Fn(&str) -> bool) {
+    let query = normalise_query_by(query, keep).unwrap_or(Cow::Borrowed(query));
     if !query.is_empty() {
         out.push('?');
         out.push_str(&query);

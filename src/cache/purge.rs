@@ -5,6 +5,7 @@
 use xxhash_rust::xxh3::xxh3_128;
 
 use super::key::{CacheKey, normalise_path, path_part, push_normalised_query, url_part};
+use crate::config::CacheRules;
 use crate::encodings::Encodings;
 
 /// What a purge removes: every variant of one URL, every host's copy of one path, or
@@ -18,19 +19,26 @@ pub enum PurgeTarget {
     Tag(String),
 }
 
-impl PurgeTarget {
-    /// Parses an absolute URL (`http://shop.example/products/1?color=red`: every variant
-    /// of it) or a bare path (`/products/1`: every host's), normalising like the key.
-    pub fn from_url(text: &str) -> Result<PurgeTarget, String> {
+/// A purge URL or path, parsed and normalised but for its query.
+struct PurgeUrl<'a> {
+    /// `scheme://host[:port]`, for an absolute URL.
+    origin: Option<String>,
+    /// The URL's host (lowercase, no port), for routing.
+    host: Option<String>,
+    path: String,
+    query: Option<&'a str>,
+}
+
+impl<'a> PurgeUrl<'a> {
+    fn parse(text: &'a str) -> Result<PurgeUrl<'a>, String> {
         let text = text.trim();
         if text.starts_with('/') {
             let (path, query) = text.split_once('?').map_or((text, None), |(p, q)| (p, Some(q)));
-            let path = normalise_path(path).map_err(|_| format!("malformed percent-encoding: {text:?}"))?;
-            let mut out = String::from(path);
-            if let Some(query) = query {
-                push_normalised_query(&mut out, query);
-            }
-            return Ok(PurgeTarget::Path(xxh3_128(out.as_bytes())));
+            let path = normalise_path(path).map_err(|_| format!("malformed percent-encoding: {text:?}"))?.into_owned();
+            return Ok(PurgeUrl { origin: None, host: None, path, query });
+        }
+        if text.contains(['#', ' ', '\t', '\n']) {
+            return Err(format!("URL must not contain a fragment or whitespace: {text:?}"));
         }
         let uri: http::Uri = text.parse().map_err(|_| format!("not a URL or a path: {text:?}"))?;
         let scheme = match uri.scheme_str() {
@@ -39,18 +47,59 @@ impl PurgeTarget {
         };
         let host = uri.host().ok_or_else(|| format!("URL has no host: {text:?}"))?.to_ascii_lowercase();
         let default_port = if scheme == "https" { 443 } else { 80 };
-        let mut out = format!("{scheme}://{host}");
+        let mut origin = format!("{scheme}://{host}");
         if let Some(port) = uri.port_u16().filter(|p| *p != default_port) {
-            out.push_str(&format!(":{port}"));
+            origin.push_str(&format!(":{port}"));
         }
-        out.push_str(&normalise_path(uri.path()).map_err(|_| format!("malformed percent-encoding: {text:?}"))?);
-        if let Some(query) = uri.query() {
-            push_normalised_query(&mut out, query);
+        let path = normalise_path(uri.path()).map_err(|_| format!("malformed percent-encoding: {text:?}"))?.into_owned();
+        // The query as written (borrowed from `text`, which the URI was parsed from).
+        let query = text.split_once('?').map(|(_, q)| q);
+        Ok(PurgeUrl { origin: Some(origin), host: Some(host), path, query })
+    }
+
+    /// The target, keeping the query parameters `keep` accepts.
+    fn target(&self, keep: impl Fn(&str) -> bool) -> PurgeTarget {
+        let mut out = self.origin.clone().unwrap_or_default();
+        out.push_str(&self.path);
+        if let Some(query) = self.query {
+            push_normalised_query(&mut out, query, keep);
         }
-        if text.contains(['#', ' ', '\t', '\n']) {
-            return Err(format!("URL must not contain a fragment or whitespace: {text:?}"));
+        match self.origin {
+            Some(_) => PurgeTarget::Url(out),
+            None => PurgeTarget::Path(xxh3_128(out.as_bytes())),
         }
-        Ok(PurgeTarget::Url(out))
+    }
+}
+
+impl PurgeTarget {
+    /// Parses an absolute URL (`http://shop.example/products/1?color=red`: every variant
+    /// of it) or a bare path (`/products/1`: every host's), normalising like the key.
+    pub fn from_url(text: &str) -> Result<PurgeTarget, String> {
+        let parsed = PurgeUrl::parse(text)?;
+        Ok(parsed.target(|_| true))
+    }
+
+    /// Like [`PurgeTarget::from_url`], with the query normalised as the routes the URL
+    /// may take normalise theirs: `rules_for(host, path)` gives their rules (one route
+    /// for a URL; for a bare path, every route whose prefix matches, on any host). One
+    /// target per distinct normalisation.
+    pub fn from_url_routed<'r>(text: &str, rules_for: impl Fn(Option<&str>, &str) -> Vec<&'r CacheRules>) -> Result<Vec<PurgeTarget>, String> {
+        let parsed = PurgeUrl::parse(text)?;
+        let rules = match parsed.query {
+            Some(_) => rules_for(parsed.host.as_deref(), &parsed.path),
+            None => Vec::new(),
+        };
+        if rules.is_empty() {
+            return Ok(vec![parsed.target(|_| true)]);
+        }
+        let mut targets: Vec<PurgeTarget> = Vec::with_capacity(rules.len());
+        for rules in rules {
+            let target = parsed.target(|name| rules.keeps_query_param(name));
+            if !targets.contains(&target) {
+                targets.push(target);
+            }
+        }
+        Ok(targets)
     }
 
     /// A tag target; tags are single words of at most 128 bytes (as stored).

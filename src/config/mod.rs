@@ -252,6 +252,9 @@ pub struct CacheRules {
     pub ignore_request_cache_control: bool,
     /// Query parameters left out of the key and of the origin request.
     pub ignore_query_params: Vec<ParamPattern>,
+    /// `query_params`: the only parameters that enter the key and the origin request of
+    /// a GET or HEAD (an allow-list; `None`: every parameter not ignored).
+    pub query_params: Option<Vec<ParamPattern>>,
     /// Request headers added to the key (the route varies on them, whatever `Vary` says).
     pub key_headers: Vec<http::HeaderName>,
     /// `Cookie` removed from cacheable requests and `Set-Cookie` from their responses.
@@ -269,6 +272,21 @@ pub struct CacheRules {
 pub enum ParamPattern {
     Exact(String),
     Prefix(String),
+}
+
+impl CacheRules {
+    /// Whether query parameter `name` enters the key (and the origin request).
+    pub fn keeps_query_param(&self, name: &str) -> bool {
+        match &self.query_params {
+            Some(allowed) => allowed.iter().any(|pattern| pattern.matches(name)),
+            None => !self.ignore_query_params.iter().any(|pattern| pattern.matches(name)),
+        }
+    }
+
+    /// `query` (without `?`) as the key has it under these rules.
+    pub fn normalise_query<'a>(&self, query: &'a str) -> Result<std::borrow::Cow<'a, str>, crate::cache::key::BadTarget> {
+        crate::cache::key::normalise_query_by(query, |name| self.keeps_query_param(name))
+    }
 }
 
 impl ParamPattern {

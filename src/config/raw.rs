@@ -131,6 +131,7 @@ pub struct RawRoute {
     pub ignore_request_cache_control: Option<bool>,
     #[serde(default)]
     pub ignore_query_params: Vec<Spanned<String>>,
+    pub query_params: Option<Spanned<Vec<Spanned<String>>>>,
     #[serde(default)]
     pub key_headers: Vec<Spanned<String>>,
     pub strip_cookies: Option<bool>,

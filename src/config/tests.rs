@@ -140,6 +140,19 @@ fn ignore_cookies_takes_names_and_prefixes() {
 }
 
 #[test]
+fn query_params_is_an_allow_list_and_excludes_ignore_query_params() {
+    let config = parse(&format!("{MINIMAL}query_params = [\"page\", \"f_*\"]\n")).expect("valid");
+    let rules = &config.routes[0].cache;
+    assert_eq!(rules.query_params, Some(vec![ParamPattern::Exact("page".into()), ParamPattern::Prefix("f_".into())]));
+    assert!(rules.keeps_query_param("page") && rules.keeps_query_param("f_size") && !rules.keeps_query_param("utm_source"));
+    assert!(parse(MINIMAL).expect("valid").routes[0].cache.keeps_query_param("anything"), "no allow-list: every parameter kept");
+    let both = error_of(&format!("{MINIMAL}query_params = [\"page\"]\nignore_query_params = [\"utm_*\"]\n"));
+    assert!(both.contains("bulwark.toml:14:") && both.contains("not both"), "{both}");
+    let bad = error_of(&format!("{MINIMAL}query_params = [\"a&b\"]\n"));
+    assert!(bad.contains("bulwark.toml:14:") && bad.contains("query_params"), "{bad}");
+}
+
+#[test]
 fn force_ttl_on_a_route_that_keeps_session_cookies_is_warned_about() {
     assert!(parse(MINIMAL).expect("valid").warnings().is_empty());
     let forced = parse(&format!("{MINIMAL}force_ttl = \"30s\"\n")).expect("valid");

@@ -553,6 +553,13 @@ fn route(raw: raw::RawRoute, origins: &[OriginConfig], pools: &[PoolConfig]) -> 
             ignore_no_cache: raw.ignore_no_cache.unwrap_or(false),
             ignore_request_cache_control: raw.ignore_request_cache_control.unwrap_or(false),
             ignore_query_params: raw.ignore_query_params.iter().map(|p| name_pattern(p, "ignore_query_params", "parameter")).collect::<Result<Vec<_>>>()?,
+            query_params: match &raw.query_params {
+                None => None,
+                Some(list) if !raw.ignore_query_params.is_empty() => {
+                    return err(list.span(), "a route has query_params (an allow-list) or ignore_query_params, not both");
+                }
+                Some(list) => Some(list.get_ref().iter().map(|p| name_pattern(p, "query_params", "parameter")).collect::<Result<Vec<_>>>()?),
+            },
             key_headers: header_names(&raw.key_headers, "key_headers")?,
             strip_cookies: raw.strip_cookies.unwrap_or(false),
             ignore_cookies: raw.ignore_cookies.iter().map(|p| name_pattern(p, "ignore_cookies", "cookie")).collect::<Result<Vec<_>>>()?,

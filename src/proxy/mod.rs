@@ -218,9 +218,9 @@ async fn serve(ctx: &RequestContext, parts: request::Parts, body: Option<Incomin
     let unsafe_method = !matches!(parts.method, Method::GET | Method::HEAD | Method::OPTIONS | Method::TRACE | Method::CONNECT)
         && !matches!(parts.method.as_str(), "PROPFIND" | "REPORT" | "SEARCH");
     let target = unsafe_method.then(|| {
-        // The URL as the key has it: without the route's ignored parameters.
-        let ignored = &route.config.cache.ignore_query_params;
-        let query = parts.uri.query().map(|q| crate::cache::key::normalise_query(q, ignored).map_or_else(|_| q.to_owned(), |n| n.into_owned()));
+        // The URL as the key has it: only the route's kept parameters.
+        let rules = &route.config.cache;
+        let query = parts.uri.query().map(|q| rules.normalise_query(q).map_or_else(|_| q.to_owned(), |n| n.into_owned()));
         crate::cache::PurgeTarget::for_request(client.scheme, &client.host, parts.uri.path(), query.as_deref())
     });
     match fetch::pass_through(ctx, parts, body).await {
