@@ -120,6 +120,11 @@ pub fn normalise_query<'a>(query: &'a str, ignored: &[ParamPattern]) -> Result<C
     normalise_query_by(query, |name| !ignored.iter().any(|pattern| pattern.matches(name)))
 }
 
+/// `query` (without `?`) as the key has it under a route's `rules`.
+pub fn normalise_query_for<'a>(query: &'a str, rules: &crate::config::CacheRules) -> Result<Cow<'a, str>, BadTarget> {
+    normalise_query_by(query, |name| rules.keeps_query_param(name))
+}
+
 /// [`normalise_query`] keeping the parameters whose (normalised) name `keep` accepts.
 pub fn normalise_query_by(query: &str, keep: impl Fn(&str) -> bool) -> Result<Cow<'_, str>, BadTarget> {
     let normalised = normalise_percent(query)?;

@@ -282,11 +282,6 @@ impl CacheRules {
             None => !self.ignore_query_params.iter().any(|pattern| pattern.matches(name)),
         }
     }
-
-    /// `query` (without `?`) as the key has it under these rules.
-    pub fn normalise_query<'a>(&self, query: &'a str) -> Result<std::borrow::Cow<'a, str>, crate::cache::key::BadTarget> {
-        crate::cache::key::normalise_query_by(query, |name| self.keeps_query_param(name))
-    }
 }
 
 impl ParamPattern {

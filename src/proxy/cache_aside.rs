@@ -13,7 +13,7 @@ use super::decision::{Decision, Serve, or_stale_if_error};
 use super::fetch::{self, FetchJob, HeadAnswer};
 use super::{flight, target, trust};
 use crate::body::ProxyBody;
-use crate::cache::key::url_part;
+use crate::cache::key::{normalise_query_for, url_part};
 use crate::cache::policy::reuse::{Choice, choose, should_refresh_early};
 use crate::cache::policy::{self, RequestDirectives};
 use crate::cache::{CacheKey, Encodings, Entry, Found, Pool, PurgeTarget};
@@ -38,7 +38,7 @@ pub(super) fn prepare(rules: &CacheRules, parts: &mut request::Parts, trusted: b
     }
     trust::strip_unkeyed(&mut parts.headers, &rules.key_headers, trusted);
     let raw = parts.uri.query().unwrap_or("");
-    let query = rules.normalise_query(raw).map_err(|_| ProxyError::BadRequest("malformed percent-encoding in the query"))?;
+    let query = normalise_query_for(raw, rules).map_err(|_| ProxyError::BadRequest("malformed percent-encoding in the query"))?;
     Ok(query.into_owned())
 }
 

@@ -220,7 +220,7 @@ async fn serve(ctx: &RequestContext, parts: request::Parts, body: Option<Incomin
     let target = unsafe_method.then(|| {
         // The URL as the key has it: only the route's kept parameters.
         let rules = &route.config.cache;
-        let query = parts.uri.query().map(|q| rules.normalise_query(q).map_or_else(|_| q.to_owned(), |n| n.into_owned()));
+        let query = parts.uri.query().map(|q| crate::cache::key::normalise_query_for(q, rules).map_or_else(|_| q.to_owned(), |n| n.into_owned()));
         crate::cache::PurgeTarget::for_request(client.scheme, &client.host, parts.uri.path(), query.as_deref())
     });
     match fetch::pass_through(ctx, parts, body).await {
