@@ -1,7 +1,7 @@
 //! Errors of the request path, each with its cause and where it came from, and the one
 //! function that maps them to HTTP responses.
 
-use http::header::{CONTENT_TYPE, RETRY_AFTER};
+use http::header::{CACHE_CONTROL, CONTENT_TYPE, RETRY_AFTER};
 use http::{HeaderValue, Response, StatusCode};
 
 use crate::body::ProxyBody;
@@ -34,12 +34,16 @@ pub enum ProxyError {
     NotCached,
     #[error("internal error: {0}")]
     Internal(&'static str),
+    /// Over the route's admission budget; a token is free again in `retry_after` seconds.
+    #[error("too many requests for pages not in the cache; retry in {retry_after} s")]
+    Limited { retry_after: u64 },
 }
 
 impl ProxyError {
     pub fn source_kind(&self) -> ErrorSource {
         match self {
             ProxyError::BadRequest(_)
+            | ProxyError::Limited { .. }
             | ProxyError::Origin { source: OriginError::ClientBody(_) | OriginError::UploadTimeout(_) | OriginError::Unwanted, .. } => ErrorSource::Client,
             ProxyError::Origin { .. } | ProxyError::OriginStatus { .. } => ErrorSource::Upstream,
             ProxyError::NotCached | ProxyError::Internal(_) => ErrorSource::Internal,
@@ -73,6 +77,7 @@ impl ProxyError {
             ProxyError::OriginStatus { status, .. } => *status,
             ProxyError::NotCached => StatusCode::GATEWAY_TIMEOUT,
             ProxyError::Internal(_) => StatusCode::INTERNAL_SERVER_ERROR,
+            ProxyError::Limited { .. } => StatusCode::TOO_MANY_REQUESTS,
         }
     }
 }
@@ -89,7 +94,12 @@ pub fn error_response(err: &ProxyError) -> Response<ProxyBody> {
     };
     let mut res = plain_response(status, text);
     if status == StatusCode::SERVICE_UNAVAILABLE {
-        res.headers_mut().insert(RETRY_AFTER, HeaderValue::from_static("1"));
+        res.headers_mut().insert(RETRY_AFTER, HeaderValue::from(1));
+    }
+    if let ProxyError::Limited { retry_after } = err {
+        res.headers_mut().insert(RETRY_AFTER, HeaderValue::from((*retry_after).max(1)));
+        // A CDN in front must not keep a refusal meant for one client.
+        res.headers_mut().insert(CACHE_CONTROL, HeaderValue::from_static("no-store"));
     }
     res
 }

@@ -23,6 +23,8 @@
 //! - [`outcome`]: the [`outcome::Outcome`] of a request, behind both `Cache-Status` and
 //!   the `cache` metric label (a leaf: the cache, metrics and proxy all speak it).
 //! - [`encodings`]: content-coding sets, the `Accept-Encoding` part of a key (a leaf).
+//! - [`admission`]: budgets of origin requests per client and per route's new keys,
+//!   counted in the pool's Redis across replicas (alone with a share when it is down).
 //! - [`cache`]: keys (normalisation, variants by `Vary`), the versioned entry format and
 //!   building entries from responses, the RFC 9111 policy (with RFC 9213 targeted fields)
 //!   and reuse decisions, revalidation and conditionals, the moka tier (L1), the Redis
@@ -49,6 +51,7 @@
 
 pub mod access_log;
 pub mod admin;
+pub mod admission;
 pub mod body;
 pub mod cache;
 pub mod cli;

@@ -17,6 +17,9 @@ pub const REQUESTS_TOTAL: &str = "bulwark_requests_total";
 pub const REQUEST_DURATION: &str = "bulwark_request_duration_seconds";
 pub const CLIENT_ABORTS_TOTAL: &str = "bulwark_client_aborts_total";
 pub const NOT_STORED_TOTAL: &str = "bulwark_not_stored_total";
+pub const ADMISSION_REJECTED_TOTAL: &str = "bulwark_admission_rejected_total";
+/// The `reason` labels of [`ADMISSION_REJECTED_TOTAL`]: the budget that refused.
+pub const ADMISSION_REASONS: [&str; 2] = ["client", "new_keys"];
 pub const UNROUTED_TOTAL: &str = "bulwark_unrouted_requests_total";
 pub const ORIGIN_REQUESTS_TOTAL: &str = "bulwark_origin_requests_total";
 pub const ORIGIN_DURATION: &str = "bulwark_origin_duration_seconds";
@@ -134,6 +137,7 @@ impl Registry {
             origin_status: OriginStatus::LABELS.map(|status| self.counter(ORIGIN_REQUESTS_TOTAL, &[("origin", origin), ("route", route), ("status", status)])),
             client_aborts: self.counter(CLIENT_ABORTS_TOTAL, &[("route", route)]),
             not_stored: NotStored::LABELS.map(|reason| self.counter(NOT_STORED_TOTAL, &[("route", route), ("reason", reason)])),
+            admission_rejected: ADMISSION_REASONS.map(|reason| self.counter(ADMISSION_REJECTED_TOTAL, &[("route", route), ("reason", reason)])),
         }
     }
 
@@ -206,6 +210,7 @@ pub struct RouteMetrics {
     origin_status: [Counter; OriginStatus::LABELS.len()],
     client_aborts: Counter,
     not_stored: [Counter; NotStored::LABELS.len()],
+    admission_rejected: [Counter; ADMISSION_REASONS.len()],
 }
 
 impl RouteMetrics {
@@ -222,6 +227,13 @@ impl RouteMetrics {
     }
 
     /// A fill whose answer was not stored, once per fill.
+    /// A request refused by the admission budget at `reason` of [`ADMISSION_REASONS`].
+    pub fn admission_rejected(&self, reason: usize) {
+        if let Some(counter) = self.admission_rejected.get(reason) {
+            counter.increment(1);
+        }
+    }
+
     pub fn not_stored(&self, reason: NotStored) {
         self.not_stored[reason.index()].increment(1);
     }

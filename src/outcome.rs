@@ -17,6 +17,8 @@ pub enum StaleReason {
     IfError,
     /// The route is in `cache-only`: the operator chose stored copies over the origin.
     CacheOnly,
+    /// Over an admission budget, with a copy within its stale-if-error window.
+    Limited,
 }
 
 /// Why a fill's answer was not stored: the `reason` label of `bulwark_not_stored_total`
@@ -132,11 +134,13 @@ pub enum Outcome {
     Shed,
     /// No response from the origin and nothing stored.
     Error,
+    /// Over an admission budget, nothing stored to serve: 429.
+    Limited,
 }
 
 impl Outcome {
     /// Every `cache` label value, in a fixed order; [`Outcome::index`] points into it.
-    pub const LABELS: [&'static str; 13] = [
+    pub const LABELS: [&'static str; 15] = [
         "hit_l1",
         "hit_l2",
         "miss",
@@ -150,6 +154,8 @@ impl Outcome {
         "off",
         "shed",
         "error",
+        "stale_limited",
+        "limited",
     ];
 
     /// Position of this outcome's label in [`Outcome::LABELS`].
@@ -168,6 +174,8 @@ impl Outcome {
             Outcome::Off => 10,
             Outcome::Shed => 11,
             Outcome::Error => 12,
+            Outcome::Stale(StaleReason::Limited) => 13,
+            Outcome::Limited => 14,
         }
     }
 
@@ -193,6 +201,8 @@ impl Outcome {
             Outcome::Off => "bulwark; detail=off",
             Outcome::Shed => "bulwark; detail=shed",
             Outcome::Error => "bulwark; fwd=miss; detail=error",
+            Outcome::Stale(StaleReason::Limited) => "bulwark; hit; detail=stale-limited",
+            Outcome::Limited => "bulwark; detail=limited",
         }
     }
 
@@ -226,6 +236,8 @@ mod tests {
             Outcome::Off,
             Outcome::Shed,
             Outcome::Error,
+            Outcome::Stale(StaleReason::Limited),
+            Outcome::Limited,
         ];
         assert_eq!(all.len(), Outcome::LABELS.len(), "one label per outcome");
         for (i, outcome) in all.iter().enumerate() {

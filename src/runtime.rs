@@ -43,6 +43,8 @@ pub struct RouteRuntime {
     pub clock: Clock,
     /// The process's budget for storable bodies being read (`max_inflight_body_bytes`).
     pub body_budget: Arc<ByteBudget>,
+    /// The route's admission budgets, if it has any.
+    pub admission: Option<Arc<crate::admission::Admission>>,
     /// The route's current mode: read by every request, written by the admin API and
     /// the control channel. An atomic because it is one small value that changes rarely.
     mode: std::sync::atomic::AtomicU8,
@@ -79,6 +81,9 @@ pub struct Runtime {
     pub origins: Vec<Arc<Origin>>,
     pub(crate) unrouted: metrics::Counter,
     body_budget: Arc<ByteBudget>,
+    /// Replicas alive in the control Redis, this one included (0: not known); shared with
+    /// [`Live`] and every runtime a reload builds from this one.
+    replicas: Arc<std::sync::atomic::AtomicUsize>,
 }
 
 impl Runtime {
@@ -115,6 +120,18 @@ impl Runtime {
             .collect::<Result<Vec<_>, _>>()?;
         // Per process: kept through reloads (its size is read at start).
         let body_budget = previous.map_or_else(|| ByteBudget::new(config.server.max_inflight_body_bytes), |old| old.body_budget.clone());
+        let replicas = previous.map_or_else(Arc::default, |old| old.replicas.clone());
+        let config_trusted = config.server.trusted_proxies.clone();
+        // Budgets keep their counts through a reload that leaves them alone.
+        let admission = |r: &RouteConfig| {
+            let config = r.admission.clone()?;
+            let old = previous.and_then(|old| old.routes.iter().find(|or| or.config.name == r.name)).and_then(|or| or.admission.clone());
+            let trusted = &config_trusted;
+            Some(
+                old.filter(|a| a.config == config && a.trusted_proxies == *trusted)
+                    .unwrap_or_else(|| Arc::new(crate::admission::Admission::new(&r.name, config, replicas.clone(), trusted.clone()))),
+            )
+        };
         let kept_mode = |r: &RouteConfig| {
             let old = previous.and_then(|old| old.routes.iter().find(|or| or.config.name == r.name))?;
             (!r.mode_from_file && (old.mode() != RouteMode::Fallback || r.fallback.is_some())).then(|| old.mode())
@@ -130,11 +147,12 @@ impl Runtime {
                     metrics: registry.route(&r.name, r.pool.map_or("", |p| config.pools[p].name.as_str()), &config.origins[r.origin].name),
                     clock: clock.clone(),
                     body_budget: body_budget.clone(),
+                    admission: admission(r),
                     mode: std::sync::atomic::AtomicU8::new(kept_mode(r).unwrap_or(r.mode).as_u8()),
                 })
             })
             .collect();
-        Ok(Runtime { router: Router::new(&config.routes), routes, pools, origins, unrouted: registry.unrouted(), body_budget, config })
+        Ok(Runtime { router: Router::new(&config.routes), routes, pools, origins, unrouted: registry.unrouted(), body_budget, replicas, config })
     }
 }
 
@@ -160,8 +178,9 @@ pub struct Live {
     reloads: [metrics::Counter; 2],
     /// The clock every pool built here decides by, reloads included.
     clock: Clock,
-    /// Replicas alive in the control Redis, this one included (0: not known).
-    replicas: std::sync::atomic::AtomicUsize,
+    /// Replicas alive in the control Redis, this one included (0: not known): the
+    /// runtimes' (admission budgets read it when counting alone).
+    replicas: Arc<std::sync::atomic::AtomicUsize>,
 }
 
 impl Live {
@@ -171,15 +190,8 @@ impl Live {
         let registry = Arc::new(Registry::new());
         let runtime = Runtime::build(config, &registry, &clock)?;
         let reloads = registry.reloads();
-        Ok(Live {
-            runtime: ArcSwap::from_pointee(runtime),
-            registry,
-            config_path,
-            reload_lock: tokio::sync::Mutex::new(()),
-            reloads,
-            clock,
-            replicas: std::sync::atomic::AtomicUsize::new(0),
-        })
+        let replicas = runtime.replicas.clone();
+        Ok(Live { runtime: ArcSwap::from_pointee(runtime), registry, config_path, reload_lock: tokio::sync::Mutex::new(()), reloads, clock, replicas })
     }
 
     /// `replicas` are alive in the control Redis: every origin with a fleet budget takes

@@ -34,11 +34,12 @@ pub fn sum(samples: &[Sample], name: &str, labels: &[(&str, &str)]) -> f64 {
 }
 
 /// Cache outcomes that count as served from the cache in a hit ratio.
-pub const HIT_OUTCOMES: [&str; 7] = ["hit_l1", "hit_l2", "collapsed", "revalidated", "stale_while_revalidate", "stale_if_error", "stale_cache_only"];
+pub const HIT_OUTCOMES: [&str; 8] =
+    ["hit_l1", "hit_l2", "collapsed", "revalidated", "stale_while_revalidate", "stale_if_error", "stale_cache_only", "stale_limited"];
 /// Outcomes that served a stored copy past its freshness.
-pub const STALE_OUTCOMES: [&str; 3] = ["stale_while_revalidate", "stale_if_error", "stale_cache_only"];
+pub const STALE_OUTCOMES: [&str; 4] = ["stale_while_revalidate", "stale_if_error", "stale_cache_only", "stale_limited"];
 /// Outcomes left out of a hit ratio's denominator.
-pub const NOT_CACHE_OUTCOMES: [&str; 3] = ["bypass", "fallback", "off"];
+pub const NOT_CACHE_OUTCOMES: [&str; 4] = ["bypass", "fallback", "off", "limited"];
 
 /// Hit ratio of the requests matching `labels` (see DESIGN.md), `None` with no requests.
 pub fn hit_ratio(samples: &[Sample], labels: &[(&str, &str)]) -> Option<f64> {

@@ -238,6 +238,40 @@ pub struct RouteConfig {
     pub stale_on_error: StaleOnError,
     /// The route's overrides of the cache policy.
     pub cache: CacheRules,
+    /// Budgets of requests sent to the origin (`admission`), if any.
+    pub admission: Option<AdmissionConfig>,
+}
+
+/// A route's `admission`: budgets charged only by requests that reach the origin.
+#[derive(Debug, Clone, PartialEq)]
+pub struct AdmissionConfig {
+    /// Origin requests per client (`per_client`, `per_client_burst`).
+    pub per_client: Option<Budget>,
+    /// Distinct keys not stored sent to the origin for the route (`new_keys`).
+    pub new_keys: Option<Budget>,
+    /// Who the client is.
+    pub client: ClientBy,
+    /// The methods charged per client (GET and HEAD unless `methods` says otherwise).
+    pub methods: Vec<http::Method>,
+}
+
+/// A token bucket: `rate`, and at most `burst` tokens saved up.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct Budget {
+    pub rate: units::Rate,
+    pub burst: u32,
+}
+
+/// How a request's client is found (`admission.client`).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum ClientBy {
+    /// The first address not in `trusted_proxies`, walking the peer and then
+    /// `X-Forwarded-For` from the right (IPv6 per /64).
+    Address,
+    /// The peer address, whatever the headers say.
+    Peer,
+    /// A header a trusted proxy sets (from any other peer: the address rule).
+    Header(http::HeaderName),
 }
 
 /// A route's explicit overrides of the cache policy (all off by default).

@@ -8,7 +8,7 @@ use std::collections::BTreeMap;
 use serde::Deserialize;
 use toml::Spanned;
 
-use super::units::{ByteSize, ConfigDuration};
+use super::units::{ByteSize, ConfigDuration, Rate};
 
 #[derive(Debug, Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -138,6 +138,19 @@ pub struct RawRoute {
     #[serde(default)]
     pub ignore_cookies: Vec<Spanned<String>>,
     pub targeted_cache_control: Option<Vec<Spanned<String>>>,
+    pub admission: Option<Spanned<RawAdmission>>,
+}
+
+/// A route's `admission` table.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawAdmission {
+    pub per_client: Option<Spanned<Rate>>,
+    pub per_client_burst: Option<Spanned<i64>>,
+    pub new_keys: Option<Spanned<Rate>>,
+    pub new_keys_burst: Option<Spanned<i64>>,
+    pub client: Option<Spanned<String>>,
+    pub methods: Option<Vec<Spanned<String>>>,
 }
 
 /// Whether `must-revalidate`, `proxy-revalidate` and `s-maxage` forbid serving a stored

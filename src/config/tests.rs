@@ -153,6 +153,35 @@ fn query_params_is_an_allow_list_and_excludes_ignore_query_params() {
 }
 
 #[test]
+fn admission_budgets_are_validated_and_per_client_needs_trusted_proxies() {
+    let with = |server: &str, admission: &str| format!("[server]\n{server}\n{}admission = {admission}\n", MINIMAL.trim_start());
+    let behind_alb = parse(&with("trusted_proxies = [\"10.0.0.0/8\"]", r#"{ per_client = "20/s", new_keys = "600/m" }"#)).expect("valid");
+    let admission = behind_alb.routes[0].admission.clone().expect("admission");
+    assert_eq!(admission.per_client.map(|b| (b.rate.per_second(), b.burst)), Some((20.0, 20)), "burst: one second's worth");
+    assert_eq!(admission.new_keys.map(|b| (b.rate.per_second(), b.burst)), Some((10.0, 10)));
+    assert_eq!((admission.client, admission.methods), (ClientBy::Address, vec![http::Method::GET, http::Method::HEAD]));
+    // Behind a load balancer every peer is one of its nodes: a budget per peer would
+    // throttle the whole site, so check refuses it (with the line).
+    let open = error_of(&with("", r#"{ per_client = "20/s" }"#));
+    assert!(open.contains("bulwark.toml:") && open.contains("trusted_proxies"), "{open}");
+    assert!(parse(&with("", r#"{ per_client = "20/s", client = "peer" }"#)).is_ok());
+    assert!(parse(&with("", r#"{ new_keys = "100/s" }"#)).is_ok(), "new_keys needs no client");
+    for (bad, says) in [
+        (r#"{ per_client = "20" }"#, "rate"),
+        (r#"{ per_client = "0/s", client = "peer" }"#, "more than zero"),
+        (r#"{ per_client = "5/s", per_client_burst = 0, client = "peer" }"#, "per_client_burst"),
+        (r#"{ per_client_burst = 5 }"#, "without per_client"),
+        (r#"{ new_keys = "5/s", client = "ip" }"#, "client"),
+        (r#"{ new_keys = "5/s", methods = ["get"] }"#, "method"),
+        (r#"{ }"#, "per_client or new_keys"),
+        (r#"{ per_minute = 5 }"#, "unknown field"),
+    ] {
+        let message = error_of(&with("", bad));
+        assert!(message.contains("bulwark.toml:") && message.contains(says), "{bad}: {message}");
+    }
+}
+
+#[test]
 fn force_ttl_on_a_route_that_keeps_session_cookies_is_warned_about() {
     assert!(parse(MINIMAL).expect("valid").warnings().is_empty());
     let forced = parse(&format!("{MINIMAL}force_ttl = \"30s\"\n")).expect("valid");

@@ -35,6 +35,46 @@ pub fn parse_duration(text: &str) -> Result<Duration, String> {
     amount.checked_mul(millis_per_unit).map(Duration::from_millis).ok_or_else(|| format!("duration {text:?} is too large"))
 }
 
+/// A rate read from a string such as `"20/s"`, `"600/m"` or `"1000/h"`: `count` per `per`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Rate {
+    pub count: u64,
+    pub per: Duration,
+}
+
+impl Rate {
+    /// Requests per second.
+    pub fn per_second(self) -> f64 {
+        self.count as f64 / self.per.as_secs_f64()
+    }
+}
+
+/// Parses a rate: a positive integer, `/`, and `s`, `m` or `h` (or a duration: `"5/10s"`).
+pub fn parse_rate(text: &str) -> Result<Rate, String> {
+    let expected = "expected a rate such as \"20/s\", \"600/m\" or \"1000/h\"";
+    let (count, per) = text.trim().split_once('/').ok_or_else(|| format!("invalid rate {text:?}: {expected}"))?;
+    let count: u64 = count.trim().parse().map_err(|_| format!("invalid rate {text:?}: {expected}"))?;
+    let per = match per.trim() {
+        "s" => Duration::from_secs(1),
+        "m" => Duration::from_secs(60),
+        "h" => Duration::from_secs(3600),
+        other => parse_duration(other).map_err(|_| format!("invalid rate {text:?}: {expected}"))?,
+    };
+    if count == 0 || per.is_zero() {
+        return Err(format!("rate {text:?} must be more than zero per a non-zero time"));
+    }
+    if count > 10_000_000 || (Rate { count, per }).per_second() > 1_000_000.0 {
+        return Err(format!("rate {text:?} is too large (at most 1,000,000/s)"));
+    }
+    Ok(Rate { count, per })
+}
+
+impl<'de> Deserialize<'de> for Rate {
+    fn deserialize<D: Deserializer<'de>>(deserializer: D) -> Result<Self, D::Error> {
+        deserializer.deserialize_str(UnitVisitor("a rate string such as \"20/s\"", parse_rate))
+    }
+}
+
 /// Parses a size: a non-negative integer, optionally followed by `B`, `KiB`, `MiB`, `GiB`,
 /// `KB`, `MB` or `GB` (binary units are powers of 1024, decimal ones powers of 1000).
 pub fn parse_size(text: &str) -> Result<u64, String> {
@@ -107,6 +147,16 @@ impl<'de> de::Visitor<'de> for SizeVisitor {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn rates() {
+        assert_eq!(parse_rate("20/s"), Ok(Rate { count: 20, per: Duration::from_secs(1) }));
+        assert_eq!(parse_rate("600/m").map(Rate::per_second), Ok(10.0));
+        assert_eq!(parse_rate("5/10s").map(Rate::per_second), Ok(0.5));
+        for bad in ["20", "0/s", "20/x", "/s", "-1/s", "20/0s", "99999999999/s"] {
+            assert!(parse_rate(bad).is_err(), "{bad}");
+        }
+    }
 
     #[test]
     fn durations() {

@@ -10,10 +10,10 @@ use http::{HeaderMap, HeaderName, HeaderValue, StatusCode, Uri};
 use toml::Spanned;
 
 use super::raw::{self, RawConfig};
-use super::units::ConfigDuration;
+use super::units::{self, ConfigDuration};
 use super::{
-    BreakerConfig, CacheRules, Config, Ejection, EndpointSource, Fallback, HealthCheck, HostMatch, MAX_EJECTION, OriginConfig, OriginTls, ParamPattern,
-    PemFile, PoolConfig, RedisEndpoint, RouteConfig, RouteMode, ServerConfig, SharedTierConfig,
+    AdmissionConfig, BreakerConfig, Budget, CacheRules, ClientBy, Config, Ejection, EndpointSource, Fallback, HealthCheck, HostMatch, MAX_EJECTION,
+    OriginConfig, OriginTls, ParamPattern, PemFile, PoolConfig, RedisEndpoint, RouteConfig, RouteMode, ServerConfig, SharedTierConfig,
 };
 use crate::encodings::Encodings;
 
@@ -101,7 +101,7 @@ pub fn validate(raw: RawConfig) -> Result<Config> {
     let mut typed_routes = Vec::with_capacity(routes.len());
     for route in routes {
         let span = route.path_prefix.span();
-        let typed = self::route(route, &origins, &pools)?;
+        let typed = self::route(route, &origins, &pools, &server.trusted_proxies)?;
         if !seen_matches.insert((typed.host.clone(), typed.path_prefix.clone())) {
             return err(span, format!("another route already matches path_prefix {:?} on the same host", typed.path_prefix));
         }
@@ -503,7 +503,11 @@ fn find(name: &Spanned<String>, names: impl Iterator<Item = String>, what: &str)
     }
 }
 
-fn route(raw: raw::RawRoute, origins: &[OriginConfig], pools: &[PoolConfig]) -> Result<RouteConfig> {
+fn route(raw: raw::RawRoute, origins: &[OriginConfig], pools: &[PoolConfig], trusted_proxies: &[Cidr]) -> Result<RouteConfig> {
+    let admission = match raw.admission {
+        None => None,
+        Some(a) => Some(admission(a, trusted_proxies)?),
+    };
     let cache = raw.cache.unwrap_or(true);
     let pool = match &raw.pool {
         Some(pool) => Some(find(pool, pools.iter().map(|p| p.name.clone()), "pool")?),
@@ -568,7 +572,74 @@ fn route(raw: raw::RawRoute, origins: &[OriginConfig], pools: &[PoolConfig]) -> 
                 Some(names) => header_names(names, "targeted_cache_control")?,
             },
         },
+        admission,
     })
+}
+
+/// A route's `admission` table. `per_client` needs `trusted_proxies` unless the client is
+/// the peer: behind a load balancer every peer is one of its nodes, and a budget per
+/// peer would throttle the whole site.
+fn admission(raw: Spanned<raw::RawAdmission>, trusted_proxies: &[Cidr]) -> Result<AdmissionConfig> {
+    let span = raw.span();
+    let raw = raw.into_inner();
+    let budget = |rate: Option<Spanned<units::Rate>>, burst: Option<Spanned<i64>>, key: &str| -> Result<Option<Budget>> {
+        let Some(rate) = rate else {
+            return match burst {
+                Some(b) => err(b.span(), format!("admission: {key}_burst without {key}")),
+                None => Ok(None),
+            };
+        };
+        let rate = rate.into_inner();
+        let burst = match burst {
+            // One second's worth by default, at least one request.
+            None => rate.per_second().ceil().clamp(1.0, 1_000_000.0) as u32,
+            Some(b) => match u32::try_from(*b.get_ref()) {
+                Ok(n) if (1..=1_000_000).contains(&n) => n,
+                _ => return err(b.span(), format!("admission: {key}_burst must be between 1 and 1000000")),
+            },
+        };
+        Ok(Some(Budget { rate, burst }))
+    };
+    let per_client_span = raw.per_client.as_ref().map(|r| r.span());
+    let per_client = budget(raw.per_client, raw.per_client_burst, "per_client")?;
+    let new_keys = budget(raw.new_keys, raw.new_keys_burst, "new_keys")?;
+    if per_client.is_none() && new_keys.is_none() {
+        return err(span, "admission needs per_client or new_keys (or both)");
+    }
+    let client = match &raw.client {
+        None => ClientBy::Address,
+        Some(c) => match c.get_ref().as_str() {
+            "address" => ClientBy::Address,
+            "peer" => ClientBy::Peer,
+            text => match text.strip_prefix("header:").map(|name| HeaderName::from_bytes(name.trim().as_bytes())) {
+                Some(Ok(name)) => ClientBy::Header(name),
+                _ => return err(c.span(), format!("admission: client {text:?} must be \"address\", \"peer\" or \"header:NAME\"")),
+            },
+        },
+    };
+    if let Some(at) = per_client_span
+        && trusted_proxies.is_empty()
+        && client != ClientBy::Peer
+    {
+        return err(
+            at,
+            "admission: per_client needs [server] trusted_proxies (the load balancers in front, whose X-Forwarded-For is believed), or client = \"peer\"; behind a load balancer every peer is one of its nodes",
+        );
+    }
+    let methods = match &raw.methods {
+        None => vec![http::Method::GET, http::Method::HEAD],
+        Some(list) => {
+            let mut methods = Vec::with_capacity(list.len());
+            for m in list {
+                match http::Method::from_bytes(m.get_ref().trim().as_bytes()) {
+                    Ok(method) if m.get_ref().trim().bytes().all(|b| b.is_ascii_uppercase()) => methods.push(method),
+                    _ => return err(m.span(), format!("admission: {:?} is not a method name (uppercase, such as \"GET\")", m.get_ref())),
+                }
+            }
+            methods
+        }
+    };
+    Ok(AdmissionConfig { per_client, new_keys, client, methods })
 }
 
 /// `name` or `prefix*`: a query parameter or cookie left out of the key (`what` names

@@ -16,6 +16,7 @@ use http_body::Body;
 use http_body_util::BodyExt;
 use tokio::sync::oneshot;
 
+use super::admit::admit;
 use super::decision::{Decision, Serve, failure_outcome};
 use super::fetch::{FetchJob, Fetched};
 use super::fill::{FillRead, Filling, WindowFill};
@@ -86,7 +87,7 @@ pub async fn miss(mut job: FetchJob, stale: Option<Arc<Entry>>) -> Decision {
     };
     if alone {
         job.pass_range = passes_range(&job);
-        return direct(&job).await;
+        return direct_admitted(&job).await;
     }
     let lock_timeout = pool.config.lock_timeout;
     let mut join = pool.join_flight(&job.key);
@@ -125,7 +126,7 @@ pub async fn miss(mut job: FetchJob, stale: Option<Arc<Entry>>) -> Decision {
                 drop(fill);
                 // A request `no-store` joins no other flight: it must not be stored.
                 if refused || rejoined || !job.store {
-                    return direct(&job).await;
+                    return direct_admitted(&job).await;
                 }
                 rejoined = true;
                 job.key = mine;
@@ -141,13 +142,13 @@ pub async fn miss(mut job: FetchJob, stale: Option<Arc<Entry>>) -> Decision {
                 if streaming.not_stored.is_some() && range_starts_beyond(&job, &streaming) {
                     drop((streaming, waiting));
                     job.pass_range = passes_range(&job);
-                    return direct(&job).await;
+                    return direct_admitted(&job).await;
                 }
                 let outcome = streaming.not_stored.map_or(Outcome::Collapsed, |reason| Outcome::Miss(Store::Not(reason)));
                 match streaming.shared.attach() {
                     Some(reader) => return Decision::new(Serve::Shared { entry: streaming.head.entry.clone(), reader, age: true }, outcome),
                     // Its body failed just now: join again (the flight is about to end).
-                    None if abandoned >= 2 => return direct(&job).await,
+                    None if abandoned >= 2 => return direct_admitted(&job).await,
                     None => {
                         abandoned += 1;
                         join = pool.join_flight(&job.key);
@@ -156,10 +157,10 @@ pub async fn miss(mut job: FetchJob, stale: Option<Arc<Entry>>) -> Decision {
             }
             Fill::Uncacheable => {
                 job.pass_range = passes_range(&job);
-                return direct(&job).await;
+                return direct_admitted(&job).await;
             }
             // The leader's own answer: a new fetch among the waiters, once; then alone.
-            Fill::Personal if refetched => return direct(&job).await,
+            Fill::Personal if refetched => return direct_admitted(&job).await,
             Fill::Personal => {
                 refetched = true;
                 join = pool.join_flight(&job.key);
@@ -167,7 +168,7 @@ pub async fn miss(mut job: FetchJob, stale: Option<Arc<Entry>>) -> Decision {
             Fill::Failed { outcome, failure } => return Decision::new(failure_serve(&job, failure), outcome),
             // The leader went away, or a background refresh was shed: join again, and
             // after twice ask the origin alone rather than keep meeting new refreshes.
-            Fill::Abandoned if abandoned >= 2 => return direct(&job).await,
+            Fill::Abandoned if abandoned >= 2 => return direct_admitted(&job).await,
             Fill::Abandoned => {
                 abandoned += 1;
                 join = pool.join_flight(&job.key);
@@ -205,6 +206,12 @@ pub fn refresh_in_background(mut job: FetchJob) {
 /// Leads the flight: runs it in its own task and answers from its result. With a stale
 /// copy at hand, waits no longer than `lock_timeout` for it, like the waiters.
 async fn lead(mut job: FetchJob, guard: FlightGuard, stale: Option<Arc<Entry>>) -> Decision {
+    // Charged as it leads: a refused leader's waiters find the flight abandoned and
+    // ask again, each charged to its own client.
+    if let Some(refused) = admit(&job).await {
+        drop(guard);
+        return refused;
+    }
     let (tx, rx) = oneshot::channel();
     let lock_timeout = job.pool.config.lock_timeout;
     let stale_on_wait = job.stale_on_wait;
@@ -277,6 +284,14 @@ fn range_starts_beyond(job: &FetchJob, streaming: &Streaming) -> bool {
     let pool = &job.pool.config;
     let beyond = pool.max_object_bytes.min(pool.stream_window / 2) as u64;
     matches!(range.resolve(&streaming.head.entry.headers, len), Resolved::Part { start, .. } if start > beyond)
+}
+
+/// [`direct`], charged to the route's admission budgets first.
+async fn direct_admitted(job: &FetchJob) -> Decision {
+    match admit(job).await {
+        Some(refused) => refused,
+        None => direct(job).await,
+    }
 }
 
 /// Fetches without coalescing (keys recently answered with something not storable, and

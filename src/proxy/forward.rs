@@ -22,6 +22,9 @@ pub struct ClientInfo {
     pub peer: IpAddr,
     /// Whether the peer is one of `trusted_proxies`.
     pub trusted: bool,
+    /// What names the client for the route's per-client budget (captured only on a route
+    /// that has one, before its rules strip headers).
+    pub source: Option<crate::admission::ClientSource>,
 }
 
 impl ClientInfo {
@@ -51,7 +54,7 @@ impl ClientInfo {
             (None, Some(header)) => normalise_host(header, scheme)?,
             (None, None) => return Err(ProxyError::BadRequest("request has no Host")),
         };
-        Ok(ClientInfo { host, scheme, peer: peer_ip, trusted })
+        Ok(ClientInfo { host, scheme, peer: peer_ip, trusted, source: None })
     }
 
     /// The host without its port, for matching route `host` keys.

@@ -5,6 +5,7 @@
 //! per request from its [`Live`] configuration (see [`crate::runtime`]), so a reload
 //! never changes a request half-way.
 
+mod admit;
 mod cache_aside;
 mod context;
 mod decision;
@@ -117,7 +118,7 @@ impl Proxy {
         if parts.headers.get_all(HOST).iter().nth(1).is_some() {
             return self.finish(error_response(&ProxyError::BadRequest("more than one Host field")), version, false);
         }
-        let client = match ClientInfo::read(&parts, peer, &runtime.config.server.trusted_proxies) {
+        let mut client = match ClientInfo::read(&parts, peer, &runtime.config.server.trusted_proxies) {
             Ok(client) => client,
             Err(err) => return self.finish(error_response(&err), version, false),
         };
@@ -137,6 +138,9 @@ impl Proxy {
             return self.finish(plain_response(StatusCode::NOT_FOUND, text), version, false);
         };
         let route = &runtime.routes[index];
+        if let Some(admission) = route.admission.as_ref().filter(|a| a.config.per_client.is_some()) {
+            client.source = Some(crate::admission::ClientSource::capture(&admission.config.client, &parts.headers, client.trusted));
+        }
         let ctx = RequestContext {
             route: route.clone(),
             mode: route.mode(),
@@ -223,6 +227,9 @@ async fn serve(ctx: &RequestContext, parts: request::Parts, body: Option<Incomin
         let query = parts.uri.query().map(|q| crate::cache::key::normalise_query_for(q, rules).map_or_else(|_| q.to_owned(), |n| n.into_owned()));
         crate::cache::PurgeTarget::for_request(client.scheme, &client.host, parts.uri.path(), query.as_deref())
     });
+    if let Some(refused) = admit::admit_bypass(route, client, &parts.method).await {
+        return refused;
+    }
     match fetch::pass_through(ctx, parts, body).await {
         Ok((parts, body)) => {
             // RFC 9111 section 4.4: a successful unsafe request invalidates the target,

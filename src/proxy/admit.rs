@@ -1,0 +1,59 @@
+//! Admission on the request path: a request about to reach the origin is charged to its
+//! route's budgets (see [`crate::admission`]); hits, stale serves, coalesced waiters and
+//! background refreshes never come here. A refused request gets a stored copy within its
+//! stale-if-error window (`stale_limited`), else 429 (`limited`).
+
+use std::sync::Arc;
+
+use http::Method;
+
+use super::decision::{Decision, Serve};
+use super::fetch::FetchJob;
+use super::forward::ClientInfo;
+use crate::admission::Refusal;
+use crate::cache::{Entry, Pool};
+use crate::error::ProxyError;
+use crate::outcome::{Outcome, StaleReason};
+use crate::runtime::RouteRuntime;
+
+/// Charges the fetch of `job` (a key with nothing stored is a new key); the decision for
+/// a refused one.
+pub(super) async fn admit(job: &FetchJob) -> Option<Decision> {
+    job.route.admission.as_ref()?;
+    if job.background {
+        return None;
+    }
+    let new_key = job.stored.is_none().then_some(job.key.hash);
+    let refusal = charge(&job.route, Some(&job.pool), &job.client, &job.parts.method, new_key).await?;
+    Some(refused(&job.route, refusal, job.stored.as_ref(), job.pool.clock.now()))
+}
+
+/// Charges a request that skips the cache (its key is no key: no new-key token).
+pub(super) async fn admit_bypass(route: &RouteRuntime, client: &ClientInfo, method: &Method) -> Option<Decision> {
+    route.admission.as_ref()?;
+    let refusal = charge(route, route.pool.as_ref(), client, method, None).await?;
+    Some(refused(route, refusal, None, route.clock.now()))
+}
+
+async fn charge(route: &RouteRuntime, pool: Option<&Arc<Pool>>, client: &ClientInfo, method: &Method, new_key: Option<u128>) -> Option<Refusal> {
+    let admission = route.admission.as_ref()?;
+    let default = crate::admission::ClientSource::default();
+    let who = admission.charges(method).then(|| (client.source.as_ref().unwrap_or(&default), client.peer));
+    if who.is_none() && (new_key.is_none() || admission.config.new_keys.is_none()) {
+        return None;
+    }
+    let shared = pool.and_then(|p| p.l2.as_ref());
+    let refusal = admission.charge(shared, who, new_key).await.err()?;
+    route.metrics.admission_rejected(refusal.budget.index());
+    Some(refusal)
+}
+
+/// A refused request's decision: the stored copy while its stale-if-error window allows,
+/// else 429 with `Retry-After`.
+fn refused(route: &RouteRuntime, refusal: Refusal, stored: Option<&Arc<Entry>>, now: std::time::SystemTime) -> Decision {
+    tracing::debug!(route = route.config.name, budget = ?refusal.budget, "over the admission budget");
+    match stored.filter(|entry| entry.within_stale_if_error(now)) {
+        Some(entry) => Decision::entry(entry.clone(), Outcome::Stale(StaleReason::Limited)),
+        None => Decision::new(Serve::Error(Arc::new(ProxyError::Limited { retry_after: refusal.retry_after_secs() })), Outcome::Limited),
+    }
+}

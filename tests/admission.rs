@@ -1,0 +1,204 @@
+//! Cache-aware admission: only requests that reach the origin spend a budget, so a bot
+//! busting the cache is refused while buyers on hot pages keep their hits; budgets are
+//! shared by the replicas through the pool's Redis, and each holds its share when Redis
+//! is gone.
+
+mod support;
+
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use support::redis_server::RedisServer;
+use support::{Bulwark, Origin, Reply, TestConfig};
+
+const LIMITED: &str = "bulwark; detail=limited";
+
+/// Config with the route's `admission` table given as inline TOML; the test's client
+/// comes through a trusted proxy (127.0.0.1) that sets `X-Forwarded-For`.
+fn config(origin: &Origin, admission: &str) -> TestConfig {
+    TestConfig::new(&origin.url()).server("trusted_proxies", vec!["127.0.0.1/32"]).route_toml(&format!("admission = {admission}"))
+}
+
+/// A GET of `path` from the client at `address` (behind the trusted proxy), with a
+/// spoofed address on the left of its `X-Forwarded-For`.
+async fn get_as(bulwark: &Bulwark, address: &str, path: &str) -> support::Got {
+    let spoofed = format!("10.{}.{}.{}, {address}", fastrand::u8(..), fastrand::u8(..), fastrand::u8(..));
+    bulwark.get_with(path, &[("x-forwarded-for", &spoofed)]).await
+}
+
+#[tokio::test]
+async fn a_cache_buster_is_refused_once_its_budget_is_spent_while_hits_stay_free() {
+    let origin = Origin::start().await;
+    let bulwark = Bulwark::start(&config(&origin, r#"{ per_client = "5/s", per_client_burst = 5 }"#).to_toml()).await;
+    let bot = "203.0.113.66";
+    let start = Instant::now();
+    let mut refused = None;
+    for i in 0..40 {
+        let got = get_as(&bulwark, bot, &format!("/products/1?cb={i}")).await;
+        if got.status == 429 {
+            refused = Some(got);
+        }
+    }
+    let elapsed = start.elapsed().as_secs_f64();
+    let allowed = 5.0 + 5.0 * elapsed;
+    assert!((origin.total() as f64) <= allowed + 1.0, "{} origin requests from one client, budget {allowed:.1}", origin.total());
+    let refused = refused.expect("the bot was never refused");
+    assert_eq!(refused.cache_status(), LIMITED);
+    assert_eq!(refused.header("cache-control"), Some("no-store"), "a CDN in front must not keep a refusal");
+    let retry: u64 = refused.header("retry-after").and_then(|v| v.parse().ok()).expect("Retry-After in seconds");
+    assert!(retry >= 1, "Retry-After {retry}");
+    // A spoofed address on the left is not another client.
+    assert_eq!(get_as(&bulwark, bot, "/products/1?cb=new").await.status, 429);
+    // Another client is not refused for the bot's requests.
+    let buyer = "198.51.100.7";
+    let first = get_as(&bulwark, buyer, "/products/2").await;
+    assert_eq!(first.status, 200);
+    // Hits are free: the bot asking for a stored page is served.
+    for _ in 0..20 {
+        let got = get_as(&bulwark, bot, "/products/2").await;
+        assert_eq!((got.status.as_u16(), got.cache_status()), (200, "bulwark; hit; detail=l1"));
+    }
+    let rejected = bulwark.metric("bulwark_admission_rejected_total", &[("route", "all"), ("reason", "client")]).await;
+    let limited = bulwark.metric("bulwark_requests_total", &[("route", "all"), ("cache", "limited")]).await;
+    assert!(rejected >= 20.0 && rejected == limited, "rejected {rejected}, limited {limited}");
+}
+
+#[tokio::test]
+async fn query_params_alone_turn_the_cache_busters_requests_into_hits() {
+    let origin = Origin::start().await;
+    let bulwark = Bulwark::start(&TestConfig::new(&origin.url()).route_toml("query_params = [\"id\"]").to_toml()).await;
+    for i in 0..20 {
+        let got = bulwark.get(&format!("/products?id=1&cb={i}")).await;
+        assert_eq!(got.status, 200);
+    }
+    assert_eq!(origin.total(), 1);
+}
+
+#[tokio::test]
+async fn an_over_budget_request_gets_a_copy_within_stale_if_error_as_stale_limited() {
+    let origin = Origin::start().await;
+    origin.set(|parts| Reply::ok(format!("v of {}", parts.uri.path())).header("cache-control", "max-age=1, stale-if-error=600"));
+    let admission = r#"{ per_client = "1/m", per_client_burst = 1, client = "peer" }"#;
+    let config = TestConfig::new(&origin.url()).pool("stale_while_revalidate", "0s").route_toml(&format!("admission = {admission}"));
+    let bulwark = Bulwark::start(&config.to_toml()).await;
+    assert_eq!(bulwark.get("/a").await.status, 200, "the first origin request is the budget");
+    bulwark.advance(Duration::from_secs(5));
+    let got = bulwark.get("/a").await;
+    assert_eq!((got.status.as_u16(), got.cache_status(), got.text()), (200, "bulwark; hit; detail=stale-limited", "v of /a"));
+    let nothing_stored = bulwark.get("/b").await;
+    assert_eq!((nothing_stored.status.as_u16(), nothing_stored.cache_status()), (429, LIMITED));
+    assert_eq!(origin.total(), 1);
+}
+
+#[tokio::test]
+async fn new_keys_bound_distinct_misses_whoever_asks_and_a_client_refusal_takes_no_token() {
+    let origin = Origin::start().await;
+    let admission = r#"{ per_client = "2/m", per_client_burst = 2, new_keys = "10/s", new_keys_burst = 10 }"#;
+    let bulwark = Arc::new(Bulwark::start(&config(&origin, admission).to_toml()).await);
+    // One client over its own budget: its refused requests do not spend new-key tokens.
+    for i in 0..10 {
+        get_as(&bulwark, "203.0.113.1", &format!("/p/greedy-{i}")).await;
+    }
+    assert_eq!(origin.total(), 2);
+    // 50 addresses, one distinct id each, within about a second.
+    let start = Instant::now();
+    let tasks: Vec<_> = (0..50)
+        .map(|i| {
+            let bulwark = bulwark.clone();
+            tokio::spawn(async move { get_as(&bulwark, &format!("198.51.100.{i}"), &format!("/p/{i}")).await.status.as_u16() })
+        })
+        .collect();
+    let mut statuses = Vec::new();
+    for task in tasks {
+        statuses.push(task.await.expect("client"));
+    }
+    let elapsed = start.elapsed().as_secs_f64();
+    let admitted = statuses.iter().filter(|s| **s == 200).count();
+    let budget = 8.0 + 10.0 * elapsed; // burst 10, less the 2 the greedy client took
+    assert!(admitted >= 8 && (admitted as f64) <= budget + 1.0, "{admitted} new keys admitted in {elapsed:.2}s, budget {budget:.1}");
+    assert_eq!(statuses.iter().filter(|s| **s == 429).count(), 50 - admitted);
+    let rejected = bulwark.metric("bulwark_admission_rejected_total", &[("route", "all"), ("reason", "new_keys")]).await;
+    assert_eq!(rejected as usize, 50 - admitted);
+}
+
+/// Requests from one client spread over `replicas` for `run`; the number sent.
+async fn spread(replicas: &[Arc<Bulwark>], address: &str, run: Duration) -> usize {
+    let start = Instant::now();
+    let mut sent = 0;
+    while start.elapsed() < run {
+        let bulwark = &replicas[sent % replicas.len()];
+        get_as(bulwark, address, &format!("/p?cb={}", fastrand::u64(..))).await;
+        sent += 1;
+        tokio::time::sleep(Duration::from_millis(2)).await;
+    }
+    sent
+}
+
+/// Three replicas on one Redis: the pool's, and with `control` the control channel's
+/// (without it, a replica that counts alone thinks it is the only one).
+async fn three_replicas(origin: &Origin, redis: &RedisServer, admission: &str, control: bool) -> Vec<Arc<Bulwark>> {
+    let mut replicas = Vec::new();
+    for id in ["r1", "r2", "r3"] {
+        // A fleet budget of 300 shows how many replicas each one sees (100 each for three).
+        let mut config = config(origin, admission).redis(&redis.url()).origin("fleet_max_concurrency", 300).origin("max_concurrency", 300);
+        if control {
+            config = config.server("control_redis_url", redis.url()).server("replica_id", id);
+        }
+        replicas.push(Arc::new(Bulwark::start(&config.to_toml()).await));
+    }
+    replicas
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn replicas_share_one_budget_through_redis() {
+    let (origin, redis) = (Origin::start().await, RedisServer::start());
+    // No control channel: each replica alone would allow the whole budget, three times over.
+    let replicas = three_replicas(&origin, &redis, r#"{ per_client = "20/s", per_client_burst = 20 }"#, false).await;
+    let start = Instant::now();
+    let sent = spread(&replicas, "203.0.113.9", Duration::from_secs(3)).await;
+    let budget = 20.0 + 20.0 * start.elapsed().as_secs_f64();
+    let reached = origin.total() as f64;
+    eprintln!("three replicas, one budget: {reached} of {sent} requests reached the origin, budget {budget:.0}");
+    assert!(reached <= 1.1 * budget, "{reached} origin requests for a fleet budget of {budget:.0}");
+    assert!(reached >= 0.5 * budget, "only {reached} origin requests for a budget of {budget:.0}");
+    assert_eq!(redis.keys("bulwark:pdp:adm:all:c:*"), ["bulwark:pdp:adm:all:c:203.0.113.9"], "counted in Redis, per client");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn with_redis_gone_each_replica_holds_its_share_and_other_clients_are_served() {
+    let (origin, mut redis) = (Origin::start().await, RedisServer::start());
+    let replicas = three_replicas(&origin, &redis, r#"{ per_client = "30/s", per_client_burst = 30 }"#, true).await;
+    for replica in &replicas {
+        support::eventually("three replicas seen", Duration::from_secs(5), async || {
+            replica.metric("bulwark_origin_concurrency_limit", &[("origin", "catalog")]).await == 100.0
+        })
+        .await;
+    }
+    // The hot page a buyer keeps asking for, stored before Redis goes.
+    for replica in &replicas {
+        assert_eq!(get_as(replica, "198.51.100.7", "/hot").await.status, 200);
+    }
+    redis.kill();
+    let before = origin.total();
+    let start = Instant::now();
+    let bot = {
+        let replicas = replicas.clone();
+        tokio::spawn(async move { spread(&replicas, "203.0.113.9", Duration::from_secs(3)).await })
+    };
+    let mut buyer_failures = 0;
+    while start.elapsed() < Duration::from_secs(3) {
+        for replica in &replicas {
+            if get_as(replica, "198.51.100.7", "/hot").await.status != 200 {
+                buyer_failures += 1;
+            }
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    let sent = bot.await.expect("bot");
+    let reached = (origin.total() - before) as f64;
+    // Each replica: 30/3 per second, burst 10.
+    let budget = 30.0 + 30.0 * start.elapsed().as_secs_f64();
+    eprintln!("Redis gone: {reached} of {sent} bot requests reached the origin, fleet budget {budget:.0}");
+    assert!(reached <= 1.1 * budget, "{reached} origin requests for a fleet budget of {budget:.0}");
+    assert_eq!(buyer_failures, 0, "a buyer on a stored page got errors while Redis was gone");
+}
