@@ -26,6 +26,8 @@ pub struct RouteTotals {
     pub origin_requests: f64,
     /// Origin answers 5xx, timeouts, connection errors.
     pub origin_errors: f64,
+    /// Requests refused by an admission budget, by `reason` (`client`, `new_keys`).
+    pub admission_rejected: BTreeMap<String, f64>,
     /// Cumulative latency histogram: upper bound (seconds) to count.
     #[serde(skip)]
     pub buckets: Vec<(f64, f64)>,
@@ -96,6 +98,9 @@ impl Snapshot {
                         Some((_, count)) => *count += s.value,
                         None => route.buckets.push((le, s.value)),
                     }
+                }
+                crate::metrics::ADMISSION_REJECTED_TOTAL => {
+                    *snap.routes.entry(label(s, "route")).or_default().admission_rejected.entry(label(s, "reason")).or_default() += s.value;
                 }
                 REDIS_BREAKER_OPEN => snap.pools.entry(label(s, "pool")).or_default().redis_breakers_open += s.value,
                 crate::metrics::ORIGIN_BREAKER_OPEN => *snap.origin_breakers_open.entry(label(s, "origin")).or_default() += s.value,
@@ -258,13 +263,27 @@ pub fn render(now: &Snapshot, rates: Option<(&Snapshot, f64)>) -> String {
             ms(0.5),
             ms(0.99),
         );
-        let shed = outcome("shed");
-        if shed > 0.0 {
+        let total = |o: &str| (route.outcomes.get(o).copied().unwrap_or(0.0), before.and_then(|b| b.outcomes.get(o).copied()).unwrap_or(0.0));
+        if outcome("shed") > 0.0 {
+            let (value, before) = total("shed");
+            let _ = writeln!(out, "{:<20} shed: {}", "", per(value, before));
+        }
+        // Over an admission budget: refused (429) and served stale instead, and which
+        // budget refused them.
+        if outcome("limited") + outcome("stale_limited") > 0.0 {
+            let rejected = |reason: &str| {
+                let value = route.admission_rejected.get(reason).copied().unwrap_or(0.0);
+                per(value, before.and_then(|b| b.admission_rejected.get(reason).copied()).unwrap_or(0.0))
+            };
+            let ((limited, limited_before), (stale, stale_before)) = (total("limited"), total("stale_limited"));
             let _ = writeln!(
                 out,
-                "{:<20} shed: {}",
+                "{:<20} limited: {} (429), {} served stale; over the client budget {}, the new-key budget {}",
                 "",
-                per(route.outcomes.get("shed").copied().unwrap_or(0.0), before.and_then(|b| b.outcomes.get("shed").copied()).unwrap_or(0.0))
+                per(limited, limited_before),
+                per(stale, stale_before),
+                rejected("client"),
+                rejected("new_keys"),
             );
         }
     }
@@ -329,6 +348,33 @@ mod tests {
         let text = render(&snap, None);
         let row = text.lines().find(|l| l.starts_with("catalog")).expect("origin row");
         assert!(row.contains("9/12") && row.contains("2-3") && row.contains("0-1"), "{row}");
+    }
+
+    #[test]
+    fn limited_requests_are_shown_per_route_with_the_budget_that_refused_them() {
+        let route = |cache: &str, value: f64| sample(REQUESTS_TOTAL, &[("route", "pdp"), ("pool", "p"), ("cache", cache)], value);
+        let rejected = |reason: &str, value: f64| sample(crate::metrics::ADMISSION_REJECTED_TOTAL, &[("route", "pdp"), ("reason", reason)], value);
+        let before = Snapshot::from_samples(&[vec![route("hit_l1", 100.0), route("limited", 0.0), rejected("client", 0.0)]]);
+        let now = Snapshot::from_samples(&[vec![
+            route("hit_l1", 200.0),
+            route("limited", 40.0),
+            route("stale_limited", 10.0),
+            rejected("client", 45.0),
+            rejected("new_keys", 5.0),
+        ]]);
+        let text = render(&now, Some((&before, 10.0)));
+        let line = text.lines().find(|l| l.contains("limited:")).expect("a limited line");
+        assert!(
+            line.contains("4.0/s (429)")
+                && line.contains("1.0/s served stale")
+                && line.contains("client budget 4.5/s")
+                && line.contains("new-key budget 0.5/s"),
+            "{line}"
+        );
+        // The hit ratio leaves the refused requests out.
+        let row = text.lines().find(|l| l.starts_with("pdp")).expect("route row");
+        assert!(row.contains("100.0%"), "110 of 110 served from the cache once the 40 refused are left out: {row}");
+        assert!(!render(&before, None).contains("limited:"), "no line while nothing is limited");
     }
 
     #[test]
