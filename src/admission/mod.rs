@@ -160,14 +160,14 @@ impl Admission {
     pub async fn charge(&self, shared: Option<&SharedTier>, client: Option<(&ClientSource, IpAddr)>, new_key: Option<u128>) -> Result<(), Refusal> {
         if let (Some(budget), Some((source, peer))) = (self.config.per_client, client) {
             let who = source.identify(&self.config.client, peer, &self.trusted_proxies);
-            let name = format!("{}:c:{who}", self.route);
-            self.take(&self.clients, &who, &name, budget, shared).await.map_err(|retry_after| Refusal { budget: Budgets::Client, retry_after })?;
+            let name = || format!("{}:c:{who}", self.route);
+            self.take(&self.clients, &who, name, budget, shared).await.map_err(|retry_after| Refusal { budget: Budgets::Client, retry_after })?;
         }
         if let (Some(budget), Some(hash)) = (self.config.new_keys, new_key)
             && self.first_in_window(hash)
         {
-            let name = format!("{}:new", self.route);
-            if let Err(retry_after) = self.take(&self.new_keys, "", &name, budget, shared).await {
+            let name = || format!("{}:new", self.route);
+            if let Err(retry_after) = self.take(&self.new_keys, "", name, budget, shared).await {
                 self.forget_key(hash);
                 return Err(Refusal { budget: Budgets::NewKeys, retry_after });
             }
@@ -203,8 +203,9 @@ impl Admission {
         u32::try_from(self.replicas.load(Ordering::Relaxed)).unwrap_or(u32::MAX).max(1)
     }
 
-    /// Takes one token of `budget` from bucket `key` of `table` (`name` in Redis).
-    async fn take(&self, table: &Table, key: &str, name: &str, budget: Budget, shared: Option<&SharedTier>) -> Result<(), Duration> {
+    /// Takes one token of `budget` from bucket `key` of `table` (`name()` in Redis, made
+    /// only when Redis is asked).
+    async fn take(&self, table: &Table, key: &str, name: impl FnOnce() -> String, budget: Budget, shared: Option<&SharedTier>) -> Result<(), Duration> {
         let interval = budget.rate.per.div_f64(budget.rate.count as f64);
         let share = self.share();
         let now = Instant::now();
@@ -222,7 +223,7 @@ impl Admission {
             // A block small enough that the replicas sharing the budget each get one
             // from a full bucket, and worth no more than the time it takes to refill.
             let block = (budget.burst / (2 * share)).clamp(1, self.block);
-            match shared.take_tokens(name, interval, budget.burst, block).await {
+            match shared.take_tokens(&name(), interval, budget.burst, block).await {
                 Some(Ok(granted)) => {
                     let now = Instant::now();
                     table.with(key, now, |t| {
