@@ -76,9 +76,10 @@ fn first_untrusted(peer: IpAddr, forwarded: &HeaderValue, trusted_proxies: &[Cid
         return peer;
     }
     let mut last = peer;
-    let Ok(text) = forwarded.to_str() else { return last };
-    for entry in text.rsplit(',') {
-        let Some(ip) = parse_entry(entry.trim()) else { return last };
+    // Entry by entry from the right, each decoded alone: bytes the client wrote on the
+    // left (not even text) must not hide what the trusted proxies wrote on the right.
+    for entry in forwarded.as_bytes().rsplit(|b| *b == b',') {
+        let Some(ip) = std::str::from_utf8(entry).ok().and_then(|e| parse_entry(e.trim())) else { return last };
         if !trusted(ip) {
             return ip;
         }
@@ -141,6 +142,15 @@ mod tests {
         assert_eq!(who(&by, "10.0.0.5", &[("x-forwarded-for", "garbage, 203.0.113.7:4711")]), "203.0.113.7", "with a port");
         assert_eq!(who(&by, "10.0.0.5", &[("x-forwarded-for", "203.0.113.7, garbage")]), "10.0.0.5", "not written by a trusted proxy: stop");
         assert_eq!(who(&by, "10.0.0.5", &[]), "10.0.0.5");
+    }
+
+    #[test]
+    fn bytes_that_are_not_text_on_the_left_do_not_make_the_proxy_the_client() {
+        let mut map = HeaderMap::new();
+        map.insert(X_FORWARDED_FOR.clone(), HeaderValue::from_bytes(b"\xff\xfe, 203.0.113.7").expect("value"));
+        let peer: IpAddr = "10.0.0.5".parse().expect("peer");
+        let who = ClientSource::capture(&ClientBy::Address, &map, true).identify(&ClientBy::Address, peer, &proxies());
+        assert_eq!(who, "203.0.113.7");
     }
 
     #[test]
