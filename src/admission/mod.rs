@@ -28,8 +28,6 @@ use crate::config::{AdmissionConfig, Budget, Cidr};
 /// Most buckets kept per route for the clients (and keys) seen recently; past it, the
 /// refilled ones are forgotten, then the oldest.
 const MAX_TRACKED: usize = 65_536;
-/// Most tokens one replica takes from Redis at once.
-pub const MAX_BLOCK: u32 = 10;
 /// How long a key not stored counts as the same new key.
 const NEW_KEY_WINDOW: Duration = Duration::from_secs(1);
 
@@ -137,13 +135,13 @@ pub struct Admission {
 impl Admission {
     pub fn new(route: &str, config: AdmissionConfig, replicas: Arc<AtomicUsize>, trusted_proxies: Vec<Cidr>) -> Admission {
         Admission {
+            block: config.lease_block,
             config,
             route: route.to_owned(),
             clients: Table::default(),
             new_keys: Table::default(),
             recent_keys: Mutex::default(),
             replicas,
-            block: MAX_BLOCK,
             trusted_proxies,
         }
     }
@@ -259,6 +257,7 @@ mod tests {
             new_keys: new_keys.map(budget),
             client: ClientBy::Peer,
             methods: vec![http::Method::GET, http::Method::HEAD],
+            lease_block: crate::config::DEFAULT_LEASE_BLOCK,
         };
         Admission::new("r", config, Arc::new(AtomicUsize::new(0)), Vec::new())
     }

@@ -253,7 +253,13 @@ pub struct AdmissionConfig {
     pub client: ClientBy,
     /// The methods charged per client (GET and HEAD unless `methods` says otherwise).
     pub methods: Vec<http::Method>,
+    /// Most tokens a replica takes from Redis in one call (`lease_block`, default 10):
+    /// fewer calls under attack, at the price of tokens held by one replica.
+    pub lease_block: u32,
 }
+
+/// Tokens a replica takes from Redis in one call unless `lease_block` says otherwise.
+pub const DEFAULT_LEASE_BLOCK: u32 = 10;
 
 /// A token bucket: `rate`, and at most `burst` tokens saved up.
 #[derive(Debug, Clone, Copy, PartialEq)]

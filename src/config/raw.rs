@@ -151,6 +151,7 @@ pub struct RawAdmission {
     pub new_keys_burst: Option<Spanned<i64>>,
     pub client: Option<Spanned<String>>,
     pub methods: Option<Vec<Spanned<String>>>,
+    pub lease_block: Option<Spanned<i64>>,
 }
 
 /// Whether `must-revalidate`, `proxy-revalidate` and `s-maxage` forbid serving a stored

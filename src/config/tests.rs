@@ -160,6 +160,9 @@ fn admission_budgets_are_validated_and_per_client_needs_trusted_proxies() {
     assert_eq!(admission.per_client.map(|b| (b.rate.per_second(), b.burst)), Some((20.0, 20)), "burst: one second's worth");
     assert_eq!(admission.new_keys.map(|b| (b.rate.per_second(), b.burst)), Some((10.0, 10)));
     assert_eq!((admission.client, admission.methods), (ClientBy::Address, vec![http::Method::GET, http::Method::HEAD]));
+    assert_eq!(admission.lease_block, 10);
+    let one_by_one = parse(&with("", r#"{ new_keys = "100/s", lease_block = 1 }"#)).expect("valid");
+    assert_eq!(one_by_one.routes[0].admission.as_ref().map(|a| a.lease_block), Some(1));
     // Behind a load balancer every peer is one of its nodes: a budget per peer would
     // throttle the whole site, so check refuses it (with the line).
     let open = error_of(&with("", r#"{ per_client = "20/s" }"#));
@@ -175,6 +178,11 @@ fn admission_budgets_are_validated_and_per_client_needs_trusted_proxies() {
         (r#"{ new_keys = "5/s", methods = ["get"] }"#, "method"),
         (r#"{ }"#, "per_client or new_keys"),
         (r#"{ per_minute = 5 }"#, "unknown field"),
+        (r#"{ new_keys = "5/s", methods = [] }"#, "methods is empty"),
+        (r#"{ new_keys = "5/s", client = "header:X-Forwarded-For" }"#, "written by the client"),
+        (r#"{ new_keys = "5/s", client = "header:forwarded" }"#, "written by the client"),
+        (r#"{ new_keys = "5/s", lease_block = 0 }"#, "lease_block"),
+        (r#"{ new_keys = "5/s", lease_block = 101 }"#, "lease_block"),
     ] {
         let message = error_of(&with("", bad));
         assert!(message.contains("bulwark.toml:") && message.contains(says), "{bad}: {message}");

@@ -612,6 +612,16 @@ fn admission(raw: Spanned<raw::RawAdmission>, trusted_proxies: &[Cidr]) -> Resul
             "address" => ClientBy::Address,
             "peer" => ClientBy::Peer,
             text => match text.strip_prefix("header:").map(|name| HeaderName::from_bytes(name.trim().as_bytes())) {
+                // The client writes these (a proxy appends to them): keyed on the whole
+                // value, each spoofed variant would be a new client.
+                Some(Ok(name)) if name == "x-forwarded-for" || name == http::header::FORWARDED => {
+                    return err(
+                        c.span(),
+                        format!(
+                            "admission: client {text:?} is written by the client itself; client = \"address\" walks X-Forwarded-For from the trusted proxies"
+                        ),
+                    );
+                }
                 Some(Ok(name)) => ClientBy::Header(name),
                 _ => return err(c.span(), format!("admission: client {text:?} must be \"address\", \"peer\" or \"header:NAME\"")),
             },
@@ -628,6 +638,7 @@ fn admission(raw: Spanned<raw::RawAdmission>, trusted_proxies: &[Cidr]) -> Resul
     }
     let methods = match &raw.methods {
         None => vec![http::Method::GET, http::Method::HEAD],
+        Some(list) if list.is_empty() => return err(span, "admission: methods is empty (leave it out to charge GET and HEAD)"),
         Some(list) => {
             let mut methods = Vec::with_capacity(list.len());
             for m in list {
@@ -639,7 +650,14 @@ fn admission(raw: Spanned<raw::RawAdmission>, trusted_proxies: &[Cidr]) -> Resul
             methods
         }
     };
-    Ok(AdmissionConfig { per_client, new_keys, client, methods })
+    let lease_block = match raw.lease_block {
+        None => crate::config::DEFAULT_LEASE_BLOCK,
+        Some(b) => match u32::try_from(*b.get_ref()) {
+            Ok(n) if (1..=100).contains(&n) => n,
+            _ => return err(b.span(), "admission: lease_block must be between 1 and 100"),
+        },
+    };
+    Ok(AdmissionConfig { per_client, new_keys, client, methods, lease_block })
 }
 
 /// `name` or `prefix*`: a query parameter or cookie left out of the key (`what` names
