@@ -202,3 +202,23 @@ async fn with_redis_gone_each_replica_holds_its_share_and_other_clients_are_serv
     assert!(reached <= 1.1 * budget, "{reached} origin requests for a fleet budget of {budget:.0}");
     assert_eq!(buyer_failures, 0, "a buyer on a stored page got errors while Redis was gone");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_rollout_to_a_faster_budget_is_not_held_to_the_slower_ones_empty_bucket() {
+    let (origin, redis) = (Origin::start().await, RedisServer::start());
+    let client = "203.0.113.9";
+    let slow = Bulwark::start(&config(&origin, r#"{ per_client = "1/m", per_client_burst = 1 }"#).redis(&redis.url()).to_toml()).await;
+    assert_eq!(get_as(&slow, client, "/p?cb=1").await.status, 200);
+    assert_eq!(get_as(&slow, client, "/p?cb=2").await.status, 429, "the slow budget is spent for a minute");
+    // The new version allows 10/s: the bucket the old one left empty is at worst empty
+    // under the new rate, refilling a token in 100 ms, not in a minute.
+    let fast = Bulwark::start(&config(&origin, r#"{ per_client = "10/s", per_client_burst = 10 }"#).redis(&redis.url()).to_toml()).await;
+    let start = Instant::now();
+    let mut cb = 3;
+    support::eventually("a request admitted under the new budget", Duration::from_secs(3), async || {
+        cb += 1;
+        get_as(&fast, client, &format!("/p?cb={cb}")).await.status == 200
+    })
+    .await;
+    eprintln!("admitted under the new budget after {:?}", start.elapsed());
+}

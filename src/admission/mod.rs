@@ -26,8 +26,12 @@ use crate::cache::shared::SharedTier;
 use crate::config::{AdmissionConfig, Budget, Cidr};
 
 /// Most buckets kept per route for the clients (and keys) seen recently; past it, the
-/// refilled ones are forgotten, then the oldest.
+/// refilled ones are forgotten, then the oldest, down to [`LOW_WATER`] (so a wide attack
+/// pays for one sweep per quarter of the table, not one per new client).
 const MAX_TRACKED: usize = 65_536;
+const LOW_WATER: usize = MAX_TRACKED / 4 * 3;
+/// The shortest a block of leased tokens is good for, however fast the budget refills.
+const MIN_LEASE: Duration = Duration::from_millis(50);
 /// How long a key not stored counts as the same new key.
 const NEW_KEY_WINDOW: Duration = Duration::from_secs(1);
 
@@ -100,13 +104,13 @@ impl Table {
         let mut buckets = self.lock();
         if !buckets.contains_key(name) && buckets.len() >= MAX_TRACKED {
             buckets.retain(|_, t| !t.is_idle(now));
-            if buckets.len() >= MAX_TRACKED {
-                // Every bucket is busy (a wide attack): the least recently used half goes.
+            if buckets.len() > LOW_WATER {
+                // Most buckets are busy (a wide attack): the least recently used go.
                 let mut used: Vec<Instant> = buckets.values().map(|t| t.used).collect();
-                let mid = used.len() / 2;
-                let (_, cut, _) = used.select_nth_unstable(mid);
+                let excess = used.len() - LOW_WATER;
+                let (_, cut, _) = used.select_nth_unstable(excess);
                 let cut = *cut;
-                buckets.retain(|_, t| t.used > cut);
+                buckets.retain(|_, t| t.used >= cut);
             }
         }
         let tokens = buckets.entry(name.to_owned()).or_insert_with(|| Tokens::new(now));
@@ -126,8 +130,6 @@ pub struct Admission {
     recent_keys: Mutex<HashMap<u128, Instant>>,
     /// Replicas alive in the control Redis, this one included (0: not known).
     replicas: Arc<AtomicUsize>,
-    /// Most tokens taken from Redis at once (1: one call per charged request).
-    block: u32,
     /// `[server] trusted_proxies`, for finding the client.
     pub trusted_proxies: Vec<Cidr>,
 }
@@ -135,7 +137,6 @@ pub struct Admission {
 impl Admission {
     pub fn new(route: &str, config: AdmissionConfig, replicas: Arc<AtomicUsize>, trusted_proxies: Vec<Cidr>) -> Admission {
         Admission {
-            block: config.lease_block,
             config,
             route: route.to_owned(),
             clients: Table::default(),
@@ -203,8 +204,14 @@ impl Admission {
 
     /// Takes one token of `budget` from bucket `key` of `table` (`name()` in Redis, made
     /// only when Redis is asked).
+    ///
+    /// From Redis a replica takes a block of tokens and spends it locally. A block is
+    /// small enough that every replica sharing the budget gets one from a full bucket,
+    /// and no more than refills in a second: a lease is good for as long as its tokens
+    /// took to refill, so a replica never holds a burst earned long ago. When Redis says
+    /// the bucket is empty, this replica asks again only once a block could be free.
     async fn take(&self, table: &Table, key: &str, name: impl FnOnce() -> String, budget: Budget, shared: Option<&SharedTier>) -> Result<(), Duration> {
-        let interval = budget.rate.per.div_f64(budget.rate.count as f64);
+        let interval = budget.rate.per.div_f64(budget.rate.count as f64).max(Duration::from_nanos(1));
         let share = self.share();
         let now = Instant::now();
         if let Some(shared) = shared {
@@ -218,22 +225,28 @@ impl Admission {
             if let Some(answer) = leased {
                 return answer;
             }
-            // A block small enough that the replicas sharing the budget each get one
-            // from a full bucket, and worth no more than the time it takes to refill.
-            let block = (budget.burst / (2 * share)).clamp(1, self.block);
+            let per_second = u32::try_from(Duration::from_secs(1).as_nanos() / interval.as_nanos()).unwrap_or(u32::MAX);
+            let block = (budget.burst / share.saturating_mul(2)).min(per_second).clamp(1, self.config.lease_block);
             match shared.take_tokens(&name(), interval, budget.burst, block).await {
                 Some(Ok(granted)) => {
                     let now = Instant::now();
+                    let until = now + (interval * granted).max(MIN_LEASE);
                     table.with(key, now, |t| {
-                        t.leased = granted - 1;
-                        t.leased_until = now + (interval * granted).clamp(Duration::from_millis(50), Duration::from_secs(1));
+                        // Another request's grant may have landed meanwhile: add to it.
+                        if t.leased_until > now {
+                            t.leased += granted - 1;
+                        } else {
+                            t.leased = granted - 1;
+                        }
+                        t.leased_until = t.leased_until.max(until);
                         t.refused_until = None;
                     });
                     return Ok(());
                 }
                 Some(Err(wait)) => {
                     let now = Instant::now();
-                    table.with(key, now, |t| t.refused_until = Some(now + wait));
+                    let retry = now + wait + interval * (block - 1);
+                    table.with(key, now, |t| t.refused_until = Some(retry));
                     return Err(wait);
                 }
                 // Redis did not answer: this replica's share, counted here.
@@ -280,14 +293,15 @@ mod tests {
 
     #[tokio::test]
     async fn a_request_refused_per_client_takes_no_new_key_token() {
-        let admission = admission(Some((1, 1)), Some((1, 1)));
+        let admission = admission(Some((1, 1)), Some((1, 2)));
         let source = ClientSource::default();
         assert_eq!(admission.charge(None, Some((&source, peer(1))), Some(1)).await, Ok(()));
         let refused = admission.charge(None, Some((&source, peer(1))), Some(2)).await.expect_err("client over budget");
         assert_eq!(refused.budget, Budgets::Client);
-        // Key 2 was not charged as a new key then; another client asking for it is
-        // charged now, and refused: key 1 took the only token.
-        let refused = admission.charge(None, Some((&source, peer(2))), Some(2)).await.expect_err("new keys over budget");
+        // The refused request took none of the two new-key tokens: one is left for key 2
+        // asked by another client, and none for a third key.
+        assert_eq!(admission.charge(None, Some((&source, peer(2))), Some(2)).await, Ok(()), "a new-key token was spent by a refused request");
+        let refused = admission.charge(None, Some((&source, peer(3))), Some(3)).await.expect_err("new keys over budget");
         assert_eq!(refused.budget, Budgets::NewKeys);
         // The same key again within a second is not a new key.
         assert_eq!(admission.charge(None, None, Some(1)).await, Ok(()));

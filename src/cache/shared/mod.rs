@@ -86,18 +86,19 @@ pub const ENTRY_OVERHEAD_BYTES: usize = 1 << 20;
 
 /// Takes up to ARGV[3] tokens from the bucket KEYS[1] (a generic cell rate algorithm:
 /// the key holds the time, in microseconds by the Redis clock, when the bucket is full
-/// again), refilling one per ARGV[1] microseconds and holding at most ARGV[2]. Answers
-/// {granted, 0}, or {0, milliseconds until ARGV[3] tokens are free}.
+/// again), refilling one per ARGV[1] nanoseconds and holding at most ARGV[2]; a time
+/// further ahead than ARGV[2] tokens (left by a slower rate or a larger burst) is
+/// brought back to it. Answers {granted, 0}, or {0, microseconds until one is free}.
 const TAKE_TOKENS: &str = "local t = redis.call('time') \
     local now = tonumber(t[1]) * 1000000 + tonumber(t[2]) \
-    local interval, burst, want = tonumber(ARGV[1]), tonumber(ARGV[2]), tonumber(ARGV[3]) \
-    local full = tonumber(redis.call('get', KEYS[1]) or now) \
-    if full < now then full = now end \
-    local free = math.floor((now + burst * interval - full) / interval) \
-    if free < 1 then return {0, math.ceil((full + (want - burst) * interval - now) / 1000)} end \
-    local granted = math.min(free, want) \
+    local interval, burst, want = tonumber(ARGV[1]) / 1000, tonumber(ARGV[2]), tonumber(ARGV[3]) \
+    local limit = now + burst * interval \
+    local stored = tonumber(redis.call('get', KEYS[1]) or now) or now \
+    local full = math.min(math.max(stored, now), limit) \
+    local granted = math.min(math.floor((limit - full) / interval + 0.000001), want) \
     full = full + granted * interval \
-    redis.call('set', KEYS[1], string.format('%d', full), 'px', math.ceil((full - now) / 1000) + 1000) \
+    if full ~= stored then redis.call('set', KEYS[1], string.format('%.3f', full), 'px', math.ceil((full - now) / 1000) + 1000) end \
+    if granted < 1 then return {0, math.ceil(full - (burst - 1) * interval - now)} end \
     return {granted, 0}";
 
 const DELETE_IF_UNCHANGED: &str = "if redis.call('get', KEYS[1]) == ARGV[1] then return redis.call('del', KEYS[1]) else return 0 end";
@@ -501,20 +502,24 @@ impl SharedTier {
 
     /// Takes up to `want` tokens from the admission bucket `name`, shared by every
     /// replica of the pool (one token per `interval`, at most `burst` saved up): the
-    /// tokens granted, or how long until `want` are free. `None` when Redis cannot
-    /// answer now (breaker open, an error, past the deadline): the caller counts alone.
+    /// tokens granted, or how long until one is free. `None` when Redis cannot answer
+    /// now (breaker open, an error, past the deadline): the caller counts alone.
+    ///
+    /// The bucket is stored as the time it is full again (Redis's clock, in µs), clamped
+    /// to `burst` intervals ahead: a bucket left by another rate or burst (a reload, a
+    /// rollout) is at worst empty under the new one, never empty for longer.
     pub async fn take_tokens(&self, name: &str, interval: Duration, burst: u32, want: u32) -> Option<Result<u32, Duration>> {
+        static SCRIPT: std::sync::LazyLock<redis::Script> = std::sync::LazyLock::new(|| redis::Script::new(TAKE_TOKENS));
         if self.health.is_open() {
             return None;
         }
-        let script = redis::Script::new(TAKE_TOKENS);
-        let mut take = script.key(format!("{}adm:{name}", self.prefix));
-        let micros = u64::try_from(interval.as_micros()).unwrap_or(u64::MAX).max(1);
-        take.arg(micros).arg(burst).arg(want);
+        let mut take = SCRIPT.key(format!("{}adm:{name}", self.prefix));
+        let nanos = u64::try_from(interval.as_nanos()).unwrap_or(u64::MAX).max(1);
+        take.arg(nanos).arg(burst).arg(want);
         let mut conn = self.reads.conn();
         match self.guarded(&self.reads, self.timeout, take.invoke_async::<(i64, i64)>(&mut conn)).await {
             Some(Ok((granted, _))) if granted > 0 => Some(Ok(u32::try_from(granted).unwrap_or(want).min(want))),
-            Some(Ok((_, wait_ms))) => Some(Err(Duration::from_millis(u64::try_from(wait_ms).unwrap_or(0).max(1)))),
+            Some(Ok((_, wait_us))) => Some(Err(Duration::from_micros(u64::try_from(wait_us).unwrap_or(0).max(1)))),
             Some(Err(_)) | None => {
                 self.metrics.redis_error(RedisOp::Get);
                 None
