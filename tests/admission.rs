@@ -222,3 +222,64 @@ async fn a_rollout_to_a_faster_budget_is_not_held_to_the_slower_ones_empty_bucke
     .await;
     eprintln!("admitted under the new budget after {:?}", start.elapsed());
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn collapsed_waiters_are_not_charged_to_their_client() {
+    let origin = Origin::start().await;
+    origin.set(|_| Reply::ok("page").header("cache-control", "max-age=60").delay(Duration::from_millis(300)));
+    let bulwark = Arc::new(Bulwark::start(&config(&origin, r#"{ per_client = "1/m", per_client_burst = 1 }"#).to_toml()).await);
+    // One client, a budget of one origin request, ten requests for one key at once: the
+    // leader is charged, the nine that wait for its fetch are not.
+    let tasks: Vec<_> = (0..10)
+        .map(|_| {
+            let bulwark = bulwark.clone();
+            tokio::spawn(async move {
+                let got = get_as(&bulwark, "203.0.113.5", "/products/9").await;
+                (got.status.as_u16(), got.cache_status().to_owned())
+            })
+        })
+        .collect();
+    let mut answers = Vec::new();
+    for task in tasks {
+        answers.push(task.await.expect("request"));
+    }
+    assert!(answers.iter().all(|(status, _)| *status == 200), "{answers:?}");
+    assert_eq!(answers.iter().filter(|(_, cache)| cache.contains("collapsed")).count(), 9, "{answers:?}");
+    assert_eq!(origin.total(), 1);
+}
+
+#[tokio::test]
+async fn a_background_refresh_is_charged_to_no_client() {
+    let origin = Origin::start().await;
+    origin.set(|_| Reply::ok("page").header("cache-control", "max-age=1, stale-while-revalidate=600"));
+    let bulwark = Bulwark::start(&config(&origin, r#"{ per_client = "1/m", per_client_burst = 1 }"#).to_toml()).await;
+    assert_eq!(get_as(&bulwark, "203.0.113.5", "/products/9").await.status, 200, "the client's one origin request");
+    bulwark.advance(Duration::from_secs(5));
+    let got = get_as(&bulwark, "203.0.113.5", "/products/9").await;
+    assert_eq!((got.status.as_u16(), got.cache_status()), (200, "bulwark; hit; fwd=stale; detail=stale-while-revalidate"));
+    // The refresh it started reaches the origin although the client has no token left.
+    support::eventually("the background refresh reached the origin", Duration::from_secs(3), async || origin.total() == 2).await;
+    assert_eq!(bulwark.metric("bulwark_admission_rejected_total", &[("route", "all"), ("reason", "client")]).await, 0.0);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_key_another_replica_fills_takes_no_new_key_token() {
+    let (origin, redis) = (Origin::start().await, RedisServer::start());
+    origin.set(|_| Reply::ok("page").header("cache-control", "max-age=60").delay(Duration::from_millis(500)));
+    let config = config(&origin, r#"{ new_keys = "1/m", new_keys_burst = 1 }"#).redis(&redis.url());
+    let (first, second) = (Arc::new(Bulwark::start(&config.to_toml()).await), Bulwark::start(&config.to_toml()).await);
+    first.wait_for_subscription().await;
+    second.wait_for_subscription().await;
+    // The first replica fetches the key, spending the route's one new-key token; the
+    // second holds back for its fill and serves it: nothing of its own reached the origin.
+    let fetching = {
+        let first = first.clone();
+        // One host for both (each replica's own address would make two keys).
+        tokio::spawn(async move { first.get_with("/products/9", &[("host", "shop.example"), ("x-forwarded-for", "203.0.113.5")]).await.status.as_u16() })
+    };
+    tokio::time::sleep(Duration::from_millis(150)).await;
+    let got = second.get_with("/products/9", &[("host", "shop.example"), ("x-forwarded-for", "198.51.100.7")]).await;
+    assert_eq!(fetching.await.expect("first"), 200);
+    assert_eq!((got.status.as_u16(), got.cache_status()), (200, "bulwark; fwd=miss; collapsed"), "{:?}", got.text());
+    assert_eq!(origin.total(), 1);
+}

@@ -95,6 +95,9 @@ pub enum Fill {
     Failed { outcome: Outcome, failure: Failure },
     /// The leader went away without an answer: join again.
     Abandoned,
+    /// The leader was refused by its admission budgets (its own client's, or the
+    /// route's new keys): join again, and one waiter leads, charged to its own client.
+    Refused,
 }
 
 impl Fill {
@@ -104,7 +107,7 @@ impl Fill {
         match self {
             Fill::Stored(stored) => Some(stored),
             Fill::Streaming(streaming) => Some(&streaming.head),
-            Fill::Uncacheable | Fill::Personal | Fill::Failed { .. } | Fill::Abandoned => None,
+            Fill::Uncacheable | Fill::Personal | Fill::Failed { .. } | Fill::Abandoned | Fill::Refused => None,
         }
     }
 }

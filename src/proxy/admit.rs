@@ -16,29 +16,45 @@ use crate::error::ProxyError;
 use crate::outcome::{Outcome, StaleReason};
 use crate::runtime::RouteRuntime;
 
-/// Charges the fetch of `job` (a key with nothing stored is a new key); the decision for
-/// a refused one.
+/// Charges the fetch of `job` to its client and, when nothing is stored for its key, to
+/// the route's new keys; the decision for a refused one.
 pub(super) async fn admit(job: &FetchJob) -> Option<Decision> {
+    admit_as(job, true, true).await
+}
+
+/// [`admit`] to the client's budget only: a flight's leader, charged before it holds
+/// back for the other replicas (a refused client costs Redis no lease).
+pub(super) async fn admit_client(job: &FetchJob) -> Option<Decision> {
+    admit_as(job, true, false).await
+}
+
+/// [`admit`] to the route's new keys only: a flight's leader about to fetch (a key
+/// another replica filled took no token here).
+pub(super) async fn admit_new_key(job: &FetchJob) -> Option<Decision> {
+    admit_as(job, false, true).await
+}
+
+async fn admit_as(job: &FetchJob, client: bool, new_key: bool) -> Option<Decision> {
     job.route.admission.as_ref()?;
     if job.background {
         return None;
     }
-    let new_key = job.stored.is_none().then_some(job.key.hash);
-    let refusal = charge(&job.route, Some(&job.pool), &job.client, &job.parts.method, new_key).await?;
+    let new_key = (new_key && job.stored.is_none()).then_some(job.key.hash);
+    let refusal = charge(&job.route, Some(&job.pool), client.then_some(&job.client), &job.parts.method, new_key).await?;
     Some(refused(&job.route, refusal, job.stored.as_ref(), job.pool.clock.now()))
 }
 
 /// Charges a request that skips the cache (its key is no key: no new-key token).
 pub(super) async fn admit_bypass(route: &RouteRuntime, client: &ClientInfo, method: &Method) -> Option<Decision> {
     route.admission.as_ref()?;
-    let refusal = charge(route, route.pool.as_ref(), client, method, None).await?;
+    let refusal = charge(route, route.pool.as_ref(), Some(client), method, None).await?;
     Some(refused(route, refusal, None, route.clock.now()))
 }
 
-async fn charge(route: &RouteRuntime, pool: Option<&Arc<Pool>>, client: &ClientInfo, method: &Method, new_key: Option<u128>) -> Option<Refusal> {
+async fn charge(route: &RouteRuntime, pool: Option<&Arc<Pool>>, client: Option<&ClientInfo>, method: &Method, new_key: Option<u128>) -> Option<Refusal> {
     let admission = route.admission.as_ref()?;
     let default = crate::admission::ClientSource::default();
-    let who = admission.charges(method).then(|| (client.source.as_ref().unwrap_or(&default), client.peer));
+    let who = client.filter(|_| admission.charges(method)).map(|client| (client.source.as_ref().unwrap_or(&default), client.peer));
     if who.is_none() && (new_key.is_none() || admission.config.new_keys.is_none()) {
         return None;
     }

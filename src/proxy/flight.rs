@@ -16,7 +16,7 @@ use http_body::Body;
 use http_body_util::BodyExt;
 use tokio::sync::oneshot;
 
-use super::admit::admit;
+use super::admit::{admit, admit_client, admit_new_key};
 use super::decision::{Decision, Serve, failure_outcome};
 use super::fetch::{FetchJob, Fetched};
 use super::fill::{FillRead, Filling, WindowFill};
@@ -72,6 +72,8 @@ enum LeaderResult {
     FromPeer(Stored),
     /// A storable answer's head: its body streams to the reader, counted as `outcome`.
     Streaming(Arc<Streaming>, Reader, Outcome),
+    /// Over an admission budget: what the leader gets instead of a fetch.
+    Refused(Decision),
 }
 
 /// A miss (or a stale entry past its stale-while-revalidate window): fetch under
@@ -173,6 +175,9 @@ pub async fn miss(mut job: FetchJob, stale: Option<Arc<Entry>>) -> Decision {
                 abandoned += 1;
                 join = pool.join_flight(&job.key);
             }
+            // Not a failure of the fetch: each rejoin has a new leader, charged to its own
+            // client (a refused one leaves), so this ends.
+            Fill::Refused => join = pool.join_flight(&job.key),
         }
     }
 }
@@ -206,10 +211,10 @@ pub fn refresh_in_background(mut job: FetchJob) {
 /// Leads the flight: runs it in its own task and answers from its result. With a stale
 /// copy at hand, waits no longer than `lock_timeout` for it, like the waiters.
 async fn lead(mut job: FetchJob, guard: FlightGuard, stale: Option<Arc<Entry>>) -> Decision {
-    // Charged as it leads: a refused leader's waiters find the flight abandoned and
-    // ask again, each charged to its own client.
-    if let Some(refused) = admit(&job).await {
-        drop(guard);
+    // Charged to its client as it leads, before it holds back for the other replicas: a
+    // refused client costs Redis no lease. Its waiters lead again among themselves.
+    if let Some(refused) = admit_client(&job).await {
+        guard.complete(Fill::Refused);
         return refused;
     }
     let (tx, rx) = oneshot::channel();
@@ -244,7 +249,7 @@ async fn lead(mut job: FetchJob, guard: FlightGuard, stale: Option<Arc<Entry>>) 
                 drop((streaming, reader));
                 job.pass_range = passes_range(&job);
                 // Boxed: a rare path, kept out of every request's future.
-                return Box::pin(direct(&job)).await;
+                return Box::pin(direct_admitted(&job)).await;
             }
             let entry = streaming.head.entry.clone();
             let age = entry.initial_age >= Duration::from_secs(1);
@@ -253,6 +258,7 @@ async fn lead(mut job: FetchJob, guard: FlightGuard, stale: Option<Arc<Entry>>) 
         Ok(LeaderResult::Answer(answer, reason)) => Decision::new(Serve::Answer(answer), Outcome::Miss(Store::Not(reason))),
         Ok(LeaderResult::Fetched(result)) => answer(result),
         Ok(LeaderResult::Error(err)) => Decision::failed(err),
+        Ok(LeaderResult::Refused(refused)) => refused,
         Err(_) => Decision::failed(ProxyError::Internal("the fetch task ended without an answer")),
     }
 }
@@ -451,6 +457,19 @@ async fn run_flight(job: FetchJob, guard: FlightGuard, leader: Option<oneshot::S
             // Another replica's fill this request may not have, or no word from the peers.
             PeerOutcome::Filled(_) | PeerOutcome::FetchAnyway => {}
         }
+    }
+    // A new key is charged only now that it will reach the origin: a key another
+    // replica filled took no token. Refused, the leader gets the refusal, the waiters
+    // lead again among themselves, and the other replicas fetch for themselves.
+    if let Some(refused) = Box::pin(admit_new_key(&job)).await {
+        guard.complete(Fill::Refused);
+        if let Some(tx) = leader {
+            let _ = tx.send(LeaderResult::Refused(refused));
+        }
+        if job.store {
+            Box::pin(pool.finish_flight(&job.primary, &job.key, lease, &Fill::Refused, false)).await;
+        }
+        return;
     }
     // The lease is renewed while the fetch runs: queue wait, headers and body.
     let fetched = Box::pin(pool.renewing(&job.key, lease.as_ref(), peer_wait(&job).lease_ttl, job.fetch())).await;
