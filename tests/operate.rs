@@ -102,11 +102,19 @@ async fn with_a_control_redis_modes_reach_every_replica_and_new_ones_start_in_th
     let text = |id: &str| config(&origin.url(), Some(&redis.url())).server("replica_id", id).to_toml();
     let one = Bulwark::start(&text("one")).await;
     let two = Bulwark::start(&text("two")).await;
-    let answer = set_mode(&one, "search", "off").await;
-    let body = answer_json(&answer);
-    assert_eq!(answer.status, 200, "{body}");
-    assert_eq!(ids(&body, "confirmed"), ["one", "two"]);
-    assert!(ids(&body, "missing").is_empty());
+    // A replica is waited for once its first heartbeat has landed; on a loaded machine
+    // that can be after its start returns (it reads the stored modes again when its
+    // subscription comes up, so a change made before then still reaches it).
+    let start = Instant::now();
+    loop {
+        let answer = set_mode(&one, "search", "off").await;
+        let body = answer_json(&answer);
+        if answer.status == 200 && ids(&body, "confirmed") == ["one", "two"] && ids(&body, "missing").is_empty() {
+            break;
+        }
+        assert!(start.elapsed() < Duration::from_secs(10), "replica two never joined: {body}");
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
     // Confirmed means applied: replica two refuses at once.
     assert_eq!(two.get("/search?q=x").await.status, 503);
     let three = Bulwark::start(&text("three")).await;
