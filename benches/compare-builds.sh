@@ -7,6 +7,12 @@
 #   benches/compare-builds.sh OLD_BINARY [NEW_BINARY]   # NEW: this tree's release build
 #   ROUNDS=5 DURATION=10s benches/compare-builds.sh /tmp/bulwark-old
 #
+# The same binary can be compared with itself under two configs: OLD_ROUTE_KEYS and
+# NEW_ROUTE_KEYS (TOML lines) are added to each side's route, OLD_SERVER_KEYS and
+# NEW_SERVER_KEYS to its [server] table, say
+#   NEW_ROUTE_KEYS='admission = { per_client = "20/s" }' \
+#   NEW_SERVER_KEYS='trusted_proxies = ["10.0.0.0/8"]' benches/compare-builds.sh B B
+#
 # Requests look like a browser's (query in another order, Accept-Encoding,
 # Accept-Language, cookies), so key building and request preparation are measured too.
 set -euo pipefail
@@ -47,6 +53,14 @@ for name in old new; do
     PORT[$name]=$(free_port)
     admin=$(free_port)
     write_hit_config "$WORK/$name.toml" "${PORT[$name]}" "$admin" "$ORIGIN_PORT"
+    route_keys=OLD_ROUTE_KEYS server_keys=OLD_SERVER_KEYS
+    [ "$name" = new ] && route_keys=NEW_ROUTE_KEYS server_keys=NEW_SERVER_KEYS
+    # The route is the file's last table.
+    [ -z "${!route_keys:-}" ] || printf '%s\n' "${!route_keys}" >> "$WORK/$name.toml"
+    if [ -n "${!server_keys:-}" ]; then
+        printf '%s\n' "${!server_keys}" > "$WORK/$name.server"
+        sed -i "/^\[server\]\$/r $WORK/$name.server" "$WORK/$name.toml"
+    fi
     binary=$OLD; [ "$name" = new ] && binary=$NEW
     taskset -c "$SERVER_CPU" "$binary" serve --config "$WORK/$name.toml" 2>"$WORK/$name.log" & PID[$name]=$!; PIDS+=(${PID[$name]})
 done
