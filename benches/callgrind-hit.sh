@@ -14,6 +14,9 @@
 # With MODE=miss every request is a new path the origin answers `no-store`, so the count
 # is the miss path: lookup, coalescing, the origin request and its answer streamed back.
 set -euo pipefail
+# OLD_/NEW_ROUTE_KEYS and OLD_/NEW_SERVER_KEYS add config lines to one side, as in
+# compare-builds.sh, to count what a route key costs with one binary; POOL_KEYS (TOML
+# lines, say a `redis_url`) are added to both sides' pool.
 # KEEP=1 keeps the callgrind files (their directory is printed) for callgrind_annotate.
 
 OLD=${1:?usage: callgrind-hit.sh OLD_BINARY [NEW_BINARY]}
@@ -63,7 +66,8 @@ PY
 count() {
     local name=$1 binary=$2 port admin
     port=$(free_port); admin=$(free_port)
-    write_hit_config "$WORK/$name.toml" "$port" "$admin" "$ORIGIN_PORT"
+    write_hit_config "$WORK/$name.toml" "$port" "$admin" "$ORIGIN_PORT" "" "${POOL_KEYS:-}"
+    add_side_keys "$WORK/$name.toml" "$name"
     valgrind --tool=callgrind --instr-atstart=no --callgrind-out-file="$WORK/$name.out" \
         "$binary" serve --config "$WORK/$name.toml" 2>"$WORK/$name.log" &
     local pid=$!

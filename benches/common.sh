@@ -62,6 +62,19 @@ PY
 }
 
 # Writes a config: one in-process pool in front of the origin, one catch-all route.
+# add_side_keys FILE old|new: adds $OLD_ROUTE_KEYS or $NEW_ROUTE_KEYS (TOML lines) to the
+# route of a config written by write_hit_config (its last table), and $OLD_SERVER_KEYS or
+# $NEW_SERVER_KEYS to its [server] table, so that one build can be compared under two configs.
+add_side_keys() {
+    local side=${2^^} route_keys server_keys
+    route_keys=${side}_ROUTE_KEYS server_keys=${side}_SERVER_KEYS
+    [ -z "${!route_keys:-}" ] || printf '%s\n' "${!route_keys}" >> "$1"
+    if [ -n "${!server_keys:-}" ]; then
+        printf '%s\n' "${!server_keys}" > "$1.server"
+        sed -i "/^\[server\]\$/r $1.server" "$1"
+    fi
+}
+
 # write_hit_config FILE PORT ADMIN_PORT ORIGIN_PORT [ORIGIN_KEYS]: ORIGIN_KEYS (TOML lines,
 # say an `endpoints` list) stand instead of `url = "http://127.0.0.1:ORIGIN_PORT"`;
 # POOL_KEYS (TOML lines, say a `redis_url`) are added to the pool.

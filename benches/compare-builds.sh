@@ -53,14 +53,7 @@ for name in old new; do
     PORT[$name]=$(free_port)
     admin=$(free_port)
     write_hit_config "$WORK/$name.toml" "${PORT[$name]}" "$admin" "$ORIGIN_PORT"
-    route_keys=OLD_ROUTE_KEYS server_keys=OLD_SERVER_KEYS
-    [ "$name" = new ] && route_keys=NEW_ROUTE_KEYS server_keys=NEW_SERVER_KEYS
-    # The route is the file's last table.
-    [ -z "${!route_keys:-}" ] || printf '%s\n' "${!route_keys}" >> "$WORK/$name.toml"
-    if [ -n "${!server_keys:-}" ]; then
-        printf '%s\n' "${!server_keys}" > "$WORK/$name.server"
-        sed -i "/^\[server\]\$/r $WORK/$name.server" "$WORK/$name.toml"
-    fi
+    add_side_keys "$WORK/$name.toml" "$name"
     binary=$OLD; [ "$name" = new ] && binary=$NEW
     taskset -c "$SERVER_CPU" "$binary" serve --config "$WORK/$name.toml" 2>"$WORK/$name.log" & PID[$name]=$!; PIDS+=(${PID[$name]})
 done
