@@ -90,9 +90,10 @@ async fn handle(proxy: &Proxy, jobs: &PurgeJobs, token: Option<&str>, req: Reque
         (&Method::GET, "/metrics") => metrics(proxy).await,
         (&Method::GET, "/admin/routes") => routes(proxy),
         (&Method::GET, "/admin/origins") => origins(proxy),
+        (&Method::GET, "/admin/cache") => cache(proxy, req.uri().query().unwrap_or("")).await,
         (&Method::POST, "/admin/purge") => purge::purge(proxy, jobs, req).await,
         (&Method::GET, _) if path.starts_with("/admin/purge/") => purge::progress(jobs, &path["/admin/purge/".len()..]),
-        (_, "/healthz" | "/readyz" | "/metrics" | "/admin/routes" | "/admin/origins" | "/admin/purge" | "/admin/reload") => {
+        (_, "/healthz" | "/readyz" | "/metrics" | "/admin/routes" | "/admin/origins" | "/admin/cache" | "/admin/purge" | "/admin/reload") => {
             text(StatusCode::METHOD_NOT_ALLOWED, "method not allowed\n")
         }
         _ => text(StatusCode::NOT_FOUND, "not found\n"),
@@ -128,6 +129,62 @@ fn routes(proxy: &Proxy) -> AdminResponse {
     let mut res = Response::new(Full::new(Bytes::from(serde_json::json!({ "routes": routes }).to_string())));
     res.headers_mut().insert(CONTENT_TYPE, HeaderValue::from_static("application/json"));
     res
+}
+
+/// `GET /admin/cache?url=ABSOLUTE_URL[&header=Name:Value...]`: what this replica and
+/// the pool's Redis hold for the URL, changing nothing.
+async fn cache(proxy: &Proxy, query: &str) -> AdminResponse {
+    let (mut url, mut headers) = (None, http::HeaderMap::new());
+    for (name, value) in query.split('&').filter(|p| !p.is_empty()).map(|p| p.split_once('=').unwrap_or((p, ""))) {
+        let (Some(name), Some(value)) = (percent_decode(name), percent_decode(value)) else {
+            return json_error(StatusCode::BAD_REQUEST, "malformed percent-encoding in the query".into());
+        };
+        match name.as_str() {
+            "url" => url = Some(value),
+            "header" => {
+                let parsed = value
+                    .split_once(':')
+                    .and_then(|(n, v)| Some((http::HeaderName::from_bytes(n.trim().as_bytes()).ok()?, HeaderValue::from_str(v.trim()).ok()?)));
+                let Some((name, value)) = parsed else {
+                    return json_error(StatusCode::BAD_REQUEST, format!("header={value:?} is not Name:Value"));
+                };
+                headers.append(name, value);
+            }
+            _ => return json_error(StatusCode::BAD_REQUEST, format!("unknown parameter {name:?}: url and header are known")),
+        }
+    }
+    let Some(url) = url else {
+        return json_error(StatusCode::BAD_REQUEST, "url=ABSOLUTE_URL is missing".into());
+    };
+    match proxy.inspect(&url, headers).await {
+        Ok(answer) => json(StatusCode::OK, answer),
+        Err(err) => json(err.status, serde_json::json!({"url": url, "error": err.message})),
+    }
+}
+
+/// Decodes a `application/x-www-form-urlencoded` name or value (`+` is a space); `None`
+/// for a malformed escape or text that is not UTF-8.
+fn percent_decode(text: &str) -> Option<String> {
+    let (bytes, mut out) = (text.as_bytes(), Vec::with_capacity(text.len()));
+    let mut i = 0;
+    while i < bytes.len() {
+        match bytes[i] {
+            b'%' => {
+                let hex = std::str::from_utf8(bytes.get(i + 1..i + 3)?).ok()?;
+                out.push(u8::from_str_radix(hex, 16).ok()?);
+                i += 3;
+            }
+            b'+' => {
+                out.push(b' ');
+                i += 1;
+            }
+            b => {
+                out.push(b);
+                i += 1;
+            }
+        }
+    }
+    String::from_utf8(out).ok()
 }
 
 /// `GET /admin/origins`: every origin's endpoints and their states.
@@ -238,6 +295,10 @@ fn bearer_matches(header: Option<&HeaderValue>, token: &str) -> bool {
     };
     let expected = token.as_bytes();
     given.len() == expected.len() && given.iter().zip(expected).fold(0u8, |acc, (a, b)| acc | (a ^ b)) == 0
+}
+
+fn json_error(status: StatusCode, message: String) -> AdminResponse {
+    json(status, serde_json::json!({ "error": message }))
 }
 
 fn text(status: StatusCode, body: &'static str) -> AdminResponse {

@@ -291,6 +291,11 @@ impl Coalescer {
         self.hit_for_miss.remove(key);
     }
 
+    /// Whether a fill of `key` is in progress here (for inspection).
+    pub fn is_filling(&self, key: u128) -> bool {
+        self.lock().contains_key(&key)
+    }
+
     /// Flights in progress (for tests and metrics).
     pub fn in_flight(&self) -> usize {
         self.lock().len()

@@ -275,6 +275,19 @@ impl LocalTier {
         self.read(primary_hash).await.map(|held| held.slot)
     }
 
+    /// What is held under a primary key, with the pending purges applied to the copy
+    /// returned but not to L1, and whether it was stored or confirmed since the last gap
+    /// in the event link: a look that changes nothing (for inspection).
+    pub async fn peek(&self, primary_hash: u128) -> Option<(Slot, bool)> {
+        let held = self.cache.get(&primary_hash).await?;
+        let slot = match self.pending.verdict(held.slot.entries()) {
+            Verdict::Keep => held.slot,
+            Verdict::Remove => return None,
+            Verdict::Mark => held.slot.soft_purged_where(|e| self.pending.marks(e)),
+        };
+        Some((slot, held.generation == self.generation()))
+    }
+
     /// What is held under a primary key, and whether it must be checked against Redis.
     pub async fn get_standing(&self, primary_hash: u128) -> Option<(Slot, Standing)> {
         let held = self.read(primary_hash).await?;

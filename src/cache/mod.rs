@@ -76,6 +76,23 @@ pub struct Stored {
     pub marker: Option<Arc<Entry>>,
 }
 
+/// What [`Pool::inspect`] found for one request.
+#[derive(Debug)]
+pub struct Inspected {
+    /// The key the request's response is stored under (its variant's, when it varies).
+    pub key: CacheKey,
+    /// The request headers that select a variant, when the URL's responses vary.
+    pub names: Vec<HeaderName>,
+    /// L1's copy, and whether it was stored or confirmed since the last event-link gap.
+    pub l1: Option<(Arc<Entry>, bool)>,
+    /// Every variant of the URL held in L1.
+    pub l1_variants: Vec<Arc<Entry>>,
+    /// What Redis holds (`None`: the pool has no Redis), or why it could not say.
+    pub l2: Option<Result<shared::Peeked, String>>,
+    /// A fill of the key is in progress on this replica.
+    pub filling: bool,
+}
+
 /// The header names a variants marker lists.
 pub fn marker_names(marker: &Entry) -> Vec<HeaderName> {
     match key::Vary::parse(&marker.headers) {
@@ -250,6 +267,50 @@ impl Pool {
             }
             (local, None) => Lookup { found: local.map(|entry| Found { entry, tier: Tier::L1 }), key },
         }
+    }
+
+    /// What each tier holds for a request with `headers` under `primary`, looked up as
+    /// [`Pool::lookup`] would but changing nothing: no promotion to L1, no confirmation
+    /// of copies kept through a gap, no metric, no breaker.
+    pub async fn inspect(&self, primary: &CacheKey, headers: &HeaderMap, key_headers: &[HeaderName]) -> Inspected {
+        let variant_of = |names: &[HeaderName]| primary.variant(&key::merge_names(names, key_headers), headers);
+        let (mut key, mut names, mut l1, mut l1_variants) = (None, Vec::new(), None, Vec::new());
+        match self.l1.peek(primary.hash).await {
+            Some((Slot::Entry(entry), confirmed)) if entry.key == primary.text && key_headers.is_empty() => l1 = Some((entry, confirmed)),
+            Some((Slot::Variants(v), confirmed)) if v.marker.key == primary.text => {
+                let variant = variant_of(&v.names);
+                l1 = v.find(&variant).map(|entry| (entry, confirmed));
+                l1_variants = v.entries.iter().map(|(_, e)| e.clone()).collect();
+                names = key::merge_names(&v.names, key_headers);
+                key = Some(variant);
+            }
+            _ if !key_headers.is_empty() => {
+                names = key_headers.to_vec();
+                key = Some(variant_of(&[]));
+            }
+            _ => {}
+        }
+        let l2 = match &self.l2 {
+            None => None,
+            Some(l2) => Some(match l2.peek(primary).await {
+                Ok(found) => match found.entry {
+                    Some(marker) if marker.variants => {
+                        names = key::merge_names(&marker_names(&marker), key_headers);
+                        let variant = primary.variant(&names, headers);
+                        let found = l2.peek(&variant).await;
+                        key = Some(variant);
+                        found.map(|found| shared::Peeked { entry: found.entry.filter(|e| !e.variants), leased: found.leased })
+                    }
+                    // A response stored before the route gained key_headers is not this request's.
+                    Some(_) if !key_headers.is_empty() => Ok(shared::Peeked { entry: None, leased: found.leased }),
+                    entry => Ok(shared::Peeked { entry, leased: found.leased }),
+                },
+                Err(err) => Err(err),
+            }),
+        };
+        let key = key.unwrap_or_else(|| primary.clone());
+        let filling = self.coalescer.is_filling(key.hash);
+        Inspected { key, names, l1, l1_variants, l2, filling }
     }
 
     /// Whether L1 holds a copy for `key` (under `primary`) that arrived after `than`: a

@@ -59,10 +59,7 @@ impl ClientInfo {
 
     /// The host without its port, for matching route `host` keys.
     pub fn host_without_port(&self) -> &str {
-        match self.host.rsplit_once(':') {
-            Some((host, port)) if !port.contains(']') => host,
-            _ => &self.host,
-        }
+        without_port(&self.host)
     }
 }
 
@@ -77,10 +74,18 @@ fn joined(headers: &HeaderMap, name: &HeaderName) -> Option<String> {
     }))
 }
 
+/// A normalised host without its port (an IPv6 literal keeps its brackets).
+pub(super) fn without_port(host: &str) -> &str {
+    match host.rsplit_once(':') {
+        Some((name, port)) if !port.contains(']') => name,
+        _ => host,
+    }
+}
+
 /// Lowercases a host, removes a trailing dot (`shop.example.` is `shop.example`) and the
 /// scheme's default port, and writes the port as a number (`:080` is `:80`), so every
 /// spelling of one host has one key.
-fn normalise_host(raw: &str, scheme: &str) -> Result<String, ProxyError> {
+pub(super) fn normalise_host(raw: &str, scheme: &str) -> Result<String, ProxyError> {
     let raw = raw.trim();
     let (host, port) = match raw.rsplit_once(':') {
         // An IPv6 literal without a port has colons but ends with ']'.

@@ -13,6 +13,7 @@ mod fetch;
 mod fill;
 mod flight;
 mod forward;
+mod inspect;
 mod record;
 pub mod respond;
 mod target;
@@ -38,6 +39,7 @@ use crate::runtime::{BuildError, Live, ReloadError, Runtime};
 use context::RequestContext;
 use forward::ClientInfo;
 
+pub use inspect::InspectError;
 pub use respond::CACHE_STATUS;
 
 /// The proxy service shared by every connection of one server instance.
@@ -86,6 +88,13 @@ impl Proxy {
 
     pub fn runtime(&self) -> Arc<Runtime> {
         self.live.runtime()
+    }
+
+    /// What this replica and the pool's Redis hold for `url` (absolute) as requested
+    /// with `headers`, and the outcome a request would get now, changing nothing: the
+    /// JSON answer of `GET /admin/cache`.
+    pub async fn inspect(&self, url: &str, headers: http::HeaderMap) -> Result<serde_json::Value, InspectError> {
+        inspect::inspect(&self.live.runtime(), url, headers).await
     }
 
     /// Reloads the config file (see [`Live::reload`]).

@@ -337,6 +337,29 @@ impl SharedTier {
         }
     }
 
+    /// What Redis holds under `key`, and whether a replica holds its fill lease, read
+    /// as they are for inspection: one round trip within `redis_timeout`, asked even
+    /// while the breaker is open, and with no effect on the breaker, the metrics or a
+    /// corrupt value. The error says why Redis could not answer.
+    pub async fn peek(&self, key: &CacheKey) -> Result<Peeked, String> {
+        let mut pipe = redis::pipe();
+        pipe.cmd("GETRANGE").arg(self.entry_key(key)).arg(0).arg(self.max_entry_bytes).cmd("EXISTS").arg(self.lease_key(key));
+        let mut conn = self.reads.conn();
+        let (payload, leased) = match self.reads.call(self.timeout, pipe.query_async::<(Vec<u8>, bool)>(&mut conn)).await {
+            Some(Ok(answer)) => answer,
+            Some(Err(err)) => return Err(format!("redis failed: {err}")),
+            None => return Err(format!("redis did not answer within {:?}", self.timeout)),
+        };
+        if payload.is_empty() {
+            return Ok(Peeked { entry: None, leased });
+        }
+        match Entry::decode(&Bytes::from(payload)) {
+            // Same hash, another key: nothing of this key's.
+            Ok(entry) => Ok(Peeked { entry: (entry.key == key.text).then_some(entry), leased }),
+            Err(err) => Err(format!("the stored value cannot be read: {err}")),
+        }
+    }
+
     /// Checks a copy kept through a link gap against Redis, reading only the head of the
     /// stored entry ([`Entry::encoded_head`]): one small read per entry.
     pub async fn confirm(&self, key: &CacheKey, entry: &Entry) -> Confirmation {
@@ -541,6 +564,14 @@ impl SharedTier {
             self.metrics.redis_error(RedisOp::Set);
         }
     }
+}
+
+/// What [`SharedTier::peek`] found.
+#[derive(Debug)]
+pub struct Peeked {
+    pub entry: Option<Entry>,
+    /// A replica holds the key's fill lease: a fill is in progress somewhere.
+    pub leased: bool,
 }
 
 /// What Redis holds for a copy kept through a link gap.
