@@ -203,3 +203,38 @@ async fn a_fill_in_progress_is_shown_and_a_request_now_would_wait_for_it() {
     let (_, after) = inspect(&bulwark, "/slow", &[]).await;
     assert_eq!((identity(&after)["l1"]["present"].clone(), identity(&after)["l1"]["filling"].clone()), (Value::Bool(true), Value::Bool(false)), "{after}");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn bulwark_inspect_shows_the_replicas_side_by_side() {
+    let redis = RedisServer::start();
+    let origin = Origin::start().await;
+    let config = TestConfig::new(&origin.url()).redis(&redis.url()).to_toml();
+    let (one, two) = (Bulwark::start(&config).await, Bulwark::start(&config).await);
+    one.get_with("/products/1", &[("host", "shop.example")]).await;
+    support::eventually("the copy reaches Redis", Duration::from_secs(5), async || !redis.entries("bulwark:pdp:").is_empty()).await;
+    let admins = format!("http://{},http://{}", one.admin_addr, two.admin_addr);
+    let run = |args: Vec<String>| {
+        tokio::task::spawn_blocking(move || std::process::Command::new(env!("CARGO_BIN_EXE_bulwark")).args(args).output().expect("bulwark inspect runs"))
+    };
+    let url = "http://shop.example/products/1".to_owned();
+    let out = run(vec!["inspect".into(), url.clone(), "--admin".into(), admins.clone(), "--json".into()]).await.expect("join");
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let answer: Value = serde_json::from_slice(&out.stdout).expect("JSON");
+    let would_be: Vec<&str> = answer["replicas"].as_array().expect("replicas").iter().filter_map(|r| r["answer"]["would_be"].as_str()).collect();
+    assert_eq!(would_be, ["hit_l1", "hit_l2"], "{answer}");
+
+    let out = run(vec!["inspect".into(), url.clone(), "--admin".into(), admins, "--header".into(), "Accept-Encoding: gzip".into()]).await.expect("join");
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(out.status.success(), "{text}{}", String::from_utf8_lossy(&out.stderr));
+    assert!(text.contains("route all, pool pdp, mode normal"), "{text}");
+    let would_be = text.lines().find(|l| l.starts_with("would be")).unwrap_or_default();
+    assert!(would_be.contains("miss"), "nothing is stored for gzip:\n{text}");
+    assert!(text.lines().any(|l| l.starts_with("gzip L1") && l.contains("absent")), "{text}");
+
+    // A replica that does not answer is named, and the exit status says so.
+    let out = run(vec!["inspect".into(), url, "--admin".into(), format!("http://{}", one.admin_addr), "--admin".into(), "http://127.0.0.1:1".into()])
+        .await
+        .expect("join");
+    assert!(!out.status.success());
+    assert!(String::from_utf8_lossy(&out.stdout).contains("127.0.0.1:1"), "{}", String::from_utf8_lossy(&out.stdout));
+}

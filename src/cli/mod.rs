@@ -2,6 +2,7 @@
 
 mod check;
 mod demo;
+mod inspect;
 pub mod scrape;
 mod serve;
 pub mod top;
@@ -46,6 +47,23 @@ enum Command {
         #[arg(long, default_value = "1s", value_parser = parse_duration_arg)]
         interval: std::time::Duration,
     },
+    /// What each replica's L1 and the pool's Redis hold for a URL, side by side.
+    Inspect {
+        /// The URL, absolute (`http://shop.example/products/1`).
+        url: String,
+        /// Admin URL of a replica; repeat, or separate with commas, for several.
+        #[arg(long = "admin", required = true, value_delimiter = ',')]
+        admins: Vec<String>,
+        /// A request header (`Accept-Encoding: gzip`) selecting the group or variant; repeat for several.
+        #[arg(long = "header")]
+        headers: Vec<String>,
+        /// Print every replica's answer as JSON.
+        #[arg(long)]
+        json: bool,
+        /// Bearer token for /admin/* (default: BULWARK_ADMIN_TOKEN).
+        #[arg(long)]
+        token: Option<String>,
+    },
     /// Pre-fill pools by requesting each URL through a running bulwark.
     Warm {
         /// The bulwark to send the requests to (`http://127.0.0.1:8080`).
@@ -78,6 +96,7 @@ pub fn main(cli: Cli) -> ExitCode {
         Command::Check { config } => check::run(&config),
         Command::Demo { requests, concurrency } => demo::run(requests, concurrency),
         Command::Top { admins, once, json, interval } => top::run(admins, once, json, interval),
+        Command::Inspect { url, admins, headers, json, token } => inspect::run(url, admins, headers, json, token),
         Command::Warm { target, urls, concurrency, rate } => warm::run(target, &urls, concurrency, rate),
     }
 }
