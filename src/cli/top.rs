@@ -28,6 +28,8 @@ pub struct RouteTotals {
     pub origin_errors: f64,
     /// Requests refused by an admission budget, by `reason` (`client`, `new_keys`).
     pub admission_rejected: BTreeMap<String, f64>,
+    /// Fills whose answer was not stored, by `reason`.
+    pub not_stored: BTreeMap<String, f64>,
     /// Cumulative latency histogram: upper bound (seconds) to count.
     #[serde(skip)]
     pub buckets: Vec<(f64, f64)>,
@@ -101,6 +103,9 @@ impl Snapshot {
                 }
                 crate::metrics::ADMISSION_REJECTED_TOTAL => {
                     *snap.routes.entry(label(s, "route")).or_default().admission_rejected.entry(label(s, "reason")).or_default() += s.value;
+                }
+                crate::metrics::NOT_STORED_TOTAL => {
+                    *snap.routes.entry(label(s, "route")).or_default().not_stored.entry(label(s, "reason")).or_default() += s.value;
                 }
                 REDIS_BREAKER_OPEN => snap.pools.entry(label(s, "pool")).or_default().redis_breakers_open += s.value,
                 crate::metrics::ORIGIN_BREAKER_OPEN => *snap.origin_breakers_open.entry(label(s, "origin")).or_default() += s.value,
@@ -268,6 +273,22 @@ pub fn render(now: &Snapshot, rates: Option<(&Snapshot, f64)>) -> String {
             let (value, before) = total("shed");
             let _ = writeln!(out, "{:<20} shed: {}", "", per(value, before));
         }
+        // Why fills were not stored: the three commonest reasons of the interval.
+        let mut reasons: Vec<(&String, f64, f64)> = route
+            .not_stored
+            .iter()
+            .map(|(reason, value)| {
+                let was = before.and_then(|b| b.not_stored.get(reason).copied()).unwrap_or(0.0);
+                (reason, value - was, was)
+            })
+            .filter(|(_, delta, _)| *delta > 0.0)
+            .collect();
+        if !reasons.is_empty() {
+            reasons.sort_by(|a, b| b.1.total_cmp(&a.1).then_with(|| a.0.cmp(b.0)));
+            let shown: Vec<String> = reasons.iter().take(3).map(|(reason, delta, was)| format!("{reason} {}", per(was + delta, *was))).collect();
+            let more = if reasons.len() > 3 { format!(" (+{} more)", reasons.len() - 3) } else { String::new() };
+            let _ = writeln!(out, "{:<20} not stored: {}{more}", "", shown.join(", "));
+        }
         // Over an admission budget: refused (429) and served stale instead, and which
         // budget refused them.
         if outcome("limited") + outcome("stale_limited") > 0.0 {
@@ -375,6 +396,26 @@ mod tests {
         let row = text.lines().find(|l| l.starts_with("pdp")).expect("route row");
         assert!(row.contains("100.0%"), "110 of 110 served from the cache once the 40 refused are left out: {row}");
         assert!(!render(&before, None).contains("limited:"), "no line while nothing is limited");
+    }
+
+    #[test]
+    fn the_commonest_not_stored_reasons_are_shown_per_route() {
+        let reason = |reason: &str, value: f64| sample(crate::metrics::NOT_STORED_TOTAL, &[("route", "pdp"), ("reason", reason)], value);
+        let served = sample(REQUESTS_TOTAL, &[("route", "pdp"), ("pool", "p"), ("cache", "miss")], 100.0);
+        let before = Snapshot::from_samples(&[vec![served.clone(), reason("private", 10.0), reason("no-store", 0.0), reason("status", 50.0)]]);
+        let now = Snapshot::from_samples(&[vec![
+            served,
+            reason("private", 30.0),
+            reason("no-store", 40.0),
+            reason("status", 50.0),
+            reason("set-cookie", 5.0),
+            reason("too-large", 1.0),
+        ]]);
+        let text = render(&now, Some((&before, 10.0)));
+        let line = text.lines().find(|l| l.contains("not stored:")).expect("a not-stored line");
+        // Commonest first, over the interval: status did not grow and is left out.
+        assert!(line.ends_with("not stored: no-store 4.0/s, private 2.0/s, set-cookie 0.5/s (+1 more)"), "{line}");
+        assert!(render(&before, Some((&before, 10.0))).lines().all(|l| !l.contains("not stored:")), "no line while every fill is stored");
     }
 
     #[test]
