@@ -72,6 +72,7 @@ async fn responses_a_shared_cache_must_not_store_are_not_stored() {
             "/private" => reply.header("cache-control", "private, max-age=60"),
             "/cookie" => reply.header("set-cookie", "session=1"),
             "/vary-star" => reply.header("vary", "*"),
+            "/vary-invalid" => reply.header("vary", "accept language"),
             "/max-age-0" => reply.header("cache-control", "max-age=0"),
             "/no-cache" => reply.header("cache-control", "no-cache"),
             "/error" => reply.status(500),
@@ -85,6 +86,7 @@ async fn responses_a_shared_cache_must_not_store_are_not_stored() {
         ("/private", "private"),
         ("/cookie", "set-cookie"),
         ("/vary-star", "vary-star"),
+        ("/vary-invalid", "vary-invalid"),
         ("/max-age-0", "stale-on-arrival"),
         ("/no-cache", "no-cache-no-validator"),
         ("/error", "status"),
@@ -102,6 +104,33 @@ async fn responses_a_shared_cache_must_not_store_are_not_stored() {
     }
     let stored = bulwark.get("/with-default-ttl").await;
     assert_eq!(stored.cache_status(), "bulwark; fwd=miss; stored");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn concurrent_requests_for_a_private_page_each_get_their_own_and_each_fill_is_counted_once() {
+    let origin = Origin::start().await;
+    let served = std::sync::Arc::new(std::sync::atomic::AtomicUsize::new(0));
+    let counter = served.clone();
+    origin.set(move |_| {
+        let n = counter.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+        Reply::ok(format!("the page of user {n}")).header("cache-control", "private, max-age=60").delay(Duration::from_millis(300))
+    });
+    let bulwark = std::sync::Arc::new(Bulwark::start(&simple_config(&origin.url(), None, "")).await);
+    let requests: Vec<_> = (0..5)
+        .map(|_| {
+            let bulwark = bulwark.clone();
+            tokio::spawn(async move { bulwark.get("/account").await })
+        })
+        .collect();
+    let mut bodies = std::collections::HashSet::new();
+    for request in requests {
+        let got = request.await.expect("request");
+        assert_eq!(got.cache_status(), "bulwark; fwd=miss; detail=private");
+        bodies.insert(got.text().to_owned());
+    }
+    assert_eq!(bodies.len(), 5, "a private answer was served to a request that did not ask for it: {bodies:?}");
+    let fills = origin.count("/account") as f64;
+    assert_eq!(bulwark.metric("bulwark_not_stored_total", &[("route", "all"), ("reason", "private")]).await, fills, "once per fill");
 }
 
 #[tokio::test]
