@@ -33,6 +33,7 @@
 //! - [`origin`]: pooled clients per origin, the concurrency limit and queue, the breaker,
 //!   the timings of one origin call.
 //! - [`metrics`]: metric names, the per-instance recorder, pre-registered handles.
+//! - [`scrape`]: Prometheus text as bulwark writes it, read back (`top`, `demo`).
 //! - [`error`]: request-path errors with their source, and the one error-to-status map.
 //! - [`clock`]: the wall time every pool decides by (a leaf; tests move it forward).
 //!
@@ -69,6 +70,7 @@ pub mod outcome;
 pub mod proxy;
 pub mod router;
 pub mod runtime;
+pub mod scrape;
 pub mod server;
 
 pub use config::Config;

@@ -19,8 +19,8 @@ use hyper_util::rt::{TokioExecutor, TokioIo};
 use tokio::net::TcpListener;
 use xxhash_rust::xxh3::xxh3_64;
 
-use super::scrape;
 use crate::config::Config;
+use crate::scrape;
 use crate::server::{Listeners, run as run_server};
 
 const PRODUCTS: u64 = 200;

@@ -3,7 +3,6 @@
 mod check;
 mod demo;
 mod inspect;
-pub mod scrape;
 mod serve;
 pub mod top;
 mod warm;

@@ -11,10 +11,10 @@ use hyper_util::client::legacy::Client;
 use hyper_util::rt::TokioExecutor;
 use serde::Serialize;
 
-use super::scrape::{self, Sample};
 use crate::metrics::{
     ENDPOINT_STATES, ORIGIN_CONCURRENCY_LIMIT, ORIGIN_ENDPOINTS, ORIGIN_INFLIGHT, ORIGIN_REQUESTS_TOTAL, REDIS_BREAKER_OPEN, REQUEST_DURATION, REQUESTS_TOTAL,
 };
+use crate::scrape::{self, Sample};
 
 /// Totals of one route (counters since each replica started, summed).
 #[derive(Debug, Default, Clone, Serialize, PartialEq)]
