@@ -54,6 +54,27 @@ pub fn hit_ratio(samples: &[Sample], labels: &[(&str, &str)]) -> Option<f64> {
     (total > 0.0).then(|| hits / total)
 }
 
+/// A quantile from cumulative histogram buckets (linear within a bucket).
+pub fn quantile(buckets: &[(f64, f64)], q: f64) -> Option<f64> {
+    let total = buckets.last()?.1;
+    if total <= 0.0 {
+        return None;
+    }
+    let rank = q * total;
+    let mut previous = (0.0, 0.0);
+    for &(le, count) in buckets {
+        if count >= rank {
+            if le.is_infinite() {
+                return Some(previous.0);
+            }
+            let within = if count > previous.1 { (rank - previous.1) / (count - previous.1) } else { 1.0 };
+            return Some(previous.0 + (le - previous.0) * within);
+        }
+        previous = (le, count);
+    }
+    Some(previous.0)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -72,5 +93,14 @@ mod tests {
         assert_eq!(sum(&samples, "bulwark_unrouted_requests_total", &[]), 2.0);
         assert_eq!(hit_ratio(&samples, &[("pool", "p")]), Some(0.9));
         assert_eq!(hit_ratio(&samples, &[("pool", "none")]), None);
+    }
+
+    #[test]
+    fn quantiles_from_buckets() {
+        let buckets = [(0.001, 50.0), (0.01, 90.0), (0.1, 100.0), (f64::INFINITY, 100.0)];
+        assert!((quantile(&buckets, 0.5).expect("p50") - 0.001).abs() < 1e-9);
+        let p99 = quantile(&buckets, 0.99).expect("p99");
+        assert!(p99 > 0.01 && p99 <= 0.1, "{p99}");
+        assert_eq!(quantile(&[(0.1, 0.0), (f64::INFINITY, 0.0)], 0.5), None);
     }
 }

@@ -14,7 +14,7 @@ use serde::Serialize;
 use crate::metrics::{
     ENDPOINT_STATES, ORIGIN_CONCURRENCY_LIMIT, ORIGIN_ENDPOINTS, ORIGIN_INFLIGHT, ORIGIN_REQUESTS_TOTAL, REDIS_BREAKER_OPEN, REQUEST_DURATION, REQUESTS_TOTAL,
 };
-use crate::scrape::{self, Sample};
+use crate::scrape::{self, Sample, quantile};
 
 /// Totals of one route (counters since each replica started, summed).
 #[derive(Debug, Default, Clone, Serialize, PartialEq)]
@@ -145,27 +145,6 @@ impl Snapshot {
         }
         snap
     }
-}
-
-/// A quantile from cumulative histogram buckets (linear within a bucket).
-pub fn quantile(buckets: &[(f64, f64)], q: f64) -> Option<f64> {
-    let total = buckets.last()?.1;
-    if total <= 0.0 {
-        return None;
-    }
-    let rank = q * total;
-    let mut previous = (0.0, 0.0);
-    for &(le, count) in buckets {
-        if count >= rank {
-            if le.is_infinite() {
-                return Some(previous.0);
-            }
-            let within = if count > previous.1 { (rank - previous.1) / (count - previous.1) } else { 1.0 };
-            return Some(previous.0 + (le - previous.0) * within);
-        }
-        previous = (le, count);
-    }
-    Some(previous.0)
 }
 
 async fn scrape_all(client: &Client<hyper_util::client::legacy::connect::HttpConnector, Empty<Bytes>>, admins: &[String]) -> Result<Vec<Vec<Sample>>, String> {
@@ -416,14 +395,5 @@ mod tests {
         // Commonest first, over the interval: status did not grow and is left out.
         assert!(line.ends_with("not stored: no-store 4.0/s, private 2.0/s, set-cookie 0.5/s (+1 more)"), "{line}");
         assert!(render(&before, Some((&before, 10.0))).lines().all(|l| !l.contains("not stored:")), "no line while every fill is stored");
-    }
-
-    #[test]
-    fn quantiles_from_buckets() {
-        let buckets = [(0.001, 50.0), (0.01, 90.0), (0.1, 100.0), (f64::INFINITY, 100.0)];
-        assert!((quantile(&buckets, 0.5).expect("p50") - 0.001).abs() < 1e-9);
-        let p99 = quantile(&buckets, 0.99).expect("p99");
-        assert!(p99 > 0.01 && p99 <= 0.1, "{p99}");
-        assert_eq!(quantile(&[(0.1, 0.0), (f64::INFINITY, 0.0)], 0.5), None);
     }
 }
