@@ -7,6 +7,7 @@
 use std::convert::Infallible;
 use std::future::Future;
 use std::sync::Arc;
+use std::time::Duration;
 
 use crate::connections::Connections;
 use bytes::Bytes;
@@ -28,7 +29,9 @@ pub const ADMIN_TOKEN_ENV: &str = "BULWARK_ADMIN_TOKEN";
 type AdminResponse = Response<Full<Bytes>>;
 
 mod purge;
+mod stats;
 use purge::PurgeJobs;
+use stats::Stats;
 
 /// Serves the admin endpoints until `stop` completes.
 pub async fn serve(listener: TcpListener, proxy: Arc<Proxy>, stop: impl Future<Output = ()>) {
@@ -41,6 +44,9 @@ pub async fn serve(listener: TcpListener, proxy: Arc<Proxy>, stop: impl Future<O
     let connections = Connections::default();
     // Purges run with `"async": true`, for `GET /admin/purge/{id}`.
     let jobs = Arc::new(PurgeJobs::default());
+    // The dashboard's 15 minutes, sampled while the admin listener serves.
+    let stats = Arc::new(Stats::default());
+    let sampler = tokio::spawn(stats::sample_every_second(stats.clone(), proxy.clone()));
     tokio::pin!(stop);
     loop {
         tokio::select! {
@@ -50,13 +56,13 @@ pub async fn serve(listener: TcpListener, proxy: Arc<Proxy>, stop: impl Future<O
                     tokio::time::sleep(std::time::Duration::from_millis(20)).await;
                     continue;
                 };
-                let (proxy, token, jobs) = (proxy.clone(), token.clone(), jobs.clone());
+                let (proxy, token, jobs, stats) = (proxy.clone(), token.clone(), jobs.clone(), stats.clone());
                 let requests = Arc::new(Requests::default());
                 let requests_of_conn = requests.clone();
                 let io = TimedIo::new(stream, limits, requests.clone());
                 let service = service_fn(move |req| {
-                    let (proxy, token, jobs, active) = (proxy.clone(), token.clone(), jobs.clone(), requests.start());
-                    async move { Ok::<_, Infallible>(handle(&proxy, &jobs, token.as_deref(), req).await.map(|body| Tracked::new(body, active))) }
+                    let (proxy, token, jobs, stats, active) = (proxy.clone(), token.clone(), jobs.clone(), stats.clone(), requests.start());
+                    async move { Ok::<_, Infallible>(handle(&proxy, &jobs, &stats, token.as_deref(), req).await.map(|body| Tracked::new(body, active))) }
                 });
                 connections.serve(builder.serve_connection(TokioIo::new(io), service).into_owned(), requests_of_conn, limits.keepalive_idle);
             }
@@ -64,10 +70,11 @@ pub async fn serve(listener: TcpListener, proxy: Arc<Proxy>, stop: impl Future<O
         }
     }
     drop(listener);
+    sampler.abort();
     let _ = tokio::time::timeout(std::time::Duration::from_secs(1), connections.shutdown()).await;
 }
 
-async fn handle(proxy: &Proxy, jobs: &PurgeJobs, token: Option<&str>, req: Request<Incoming>) -> AdminResponse {
+async fn handle(proxy: &Proxy, jobs: &PurgeJobs, stats: &Stats, token: Option<&str>, req: Request<Incoming>) -> AdminResponse {
     let path = req.uri().path();
     if path.starts_with("/admin/")
         && let Some(token) = token
@@ -88,14 +95,18 @@ async fn handle(proxy: &Proxy, jobs: &PurgeJobs, token: Option<&str>, req: Reque
         (&Method::GET, "/readyz") if proxy.is_draining() => text(StatusCode::SERVICE_UNAVAILABLE, "draining\n"),
         (&Method::GET, "/readyz") => text(StatusCode::OK, "ready\n"),
         (&Method::GET, "/metrics") => metrics(proxy).await,
+        (&Method::GET, "/stats.json") => stats_json(stats, req.uri().query().unwrap_or("")),
+        (&Method::GET, "/dashboard") => dashboard(),
         (&Method::GET, "/admin/routes") => routes(proxy),
         (&Method::GET, "/admin/origins") => origins(proxy),
         (&Method::GET, "/admin/cache") => cache(proxy, req.uri().query().unwrap_or("")).await,
         (&Method::POST, "/admin/purge") => purge::purge(proxy, jobs, req).await,
         (&Method::GET, _) if path.starts_with("/admin/purge/") => purge::progress(jobs, &path["/admin/purge/".len()..]),
-        (_, "/healthz" | "/readyz" | "/metrics" | "/admin/routes" | "/admin/origins" | "/admin/cache" | "/admin/purge" | "/admin/reload") => {
-            text(StatusCode::METHOD_NOT_ALLOWED, "method not allowed\n")
-        }
+        (
+            _,
+            "/healthz" | "/readyz" | "/metrics" | "/stats.json" | "/dashboard" | "/admin/routes" | "/admin/origins" | "/admin/cache" | "/admin/purge"
+            | "/admin/reload",
+        ) => text(StatusCode::METHOD_NOT_ALLOWED, "method not allowed\n"),
         _ => text(StatusCode::NOT_FOUND, "not found\n"),
     }
 }
@@ -128,6 +139,35 @@ fn routes(proxy: &Proxy) -> AdminResponse {
         .collect();
     let mut res = Response::new(Full::new(Bytes::from(serde_json::json!({ "routes": routes }).to_string())));
     res.headers_mut().insert(CONTENT_TYPE, HeaderValue::from_static("application/json"));
+    res
+}
+
+/// `GET /stats.json[?window=900s]`: the last `window` of the dashboard's series.
+fn stats_json(stats: &Stats, query: &str) -> AdminResponse {
+    let mut window = Duration::from_secs(stats::KEPT as u64);
+    for (name, value) in query.split('&').filter(|p| !p.is_empty()).map(|p| p.split_once('=').unwrap_or((p, ""))) {
+        if name != "window" {
+            return json_error(StatusCode::BAD_REQUEST, format!("unknown parameter {name:?}: window is known"));
+        }
+        window = match crate::config::units::parse_duration(value) {
+            Ok(w) if w >= stats::STEP && w.as_secs() <= stats::KEPT as u64 => w,
+            Ok(_) => return json_error(StatusCode::BAD_REQUEST, format!("window={value}: from 1s to {}s", stats::KEPT)),
+            Err(err) => return json_error(StatusCode::BAD_REQUEST, format!("window={value}: {err}")),
+        };
+    }
+    json(StatusCode::OK, stats.json(window))
+}
+
+/// `GET /dashboard`: one self-contained page (no external script, style, font or image:
+/// pods often have no internet) drawing `/stats.json`.
+fn dashboard() -> AdminResponse {
+    let mut res = Response::new(Full::new(Bytes::from_static(include_bytes!("dashboard.html"))));
+    res.headers_mut().insert(CONTENT_TYPE, HeaderValue::from_static("text/html; charset=utf-8"));
+    // Nothing but this admin listener may be loaded, whatever the page is made to say.
+    res.headers_mut().insert(
+        http::header::CONTENT_SECURITY_POLICY,
+        HeaderValue::from_static("default-src 'none'; script-src 'unsafe-inline'; style-src 'unsafe-inline'; connect-src 'self'; img-src 'self' data:"),
+    );
     res
 }
 
