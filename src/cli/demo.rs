@@ -26,9 +26,9 @@ use crate::server::{Listeners, run as run_server};
 const PRODUCTS: u64 = 200;
 const PAGES: u64 = 40;
 
-pub fn run(requests: usize, concurrency: usize) -> ExitCode {
+pub fn run(requests: usize, concurrency: usize, keep: bool) -> ExitCode {
     super::block_on(async move {
-        match demo(requests, concurrency.max(1)).await {
+        match demo(requests, concurrency.max(1), keep).await {
             Ok(()) => ExitCode::SUCCESS,
             Err(err) => {
                 eprintln!("demo failed: {err}");
@@ -38,7 +38,7 @@ pub fn run(requests: usize, concurrency: usize) -> ExitCode {
     })
 }
 
-async fn demo(requests: usize, concurrency: usize) -> Result<(), Box<dyn std::error::Error>> {
+async fn demo(requests: usize, concurrency: usize, keep: bool) -> Result<(), Box<dyn std::error::Error>> {
     let origin_listener = TcpListener::bind("127.0.0.1:0").await?;
     let origin_addr = origin_listener.local_addr()?;
     let origin_hits = Arc::new(AtomicUsize::new(0));
@@ -53,6 +53,7 @@ async fn demo(requests: usize, concurrency: usize) -> Result<(), Box<dyn std::er
     }));
 
     println!("sample origin on {origin_addr} (20-60 ms per response), bulwark on {proxy_addr}, admin on {admin_addr}");
+    println!("dashboard: http://{admin_addr}/dashboard");
     println!("spike: {requests} requests from {concurrency} concurrent clients; 70% product pages ({PRODUCTS}, skewed), 30% other pages ({PAGES})");
     let client: Client<_, Full<Bytes>> = Client::builder(TokioExecutor::new()).build_http();
     let next = Arc::new(AtomicUsize::new(0));
@@ -113,6 +114,24 @@ async fn demo(requests: usize, concurrency: usize) -> Result<(), Box<dyn std::er
     let distinct: std::collections::HashSet<String> = (0..requests as u64).map(demo_path).collect();
     println!("\nthe origin saw {} requests for {} distinct pages", origin_hits.load(Ordering::Relaxed), distinct.len());
 
+    if keep {
+        println!("\nstaying up with light traffic (about 50 requests/s) until Ctrl-C; dashboard: http://{admin_addr}/dashboard");
+        let light = tokio::spawn(async move {
+            let mut i = requests as u64;
+            loop {
+                let uri = format!("http://{proxy_addr}{}", demo_path(i));
+                if let Ok(uri) = uri.parse()
+                    && let Ok(res) = client.get(uri).await
+                {
+                    let _ = res.into_body().collect().await;
+                }
+                i += 1;
+                tokio::time::sleep(Duration::from_millis(20)).await;
+            }
+        });
+        super::serve::shutdown_signal().await;
+        light.abort();
+    }
     let _ = stop.send(());
     server.await??;
     Ok(())

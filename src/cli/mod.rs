@@ -86,6 +86,9 @@ enum Command {
         /// Concurrent clients.
         #[arg(long, default_value_t = 64)]
         concurrency: usize,
+        /// Stay up after the spike, with light traffic, until Ctrl-C (to look at the dashboard).
+        #[arg(long)]
+        keep: bool,
     },
 }
 
@@ -93,7 +96,7 @@ pub fn main(cli: Cli) -> ExitCode {
     match cli.command {
         Command::Serve { config } => serve::run(&config),
         Command::Check { config } => check::run(&config),
-        Command::Demo { requests, concurrency } => demo::run(requests, concurrency),
+        Command::Demo { requests, concurrency, keep } => demo::run(requests, concurrency, keep),
         Command::Top { admins, once, json, interval } => top::run(admins, once, json, interval),
         Command::Inspect { url, admins, headers, json, token } => inspect::run(url, admins, headers, json, token),
         Command::Warm { target, urls, concurrency, rate } => warm::run(target, &urls, concurrency, rate),

@@ -34,7 +34,7 @@ pub fn run(path: &Path) -> ExitCode {
 }
 
 /// Installs SIGTERM and SIGINT handlers now; the returned future completes on either.
-fn shutdown_signal() -> impl std::future::Future<Output = ()> {
+pub(super) fn shutdown_signal() -> impl std::future::Future<Output = ()> {
     use tokio::signal::unix::{SignalKind, signal};
     let handlers = (signal(SignalKind::terminate()), signal(SignalKind::interrupt()));
     async move {
