@@ -11,12 +11,14 @@ use std::sync::Arc;
 use metrics::{Counter, Gauge, Histogram, Key, Label, Recorder};
 use metrics_exporter_prometheus::{Matcher, PrometheusBuilder, PrometheusHandle, PrometheusRecorder};
 
+use crate::config::RouteMode;
 use crate::outcome::{NotStored, Outcome};
 
 pub const REQUESTS_TOTAL: &str = "bulwark_requests_total";
 pub const REQUEST_DURATION: &str = "bulwark_request_duration_seconds";
 pub const CLIENT_ABORTS_TOTAL: &str = "bulwark_client_aborts_total";
 pub const NOT_STORED_TOTAL: &str = "bulwark_not_stored_total";
+pub const ROUTE_MODE: &str = "bulwark_route_mode";
 pub const ADMISSION_REJECTED_TOTAL: &str = "bulwark_admission_rejected_total";
 /// The `reason` labels of [`ADMISSION_REJECTED_TOTAL`]: the budget that refused.
 pub const ADMISSION_REASONS: [&str; 2] = ["client", "new_keys"];
@@ -138,6 +140,7 @@ impl Registry {
             client_aborts: self.counter(CLIENT_ABORTS_TOTAL, &[("route", route)]),
             not_stored: NotStored::LABELS.map(|reason| self.counter(NOT_STORED_TOTAL, &[("route", route), ("reason", reason)])),
             admission_rejected: ADMISSION_REASONS.map(|reason| self.counter(ADMISSION_REJECTED_TOTAL, &[("route", route), ("reason", reason)])),
+            modes: RouteMode::ALL.map(|mode| self.gauge(ROUTE_MODE, &[("route", route), ("mode", mode.as_str())])),
         }
     }
 
@@ -211,9 +214,18 @@ pub struct RouteMetrics {
     client_aborts: Counter,
     not_stored: [Counter; NotStored::LABELS.len()],
     admission_rejected: [Counter; ADMISSION_REASONS.len()],
+    /// 1 for the route's current mode, 0 for the others.
+    modes: [Gauge; RouteMode::ALL.len()],
 }
 
 impl RouteMetrics {
+    /// Shows `mode` as the route's current one.
+    pub fn show_mode(&self, mode: RouteMode) {
+        for (gauge, m) in self.modes.iter().zip(RouteMode::ALL) {
+            gauge.set(if m == mode { 1.0 } else { 0.0 });
+        }
+    }
+
     /// One record per request: its outcome and total duration.
     pub fn record(&self, outcome: Outcome, seconds: f64) {
         let i = outcome.index();

@@ -61,6 +61,7 @@ impl RouteRuntime {
             return Err(ModeError::NoFallback);
         }
         self.mode.store(mode.as_u8(), Ordering::Relaxed);
+        self.metrics.show_mode(mode);
         Ok(())
     }
 }
@@ -140,15 +141,18 @@ impl Runtime {
             .routes
             .iter()
             .map(|r| {
+                let mode = kept_mode(r).unwrap_or(r.mode);
+                let metrics = registry.route(&r.name, r.pool.map_or("", |p| config.pools[p].name.as_str()), &config.origins[r.origin].name);
+                metrics.show_mode(mode);
                 Arc::new(RouteRuntime {
                     config: r.clone(),
                     pool: r.pool.map(|p| pools[p].clone()),
                     origin: origins[r.origin].clone(),
-                    metrics: registry.route(&r.name, r.pool.map_or("", |p| config.pools[p].name.as_str()), &config.origins[r.origin].name),
+                    metrics,
                     clock: clock.clone(),
                     body_budget: body_budget.clone(),
                     admission: admission(r),
-                    mode: std::sync::atomic::AtomicU8::new(kept_mode(r).unwrap_or(r.mode).as_u8()),
+                    mode: std::sync::atomic::AtomicU8::new(mode.as_u8()),
                 })
             })
             .collect();

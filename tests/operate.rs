@@ -49,9 +49,12 @@ async fn each_route_mode_takes_effect_on_the_next_request_under_load() {
         })
     };
     assert_eq!(bulwark.get("/search?q=shoes").await.text(), "results for /search?q=shoes");
+    let mode_gauge = async |mode: &str| bulwark.metric("bulwark_route_mode", &[("route", "search"), ("mode", mode)]).await;
+    assert_eq!((mode_gauge("normal").await, mode_gauge("off").await), (1.0, 0.0), "the mode at start is shown");
 
     let answer = set_mode(&bulwark, "search", "off").await;
     assert_eq!(answer.status, 200);
+    assert_eq!((mode_gauge("normal").await, mode_gauge("off").await), (0.0, 1.0), "a switched mode is shown");
     assert!(answer.text().contains(r#""scope":"this replica""#), "{}", answer.text());
     let off = bulwark.get("/search?q=shoes").await;
     assert_eq!((off.status.as_u16(), off.cache_status()), (503, "bulwark; detail=off"));
