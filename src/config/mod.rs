@@ -39,6 +39,18 @@ pub struct Config {
     pub origins: Vec<OriginConfig>,
     pub pools: Vec<PoolConfig>,
     pub routes: Vec<RouteConfig>,
+    /// Request traces exported over OTLP, when `[tracing] otlp_endpoint` is set.
+    pub tracing: Option<TracingConfig>,
+}
+
+/// `[tracing]`: where spans go and what share of requests is traced.
+#[derive(Debug, Clone, PartialEq)]
+pub struct TracingConfig {
+    /// The collector's OTLP/HTTP traces URL (`http://otel-collector:4318/v1/traces`; a
+    /// base URL without a path gets `/v1/traces`).
+    pub otlp_endpoint: http::Uri,
+    /// The share of traces sampled, by trace id (0.0 to 1.0).
+    pub sample: f64,
 }
 
 #[derive(Debug, Clone)]

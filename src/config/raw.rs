@@ -21,6 +21,16 @@ pub struct RawConfig {
     pub pools: Vec<RawPool>,
     #[serde(default)]
     pub routes: Vec<RawRoute>,
+    #[serde(default)]
+    pub tracing: Option<RawTracing>,
+}
+
+/// `[tracing]`: off unless `otlp_endpoint` is set.
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawTracing {
+    pub otlp_endpoint: Option<Spanned<String>>,
+    pub sample: Option<Spanned<f64>>,
 }
 
 #[derive(Debug, Default, Deserialize)]

@@ -339,3 +339,23 @@ fn origin_tls_files_are_read_and_checked_with_the_configuration() {
     assert!(message.contains("client_cert and client_key go together"), "{message}");
     let _ = std::fs::remove_file(&not_pem);
 }
+
+#[test]
+fn tracing_is_off_unless_an_endpoint_is_given_and_its_values_are_checked() {
+    assert_eq!(parse(MINIMAL).expect("valid").tracing, None);
+    assert_eq!(parse(&format!("{MINIMAL}\n[tracing]\nsample = 0.5\n")).expect("valid").tracing, None, "a sample without an endpoint traces nothing");
+    let on = parse(&format!("{MINIMAL}\n[tracing]\notlp_endpoint = \"http://otel-collector:4318\"\n")).expect("valid").tracing.expect("on");
+    assert_eq!((on.otlp_endpoint.to_string().as_str(), on.sample), ("http://otel-collector:4318/v1/traces", 0.01), "the base URL gets the traces path");
+    let exact =
+        parse(&format!("{MINIMAL}\n[tracing]\notlp_endpoint = \"https://c.example/otlp/v1/traces\"\nsample = 1.0\n")).expect("valid").tracing.expect("on");
+    assert_eq!(exact.otlp_endpoint.to_string(), "https://c.example/otlp/v1/traces");
+    for (fragment, message) in [
+        ("otlp_endpoint = \"http://c:4318\"\nsample = 1.5", "tracing.sample must be between 0.0 and 1.0"),
+        ("otlp_endpoint = \"c:4318\"", "must be an http:// or https:// URL"),
+        ("otlp_endpoint = \"http://c:4318\"\nratio = 0.1", "unknown field `ratio`"),
+    ] {
+        let error = error_of(&format!("{MINIMAL}\n[tracing]\n{fragment}\n"));
+        assert!(error.contains(message), "{fragment}: {error}");
+        assert!(error.contains("bulwark.toml:"), "the error names the file and line: {error}");
+    }
+}

@@ -13,7 +13,7 @@ use super::raw::{self, RawConfig};
 use super::units::{self, ConfigDuration};
 use super::{
     AdmissionConfig, BreakerConfig, Budget, CacheRules, ClientBy, Config, Ejection, EndpointSource, Fallback, HealthCheck, HostMatch, MAX_EJECTION,
-    OriginConfig, OriginTls, ParamPattern, PemFile, PoolConfig, RedisEndpoint, RouteConfig, RouteMode, ServerConfig, SharedTierConfig,
+    OriginConfig, OriginTls, ParamPattern, PemFile, PoolConfig, RedisEndpoint, RouteConfig, RouteMode, ServerConfig, SharedTierConfig, TracingConfig,
 };
 use crate::encodings::Encodings;
 
@@ -107,7 +107,31 @@ pub fn validate(raw: RawConfig) -> Result<Config> {
         }
         typed_routes.push(typed);
     }
-    Ok(Config { server, origins, pools, routes: typed_routes })
+    let tracing = match raw.tracing {
+        None => None,
+        Some(t) => tracing(t)?,
+    };
+    Ok(Config { server, origins, pools, routes: typed_routes, tracing })
+}
+
+/// `[tracing]`: an http(s) collector URL, and the sampled share from 0.0 to 1.0.
+fn tracing(raw: raw::RawTracing) -> Result<Option<TracingConfig>> {
+    let sample = match raw.sample {
+        None => 0.01,
+        Some(s) if (0.0..=1.0).contains(s.get_ref()) => *s.get_ref(),
+        Some(s) => return err(s.span(), "tracing.sample must be between 0.0 and 1.0"),
+    };
+    let Some(endpoint) = raw.otlp_endpoint else { return Ok(None) };
+    let uri: http::Uri = match endpoint.get_ref().parse() {
+        Ok(uri) => uri,
+        Err(_) => return err(endpoint.span(), format!("tracing.otlp_endpoint {:?} is not a URL", endpoint.get_ref())),
+    };
+    if !matches!(uri.scheme_str(), Some("http" | "https")) || uri.authority().is_none() {
+        return err(endpoint.span(), format!("tracing.otlp_endpoint {:?} must be an http:// or https:// URL", endpoint.get_ref()));
+    }
+    // A collector's base URL, as OTEL_EXPORTER_OTLP_ENDPOINT is written, gets the traces path.
+    let uri = if uri.path() == "/" { format!("{}/v1/traces", endpoint.get_ref().trim_end_matches('/')).parse().unwrap_or(uri) } else { uri };
+    Ok(Some(TracingConfig { otlp_endpoint: uri, sample }))
 }
 
 fn unique_names<T>(items: Vec<T>, name: impl Fn(&T) -> &Spanned<String>, what: &str) -> Result<Vec<T>> {
