@@ -72,6 +72,7 @@ pub mod router;
 pub mod runtime;
 pub mod scrape;
 pub mod server;
+pub mod trace;
 
 pub use config::Config;
 pub use server::{Listeners, RunError, run, run_with, run_with_file};

@@ -241,6 +241,9 @@ impl Live {
         if config.server.listen != old.config.server.listen || config.server.admin_listen != old.config.server.admin_listen {
             tracing::warn!("listen addresses changed in the file; they take effect on restart only");
         }
+        if config.tracing != old.config.tracing {
+            tracing::warn!("[tracing] changed in the file; it takes effect on restart only");
+        }
         let runtime = Runtime::build_from(config, &self.registry, Some(&old), &self.clock)?;
         // Pools whose sizes, freshness or deadlines changed keep their L1 contents;
         // purges that reach the old pool while they move are applied again after the swap.

@@ -189,6 +189,7 @@ async fn serve(listeners: Listeners, proxy: Arc<Proxy>, shutdown: impl Future<Ou
     let _ = admin_stop.send(());
     let _ = admin_task.await;
     proxy.flush_access_log();
+    proxy.flush_traces().await;
     tracing::info!("stopped");
     Ok(())
 }

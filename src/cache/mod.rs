@@ -31,6 +31,7 @@ use crate::clock::Clock;
 use crate::config::PoolConfig;
 use crate::metrics::PoolMetrics;
 use crate::outcome::Tier;
+use crate::trace::RequestTrace;
 use local::{LocalTier, Standing};
 use shared::{Confirmation, SharedTier, SharedTierError};
 
@@ -203,7 +204,9 @@ impl Pool {
     /// When the URL's responses vary (a variants marker under the primary key, or the
     /// route's `key_headers`), the request's variant is looked up: its key is returned
     /// even on a miss, so a fetch coalesces with requests for the same variant only.
-    pub async fn lookup(&self, primary: &CacheKey, headers: &HeaderMap, key_headers: &[HeaderName]) -> Lookup {
+    /// With a `trace`, the L1 and L2 parts are recorded as its phases.
+    pub async fn lookup(&self, primary: &CacheKey, headers: &HeaderMap, key_headers: &[HeaderName], trace: Option<&RequestTrace>) -> Lookup {
+        let l1_start = trace.map(|_| std::time::SystemTime::now());
         let held = self.l1.get_standing(primary.hash).await;
         let (slot, standing) = match held {
             Some((slot, standing)) => (Some(slot), standing),
@@ -248,12 +251,19 @@ impl Pool {
             }
         }
         let now = self.clock.now();
+        let l1_end = trace.map(|_| std::time::SystemTime::now());
+        if let (Some(trace), Some(start), Some(end)) = (trace, l1_start, l1_end) {
+            trace.phase("l1", start, end, vec![opentelemetry::KeyValue::new("bulwark.found", local.is_some())]);
+        }
         if let Some(entry) = &local
             && (entry.is_fresh(now) || self.l2.is_none())
         {
             return Lookup { found: Some(Found { entry: entry.clone(), tier: Tier::L1 }), key };
         }
         let shared = self.lookup_shared(primary, headers, key_headers, key.clone().zip(marker), false).await;
+        if let (Some(trace), Some(start), true) = (trace, l1_end, self.l2.is_some()) {
+            trace.phase("l2", start, std::time::SystemTime::now(), vec![opentelemetry::KeyValue::new("bulwark.found", shared.is_some())]);
+        }
         match (local, shared) {
             (Some(local), Some(shared)) if shared.entry.response_time <= local.response_time => {
                 Lookup { found: Some(Found { entry: local, tier: Tier::L1 }), key: shared.marker.map(|_| shared.key) }

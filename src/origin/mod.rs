@@ -466,7 +466,7 @@ impl Origin {
 
 /// The TLS settings of an origin: WebPKI roots plus `ca_file`'s, and the client
 /// certificate if it has one (the files were checked when the configuration was read).
-fn tls_config(files: &crate::config::OriginTls) -> Result<rustls::ClientConfig, rustls::Error> {
+pub(crate) fn tls_config(files: &crate::config::OriginTls) -> Result<rustls::ClientConfig, rustls::Error> {
     use rustls::pki_types::{CertificateDer, PrivateKeyDer, pem::PemObject};
     let bad = |what: &str, err: &dyn std::fmt::Display| rustls::Error::General(format!("{what}: {err}"));
     let mut roots = rustls::RootCertStore { roots: webpki_roots::TLS_SERVER_ROOTS.to_vec() };

@@ -69,6 +69,7 @@ impl Keyed {
             key: key.unwrap_or_else(|| self.primary.clone()),
             client: ctx.client.clone(),
             timings: ctx.timings.clone(),
+            trace: ctx.trace.clone(),
             primary: self.primary.clone(),
             replaces: stored.is_some(),
             stored,
@@ -113,7 +114,7 @@ pub(super) async fn cache_aside(ctx: &RequestContext, pool: &Arc<Pool>, mut part
     };
     let job = |parts, key, stored| FetchJob { stale_on_wait: !directives.constrains(), ..keyed.job(ctx, pool, parts, key, stored) };
     let cache_only = mode == RouteMode::CacheOnly;
-    let lookup = pool.lookup(&keyed.primary, &parts.headers, &rules.key_headers).await;
+    let lookup = pool.lookup(&keyed.primary, &parts.headers, &rules.key_headers, ctx.trace.as_deref()).await;
     // RFC 9111 section 3.5: a stored response serves a request with `Authorization` only
     // when it says it is shared; any other is, for this request, not there.
     let found = lookup.found.filter(|found| policy::may_serve(&parts.headers, &found.entry.headers, rules));

@@ -16,8 +16,10 @@ pub(super) struct RequestContext {
     pub mode: RouteMode,
     /// Who asked: host, scheme, peer, whether the peer is a trusted proxy.
     pub client: ClientInfo,
-    /// Origin timings for the access log, when this request is logged.
+    /// Origin timings for the access log or a trace, when this request is logged or traced.
     pub timings: Option<Arc<Timings>>,
+    /// The request's trace, when tracing is on.
+    pub trace: Option<Arc<crate::trace::RequestTrace>>,
     /// A HEAD request: the response carries headers only.
     pub head: bool,
     /// `[server] send_timeout`: how long a streamed response may wait for the client.

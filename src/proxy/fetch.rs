@@ -29,6 +29,7 @@ use crate::memory::Reservation;
 use crate::metrics::OriginStatus;
 use crate::origin::{Interest, OriginBody, OriginError, OutgoingBody, Timings, Upload, empty_body};
 use crate::runtime::RouteRuntime;
+use crate::trace::RequestTrace;
 
 /// What the origin's answer became.
 pub enum Fetched {
@@ -51,6 +52,9 @@ pub struct FetchJob {
     pub client: ClientInfo,
     /// Origin timings for the access log, when the request is logged.
     pub timings: Option<Arc<Timings>>,
+    /// The trace of the request that leads the fetch (waiters' traces carry no origin
+    /// span: the origin saw one request).
+    pub trace: Option<Arc<RequestTrace>>,
     /// The request's primary key (URL and `Accept-Encoding` group).
     pub primary: CacheKey,
     /// The most specific key known (the variant key when the URL's responses vary):
@@ -108,8 +112,23 @@ impl FetchJob {
 }
 
 /// Sends a request to the route's origin, counting the outcome per route.
-pub async fn send(route: &RouteRuntime, req: Request<OutgoingBody>, priority: Priority, timings: Option<&Timings>) -> Result<Response<OriginBody>, ProxyError> {
-    match route.origin.send(req, priority, timings).await {
+/// With a trace, the request is an origin span of it, and carries that span's
+/// `traceparent`.
+pub async fn send(
+    route: &RouteRuntime,
+    mut req: Request<OutgoingBody>,
+    priority: Priority,
+    timings: Option<&Timings>,
+    trace: Option<&RequestTrace>,
+) -> Result<Response<OriginBody>, ProxyError> {
+    let span = trace.map(|trace| (trace.origin(req.headers_mut(), &route.origin.config.name), std::time::SystemTime::now()));
+    let sent = route.origin.send(req, priority, timings).await;
+    if let (Some((span, asked)), Some(trace)) = (span, trace) {
+        let queue_wait = timings.map_or(std::time::Duration::ZERO, |t| std::time::Duration::from_micros(t.queue_us.load(std::sync::atomic::Ordering::Relaxed)));
+        trace.phase("queue_wait", asked, asked + queue_wait, Vec::new());
+        span.end(sent.as_ref().ok().map(|res| res.status().as_u16()), queue_wait);
+    }
+    match sent {
         Ok(res) => {
             route.metrics.origin_response(OriginStatus::Class(res.status().as_u16()));
             Ok(res)
@@ -187,7 +206,7 @@ pub async fn fetch(job: &FetchJob, priority: Priority) -> Result<Fetched, ProxyE
         }
         let req = origin_request(job, Method::GET, sent)?;
         let request_time = job.pool.clock.now();
-        let res = send(route, req, priority, job.timings.as_deref()).await?;
+        let res = send(route, req, priority, job.timings.as_deref(), job.trace.as_deref()).await?;
         let response_time = job.pool.clock.now();
         let (mut res_parts, body) = res.into_parts();
         strip_hop_by_hop(&mut res_parts.headers);
@@ -351,7 +370,7 @@ pub async fn head(job: &FetchJob, stored: &Entry) -> Result<HeadAnswer, ProxyErr
     let policy_req = policy_request(job, &headers);
     let req = origin_request(job, Method::HEAD, headers)?;
     let request_time = job.pool.clock.now();
-    let res = send(&job.route, req, job.route.config.priority, job.timings.as_deref()).await?;
+    let res = send(&job.route, req, job.route.config.priority, job.timings.as_deref(), job.trace.as_deref()).await?;
     let response_time = job.pool.clock.now();
     let (mut parts, _) = res.into_parts();
     strip_hop_by_hop(&mut parts.headers);
@@ -464,7 +483,7 @@ pub(super) async fn pass_through(
     *req.uri_mut() = origin_uri(origin, &parts.uri)?;
     *req.version_mut() = Version::HTTP_11;
     *req.headers_mut() = forward_headers(&parts, &ctx.client, origin);
-    let res = send(route, req, route.config.priority, ctx.timings.as_deref()).await?;
+    let res = send(route, req, route.config.priority, ctx.timings.as_deref(), ctx.trace.as_deref()).await?;
     let (mut res_parts, body) = res.into_parts();
     strip_hop_by_hop(&mut res_parts.headers);
     // Only for GET and HEAD: another method's answer failing mid-body must not turn into

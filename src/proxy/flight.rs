@@ -340,7 +340,7 @@ pub async fn direct(job: &FetchJob) -> Decision {
         && job.store
     {
         job.pool.forget_uncacheable(&job.key);
-        job.pool.store(&job.primary, stored, job.replaces).await;
+        crate::trace::timed(job.trace.as_deref(), "store", job.pool.store(&job.primary, stored, job.replaces)).await;
     }
     answer(result)
 }
@@ -374,7 +374,7 @@ fn stream_alone(job: &FetchJob, filling: Filling) -> Decision {
             FillRead::Complete(stored) => {
                 if store {
                     job.pool.forget_uncacheable(&job.key);
-                    job.pool.store(&job.primary, &stored, job.replaces).await;
+                    crate::trace::timed(job.trace.as_deref(), "store", job.pool.store(&job.primary, &stored, job.replaces)).await;
                 }
                 shared.finish();
             }
@@ -485,7 +485,7 @@ async fn run_flight(job: FetchJob, guard: FlightGuard, leader: Option<oneshot::S
         }
         Ok(Fetched::Storable { stored, revalidated }) => {
             if job.store {
-                Box::pin(pool.store_local(&job.primary, &stored)).await;
+                Box::pin(crate::trace::timed(job.trace.as_deref(), "store", pool.store_local(&job.primary, &stored))).await;
             }
             (Fill::Stored(stored.clone()), LeaderResult::Fetched(Ok(Fetched::Storable { stored, revalidated })))
         }
@@ -585,7 +585,7 @@ async fn stream_fill(job: FetchJob, guard: FlightGuard, leader: Option<oneshot::
         }
         FillRead::Complete(stored) => {
             if job.store {
-                Box::pin(pool.store_local(&job.primary, &stored)).await;
+                Box::pin(crate::trace::timed(job.trace.as_deref(), "store", pool.store_local(&job.primary, &stored))).await;
             }
             let fill = Fill::Stored(stored);
             guard.complete(fill.clone());

@@ -55,6 +55,8 @@ pub struct Proxy {
     access_log: Option<Arc<crate::access_log::AccessLog>>,
     /// The control channel, when `control_redis_url` is set (set once at start).
     pub control: std::sync::OnceLock<Arc<crate::control::Control>>,
+    /// Request traces, when `[tracing] otlp_endpoint` is set (read at start).
+    tracing: Option<Arc<crate::trace::Tracing>>,
 }
 
 impl Proxy {
@@ -72,7 +74,23 @@ impl Proxy {
         let live = Live::new(config, config_path, clock)?;
         let server = &live.runtime().config.server;
         let access_log = crate::access_log::AccessLog::start(server.access_log, server.access_log_sample, live.registry.access_log_dropped()).map(Arc::new);
-        Ok(Proxy { live: Arc::new(live), draining: AtomicBool::new(false), access_log, control: std::sync::OnceLock::new() })
+        // A tracing exporter that cannot be built costs the traces, never the service.
+        let tracing = live.runtime().config.tracing.as_ref().and_then(|config| match crate::trace::Tracing::new(config) {
+            Ok(tracing) => Some(tracing),
+            Err(err) => {
+                tracing::error!(error = %err, "request traces are off");
+                None
+            }
+        });
+        Ok(Proxy { live: Arc::new(live), draining: AtomicBool::new(false), access_log, control: std::sync::OnceLock::new(), tracing })
+    }
+
+    /// Exports the traces still batched (at shutdown). The exporter's shutdown blocks
+    /// while its last export runs on this runtime, so it waits off the runtime's threads.
+    pub async fn flush_traces(&self) {
+        if let Some(tracing) = self.tracing.clone() {
+            let _ = tokio::task::spawn_blocking(move || tracing.shutdown()).await;
+        }
     }
 
     /// Writes out buffered access log lines (at shutdown).
@@ -150,11 +168,15 @@ impl Proxy {
         if let Some(admission) = route.admission.as_ref().filter(|a| a.config.per_client.is_some()) {
             client.source = Some(crate::admission::ClientSource::capture(&admission.config.client, &parts.headers, client.trusted));
         }
+        let trace = self.tracing.as_ref().map(|t| Arc::new(t.begin(&parts.headers, client.trusted, format!("{} {}", parts.method, route.config.name))));
+        // The origin phases need their durations for a trace as for a log line.
+        let timings = timings.or_else(|| trace.as_ref().filter(|t| t.sampled()).map(|_| Arc::default()));
         let ctx = RequestContext {
             route: route.clone(),
             mode: route.mode(),
             client,
             timings,
+            trace: trace.clone(),
             head: parts.method == Method::HEAD,
             send_timeout: runtime.config.server.send_timeout,
             closer,
@@ -175,7 +197,7 @@ impl Proxy {
         let decision = serve(&ctx, parts, body).await;
         let outcome = decision.outcome;
         let res = respond::render(&ctx, decision, conditional.as_ref(), range.as_ref(), ctx.now());
-        let record = record::Record { route: ctx.route, outcome, status: res.status().as_u16(), start, logged };
+        let record = record::Record { route: ctx.route, outcome, status: res.status().as_u16(), start, logged, trace };
         let res = res.map(|body| record.when_done(body));
         self.finish(res, version, !in_step)
     }

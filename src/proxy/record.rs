@@ -30,6 +30,7 @@ pub(super) struct Record {
     pub status: u16,
     pub start: Instant,
     pub logged: Option<Logged>,
+    pub trace: Option<Arc<crate::trace::RequestTrace>>,
 }
 
 impl Record {
@@ -47,6 +48,17 @@ impl Record {
         metrics.record(outcome, total.as_secs_f64());
         if end == BodyEnd::Aborted {
             metrics.client_abort();
+        }
+        if let Some(trace) = &self.trace {
+            use opentelemetry::KeyValue;
+            trace.finish(
+                vec![
+                    KeyValue::new("bulwark.route", self.route.config.name.clone()),
+                    KeyValue::new("bulwark.pool", self.route.pool.as_ref().map_or(String::new(), |p| p.config.name.clone())),
+                    KeyValue::new("bulwark.cache", outcome.as_str()),
+                ],
+                self.status,
+            );
         }
         if let Some(logged) = &self.logged {
             logged.log.log(&Line {
