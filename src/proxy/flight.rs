@@ -340,7 +340,7 @@ pub async fn direct(job: &FetchJob) -> Decision {
         && job.store
     {
         job.pool.forget_uncacheable(&job.key);
-        crate::trace::timed(job.trace.as_deref(), "store", job.pool.store(&job.primary, stored, job.replaces)).await;
+        Box::pin(crate::trace::timed(job.trace.as_deref(), "store", job.pool.store(&job.primary, stored, job.replaces))).await;
     }
     answer(result)
 }
@@ -374,7 +374,7 @@ fn stream_alone(job: &FetchJob, filling: Filling) -> Decision {
             FillRead::Complete(stored) => {
                 if store {
                     job.pool.forget_uncacheable(&job.key);
-                    crate::trace::timed(job.trace.as_deref(), "store", job.pool.store(&job.primary, &stored, job.replaces)).await;
+                    Box::pin(crate::trace::timed(job.trace.as_deref(), "store", job.pool.store(&job.primary, &stored, job.replaces))).await;
                 }
                 shared.finish();
             }
