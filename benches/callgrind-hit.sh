@@ -17,6 +17,11 @@ set -euo pipefail
 # OLD_/NEW_ROUTE_KEYS and OLD_/NEW_SERVER_KEYS add config lines to one side, as in
 # compare-builds.sh, to count what a route key costs with one binary; POOL_KEYS (TOML
 # lines, say a `redis_url`) are added to both sides' pool.
+# COLLECT (a callgrind function pattern) counts only what runs inside the functions it
+# matches: the server's own once-a-second work (the dashboard's sampler) is counted too
+# otherwise, a few per cent per request at callgrind's speed, which hides small changes;
+#   COLLECT='bulwark::connections::Connections::serve*' benches/callgrind-hit.sh OLD NEW
+# counts the client connections' work alone (hyper's parsing and writing included).
 # KEEP=1 keeps the callgrind files (their directory is printed) for callgrind_annotate.
 
 OLD=${1:?usage: callgrind-hit.sh OLD_BINARY [NEW_BINARY]}
@@ -68,7 +73,9 @@ count() {
     port=$(free_port); admin=$(free_port)
     write_hit_config "$WORK/$name.toml" "$port" "$admin" "$ORIGIN_PORT" "" "${POOL_KEYS:-}"
     add_side_keys "$WORK/$name.toml" "$name"
-    valgrind --tool=callgrind --instr-atstart=no --callgrind-out-file="$WORK/$name.out" \
+    local collect=()
+    [ -z "${COLLECT:-}" ] || collect=(--toggle-collect="$COLLECT")
+    valgrind --tool=callgrind --instr-atstart=no "${collect[@]}" --callgrind-out-file="$WORK/$name.out" \
         "$binary" serve --config "$WORK/$name.toml" 2>"$WORK/$name.log" &
     local pid=$!
     PIDS+=("$pid")
