@@ -193,3 +193,55 @@ async fn a_browser_draws_every_routes_charts_from_its_own_origin_only() {
     assert!(shot_run.status.success() && screenshot.is_file(), "screenshot: {}", String::from_utf8_lossy(&shot_run.stderr));
     let _ = std::fs::remove_dir_all(&dir);
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn fifty_routes_each_get_their_charts_busiest_first() {
+    let origin = Origin::start().await;
+    let mut config = TestConfig::new(&origin.url());
+    for i in 0..49 {
+        config = config.with_route(&format!("name = \"r{i:02}\"\npath_prefix = \"/r{i:02}/\"\npool = \"pdp\"\norigin = \"catalog\""));
+    }
+    let bulwark = Arc::new(Bulwark::start(&config.to_toml()).await);
+    let stop = Arc::new(AtomicBool::new(false));
+    let task = {
+        let (bulwark, stop) = (bulwark.clone(), stop.clone());
+        tokio::spawn(async move {
+            while !stop.load(Ordering::Relaxed) {
+                // r00 by far the busiest, then fewer and fewer down to one per round.
+                for i in 0..49usize {
+                    let n = if i == 0 { 20 } else { (49 - i).div_ceil(10) };
+                    for _ in 0..n {
+                        bulwark.get(&format!("/r{i:02}/page")).await;
+                    }
+                }
+                bulwark.get("/other").await;
+            }
+        })
+    };
+    support::eventually("some history to draw", Duration::from_secs(10), async || stats(&bulwark, "").await.1["points"].as_u64() >= Some(3)).await;
+    let dir = std::env::temp_dir().join(format!("bulwark-dashboard-{}-{}", std::process::id(), support::free_port()));
+    std::fs::create_dir_all(&dir).expect("temp dir");
+    let url = format!("http://{}/dashboard", bulwark.admin_addr);
+    let shot = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("target").join("dashboard-50-routes.png");
+    let (dir2, url2, shot2) = (dir.clone(), url.clone(), shot.clone());
+    let (dom, shot_run) = tokio::task::spawn_blocking(move || {
+        (
+            run_chromium(&dir2, &url2, &["--virtual-time-budget=5000", "--dump-dom"]),
+            run_chromium(&dir2, &url2, &["--virtual-time-budget=5000", "--window-size=1400,1800", &format!("--screenshot={}", shot2.display())]),
+        )
+    })
+    .await
+    .expect("chromium");
+    stop.store(true, Ordering::Relaxed);
+    task.await.expect("load");
+    let html = String::from_utf8_lossy(&dom.stdout);
+    let cards: Vec<&str> = html.split("data-route=\"").skip(1).filter_map(|rest| rest.split('"').next()).collect();
+    assert_eq!(cards.len(), 50, "a card per route: {cards:?}");
+    assert_eq!(cards.first(), Some(&"r00"), "the busiest route first: {cards:?}");
+    for route in &cards {
+        assert!(chart_points(&html, route, "rps").iter().any(|n| *n >= 2), "{route}: no requests/s drawn");
+    }
+    assert!(html.contains("50 of 50"), "the count of routes shown");
+    assert!(shot_run.status.success() && shot.is_file());
+    let _ = std::fs::remove_dir_all(&dir);
+}
