@@ -33,8 +33,8 @@ enum Command {
     },
     /// Live per-route and per-pool view of one or more replicas, summed.
     Top {
-        /// Admin URL of a replica (`http://10.0.0.5:9901`); repeat for several.
-        #[arg(long = "admin", required = true)]
+        /// Admin URL of a replica (`http://10.0.0.5:9901`); repeat, or separate with commas, for several.
+        #[arg(long = "admin", required = true, value_delimiter = ',')]
         admins: Vec<String>,
         /// Print one snapshot and exit.
         #[arg(long)]
