@@ -274,6 +274,47 @@ async fn top_once_json_sums_the_replicas_metrics() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn top_once_shows_ratios_over_its_interval_so_a_pool_missing_now_shows_zero() {
+    let origin = Origin::start().await;
+    let bulwark = std::sync::Arc::new(Bulwark::start(&config(&origin.url(), None).to_toml()).await);
+    // A high hit ratio since the start...
+    for _ in 0..200 {
+        bulwark.get("/products/1").await;
+    }
+    // ...and nothing but misses while top measures.
+    let stop = Arc::new(AtomicBool::new(false));
+    let misses = {
+        let (bulwark, stop) = (bulwark.clone(), stop.clone());
+        tokio::spawn(async move {
+            let mut i = 0;
+            while !stop.load(Ordering::Relaxed) {
+                bulwark.get(&format!("/products/new-{i}")).await;
+                i += 1;
+            }
+        })
+    };
+    tokio::time::sleep(Duration::from_millis(100)).await;
+    let admins = format!("http://{},http://{}", bulwark.admin_addr, bulwark.admin_addr);
+    let out = tokio::task::spawn_blocking(move || {
+        std::process::Command::new(env!("CARGO_BIN_EXE_bulwark"))
+            .args(["top", "--once", "--interval", "1s", "--admin", &admins])
+            .output()
+            .expect("run bulwark top")
+    })
+    .await
+    .expect("join");
+    stop.store(true, Ordering::Relaxed);
+    misses.await.expect("misses");
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(out.status.success() && text.contains("rates over the last interval"), "{text}{}", String::from_utf8_lossy(&out.stderr));
+    let row = |name: &str| text.lines().find(|l| l.starts_with(name)).unwrap_or_else(|| panic!("no {name} row:\n{text}")).to_owned();
+    let products = row("products ");
+    assert!(products.split_whitespace().nth(3) == Some("0.0%"), "the route's hit ratio over the interval: {products}");
+    let pool = row("pdp ");
+    assert!(pool.split_whitespace().nth(2) == Some("0.0%"), "the pool's hit ratio over the interval, not since the start: {pool}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn warm_a_thousand_urls_within_its_concurrency_limit() {
     let origin = Origin::start().await;
     origin.set(|parts| Reply::ok(format!("page {}", parts.uri.path())).delay(Duration::from_millis(5)));

@@ -43,6 +43,10 @@ pub struct PoolTotals {
     pub hit_l2: f64,
     pub stale: f64,
     pub collapsed: f64,
+    /// Requests served from the cache, and those the ratio counts (all but bypass,
+    /// fallback, off and limited): what a ratio over an interval is taken from.
+    pub hits: f64,
+    pub served: f64,
     pub hit_ratio: Option<f64>,
     /// Replicas whose Redis breaker for this pool is open.
     pub redis_breakers_open: f64,
@@ -139,6 +143,8 @@ impl Snapshot {
             pool.hit_l2 += get("hit_l2");
             pool.stale += scrape::STALE_OUTCOMES.iter().map(|o| get(o)).sum::<f64>();
             pool.collapsed += get("collapsed");
+            pool.hits += scrape::HIT_OUTCOMES.iter().map(|o| get(o)).sum::<f64>();
+            pool.served += route.requests - scrape::NOT_CACHE_OUTCOMES.iter().map(|o| get(o)).sum::<f64>();
         }
         for (name, pool) in snap.pools.iter_mut() {
             pool.hit_ratio = scrape::hit_ratio(&owned, &[("pool", name.as_str())]);
@@ -182,6 +188,12 @@ pub fn run(admins: Vec<String>, once: bool, json: bool, interval: Duration) -> E
                 }
             };
             let now = Instant::now();
+            // One text frame is still over an interval: scrape, wait, scrape again.
+            if once && !json && previous.is_none() {
+                previous = Some((snapshot, now));
+                tokio::time::sleep(interval).await;
+                continue;
+            }
             if once {
                 if json {
                     match serde_json::to_string_pretty(&snapshot) {
@@ -192,7 +204,8 @@ pub fn run(admins: Vec<String>, once: bool, json: bool, interval: Duration) -> E
                         }
                     }
                 } else {
-                    print!("{}", render(&snapshot, None));
+                    let rates = previous.as_ref().map(|(before, at)| (before, now.duration_since(*at).as_secs_f64()));
+                    print!("{}", render(&snapshot, rates));
                 }
                 return ExitCode::SUCCESS;
             }
@@ -289,15 +302,26 @@ pub fn render(now: &Snapshot, rates: Option<(&Snapshot, f64)>) -> String {
     }
     let _ = writeln!(out, "\n{:<20} {:>10} {:>10} {:>10} {:>10} {:>10} {:>14}", "pool", "requests", "hit ratio", "l1", "l2", "collapsed", "redis breaker");
     for (name, pool) in &now.pools {
+        // Live, every figure is over the last interval, the ratio too: a pool whose
+        // requests all missed just now shows 0%, whatever it did since the start.
+        let before = rates.and_then(|(b, _)| b.pools.get(name));
+        let was = |f: fn(&PoolTotals) -> f64| before.map_or(0.0, f);
+        let ratio = match rates {
+            Some(_) => {
+                let served = pool.served - was(|p| p.served);
+                (served > 0.0).then(|| (pool.hits - was(|p| p.hits)) / served)
+            }
+            None => pool.hit_ratio,
+        };
         let _ = writeln!(
             out,
-            "{:<20} {:>10.0} {:>10} {:>10.0} {:>10.0} {:>10.0} {:>14}",
+            "{:<20} {:>10} {:>10} {:>10} {:>10} {:>10} {:>14}",
             name,
-            pool.requests,
-            pool.hit_ratio.map_or("-".into(), |r| format!("{:.1}%", r * 100.0)),
-            pool.hit_l1,
-            pool.hit_l2,
-            pool.collapsed,
+            per(pool.requests, was(|p| p.requests)),
+            ratio.map_or("-".into(), |r| format!("{:.1}%", r * 100.0)),
+            per(pool.hit_l1, was(|p| p.hit_l1)),
+            per(pool.hit_l2, was(|p| p.hit_l2)),
+            per(pool.collapsed, was(|p| p.collapsed)),
             if pool.redis_breakers_open > 0.0 { format!("OPEN on {}", pool.redis_breakers_open) } else { "closed".into() }
         );
     }
@@ -375,6 +399,20 @@ mod tests {
         let row = text.lines().find(|l| l.starts_with("pdp")).expect("route row");
         assert!(row.contains("100.0%"), "110 of 110 served from the cache once the 40 refused are left out: {row}");
         assert!(!render(&before, None).contains("limited:"), "no line while nothing is limited");
+    }
+
+    #[test]
+    fn a_pools_live_hit_ratio_is_over_the_last_interval_not_since_the_start() {
+        let route = |cache: &str, value: f64| sample(REQUESTS_TOTAL, &[("route", "pdp"), ("pool", "p"), ("cache", cache)], value);
+        // 76% since the start; in the last interval every request missed.
+        let before = Snapshot::from_samples(&[vec![route("hit_l1", 760.0), route("miss", 240.0)]]);
+        let now = Snapshot::from_samples(&[vec![route("hit_l1", 760.0), route("miss", 340.0)]]);
+        let text = render(&now, Some((&before, 10.0)));
+        let row = text.lines().find(|l| l.starts_with("p ")).expect("pool row");
+        assert!(row.contains(" 0.0%") && row.contains("10.0/s"), "{row}");
+        let totals = render(&now, None);
+        let row = totals.lines().find(|l| l.starts_with("p ")).expect("pool row");
+        assert!(row.contains("69.1%") && row.contains("1100"), "totals with --once: {row}");
     }
 
     #[test]
