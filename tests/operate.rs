@@ -324,7 +324,7 @@ async fn warm_a_thousand_urls_within_its_concurrency_limit() {
     std::fs::write(&path, format!("# warm list\n\n{list}")).expect("write list");
     let run = |path: &std::path::Path| {
         std::process::Command::new(env!("CARGO_BIN_EXE_bulwark"))
-            .args(["warm", "--target", &format!("http://{}", bulwark.addr), "--concurrency", "8", "--rate", "0", "--urls"])
+            .args(["warm", "--target", &format!("http://{}", bulwark.addr), "--concurrency", "8", "--rate", "0", "--accept-encoding", "gzip", "--urls"])
             .arg(path)
             .output()
             .expect("run bulwark warm")
@@ -332,20 +332,48 @@ async fn warm_a_thousand_urls_within_its_concurrency_limit() {
     let first = run(&path);
     let summary = String::from_utf8_lossy(&first.stdout).to_string();
     assert!(first.status.success(), "{summary}\n{}", String::from_utf8_lossy(&first.stderr));
-    assert!(summary.contains("1000 URLs: 1000 stored, 0 already fresh, 0 answered but not stored, 0 failed"), "{summary}");
+    assert!(summary.contains("1000 URLs, 1000 requests: 1000 stored, 0 already fresh, 0 answered but not stored, 0 failed"), "{summary}");
     assert_eq!(origin.total(), 1000);
     let max = origin.log.max_inflight.load(Ordering::SeqCst);
     assert!(max <= 8, "the origin saw {max} requests at once with --concurrency 8");
     assert!(max >= 2, "requests did run concurrently ({max})");
     // Entries are stored under the listed host: a client asking for it gets hits.
-    assert_eq!(bulwark.get_with("/products/7", &[("host", "shop.example")]).await.cache_status(), "bulwark; hit; detail=l1");
+    assert_eq!(bulwark.get_with("/products/7", &[("host", "shop.example"), ("accept-encoding", "gzip")]).await.cache_status(), "bulwark; hit; detail=l1");
     let second = run(&path);
-    assert!(String::from_utf8_lossy(&second.stdout).contains("1000 URLs: 0 stored, 1000 already fresh"));
+    assert!(String::from_utf8_lossy(&second.stdout).contains("1000 URLs, 1000 requests: 0 stored, 1000 already fresh"));
     // A bad URL is reported with its reason and a non-zero exit.
     std::fs::write(&path, "http://shop.example/ok\nnot a url\n").expect("write");
     let bad = run(&path);
     assert!(!bad.status.success());
     assert!(String::from_utf8_lossy(&bad.stdout).contains("failed (1): not a URL"), "{}", String::from_utf8_lossy(&bad.stdout));
+    let _ = std::fs::remove_file(&path);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn warm_fills_what_browsers_behind_the_load_balancer_will_ask_for() {
+    let origin = Origin::start().await;
+    // Behind an ALB: X-Forwarded-Proto is believed, and https pages are keyed apart.
+    let bulwark = Bulwark::start(&config(&origin.url(), None).server("trusted_proxies", vec!["127.0.0.1/32"]).to_toml()).await;
+    let path = std::env::temp_dir().join(format!("bulwark-warm-{}-{}.txt", std::process::id(), support::free_port()));
+    std::fs::write(&path, "https://shop.example/products/1\nhttps://shop.example/products/2\n").expect("write list");
+    let out = std::process::Command::new(env!("CARGO_BIN_EXE_bulwark"))
+        .args(["warm", "--target", &format!("http://{}", bulwark.addr), "--rate", "0", "--header", "X-Country: de", "--urls"])
+        .arg(&path)
+        .output()
+        .expect("run bulwark warm");
+    let summary = String::from_utf8_lossy(&out.stdout).to_string();
+    assert!(out.status.success(), "{summary}{}", String::from_utf8_lossy(&out.stderr));
+    // The origin makes br and gzip: browsers' value, only gzip and none are three groups;
+    // with zstd added it is the browsers' group again.
+    assert!(summary.contains("2 URLs, 8 requests: 6 stored, 2 already fresh"), "{summary}");
+    assert!(summary.contains("Accept-Encoding: gzip, deflate, br: 2 stored"), "{summary}");
+    assert!(summary.contains("Accept-Encoding: gzip, deflate, br, zstd: 0 stored, 2 already fresh"), "{summary}");
+    assert!(summary.contains("no Accept-Encoding: 2 stored"), "{summary}");
+    assert_eq!(origin.total(), 6);
+    assert_eq!(origin.last_request().0.headers.get("x-country").and_then(|v| v.to_str().ok()), Some("de"), "--header is sent");
+    // A browser's request through the load balancer is a hit.
+    let browser = [("host", "shop.example"), ("x-forwarded-proto", "https"), ("accept-encoding", "gzip, deflate, br")];
+    assert_eq!(bulwark.get_with("/products/1", &browser).await.cache_status(), "bulwark; hit; detail=l1");
     let _ = std::fs::remove_file(&path);
 }
 

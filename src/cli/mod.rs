@@ -77,6 +77,13 @@ enum Command {
         /// Requests started per second at most (0: no limit).
         #[arg(long, default_value_t = 50.0)]
         rate: f64,
+        /// An `Accept-Encoding` value to warm each URL with, one request each; repeat for
+        /// several (default: what browsers send, with zstd, with only gzip, and none).
+        #[arg(long = "accept-encoding")]
+        accept_encodings: Vec<String>,
+        /// A request header (`Name: Value`) sent with every request; repeat for several.
+        #[arg(long = "header")]
+        headers: Vec<String>,
     },
     /// Self-contained demonstration: a sample origin, the proxy, a short spike, a table.
     Demo {
@@ -99,7 +106,9 @@ pub fn main(cli: Cli) -> ExitCode {
         Command::Demo { requests, concurrency, keep } => demo::run(requests, concurrency, keep),
         Command::Top { admins, once, json, interval } => top::run(admins, once, json, interval),
         Command::Inspect { url, admins, headers, json, token } => inspect::run(url, admins, headers, json, token),
-        Command::Warm { target, urls, concurrency, rate } => warm::run(target, &urls, concurrency, rate),
+        Command::Warm { target, urls, concurrency, rate, accept_encodings, headers } => {
+            warm::run(warm::Options { target, urls, concurrency, rate, accept_encodings, headers })
+        }
     }
 }
 
