@@ -59,6 +59,12 @@ pub enum RunError {
     },
     #[error(transparent)]
     Build(#[from] BuildError),
+    /// Purges, mode switches and reloads would be open to every pod that can reach it.
+    #[error(
+        "the admin listener on {0} is reachable from other hosts and {env} is unset or empty: set {env}, listen on 127.0.0.1, or set [server] admin_open = true to serve /admin/* without a token",
+        env = crate::admin::ADMIN_TOKEN_ENV
+    )]
+    AdminOpen(SocketAddr),
 }
 
 /// Runs a server instance on `listeners` until `shutdown` completes, then drains and
@@ -144,6 +150,13 @@ async fn reload_on_sighup(proxy: Arc<Proxy>) {
 
 async fn serve(listeners: Listeners, proxy: Arc<Proxy>, shutdown: impl Future<Output = ()>) -> Result<(), RunError> {
     let server_config = proxy.runtime().config.server.clone();
+    if let Ok(addr) = listeners.admin.local_addr()
+        && !addr.ip().is_loopback()
+        && !server_config.admin_open
+        && crate::admin::token().is_none()
+    {
+        return Err(RunError::AdminOpen(addr));
+    }
     for pool in &proxy.runtime().pools {
         pool.start();
     }

@@ -33,9 +33,14 @@ mod stats;
 use purge::PurgeJobs;
 use stats::Stats;
 
+/// The admin token from the environment, if set and not blank.
+pub fn token() -> Option<Arc<str>> {
+    std::env::var(ADMIN_TOKEN_ENV).ok().map(|t| t.trim().to_owned()).filter(|t| !t.is_empty()).map(Into::into)
+}
+
 /// Serves the admin endpoints until `stop` completes.
 pub async fn serve(listener: TcpListener, proxy: Arc<Proxy>, stop: impl Future<Output = ()>) {
-    let token: Option<Arc<str>> = std::env::var(ADMIN_TOKEN_ENV).ok().map(|t| t.trim().to_owned()).filter(|t| !t.is_empty()).map(Into::into);
+    let token = token();
     let server = proxy.runtime().config.server.clone();
     let limits = Limits::of(&server);
     let mut builder = auto::Builder::new(TokioExecutor::new());

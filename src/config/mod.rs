@@ -57,6 +57,8 @@ pub struct TracingConfig {
 pub struct ServerConfig {
     pub listen: SocketAddr,
     pub admin_listen: SocketAddr,
+    /// Serve `/admin/*` on a non-loopback `admin_listen` without a token (deliberately).
+    pub admin_open: bool,
     /// How long an idle client connection is kept open; longer than the load balancer's.
     /// For HTTP/1.1 this is also the longest time to receive a request's headers: hyper
     /// runs one timer from the moment it waits for the next request head.

@@ -38,6 +38,7 @@ pub struct RawTracing {
 pub struct RawServer {
     pub listen: Option<Spanned<String>>,
     pub admin_listen: Option<Spanned<String>>,
+    pub admin_open: Option<bool>,
     pub keepalive_idle: Option<Spanned<ConfigDuration>>,
     pub listen_backlog: Option<Spanned<i64>>,
     pub header_read_timeout: Option<Spanned<ConfigDuration>>,

@@ -187,6 +187,7 @@ fn server(raw: raw::RawServer) -> Result<ServerConfig> {
     Ok(ServerConfig {
         listen: socket_addr(raw.listen, "0.0.0.0:8080")?,
         admin_listen: socket_addr(raw.admin_listen, "127.0.0.1:9901")?,
+        admin_open: raw.admin_open.unwrap_or(false),
         keepalive_idle: nonzero_dur(raw.keepalive_idle, Duration::from_secs(75), "keepalive_idle")?,
         listen_backlog,
         header_read_timeout: nonzero_dur(raw.header_read_timeout, Duration::from_secs(10), "header_read_timeout")?,
