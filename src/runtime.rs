@@ -133,9 +133,13 @@ impl Runtime {
                     .unwrap_or_else(|| Arc::new(crate::admission::Admission::new(&r.name, config, replicas.clone(), trusted.clone()))),
             )
         };
+        // A mode switched at runtime holds until the file's value for the route changes:
+        // an unrelated edit (even to a file that says mode = "normal") must not undo what an
+        // operator chose during an incident, on every replica at once.
         let kept_mode = |r: &RouteConfig| {
             let old = previous.and_then(|old| old.routes.iter().find(|or| or.config.name == r.name))?;
-            (!r.mode_from_file && (old.mode() != RouteMode::Fallback || r.fallback.is_some())).then(|| old.mode())
+            let file_unchanged = (old.config.mode_from_file, old.config.mode) == (r.mode_from_file, r.mode);
+            (file_unchanged && (old.mode() != RouteMode::Fallback || r.fallback.is_some())).then(|| old.mode())
         };
         let routes = config
             .routes

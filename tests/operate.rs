@@ -230,6 +230,37 @@ async fn a_config_file_changed_under_load_swaps_without_failures_and_a_broken_on
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_runtime_mode_survives_an_unrelated_reload_and_yields_to_a_changed_file_value() {
+    let origin = Origin::start().await;
+    let path = std::env::temp_dir().join(format!("bulwark-modes-{}-{}.toml", std::process::id(), support::free_port()));
+    let write = |mode: &str, extra_route: bool| {
+        let mut text = config(&origin.url(), None).route("mode", mode);
+        if extra_route {
+            text = text.with_route("name = \"cart\"\npath_prefix = \"/cart\"\npool = \"pdp\"\norigin = \"catalog\"");
+        }
+        let tmp = path.with_extension("new");
+        std::fs::write(&tmp, text.to_toml()).expect("write");
+        std::fs::rename(&tmp, &path).expect("rename");
+    };
+    write("normal", false);
+    let bulwark = Bulwark::start_with_file(&path).await;
+    assert_eq!(set_mode(&bulwark, "search", "fallback").await.status, 200);
+    // An unrelated edit to a file that says mode = "normal" for the route.
+    write("normal", true);
+    assert_eq!(bulwark.admin_send(Method::POST, "/admin/reload", "").await.status, 200);
+    assert_eq!(bulwark.get("/cart").await.status, 200, "the edit applied");
+    let got = bulwark.get("/search?q=x").await;
+    assert_eq!(got.cache_status(), "bulwark; detail=fallback", "the operator's switch held through an unrelated reload");
+    // The file's value for the route changes: it applies.
+    write("cache-only", true);
+    assert_eq!(bulwark.admin_send(Method::POST, "/admin/reload", "").await.status, 200);
+    let routes: serde_json::Value = serde_json::from_slice(&bulwark.admin("/admin/routes").await.body).expect("json");
+    let search = routes["routes"].as_array().and_then(|r| r.iter().find(|r| r["name"] == "search")).cloned().expect("search route");
+    assert_eq!(search["mode"], "cache-only", "{routes}");
+    let _ = std::fs::remove_file(&path);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn top_once_json_sums_the_replicas_metrics() {
     let origin = Origin::start().await;
     let text = config(&origin.url(), None).to_toml();
