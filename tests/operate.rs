@@ -64,6 +64,7 @@ async fn each_route_mode_takes_effect_on_the_next_request_under_load() {
     let fallback = bulwark.get("/search?q=shoes").await;
     assert_eq!((fallback.status.as_u16(), fallback.text(), fallback.cache_status()), (200, "[]", "bulwark; detail=fallback"));
     assert_eq!(fallback.header("content-type"), Some("application/json"));
+    assert_eq!(fallback.header("cache-control"), Some("no-store"), "a CDN in front must not keep a stand-in");
 
     assert_eq!(origin.count("/search?q=shoes"), 1);
     assert_eq!(set_mode(&bulwark, "search", "cache-only").await.status, 200);
@@ -258,6 +259,18 @@ async fn a_runtime_mode_survives_an_unrelated_reload_and_yields_to_a_changed_fil
     let search = routes["routes"].as_array().and_then(|r| r.iter().find(|r| r["name"] == "search")).cloned().expect("search route");
     assert_eq!(search["mode"], "cache-only", "{routes}");
     let _ = std::fs::remove_file(&path);
+}
+
+#[tokio::test]
+async fn a_fallback_that_says_how_long_it_may_be_kept_keeps_its_cache_control() {
+    let origin = Origin::start().await;
+    let text = TestConfig::new(&origin.url())
+        .route_toml(r#"fallback = { status = 200, headers = { "cache-control" = "public, max-age=5" }, body = "later" }"#)
+        .route("mode", "fallback")
+        .to_toml();
+    let bulwark = Bulwark::start(&text).await;
+    let got = bulwark.get("/anything").await;
+    assert_eq!((got.text(), got.header("cache-control")), ("later", Some("public, max-age=5")));
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -214,6 +214,11 @@ fn off() -> Response<ProxyBody> {
 fn from_fallback(fallback: Fallback) -> Response<ProxyBody> {
     let Fallback { status, mut headers, body } = fallback;
     headers.insert(CONTENT_LENGTH, HeaderValue::from(body.len()));
+    // A stand-in, not the page: a CDN or browser in front must not keep it past the
+    // incident, unless the route's fallback says how long it may.
+    if !headers.contains_key(http::header::CACHE_CONTROL) {
+        headers.insert(http::header::CACHE_CONTROL, HeaderValue::from_static("no-store"));
+    }
     let mut res = Response::new(ProxyBody::full(body));
     *res.status_mut() = status;
     *res.headers_mut() = headers;
