@@ -164,6 +164,30 @@ impl Runtime {
     }
 }
 
+/// The settings `new` changes from `old` that are read once, at start: listeners and
+/// their connection settings, shutdown timings, the access log, the control Redis, the
+/// body budget and tracing. (`replica_id` too, but without one in the file each read
+/// makes up another, so it is not compared.)
+pub fn restart_only_changes(old: &Config, new: &Config) -> Vec<&'static str> {
+    let (a, b) = (&old.server, &new.server);
+    let checks: [(&'static str, bool); 13] = [
+        ("server.listen", a.listen != b.listen),
+        ("server.admin_listen", a.admin_listen != b.admin_listen),
+        ("server.admin_open", a.admin_open != b.admin_open),
+        ("server.listen_backlog", a.listen_backlog != b.listen_backlog),
+        ("server.keepalive_idle", a.keepalive_idle != b.keepalive_idle),
+        ("server.header_read_timeout", a.header_read_timeout != b.header_read_timeout),
+        ("server.max_header_bytes", a.max_header_bytes != b.max_header_bytes),
+        ("server.drain_delay", a.drain_delay != b.drain_delay),
+        ("server.shutdown_timeout", a.shutdown_timeout != b.shutdown_timeout),
+        ("server.access_log", a.access_log != b.access_log || a.access_log_sample != b.access_log_sample),
+        ("server.control_redis_url", a.control_redis_url != b.control_redis_url),
+        ("tracing", old.tracing != new.tracing),
+        ("server.max_inflight_body_bytes", a.max_inflight_body_bytes != b.max_inflight_body_bytes),
+    ];
+    checks.into_iter().filter(|(_, changed)| *changed).map(|(name, _)| name).collect()
+}
+
 /// Why a reload was refused (the running configuration stays).
 #[derive(Debug, thiserror::Error)]
 pub enum ReloadError {
@@ -222,13 +246,18 @@ impl Live {
 
     /// Reads the config file again, validates it and swaps it in. A bad file changes
     /// nothing. Requests in flight finish on the configuration they started with.
-    pub async fn reload(&self) -> Result<(), ReloadError> {
+    /// Reloads the file; the settings it changed that take effect only on restart.
+    pub async fn reload(&self) -> Result<Vec<&'static str>, ReloadError> {
         let _one_at_a_time = self.reload_lock.lock().await;
         let result = self.reload_locked().await;
         match &result {
-            Ok(()) => {
+            Ok(restart) if restart.is_empty() => {
                 self.reloads[0].increment(1);
                 tracing::info!(path = ?self.config_path, "configuration reloaded");
+            }
+            Ok(restart) => {
+                self.reloads[0].increment(1);
+                tracing::warn!(path = ?self.config_path, restart_required = ?restart, "configuration reloaded; changed settings that take effect on restart only");
             }
             Err(err) => {
                 self.reloads[1].increment(1);
@@ -238,16 +267,11 @@ impl Live {
         result
     }
 
-    async fn reload_locked(&self) -> Result<(), ReloadError> {
+    async fn reload_locked(&self) -> Result<Vec<&'static str>, ReloadError> {
         let path = self.config_path.as_deref().ok_or(ReloadError::NoFile)?;
         let config = Config::load(path)?;
         let old = self.runtime.load_full();
-        if config.server.listen != old.config.server.listen || config.server.admin_listen != old.config.server.admin_listen {
-            tracing::warn!("listen addresses changed in the file; they take effect on restart only");
-        }
-        if config.tracing != old.config.tracing {
-            tracing::warn!("[tracing] changed in the file; it takes effect on restart only");
-        }
+        let restart = restart_only_changes(&old.config, &config);
         let runtime = Runtime::build_from(config, &self.registry, Some(&old), &self.clock)?;
         // Pools whose sizes, freshness or deadlines changed keep their L1 contents;
         // purges that reach the old pool while they move are applied again after the swap.
@@ -272,7 +296,7 @@ impl Live {
         for (pool, epoch) in moved {
             pool.apply_purges_since(epoch).await;
         }
-        Ok(())
+        Ok(restart)
     }
 }
 

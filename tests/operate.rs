@@ -261,6 +261,28 @@ async fn a_runtime_mode_survives_an_unrelated_reload_and_yields_to_a_changed_fil
     let _ = std::fs::remove_file(&path);
 }
 
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_reload_names_the_changed_settings_that_need_a_restart() {
+    let origin = Origin::start().await;
+    let path = std::env::temp_dir().join(format!("bulwark-restart-{}-{}.toml", std::process::id(), support::free_port()));
+    // As the test instance listens (it binds free ports itself).
+    let base = || config(&origin.url(), None).server("listen", "127.0.0.1:0").server("admin_listen", "127.0.0.1:0");
+    std::fs::write(&path, base().to_toml()).expect("write");
+    let bulwark = Bulwark::start_with_file(&path).await;
+    let reload = async || serde_json::from_slice::<serde_json::Value>(&bulwark.admin_send(Method::POST, "/admin/reload", "").await.body).expect("json");
+    assert_eq!(reload().await["restart_required"], serde_json::json!([]), "nothing changed");
+    let moved = base().server("listen", "127.0.0.1:1").server("drain_delay", "3s").route("priority", "low");
+    std::fs::write(&path, moved.to_toml()).expect("write");
+    let answer = reload().await;
+    assert_eq!(answer["reloaded"], true, "{answer}");
+    assert_eq!(answer["restart_required"], serde_json::json!(["server.listen", "server.drain_delay"]), "{answer}");
+    // Still serving where it listened; what could apply did.
+    assert_eq!(bulwark.get("/products/1").await.status, 200);
+    let routes: serde_json::Value = serde_json::from_slice(&bulwark.admin("/admin/routes").await.body).expect("json");
+    assert!(routes["routes"].as_array().expect("routes").iter().any(|r| r["priority"] == "low"), "{routes}");
+    let _ = std::fs::remove_file(&path);
+}
+
 #[tokio::test]
 async fn a_fallback_that_says_how_long_it_may_be_kept_keeps_its_cache_control() {
     let origin = Origin::start().await;

@@ -317,7 +317,7 @@ async fn set_mode(proxy: &Proxy, route: &str, req: Request<Incoming>) -> AdminRe
 /// `POST /admin/reload`: the same as SIGHUP.
 async fn reload(proxy: &Proxy) -> AdminResponse {
     match proxy.reload().await {
-        Ok(()) => json(StatusCode::OK, serde_json::json!({ "reloaded": true })),
+        Ok(restart) => json(StatusCode::OK, serde_json::json!({ "reloaded": true, "restart_required": restart })),
         Err(crate::runtime::ReloadError::NoFile) => {
             json(StatusCode::CONFLICT, serde_json::json!({ "reloaded": false, "error": "this server was not started from a config file" }))
         }

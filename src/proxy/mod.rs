@@ -116,7 +116,8 @@ impl Proxy {
     }
 
     /// Reloads the config file (see [`Live::reload`]).
-    pub async fn reload(&self) -> Result<(), ReloadError> {
+    /// Reloads the config file; the changed settings that take effect on restart only.
+    pub async fn reload(&self) -> Result<Vec<&'static str>, ReloadError> {
         self.live.reload().await
     }
 
