@@ -7,6 +7,7 @@
 //! sees a string that still has to be parsed, and every error names the file, the line
 //! and the column of the value at fault.
 
+mod env;
 mod raw;
 pub mod units;
 mod validate;
@@ -443,12 +444,20 @@ impl Config {
 
     /// Parses and validates config text; `path` is used in error messages only.
     pub fn parse(text: &str, path: &Path) -> Result<Config, ConfigError> {
+        Config::parse_with_env(text, path, |name| std::env::var(name).ok())
+    }
+
+    /// [`Config::parse`] with `${NAME}` looked up by `env`.
+    pub fn parse_with_env(text: &str, path: &Path, env: impl Fn(&str) -> Option<String>) -> Result<Config, ConfigError> {
+        let at = |offset: usize, message: String| ConfigError { path: path.to_owned(), position: Some(line_col(text, offset)), message };
+        // `${NAME}` references first; errors after it are placed in the file as written.
+        let expanded = env::expand(text, env).map_err(|err| at(err.span.start, err.message))?;
         let locate = |span: Option<std::ops::Range<usize>>, message: String| ConfigError {
             path: path.to_owned(),
-            position: span.map(|span| line_col(text, span.start)),
+            position: span.map(|span| line_col(text, expanded.original(span.start))),
             message,
         };
-        let raw: raw::RawConfig = toml::from_str(text).map_err(|err| locate(err.span(), err.message().trim().to_owned()))?;
+        let raw: raw::RawConfig = toml::from_str(&expanded.text).map_err(|err| locate(err.span(), err.message().trim().to_owned()))?;
         validate::validate(raw).map_err(|err| locate(Some(err.span), err.message))
     }
 }

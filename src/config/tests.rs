@@ -359,3 +359,31 @@ fn tracing_is_off_unless_an_endpoint_is_given_and_its_values_are_checked() {
         assert!(error.contains("bulwark.toml:"), "the error names the file and line: {error}");
     }
 }
+
+#[test]
+fn environment_references_fill_string_values_and_an_unset_one_is_named_with_its_line() {
+    let env = |name: &str| (name == "PDP_REDIS_PASSWORD").then(|| "s3cret".to_owned());
+    let text = format!("{MINIMAL}\n").replace("name = \"pdp\"", "name = \"pdp\"\nredis_url = \"redis://:${PDP_REDIS_PASSWORD}@redis-pdp:6379/0\"");
+    let config = Config::parse_with_env(&text, Path::new("bulwark.toml"), env).expect("valid");
+    let url = config.pools[0].shared.as_ref().map(|s| format!("{s:?}")).unwrap_or_default();
+    assert!(url.contains("s3cret@redis-pdp"), "{url}");
+    let missing = text.replace("PDP_REDIS_PASSWORD", "PDP_REDIS_PASS");
+    let err = Config::parse_with_env(&missing, Path::new("bulwark.toml"), env).expect_err("unset").to_string();
+    let line = missing.lines().position(|l| l.starts_with("redis_url")).expect("line") + 1;
+    assert!(err.starts_with(&format!("bulwark.toml:{line}:23:")) && err.contains("PDP_REDIS_PASS is not set"), "{err}");
+    // An error after a replaced value is placed where it is in the file.
+    let bad = format!("{text}\n[server]\nlisten = \"nowhere\"\n");
+    let err = Config::parse_with_env(&bad, Path::new("bulwark.toml"), env).expect_err("bad listen").to_string();
+    let line = bad.lines().position(|l| l.starts_with("listen")).expect("line") + 1;
+    assert!(err.starts_with(&format!("bulwark.toml:{line}:10:")), "{err}");
+}
+
+#[test]
+fn a_bad_redis_url_is_reported_without_its_password() {
+    assert_eq!(validate::redacted("redis://:s3cret@redis-pdp:6379/0"), "redis://:***@redis-pdp:6379/0");
+    assert_eq!(validate::redacted("rediss://user:pa@ss@h:1"), "rediss://user:***@h:1");
+    assert_eq!(validate::redacted("redis://h:6379"), "redis://h:6379");
+    let text = MINIMAL.replace("name = \"pdp\"", "name = \"pdp\"\nredis_url = \"redis://:s3cret@redis-pdp:notaport/0\"");
+    let err = error_of(&text);
+    assert!(err.contains("invalid Redis URL") && !err.contains("s3cret"), "{err}");
+}

@@ -208,7 +208,24 @@ fn redis_url(url: &Spanned<String>) -> Result<String> {
     use redis::IntoConnectionInfo;
     match url.get_ref().as_str().into_connection_info() {
         Ok(_) => Ok(url.get_ref().clone()),
-        Err(e) => err(url.span(), format!("invalid Redis URL {:?}: {e}", url.get_ref())),
+        Err(e) => err(url.span(), format!("invalid Redis URL {:?}: {e}", redacted(url.get_ref()))),
+    }
+}
+
+/// A URL with the password of its userinfo (from `${NAME}`, say) replaced by `***`, fit
+/// for an error message or a log.
+pub fn redacted(url: &str) -> String {
+    let Some(scheme_end) = url.find("://").map(|i| i + 3) else { return url.to_owned() };
+    let authority_end = url[scheme_end..].find('/').map_or(url.len(), |i| scheme_end + i);
+    match url[scheme_end..authority_end].rfind('@') {
+        Some(at) => {
+            let userinfo = &url[scheme_end..scheme_end + at];
+            match userinfo.find(':') {
+                Some(colon) => format!("{}{}:***{}", &url[..scheme_end], &userinfo[..colon], &url[scheme_end + at..]),
+                None => url.to_owned(),
+            }
+        }
+        None => url.to_owned(),
     }
 }
 
