@@ -48,10 +48,20 @@ pub fn hit_ratio(samples: &[Sample], labels: &[(&str, &str)]) -> Option<f64> {
         all.push(("cache", cache));
         sum(samples, crate::metrics::REQUESTS_TOTAL, &all)
     };
-    let hits: f64 = HIT_OUTCOMES.iter().map(|c| with(c)).sum();
-    let excluded: f64 = NOT_CACHE_OUTCOMES.iter().map(|c| with(c)).sum();
-    let total = sum(samples, crate::metrics::REQUESTS_TOTAL, labels) - excluded;
-    (total > 0.0).then(|| hits / total)
+    hit_ratio_of(sum(samples, crate::metrics::REQUESTS_TOTAL, labels), with)
+}
+
+/// Hit ratio of `total` requests whose count per `cache` outcome `count` gives:
+/// hits over all but the outcomes left out, `None` when none are left.
+pub fn hit_ratio_of(total: f64, count: impl Fn(&str) -> f64) -> Option<f64> {
+    let served = total - NOT_CACHE_OUTCOMES.iter().map(|c| count(c)).sum::<f64>();
+    (served > 0.0).then(|| HIT_OUTCOMES.iter().map(|c| count(c)).sum::<f64>() / served)
+}
+
+/// Whether an origin request's `status` label is a failure of the origin (5xx, timeout,
+/// no connection, no answer).
+pub fn is_origin_error(status: &str) -> bool {
+    matches!(status, "5xx" | "timeout" | "connect_error" | "error")
 }
 
 /// A quantile from cumulative histogram buckets (linear within a bucket).

@@ -66,7 +66,7 @@ impl Counters {
                 ORIGIN_REQUESTS_TOTAL => {
                     let entry = c.origin.entry(label(s, "route")).or_default();
                     entry.0 += s.value;
-                    if matches!(label(s, "status").as_str(), "5xx" | "timeout" | "connect_error" | "error") {
+                    if scrape::is_origin_error(&label(s, "status")) {
                         entry.1 += s.value;
                     }
                 }
@@ -96,9 +96,7 @@ fn outcome_rates(now: &BTreeMap<String, f64>, before: Option<&BTreeMap<String, f
 
 /// Hit ratio of requests by outcome (as in DESIGN.md), `None` without any.
 fn hit_ratio(rates: &BTreeMap<String, f64>) -> Option<f64> {
-    let get = |o: &str| rates.get(o).copied().unwrap_or(0.0);
-    let served: f64 = rates.values().sum::<f64>() - scrape::NOT_CACHE_OUTCOMES.iter().map(|o| get(o)).sum::<f64>();
-    (served > 0.0).then(|| scrape::HIT_OUTCOMES.iter().map(|o| get(o)).sum::<f64>() / served)
+    scrape::hit_ratio_of(rates.values().sum(), |o| rates.get(o).copied().unwrap_or(0.0))
 }
 
 fn push(series: &mut VecDeque<Option<f64>>, value: Option<f64>, len: usize) {

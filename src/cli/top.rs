@@ -90,7 +90,7 @@ impl Snapshot {
                 ORIGIN_REQUESTS_TOTAL => {
                     let route = snap.routes.entry(label(s, "route")).or_default();
                     route.origin_requests += s.value;
-                    if matches!(label(s, "status").as_str(), "5xx" | "timeout" | "connect_error" | "error") {
+                    if scrape::is_origin_error(&label(s, "status")) {
                         route.origin_errors += s.value;
                     }
                 }
