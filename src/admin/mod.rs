@@ -150,7 +150,7 @@ fn routes(proxy: &Proxy) -> AdminResponse {
 /// `GET /stats.json[?window=900s]`: the last `window` of the dashboard's series.
 fn stats_json(stats: &Stats, query: &str) -> AdminResponse {
     let mut window = Duration::from_secs(stats::KEPT as u64);
-    for (name, value) in query.split('&').filter(|p| !p.is_empty()).map(|p| p.split_once('=').unwrap_or((p, ""))) {
+    for (name, value) in query_pairs(query) {
         if name != "window" {
             return json_error(StatusCode::BAD_REQUEST, format!("unknown parameter {name:?}: window is known"));
         }
@@ -180,7 +180,7 @@ fn dashboard() -> AdminResponse {
 /// the pool's Redis hold for the URL, changing nothing.
 async fn cache(proxy: &Proxy, query: &str) -> AdminResponse {
     let (mut url, mut headers) = (None, http::HeaderMap::new());
-    for (name, value) in query.split('&').filter(|p| !p.is_empty()).map(|p| p.split_once('=').unwrap_or((p, ""))) {
+    for (name, value) in query_pairs(query) {
         let (Some(name), Some(value)) = (percent_decode(name), percent_decode(value)) else {
             return json_error(StatusCode::BAD_REQUEST, "malformed percent-encoding in the query".into());
         };
@@ -205,6 +205,11 @@ async fn cache(proxy: &Proxy, query: &str) -> AdminResponse {
         Ok(answer) => json(StatusCode::OK, answer),
         Err(err) => json(err.status, serde_json::json!({"url": url, "error": err.message})),
     }
+}
+
+/// The `name=value` pairs of a query, as written (a bare `name` has an empty value).
+fn query_pairs(query: &str) -> impl Iterator<Item = (&str, &str)> {
+    query.split('&').filter(|p| !p.is_empty()).map(|p| p.split_once('=').unwrap_or((p, "")))
 }
 
 /// Decodes a `application/x-www-form-urlencoded` name or value (`+` is a space); `None`
