@@ -27,6 +27,18 @@ impl Gcra {
         Ok(())
     }
 
+    /// Records a token spent elsewhere (leased from Redis) at `now`: taken if there is
+    /// one, else the bucket stays empty (a debt is never carried past one empty bucket).
+    pub fn charge(&mut self, now: Instant, interval: Duration, burst: u32) {
+        let full_at = self.full_at.filter(|at| *at > now).unwrap_or(now);
+        self.full_at = Some((full_at + interval).min(now + interval * burst));
+    }
+
+    /// Gives back a token [`Gcra::take`] gave at `now`.
+    pub fn give_back(&mut self, now: Instant, interval: Duration) {
+        self.full_at = self.full_at.and_then(|at| at.checked_sub(interval)).filter(|at| *at > now);
+    }
+
     /// Whether the bucket is full at `now` (forgetting it changes nothing).
     pub fn is_full(&self, now: Instant) -> bool {
         self.full_at.is_none_or(|at| at <= now)
@@ -52,5 +64,19 @@ mod tests {
         assert!(bucket.take(start + interval, interval, 5).is_err());
         assert!(!bucket.is_full(start + interval));
         assert!(bucket.is_full(start + interval * 6), "refilled: as good as forgotten");
+    }
+
+    #[test]
+    fn tokens_spent_elsewhere_empty_the_bucket_but_leave_no_debt_beyond_it() {
+        let start = Instant::now();
+        let interval = Duration::from_millis(100);
+        let mut bucket = Gcra::FULL;
+        for _ in 0..50 {
+            bucket.charge(start, interval, 5);
+        }
+        assert_eq!(bucket.clone().take(start, interval, 5), Err(interval), "empty after its burst was spent elsewhere");
+        bucket.take(start + interval, interval, 5).expect("one interval refills a token, whatever was spent beyond the burst");
+        bucket.give_back(start + interval, interval);
+        bucket.take(start + interval, interval, 5).expect("a token given back can be taken again");
     }
 }

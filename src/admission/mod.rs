@@ -6,8 +6,11 @@
 //! counted in the pool's Redis, shared by every replica: each replica takes tokens in
 //! small blocks (one Redis call per block, and while a bucket is empty at most one call
 //! until its next block is due), so an attack costs Redis a few calls per second per
-//! client, not one per request. Without an answer from Redis (or without Redis) each
-//! replica counts alone with budget / N, N the replicas it last saw.
+//! client, not one per request. No request waits for Redis: the next block is asked for
+//! in the background as the last one runs out, and meanwhile this replica's share decides
+//! on credit, paid back from the block. Without an answer from Redis (or without Redis)
+//! each replica counts alone with budget / N, N the replicas it last saw; that share is
+//! debited for every token spent, so a Redis that comes and goes gives no extra burst.
 
 mod bucket;
 pub mod client;
@@ -63,28 +66,148 @@ impl Refusal {
     }
 }
 
+/// How one budget is counted on this replica.
+#[derive(Debug, Clone, Copy)]
+struct Rates {
+    /// One token refills every `interval` in the fleet's bucket, which holds `burst`.
+    interval: Duration,
+    burst: u32,
+    /// The replicas sharing the budget when each counts alone.
+    share: u32,
+    /// Tokens taken from Redis in one call.
+    block: u32,
+}
+
+impl Rates {
+    fn new(budget: Budget, share: u32, lease_block: u32) -> Rates {
+        let interval = budget.rate.per.div_f64(budget.rate.count as f64).max(Duration::from_nanos(1));
+        let per_second = u32::try_from(Duration::from_secs(1).as_nanos() / interval.as_nanos()).unwrap_or(u32::MAX);
+        // Small enough that every replica gets a block from a full bucket, and no more
+        // than refills in a second (a lease never holds a burst earned long ago).
+        let block = (budget.burst / share.saturating_mul(2)).min(per_second).clamp(1, lease_block.max(1));
+        Rates { interval, burst: budget.burst, share, block }
+    }
+
+    /// This replica's share: budget / N.
+    fn take_local(&self, bucket: &mut Gcra, now: Instant) -> Result<(), Duration> {
+        bucket.take(now, self.interval * self.share, self.burst.div_ceil(self.share))
+    }
+
+    fn charge_local(&self, bucket: &mut Gcra, now: Instant) {
+        bucket.charge(now, self.interval * self.share, self.burst.div_ceil(self.share));
+    }
+}
+
+/// Where a token came from, to give it back.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Taken {
+    /// From a block leased from Redis.
+    Leased,
+    /// From this replica's share, on credit while Redis is asked for a block.
+    Credit,
+    /// From this replica's share, counting alone.
+    Alone,
+}
+
 /// What one bucket holds on this replica.
 #[derive(Debug, Clone, Copy)]
 struct Tokens {
-    /// Counting alone (Redis unreachable, or no Redis): this replica's share.
+    /// This replica's share of the budget, debited for every token it spends, leased or
+    /// not: it decides alone while Redis is out of reach and on credit while Redis is
+    /// asked, and a Redis that comes and goes never hands out a fresh burst.
     local: Gcra,
     /// Tokens taken from Redis and not spent yet, good until `leased_until`.
     leased: u32,
     leased_until: Instant,
-    /// Redis said the bucket is empty until then: no call before.
+    /// Redis said the bucket is empty: no token here, and no call, until a block is free.
     refused_until: Option<Instant>,
+    /// A call to Redis for this bucket is under way.
+    asking: bool,
+    /// Tokens spent on credit since the last answer, paid from the next block.
+    owed: u32,
     /// Last charge (the oldest are forgotten first when the table is full).
     used: Instant,
 }
 
 impl Tokens {
     fn new(now: Instant) -> Tokens {
-        Tokens { local: Gcra::FULL, leased: 0, leased_until: now, refused_until: None, used: now }
+        Tokens { local: Gcra::FULL, leased: 0, leased_until: now, refused_until: None, asking: false, owed: 0, used: now }
     }
 
     /// Whether forgetting this bucket changes nothing.
     fn is_idle(&self, now: Instant) -> bool {
-        self.local.is_full(now) && (self.leased == 0 || self.leased_until <= now) && self.refused_until.is_none_or(|at| at <= now)
+        self.local.is_full(now)
+            && !self.asking
+            && self.owed == 0
+            && (self.leased == 0 || self.leased_until <= now)
+            && self.refused_until.is_none_or(|at| at <= now)
+    }
+
+    /// Takes one token; `redis`: whether the pool's Redis may be asked.
+    fn take(&mut self, now: Instant, rates: &Rates, redis: bool) -> Result<Taken, Duration> {
+        if !redis {
+            rates.take_local(&mut self.local, now)?;
+            return Ok(Taken::Alone);
+        }
+        if let Some(at) = self.refused_until.filter(|at| *at > now) {
+            return Err(at - now);
+        }
+        if self.leased > 0 && self.leased_until > now {
+            self.leased -= 1;
+            rates.charge_local(&mut self.local, now);
+            return Ok(Taken::Leased);
+        }
+        // No block at hand: one is asked for (see `wants_block`), and meanwhile this
+        // replica's share decides, paid back from the block.
+        rates.take_local(&mut self.local, now)?;
+        self.owed += 1;
+        Ok(Taken::Credit)
+    }
+
+    /// Whether [`Tokens::take`] would give a token, taking none.
+    fn peek(&self, now: Instant, rates: &Rates, redis: bool) -> Result<(), Duration> {
+        let mut copy = *self;
+        copy.take(now, rates, redis).map(drop)
+    }
+
+    fn give_back(&mut self, now: Instant, taken: Taken, rates: &Rates) {
+        match taken {
+            Taken::Leased => self.leased += 1,
+            Taken::Credit => self.owed = self.owed.saturating_sub(1),
+            Taken::Alone => {}
+        }
+        self.local.give_back(now, rates.interval * rates.share);
+    }
+
+    /// Whether to ask Redis for a block now: none is at hand, none is being asked for,
+    /// and Redis did not say the bucket is empty.
+    fn wants_block(&mut self, now: Instant) -> bool {
+        let held = self.leased > 0 && self.leased_until > now;
+        if self.asking || held || self.refused_until.is_some_and(|at| at > now) {
+            return false;
+        }
+        self.asking = true;
+        true
+    }
+
+    /// Redis's answer to [`Tokens::wants_block`]'s call.
+    fn answered(&mut self, now: Instant, answer: Option<Result<u32, Duration>>, rates: &Rates) {
+        self.asking = false;
+        match answer {
+            Some(Ok(granted)) => {
+                let paid = granted.min(self.owed);
+                self.owed -= paid;
+                let until = now + (rates.interval * granted).max(MIN_LEASE);
+                self.leased = if self.leased_until > now { self.leased + granted - paid } else { granted - paid };
+                self.leased_until = self.leased_until.max(until);
+                self.refused_until = None;
+            }
+            // Asked again only once a whole block is free: the refusal's `Retry-After` is
+            // when this replica admits again.
+            Some(Err(wait)) => self.refused_until = Some(now + wait + rates.interval * (rates.block - 1)),
+            // No answer: what was spent on credit was this replica's share, counted alone.
+            None => self.owed = 0,
+        }
     }
 }
 
@@ -116,6 +239,19 @@ impl Table {
         let tokens = buckets.entry(name.to_owned()).or_insert_with(|| Tokens::new(now));
         tokens.used = now;
         f(tokens)
+    }
+
+    /// Takes a token from bucket `name`, and says whether to ask Redis for a block.
+    fn take(&self, name: &str, now: Instant, rates: &Rates, redis: bool) -> Result<(Taken, bool), Duration> {
+        self.with(name, now, |t| {
+            let taken = t.take(now, rates, redis)?;
+            Ok((taken, redis && t.wants_block(now)))
+        })
+    }
+
+    /// [`Tokens::peek`] on bucket `name` (a bucket not made yet is full).
+    fn peek(&self, name: &str, now: Instant, rates: &Rates, redis: bool) -> Result<(), Duration> {
+        self.lock().get(name).map_or(Ok(()), |t| t.peek(now, rates, redis))
     }
 }
 
@@ -155,42 +291,98 @@ impl Admission {
     /// Charges one origin request: to its client when `client` is given (the caller
     /// checked [`Admission::charges`]), and to the route's new keys when `new_key` (the
     /// hash of a key not stored) is given and was not charged in the last second. A
-    /// request refused per client takes no new-key token.
-    pub async fn charge(&self, shared: Option<&SharedTier>, client: Option<(&ClientSource, IpAddr)>, new_key: Option<u128>) -> Result<(), Refusal> {
+    /// request refused per client takes no new-key token, and one refused for new keys
+    /// gives its client's token back. `redis`: whether the pool's Redis may be asked.
+    ///
+    /// Decided here without waiting for Redis: the blocks of tokens to ask Redis for are
+    /// returned, for [`Admission::ask`] to take off the request's path.
+    pub fn charge(&self, redis: bool, client: Option<(&ClientSource, IpAddr)>, new_key: Option<u128>) -> Result<Asks, Refusal> {
+        let now = Instant::now();
+        let mut asks = Asks::default();
+        let mut charged = None;
         if let (Some(budget), Some((source, peer))) = (self.config.per_client, client) {
             let who = source.identify(&self.config.client, peer, &self.trusted_proxies);
-            let name = || format!("{}:c:{who}", self.route);
-            self.take(&self.clients, &who, name, budget, shared).await.map_err(|retry_after| Refusal { budget: Budgets::Client, retry_after })?;
+            let rates = self.rates(budget);
+            let (taken, ask) = self.clients.take(&who, now, &rates, redis).map_err(|retry_after| Refusal { budget: Budgets::Client, retry_after })?;
+            charged = Some((taken, rates, who.clone()));
+            if ask {
+                asks.0.push(Ask { budget: Budgets::Client, key: who, rates });
+            }
         }
         if let (Some(budget), Some(hash)) = (self.config.new_keys, new_key)
-            && self.first_in_window(hash)
+            && self.first_in_window(hash, true)
         {
-            let name = || format!("{}:new", self.route);
-            if let Err(retry_after) = self.take(&self.new_keys, "", name, budget, shared).await {
-                self.forget_key(hash);
-                return Err(Refusal { budget: Budgets::NewKeys, retry_after });
+            let rates = self.rates(budget);
+            match self.new_keys.take("", now, &rates, redis) {
+                Ok((_, ask)) => {
+                    if ask {
+                        asks.0.push(Ask { budget: Budgets::NewKeys, key: String::new(), rates });
+                    }
+                }
+                Err(retry_after) => {
+                    self.forget_key(hash);
+                    if let Some((taken, rates, who)) = charged {
+                        self.clients.with(&who, now, |t| t.give_back(now, taken, &rates));
+                    }
+                    return Err(Refusal { budget: Budgets::NewKeys, retry_after });
+                }
             }
+        }
+        Ok(asks)
+    }
+
+    /// Whether [`Admission::charge`] would refuse the request, spending nothing.
+    pub fn check(&self, redis: bool, client: Option<(&ClientSource, IpAddr)>, new_key: Option<u128>) -> Result<(), Refusal> {
+        let now = Instant::now();
+        if let (Some(budget), Some((source, peer))) = (self.config.per_client, client) {
+            let who = source.identify(&self.config.client, peer, &self.trusted_proxies);
+            self.clients.peek(&who, now, &self.rates(budget), redis).map_err(|retry_after| Refusal { budget: Budgets::Client, retry_after })?;
+        }
+        if let (Some(budget), Some(hash)) = (self.config.new_keys, new_key)
+            && self.first_in_window(hash, false)
+        {
+            self.new_keys.peek("", now, &self.rates(budget), redis).map_err(|retry_after| Refusal { budget: Budgets::NewKeys, retry_after })?;
         }
         Ok(())
     }
 
-    /// Whether `hash` was not charged as a new key in the last second (and marks it).
-    fn first_in_window(&self, hash: u128) -> bool {
+    /// Takes the blocks a charge asked for from the pool's Redis (one call each).
+    pub async fn ask(&self, shared: &SharedTier, asks: Asks) {
+        for ask in asks.0 {
+            let (table, name) = match ask.budget {
+                Budgets::Client => (&self.clients, format!("{}:c:{}", self.route, ask.key)),
+                Budgets::NewKeys => (&self.new_keys, format!("{}:new", self.route)),
+            };
+            let answer = shared.take_tokens(&name, ask.rates.interval, ask.rates.burst, ask.rates.block).await;
+            let now = Instant::now();
+            table.with(&ask.key, now, |t| t.answered(now, answer, &ask.rates));
+        }
+    }
+
+    fn rates(&self, budget: Budget) -> Rates {
+        Rates::new(budget, self.share(), self.config.lease_block)
+    }
+
+    /// Whether `hash` was not charged as a new key in the last second (and, with `mark`,
+    /// marks it).
+    fn first_in_window(&self, hash: u128, mark: bool) -> bool {
         let now = Instant::now();
         let mut recent = self.recent_keys.lock().unwrap_or_else(|p| p.into_inner());
-        if recent.len() >= MAX_TRACKED {
-            recent.retain(|_, at| now.duration_since(*at) < NEW_KEY_WINDOW);
+        if let Some(at) = recent.get(&hash)
+            && now.duration_since(*at) < NEW_KEY_WINDOW
+        {
+            return false;
+        }
+        if mark {
             if recent.len() >= MAX_TRACKED {
-                recent.clear();
+                recent.retain(|_, at| now.duration_since(*at) < NEW_KEY_WINDOW);
+                if recent.len() >= MAX_TRACKED {
+                    recent.clear();
+                }
             }
+            recent.insert(hash, now);
         }
-        match recent.get(&hash) {
-            Some(at) if now.duration_since(*at) < NEW_KEY_WINDOW => false,
-            _ => {
-                recent.insert(hash, now);
-                true
-            }
-        }
+        true
     }
 
     fn forget_key(&self, hash: u128) {
@@ -201,61 +393,24 @@ impl Admission {
     fn share(&self) -> u32 {
         u32::try_from(self.replicas.load(Ordering::Relaxed)).unwrap_or(u32::MAX).max(1)
     }
+}
 
-    /// Takes one token of `budget` from bucket `key` of `table` (`name()` in Redis, made
-    /// only when Redis is asked).
-    ///
-    /// From Redis a replica takes a block of tokens and spends it locally. A block is
-    /// small enough that every replica sharing the budget gets one from a full bucket,
-    /// and no more than refills in a second: a lease is good for as long as its tokens
-    /// took to refill, so a replica never holds a burst earned long ago. When Redis says
-    /// the bucket is empty, this replica asks again only once a block could be free.
-    async fn take(&self, table: &Table, key: &str, name: impl FnOnce() -> String, budget: Budget, shared: Option<&SharedTier>) -> Result<(), Duration> {
-        let interval = budget.rate.per.div_f64(budget.rate.count as f64).max(Duration::from_nanos(1));
-        let share = self.share();
-        let now = Instant::now();
-        if let Some(shared) = shared {
-            let leased = table.with(key, now, |t| {
-                if t.leased > 0 && t.leased_until > now {
-                    t.leased -= 1;
-                    return Some(Ok(()));
-                }
-                t.refused_until.filter(|at| *at > now).map(|at| Err(at - now))
-            });
-            if let Some(answer) = leased {
-                return answer;
-            }
-            let per_second = u32::try_from(Duration::from_secs(1).as_nanos() / interval.as_nanos()).unwrap_or(u32::MAX);
-            let block = (budget.burst / share.saturating_mul(2)).min(per_second).clamp(1, self.config.lease_block);
-            match shared.take_tokens(&name(), interval, budget.burst, block).await {
-                Some(Ok(granted)) => {
-                    let now = Instant::now();
-                    let until = now + (interval * granted).max(MIN_LEASE);
-                    table.with(key, now, |t| {
-                        // Another request's grant may have landed meanwhile: add to it.
-                        if t.leased_until > now {
-                            t.leased += granted - 1;
-                        } else {
-                            t.leased = granted - 1;
-                        }
-                        t.leased_until = t.leased_until.max(until);
-                        t.refused_until = None;
-                    });
-                    return Ok(());
-                }
-                Some(Err(wait)) => {
-                    let now = Instant::now();
-                    let retry = now + wait + interval * (block - 1);
-                    table.with(key, now, |t| t.refused_until = Some(retry));
-                    return Err(wait);
-                }
-                // Redis did not answer: this replica's share, counted here.
-                None => {}
-            }
-        }
-        let burst = budget.burst.div_ceil(share);
-        table.with(key, Instant::now(), |t| t.local.take(Instant::now(), interval * share, burst))
+/// Blocks of tokens a charge left to ask the pool's Redis for.
+#[derive(Debug, Default)]
+pub struct Asks(Vec<Ask>);
+
+impl Asks {
+    pub fn is_empty(&self) -> bool {
+        self.0.is_empty()
     }
+}
+
+/// One block to ask for: of which budget, for which bucket.
+#[derive(Debug)]
+struct Ask {
+    budget: Budgets,
+    key: String,
+    rates: Rates,
 }
 
 #[cfg(test)]
@@ -275,49 +430,127 @@ mod tests {
         Admission::new("r", config, Arc::new(AtomicUsize::new(0)), Vec::new())
     }
 
+    /// A charge without Redis.
+    fn charge(admission: &Admission, client: Option<(&ClientSource, IpAddr)>, new_key: Option<u128>) -> Result<(), Refusal> {
+        admission.charge(false, client, new_key).map(|asks| assert!(asks.is_empty(), "Redis asked without Redis"))
+    }
+
     fn peer(last: u8) -> IpAddr {
         IpAddr::from([203, 0, 113, last])
     }
 
-    #[tokio::test]
-    async fn a_client_gets_its_burst_then_is_refused_while_others_are_not() {
+    #[test]
+    fn a_client_gets_its_burst_then_is_refused_while_others_are_not() {
         let admission = admission(Some((10, 5)), None);
         let source = ClientSource::default();
         for _ in 0..5 {
-            assert_eq!(admission.charge(None, Some((&source, peer(1))), None).await, Ok(()));
+            assert_eq!(charge(&admission, Some((&source, peer(1))), None), Ok(()));
         }
-        let refused = admission.charge(None, Some((&source, peer(1))), None).await.expect_err("over budget");
+        let refused = charge(&admission, Some((&source, peer(1))), None).expect_err("over budget");
         assert_eq!((refused.budget, refused.retry_after_secs()), (Budgets::Client, 1));
-        assert_eq!(admission.charge(None, Some((&source, peer(2))), None).await, Ok(()), "another client has its own budget");
+        assert_eq!(charge(&admission, Some((&source, peer(2))), None), Ok(()), "another client has its own budget");
     }
 
-    #[tokio::test]
-    async fn a_request_refused_per_client_takes_no_new_key_token() {
+    #[test]
+    fn a_request_refused_per_client_takes_no_new_key_token() {
         let admission = admission(Some((1, 1)), Some((1, 2)));
         let source = ClientSource::default();
-        assert_eq!(admission.charge(None, Some((&source, peer(1))), Some(1)).await, Ok(()));
-        let refused = admission.charge(None, Some((&source, peer(1))), Some(2)).await.expect_err("client over budget");
+        assert_eq!(charge(&admission, Some((&source, peer(1))), Some(1)), Ok(()));
+        let refused = charge(&admission, Some((&source, peer(1))), Some(2)).expect_err("client over budget");
         assert_eq!(refused.budget, Budgets::Client);
         // The refused request took none of the two new-key tokens: one is left for key 2
         // asked by another client, and none for a third key.
-        assert_eq!(admission.charge(None, Some((&source, peer(2))), Some(2)).await, Ok(()), "a new-key token was spent by a refused request");
-        let refused = admission.charge(None, Some((&source, peer(3))), Some(3)).await.expect_err("new keys over budget");
+        assert_eq!(charge(&admission, Some((&source, peer(2))), Some(2)), Ok(()), "a new-key token was spent by a refused request");
+        let refused = charge(&admission, Some((&source, peer(3))), Some(3)).expect_err("new keys over budget");
         assert_eq!(refused.budget, Budgets::NewKeys);
         // The same key again within a second is not a new key.
-        assert_eq!(admission.charge(None, None, Some(1)).await, Ok(()));
+        assert_eq!(charge(&admission, None, Some(1)), Ok(()));
     }
 
-    #[tokio::test]
-    async fn each_replica_counts_its_share_when_alone() {
+    #[test]
+    fn each_replica_counts_its_share_when_alone() {
         let admission = admission(Some((30, 30)), None);
         admission.replicas.store(3, Ordering::Relaxed);
         let source = ClientSource::default();
         let mut admitted = 0;
         for _ in 0..30 {
-            if admission.charge(None, Some((&source, peer(1))), None).await.is_ok() {
+            if charge(&admission, Some((&source, peer(1))), None).is_ok() {
                 admitted += 1;
             }
         }
         assert_eq!(admitted, 10, "budget / 3 replicas");
+    }
+
+    #[test]
+    fn a_request_refused_for_new_keys_gives_its_clients_token_back() {
+        let admission = admission(Some((1, 1)), Some((1, 1)));
+        let source = ClientSource::default();
+        assert_eq!(charge(&admission, Some((&source, peer(1))), Some(1)), Ok(()), "the one new-key token");
+        let refused = charge(&admission, Some((&source, peer(2))), Some(2)).expect_err("new keys over budget");
+        assert_eq!(refused.budget, Budgets::NewKeys);
+        // Client 2 was refused for the route's budget, not its own: its token is still there.
+        assert_eq!(charge(&admission, Some((&source, peer(2))), None), Ok(()), "a refused request spent its client's token");
+    }
+
+    #[test]
+    fn a_check_spends_nothing() {
+        let admission = admission(Some((1, 1)), Some((1, 1)));
+        let source = ClientSource::default();
+        for _ in 0..5 {
+            assert_eq!(admission.check(false, Some((&source, peer(1))), Some(1)), Ok(()));
+        }
+        assert_eq!(charge(&admission, Some((&source, peer(1))), Some(1)), Ok(()));
+        assert_eq!(admission.check(false, Some((&source, peer(1))), Some(2)).map_err(|r| r.budget), Err(Budgets::Client));
+        assert_eq!(admission.check(false, Some((&source, peer(2))), Some(2)).map_err(|r| r.budget), Err(Budgets::NewKeys));
+        assert_eq!(admission.check(false, Some((&source, peer(2))), Some(1)), Ok(()), "a key charged this second is not new");
+    }
+
+    fn rates(count: u64, burst: u32, share: u32) -> Rates {
+        Rates::new(Budget { rate: Rate { count, per: Duration::from_secs(1) }, burst }, share, crate::config::DEFAULT_LEASE_BLOCK)
+    }
+
+    #[test]
+    fn tokens_spent_on_credit_are_paid_from_the_next_block() {
+        let rates = rates(20, 20, 1);
+        assert_eq!(rates.block, 10);
+        let now = Instant::now();
+        let mut tokens = Tokens::new(now);
+        assert_eq!(tokens.take(now, &rates, true), Ok(Taken::Credit), "no block yet: the replica's share decides");
+        assert!(tokens.wants_block(now));
+        assert_eq!(tokens.take(now, &rates, true), Ok(Taken::Credit));
+        assert!(!tokens.wants_block(now), "one call at a time");
+        tokens.answered(now, Some(Ok(10)), &rates);
+        for _ in 0..8 {
+            assert_eq!(tokens.take(now, &rates, true), Ok(Taken::Leased));
+        }
+        assert_eq!(tokens.take(now, &rates, true), Ok(Taken::Credit), "the block of 10 paid for two credits and eight requests");
+        assert!(tokens.wants_block(now));
+        tokens.answered(now, Some(Err(Duration::from_millis(50))), &rates);
+        let wait = tokens.take(now, &rates, true).expect_err("Redis says the bucket is empty");
+        assert_eq!(wait, Duration::from_millis(50) + rates.interval * 9, "refused until a whole block is free");
+        assert!(!tokens.wants_block(now), "no call before then");
+        assert_eq!(tokens.owed, 1, "the credit is still owed");
+        tokens.answered(now, None, &rates);
+        assert_eq!(tokens.owed, 0, "without an answer, a credit was the replica's own share");
+    }
+
+    // Guards against a Redis that comes and goes doubling the budget: while Redis
+    // answers, the replica's share is debited too, so when it stops answering the
+    // replica does not start again from a full bucket.
+    #[test]
+    fn a_share_spent_through_redis_is_not_spent_again_when_redis_goes() {
+        let rates = rates(30, 30, 3);
+        let now = Instant::now();
+        let mut tokens = Tokens::new(now);
+        let _ = tokens.take(now, &rates, true);
+        assert!(tokens.wants_block(now));
+        tokens.answered(now, Some(Ok(rates.block)), &rates);
+        for _ in 1..rates.block {
+            assert_eq!(tokens.take(now, &rates, true), Ok(Taken::Leased));
+        }
+        assert_eq!(rates.block, 5);
+        // Five spent of a share of ten (burst 30 / 3): five left when counting alone.
+        let alone = (0..10).filter(|_| tokens.take(now, &rates, false).is_ok()).count();
+        assert_eq!(alone, 5);
     }
 }

@@ -18,48 +18,64 @@ use crate::runtime::RouteRuntime;
 
 /// Charges the fetch of `job` to its client and, when nothing is stored for its key, to
 /// the route's new keys; the decision for a refused one.
-pub(super) async fn admit(job: &FetchJob) -> Option<Decision> {
-    admit_as(job, true, true).await
+pub(super) fn admit(job: &FetchJob) -> Option<Decision> {
+    admit_as(job, Charge::Take)
 }
 
-/// [`admit`] to the client's budget only: a flight's leader, charged before it holds
-/// back for the other replicas (a refused client costs Redis no lease).
-pub(super) async fn admit_client(job: &FetchJob) -> Option<Decision> {
-    admit_as(job, true, false).await
+/// Whether [`admit`] would refuse `job`, spending nothing: a flight's leader, before it
+/// holds back for the other replicas (a refused request costs Redis no lease). It is
+/// charged only once it knows it will fetch: a key another replica filled costs nothing.
+pub(super) fn precheck(job: &FetchJob) -> Option<Decision> {
+    admit_as(job, Charge::Check)
 }
 
-/// [`admit`] to the route's new keys only: a flight's leader about to fetch (a key
-/// another replica filled took no token here).
-pub(super) async fn admit_new_key(job: &FetchJob) -> Option<Decision> {
-    admit_as(job, false, true).await
+/// Spend a token, or only see whether there is one.
+#[derive(Clone, Copy)]
+enum Charge {
+    Take,
+    Check,
 }
 
-async fn admit_as(job: &FetchJob, client: bool, new_key: bool) -> Option<Decision> {
+fn admit_as(job: &FetchJob, how: Charge) -> Option<Decision> {
     job.route.admission.as_ref()?;
     if job.background {
         return None;
     }
-    let new_key = (new_key && job.stored.is_none()).then_some(job.key.hash);
-    let refusal = charge(&job.route, Some(&job.pool), client.then_some(&job.client), &job.parts.method, new_key).await?;
+    let new_key = job.stored.is_none().then_some(job.key.hash);
+    let refusal = charge(&job.route, Some(&job.pool), Some(&job.client), &job.parts.method, new_key, how)?;
     Some(refused(&job.route, refusal, job.stored.as_ref(), job.pool.clock.now()))
 }
 
 /// Charges a request that skips the cache (its key is no key: no new-key token).
-pub(super) async fn admit_bypass(route: &RouteRuntime, client: &ClientInfo, method: &Method) -> Option<Decision> {
+pub(super) fn admit_bypass(route: &RouteRuntime, client: &ClientInfo, method: &Method) -> Option<Decision> {
     route.admission.as_ref()?;
-    let refusal = charge(route, route.pool.as_ref(), Some(client), method, None).await?;
+    let refusal = charge(route, route.pool.as_ref(), Some(client), method, None, Charge::Take)?;
     Some(refused(route, refusal, None, route.clock.now()))
 }
 
-async fn charge(route: &RouteRuntime, pool: Option<&Arc<Pool>>, client: Option<&ClientInfo>, method: &Method, new_key: Option<u128>) -> Option<Refusal> {
+fn charge(route: &RouteRuntime, pool: Option<&Arc<Pool>>, client: Option<&ClientInfo>, method: &Method, new_key: Option<u128>, how: Charge) -> Option<Refusal> {
     let admission = route.admission.as_ref()?;
     let default = crate::admission::ClientSource::default();
     let who = client.filter(|_| admission.charges(method)).map(|client| (client.source.as_ref().unwrap_or(&default), client.peer));
     if who.is_none() && (new_key.is_none() || admission.config.new_keys.is_none()) {
         return None;
     }
-    let shared = pool.and_then(|p| p.l2.as_ref());
-    let refusal = admission.charge(shared, who, new_key).await.err()?;
+    let redis = pool.and_then(|p| p.l2.as_ref()).is_some_and(|shared| !shared.is_down());
+    let result = match how {
+        Charge::Check => admission.check(redis, who, new_key),
+        Charge::Take => admission.charge(redis, who, new_key).map(|asks| {
+            // The next block of tokens, asked for off the request's path.
+            if let Some(pool) = pool.filter(|_| !asks.is_empty()) {
+                let (admission, pool) = (admission.clone(), pool.clone());
+                tokio::spawn(async move {
+                    if let Some(shared) = &pool.l2 {
+                        admission.ask(shared, asks).await;
+                    }
+                });
+            }
+        }),
+    };
+    let refusal = result.err()?;
     route.metrics.admission_rejected(refusal.budget.index());
     Some(refusal)
 }

@@ -174,7 +174,7 @@ pub(super) async fn cache_aside(ctx: &RequestContext, pool: &Arc<Pool>, mut part
 /// shielded by coalescing and stale-while-revalidate, and nothing is deleted
 /// (RFC 9111 section 4.3.5).
 async fn validate_with_head(job: FetchJob, stored: &Entry) -> Decision {
-    if let Some(refused) = super::admit::admit(&job).await {
+    if let Some(refused) = super::admit::admit(&job) {
         return refused;
     }
     let pool = job.pool.clone();

@@ -16,7 +16,7 @@ use http_body::Body;
 use http_body_util::BodyExt;
 use tokio::sync::oneshot;
 
-use super::admit::{admit, admit_client, admit_new_key};
+use super::admit::{admit, precheck};
 use super::decision::{Decision, Serve, failure_outcome};
 use super::fetch::{FetchJob, Fetched};
 use super::fill::{FillRead, Filling, WindowFill};
@@ -97,6 +97,7 @@ pub async fn miss(mut job: FetchJob, stale: Option<Arc<Entry>>) -> Decision {
     let mut rejoined = false;
     let mut refetched = false;
     let mut abandoned = 0;
+    let mut refusals = 0;
     loop {
         let mut waiting = match join {
             Join::Leader(guard) => return lead(job, guard, stale).await,
@@ -175,9 +176,14 @@ pub async fn miss(mut job: FetchJob, stale: Option<Arc<Entry>>) -> Decision {
                 abandoned += 1;
                 join = pool.join_flight(&job.key);
             }
-            // Not a failure of the fetch: each rejoin has a new leader, charged to its own
-            // client (a refused one leaves), so this ends.
-            Fill::Refused => join = pool.join_flight(&job.key),
+            // Not a failure of the fetch: the next leader is charged to its own client (a
+            // refused one leaves). After twice, ask alone (charged too) rather than keep
+            // meeting refused leaders.
+            Fill::Refused if refusals >= 2 => return direct_admitted(&job).await,
+            Fill::Refused => {
+                refusals += 1;
+                join = pool.join_flight(&job.key);
+            }
         }
     }
 }
@@ -211,9 +217,9 @@ pub fn refresh_in_background(mut job: FetchJob) {
 /// Leads the flight: runs it in its own task and answers from its result. With a stale
 /// copy at hand, waits no longer than `lock_timeout` for it, like the waiters.
 async fn lead(mut job: FetchJob, guard: FlightGuard, stale: Option<Arc<Entry>>) -> Decision {
-    // Charged to its client as it leads, before it holds back for the other replicas: a
-    // refused client costs Redis no lease. Its waiters lead again among themselves.
-    if let Some(refused) = admit_client(&job).await {
+    // Over budget already: refused before it holds back for the other replicas, so it
+    // costs Redis no lease. Its waiters lead again among themselves.
+    if let Some(refused) = precheck(&job) {
         guard.complete(Fill::Refused);
         return refused;
     }
@@ -294,7 +300,7 @@ fn range_starts_beyond(job: &FetchJob, streaming: &Streaming) -> bool {
 
 /// [`direct`], charged to the route's admission budgets first.
 async fn direct_admitted(job: &FetchJob) -> Decision {
-    match admit(job).await {
+    match admit(job) {
         Some(refused) => refused,
         None => direct(job).await,
     }
@@ -458,10 +464,10 @@ async fn run_flight(job: FetchJob, guard: FlightGuard, leader: Option<oneshot::S
             PeerOutcome::Filled(_) | PeerOutcome::FetchAnyway => {}
         }
     }
-    // A new key is charged only now that it will reach the origin: a key another
-    // replica filled took no token. Refused, the leader gets the refusal, the waiters
-    // lead again among themselves, and the other replicas fetch for themselves.
-    if let Some(refused) = Box::pin(admit_new_key(&job)).await {
+    // Charged only now that it will reach the origin: a key another replica filled took
+    // no token. Refused, the leader gets the refusal, the waiters lead again among
+    // themselves, and the other replicas fetch for themselves.
+    if let Some(refused) = admit(&job) {
         guard.complete(Fill::Refused);
         if let Some(tx) = leader {
             let _ = tx.send(LeaderResult::Refused(refused));

@@ -259,7 +259,7 @@ async fn serve(ctx: &RequestContext, parts: request::Parts, body: Option<Incomin
         let query = parts.uri.query().map(|q| crate::cache::key::normalise_query_for(q, rules).map_or_else(|_| q.to_owned(), |n| n.into_owned()));
         crate::cache::PurgeTarget::for_request(client.scheme, &client.host, parts.uri.path(), query.as_deref())
     });
-    if let Some(refused) = admit::admit_bypass(route, client, &parts.method).await {
+    if let Some(refused) = admit::admit_bypass(route, client, &parts.method) {
         return refused;
     }
     match fetch::pass_through(ctx, parts, body).await {

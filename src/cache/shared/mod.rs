@@ -251,6 +251,11 @@ impl SharedTier {
         self.read(key, report_corrupt, deadline.min(self.timeout)).await
     }
 
+    /// Whether the pool's Redis breaker is open (every call returns at once).
+    pub fn is_down(&self) -> bool {
+        self.health.is_open()
+    }
+
     /// The deadline of one call.
     pub fn timeout(&self) -> Duration {
         self.timeout
