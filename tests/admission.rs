@@ -321,3 +321,30 @@ async fn a_request_served_another_replicas_fill_keeps_its_clients_token() {
     assert_eq!(second.get_with("/products/11", &[host, client]).await.status, 429, "and then the budget is spent");
     assert_eq!(origin.total(), 2);
 }
+
+// Guards against a bucket in Redis that holds something other than a time (written by
+// hand, another version, another type) breaking the shared count for good: the script
+// treats it as a full bucket and overwrites it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_bucket_corrupted_in_redis_is_overwritten_not_trusted() {
+    let (origin, redis) = (Origin::start().await, RedisServer::start());
+    let bucket = |client: u8| format!("bulwark:pdp:adm:all:c:203.0.113.{client}");
+    let mut conn = redis.conn();
+    for (client, value) in [(1, "nan"), (2, "inf"), (3, "-inf"), (4, "garbage")] {
+        redis::cmd("SET").arg(bucket(client)).arg(value).query::<()>(&mut conn).expect("SET");
+    }
+    redis::cmd("RPUSH").arg(bucket(5)).arg("x").query::<()>(&mut conn).expect("RPUSH");
+    let bulwark = Bulwark::start(&config(&origin, r#"{ per_client = "5/m", per_client_burst = 5 }"#).redis(&redis.url()).to_toml()).await;
+    for client in 1..=5 {
+        let address = format!("203.0.113.{client}");
+        let mut admitted = 0;
+        for i in 0..10 {
+            if get_as(&bulwark, &address, &format!("/p?c={client}&cb={i}")).await.status == 200 {
+                admitted += 1;
+            }
+        }
+        assert_eq!(admitted, 5, "client {client}: a corrupt bucket must count as full, then as the budget");
+        let stored: String = redis::cmd("GET").arg(bucket(client)).query(&mut conn).expect("the bucket is a string again");
+        assert!(stored.parse::<f64>().is_ok_and(f64::is_finite), "client {client}: bucket holds {stored:?}");
+    }
+}

@@ -88,13 +88,16 @@ pub const ENTRY_OVERHEAD_BYTES: usize = 1 << 20;
 /// the key holds the time, in microseconds by the Redis clock, when the bucket is full
 /// again), refilling one per ARGV[1] nanoseconds and holding at most ARGV[2]; a time
 /// further ahead than ARGV[2] tokens (left by a slower rate or a larger burst) is
-/// brought back to it. Answers {granted, 0}, or {0, microseconds until one is free}.
+/// brought back to it. Anything else in the key (not a finite number, another type) is
+/// a full bucket, overwritten. Answers {granted, 0}, or {0, microseconds until one is free}.
 const TAKE_TOKENS: &str = "local t = redis.call('time') \
     local now = tonumber(t[1]) * 1000000 + tonumber(t[2]) \
     local interval, burst, want = tonumber(ARGV[1]) / 1000, tonumber(ARGV[2]), tonumber(ARGV[3]) \
     local limit = now + burst * interval \
-    local stored = tonumber(redis.call('get', KEYS[1]) or now) or now \
-    local full = math.min(math.max(stored, now), limit) \
+    local raw = redis.pcall('get', KEYS[1]) \
+    local stored = type(raw) == 'string' and tonumber(raw) or nil \
+    if stored == nil or stored ~= stored or stored == math.huge or stored == -math.huge then stored = nil end \
+    local full = math.min(math.max(stored or now, now), limit) \
     local granted = math.min(math.floor((limit - full) / interval + 0.000001), want) \
     full = full + granted * interval \
     if full ~= stored then redis.call('set', KEYS[1], string.format('%.3f', full), 'px', math.ceil((full - now) / 1000) + 1000) end \
