@@ -20,7 +20,7 @@ use std::time::Duration;
 use bytes::Bytes;
 use http::{HeaderMap, HeaderValue, StatusCode, Uri};
 
-pub use raw::{AccessLog, Priority, RouteMode, StaleOnError};
+pub use raw::{AccessLog, FallbackOn, Priority, RouteMode, StaleOnError};
 pub use validate::Cidr;
 
 /// An origin's circuit breaker (see `origin::breaker`).
@@ -249,6 +249,9 @@ pub struct RouteConfig {
     /// the mode it was switched to at runtime).
     pub mode_from_file: bool,
     pub fallback: Option<Fallback>,
+    /// `fallback_on`: when the origin cannot answer for these reasons and nothing stored
+    /// may be served, a GET or HEAD gets the fallback in any mode.
+    pub fallback_on: Vec<FallbackOn>,
     pub negative_ttl: Option<Duration>,
     pub stale_on_error: StaleOnError,
     /// The route's overrides of the cache policy.

@@ -135,6 +135,7 @@ pub struct RawRoute {
     pub priority: Option<Priority>,
     pub mode: Option<Spanned<RouteMode>>,
     pub fallback: Option<Spanned<RawFallback>>,
+    pub fallback_on: Option<Spanned<Vec<FallbackOn>>>,
     pub negative_ttl: Option<ConfigDuration>,
     pub stale_on_error: Option<StaleOnError>,
     pub force_ttl: Option<Spanned<ConfigDuration>>,
@@ -206,6 +207,20 @@ pub enum Priority {
     #[default]
     Normal,
     Critical,
+}
+
+/// Why the origin could not answer, for `fallback_on`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum FallbackOn {
+    /// The origin's concurrency limit and queue refused the request.
+    Shed,
+    /// No answer within the origin's `timeout`.
+    Timeout,
+    /// The origin's breaker is open.
+    Breaker,
+    /// No answer (connect error, reset, no endpoints) or a 500/502/503/504.
+    Error,
 }
 
 /// What a route does with a request, switchable at runtime.

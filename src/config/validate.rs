@@ -569,6 +569,13 @@ fn route(raw: raw::RawRoute, origins: &[OriginConfig], pools: &[PoolConfig], tru
         None => None,
         Some(f) => Some(fallback(f)?),
     };
+    let fallback_on = match raw.fallback_on {
+        Some(list) if !list.get_ref().is_empty() && fallback.is_none() => {
+            return err(list.span(), "fallback_on needs a `fallback` response on this route");
+        }
+        Some(list) => list.into_inner(),
+        None => Vec::new(),
+    };
     let mode_from_file = raw.mode.is_some();
     let mode = match raw.mode {
         None => RouteMode::Normal,
@@ -588,6 +595,7 @@ fn route(raw: raw::RawRoute, origins: &[OriginConfig], pools: &[PoolConfig], tru
         mode,
         mode_from_file,
         fallback,
+        fallback_on,
         negative_ttl: raw.negative_ttl.map(|d| d.0),
         stale_on_error: raw.stale_on_error.unwrap_or_default(),
         cache: CacheRules {

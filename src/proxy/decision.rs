@@ -11,9 +11,9 @@ use crate::body::ProxyBody;
 use crate::body::shared::Reader;
 use crate::cache::Entry;
 use crate::cache::coalesce::Answer;
-use crate::config::Fallback;
+use crate::config::{Fallback, FallbackOn};
 use crate::error::ProxyError;
-use crate::origin::is_failure_status;
+use crate::origin::{OriginError, is_failure_status};
 use crate::outcome::{BypassReason, Outcome, StaleReason};
 use crate::runtime::RouteRuntime;
 
@@ -86,6 +86,37 @@ impl Decision {
             self.outcome = Outcome::Bypass(reason);
         }
         self
+    }
+
+    /// `fallback_on`: the route's fallback instead of an origin that could not answer
+    /// for a reason the route lists. Applied last, so a stored copy that may be served
+    /// (stale-if-error) was served already.
+    pub fn or_fallback_on(self, route: &RouteRuntime) -> Decision {
+        let Some(fallback) = route.config.fallback.as_ref().filter(|_| !route.config.fallback_on.is_empty()) else { return self };
+        match self.origin_failure() {
+            Some(reason) if route.config.fallback_on.contains(&reason) => Decision::new(Serve::Fallback(fallback.clone()), Outcome::Fallback),
+            _ => self,
+        }
+    }
+
+    /// Why the origin could not answer, if that is what this reports.
+    fn origin_failure(&self) -> Option<FallbackOn> {
+        match &self.serve {
+            Serve::Answer(answer) if is_failure_status(answer.status) => Some(FallbackOn::Error),
+            Serve::Streamed(parts, _) if is_failure_status(parts.status) => Some(FallbackOn::Error),
+            Serve::Error(err) => match &**err {
+                ProxyError::Origin { source, .. } => match source {
+                    OriginError::Shed(_) => Some(FallbackOn::Shed),
+                    OriginError::BreakerOpen => Some(FallbackOn::Breaker),
+                    OriginError::Timeout(_) => Some(FallbackOn::Timeout),
+                    OriginError::Connect(_) | OriginError::Request(_) | OriginError::Body(_) | OriginError::NoEndpoints => Some(FallbackOn::Error),
+                    OriginError::ClientBody(_) | OriginError::UploadTimeout(_) | OriginError::Unwanted => None,
+                },
+                ProxyError::OriginStatus { status, .. } if is_failure_status(*status) => Some(FallbackOn::Error),
+                _ => None,
+            },
+            _ => None,
+        }
     }
 
     /// Whether this reports the origin failing (a failure status, or an upstream error):

@@ -195,7 +195,10 @@ impl Proxy {
         } else {
             (Some(body), true)
         };
+        // A GET or HEAD only: an unsafe request that failed must not look done.
+        let safe = body.is_none();
         let decision = serve(&ctx, parts, body).await;
+        let decision = if safe { decision.or_fallback_on(&ctx.route) } else { decision };
         let outcome = decision.outcome;
         let res = respond::render(&ctx, decision, conditional.as_ref(), range.as_ref(), ctx.now());
         let record = record::Record { route: ctx.route, outcome, status: res.status().as_u16(), start, logged, trace };
