@@ -101,9 +101,9 @@ pub struct Acks {
 
 impl Control {
     /// Connects lazily to `url`, as replica `replica`.
-    pub fn new(url: &str, replica: &str) -> Result<Arc<Control>, redis::RedisError> {
-        let client = redis::Client::open(url)?;
-        let link = Link::new(&Endpoint::Single(url.to_owned()), TIMEOUT)?;
+    pub fn new(url: &str, ca: Option<&crate::config::PemFile>, replica: &str) -> Result<Arc<Control>, redis::RedisError> {
+        let client = crate::cache::shared::link::client(url, ca)?;
+        let link = Link::new(&Endpoint::Single(url.to_owned()), ca, TIMEOUT)?;
         Ok(Arc::new(Control { client, link, replica: replica.to_owned(), tasks: std::sync::Mutex::default() }))
     }
 

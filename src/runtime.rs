@@ -170,7 +170,7 @@ impl Runtime {
 /// makes up another, so it is not compared.)
 pub fn restart_only_changes(old: &Config, new: &Config) -> Vec<&'static str> {
     let (a, b) = (&old.server, &new.server);
-    let checks: [(&'static str, bool); 13] = [
+    let checks: [(&'static str, bool); 14] = [
         ("server.listen", a.listen != b.listen),
         ("server.admin_listen", a.admin_listen != b.admin_listen),
         ("server.admin_open", a.admin_open != b.admin_open),
@@ -182,6 +182,7 @@ pub fn restart_only_changes(old: &Config, new: &Config) -> Vec<&'static str> {
         ("server.shutdown_timeout", a.shutdown_timeout != b.shutdown_timeout),
         ("server.access_log", a.access_log != b.access_log || a.access_log_sample != b.access_log_sample),
         ("server.control_redis_url", a.control_redis_url != b.control_redis_url),
+        ("server.control_redis_ca_file", a.control_redis_ca != b.control_redis_ca),
         ("tracing", old.tracing != new.tracing),
         ("server.max_inflight_body_bytes", a.max_inflight_body_bytes != b.max_inflight_body_bytes),
     ];

@@ -161,7 +161,7 @@ async fn serve(listeners: Listeners, proxy: Arc<Proxy>, shutdown: impl Future<Ou
         pool.start();
     }
     if let Some(url) = &server_config.control_redis_url {
-        match crate::control::Control::new(url, &server_config.replica_id) {
+        match crate::control::Control::new(url, server_config.control_redis_ca.as_ref(), &server_config.replica_id) {
             Ok(control) => {
                 let _ = proxy.control.set(control.clone());
                 control.start(proxy.live.clone()).await;

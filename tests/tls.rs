@@ -7,6 +7,7 @@ use std::convert::Infallible;
 use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::sync::Arc;
+use std::time::Duration;
 
 use http_body_util::Full;
 use hyper::body::Incoming;
@@ -152,4 +153,82 @@ async fn a_discovered_https_endpoint_is_checked_against_the_url_host_and_ca_file
     assert_eq!(reloaded.status, 200, "{}", reloaded.text());
     let got = bulwark.get("/p").await;
     assert_eq!((got.status.as_u16(), got.text()), (200, "secure"), "addressed to {addr}, checked as {host}");
+}
+
+/// A redis-server answering TLS on its second port with a certificate of `pki`'s CA for
+/// `localhost`; the `rediss://` URL of that port.
+fn tls_redis(pki: &Pki) -> (support::RedisServer, String) {
+    let (cert, key) = pki.issue(&["localhost"], ExtendedKeyUsagePurpose::ServerAuth);
+    let tls_port = support::free_port();
+    let args = [
+        "--tls-port",
+        &tls_port.to_string(),
+        "--tls-cert-file",
+        &pki.write("redis.pem", &cert),
+        "--tls-key-file",
+        &pki.write("redis.key", &key),
+        "--tls-auth-clients",
+        "no",
+    ];
+    let redis = support::RedisServer::start_with(args.iter().map(|a| (*a).to_owned()).collect());
+    (redis, format!("rediss://localhost:{tls_port}/0"))
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn pools_and_the_control_channel_reach_redis_over_tls_on_a_private_ca() {
+    let pki = Pki::new();
+    let ca = pki.write("ca.pem", &pki.ca.pem());
+    let (redis, url) = tls_redis(&pki);
+    let origin = support::Origin::start().await;
+    origin.set(|_| support::Reply::ok("page").header("cache-control", "max-age=60"));
+    let replica = |id: &str| {
+        TestConfig::new(&origin.url())
+            .redis(&url)
+            .pool("redis_timeout", "500ms")
+            .pool("redis_ca_file", ca.as_str())
+            .server("control_redis_url", url.as_str())
+            .server("control_redis_ca_file", ca.as_str())
+            .server("replica_id", id)
+            .to_toml()
+    };
+    let (first, second) = (Bulwark::start(&replica("r1")).await, Bulwark::start(&replica("r2")).await);
+    first.wait_for_subscription().await;
+    second.wait_for_subscription().await;
+    // One host for both (each replica's own address would make two keys).
+    let host = [("host", "shop.example")];
+    assert_eq!(first.get_with("/products/1", &host).await.cache_status(), "bulwark; fwd=miss; stored");
+    support::eventually("the entry written over TLS", Duration::from_secs(5), async || redis.entries("bulwark:pdp:").len() == 1).await;
+    assert_eq!(second.get_with("/products/1", &host).await.cache_status(), "bulwark; hit; detail=l2", "read from Redis over TLS");
+    // A route mode set on one replica reaches the other through the control Redis.
+    let set = first.admin_send(http::Method::PUT, "/admin/routes/all/mode", r#"{"mode": "off"}"#).await;
+    assert_eq!(set.status, 200, "{}", set.text());
+    support::eventually("the mode on the other replica", Duration::from_secs(5), async || second.get("/products/2").await.status == 503).await;
+    assert_eq!(first.metric("bulwark_redis_errors_total", &[("pool", "pdp"), ("op", "get")]).await, 0.0);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_redis_certificate_not_signed_by_a_trusted_root_is_refused_and_requests_are_still_served() {
+    let pki = Pki::new();
+    let (_redis, url) = tls_redis(&pki);
+    let origin = support::Origin::start().await;
+    origin.set(|_| support::Reply::ok("page").header("cache-control", "max-age=60"));
+    // The public roots only: the private CA's certificate must not be accepted.
+    let bulwark = Bulwark::start(&TestConfig::new(&origin.url()).redis(&url).to_toml()).await;
+    for i in 0..3 {
+        let got = bulwark.get(&format!("/products/{i}")).await;
+        assert_eq!((got.status.as_u16(), got.text()), (200, "page"), "a Redis it cannot trust costs a miss, never a request");
+    }
+    let errors = bulwark.metric("bulwark_redis_errors_total", &[("pool", "pdp"), ("op", "get")]).await;
+    assert!(errors >= 1.0, "the handshake failures were not counted ({errors})");
+}
+
+#[test]
+fn redis_ca_file_needs_rediss_urls() {
+    let pki = Pki::new();
+    let ca = pki.write("ca.pem", &pki.ca.pem());
+    let plain = TestConfig::new("http://127.0.0.1:1").redis("redis://127.0.0.1:6390/0").pool("redis_ca_file", ca.as_str()).to_toml();
+    let err = bulwark::Config::parse(&plain, std::path::Path::new("shop.toml")).expect_err("a CA file for a plain Redis URL");
+    assert!(err.to_string().contains("redis_ca_file needs rediss://"), "{err}");
+    let tls = TestConfig::new("http://127.0.0.1:1").redis("rediss://redis.internal:6390/0").pool("redis_ca_file", ca.as_str()).to_toml();
+    bulwark::Config::parse(&tls, std::path::Path::new("shop.toml")).expect("rediss:// with a CA file");
 }

@@ -85,6 +85,9 @@ pub struct ServerConfig {
     pub access_log: AccessLog,
     pub access_log_sample: f64,
     pub control_redis_url: Option<String>,
+    /// `control_redis_ca_file`: the roots trusted for a `rediss://` control Redis,
+    /// instead of the public ones.
+    pub control_redis_ca: Option<PemFile>,
     /// How this replica names itself to the others (mode acknowledgements): the
     /// config's `replica_id`, else `HOSTNAME`, else a random id.
     pub replica_id: String,
@@ -223,6 +226,8 @@ pub enum RedisEndpoint {
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct SharedTierConfig {
     pub endpoint: RedisEndpoint,
+    /// `redis_ca_file`: the roots trusted for `rediss://`, instead of the public ones.
+    pub ca: Option<PemFile>,
     /// Deadline of one Redis call.
     pub timeout: Duration,
     /// Failed calls in a row that open the pool's Redis breaker.

@@ -52,6 +52,7 @@ pub struct RawServer {
     pub access_log: Option<AccessLog>,
     pub access_log_sample: Option<Spanned<f64>>,
     pub control_redis_url: Option<Spanned<String>>,
+    pub control_redis_ca_file: Option<Spanned<String>>,
     pub replica_id: Option<Spanned<String>>,
 }
 
@@ -106,6 +107,7 @@ pub struct RawPool {
     pub name: Spanned<String>,
     pub l1_max_bytes: Option<Spanned<ByteSize>>,
     pub redis_url: Option<Spanned<String>>,
+    pub redis_ca_file: Option<Spanned<String>>,
     pub redis_cluster_nodes: Option<Spanned<Vec<String>>>,
     pub redis_timeout: Option<Spanned<ConfigDuration>>,
     pub key_prefix: Option<Spanned<String>>,

@@ -172,6 +172,7 @@ fn server(raw: raw::RawServer) -> Result<ServerConfig> {
         None => None,
         Some(url) => Some(redis_url(&url)?),
     };
+    let control_redis_ca = redis_ca(raw.control_redis_ca_file.as_ref(), control_redis_url.iter().map(String::as_str), "control_redis_ca_file")?;
     let replica_id = match raw.replica_id {
         Some(id) if id.get_ref().is_empty() || id.get_ref().len() > 253 || id.get_ref().chars().any(|c| c.is_whitespace() || c.is_control()) => {
             return err(id.span(), "replica_id must be 1 to 253 characters with no spaces");
@@ -200,8 +201,19 @@ fn server(raw: raw::RawServer) -> Result<ServerConfig> {
         access_log: raw.access_log.unwrap_or_default(),
         access_log_sample,
         control_redis_url,
+        control_redis_ca,
         replica_id,
     })
+}
+
+/// `redis_ca_file` (or `control_redis_ca_file`, as `key`): read, and only beside
+/// `rediss://` URLs (with `redis://` it would silently protect nothing).
+fn redis_ca<'a>(file: Option<&Spanned<String>>, mut urls: impl Iterator<Item = &'a str>, key: &str) -> Result<Option<PemFile>> {
+    let Some(file) = file else { return Ok(None) };
+    if !urls.all(|url| url.starts_with("rediss://")) {
+        return err(file.span(), format!("{key} needs rediss:// Redis URLs (TLS)"));
+    }
+    pem_file(file, key, certificates).map(Some)
 }
 
 fn redis_url(url: &Spanned<String>) -> Result<String> {
@@ -457,9 +469,16 @@ fn pool(raw: raw::RawPool) -> Result<PoolConfig> {
         }
         (None, None) => None,
     };
+    let urls: Vec<&str> = match &endpoint {
+        Some(RedisEndpoint::Single(url)) => vec![url],
+        Some(RedisEndpoint::Cluster(nodes)) => nodes.iter().map(String::as_str).collect(),
+        None => Vec::new(),
+    };
+    let ca = redis_ca(raw.redis_ca_file.as_ref(), urls.into_iter(), "redis_ca_file")?;
     let shared = match endpoint {
         Some(endpoint) => Some(SharedTierConfig {
             endpoint,
+            ca,
             timeout: raw.redis_timeout.as_ref().map_or(Duration::from_millis(50), |t| t.get_ref().0),
             breaker_failures: u32::try_from(positive(raw.redis_breaker_failures.clone(), 5, "redis_breaker_failures")?).unwrap_or(u32::MAX),
             breaker_probe_interval: nonzero_dur(raw.redis_breaker_probe_interval.clone(), Duration::from_millis(500), "redis_breaker_probe_interval")?,
@@ -467,6 +486,7 @@ fn pool(raw: raw::RawPool) -> Result<PoolConfig> {
         None => {
             let redis_only = [
                 raw.redis_timeout.as_ref().map(|t| ("redis_timeout", t.span())),
+                raw.redis_ca_file.as_ref().map(|t| ("redis_ca_file", t.span())),
                 raw.redis_breaker_failures.as_ref().map(|t| ("redis_breaker_failures", t.span())),
                 raw.redis_breaker_probe_interval.as_ref().map(|t| ("redis_breaker_probe_interval", t.span())),
             ];

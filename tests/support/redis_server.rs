@@ -41,13 +41,21 @@ pub fn fresh_entry(key: &str, headers: HeaderMap, body: &'static [u8]) -> bulwar
 pub struct RedisServer {
     pub port: u16,
     child: Option<Child>,
+    /// More `redis-server` arguments (a TLS port, say).
+    args: Vec<String>,
 }
 
 impl RedisServer {
     pub fn start() -> RedisServer {
+        RedisServer::start_with(Vec::new())
+    }
+
+    /// [`RedisServer::start`] with more `redis-server` arguments; the plain port stays
+    /// open for the test's own checks.
+    pub fn start_with(args: Vec<String>) -> RedisServer {
         for _ in 0..5 {
             let port = free_port();
-            let mut server = RedisServer { port, child: None };
+            let mut server = RedisServer { port, child: None, args: args.clone() };
             if server.spawn() {
                 return server;
             }
@@ -58,6 +66,7 @@ impl RedisServer {
     fn spawn(&mut self) -> bool {
         let child = Command::new("redis-server")
             .args(["--port", &self.port.to_string(), "--bind", "127.0.0.1", "--save", "", "--appendonly", "no"])
+            .args(&self.args)
             .stdout(Stdio::null())
             .stderr(Stdio::null())
             .spawn()

@@ -17,6 +17,8 @@ use redis::cluster::ClusterClient;
 use redis::cluster_async::ClusterConnection;
 use redis::{Cmd, Pipeline, RedisFuture, Value};
 
+use crate::config::PemFile;
+
 /// Deadline misses in a row after which the connection is replaced.
 const TIMEOUTS_BEFORE_RECONNECT: u32 = 3;
 
@@ -95,12 +97,24 @@ impl ConnectionLike for Conn {
     }
 }
 
+/// A client for `url`; a `rediss://` one trusts `ca` if given, else the public roots.
+pub fn client(url: &str, ca: Option<&PemFile>) -> redis::RedisResult<redis::Client> {
+    match ca {
+        None => redis::Client::open(url),
+        Some(ca) => redis::Client::build_with_tls(url, tls_roots(ca)),
+    }
+}
+
+fn tls_roots(ca: &PemFile) -> redis::TlsCertificates {
+    redis::TlsCertificates { client_tls: None, root_cert: Some(ca.pem.clone()) }
+}
+
 impl Link {
     /// Creates the link without connecting (the first call connects).
-    pub fn new(endpoint: &Endpoint, timeout: Duration) -> redis::RedisResult<Link> {
+    pub fn new(endpoint: &Endpoint, ca: Option<&PemFile>, timeout: Duration) -> redis::RedisResult<Link> {
         let backend = match endpoint {
             Endpoint::Single(url) => {
-                let client = redis::Client::open(url.as_str())?;
+                let client = client(url, ca)?;
                 let config = ConnectionManagerConfig::new()
                     .set_response_timeout(Some(timeout))
                     .set_connection_timeout(Some(timeout.max(Duration::from_millis(250))))
@@ -111,11 +125,14 @@ impl Link {
                 Backend::Single { client, config, current: ArcSwap::from_pointee(manager) }
             }
             Endpoint::Cluster(nodes) => {
-                let client = ClusterClient::builder(nodes.iter().map(String::as_str))
+                let mut builder = ClusterClient::builder(nodes.iter().map(String::as_str))
                     .connection_timeout(timeout.max(Duration::from_millis(250)))
                     .response_timeout(timeout)
-                    .retries(1)
-                    .build()?;
+                    .retries(1);
+                if let Some(ca) = ca {
+                    builder = builder.certs(tls_roots(ca));
+                }
+                let client = builder.build()?;
                 Backend::Cluster { client, current: Arc::new(ArcSwapOption::empty()), connecting: Arc::new(AtomicBool::new(false)) }
             }
         };

@@ -164,9 +164,10 @@ impl SharedTier {
             crate::config::RedisEndpoint::Single(url) => vec![url.clone()],
             crate::config::RedisEndpoint::Cluster(nodes) => nodes.clone(),
         };
-        let event_clients = urls.iter().map(|u| redis::Client::open(u.as_str())).collect::<Result<Vec<_>, _>>().map_err(wrap)?;
-        let reads = Arc::new(Link::new(&config.endpoint, config.timeout).map_err(wrap)?);
-        let writes = Arc::new(Link::new(&config.endpoint, config.timeout).map_err(wrap)?);
+        let ca = config.ca.as_ref();
+        let event_clients = urls.iter().map(|u| link::client(u, ca)).collect::<Result<Vec<_>, _>>().map_err(wrap)?;
+        let reads = Arc::new(Link::new(&config.endpoint, ca, config.timeout).map_err(wrap)?);
+        let writes = Arc::new(Link::new(&config.endpoint, ca, config.timeout).map_err(wrap)?);
         let probe_key = format!("{prefix}probe");
         let health = Health::new(config.breaker_failures, config.breaker_probe_interval, config.timeout, probe_key, metrics.redis_breaker_open.clone());
         let (stop_tx, stop_rx) = oneshot::channel();
