@@ -103,7 +103,7 @@ impl Control {
     /// Connects lazily to `url`, as replica `replica`.
     pub fn new(url: &str, ca: Option<&crate::config::PemFile>, replica: &str) -> Result<Arc<Control>, redis::RedisError> {
         let client = crate::cache::shared::link::client(url, ca)?;
-        let link = Link::new(&Endpoint::Single(url.to_owned()), ca, TIMEOUT)?;
+        let link = Link::new("control", &Endpoint::Single(url.to_owned()), ca, TIMEOUT)?;
         Ok(Arc::new(Control { client, link, replica: replica.to_owned(), tasks: std::sync::Mutex::default() }))
     }
 

@@ -35,6 +35,7 @@
 //! - [`metrics`]: metric names, the per-instance recorder, pre-registered handles.
 //! - [`scrape`]: Prometheus text as bulwark writes it, read back (`top`, `demo`).
 //! - [`error`]: request-path errors with their source, and the one error-to-status map.
+//! - [`log_every`]: warnings written at most once per period, with how many were left out.
 //! - [`clock`]: the wall time every pool decides by (a leaf; tests move it forward).
 //!
 //! No two top-level modules import each other, directly or through others
@@ -63,6 +64,7 @@ pub mod connections;
 pub mod control;
 pub mod encodings;
 pub mod error;
+pub mod log_every;
 pub mod memory;
 pub mod metrics;
 pub mod origin;

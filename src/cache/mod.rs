@@ -378,7 +378,11 @@ impl Pool {
                     // Here, not in the task below: before any request can store anew.
                     let mut last = last_epoch.lock().unwrap_or_else(|p| p.into_inner());
                     let restarted = matches!((&*last, data_epoch), (Some(old), Some(new)) if old != new);
-                    tracing::info!(restarted, "event subscription up: L1 kept, each copy confirmed against Redis before its next use");
+                    if last.is_none() && !restarted {
+                        tracing::info!("event subscription up");
+                    } else {
+                        tracing::info!(restarted, "event subscription up again: L1 kept, each copy confirmed against Redis before its next use");
+                    }
                     l1.begin_generation(restarted);
                     if data_epoch.is_some() {
                         last.clone_from(data_epoch);

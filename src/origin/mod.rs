@@ -187,7 +187,15 @@ pub struct Origin {
     /// This replica's share of `fleet_max_concurrency` (0: none).
     fleet_share: AtomicUsize,
     pub metrics: OriginMetrics,
+    /// The breaker's state as last logged (lines on changes only).
+    breaker_logged: std::sync::atomic::AtomicBool,
+    /// Warnings about attempts that got no answer, and about the breaker, rate-limited.
+    unreachable_log: crate::log_every::Every,
+    breaker_log: crate::log_every::Every,
 }
+
+/// Lines about one origin failing repeat at most this often.
+const ORIGIN_LOG_PERIOD: std::time::Duration = std::time::Duration::from_secs(10);
 
 /// Origin statuses that count as failures (for the breaker) and allow stale-if-error.
 pub fn is_failure_status(status: http::StatusCode) -> bool {
@@ -270,6 +278,9 @@ impl Origin {
             open_connections,
             fleet_share: AtomicUsize::new(0),
             metrics,
+            breaker_logged: std::sync::atomic::AtomicBool::new(false),
+            unreachable_log: crate::log_every::Every::new(ORIGIN_LOG_PERIOD),
+            breaker_log: crate::log_every::Every::new(ORIGIN_LOG_PERIOD),
         });
         discovery::start(&origin);
         Ok(origin)
@@ -354,6 +365,9 @@ impl Origin {
                 // The deadline ended an attempt: a timeout of the endpoint it was on.
                 if let Some((endpoint, began)) = current.lock().unwrap_or_else(std::sync::PoisonError::into_inner).take() {
                     self.endpoints.report(&endpoint, endpoints::Verdict::Failed, began.elapsed());
+                    if let Some(left_out) = self.unreachable_log.due() {
+                        tracing::warn!(origin = self.config.name, endpoint = %endpoint.authority, timeout = ?self.config.timeout, left_out, "origin request timed out");
+                    }
                 }
                 Err(elapsed)
             }
@@ -362,6 +376,9 @@ impl Origin {
         let success = matches!(&result, Ok(Ok((res, _))) if !is_failure_status(res.status()));
         let open = permit.record(success);
         self.metrics.breaker_open.set(if open { 1.0 } else { 0.0 });
+        if self.breaker_logged.swap(open, std::sync::atomic::Ordering::Relaxed) != open {
+            self.log_breaker(open);
+        }
         match result {
             Err(_) => Err(OriginError::Timeout(self.config.timeout)),
             Ok(Err(AttemptError::Client(err))) if err.is_connect() => Err(OriginError::Connect(err)),
@@ -371,6 +388,17 @@ impl Origin {
                 let inflight = Inflight::new(&self.metrics, slot, load);
                 Ok(res.map(|body| OriginBody::new(body, inflight, self.config.timeout)))
             }
+        }
+    }
+
+    /// A change of the breaker's state, at most once per [`ORIGIN_LOG_PERIOD`] (a flapping
+    /// breaker says how many changes it left out).
+    fn log_breaker(&self, open: bool) {
+        let Some(left_out) = self.breaker_log.due() else { return };
+        if open {
+            tracing::warn!(origin = self.config.name, left_out, "origin breaker open: its requests fail at once (stale copies or fallbacks serve)");
+        } else {
+            tracing::info!(origin = self.config.name, left_out, "origin breaker closed");
         }
     }
 
@@ -416,6 +444,13 @@ impl Origin {
             // A fast failure looks cheap to the balancer, so a dead endpoint gets the
             // attempts that eject it soon (and each one that fails is retried elsewhere).
             self.endpoints.report(&endpoint, verdict, began.elapsed());
+            if let Err(err) = &result
+                && verdict == endpoints::Verdict::Failed
+                && let Some(left_out) = self.unreachable_log.due()
+            {
+                let cause = std::iter::successors(std::error::Error::source(err), |e| e.source()).map(ToString::to_string).collect::<Vec<_>>().join(": ");
+                tracing::warn!(origin = self.config.name, endpoint = %endpoint.authority, error = %err, cause, left_out, "origin request got no answer");
+            }
             let Some((method, uri, version, headers)) = &again else { return result.map(|res| (res, load)).map_err(AttemptError::Client) };
             match result {
                 Err(err) if left > 0 && retry::never_answered(&err) && self.retries.try_retry() => {

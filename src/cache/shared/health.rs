@@ -27,10 +27,13 @@ pub struct Health {
     /// PING would need every primary to answer).
     probe_key: String,
     gauge: Gauge,
+    pool: String,
+    /// Open and close lines, rate-limited (a flapping breaker says how many it left out).
+    log: crate::log_every::Every,
 }
 
 impl Health {
-    pub fn new(threshold: u32, probe_interval: Duration, timeout: Duration, probe_key: String, gauge: Gauge) -> Arc<Health> {
+    pub fn new(pool: &str, threshold: u32, probe_interval: Duration, timeout: Duration, probe_key: String, gauge: Gauge) -> Arc<Health> {
         gauge.set(0.0);
         Arc::new(Health {
             open: AtomicBool::new(false),
@@ -40,6 +43,8 @@ impl Health {
             timeout,
             probe_key,
             gauge,
+            pool: pool.to_owned(),
+            log: crate::log_every::Every::new(Duration::from_secs(10)),
         })
     }
 
@@ -59,7 +64,9 @@ impl Health {
         // Only the caller that flips it starts the probe.
         if self.open.compare_exchange(false, true, Ordering::AcqRel, Ordering::Acquire).is_ok() {
             self.gauge.set(1.0);
-            tracing::warn!("Redis breaker open: skipping the shared tier until Redis answers again");
+            if let Some(left_out) = self.log.due() {
+                tracing::warn!(pool = self.pool, left_out, "Redis breaker open: skipping the shared tier until Redis answers again");
+            }
             tokio::spawn(probe(Arc::downgrade(self), Arc::downgrade(link)));
         }
     }
@@ -68,7 +75,9 @@ impl Health {
         self.consecutive.store(0, Ordering::Relaxed);
         self.open.store(false, Ordering::Release);
         self.gauge.set(0.0);
-        tracing::info!("Redis breaker closed: shared tier back in use");
+        if let Some(left_out) = self.log.due() {
+            tracing::info!(pool = self.pool, left_out, "Redis breaker closed: shared tier back in use");
+        }
     }
 }
 

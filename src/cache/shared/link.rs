@@ -45,6 +45,11 @@ pub struct Link {
     backend: Backend,
     /// Deadline misses since the last answer; reset by any answer.
     timeouts: AtomicU32,
+    /// Whose Redis this is, in log lines: `pool pdp`, `control`.
+    owner: String,
+    /// Lines about replacing connections, rate-limited (a Redis that is down would
+    /// otherwise log one per probe).
+    log: crate::log_every::Every,
 }
 
 /// A connection handle for one call.
@@ -111,7 +116,7 @@ fn tls_roots(ca: &PemFile) -> redis::TlsCertificates {
 
 impl Link {
     /// Creates the link without connecting (the first call connects).
-    pub fn new(endpoint: &Endpoint, ca: Option<&PemFile>, timeout: Duration) -> redis::RedisResult<Link> {
+    pub fn new(owner: &str, endpoint: &Endpoint, ca: Option<&PemFile>, timeout: Duration) -> redis::RedisResult<Link> {
         let backend = match endpoint {
             Endpoint::Single(url) => {
                 let client = client(url, ca)?;
@@ -136,7 +141,7 @@ impl Link {
                 Backend::Cluster { client, current: Arc::new(ArcSwapOption::empty()), connecting: Arc::new(AtomicBool::new(false)) }
             }
         };
-        Ok(Link { backend, timeouts: AtomicU32::new(0) })
+        Ok(Link { backend, timeouts: AtomicU32::new(0), owner: owner.to_owned(), log: crate::log_every::Every::new(Duration::from_secs(30)) })
     }
 
     pub fn is_cluster(&self) -> bool {
@@ -167,17 +172,24 @@ impl Link {
         if self.timeouts.fetch_add(1, Ordering::Relaxed) + 1 < TIMEOUTS_BEFORE_RECONNECT {
             return;
         }
+        if let Some(left_out) = self.log.due() {
+            tracing::info!(redis = self.owner, left_out, "replacing a Redis connection after deadline misses in a row");
+        }
         self.reset();
     }
 
     /// Replaces the connection now.
     pub fn reset(&self) {
         self.timeouts.store(0, Ordering::Relaxed);
-        tracing::info!("replacing an unresponsive Redis connection");
+        tracing::debug!(redis = self.owner, "replacing the Redis connection");
         match &self.backend {
             Backend::Single { client, config, current } => match ConnectionManager::new_lazy_with_config(client.clone(), config.clone()) {
                 Ok(fresh) => current.store(Arc::new(fresh)),
-                Err(err) => tracing::warn!(error = %err, "cannot create a Redis connection"),
+                Err(err) => {
+                    if let Some(left_out) = self.log.due() {
+                        tracing::warn!(redis = self.owner, error = %err, left_out, "cannot create a Redis connection");
+                    }
+                }
             },
             Backend::Cluster { current, .. } => current.store(None),
         }

@@ -116,6 +116,10 @@ pub struct SharedTierError {
 }
 
 pub struct SharedTier {
+    /// The pool's name, in log lines.
+    pool: String,
+    /// Lines about corrupt values read, rate-limited.
+    corrupt_log: crate::log_every::Every,
     /// One client per node, for the event subscription (in a cluster, any node hears
     /// every PUBLISH).
     event_clients: Vec<redis::Client>,
@@ -166,12 +170,15 @@ impl SharedTier {
         };
         let ca = config.ca.as_ref();
         let event_clients = urls.iter().map(|u| link::client(u, ca)).collect::<Result<Vec<_>, _>>().map_err(wrap)?;
-        let reads = Arc::new(Link::new(&config.endpoint, ca, config.timeout).map_err(wrap)?);
-        let writes = Arc::new(Link::new(&config.endpoint, ca, config.timeout).map_err(wrap)?);
+        let owner = format!("pool {pool}");
+        let reads = Arc::new(Link::new(&owner, &config.endpoint, ca, config.timeout).map_err(wrap)?);
+        let writes = Arc::new(Link::new(&owner, &config.endpoint, ca, config.timeout).map_err(wrap)?);
         let probe_key = format!("{prefix}probe");
-        let health = Health::new(config.breaker_failures, config.breaker_probe_interval, config.timeout, probe_key, metrics.redis_breaker_open.clone());
+        let health = Health::new(pool, config.breaker_failures, config.breaker_probe_interval, config.timeout, probe_key, metrics.redis_breaker_open.clone());
         let (stop_tx, stop_rx) = oneshot::channel();
         Ok(SharedTier {
+            pool: pool.to_owned(),
+            corrupt_log: crate::log_every::Every::new(Duration::from_secs(10)),
             event_clients,
             cluster: matches!(config.endpoint, crate::config::RedisEndpoint::Cluster(_)),
             reads,
@@ -213,7 +220,8 @@ impl SharedTier {
         });
         let epoch_key = format!("{}epoch", self.prefix);
         let task = self.events.clone().run(self.event_clients.clone(), self.channel.clone(), epoch_key, self.metrics.clone(), handler, stop);
-        tokio::spawn(task);
+        // Its lines name the pool.
+        tokio::spawn(tracing::Instrument::instrument(task, tracing::info_span!("events", pool = self.pool)));
     }
 
     /// Publishes a notice to every replica of the pool (this one included).
@@ -327,7 +335,9 @@ impl SharedTier {
         };
         if payload.len() > self.max_entry_bytes {
             if report_corrupt {
-                tracing::warn!(key = %redis_key, limit = self.max_entry_bytes, "value in Redis longer than any entry of this pool, deleting it");
+                if let Some(left_out) = self.corrupt_log.due() {
+                    tracing::warn!(pool = self.pool, key = %redis_key, limit = self.max_entry_bytes, left_out, "value in Redis longer than any entry of this pool, deleting it");
+                }
                 self.metrics.l2_corrupt.increment(1);
                 self.delete_corrupt(redis_key, DELETE_IF_OVERSIZED, self.max_entry_bytes.to_string().into_bytes());
             }
@@ -338,7 +348,9 @@ impl SharedTier {
             Err(DecodeError::OtherVersion(_)) => None,
             Err(DecodeError::Corrupt(_)) if !report_corrupt => None,
             Err(DecodeError::Corrupt(why)) => {
-                tracing::warn!(key = %redis_key, why, "corrupt entry in Redis, deleting it");
+                if let Some(left_out) = self.corrupt_log.due() {
+                    tracing::warn!(pool = self.pool, key = %redis_key, why, left_out, "corrupt entry in Redis, deleting it");
+                }
                 self.metrics.l2_corrupt.increment(1);
                 self.delete_corrupt(redis_key, DELETE_IF_UNCHANGED, payload.to_vec());
                 None
