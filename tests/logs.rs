@@ -31,6 +31,7 @@ async fn an_outage_logs_each_failure_once_per_period_naming_its_origin_and_pool(
     let mut log = String::new();
     serve.child.stderr.take().expect("stderr").read_to_string(&mut log).expect("read the log");
     let lines = |text: &str| log.lines().filter(|l| l.contains(text)).collect::<Vec<_>>();
+    assert!(!log.contains('\u{1b}'), "terminal colours in a log that goes to a collector:\n{log}");
 
     let unreachable = lines("origin request got no answer");
     assert_eq!(unreachable.len(), 1, "{sent} failed requests, one line per 10 s:\n{log}");

@@ -119,7 +119,9 @@ fn parse_duration_arg(text: &str) -> Result<std::time::Duration, String> {
 /// Logs to stderr; `RUST_LOG` overrides the default level (`info`).
 fn init_logging() {
     let filter = tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "info".into());
-    let _ = tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr).try_init();
+    // Colours only for a person at a terminal: a log collector gets plain text.
+    let ansi = std::io::IsTerminal::is_terminal(&std::io::stderr());
+    let _ = tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr).with_ansi(ansi).try_init();
 }
 
 /// Runs `work` on a new multi-threaded runtime (or reports why there is none).
