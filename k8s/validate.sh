@@ -6,9 +6,14 @@ set -euo pipefail
 cd "$(dirname "$0")"
 
 # Built-in kinds only: ServiceMonitor and PrometheusRule are CRDs with no schema here.
-BUILTIN=(configmap.yaml deployment.yaml service.yaml origin-services.yaml hpa.yaml pdb.yaml ingress.yaml redis.yaml)
-kubernetes-validate --strict --quiet "${BUILTIN[@]}"
-echo "kubernetes-validate --strict: ${#BUILTIN[@]} files passed"
+# Against the lowest Kubernetes version supported (1.30: preStop `sleep`) and the newest
+# the validator knows.
+BUILTIN=(namespace.yaml configmap.yaml deployment.yaml service.yaml origin-services.yaml hpa.yaml pdb.yaml ingress.yaml redis.yaml networkpolicy.yaml)
+LOWEST=1.30.0
+for version in "$LOWEST" ""; do
+    kubernetes-validate --strict --quiet ${version:+-k "$version"} "${BUILTIN[@]}"
+    echo "kubernetes-validate --strict ${version:-(newest)}: ${#BUILTIN[@]} files passed"
+done
 
 RULES=$(mktemp /tmp/bulwark-rules.XXXXXX.yaml)
 trap 'rm -f "$RULES"' EXIT

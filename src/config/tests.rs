@@ -123,11 +123,15 @@ fn shipped_example_configs_are_valid() {
 }
 
 #[test]
-fn config_embedded_in_the_kubernetes_configmap_is_valid() {
-    let manifest = std::fs::read_to_string(Path::new(env!("CARGO_MANIFEST_DIR")).join("k8s/configmap.yaml")).expect("configmap");
+fn config_embedded_in_the_kubernetes_configmap_is_the_shop_example() {
+    let root = Path::new(env!("CARGO_MANIFEST_DIR"));
+    let manifest = std::fs::read_to_string(root.join("k8s/configmap.yaml")).expect("configmap");
     let (_, body) = manifest.split_once("bulwark.toml: |\n").expect("configmap embeds bulwark.toml");
     let toml: String = body.lines().map(|l| format!("{}\n", l.strip_prefix("    ").unwrap_or(l))).collect();
-    Config::parse(&toml, Path::new("k8s/configmap.yaml")).unwrap_or_else(|e| panic!("{e}"));
+    let shop = std::fs::read_to_string(root.join("config/shop.toml")).expect("config/shop.toml");
+    assert!(toml == shop, "k8s/configmap.yaml must embed config/shop.toml as it is");
+    let env = |name: &str| (name == "REDIS_PASSWORD").then(|| "from-a-secret".to_owned());
+    Config::parse_with_env(&toml, Path::new("k8s/configmap.yaml"), env).unwrap_or_else(|e| panic!("{e}"));
 }
 
 #[test]
