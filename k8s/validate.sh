@@ -15,15 +15,27 @@ for version in "$LOWEST" ""; do
     echo "kubernetes-validate --strict ${version:-(newest)}: ${#BUILTIN[@]} files passed"
 done
 
-RULES=$(mktemp /tmp/bulwark-rules.XXXXXX.yaml)
-trap 'rm -f "$RULES"' EXIT
-python3 - prometheus-rules.yaml "$RULES" <<'PY'
+# The rules file is the PrometheusRule's spec; its unit tests sit beside it as rules.yaml.
+RULES_DIR=$(mktemp -d /tmp/bulwark-rules.XXXXXX)
+trap 'rm -rf "$RULES_DIR"' EXIT
+python3 - prometheus-rules.yaml prometheus-rules.test.yaml "$RULES_DIR/rules.yaml" <<'PY'
 import sys, yaml
 doc = yaml.safe_load(open(sys.argv[1]))
 assert doc["kind"] == "PrometheusRule", doc["kind"]
-yaml.safe_dump(doc["spec"], open(sys.argv[2], "w"))
+yaml.safe_dump(doc["spec"], open(sys.argv[3], "w"))
+alerts = [r for g in doc["spec"]["groups"] for r in g["rules"] if "alert" in r]
+tested = {t["alertname"] for case in yaml.safe_load(open(sys.argv[2]))["tests"] for t in case.get("alert_rule_test", [])}
+missing = [a["alert"] for a in alerts if "runbook_url" not in a.get("annotations", {})]
+if missing:
+    sys.exit(f"alerts without a runbook_url: {missing}")
+untested = [a["alert"] for a in alerts if a["alert"] not in tested]
+if untested:
+    sys.exit(f"alerts without a unit test in prometheus-rules.test.yaml: {untested}")
+print(f"{len(alerts)} alerts, each with a runbook_url and a unit test")
 PY
-promtool check rules "$RULES"
+cp prometheus-rules.test.yaml "$RULES_DIR/"
+promtool check rules "$RULES_DIR/rules.yaml"
+promtool test rules "$RULES_DIR/prometheus-rules.test.yaml"
 
 python3 - grafana-dashboard.json ../src/metrics.rs <<'PY'
 import json, re, sys
