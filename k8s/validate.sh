@@ -48,5 +48,14 @@ for panel in dashboard["panels"]:
 unknown = {m for m in used if re.sub(r"_(bucket|count|sum)$", "", m) not in exported}
 if unknown:
     sys.exit(f"dashboard uses metrics bulwark does not export: {sorted(unknown)}")
+variables = {v["name"] for v in dashboard["templating"]["list"]}
+if not {"namespace", "job"} <= variables:
+    sys.exit(f"dashboard lacks the namespace and job variables: {sorted(variables)}")
+# Every series a panel reads is scoped to the chosen namespace and job.
+unscoped = [(p["title"], m.group(0)) for p in dashboard["panels"] for t in p["targets"]
+            for m in re.finditer(r"bulwark_[a-z0-9_]+(\{[^}]*\})?", t["expr"])
+            if 'namespace=~"$namespace"' not in m.group(0) or 'job=~"$job"' not in m.group(0)]
+if unscoped:
+    sys.exit(f"dashboard series not scoped to $namespace and $job: {unscoped}")
 print(f"grafana dashboard: {len(dashboard['panels'])} panels, {len(used)} metric names, all exported")
 PY
