@@ -10,8 +10,6 @@ use std::time::Duration;
 
 use support::{Bulwark, Origin, RedisServer, Reply};
 
-const SHOP: &str = include_str!("../config/shop.toml");
-
 #[test]
 fn every_shipped_config_passes_bulwark_check() {
     let dir = concat!(env!("CARGO_MANIFEST_DIR"), "/config");
@@ -34,21 +32,8 @@ fn every_shipped_config_passes_bulwark_check() {
     assert!(checked >= 3, "only {checked} configs in config/");
 }
 
-/// The shop with its origins and Redis servers here: the same routes, pools and budgets.
 fn local_shop(origin: &Origin, redis: &RedisServer) -> String {
-    let mut text = SHOP.to_owned();
-    // A host name, as DNS discovery needs: every address of localhost is an endpoint.
-    let here = origin.url().replace("127.0.0.1", "localhost");
-    for service in ["catalog", "search", "storefront"] {
-        text = text.replace(&format!("http://{service}-pods.shop.svc.cluster.local:8080"), &here);
-    }
-    for (n, server) in ["control", "pdp", "general"].into_iter().enumerate() {
-        text = text.replace(&format!("redis://:${{REDIS_PASSWORD}}@redis-{server}:6379/0"), &format!("redis://127.0.0.1:{}/{n}", redis.port));
-    }
-    assert!(!text.contains("svc.cluster.local") && !text.contains("${"), "every remote address replaced");
-    // Sampled access lines would only clutter the test's output.
-    let text = text.replace("access_log = \"json\"", "access_log = \"off\"");
-    text
+    support::shop::local_shop(&origin.url(), redis.port)
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -1,7 +1,7 @@
 //! Test support, by role: a private `redis-server` per test on a free port ([`redis_server`]),
 //! an in-process origin that counts what it receives ([`origin`]), a bulwark instance on
 //! free ports ([`bulwark`]) or as a `bulwark serve` process ([`process`]), the configs
-//! they start from ([`config`]), and waiting
+//! they start from ([`config`]; the shipped shop, pointed here: [`shop`]), and waiting
 //! for a condition without falling through silently ([`eventually`]).
 #![allow(dead_code)]
 
@@ -12,6 +12,7 @@ pub mod config;
 pub mod origin;
 pub mod process;
 pub mod redis_server;
+pub mod shop;
 
 // Each test binary uses its own part of these.
 #[allow(unused_imports)]
