@@ -31,7 +31,14 @@ if missing:
 untested = [a["alert"] for a in alerts if a["alert"] not in tested]
 if untested:
     sys.exit(f"alerts without a unit test in prometheus-rules.test.yaml: {untested}")
-print(f"{len(alerts)} alerts, each with a runbook_url and a unit test")
+import re
+# GitHub's heading anchors: lower case, punctuation dropped, spaces to hyphens.
+anchors = {re.sub(r"[^a-z0-9 -]", "", h.strip().lower()).replace(" ", "-")
+           for h in re.findall(r"^#+ (.+)$", open("../docs/runbook.md").read(), re.M)}
+dangling = [(a["alert"], u) for a in alerts for u in [a["annotations"]["runbook_url"]] if u.split("#", 1)[-1] not in anchors]
+if dangling:
+    sys.exit(f"runbook_url anchors with no section in docs/runbook.md: {dangling}")
+print(f"{len(alerts)} alerts, each with a runbook_url to a section of docs/runbook.md and a unit test")
 PY
 cp prometheus-rules.test.yaml "$RULES_DIR/"
 promtool check rules "$RULES_DIR/rules.yaml"
