@@ -28,10 +28,13 @@ impl Gcra {
     }
 
     /// Records a token spent elsewhere (leased from Redis) at `now`: taken if there is
-    /// one, else the bucket stays empty (a debt is never carried past one empty bucket).
-    pub fn charge(&mut self, now: Instant, interval: Duration, burst: u32) {
+    /// one (true), else the bucket stays empty (a debt is never carried past one empty
+    /// bucket).
+    pub fn charge(&mut self, now: Instant, interval: Duration, burst: u32) -> bool {
         let full_at = self.full_at.filter(|at| *at > now).unwrap_or(now);
-        self.full_at = Some((full_at + interval).min(now + interval * burst));
+        let limit = now + interval * burst;
+        self.full_at = Some((full_at + interval).min(limit));
+        full_at + interval <= limit
     }
 
     /// Gives back a token [`Gcra::take`] gave at `now`.
@@ -71,8 +74,8 @@ mod tests {
         let start = Instant::now();
         let interval = Duration::from_millis(100);
         let mut bucket = Gcra::FULL;
-        for _ in 0..50 {
-            bucket.charge(start, interval, 5);
+        for spent in 0..50 {
+            assert_eq!(bucket.charge(start, interval, 5), spent < 5, "a token debited while there is one");
         }
         assert_eq!(bucket.clone().take(start, interval, 5), Err(interval), "empty after its burst was spent elsewhere");
         bucket.take(start + interval, interval, 5).expect("one interval refills a token, whatever was spent beyond the burst");

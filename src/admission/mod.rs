@@ -66,6 +66,18 @@ impl Refusal {
     }
 }
 
+/// What a charge may do with the pool's Redis.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Link {
+    /// The pool has no Redis: each replica counts alone, for good.
+    Absent,
+    /// The pool's Redis breaker is open: each replica counts alone, and what it spends is
+    /// owed to the shared bucket when Redis answers again.
+    Down,
+    /// Redis may be asked.
+    Up,
+}
+
 /// How one budget is counted on this replica.
 #[derive(Debug, Clone, Copy)]
 struct Rates {
@@ -90,40 +102,57 @@ impl Rates {
 
     /// This replica's share: budget / N.
     fn take_local(&self, bucket: &mut Gcra, now: Instant) -> Result<(), Duration> {
-        bucket.take(now, self.interval * self.share, self.burst.div_ceil(self.share))
+        bucket.take(now, self.interval * self.share, self.local_burst())
     }
 
-    fn charge_local(&self, bucket: &mut Gcra, now: Instant) {
-        bucket.charge(now, self.interval * self.share, self.burst.div_ceil(self.share));
+    fn charge_local(&self, bucket: &mut Gcra, now: Instant) -> bool {
+        bucket.charge(now, self.interval * self.share, self.local_burst())
+    }
+
+    fn local_burst(&self) -> u32 {
+        self.burst.div_ceil(self.share)
     }
 }
 
 /// Where a token came from, to give it back.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 enum Taken {
-    /// From a block leased from Redis.
-    Leased,
+    /// From a block leased from Redis; `debited`: the local share had a token to debit.
+    Leased { debited: bool },
     /// From this replica's share, on credit while Redis is asked for a block.
     Credit,
-    /// From this replica's share, counting alone.
+    /// From this replica's share while Redis is down, owed to the shared bucket.
+    Owed,
+    /// From this replica's share, counting alone (no Redis).
     Alone,
 }
+
+/// A refusal while a block is being asked for: this replica's share is spent, and the
+/// block is due in about a round trip.
+const ASKING_WAIT: Duration = Duration::from_secs(1);
+/// How long a replica counts alone after Redis gave no answer for a bucket (an error
+/// reply, a missed deadline) before asking it again.
+const NO_ANSWER_BACKOFF: Duration = Duration::from_millis(500);
 
 /// What one bucket holds on this replica.
 #[derive(Debug, Clone, Copy)]
 struct Tokens {
     /// This replica's share of the budget, debited for every token it spends, leased or
     /// not: it decides alone while Redis is out of reach and on credit while Redis is
-    /// asked, and a Redis that comes and goes never hands out a fresh burst.
+    /// asked.
     local: Gcra,
     /// Tokens taken from Redis and not spent yet, good until `leased_until`.
     leased: u32,
     leased_until: Instant,
     /// Redis said the bucket is empty: no token here, and no call, until a block is free.
     refused_until: Option<Instant>,
+    /// Redis gave no answer: counted alone, and not asked, until then.
+    down_until: Option<Instant>,
     /// A call to Redis for this bucket is under way.
     asking: bool,
-    /// Tokens spent on credit since the last answer, paid from the next block.
+    /// Tokens spent without Redis (on credit, or while it was down), taken from the
+    /// shared bucket with the next block: a Redis that comes and goes gives no fresh
+    /// burst. At most this replica's share of the burst.
     owed: u32,
     /// Last charge (the oldest are forgotten first when the table is full).
     used: Instant,
@@ -131,7 +160,7 @@ struct Tokens {
 
 impl Tokens {
     fn new(now: Instant) -> Tokens {
-        Tokens { local: Gcra::FULL, leased: 0, leased_until: now, refused_until: None, asking: false, owed: 0, used: now }
+        Tokens { local: Gcra::FULL, leased: 0, leased_until: now, refused_until: None, down_until: None, asking: false, owed: 0, used: now }
     }
 
     /// Whether forgetting this bucket changes nothing.
@@ -143,47 +172,74 @@ impl Tokens {
             && self.refused_until.is_none_or(|at| at <= now)
     }
 
-    /// Takes one token; `redis`: whether the pool's Redis may be asked.
-    fn take(&mut self, now: Instant, rates: &Rates, redis: bool) -> Result<Taken, Duration> {
-        if !redis {
-            rates.take_local(&mut self.local, now)?;
-            return Ok(Taken::Alone);
+    /// Takes one token.
+    fn take(&mut self, now: Instant, rates: &Rates, link: Link) -> Result<Taken, Duration> {
+        let link = match link {
+            Link::Up if self.down_until.is_some_and(|at| at > now) => Link::Down,
+            link => link,
+        };
+        match link {
+            Link::Absent => {
+                rates.take_local(&mut self.local, now)?;
+                Ok(Taken::Alone)
+            }
+            Link::Down => {
+                rates.take_local(&mut self.local, now)?;
+                self.owed = (self.owed + 1).min(rates.local_burst());
+                Ok(Taken::Owed)
+            }
+            Link::Up => {
+                if let Some(at) = self.refused_until.filter(|at| *at > now) {
+                    return Err(at - now);
+                }
+                if self.leased > 0 && self.leased_until > now {
+                    self.leased -= 1;
+                    let debited = rates.charge_local(&mut self.local, now);
+                    return Ok(Taken::Leased { debited });
+                }
+                // No block at hand: one is asked for (see `wants_block`), and meanwhile
+                // this replica's share decides, paid back from the block (a client's
+                // parallel misses are not refused for a Redis round trip). What is lent
+                // stays owed until Redis grants it, at most the share's burst.
+                if self.owed >= rates.local_burst() {
+                    return Err(rates.interval.min(ASKING_WAIT));
+                }
+                rates.take_local(&mut self.local, now).map_err(|wait| wait.min(ASKING_WAIT))?;
+                self.owed += 1;
+                Ok(Taken::Credit)
+            }
         }
-        if let Some(at) = self.refused_until.filter(|at| *at > now) {
-            return Err(at - now);
-        }
-        if self.leased > 0 && self.leased_until > now {
-            self.leased -= 1;
-            rates.charge_local(&mut self.local, now);
-            return Ok(Taken::Leased);
-        }
-        // No block at hand: one is asked for (see `wants_block`), and meanwhile this
-        // replica's share decides, paid back from the block.
-        rates.take_local(&mut self.local, now)?;
-        self.owed += 1;
-        Ok(Taken::Credit)
     }
 
     /// Whether [`Tokens::take`] would give a token, taking none.
-    fn peek(&self, now: Instant, rates: &Rates, redis: bool) -> Result<(), Duration> {
+    fn peek(&self, now: Instant, rates: &Rates, link: Link) -> Result<(), Duration> {
         let mut copy = *self;
-        copy.take(now, rates, redis).map(drop)
+        copy.take(now, rates, link).map(drop)
     }
 
     fn give_back(&mut self, now: Instant, taken: Taken, rates: &Rates) {
-        match taken {
-            Taken::Leased => self.leased += 1,
-            Taken::Credit => self.owed = self.owed.saturating_sub(1),
-            Taken::Alone => {}
+        let refund = match taken {
+            Taken::Leased { debited } => {
+                self.leased += 1;
+                debited
+            }
+            Taken::Credit | Taken::Owed => {
+                self.owed = self.owed.saturating_sub(1);
+                true
+            }
+            Taken::Alone => true,
+        };
+        if refund {
+            self.local.give_back(now, rates.interval * rates.share);
         }
-        self.local.give_back(now, rates.interval * rates.share);
     }
 
     /// Whether to ask Redis for a block now: none is at hand, none is being asked for,
-    /// and Redis did not say the bucket is empty.
+    /// and Redis neither said the bucket is empty nor failed to answer lately.
     fn wants_block(&mut self, now: Instant) -> bool {
         let held = self.leased > 0 && self.leased_until > now;
-        if self.asking || held || self.refused_until.is_some_and(|at| at > now) {
+        let later = |at: Option<Instant>| at.is_some_and(|at| at > now);
+        if self.asking || held || later(self.refused_until) || later(self.down_until) {
             return false;
         }
         self.asking = true;
@@ -201,12 +257,19 @@ impl Tokens {
                 self.leased = if self.leased_until > now { self.leased + granted - paid } else { granted - paid };
                 self.leased_until = self.leased_until.max(until);
                 self.refused_until = None;
+                self.down_until = None;
             }
             // Asked again only once a whole block is free: the refusal's `Retry-After` is
             // when this replica admits again.
-            Some(Err(wait)) => self.refused_until = Some(now + wait + rates.interval * (rates.block - 1)),
-            // No answer: what was spent on credit was this replica's share, counted alone.
-            None => self.owed = 0,
+            Some(Err(wait)) => {
+                self.refused_until = Some(now + wait + rates.interval * (rates.block - 1));
+                self.down_until = None;
+            }
+            // No answer: counted alone for a while, what was lent still owed.
+            None => {
+                self.down_until = Some(now + NO_ANSWER_BACKOFF);
+                self.owed = self.owed.min(rates.local_burst());
+            }
         }
     }
 }
@@ -241,17 +304,20 @@ impl Table {
         f(tokens)
     }
 
-    /// Takes a token from bucket `name`, and says whether to ask Redis for a block.
-    fn take(&self, name: &str, now: Instant, rates: &Rates, redis: bool) -> Result<(Taken, bool), Duration> {
+    /// Takes a token from bucket `name`, and says how many tokens to ask Redis for now
+    /// (a block and what is owed), if any: asked even when this take is refused, so a
+    /// replica whose share is spent still gets the fleet's blocks.
+    fn take(&self, name: &str, now: Instant, rates: &Rates, link: Link) -> (Result<Taken, Duration>, Option<u32>) {
         self.with(name, now, |t| {
-            let taken = t.take(now, rates, redis)?;
-            Ok((taken, redis && t.wants_block(now)))
+            let taken = t.take(now, rates, link);
+            let ask = (link == Link::Up && t.wants_block(now)).then(|| rates.block.saturating_add(t.owed));
+            (taken, ask)
         })
     }
 
     /// [`Tokens::peek`] on bucket `name` (a bucket not made yet is full).
-    fn peek(&self, name: &str, now: Instant, rates: &Rates, redis: bool) -> Result<(), Duration> {
-        self.lock().get(name).map_or(Ok(()), |t| t.peek(now, rates, redis))
+    fn peek(&self, name: &str, now: Instant, rates: &Rates, link: Link) -> Result<(), Duration> {
+        self.lock().get(name).map_or(Ok(()), |t| t.peek(now, rates, link))
     }
 }
 
@@ -292,56 +358,57 @@ impl Admission {
     /// checked [`Admission::charges`]), and to the route's new keys when `new_key` (the
     /// hash of a key not stored) is given and was not charged in the last second. A
     /// request refused per client takes no new-key token, and one refused for new keys
-    /// gives its client's token back. `redis`: whether the pool's Redis may be asked.
+    /// gives its client's token back.
     ///
     /// Decided here without waiting for Redis: the blocks of tokens to ask Redis for are
-    /// returned, for [`Admission::ask`] to take off the request's path.
-    pub fn charge(&self, redis: bool, client: Option<(&ClientSource, IpAddr)>, new_key: Option<u128>) -> Result<Asks, Refusal> {
+    /// returned too (refused or not), for [`Admission::ask`] to take off the request's
+    /// path.
+    pub fn charge(&self, link: Link, client: Option<(&ClientSource, IpAddr)>, new_key: Option<u128>) -> (Result<(), Refusal>, Asks) {
         let now = Instant::now();
         let mut asks = Asks::default();
         let mut charged = None;
         if let (Some(budget), Some((source, peer))) = (self.config.per_client, client) {
             let who = source.identify(&self.config.client, peer, &self.trusted_proxies);
             let rates = self.rates(budget);
-            let (taken, ask) = self.clients.take(&who, now, &rates, redis).map_err(|retry_after| Refusal { budget: Budgets::Client, retry_after })?;
-            charged = Some((taken, rates, who.clone()));
-            if ask {
-                asks.0.push(Ask { budget: Budgets::Client, key: who, rates });
+            let (taken, want) = self.clients.take(&who, now, &rates, link);
+            if let Some(want) = want {
+                asks.0.push(Ask { budget: Budgets::Client, key: who.clone(), rates, want });
+            }
+            match taken {
+                Ok(taken) => charged = Some((taken, rates, who)),
+                Err(retry_after) => return (Err(Refusal { budget: Budgets::Client, retry_after }), asks),
             }
         }
         if let (Some(budget), Some(hash)) = (self.config.new_keys, new_key)
             && self.first_in_window(hash, true)
         {
             let rates = self.rates(budget);
-            match self.new_keys.take("", now, &rates, redis) {
-                Ok((_, ask)) => {
-                    if ask {
-                        asks.0.push(Ask { budget: Budgets::NewKeys, key: String::new(), rates });
-                    }
+            let (taken, want) = self.new_keys.take("", now, &rates, link);
+            if let Some(want) = want {
+                asks.0.push(Ask { budget: Budgets::NewKeys, key: String::new(), rates, want });
+            }
+            if let Err(retry_after) = taken {
+                self.forget_key(hash);
+                if let Some((taken, rates, who)) = charged {
+                    self.clients.with(&who, now, |t| t.give_back(now, taken, &rates));
                 }
-                Err(retry_after) => {
-                    self.forget_key(hash);
-                    if let Some((taken, rates, who)) = charged {
-                        self.clients.with(&who, now, |t| t.give_back(now, taken, &rates));
-                    }
-                    return Err(Refusal { budget: Budgets::NewKeys, retry_after });
-                }
+                return (Err(Refusal { budget: Budgets::NewKeys, retry_after }), asks);
             }
         }
-        Ok(asks)
+        (Ok(()), asks)
     }
 
     /// Whether [`Admission::charge`] would refuse the request, spending nothing.
-    pub fn check(&self, redis: bool, client: Option<(&ClientSource, IpAddr)>, new_key: Option<u128>) -> Result<(), Refusal> {
+    pub fn check(&self, link: Link, client: Option<(&ClientSource, IpAddr)>, new_key: Option<u128>) -> Result<(), Refusal> {
         let now = Instant::now();
         if let (Some(budget), Some((source, peer))) = (self.config.per_client, client) {
             let who = source.identify(&self.config.client, peer, &self.trusted_proxies);
-            self.clients.peek(&who, now, &self.rates(budget), redis).map_err(|retry_after| Refusal { budget: Budgets::Client, retry_after })?;
+            self.clients.peek(&who, now, &self.rates(budget), link).map_err(|retry_after| Refusal { budget: Budgets::Client, retry_after })?;
         }
         if let (Some(budget), Some(hash)) = (self.config.new_keys, new_key)
             && self.first_in_window(hash, false)
         {
-            self.new_keys.peek("", now, &self.rates(budget), redis).map_err(|retry_after| Refusal { budget: Budgets::NewKeys, retry_after })?;
+            self.new_keys.peek("", now, &self.rates(budget), link).map_err(|retry_after| Refusal { budget: Budgets::NewKeys, retry_after })?;
         }
         Ok(())
     }
@@ -353,7 +420,7 @@ impl Admission {
                 Budgets::Client => (&self.clients, format!("{}:c:{}", self.route, ask.key)),
                 Budgets::NewKeys => (&self.new_keys, format!("{}:new", self.route)),
             };
-            let answer = shared.take_tokens(&name, ask.rates.interval, ask.rates.burst, ask.rates.block).await;
+            let answer = shared.take_tokens(&name, ask.rates.interval, ask.rates.burst, ask.want).await;
             let now = Instant::now();
             table.with(&ask.key, now, |t| t.answered(now, answer, &ask.rates));
         }
@@ -405,12 +472,13 @@ impl Asks {
     }
 }
 
-/// One block to ask for: of which budget, for which bucket.
+/// One block to ask for: of which budget, for which bucket, how many tokens.
 #[derive(Debug)]
 struct Ask {
     budget: Budgets,
     key: String,
     rates: Rates,
+    want: u32,
 }
 
 #[cfg(test)]
@@ -432,7 +500,9 @@ mod tests {
 
     /// A charge without Redis.
     fn charge(admission: &Admission, client: Option<(&ClientSource, IpAddr)>, new_key: Option<u128>) -> Result<(), Refusal> {
-        admission.charge(false, client, new_key).map(|asks| assert!(asks.is_empty(), "Redis asked without Redis"))
+        let (result, asks) = admission.charge(Link::Absent, client, new_key);
+        assert!(asks.is_empty(), "Redis asked without Redis");
+        result
     }
 
     fn peer(last: u8) -> IpAddr {
@@ -497,12 +567,12 @@ mod tests {
         let admission = admission(Some((1, 1)), Some((1, 1)));
         let source = ClientSource::default();
         for _ in 0..5 {
-            assert_eq!(admission.check(false, Some((&source, peer(1))), Some(1)), Ok(()));
+            assert_eq!(admission.check(Link::Absent, Some((&source, peer(1))), Some(1)), Ok(()));
         }
         assert_eq!(charge(&admission, Some((&source, peer(1))), Some(1)), Ok(()));
-        assert_eq!(admission.check(false, Some((&source, peer(1))), Some(2)).map_err(|r| r.budget), Err(Budgets::Client));
-        assert_eq!(admission.check(false, Some((&source, peer(2))), Some(2)).map_err(|r| r.budget), Err(Budgets::NewKeys));
-        assert_eq!(admission.check(false, Some((&source, peer(2))), Some(1)), Ok(()), "a key charged this second is not new");
+        assert_eq!(admission.check(Link::Absent, Some((&source, peer(1))), Some(2)).map_err(|r| r.budget), Err(Budgets::Client));
+        assert_eq!(admission.check(Link::Absent, Some((&source, peer(2))), Some(2)).map_err(|r| r.budget), Err(Budgets::NewKeys));
+        assert_eq!(admission.check(Link::Absent, Some((&source, peer(2))), Some(1)), Ok(()), "a key charged this second is not new");
     }
 
     fn rates(count: u64, burst: u32, share: u32) -> Rates {
@@ -515,42 +585,131 @@ mod tests {
         assert_eq!(rates.block, 10);
         let now = Instant::now();
         let mut tokens = Tokens::new(now);
-        assert_eq!(tokens.take(now, &rates, true), Ok(Taken::Credit), "no block yet: the replica's share decides");
+        assert_eq!(tokens.take(now, &rates, Link::Up), Ok(Taken::Credit), "no block yet: the replica's share decides");
         assert!(tokens.wants_block(now));
-        assert_eq!(tokens.take(now, &rates, true), Ok(Taken::Credit));
+        assert_eq!(tokens.take(now, &rates, Link::Up), Ok(Taken::Credit));
         assert!(!tokens.wants_block(now), "one call at a time");
         tokens.answered(now, Some(Ok(10)), &rates);
         for _ in 0..8 {
-            assert_eq!(tokens.take(now, &rates, true), Ok(Taken::Leased));
+            assert!(matches!(tokens.take(now, &rates, Link::Up), Ok(Taken::Leased { .. })));
         }
-        assert_eq!(tokens.take(now, &rates, true), Ok(Taken::Credit), "the block of 10 paid for two credits and eight requests");
+        assert_eq!(tokens.take(now, &rates, Link::Up), Ok(Taken::Credit), "the block of 10 paid for two credits and eight requests");
         assert!(tokens.wants_block(now));
         tokens.answered(now, Some(Err(Duration::from_millis(50))), &rates);
-        let wait = tokens.take(now, &rates, true).expect_err("Redis says the bucket is empty");
+        let wait = tokens.take(now, &rates, Link::Up).expect_err("Redis says the bucket is empty");
         assert_eq!(wait, Duration::from_millis(50) + rates.interval * 9, "refused until a whole block is free");
         assert!(!tokens.wants_block(now), "no call before then");
         assert_eq!(tokens.owed, 1, "the credit is still owed");
-        tokens.answered(now, None, &rates);
-        assert_eq!(tokens.owed, 0, "without an answer, a credit was the replica's own share");
+    }
+
+    // Guards against a replica lending more than its share before Redis answers: the
+    // debt is at most the share's burst, and is paid from the next block.
+    #[test]
+    fn credit_is_at_most_the_replicas_share_while_redis_is_asked() {
+        let rates = rates(30, 30, 3);
+        let now = Instant::now();
+        let mut tokens = Tokens::new(now);
+        let lent = (0..30).filter(|_| tokens.take(now, &rates, Link::Up).is_ok()).count();
+        assert_eq!((lent, tokens.owed), (10, 10));
+        tokens.answered(now, Some(Ok(rates.block + 10)), &rates);
+        assert_eq!((tokens.owed, tokens.leased), (0, rates.block), "the debt paid first");
+    }
+
+    // Guards against a client held to one replica (sticky sessions, an L4 balancer)
+    // getting only this replica's share although Redis has tokens: with the share spent,
+    // the replica still asks for blocks.
+    #[test]
+    fn a_spent_share_still_asks_redis_for_blocks() {
+        let rates = rates(30, 30, 3);
+        assert_eq!((rates.block, rates.local_burst()), (5, 10));
+        let now = Instant::now();
+        let mut tokens = Tokens::new(now);
+        // The share spent, and owed to the shared bucket.
+        for _ in 0..10 {
+            tokens.take(now, &rates, Link::Down).expect("the share");
+        }
+        tokens.answered(now, Some(Ok(10)), &rates);
+        assert_eq!(tokens.owed, 0);
+        let mut admitted = 0;
+        for _ in 0..6 {
+            // Each round: the share is empty, so this one is refused, and a block asked for.
+            assert!(tokens.take(now, &rates, Link::Up).is_err());
+            assert!(tokens.wants_block(now), "no block asked for with the share spent");
+            tokens.answered(now, Some(Ok(rates.block)), &rates);
+            admitted += (0..rates.block).filter(|_| tokens.take(now, &rates, Link::Up).is_ok()).count();
+        }
+        assert_eq!(admitted, 30, "the fleet's blocks, not this replica's share of 10");
     }
 
     // Guards against a Redis that comes and goes doubling the budget: while Redis
     // answers, the replica's share is debited too, so when it stops answering the
-    // replica does not start again from a full bucket.
+    // replica does not start again from a full bucket; and what it spends while Redis is
+    // down is taken from the shared bucket when Redis is back.
     #[test]
-    fn a_share_spent_through_redis_is_not_spent_again_when_redis_goes() {
+    fn a_redis_that_comes_and_goes_gives_no_fresh_burst() {
         let rates = rates(30, 30, 3);
         let now = Instant::now();
         let mut tokens = Tokens::new(now);
-        let _ = tokens.take(now, &rates, true);
+        let _ = tokens.take(now, &rates, Link::Up);
         assert!(tokens.wants_block(now));
         tokens.answered(now, Some(Ok(rates.block)), &rates);
         for _ in 1..rates.block {
-            assert_eq!(tokens.take(now, &rates, true), Ok(Taken::Leased));
+            assert!(matches!(tokens.take(now, &rates, Link::Up), Ok(Taken::Leased { debited: true })));
         }
-        assert_eq!(rates.block, 5);
-        // Five spent of a share of ten (burst 30 / 3): five left when counting alone.
-        let alone = (0..10).filter(|_| tokens.take(now, &rates, false).is_ok()).count();
-        assert_eq!(alone, 5);
+        // Five spent of a share of ten (burst 30 / 3): five left when counting alone,
+        // each owed to the shared bucket.
+        let alone = (0..10).filter(|_| tokens.take(now, &rates, Link::Down) == Ok(Taken::Owed)).count();
+        assert_eq!((alone, tokens.owed), (5, 5));
+        // Back: the next call asks for a block and what is owed, and pays the debt first.
+        assert!(tokens.take(now, &rates, Link::Up).is_err(), "the share is spent: no credit");
+        assert!(tokens.wants_block(now));
+        tokens.answered(now, Some(Ok(rates.block + 5)), &rates);
+        assert_eq!((tokens.owed, tokens.leased), (0, rates.block));
+    }
+
+    // Guards against a Redis that answers with errors (not a sick server: a script
+    // error, NOPERM) getting one call per charge for good.
+    #[test]
+    fn no_answer_from_redis_means_counting_alone_for_a_while() {
+        let rates = rates(20, 20, 1);
+        let now = Instant::now();
+        let mut tokens = Tokens::new(now);
+        let _ = tokens.take(now, &rates, Link::Up);
+        assert!(tokens.wants_block(now));
+        tokens.answered(now, None, &rates);
+        assert_eq!(tokens.take(now, &rates, Link::Up), Ok(Taken::Owed), "counted alone");
+        assert!(!tokens.wants_block(now), "not asked again at once");
+        let later = now + NO_ANSWER_BACKOFF;
+        assert!(tokens.wants_block(later), "asked again after the back-off");
+    }
+
+    #[test]
+    fn a_leased_token_given_back_refunds_only_what_it_debited() {
+        let rates = rates(30, 30, 3);
+        let now = Instant::now();
+        let mut tokens = Tokens::new(now);
+        // The share spent (10), then a lease whose tokens find nothing to debit.
+        for _ in 0..10 {
+            tokens.take(now, &rates, Link::Down).expect("the share");
+        }
+        tokens.answered(now, Some(Ok(20)), &rates);
+        let taken = tokens.take(now, &rates, Link::Up).expect("leased");
+        assert_eq!(taken, Taken::Leased { debited: false });
+        tokens.give_back(now, taken, &rates);
+        assert!(tokens.take(now, &rates, Link::Down).is_err(), "a refund of a token the share never gave");
+    }
+
+    // Guards against a bucket left "asking" for good when the charge that asked was
+    // refused for another budget: the asks come back with the refusal.
+    #[test]
+    fn a_charge_refused_for_new_keys_still_hands_back_its_asks() {
+        let admission = admission(Some((10, 10)), Some((1, 1)));
+        let source = ClientSource::default();
+        let (first, _) = admission.charge(Link::Up, Some((&source, peer(1))), Some(1));
+        assert_eq!(first, Ok(()));
+        admission.clients.with(&source.identify(&admission.config.client, peer(2), &[]), Instant::now(), |t| assert!(!t.asking));
+        let (refused, asks) = admission.charge(Link::Up, Some((&source, peer(2))), Some(2));
+        assert_eq!(refused.map_err(|r| r.budget), Err(Budgets::NewKeys));
+        assert!(asks.0.iter().any(|ask| ask.budget == Budgets::Client), "the client's bucket asked, and its ask is dropped: {asks:?}");
     }
 }

@@ -10,7 +10,7 @@ use http::Method;
 use super::decision::{Decision, Serve};
 use super::fetch::FetchJob;
 use super::forward::ClientInfo;
-use crate::admission::Refusal;
+use crate::admission::{Link, Refusal};
 use crate::cache::{Entry, Pool};
 use crate::error::ProxyError;
 use crate::outcome::{Outcome, StaleReason};
@@ -60,11 +60,16 @@ fn charge(route: &RouteRuntime, pool: Option<&Arc<Pool>>, client: Option<&Client
     if who.is_none() && (new_key.is_none() || admission.config.new_keys.is_none()) {
         return None;
     }
-    let redis = pool.and_then(|p| p.l2.as_ref()).is_some_and(|shared| !shared.is_down());
+    let link = match pool.and_then(|p| p.l2.as_ref()) {
+        None => Link::Absent,
+        Some(shared) if shared.is_down() => Link::Down,
+        Some(_) => Link::Up,
+    };
     let result = match how {
-        Charge::Check => admission.check(redis, who, new_key),
-        Charge::Take => admission.charge(redis, who, new_key).map(|asks| {
-            // The next block of tokens, asked for off the request's path.
+        Charge::Check => admission.check(link, who, new_key),
+        Charge::Take => {
+            let (result, asks) = admission.charge(link, who, new_key);
+            // The next blocks of tokens, asked for off the request's path.
             if let Some(pool) = pool.filter(|_| !asks.is_empty()) {
                 let (admission, pool) = (admission.clone(), pool.clone());
                 tokio::spawn(async move {
@@ -73,7 +78,8 @@ fn charge(route: &RouteRuntime, pool: Option<&Arc<Pool>>, client: Option<&Client
                     }
                 });
             }
-        }),
+            result
+        }
     };
     let refusal = result.err()?;
     route.metrics.admission_rejected(refusal.budget.index());
