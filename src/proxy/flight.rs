@@ -97,7 +97,7 @@ pub async fn miss(mut job: FetchJob, stale: Option<Arc<Entry>>) -> Decision {
     let mut rejoined = false;
     let mut refetched = false;
     let mut abandoned = 0;
-    let mut refusals = 0;
+    let mut refused_since = None;
     loop {
         let mut waiting = match join {
             Join::Leader(guard) => return lead(job, guard, stale).await,
@@ -177,11 +177,14 @@ pub async fn miss(mut job: FetchJob, stale: Option<Arc<Entry>>) -> Decision {
                 join = pool.join_flight(&job.key);
             }
             // Not a failure of the fetch: the next leader is charged to its own client (a
-            // refused one leaves). After twice, ask alone (charged too) rather than keep
-            // meeting refused leaders.
-            Fill::Refused if refusals >= 2 => return direct_admitted(&job).await,
+            // refused one leaves, costing nothing), so the waiters stay coalesced. Only
+            // after `lock_timeout` of refused leaders (a bot leading again and again) does
+            // a waiter ask alone, charged too.
             Fill::Refused => {
-                refusals += 1;
+                let since = *refused_since.get_or_insert_with(std::time::Instant::now);
+                if since.elapsed() >= lock_timeout {
+                    return direct_admitted(&job).await;
+                }
                 join = pool.join_flight(&job.key);
             }
         }
