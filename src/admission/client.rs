@@ -21,6 +21,8 @@ pub struct ClientSource {
     forwarded: Option<HeaderValue>,
     /// The `client = "header:NAME"` header, from a trusted peer only.
     header: Option<HeaderValue>,
+    /// The identity, once worked out (a leader is checked, then charged).
+    identity: std::sync::OnceLock<String>,
 }
 
 static X_FORWARDED_FOR: http::HeaderName = http::HeaderName::from_static("x-forwarded-for");
@@ -50,16 +52,21 @@ impl ClientSource {
                 }
             }
         };
-        ClientSource { forwarded, header }
+        ClientSource { forwarded, header, identity: std::sync::OnceLock::new() }
     }
 
     /// The client's identity: an address (`203.0.113.7`, `2001:db8:1:2::/64`) or a
-    /// header's hash (`h:...`).
-    pub fn identify(&self, by: &ClientBy, peer: IpAddr, trusted_proxies: &[Cidr]) -> String {
-        if let (ClientBy::Header(_), Some(value)) = (by, &self.header) {
+    /// header's hash (`h:...`). Worked out once per request: `by`, `peer` and
+    /// `trusted_proxies` are the request's route's and its peer, the same each time.
+    pub fn identify(&self, by: &ClientBy, peer: IpAddr, trusted_proxies: &[Cidr]) -> &str {
+        self.identity.get_or_init(|| Self::work_out(&self.header, &self.forwarded, by, peer, trusted_proxies))
+    }
+
+    fn work_out(header: &Option<HeaderValue>, forwarded: &Option<HeaderValue>, by: &ClientBy, peer: IpAddr, trusted_proxies: &[Cidr]) -> String {
+        if let (ClientBy::Header(_), Some(value)) = (by, header) {
             return format!("h:{:016x}", xxh3_64(value.as_bytes()));
         }
-        let address = match (by, &self.forwarded) {
+        let address = match (by, forwarded) {
             (ClientBy::Peer, _) | (_, None) => peer,
             (_, Some(forwarded)) => first_untrusted(peer, forwarded, trusted_proxies),
         };
@@ -129,7 +136,7 @@ mod tests {
         }
         let peer: IpAddr = peer.parse().expect("peer");
         let trusted = proxies().iter().any(|c| c.contains(peer));
-        ClientSource::capture(by, &map, trusted).identify(by, peer, &proxies())
+        ClientSource::capture(by, &map, trusted).identify(by, peer, &proxies()).to_owned()
     }
 
     #[test]
@@ -149,8 +156,8 @@ mod tests {
         let mut map = HeaderMap::new();
         map.insert(X_FORWARDED_FOR.clone(), HeaderValue::from_bytes(b"\xff\xfe, 203.0.113.7").expect("value"));
         let peer: IpAddr = "10.0.0.5".parse().expect("peer");
-        let who = ClientSource::capture(&ClientBy::Address, &map, true).identify(&ClientBy::Address, peer, &proxies());
-        assert_eq!(who, "203.0.113.7");
+        let source = ClientSource::capture(&ClientBy::Address, &map, true);
+        assert_eq!(source.identify(&ClientBy::Address, peer, &proxies()), "203.0.113.7");
     }
 
     #[test]

@@ -370,9 +370,9 @@ impl Admission {
         if let (Some(budget), Some((source, peer))) = (self.config.per_client, client) {
             let who = source.identify(&self.config.client, peer, &self.trusted_proxies);
             let rates = self.rates(budget);
-            let (taken, want) = self.clients.take(&who, now, &rates, link);
+            let (taken, want) = self.clients.take(who, now, &rates, link);
             if let Some(want) = want {
-                asks.0.push(Ask { budget: Budgets::Client, key: who.clone(), rates, want });
+                asks.0.push(Ask { budget: Budgets::Client, key: who.to_owned(), rates, want });
             }
             match taken {
                 Ok(taken) => charged = Some((taken, rates, who)),
@@ -390,7 +390,7 @@ impl Admission {
             if let Err(retry_after) = taken {
                 self.forget_key(hash);
                 if let Some((taken, rates, who)) = charged {
-                    self.clients.with(&who, now, |t| t.give_back(now, taken, &rates));
+                    self.clients.with(who, now, |t| t.give_back(now, taken, &rates));
                 }
                 return (Err(Refusal { budget: Budgets::NewKeys, retry_after }), asks);
             }
@@ -403,7 +403,7 @@ impl Admission {
         let now = Instant::now();
         if let (Some(budget), Some((source, peer))) = (self.config.per_client, client) {
             let who = source.identify(&self.config.client, peer, &self.trusted_proxies);
-            self.clients.peek(&who, now, &self.rates(budget), link).map_err(|retry_after| Refusal { budget: Budgets::Client, retry_after })?;
+            self.clients.peek(who, now, &self.rates(budget), link).map_err(|retry_after| Refusal { budget: Budgets::Client, retry_after })?;
         }
         if let (Some(budget), Some(hash)) = (self.config.new_keys, new_key)
             && self.first_in_window(hash, false)
@@ -512,26 +512,24 @@ mod tests {
     #[test]
     fn a_client_gets_its_burst_then_is_refused_while_others_are_not() {
         let admission = admission(Some((10, 5)), None);
-        let source = ClientSource::default();
         for _ in 0..5 {
-            assert_eq!(charge(&admission, Some((&source, peer(1))), None), Ok(()));
+            assert_eq!(charge(&admission, Some((&ClientSource::default(), peer(1))), None), Ok(()));
         }
-        let refused = charge(&admission, Some((&source, peer(1))), None).expect_err("over budget");
+        let refused = charge(&admission, Some((&ClientSource::default(), peer(1))), None).expect_err("over budget");
         assert_eq!((refused.budget, refused.retry_after_secs()), (Budgets::Client, 1));
-        assert_eq!(charge(&admission, Some((&source, peer(2))), None), Ok(()), "another client has its own budget");
+        assert_eq!(charge(&admission, Some((&ClientSource::default(), peer(2))), None), Ok(()), "another client has its own budget");
     }
 
     #[test]
     fn a_request_refused_per_client_takes_no_new_key_token() {
         let admission = admission(Some((1, 1)), Some((1, 2)));
-        let source = ClientSource::default();
-        assert_eq!(charge(&admission, Some((&source, peer(1))), Some(1)), Ok(()));
-        let refused = charge(&admission, Some((&source, peer(1))), Some(2)).expect_err("client over budget");
+        assert_eq!(charge(&admission, Some((&ClientSource::default(), peer(1))), Some(1)), Ok(()));
+        let refused = charge(&admission, Some((&ClientSource::default(), peer(1))), Some(2)).expect_err("client over budget");
         assert_eq!(refused.budget, Budgets::Client);
         // The refused request took none of the two new-key tokens: one is left for key 2
         // asked by another client, and none for a third key.
-        assert_eq!(charge(&admission, Some((&source, peer(2))), Some(2)), Ok(()), "a new-key token was spent by a refused request");
-        let refused = charge(&admission, Some((&source, peer(3))), Some(3)).expect_err("new keys over budget");
+        assert_eq!(charge(&admission, Some((&ClientSource::default(), peer(2))), Some(2)), Ok(()), "a new-key token was spent by a refused request");
+        let refused = charge(&admission, Some((&ClientSource::default(), peer(3))), Some(3)).expect_err("new keys over budget");
         assert_eq!(refused.budget, Budgets::NewKeys);
         // The same key again within a second is not a new key.
         assert_eq!(charge(&admission, None, Some(1)), Ok(()));
@@ -541,10 +539,9 @@ mod tests {
     fn each_replica_counts_its_share_when_alone() {
         let admission = admission(Some((30, 30)), None);
         admission.replicas.store(3, Ordering::Relaxed);
-        let source = ClientSource::default();
         let mut admitted = 0;
         for _ in 0..30 {
-            if charge(&admission, Some((&source, peer(1))), None).is_ok() {
+            if charge(&admission, Some((&ClientSource::default(), peer(1))), None).is_ok() {
                 admitted += 1;
             }
         }
@@ -554,25 +551,23 @@ mod tests {
     #[test]
     fn a_request_refused_for_new_keys_gives_its_clients_token_back() {
         let admission = admission(Some((1, 1)), Some((1, 1)));
-        let source = ClientSource::default();
-        assert_eq!(charge(&admission, Some((&source, peer(1))), Some(1)), Ok(()), "the one new-key token");
-        let refused = charge(&admission, Some((&source, peer(2))), Some(2)).expect_err("new keys over budget");
+        assert_eq!(charge(&admission, Some((&ClientSource::default(), peer(1))), Some(1)), Ok(()), "the one new-key token");
+        let refused = charge(&admission, Some((&ClientSource::default(), peer(2))), Some(2)).expect_err("new keys over budget");
         assert_eq!(refused.budget, Budgets::NewKeys);
         // Client 2 was refused for the route's budget, not its own: its token is still there.
-        assert_eq!(charge(&admission, Some((&source, peer(2))), None), Ok(()), "a refused request spent its client's token");
+        assert_eq!(charge(&admission, Some((&ClientSource::default(), peer(2))), None), Ok(()), "a refused request spent its client's token");
     }
 
     #[test]
     fn a_check_spends_nothing() {
         let admission = admission(Some((1, 1)), Some((1, 1)));
-        let source = ClientSource::default();
         for _ in 0..5 {
-            assert_eq!(admission.check(Link::Absent, Some((&source, peer(1))), Some(1)), Ok(()));
+            assert_eq!(admission.check(Link::Absent, Some((&ClientSource::default(), peer(1))), Some(1)), Ok(()));
         }
-        assert_eq!(charge(&admission, Some((&source, peer(1))), Some(1)), Ok(()));
-        assert_eq!(admission.check(Link::Absent, Some((&source, peer(1))), Some(2)).map_err(|r| r.budget), Err(Budgets::Client));
-        assert_eq!(admission.check(Link::Absent, Some((&source, peer(2))), Some(2)).map_err(|r| r.budget), Err(Budgets::NewKeys));
-        assert_eq!(admission.check(Link::Absent, Some((&source, peer(2))), Some(1)), Ok(()), "a key charged this second is not new");
+        assert_eq!(charge(&admission, Some((&ClientSource::default(), peer(1))), Some(1)), Ok(()));
+        assert_eq!(admission.check(Link::Absent, Some((&ClientSource::default(), peer(1))), Some(2)).map_err(|r| r.budget), Err(Budgets::Client));
+        assert_eq!(admission.check(Link::Absent, Some((&ClientSource::default(), peer(2))), Some(2)).map_err(|r| r.budget), Err(Budgets::NewKeys));
+        assert_eq!(admission.check(Link::Absent, Some((&ClientSource::default(), peer(2))), Some(1)), Ok(()), "a key charged this second is not new");
     }
 
     fn rates(count: u64, burst: u32, share: u32) -> Rates {
@@ -704,11 +699,10 @@ mod tests {
     #[test]
     fn a_charge_refused_for_new_keys_still_hands_back_its_asks() {
         let admission = admission(Some((10, 10)), Some((1, 1)));
-        let source = ClientSource::default();
-        let (first, _) = admission.charge(Link::Up, Some((&source, peer(1))), Some(1));
+        let (first, _) = admission.charge(Link::Up, Some((&ClientSource::default(), peer(1))), Some(1));
         assert_eq!(first, Ok(()));
-        admission.clients.with(&source.identify(&admission.config.client, peer(2), &[]), Instant::now(), |t| assert!(!t.asking));
-        let (refused, asks) = admission.charge(Link::Up, Some((&source, peer(2))), Some(2));
+        admission.clients.with(ClientSource::default().identify(&admission.config.client, peer(2), &[]), Instant::now(), |t| assert!(!t.asking));
+        let (refused, asks) = admission.charge(Link::Up, Some((&ClientSource::default(), peer(2))), Some(2));
         assert_eq!(refused.map_err(|r| r.budget), Err(Budgets::NewKeys));
         assert!(asks.0.iter().any(|ask| ask.budget == Budgets::Client), "the client's bucket asked, and its ask is dropped: {asks:?}");
     }
