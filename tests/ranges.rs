@@ -115,6 +115,23 @@ async fn a_stale_copy_serves_ranges_too() {
     let got = bulwark.get_with("/o", &[("range", "bytes=-5")]).await;
     assert_eq!(got.cache_status(), "bulwark; hit; fwd=stale; detail=stale-while-revalidate");
     assert_eq!((got.status.as_u16(), got.text()), (206, part(995, 999).as_str()));
+    // If-Range on the stale copy: its validator gives the part, another the whole.
+    let matching = bulwark.get_with("/o", &[("range", "bytes=0-9"), ("if-range", "\"v1\"")]).await;
+    assert_eq!((matching.status.as_u16(), matching.text()), (206, part(0, 9).as_str()));
+    let changed = bulwark.get_with("/o", &[("range", "bytes=0-9"), ("if-range", "\"v0\"")]).await;
+    assert_eq!((changed.status.as_u16(), changed.text().len()), (200, 1000));
+}
+
+#[tokio::test]
+async fn a_range_on_a_miss_with_an_if_range_for_another_version_gets_the_whole_object() {
+    let origin = Origin::start().await;
+    object_origin(&origin);
+    let bulwark = start(&origin).await;
+    let got = bulwark.get_with("/o", &[("range", "bytes=10-19"), ("if-range", "\"v0\"")]).await;
+    assert_eq!((got.status.as_u16(), got.cache_status(), got.text().len()), (200, "bulwark; fwd=miss; stored", 1000));
+    assert_eq!(got.header("content-range"), None);
+    let (asked, _) = origin.last_request();
+    assert_eq!((asked.headers.get("range"), asked.headers.get("if-range")), (None, None), "the origin is asked for the whole object");
 }
 
 #[tokio::test]
