@@ -8,8 +8,10 @@
 //! closed) before any reader gets its last byte. A fill that is not stored
 //! ([`Mode::Window`]) keeps only the last window's worth of chunks: the writer reads the
 //! origin no faster than the fastest reader takes it ([`Shared::wait_for_reader`]), a
-//! reader that falls more than the window behind the newest chunk is cut, and a reader
-//! can join from the first byte as long as the first chunk is still kept.
+//! reader that falls more than the window behind the newest chunk is cut (after
+//! [`LAGGARD_GRACE`] to catch up, so a reader that is only late for a moment, served
+//! after the others, is not), and a reader can join from the first byte as long as the
+//! first chunk is still kept.
 //!
 //! A body that fails part way fails every reader ([`Shared::fail`]): their responses are
 //! aborted, never cut short looking complete.
@@ -37,6 +39,12 @@ enum End {
     Complete,
     Failed,
 }
+
+/// How long a windowed fill's writer waits for a reader at the window's edge before it
+/// reads on and cuts it: enough for a reader that is merely served later than the others
+/// (on a busy machine) to catch up, too short for one that cannot keep up to hold the
+/// others back. Once the slowest reader is back within half the window, it starts again.
+pub const LAGGARD_GRACE: std::time::Duration = std::time::Duration::from_millis(250);
 
 /// Called when a reader is cut (to close its client's connection at once).
 pub type OnCut = Box<dyn FnOnce() + Send>;
@@ -67,6 +75,8 @@ struct State {
     live: usize,
     /// The body budget the held chunks are drawn from.
     reservation: Reservation,
+    /// Since when the writer has waited for a reader at the window's edge.
+    laggard_since: Option<tokio::time::Instant>,
 }
 
 /// The shared copy of one origin body.
@@ -82,8 +92,19 @@ impl Shared {
     /// A fill that keeps every chunk until [`Shared::finish`] (to be stored), its bytes
     /// drawn from `reservation` ([`Shared::grow`]).
     pub fn new(declared: Option<u64>, reservation: Reservation) -> Arc<Shared> {
-        let state =
-            State { chunks: VecDeque::new(), base: 0, visible: 0, held: 0, pushed: 0, mode: Mode::Keep, end: None, readers: Vec::new(), live: 0, reservation };
+        let state = State {
+            chunks: VecDeque::new(),
+            base: 0,
+            visible: 0,
+            held: 0,
+            pushed: 0,
+            mode: Mode::Keep,
+            end: None,
+            readers: Vec::new(),
+            live: 0,
+            reservation,
+            laggard_since: None,
+        };
         Arc::new(Shared { state: Mutex::new(state), declared, writer: Notify::new() })
     }
 
@@ -222,23 +243,50 @@ impl Shared {
     }
 
     /// A windowed fill's writer waits here before each read: until the fastest reader has
-    /// taken every chunk there is. False when no reader is left.
+    /// taken every chunk there is, and, for up to [`LAGGARD_GRACE`], until the next chunk
+    /// would leave no reader beyond the window. False when no reader is left.
     pub async fn wait_for_reader(&self) -> bool {
         loop {
             let notified = self.writer.notified();
             tokio::pin!(notified);
             notified.as_mut().enable();
-            {
-                let state = self.lock();
+            let deadline = {
+                let mut state = self.lock();
                 if state.live == 0 {
                     return false;
                 }
+                let Mode::Window(limit) = state.mode else { return true };
                 let caught_up = state.readers.iter().flatten().any(|slot| !slot.cut && slot.pos >= state.visible);
-                if caught_up || state.mode == Mode::Keep {
-                    return true;
+                if caught_up {
+                    let behind = state.slowest_behind();
+                    if behind <= limit / 2 {
+                        state.laggard_since = None;
+                    }
+                    // The next chunk (about the size of the last) cuts the slowest
+                    // reader only if what it has not taken and that chunk overflow the
+                    // window; a reader with nothing left to take is never cut.
+                    let next = state.chunks.back().map_or(0, Bytes::len);
+                    if behind == 0 || behind + next <= limit {
+                        return true;
+                    }
+                    let since = *state.laggard_since.get_or_insert_with(tokio::time::Instant::now);
+                    if since.elapsed() >= LAGGARD_GRACE {
+                        return true;
+                    }
+                    Some(since + LAGGARD_GRACE)
+                } else {
+                    None
+                }
+            };
+            match deadline {
+                None => notified.await,
+                Some(at) => {
+                    tokio::select! {
+                        _ = notified => {}
+                        _ = tokio::time::sleep_until(at) => {}
+                    }
                 }
             }
-            notified.await;
         }
     }
 }
@@ -264,6 +312,13 @@ impl State {
             Mode::Keep => true,
             Mode::Window(limit) => self.base == 0 && self.pushed <= (limit / 2) as u64,
         }
+    }
+
+    /// Bytes between the slowest reader not cut and the newest chunk.
+    fn slowest_behind(&self) -> usize {
+        let Some(slowest) = self.readers.iter().flatten().filter(|slot| !slot.cut).map(|slot| slot.pos).min() else { return 0 };
+        let from = usize::try_from(slowest.saturating_sub(self.base)).unwrap_or(usize::MAX);
+        self.chunks.iter().skip(from).map(Bytes::len).sum()
     }
 
     fn take_wakers(&mut self) -> Vec<Waker> {
@@ -556,5 +611,34 @@ mod tests {
         assert!(wait.is_err(), "the reader has not taken the chunk: the origin is not read further");
         assert!(matches!(now(&mut reader), Poll::Ready(Some(Ok(_)))));
         assert!(fill.wait_for_reader().await);
+    }
+
+    // Guards against cutting readers that are only served later than the others: on a
+    // busy machine twenty readers "at full speed" are not at the same place, and a fill
+    // that cut at the window's edge at once cut most of them.
+    #[tokio::test]
+    async fn a_reader_late_for_a_moment_at_the_windows_edge_is_waited_for_not_cut() {
+        let fill = shared(None);
+        let mut fast = fill.attach().expect("attach");
+        let mut late = fill.attach().expect("attach");
+        fill.to_window(8);
+        for _ in 0..2 {
+            assert!(fill.wait_for_reader().await);
+            fill.push(Bytes::from_static(b"abcd"));
+            assert!(matches!(now(&mut fast), Poll::Ready(Some(Ok(_)))));
+        }
+        // The late reader is 8 bytes behind: the next chunk would cut it. The writer waits;
+        // the reader catches up well within the grace; nobody is cut.
+        let started = std::time::Instant::now();
+        let catch_up = async {
+            tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+            assert!(matches!(now(&mut late), Poll::Ready(Some(Ok(_)))));
+            assert!(matches!(now(&mut late), Poll::Ready(Some(Ok(_)))));
+        };
+        let (ready, ()) = tokio::join!(fill.wait_for_reader(), catch_up);
+        assert!(ready);
+        assert!(started.elapsed() < LAGGARD_GRACE, "it waited for the reader, not for the grace");
+        fill.push(Bytes::from_static(b"efgh"));
+        assert_eq!(fill.readers(), 2, "the late reader caught up: not cut");
     }
 }
