@@ -6,8 +6,19 @@ free_port() { python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",
 need_package() { command -v "$1" >/dev/null 2>&1 || { apt-get install -y "$2" >/dev/null 2>&1 || { apt-get update >/dev/null && apt-get install -y "$2" >/dev/null; }; }; }
 # Installs wrk when missing.
 need_wrk() { need_package wrk wrk; }
-# Installs nginx when missing and sets NGINX to it.
-need_nginx() { need_package nginx nginx-light; NGINX=$(command -v nginx || echo /usr/sbin/nginx); }
+# Installs nginx when missing (without letting the package start its service: benches run
+# their own nginx on private ports) and sets NGINX to it.
+need_nginx() {
+    if ! command -v nginx >/dev/null 2>&1 && [ ! -x /usr/sbin/nginx ]; then
+        local deny=""
+        if [ ! -e /usr/sbin/policy-rc.d ]; then
+            printf '#!/bin/sh\nexit 101\n' > /usr/sbin/policy-rc.d && chmod +x /usr/sbin/policy-rc.d && deny=1
+        fi
+        need_package nginx nginx-light
+        [ -n "$deny" ] && rm -f /usr/sbin/policy-rc.d
+    fi
+    NGINX=$(command -v nginx || echo /usr/sbin/nginx)
+}
 # A wrk latency ("850.00us", "1.20ms", "2.00s") on stdin, in milliseconds.
 to_ms() { awk '{v=$1; if (v ~ /us$/) {sub(/us$/,"",v); print v/1000} else if (v ~ /ms$/) {sub(/ms$/,"",v); print v} else {sub(/s$/,"",v); print v*1000}}'; }
 # utime + stime of a process and its threads, in clock ticks.
