@@ -30,7 +30,6 @@ impl SharedTier {
         if soft {
             return self.soft_purge(&index, now_ms, deadline, started, progress).await;
         }
-        let mut conn = self.writes.conn();
         let mut done = 0;
         loop {
             if started.elapsed() > PURGE_DEADLINE {
@@ -39,9 +38,8 @@ impl SharedTier {
             // Each batch leaves the index as it is purged: the next one starts at 0.
             let mut range = redis::cmd("ZRANGEBYSCORE");
             range.arg(&index).arg(now_ms).arg("+inf").arg("LIMIT").arg(0).arg(PURGE_BATCH);
-            let members: Vec<String> = match self.guarded(&self.writes, deadline, range.query_async(&mut conn)).await {
-                Some(Ok(members)) => members,
-                _ => return Err(PurgeError::failed(done)),
+            let Some(members) = self.step(deadline, started, || query::<Vec<String>>(&self.writes, &range)).await else {
+                return Err(PurgeError::failed(done));
             };
             if members.is_empty() {
                 return Ok(done);
@@ -49,22 +47,46 @@ impl SharedTier {
             let last = members.len() < PURGE_BATCH;
             {
                 let deletes: Vec<redis::Cmd> = members.iter().map(redis::Cmd::del).collect();
-                let deleted = match self.guarded(&self.writes, deadline, exec(&self.writes, &deletes)).await {
-                    Some(Ok(deleted)) => deleted.iter().filter(|n| matches!(n, redis::Value::Int(1..))).count(),
-                    _ => return Err(PurgeError::failed(done)),
+                // Deleted again after a failure, a key already gone counts 0: a batch whose
+                // first deletes ran while their answer timed out is counted short.
+                let Some(deleted) = self.step(deadline, started, || exec(&self.writes, &deletes)).await else {
+                    return Err(PurgeError::failed(done));
                 };
+                let deleted = deleted.iter().filter(|n| matches!(n, redis::Value::Int(1..))).count();
                 done += deleted;
                 progress.fetch_add(deleted, Ordering::Relaxed);
                 // Remove exactly the members purged: one indexed meanwhile stays findable.
                 let mut zrem = redis::cmd("ZREM");
                 zrem.arg(&index).arg(&members);
-                if !matches!(self.guarded(&self.writes, deadline, zrem.query_async::<i64>(&mut conn)).await, Some(Ok(_))) {
+                if self.step(deadline, started, || query::<i64>(&self.writes, &zrem)).await.is_none() {
                     return Err(PurgeError::failed(done));
                 }
             }
             if last {
                 return Ok(done);
             }
+        }
+    }
+
+    /// One step of a purge (reading a batch, deleting it, taking it out of the index: each
+    /// safe to do twice) within `deadline`, tried again after a failure for up to
+    /// [`PURGE_STEP_PATIENCE`] while the breaker lets calls through and the purge has time
+    /// left: a Redis that stops answering for a moment (a fork, a busy second) must not
+    /// end a purge of 300,000 entries part way. `None` when it kept failing.
+    async fn step<T, F, Fut>(&self, deadline: Duration, started: std::time::Instant, mut attempt: F) -> Option<T>
+    where
+        F: FnMut() -> Fut,
+        Fut: std::future::Future<Output = redis::RedisResult<T>>,
+    {
+        let first = std::time::Instant::now();
+        loop {
+            if let Some(Ok(value)) = self.guarded(&self.writes, deadline, attempt()).await {
+                return Some(value);
+            }
+            if self.health.is_open() || first.elapsed() > PURGE_STEP_PATIENCE || started.elapsed() > PURGE_DEADLINE {
+                return None;
+            }
+            tokio::time::sleep(PURGE_RETRY_PAUSE).await;
         }
     }
 
@@ -147,6 +169,15 @@ impl PurgeError {
 
 /// Index members purged per batch.
 const PURGE_BATCH: usize = 1000;
+/// How long one purge step is tried again after failing (see [`SharedTier::step`]), and
+/// the pause between tries.
+const PURGE_STEP_PATIENCE: Duration = Duration::from_secs(1);
+const PURGE_RETRY_PAUSE: Duration = Duration::from_millis(100);
+
+/// One command on `link`'s current connection.
+async fn query<T: redis::FromRedisValue>(link: &super::link::Link, cmd: &redis::Cmd) -> redis::RedisResult<T> {
+    cmd.query_async(&mut link.conn()).await
+}
 
 /// The longest one target's purge may run (a soft purge rewrites each entry).
 const PURGE_DEADLINE: Duration = Duration::from_secs(60);
