@@ -222,6 +222,16 @@ pub enum RedisEndpoint {
     Cluster(Vec<String>),
 }
 
+impl RedisEndpoint {
+    /// Every URL it names: the server's, or each listed node's.
+    pub fn urls(&self) -> &[String] {
+        match self {
+            RedisEndpoint::Single(url) => std::slice::from_ref(url),
+            RedisEndpoint::Cluster(nodes) => nodes,
+        }
+    }
+}
+
 /// The Redis endpoint of one pool.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct SharedTierConfig {

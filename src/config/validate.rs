@@ -172,7 +172,7 @@ fn server(raw: raw::RawServer) -> Result<ServerConfig> {
         None => None,
         Some(url) => Some(redis_url(&url)?),
     };
-    let control_redis_ca = redis_ca(raw.control_redis_ca_file.as_ref(), control_redis_url.iter().map(String::as_str), "control_redis_ca_file")?;
+    let control_redis_ca = redis_ca(raw.control_redis_ca_file.as_ref(), control_redis_url.as_slice(), "control_redis_ca_file")?;
     let replica_id = match raw.replica_id {
         Some(id) if id.get_ref().is_empty() || id.get_ref().len() > 253 || id.get_ref().chars().any(|c| c.is_whitespace() || c.is_control()) => {
             return err(id.span(), "replica_id must be 1 to 253 characters with no spaces");
@@ -208,9 +208,9 @@ fn server(raw: raw::RawServer) -> Result<ServerConfig> {
 
 /// `redis_ca_file` (or `control_redis_ca_file`, as `key`): read, and only beside
 /// `rediss://` URLs (with `redis://` it would silently protect nothing).
-fn redis_ca<'a>(file: Option<&Spanned<String>>, mut urls: impl Iterator<Item = &'a str>, key: &str) -> Result<Option<PemFile>> {
+fn redis_ca(file: Option<&Spanned<String>>, urls: &[String], key: &str) -> Result<Option<PemFile>> {
     let Some(file) = file else { return Ok(None) };
-    if !urls.all(|url| url.starts_with("rediss://")) {
+    if !urls.iter().all(|url| url.starts_with("rediss://")) {
         return err(file.span(), format!("{key} needs rediss:// Redis URLs (TLS)"));
     }
     pem_file(file, key, certificates).map(Some)
@@ -469,12 +469,7 @@ fn pool(raw: raw::RawPool) -> Result<PoolConfig> {
         }
         (None, None) => None,
     };
-    let urls: Vec<&str> = match &endpoint {
-        Some(RedisEndpoint::Single(url)) => vec![url],
-        Some(RedisEndpoint::Cluster(nodes)) => nodes.iter().map(String::as_str).collect(),
-        None => Vec::new(),
-    };
-    let ca = redis_ca(raw.redis_ca_file.as_ref(), urls.into_iter(), "redis_ca_file")?;
+    let ca = redis_ca(raw.redis_ca_file.as_ref(), endpoint.as_ref().map_or(&[], RedisEndpoint::urls), "redis_ca_file")?;
     let shared = match endpoint {
         Some(endpoint) => Some(SharedTierConfig {
             endpoint,

@@ -164,12 +164,8 @@ impl SharedTier {
         clock: Clock,
     ) -> Result<SharedTier, SharedTierError> {
         let wrap = |source| SharedTierError { pool: pool.to_owned(), source };
-        let urls = match &config.endpoint {
-            crate::config::RedisEndpoint::Single(url) => vec![url.clone()],
-            crate::config::RedisEndpoint::Cluster(nodes) => nodes.clone(),
-        };
         let ca = config.ca.as_ref();
-        let event_clients = urls.iter().map(|u| link::client(u, ca)).collect::<Result<Vec<_>, _>>().map_err(wrap)?;
+        let event_clients = config.endpoint.urls().iter().map(|u| link::client(u, ca)).collect::<Result<Vec<_>, _>>().map_err(wrap)?;
         let owner = format!("pool {pool}");
         let reads = Arc::new(Link::new(&owner, &config.endpoint, ca, config.timeout).map_err(wrap)?);
         let writes = Arc::new(Link::new(&owner, &config.endpoint, ca, config.timeout).map_err(wrap)?);
