@@ -271,14 +271,20 @@ async fn a_background_refresh_is_charged_to_no_client() {
     assert_eq!(bulwark.metric("bulwark_admission_rejected_total", &[("route", "all"), ("reason", "client")]).await, 0.0);
 }
 
+/// Two replicas of `config`, each subscribed to the pool's events (so leases are used).
+async fn two_subscribed(config: &TestConfig) -> (Arc<Bulwark>, Bulwark) {
+    let (first, second) = (Arc::new(Bulwark::start(&config.to_toml()).await), Bulwark::start(&config.to_toml()).await);
+    first.wait_for_subscription().await;
+    second.wait_for_subscription().await;
+    (first, second)
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_key_another_replica_fills_takes_no_new_key_token() {
     let (origin, redis) = (Origin::start().await, RedisServer::start());
     origin.set(|_| Reply::ok("page").header("cache-control", "max-age=60").delay(Duration::from_millis(500)));
     let config = config(&origin, r#"{ new_keys = "1/m", new_keys_burst = 1 }"#).redis(&redis.url());
-    let (first, second) = (Arc::new(Bulwark::start(&config.to_toml()).await), Bulwark::start(&config.to_toml()).await);
-    first.wait_for_subscription().await;
-    second.wait_for_subscription().await;
+    let (first, second) = two_subscribed(&config).await;
     // The first replica fetches the key, spending the route's one new-key token; the
     // second holds back for its fill and serves it: nothing of its own reached the origin.
     let fetching = {
@@ -301,9 +307,7 @@ async fn a_request_served_another_replicas_fill_keeps_its_clients_token() {
     let (origin, redis) = (Origin::start().await, RedisServer::start());
     origin.set(|_| Reply::ok("page").header("cache-control", "max-age=60").delay(Duration::from_millis(500)));
     let config = config(&origin, r#"{ per_client = "1/m", per_client_burst = 1 }"#).redis(&redis.url());
-    let (first, second) = (Arc::new(Bulwark::start(&config.to_toml()).await), Bulwark::start(&config.to_toml()).await);
-    first.wait_for_subscription().await;
-    second.wait_for_subscription().await;
+    let (first, second) = two_subscribed(&config).await;
     let host = ("host", "shop.example");
     let fetching = {
         let first = first.clone();

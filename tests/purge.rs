@@ -30,6 +30,23 @@ async fn purge(bulwark: &Bulwark, body: &str) -> Got {
     bulwark.request(req).await
 }
 
+/// Plants `count` entries of pool `pdp` indexed under the tag `sale`, directly in Redis
+/// (their contents do not matter to a hard purge); a connection for checking after.
+fn plant_tagged(redis: &RedisServer, count: u32) -> redis::Connection {
+    let mut conn = redis.conn();
+    let far_future: u64 = 4_000_000_000_000;
+    for chunk in (0..count).collect::<Vec<u32>>().chunks(10_000) {
+        let mut pipe = redis::pipe();
+        for i in chunk {
+            let key = format!("bulwark:pdp:v2:{i:032x}");
+            pipe.cmd("SET").arg(&key).arg("x").ignore();
+            pipe.cmd("ZADD").arg("bulwark:pdp:v2:idx:tag:sale").arg(far_future).arg(&key).ignore();
+        }
+        pipe.query::<()>(&mut conn).expect("plant");
+    }
+    conn
+}
+
 /// Two replicas sharing one Redis, both holding `paths` in L1.
 async fn two_warm_replicas(origin: &Origin, redis: &RedisServer, paths: &[&str]) -> (Bulwark, Bulwark) {
     let config = simple_config(&origin.url(), Some(&redis.url()), "");
@@ -269,19 +286,8 @@ async fn a_tag_purge_over_300_000_entries_completes_in_batches_and_counts_them()
     // A short Redis deadline: one command over all 300,000 members would never finish in it.
     let bulwark = Bulwark::start(&simple_config(&origin.url(), Some(&redis.url()), "redis_timeout = \"50ms\"")).await;
     bulwark.wait_for_subscription().await;
-    // 300,000 entries indexed under one tag, planted directly (their contents do not matter
-    // to a hard purge).
-    let mut conn = redis.conn();
-    let far_future: u64 = 4_000_000_000_000;
-    for chunk in (0..300_000).collect::<Vec<u32>>().chunks(10_000) {
-        let mut pipe = redis::pipe();
-        for i in chunk {
-            let key = format!("bulwark:pdp:v2:{i:032x}");
-            pipe.cmd("SET").arg(&key).arg("x").ignore();
-            pipe.cmd("ZADD").arg("bulwark:pdp:v2:idx:tag:sale").arg(far_future).arg(&key).ignore();
-        }
-        pipe.query::<()>(&mut conn).expect("plant");
-    }
+    // 300,000 entries indexed under one tag.
+    let mut conn = plant_tagged(&redis, 300_000);
     let answer = purge(&bulwark, r#"{"tags": ["sale"]}"#).await;
     assert_eq!(answer.status.as_u16(), 200, "{}", answer.text());
     let counts: serde_json::Value = serde_json::from_slice(&answer.body).expect("json");
@@ -460,17 +466,7 @@ async fn a_tag_purge_survives_a_redis_that_stalls_for_a_moment_in_the_middle() {
     let origin = Origin::start().await;
     let bulwark = Arc::new(Bulwark::start(&simple_config(&origin.url(), Some(&redis.url()), "redis_timeout = \"50ms\"")).await);
     bulwark.wait_for_subscription().await;
-    let mut conn = redis.conn();
-    let far_future: u64 = 4_000_000_000_000;
-    for chunk in (0..100_000).collect::<Vec<u32>>().chunks(10_000) {
-        let mut pipe = redis::pipe();
-        for i in chunk {
-            let key = format!("bulwark:pdp:v2:{i:032x}");
-            pipe.cmd("SET").arg(&key).arg("x").ignore();
-            pipe.cmd("ZADD").arg("bulwark:pdp:v2:idx:tag:sale").arg(far_future).arg(&key).ignore();
-        }
-        pipe.query::<()>(&mut conn).expect("plant");
-    }
+    let mut conn = plant_tagged(&redis, 100_000);
     let purging = {
         let bulwark = bulwark.clone();
         tokio::spawn(async move { purge(&bulwark, r#"{"tags": ["sale"]}"#).await })
